@@ -1,0 +1,24 @@
+/* clock.h — the two clocks keypool reads, in milliseconds.
+ *
+ * Monotonic time is what the shared table keeps (cooldowns, heartbeats): every process on the
+ * machine reads the same CLOCK_MONOTONIC, and wall-clock jumps cannot shorten a cooldown. Wall
+ * time is only for turning provider timestamps (HTTP-dates, epoch resets) into durations.
+ */
+#pragma once
+
+#include <stdint.h>
+#include <time.h>
+
+static inline int64_t clock_mono_ms(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static inline int64_t clock_wall_ms(void) {
+        struct timespec ts;
+
+        clock_gettime(CLOCK_REALTIME, &ts);
+        return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}

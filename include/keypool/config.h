@@ -1,0 +1,73 @@
+/* config.h — keypool.conf (libconfig) and the env file it may name.
+ *
+ * Owns the process-private view of the configuration, secrets included. Secrets live only here
+ * (never in shared memory); the struct is built once by the coordinator and inherited by workers
+ * through fork. Loading never logs: every problem is collected in a config_diag with the file and
+ * line it concerns, so `keypoold --check-config` can print them all at once. A message never
+ * contains a secret: keys are named by pool and position.
+ */
+#pragma once
+
+#include <stddef.h>
+
+#include "keypool/keyid.h"
+
+#define CONFIG_DEFAULT_PATH "/etc/keypool/keypool.conf"
+#define CONFIG_DEFAULT_SOCKET "/run/keypool/keypool.sock"
+
+struct config_key {
+        char *secret;                           /* resolved secret (env:, file:, cred: followed) */
+        char id[KEYID_ID_LEN + 1];
+        char masked[KEYID_MASK_MAX + 1];
+};
+
+struct config_provider {
+        char *name;
+        char *base_url;                         /* no trailing slash */
+};
+
+struct config_pool {
+        char *name;
+        char *model;                            /* the upstream model id */
+        unsigned provider;                      /* index into config.providers */
+        struct config_key *keys;                /* keys[0] is the primary, the rest backups */
+        unsigned n_keys;
+};
+
+struct config {
+        char *path;
+        char *socket_path;
+        unsigned socket_mode;                   /* default 0660 */
+        unsigned workers;                       /* default: number of CPUs */
+        unsigned recovery_time;                 /* s a rate-limited key rests without a hint (900) */
+        unsigned client_timeout;                /* s a silent client connection is kept (60) */
+        unsigned connect_timeout;               /* s to connect upstream (10) */
+        unsigned upstream_timeout;              /* s one upstream attempt may take in all (600) */
+        unsigned max_connections;               /* client connections per worker (8192) */
+        size_t max_body;                        /* request body limit in bytes (16 MiB) */
+        size_t max_header;                      /* request header limit in bytes (16 KiB) */
+        char *env_file;                         /* NULL when not set */
+
+        struct config_provider *providers;
+        unsigned n_providers;
+        struct config_pool *pools;
+        unsigned n_pools;
+        unsigned n_keys;                        /* over all pools */
+};
+
+/* One line per problem: "FILE:LINE: message" (or "FILE: message" when no line applies). */
+struct config_diag {
+        char **messages;
+        size_t n;
+};
+
+/* Loads and validates path, following env_file and key references. On success writes *ret and
+ * returns 0. On a configuration problem returns -EINVAL with every problem found in diag;
+ * -ENOMEM on allocation failure. diag may be NULL. */
+int config_load(const char *path, struct config **ret, struct config_diag *diag);
+
+void config_free(struct config *c);
+void config_diag_clear(struct config_diag *d);
+
+/* Index of the pool whose name or model id equals s[0..len), or -1. Names win over model ids. */
+int config_find_pool(const struct config *c, const char *s, size_t len);

@@ -1,0 +1,94 @@
+/* http.h — client connections: HTTP/1.1 requests in, responses out.
+ *
+ * Owns one accepted client socket: reading and parsing requests with http-parser (keep-alive,
+ * pipelining one request at a time), enforcing the header and body limits and the idle timeout,
+ * and writing responses — whole, or streamed with chunked encoding and back-pressure. It knows
+ * nothing of keys or upstreams: a request is handed to the handler, which answers through the
+ * http_conn_respond/stream calls, possibly much later, from any event callback.
+ */
+#pragma once
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <systemd/sd-event.h>
+
+struct http_conn;
+
+struct http_field {
+        char *name;                     /* NUL-terminated */
+        char *value;                    /* NUL-terminated, surrounding white space trimmed */
+};
+
+struct http_request {
+        const char *method;             /* "GET", "POST", … */
+        char *url;                      /* request target as sent, NUL-terminated */
+        struct http_field *fields;
+        size_t n_fields;
+        char *body;                     /* NUL-terminated for convenience; body_len excludes it */
+        size_t body_len;
+        bool keep_alive;
+        unsigned short major, minor;
+};
+
+struct http_header {
+        const char *name;
+        const char *value;
+};
+
+struct http_limits {
+        size_t max_header;              /* request line and headers together, bytes */
+        size_t max_body;                /* request body, bytes */
+        uint64_t timeout_usec;          /* idle client / stalled write */
+};
+
+struct http_handler {
+        /* A complete request. The handler must eventually answer (respond or stream_end) or
+         * abort the connection. r stays valid until then. */
+        void (*on_request)(struct http_conn *c, struct http_request *r, void *userdata);
+        /* The client went away while a request was active: drop every reference to c. */
+        void (*on_abort)(struct http_conn *c, void *request_data);
+        /* Buffered output fell below the low-water mark after stream_write reported pressure. */
+        void (*on_drain)(struct http_conn *c, void *request_data);
+        /* The connection is gone (freed right after this returns). */
+        void (*on_closed)(struct http_conn *c, void *userdata);
+};
+
+/* Takes ownership of fd (non-blocking). */
+int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
+                  const struct http_handler *h, void *userdata, struct http_conn **ret);
+
+/* Data the handler attaches to the active request (passed to on_abort/on_drain). */
+void http_conn_set_request_data(struct http_conn *c, void *request_data);
+
+/* Whole response. Adds Content-Length, Connection, and the given headers. */
+int http_conn_respond(struct http_conn *c, int status, const struct http_header *h, size_t n_h,
+                      const char *body, size_t len);
+
+/* keypool's own error in the OpenAI shape {"error":{"message","type","code"}}. */
+int http_conn_respond_error(struct http_conn *c, int status, const char *type, const char *code,
+                            const struct http_header *h, size_t n_h, const char *fmt, ...)
+        __attribute__((format(printf, 7, 8)));
+
+/* Streamed response: chunked for HTTP/1.1 clients, close-delimited for HTTP/1.0. */
+int http_conn_stream_begin(struct http_conn *c, int status, const struct http_header *h, size_t n_h);
+/* Returns 1 when the output buffer is above its high-water mark (pause the source and wait for
+ * on_drain), 0 otherwise, negative on error. */
+int http_conn_stream_write(struct http_conn *c, const void *data, size_t len);
+int http_conn_stream_end(struct http_conn *c);
+bool http_conn_stream_started(const struct http_conn *c);
+
+/* Closes at once, without finishing any response (on_abort is not called). */
+void http_conn_abort(struct http_conn *c);
+
+/* Graceful stop: close now if idle, else after the active request's response. */
+void http_conn_shutdown(struct http_conn *c);
+
+/* Is a request being served (from complete request to response flushed)? */
+bool http_conn_busy(const struct http_conn *c);
+
+/* The value of a request header (case-insensitive name), or NULL. */
+const char *http_request_header(const struct http_request *r, const char *name);
+
+const char *http_status_reason(int status);

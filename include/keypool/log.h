@@ -1,0 +1,36 @@
+/* log.h — keypool's one way of telling the operator what happened.
+ *
+ * Every event is one record: a priority (syslog levels), an event kind (KEYPOOL_EVENT: "rotate",
+ * "cooldown", "worker_exit", …) and a human message, plus optional fields naming the pool, the
+ * key (by id, never the secret), the upstream status and the retry hint. Records go to stderr as
+ * one readable line each. Only top levels log (coordinator, worker loop, main); library code
+ * returns errors instead.
+ */
+#pragma once
+
+#include <stdint.h>
+#include <syslog.h>
+
+struct log_fields {
+        const char *pool;               /* NULL when not about a pool */
+        const char *key;                /* key id, NULL when not about a key */
+        int status;                     /* upstream HTTP status, 0 when none */
+        int64_t retry_after_s;          /* -1 when none */
+        int worker;                     /* worker pid, 0 when none */
+        const char *request_id;         /* NULL when none */
+};
+
+#define LOG_FIELDS_NONE ((struct log_fields) { .retry_after_s = -1 })
+
+/* Sets the program name shown on each line and the lowest priority printed (LOG_INFO default). */
+void log_setup(const char *ident, int max_priority);
+
+/* Logs one event. event may be NULL for plain messages. */
+void log_event(int priority, const char *event, const struct log_fields *f, const char *fmt, ...)
+        __attribute__((format(printf, 4, 5)));
+
+#define log_error(...)   log_event(LOG_ERR, NULL, NULL, __VA_ARGS__)
+#define log_warning(...) log_event(LOG_WARNING, NULL, NULL, __VA_ARGS__)
+#define log_notice(...)  log_event(LOG_NOTICE, NULL, NULL, __VA_ARGS__)
+#define log_info(...)    log_event(LOG_INFO, NULL, NULL, __VA_ARGS__)
+#define log_debug(...)   log_event(LOG_DEBUG, NULL, NULL, __VA_ARGS__)

@@ -1,0 +1,13 @@
+/* supervisor.h — the coordinator: keypoold's main process.
+ *
+ * Owns the shared key table, the listening socket and the worker processes: forks them, reaps
+ * and respawns them (backing off when they keep dying), returns what a dead worker held in the
+ * table, and shuts everything down on SIGTERM (graceful), SIGINT (fast) or SIGQUIT (immediate).
+ * It never touches libcurl and never blocks on a client.
+ */
+#pragma once
+
+#include "keypool/config.h"
+
+/* Runs keypool with cfg until it is stopped; returns the process exit status. */
+int supervisor_run(const struct config *cfg);

@@ -1,0 +1,26 @@
+/* worker.h — one forked worker process.
+ *
+ * Owns everything a worker runs after fork: its own sd-event loop and curl multi handle (created
+ * here, never inherited), the client connections it accepted from the shared listening socket,
+ * its heartbeat in the shared table, and its own shutdown (graceful on SIGTERM: stop accepting,
+ * finish what is in flight; at once on SIGINT or SIGQUIT).
+ */
+#pragma once
+
+#include <sys/types.h>
+
+#include "keypool/config.h"
+#include "keypool/keytable.h"
+
+struct worker_params {
+        const struct config *config;
+        struct keytable *table;
+        unsigned slot;
+        unsigned generation;
+        int listen_fd;
+        pid_t coordinator_pid;
+};
+
+/* Runs the worker until it is told to stop; returns the exit status for _exit(). Call only in a
+ * freshly forked child. */
+int worker_run(const struct worker_params *wp);

@@ -1,0 +1,763 @@
+/* http.c — client connections: HTTP/1.1 requests in, responses out.
+ *
+ * Owns one accepted client socket from accept to close. Requests are parsed with http-parser,
+ * one at a time: when a request is complete the parser is paused and any bytes the client sent
+ * after it (pipelining) wait in `pending` until the response has been flushed. While a request is
+ * being served the connection watches only for the peer hanging up (EPOLLRDHUP), so a client
+ * that disconnects mid-request is noticed at once and its upstream transfer can be cancelled.
+ *
+ * A connection is never freed from inside a call that may be on its own stack (the handler can
+ * answer synchronously from on_request, or abort from a curl callback): closing marks it dead
+ * and a deferred event source frees it on the next loop iteration.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <http_parser.h>
+#include <jansson.h>
+
+#include "keypool/http.h"
+
+#define READ_CHUNK      (64 * 1024)
+#define OUT_HIGH_WATER  (1024 * 1024)   /* stream_write reports pressure above this */
+#define OUT_LOW_WATER   (256 * 1024)    /* on_drain fires below this */
+
+struct buf {
+        char *data;
+        size_t len;                     /* bytes held */
+        size_t off;                     /* bytes already consumed (output: written) */
+        size_t cap;
+};
+
+enum conn_phase {
+        PHASE_READING = 1,              /* waiting for or receiving a request */
+        PHASE_ACTIVE,                   /* the handler has the request */
+        PHASE_FLUSHING,                 /* the response is complete, output still buffered */
+        _PHASE_MAX,
+};
+
+struct http_conn {
+        int fd;
+        sd_event *event;
+        sd_event_source *io;
+        sd_event_source *timer;
+        sd_event_source *kick;          /* deferred: continue pipelining, or free when dead */
+        const struct http_limits *limits;
+        const struct http_handler *handler;
+        void *userdata;
+        void *request_data;
+
+        http_parser parser;
+        enum conn_phase phase;
+        bool dead;                      /* closed; freed by the kick source */
+        bool close_after;               /* Connection: close, or graceful shutdown */
+        bool streaming;                 /* a streamed response has begun */
+        bool chunked;                   /* … and uses chunked encoding */
+        bool pressure;                  /* stream_write reported the high-water mark */
+        bool in_message;                /* the parser has seen the start of a request */
+        bool last_was_value;            /* header parsing: the previous callback was a value */
+        int error_status;               /* a limit tripped while parsing: answer this and close */
+
+        size_t header_bytes;
+        struct http_request req;
+        size_t fields_cap;
+        struct buf url, body;
+        struct buf field_name, field_value;
+        struct buf pending;             /* bytes received after the current request */
+        struct buf out;
+};
+
+static int conn_update_events(struct http_conn *c);
+static void conn_close(struct http_conn *c);
+static int conn_flush(struct http_conn *c);
+
+/* --- buffers ----------------------------------------------------------------------------- */
+
+static int buf_reserve(struct buf *b, size_t extra) {
+        size_t need, cap;
+        char *p;
+
+        if (extra > SIZE_MAX - b->len - 1)
+                return -ENOMEM;
+        need = b->len + extra + 1;
+        if (need <= b->cap)
+                return 0;
+        /* Reclaim consumed space before growing. */
+        if (b->off > 0) {
+                memmove(b->data, b->data + b->off, b->len - b->off);
+                b->len -= b->off;
+                b->off = 0;
+                need = b->len + extra + 1;
+                if (need <= b->cap)
+                        return 0;
+        }
+        cap = b->cap ? b->cap : 256;
+        while (cap < need)
+                cap *= 2;
+        p = realloc(b->data, cap);
+        if (!p)
+                return -ENOMEM;
+        b->data = p;
+        b->cap = cap;
+        return 0;
+}
+
+static int buf_append(struct buf *b, const void *data, size_t len) {
+        int r = buf_reserve(b, len);
+
+        if (r < 0)
+                return r;
+        memcpy(b->data + b->len, data, len);
+        b->len += len;
+        b->data[b->len] = 0;
+        return 0;
+}
+
+static int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int buf_printf(struct buf *b, const char *fmt, ...) {
+        va_list ap;
+        int n, r;
+
+        va_start(ap, fmt);
+        n = vsnprintf(NULL, 0, fmt, ap);
+        va_end(ap);
+        if (n < 0)
+                return -EINVAL;
+        r = buf_reserve(b, (size_t) n);
+        if (r < 0)
+                return r;
+        va_start(ap, fmt);
+        vsnprintf(b->data + b->len, (size_t) n + 1, fmt, ap);
+        va_end(ap);
+        b->len += (size_t) n;
+        return 0;
+}
+
+static size_t buf_pending(const struct buf *b) {
+        return b->len - b->off;
+}
+
+static void buf_reset(struct buf *b) {
+        b->len = b->off = 0;
+        if (b->data)
+                b->data[0] = 0;
+}
+
+static void buf_free(struct buf *b) {
+        free(b->data);
+        *b = (struct buf) {};
+}
+
+/* --- request parsing --------------------------------------------------------------------- */
+
+static void request_reset(struct http_conn *c) {
+        for (size_t i = 0; i < c->req.n_fields; i++) {
+                free(c->req.fields[i].name);
+                free(c->req.fields[i].value);
+        }
+        c->req.n_fields = 0;
+        buf_reset(&c->url);
+        buf_reset(&c->body);
+        buf_reset(&c->field_name);
+        buf_reset(&c->field_value);
+        c->header_bytes = 0;
+        c->last_was_value = false;
+        c->in_message = false;
+}
+
+static int count_header_bytes(struct http_conn *c, size_t len) {
+        c->header_bytes += len;
+        if (c->header_bytes > c->limits->max_header) {
+                c->error_status = 431;
+                return -1;
+        }
+        return 0;
+}
+
+static char *trimmed_dup(const char *s, size_t len) {
+        while (len > 0 && (*s == ' ' || *s == '\t')) {
+                s++;
+                len--;
+        }
+        while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\t'))
+                len--;
+        return strndup(s, len);
+}
+
+static int finish_field(struct http_conn *c) {
+        struct http_field *f;
+
+        if (c->field_name.len == 0)
+                return 0;
+        if (c->req.n_fields == c->fields_cap) {
+                size_t cap = c->fields_cap ? c->fields_cap * 2 : 16;
+                f = reallocarray(c->req.fields, cap, sizeof *f);
+                if (!f)
+                        return -1;
+                c->req.fields = f;
+                c->fields_cap = cap;
+        }
+        f = &c->req.fields[c->req.n_fields];
+        f->name = strndup(c->field_name.data, c->field_name.len);
+        f->value = trimmed_dup(c->field_value.data ? c->field_value.data : "", c->field_value.len);
+        if (!f->name || !f->value) {
+                free(f->name);
+                free(f->value);
+                return -1;
+        }
+        c->req.n_fields++;
+        buf_reset(&c->field_name);
+        buf_reset(&c->field_value);
+        return 0;
+}
+
+static int on_message_begin(http_parser *p) {
+        struct http_conn *c = p->data;
+
+        request_reset(c);
+        c->in_message = true;
+        return 0;
+}
+
+static int on_url(http_parser *p, const char *at, size_t len) {
+        struct http_conn *c = p->data;
+
+        if (count_header_bytes(c, len) < 0)
+                return -1;
+        return buf_append(&c->url, at, len) < 0 ? -1 : 0;
+}
+
+static int on_header_field(http_parser *p, const char *at, size_t len) {
+        struct http_conn *c = p->data;
+
+        if (count_header_bytes(c, len) < 0)
+                return -1;
+        if (c->last_was_value) {
+                if (finish_field(c) < 0)
+                        return -1;
+                c->last_was_value = false;
+        }
+        return buf_append(&c->field_name, at, len) < 0 ? -1 : 0;
+}
+
+static int on_header_value(http_parser *p, const char *at, size_t len) {
+        struct http_conn *c = p->data;
+
+        if (count_header_bytes(c, len) < 0)
+                return -1;
+        c->last_was_value = true;
+        return buf_append(&c->field_value, at, len) < 0 ? -1 : 0;
+}
+
+static int on_headers_complete(http_parser *p) {
+        struct http_conn *c = p->data;
+        const char *expect;
+
+        if (finish_field(c) < 0)
+                return -1;
+        if ((p->flags & F_CONTENTLENGTH) && p->content_length > c->limits->max_body) {
+                c->error_status = 413;
+                return -1;
+        }
+        /* Clients such as curl hold large bodies back until told to go on. */
+        expect = http_request_header(&c->req, "Expect");
+        if (expect && strcasecmp(expect, "100-continue") == 0 && p->http_major == 1 && p->http_minor >= 1)
+                (void) buf_append(&c->out, "HTTP/1.1 100 Continue\r\n\r\n", 25);
+        return 0;
+}
+
+static int on_body(http_parser *p, const char *at, size_t len) {
+        struct http_conn *c = p->data;
+
+        if (c->body.len + len > c->limits->max_body) {
+                c->error_status = 413;
+                return -1;
+        }
+        return buf_append(&c->body, at, len) < 0 ? -1 : 0;
+}
+
+static int on_message_complete(http_parser *p) {
+        struct http_conn *c = p->data;
+
+        c->req.method = http_method_str(p->method);
+        c->req.url = c->url.data ? c->url.data : (char *) "";
+        c->req.body = c->body.data ? c->body.data : (char *) "";
+        c->req.body_len = c->body.len;
+        c->req.keep_alive = http_should_keep_alive(p);
+        c->req.major = p->http_major;
+        c->req.minor = p->http_minor;
+        c->phase = PHASE_ACTIVE;
+        c->in_message = false;
+        /* One request at a time: whatever follows waits until this one is answered. */
+        http_parser_pause(p, 1);
+        return 0;
+}
+
+static const http_parser_settings parser_settings = {
+        .on_message_begin = on_message_begin,
+        .on_url = on_url,
+        .on_header_field = on_header_field,
+        .on_header_value = on_header_value,
+        .on_headers_complete = on_headers_complete,
+        .on_body = on_body,
+        .on_message_complete = on_message_complete,
+};
+
+const char *http_request_header(const struct http_request *r, const char *name) {
+        for (size_t i = 0; i < r->n_fields; i++)
+                if (strcasecmp(r->fields[i].name, name) == 0)
+                        return r->fields[i].value;
+        return NULL;
+}
+
+/* --- responses --------------------------------------------------------------------------- */
+
+const char *http_status_reason(int status) {
+        switch (status) {
+        case 100: return "Continue";
+        case 200: return "OK";
+        case 201: return "Created";
+        case 202: return "Accepted";
+        case 204: return "No Content";
+        case 301: return "Moved Permanently";
+        case 302: return "Found";
+        case 304: return "Not Modified";
+        case 400: return "Bad Request";
+        case 401: return "Unauthorized";
+        case 402: return "Payment Required";
+        case 403: return "Forbidden";
+        case 404: return "Not Found";
+        case 405: return "Method Not Allowed";
+        case 408: return "Request Timeout";
+        case 409: return "Conflict";
+        case 413: return "Content Too Large";
+        case 415: return "Unsupported Media Type";
+        case 422: return "Unprocessable Content";
+        case 429: return "Too Many Requests";
+        case 431: return "Request Header Fields Too Large";
+        case 500: return "Internal Server Error";
+        case 501: return "Not Implemented";
+        case 502: return "Bad Gateway";
+        case 503: return "Service Unavailable";
+        case 504: return "Gateway Timeout";
+        case 529: return "Site Overloaded";
+        default:  return status < 300 ? "OK" : status < 400 ? "Redirect" : status < 500 ? "Client Error" : "Server Error";
+        }
+}
+
+static int write_head(struct http_conn *c, int status, const struct http_header *h, size_t n_h) {
+        int r;
+
+        r = buf_printf(&c->out, "HTTP/1.1 %d %s\r\n", status, http_status_reason(status));
+        for (size_t i = 0; r >= 0 && i < n_h; i++)
+                r = buf_printf(&c->out, "%s: %s\r\n", h[i].name, h[i].value);
+        if (r >= 0)
+                r = buf_printf(&c->out, "Connection: %s\r\n", c->close_after ? "close" : "keep-alive");
+        return r;
+}
+
+static void response_complete(struct http_conn *c) {
+        c->phase = PHASE_FLUSHING;
+        c->streaming = false;
+        c->pressure = false;
+        c->request_data = NULL;
+        if (conn_flush(c) < 0)
+                return;
+        conn_update_events(c);
+}
+
+int http_conn_respond(struct http_conn *c, int status, const struct http_header *h, size_t n_h,
+                      const char *body, size_t len) {
+        int r;
+
+        if (c->dead || c->phase != PHASE_ACTIVE || c->streaming)
+                return -EINVAL;
+        r = write_head(c, status, h, n_h);
+        if (r >= 0)
+                r = buf_printf(&c->out, "Content-Length: %zu\r\n\r\n", len);
+        if (r >= 0 && len > 0)
+                r = buf_append(&c->out, body, len);
+        if (r < 0) {
+                conn_close(c);
+                return r;
+        }
+        response_complete(c);
+        return 0;
+}
+
+int http_conn_respond_error(struct http_conn *c, int status, const char *type, const char *code,
+                            const struct http_header *h, size_t n_h, const char *fmt, ...) {
+        struct http_header headers[8];
+        char message[512];
+        json_t *j;
+        char *text;
+        va_list ap;
+        size_t n = 0;
+        int r;
+
+        va_start(ap, fmt);
+        vsnprintf(message, sizeof message, fmt, ap);
+        va_end(ap);
+
+        j = json_pack("{s:{s:s, s:s, s:s}}", "error", "message", message, "type", type, "code", code);
+        text = j ? json_dumps(j, JSON_COMPACT) : NULL;
+        json_decref(j);
+        if (!text) {
+                conn_close(c);
+                return -ENOMEM;
+        }
+        headers[n++] = (struct http_header) { "Content-Type", "application/json" };
+        for (size_t i = 0; i < n_h && n < sizeof headers / sizeof headers[0]; i++)
+                headers[n++] = h[i];
+        r = http_conn_respond(c, status, headers, n, text, strlen(text));
+        free(text);
+        return r;
+}
+
+int http_conn_stream_begin(struct http_conn *c, int status, const struct http_header *h, size_t n_h) {
+        int r;
+
+        if (c->dead || c->phase != PHASE_ACTIVE || c->streaming)
+                return -EINVAL;
+        c->chunked = c->req.major > 1 || (c->req.major == 1 && c->req.minor >= 1);
+        if (!c->chunked)
+                c->close_after = true;          /* HTTP/1.0: the end of the body is the close */
+        r = write_head(c, status, h, n_h);
+        if (r >= 0)
+                r = buf_printf(&c->out, "%s\r\n", c->chunked ? "Transfer-Encoding: chunked\r\n" : "");
+        if (r < 0) {
+                conn_close(c);
+                return r;
+        }
+        c->streaming = true;
+        return conn_flush(c);
+}
+
+int http_conn_stream_write(struct http_conn *c, const void *data, size_t len) {
+        int r = 0;
+
+        if (c->dead || !c->streaming)
+                return -EPIPE;
+        if (len == 0)
+                return 0;
+        if (c->chunked)
+                r = buf_printf(&c->out, "%zx\r\n", len);
+        if (r >= 0)
+                r = buf_append(&c->out, data, len);
+        if (r >= 0 && c->chunked)
+                r = buf_append(&c->out, "\r\n", 2);
+        if (r < 0) {
+                conn_close(c);
+                return r;
+        }
+        r = conn_flush(c);
+        if (r < 0)
+                return r;
+        if (buf_pending(&c->out) > OUT_HIGH_WATER) {
+                c->pressure = true;
+                return 1;
+        }
+        return 0;
+}
+
+int http_conn_stream_end(struct http_conn *c) {
+        if (c->dead || !c->streaming)
+                return -EPIPE;
+        if (c->chunked && buf_append(&c->out, "0\r\n\r\n", 5) < 0) {
+                conn_close(c);
+                return -ENOMEM;
+        }
+        response_complete(c);
+        return 0;
+}
+
+bool http_conn_stream_started(const struct http_conn *c) {
+        return c->streaming;
+}
+
+void http_conn_set_request_data(struct http_conn *c, void *request_data) {
+        c->request_data = request_data;
+}
+
+bool http_conn_busy(const struct http_conn *c) {
+        return !c->dead && (c->phase != PHASE_READING || c->in_message);
+}
+
+/* --- the socket -------------------------------------------------------------------------- */
+
+static void arm_timer(struct http_conn *c) {
+        if (sd_event_source_set_time_relative(c->timer, c->limits->timeout_usec) >= 0)
+                sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+}
+
+static int conn_update_events(struct http_conn *c) {
+        uint32_t events = EPOLLRDHUP;
+
+        if (c->dead)
+                return 0;
+        if (c->phase == PHASE_READING)
+                events |= EPOLLIN;
+        if (buf_pending(&c->out) > 0)
+                events |= EPOLLOUT;
+        /* The timeout guards a silent client and a client that stops reading; an upstream that
+         * takes its time is the upstream timeout's business. */
+        if (c->phase == PHASE_READING || buf_pending(&c->out) > 0)
+                arm_timer(c);
+        else
+                sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
+        if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
+                sd_event_source_set_enabled(c->kick, SD_EVENT_ONESHOT);
+        return sd_event_source_set_io_events(c->io, events);
+}
+
+/* Writes what it can. Returns 0, or a negative errno after closing the connection. */
+static int conn_flush(struct http_conn *c) {
+        size_t before = buf_pending(&c->out);
+
+        while (buf_pending(&c->out) > 0) {
+                ssize_t n = send(c->fd, c->out.data + c->out.off, buf_pending(&c->out),
+                                 MSG_NOSIGNAL | MSG_DONTWAIT);
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno == EAGAIN)
+                                break;
+                        conn_close(c);
+                        return -EPIPE;
+                }
+                c->out.off += (size_t) n;
+        }
+        if (buf_pending(&c->out) == 0)
+                buf_reset(&c->out);
+        if (buf_pending(&c->out) != before || buf_pending(&c->out) > 0)
+                conn_update_events(c);
+        if (c->pressure && buf_pending(&c->out) < OUT_LOW_WATER) {
+                c->pressure = false;
+                if (c->handler->on_drain && c->request_data)
+                        c->handler->on_drain(c, c->request_data);
+        }
+        return 0;
+}
+
+static void answer_parse_error(struct http_conn *c, int status) {
+        c->error_status = status;
+        c->close_after = true;
+        c->phase = PHASE_ACTIVE;
+        if (status == 431)
+                http_conn_respond_error(c, 431, "invalid_request_error", "headers_too_large",
+                                        NULL, 0, "request headers exceed %zu bytes", c->limits->max_header);
+        else if (status == 413)
+                http_conn_respond_error(c, 413, "invalid_request_error", "body_too_large",
+                                        NULL, 0, "request body exceeds %zu bytes", c->limits->max_body);
+        else
+                http_conn_respond_error(c, 400, "invalid_request_error", "bad_request",
+                                        NULL, 0, "malformed HTTP request");
+}
+
+/* Feeds bytes to the parser. Stops at a complete request and keeps the rest in pending. */
+static void conn_parse(struct http_conn *c, const char *data, size_t len) {
+        size_t n;
+
+        n = http_parser_execute(&c->parser, &parser_settings, data, len);
+        if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
+                if (n < len && buf_append(&c->pending, data + n, len - n) < 0) {
+                        conn_close(c);
+                        return;
+                }
+                return;
+        }
+        if (HTTP_PARSER_ERRNO(&c->parser) != HPE_OK) {
+                answer_parse_error(c, c->error_status ? c->error_status : 400);
+                return;
+        }
+        /* The request line and headers must not grow without bound before the parser's own
+         * limits trip: count what is buffered but not yet parsed. */
+        if (c->in_message && c->header_bytes > c->limits->max_header)
+                answer_parse_error(c, 431);
+}
+
+static void dispatch(struct http_conn *c) {
+        if (!c->req.keep_alive)
+                c->close_after = true;
+        conn_update_events(c);
+        c->handler->on_request(c, &c->req, c->userdata);
+}
+
+/* Continues after a response: close, or go on with a pipelined request. */
+static void conn_next(struct http_conn *c) {
+        struct buf rest;
+
+        if (c->close_after) {
+                conn_close(c);
+                return;
+        }
+        request_reset(c);
+        c->phase = PHASE_READING;
+        http_parser_pause(&c->parser, 0);
+        conn_update_events(c);
+        if (buf_pending(&c->pending) == 0)
+                return;
+        rest = c->pending;
+        c->pending = (struct buf) {};
+        conn_parse(c, rest.data + rest.off, buf_pending(&rest));
+        buf_free(&rest);
+        if (!c->dead && c->phase == PHASE_ACTIVE && !c->streaming && c->error_status == 0)
+                dispatch(c);
+}
+
+static int on_kick(sd_event_source *s, void *userdata);
+
+static void conn_free(struct http_conn *c) {
+        sd_event_source_disable_unref(c->io);
+        sd_event_source_disable_unref(c->timer);
+        sd_event_source_disable_unref(c->kick);
+        if (c->fd >= 0)
+                close(c->fd);
+        request_reset(c);
+        free(c->req.fields);
+        buf_free(&c->url);
+        buf_free(&c->body);
+        buf_free(&c->field_name);
+        buf_free(&c->field_value);
+        buf_free(&c->pending);
+        buf_free(&c->out);
+        free(c);
+}
+
+static void conn_close(struct http_conn *c) {
+        void *request_data;
+
+        if (c->dead)
+                return;
+        c->dead = true;
+        request_data = c->request_data;
+        c->request_data = NULL;
+        sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
+        sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
+        close(c->fd);
+        c->fd = -1;
+        if (request_data && c->handler->on_abort)
+                c->handler->on_abort(c, request_data);
+        sd_event_source_set_enabled(c->kick, SD_EVENT_ONESHOT);
+}
+
+void http_conn_abort(struct http_conn *c) {
+        c->request_data = NULL;         /* the handler is the one aborting: don't call it back */
+        conn_close(c);
+}
+
+void http_conn_shutdown(struct http_conn *c) {
+        c->close_after = true;
+        if (!http_conn_busy(c))
+                conn_close(c);
+}
+
+static int on_kick(sd_event_source *s, void *userdata) {
+        struct http_conn *c = userdata;
+
+        if (c->dead) {
+                if (c->handler->on_closed)
+                        c->handler->on_closed(c, c->userdata);
+                conn_free(c);
+                return 0;
+        }
+        if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
+                conn_next(c);
+        return 0;
+}
+
+static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct http_conn *c = userdata;
+
+        /* A silent client, or one that stopped reading its answer. */
+        conn_close(c);
+        return 0;
+}
+
+static void conn_read(struct http_conn *c) {
+        char data[READ_CHUNK];
+
+        for (int rounds = 0; rounds < 16 && !c->dead && c->phase == PHASE_READING; rounds++) {
+                ssize_t n = recv(c->fd, data, sizeof data, MSG_DONTWAIT);
+
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno != EAGAIN)
+                                conn_close(c);
+                        return;
+                }
+                if (n == 0) {
+                        /* EOF: a client that half-closes after a complete request is served;
+                         * one that hangs up mid-request is simply gone. */
+                        conn_close(c);
+                        return;
+                }
+                arm_timer(c);
+                conn_parse(c, data, (size_t) n);
+                if (!c->dead && c->phase == PHASE_ACTIVE && c->error_status == 0 && !c->streaming) {
+                        dispatch(c);
+                        return;
+                }
+        }
+}
+
+static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct http_conn *c = userdata;
+
+        if (revents & EPOLLOUT) {
+                if (conn_flush(c) < 0)
+                        return 0;
+        }
+        if (c->phase == PHASE_READING && (revents & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
+                conn_read(c);
+                return 0;
+        }
+        if (revents & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+                /* The client hung up while its request was being served. */
+                conn_close(c);
+                return 0;
+        }
+        return 0;
+}
+
+int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
+                  const struct http_handler *h, void *userdata, struct http_conn **ret) {
+        struct http_conn *c;
+        int r;
+
+        c = calloc(1, sizeof *c);
+        if (!c)
+                return -ENOMEM;
+        c->fd = fd;
+        c->event = e;
+        c->limits = limits;
+        c->handler = h;
+        c->userdata = userdata;
+        c->phase = PHASE_READING;
+        http_parser_init(&c->parser, HTTP_REQUEST);
+        c->parser.data = c;
+
+        r = sd_event_add_io(e, &c->io, fd, EPOLLIN | EPOLLRDHUP, on_io, c);
+        if (r >= 0)
+                r = sd_event_add_time_relative(e, &c->timer, CLOCK_MONOTONIC, limits->timeout_usec,
+                                               0, on_timeout, c);
+        if (r >= 0)
+                r = sd_event_add_defer(e, &c->kick, on_kick, c);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(c->kick, SD_EVENT_OFF);
+        if (r < 0) {
+                c->fd = -1;             /* the caller still owns fd on failure */
+                conn_free(c);
+                return r;
+        }
+        *ret = c;
+        return 0;
+}

@@ -1,0 +1,91 @@
+/* keypoold.c — the daemon's entry point: options, configuration, then the coordinator.
+ *
+ * Runs in the foreground (a supervisor such as systemd runs it; it never daemonizes).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keypool/config.h"
+#include "keypool/log.h"
+#include "keypool/supervisor.h"
+
+static void usage(FILE *out) {
+        fprintf(out,
+                "Usage: keypoold [OPTIONS]\n"
+                "Serve LLM API requests through pools of keys, rotating away from rate-limited keys.\n"
+                "\n"
+                "  -c, --config FILE   configuration file (default %s)\n"
+                "      --check-config  validate the configuration, print every problem, and exit\n"
+                "  -h, --help          show this help and exit\n"
+                "      --version       show the version and exit\n",
+                CONFIG_DEFAULT_PATH);
+}
+
+int main(int argc, char **argv) {
+        enum { OPT_CHECK = 256, OPT_VERSION };
+        static const struct option options[] = {
+                { "config", required_argument, NULL, 'c' },
+                { "check-config", no_argument, NULL, OPT_CHECK },
+                { "help", no_argument, NULL, 'h' },
+                { "version", no_argument, NULL, OPT_VERSION },
+                {}
+        };
+        const char *path = CONFIG_DEFAULT_PATH;
+        struct config_diag diag = {};
+        struct config *cfg = NULL;
+        bool check = false;
+        int opt, r, status;
+
+        while ((opt = getopt_long(argc, argv, "c:h", options, NULL)) != -1) {
+                switch (opt) {
+                case 'c':
+                        path = optarg;
+                        break;
+                case OPT_CHECK:
+                        check = true;
+                        break;
+                case 'h':
+                        usage(stdout);
+                        return 0;
+                case OPT_VERSION:
+                        printf("keypoold %s\n", PACKAGE_VERSION);
+                        return 0;
+                default:
+                        usage(stderr);
+                        return 2;
+                }
+        }
+        if (optind < argc) {
+                fprintf(stderr, "keypoold: unexpected argument '%s'\n", argv[optind]);
+                usage(stderr);
+                return 2;
+        }
+
+        r = config_load(path, &cfg, &diag);
+        if (r < 0) {
+                for (size_t i = 0; i < diag.n; i++)
+                        fprintf(stderr, "%s\n", diag.messages[i]);
+                if (diag.n == 0)
+                        fprintf(stderr, "%s: cannot load the configuration: %s\n", path, strerror(-r));
+                fprintf(stderr, "keypoold: configuration %s is not valid (%zu problem%s)\n",
+                        path, diag.n, diag.n == 1 ? "" : "s");
+                config_diag_clear(&diag);
+                return 1;
+        }
+        config_diag_clear(&diag);
+        if (check) {
+                printf("%s: configuration OK: %u pools, %u keys, %u providers\n",
+                       path, cfg->n_pools, cfg->n_keys, cfg->n_providers);
+                config_free(cfg);
+                return 0;
+        }
+
+        log_setup("keypoold", LOG_INFO);
+        status = supervisor_run(cfg);
+        config_free(cfg);
+        return status;
+}

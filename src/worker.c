@@ -1,0 +1,241 @@
+/* worker.c — one forked worker process.
+ *
+ * A worker pulls jobs — client connections — from the listening socket it shares with its
+ * siblings (non-blocking accept: whoever wakes first takes the connection) and serves all of them
+ * from one sd-event loop; every upstream call is a transfer on the worker's curl multi handle, so
+ * a slow upstream never holds up another client.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <curl/curl.h>
+
+#include "keypool/api.h"
+#include "keypool/clock.h"
+#include "keypool/http.h"
+#include "keypool/log.h"
+#include "keypool/proxy.h"
+#include "keypool/upstream.h"
+#include "keypool/worker.h"
+
+#define ACCEPT_BATCH            64      /* connections taken per wake-up, for fairness */
+#define HEARTBEAT_USEC          (1000 * 1000)
+
+struct client {
+        struct client *prev, *next;
+        struct http_conn *conn;
+        struct worker *w;
+};
+
+struct worker {
+        const struct worker_params *params;
+        sd_event *event;
+        sd_event_source *accept_source;
+        sd_event_source *heartbeat;
+        struct upstream *upstream;
+        struct proxy_context proxy;
+        struct api_context api;
+        struct http_limits limits;
+        struct client *clients;
+        unsigned n_clients;
+        bool draining;
+};
+
+static void on_request(struct http_conn *c, struct http_request *req, void *userdata) {
+        struct client *cl = userdata;
+        struct worker *w = cl->w;
+
+        keytable_slot_count_request(w->params->table, w->params->slot);
+        if (api_handle(&w->api, c, req))
+                return;
+        if (strncmp(req->url, "/v1/", 4) == 0) {
+                proxy_handle(&w->proxy, c, req);
+                return;
+        }
+        http_conn_respond_error(c, 404, "invalid_request_error", "not_found", NULL, 0,
+                                "no such endpoint: %.200s", req->url);
+}
+
+static void maybe_finish_draining(struct worker *w) {
+        if (w->draining && w->n_clients == 0 && w->proxy.active == 0)
+                sd_event_exit(w->event, 0);
+}
+
+static void on_closed(struct http_conn *c, void *userdata) {
+        struct client *cl = userdata;
+        struct worker *w = cl->w;
+
+        if (cl->prev)
+                cl->prev->next = cl->next;
+        else
+                w->clients = cl->next;
+        if (cl->next)
+                cl->next->prev = cl->prev;
+        w->n_clients--;
+        free(cl);
+        /* Below the limit again: take new connections. */
+        if (w->accept_source && !w->draining)
+                sd_event_source_set_enabled(w->accept_source, SD_EVENT_ON);
+        maybe_finish_draining(w);
+}
+
+static const struct http_handler handler = {
+        .on_request = on_request,
+        .on_abort = proxy_on_abort,
+        .on_drain = proxy_on_drain,
+        .on_closed = on_closed,
+};
+
+static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct worker *w = userdata;
+
+        for (int i = 0; i < ACCEPT_BATCH; i++) {
+                struct client *cl;
+                int cfd;
+
+                if (w->n_clients >= w->params->config->max_connections) {
+                        sd_event_source_set_enabled(s, SD_EVENT_OFF);
+                        return 0;
+                }
+                cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (cfd < 0) {
+                        if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
+                                return 0;
+                        log_warning("accept failed: %s", strerror(errno));
+                        return 0;
+                }
+                cl = calloc(1, sizeof *cl);
+                if (!cl || http_conn_new(w->event, cfd, &w->limits, &handler, cl, &cl->conn) < 0) {
+                        free(cl);
+                        close(cfd);
+                        continue;
+                }
+                cl->w = w;
+                cl->next = w->clients;
+                if (w->clients)
+                        w->clients->prev = cl;
+                w->clients = cl;
+                w->n_clients++;
+        }
+        return 0;
+}
+
+static int on_heartbeat(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct worker *w = userdata;
+
+        /* The coordinator is gone (killed outright): nobody reaps or watches us any more. */
+        if (getppid() != w->params->coordinator_pid) {
+                sd_event_exit(w->event, 1);
+                return 0;
+        }
+        keytable_slot_heartbeat(w->params->table, w->params->slot, clock_mono_ms());
+        sd_event_source_set_time_relative(s, HEARTBEAT_USEC);
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+}
+
+static void start_draining(struct worker *w) {
+        if (w->draining)
+                return;
+        w->draining = true;
+        keytable_slot_set_stage(w->params->table, w->params->slot, WORKER_STAGE_DRAINING);
+        w->accept_source = sd_event_source_disable_unref(w->accept_source);
+        for (struct client *cl = w->clients, *next; cl; cl = next) {
+                next = cl->next;
+                http_conn_shutdown(cl->conn);
+        }
+        maybe_finish_draining(w);
+}
+
+static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void *userdata) {
+        struct worker *w = userdata;
+
+        if (si->ssi_signo == SIGTERM)
+                start_draining(w);
+        else
+                sd_event_exit(w->event, 0);
+        return 0;
+}
+
+/* fds inherited from the coordinator that a worker must not hold (its event loop's epoll and
+ * signalfd, the notify socket, …): everything above stderr but the listening socket. */
+static void close_inherited_fds(int keep) {
+        if (keep > 3)
+                close_range(3, (unsigned) keep - 1, 0);
+        close_range((unsigned) keep + 1, ~0U, 0);
+}
+
+int worker_run(const struct worker_params *wp) {
+        struct worker w = { .params = wp };
+        sigset_t mask;
+        int r;
+
+        /* Die with the coordinator rather than serve unsupervised. */
+        prctl(PR_SET_PDEATHSIG, SIGTERM);
+        if (getppid() != wp->coordinator_pid)
+                return 1;
+        close_inherited_fds(wp->listen_fd);
+
+        sigemptyset(&mask);
+        sigaddset(&mask, SIGTERM);
+        sigaddset(&mask, SIGINT);
+        sigaddset(&mask, SIGQUIT);
+        sigaddset(&mask, SIGHUP);
+        sigprocmask(SIG_BLOCK, &mask, NULL);
+        signal(SIGPIPE, SIG_IGN);
+
+        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+                log_error("worker: curl_global_init failed");
+                return 1;
+        }
+        r = sd_event_new(&w.event);
+        if (r >= 0)
+                r = upstream_new(w.event, &w.upstream);
+        if (r >= 0)
+                r = sd_event_add_io(w.event, &w.accept_source, wp->listen_fd, EPOLLIN, on_accept, &w);
+        if (r >= 0)
+                r = sd_event_add_time_relative(w.event, &w.heartbeat, CLOCK_MONOTONIC, HEARTBEAT_USEC, 0,
+                                               on_heartbeat, &w);
+        if (r >= 0)
+                r = sd_event_add_signal(w.event, NULL, SIGTERM, on_signal, &w);
+        if (r >= 0)
+                r = sd_event_add_signal(w.event, NULL, SIGINT, on_signal, &w);
+        if (r >= 0)
+                r = sd_event_add_signal(w.event, NULL, SIGQUIT, on_signal, &w);
+        if (r < 0) {
+                log_error("worker: cannot set up the event loop: %s", strerror(-r));
+                return 1;
+        }
+
+        w.limits = (struct http_limits) {
+                .max_header = wp->config->max_header,
+                .max_body = wp->config->max_body,
+                .timeout_usec = (uint64_t) wp->config->client_timeout * 1000000,
+        };
+        w.api = (struct api_context) {
+                .config = wp->config, .table = wp->table, .coordinator_pid = wp->coordinator_pid,
+        };
+        w.proxy = (struct proxy_context) {
+                .config = wp->config,
+                .table = wp->table,
+                .upstream = w.upstream,
+                .slot = wp->slot,
+                .policy = {
+                        .recovery_ms = (int64_t) wp->config->recovery_time * 1000,
+                        .max_cooldown_ms = 24 * 3600 * 1000,
+                },
+        };
+
+        keytable_slot_heartbeat(wp->table, wp->slot, clock_mono_ms());
+        keytable_slot_set_stage(wp->table, wp->slot, WORKER_STAGE_SERVING);
+
+        r = sd_event_loop(w.event);
+
+        /* Fast stop: connections and transfers go with the process; the coordinator returns this
+         * slot's leases when it reaps us. */
+        return r < 0 ? 1 : 0;
+}
