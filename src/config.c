@@ -1,0 +1,1411 @@
+/* config.c — keypool.conf (libconfig) and the env file it may name.
+ *
+ * Owns turning the operator's files into a validated struct config: reading keypool.conf with
+ * libconfig, following env:, file: and cred: key references, merging the pools of the deployed
+ * env file, and checking everything before the daemon relies on any of it. Loading never stops
+ * at the first problem and never logs: every problem becomes one "FILE:LINE: message" line in
+ * the caller's config_diag, so an operator fixes a file in one pass. Messages name keys by pool
+ * and position, never by content: the secret text must not reach a log through an error.
+ */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE             /* asprintf */
+#endif
+
+#include <ctype.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <libconfig.h>
+
+#include "keypool/config.h"
+#include "keypool/envfile.h"
+#include "keypool/keyid.h"
+
+#define CONFIG_NAME_MAX   63            /* pool and provider names; the key table's limit */
+#define CONFIG_MODEL_MAX  127           /* the key table's limit */
+#define CONFIG_SECRET_MAX 4096          /* far above any provider's key; bounds file: reads */
+#define CONFIG_WORKERS_MAX 64           /* the key table's worker slots are sized from this */
+#define CONFIG_TIMEOUT_MAX 86400        /* keeps every timeout in ms within a 32-bit int */
+
+#define NAME_RULE "must be 1 to 63 letters, digits, '_', '.' or '-'"
+
+#define ENV_PREFIX         "PROVIDER_"
+#define ENV_API_KEY        "_API_KEY"
+#define ENV_BACKUP_KEYS    "_BACKUP_KEYS"
+#define ENV_MODEL          "_MODEL"
+#define ENV_BASE_URL       "_BASE_URL"
+
+/* Where a pool or provider was defined, for "already defined at" messages. */
+struct origin {
+        const char *file;
+        unsigned line;
+};
+
+struct loader {
+        const char *path;                       /* as given, for messages */
+        char *dir;                              /* the config's directory, for relative paths */
+        struct config_diag *diag;
+        unsigned n_errors;
+        bool oom;
+
+        struct config *c;
+        size_t pools_cap, providers_cap;
+        struct origin *pool_origin;             /* parallel to c->pools */
+        struct origin *provider_origin;         /* parallel to c->providers */
+        bool no_providers;                      /* reported once, not again by every pool */
+
+        /* 1-based positions in the file of the current pool's stored keys: a key that failed to
+         * resolve is not stored, and messages must still count it. */
+        unsigned *key_pos;
+
+        /* Sort keys of the messages this load added, so they come out in file order. */
+        size_t diag_first;
+        unsigned long long *diag_order;
+};
+
+static const char *const top_level_names[] = {
+        "socket", "socket_mode", "workers", "recovery_time", "client_timeout", "connect_timeout",
+        "upstream_timeout", "max_connections", "max_body", "max_header", "providers", "pools",
+        "env_file", NULL,
+};
+
+static const char *const provider_names[] = { "name", "base_url", NULL };
+static const char *const pool_names[] = { "name", "provider", "model", "keys", NULL };
+
+/* --- diagnostics ------------------------------------------------------------------------------ */
+
+static void wipe_free(char *s) {
+        if (!s)
+                return;
+        explicit_bzero(s, strlen(s));
+        free(s);
+}
+
+static void diag_push(struct loader *l, char *msg, const char *file, unsigned line) {
+        size_t i = l->diag->n - l->diag_first;
+        unsigned long long *o;
+        char **m;
+
+        o = realloc(l->diag_order, (i + 1) * sizeof(*o));
+        if (!o) {
+                free(msg);
+                l->oom = true;
+                return;
+        }
+        l->diag_order = o;
+        m = realloc(l->diag->messages, (l->diag->n + 1) * sizeof(*m));
+        if (!m) {
+                free(msg);
+                l->oom = true;
+                return;
+        }
+        /* The config file before anything it leads to; within a file by line; file-wide
+         * problems ("no pools") last. */
+        o[i] = (unsigned long long) (strcmp(file, l->path) != 0) << 32 | (line > 0 ? line : UINT_MAX);
+        m[l->diag->n++] = msg;
+        l->diag->messages = m;
+}
+
+/* Checks run setting by setting, not line by line; the operator reads the file top to bottom. */
+static void diag_sort(struct loader *l) {
+        size_t n;
+
+        if (!l->diag || !l->diag_order)
+                return;
+        n = l->diag->n - l->diag_first;
+        for (size_t i = 1; i < n; i++) {
+                unsigned long long key = l->diag_order[i];
+                char *msg = l->diag->messages[l->diag_first + i];
+                size_t j = i;
+
+                for (; j > 0 && l->diag_order[j - 1] > key; j--) {
+                        l->diag_order[j] = l->diag_order[j - 1];
+                        l->diag->messages[l->diag_first + j] = l->diag->messages[l->diag_first + j - 1];
+                }
+                l->diag_order[j] = key;
+                l->diag->messages[l->diag_first + j] = msg;
+        }
+}
+
+__attribute__((format(printf, 4, 0)))
+static void diag_vadd(struct loader *l, const char *file, unsigned line, const char *fmt, va_list ap) {
+        char *msg = NULL, *full = NULL;
+        int r;
+
+        l->n_errors++;
+        if (!l->diag)
+                return;
+
+        if (vasprintf(&msg, fmt, ap) < 0) {
+                l->oom = true;
+                return;
+        }
+        if (line > 0)
+                r = asprintf(&full, "%s:%u: %s", file, line, msg);
+        else
+                r = asprintf(&full, "%s: %s", file, msg);
+        free(msg);
+        if (r < 0) {
+                l->oom = true;
+                return;
+        }
+        diag_push(l, full, file, line);
+}
+
+__attribute__((format(printf, 4, 5)))
+static void diag_add(struct loader *l, const char *file, unsigned line, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        diag_vadd(l, file ? file : l->path, line, fmt, ap);
+        va_end(ap);
+}
+
+static const char *setting_file(const struct loader *l, const config_setting_t *s) {
+        const char *f = config_setting_source_file(s);
+
+        return f ? f : l->path;
+}
+
+__attribute__((format(printf, 3, 4)))
+static void setting_error(struct loader *l, const config_setting_t *s, const char *fmt, ...) {
+        va_list ap;
+
+        va_start(ap, fmt);
+        diag_vadd(l, setting_file(l, s), config_setting_source_line(s), fmt, ap);
+        va_end(ap);
+}
+
+static const char *type_name(int type) {
+        switch (type) {
+        case CONFIG_TYPE_GROUP:  return "a group";
+        case CONFIG_TYPE_INT:
+        case CONFIG_TYPE_INT64:  return "an integer";
+        case CONFIG_TYPE_FLOAT:  return "a float";
+        case CONFIG_TYPE_STRING: return "a string";
+        case CONFIG_TYPE_BOOL:   return "a boolean";
+        case CONFIG_TYPE_ARRAY:  return "an array";
+        case CONFIG_TYPE_LIST:   return "a list";
+        default:                 return "nothing";
+        }
+}
+
+/* Edit distance, for "did you mean": a typo must not pass silently, and should be easy to fix. */
+static unsigned edit_distance(const char *a, const char *b) {
+        unsigned prev[33], cur[33];
+        size_t la = strlen(a), lb = strlen(b);
+
+        if (la > 32 || lb > 32)
+                return UINT_MAX;
+        for (size_t j = 0; j <= lb; j++)
+                prev[j] = (unsigned) j;
+        for (size_t i = 1; i <= la; i++) {
+                cur[0] = (unsigned) i;
+                for (size_t j = 1; j <= lb; j++) {
+                        unsigned del = prev[j] + 1, ins = cur[j - 1] + 1;
+                        unsigned sub = prev[j - 1] + (tolower((unsigned char) a[i - 1]) !=
+                                                      tolower((unsigned char) b[j - 1]));
+                        unsigned m = del < ins ? del : ins;
+
+                        cur[j] = m < sub ? m : sub;
+                }
+                memcpy(prev, cur, sizeof(cur));
+        }
+        return prev[lb];
+}
+
+static bool name_in(const char *name, const char *const *names) {
+        for (size_t i = 0; names[i]; i++)
+                if (strcmp(name, names[i]) == 0)
+                        return true;
+        return false;
+}
+
+/* Reports every member of group s whose name is not in names. what prefixes the message. */
+static void check_members(struct loader *l, const config_setting_t *s, const char *what,
+                          const char *const *names) {
+        int n = config_setting_length(s);
+
+        for (int i = 0; i < n; i++) {
+                const config_setting_t *m = config_setting_get_elem(s, (unsigned) i);
+                const char *name = config_setting_name(m);
+                const char *best = NULL;
+                unsigned best_d = 3;
+
+                if (!name || name_in(name, names))
+                        continue;
+                for (size_t j = 0; names[j]; j++) {
+                        unsigned d = edit_distance(name, names[j]);
+
+                        if (d < best_d) {
+                                best_d = d;
+                                best = names[j];
+                        }
+                }
+                if (best)
+                        setting_error(l, m, "%sunknown setting '%s' (did you mean '%s'?)",
+                                      what, name, best);
+                else
+                        setting_error(l, m, "%sunknown setting '%s'", what, name);
+        }
+}
+
+/* --- small checks ----------------------------------------------------------------------------- */
+
+static bool valid_name(const char *s) {
+        size_t n = strlen(s);
+
+        if (n == 0 || n > CONFIG_NAME_MAX)
+                return false;
+        for (size_t i = 0; i < n; i++)
+                if (!isalnum((unsigned char) s[i]) && !strchr("_.-", s[i]))
+                        return false;
+        return true;
+}
+
+/* Printable ASCII without spaces: what may go into a URL, a model id or an HTTP header. */
+static bool all_graphic(const char *s) {
+        for (; *s; s++)
+                if ((unsigned char) *s <= 0x20 || (unsigned char) *s >= 0x7f)
+                        return false;
+        return true;
+}
+
+/* Why a resolved secret cannot be used, or NULL when it can. Never quotes the secret. */
+static const char *secret_problem(const char *s) {
+        size_t n = strlen(s);
+
+        if (n == 0)
+                return "is empty";
+        if (n > CONFIG_SECRET_MAX)
+                return "is longer than 4096 bytes";
+        for (size_t i = 0; i < n; i++) {
+                unsigned char c = (unsigned char) s[i];
+
+                if (c <= 0x20 || c == 0x7f)
+                        return "contains whitespace or control characters";
+                if (c >= 0x80)
+                        return "contains non-ASCII characters";
+        }
+        return NULL;
+}
+
+/* Checks a base URL and returns it without trailing slashes, or NULL with *ret_problem set. */
+static char *normalize_url(const char *url, const char **ret_problem, bool *oom) {
+        size_t scheme, n;
+        char *r;
+
+        if (strncasecmp(url, "https://", 8) == 0)
+                scheme = 8;
+        else if (strncasecmp(url, "http://", 7) == 0)
+                scheme = 7;
+        else {
+                *ret_problem = "must start with http:// or https://";
+                return NULL;
+        }
+        if (!all_graphic(url)) {
+                *ret_problem = "must not contain whitespace or control characters";
+                return NULL;
+        }
+        n = strlen(url);
+        while (n > scheme && url[n - 1] == '/')
+                n--;
+        if (n == scheme || url[scheme] == '/') {
+                *ret_problem = "has no host";
+                return NULL;
+        }
+        r = strndup(url, n);
+        if (!r)
+                *oom = true;
+        return r;
+}
+
+static char *dir_of(const char *path) {
+        const char *slash = strrchr(path, '/');
+
+        if (!slash)
+                return strdup(".");
+        if (slash == path)
+                return strdup("/");
+        return strndup(path, (size_t) (slash - path));
+}
+
+/* Relative paths in the config mean "next to the config", whatever the daemon's cwd is. */
+static char *resolve_path(struct loader *l, const char *p) {
+        char *r = NULL;
+
+        if (p[0] == '/' || strcmp(l->dir, ".") == 0)
+                r = strdup(p);
+        else if (asprintf(&r, "%s/%s", l->dir, p) < 0)
+                r = NULL;
+        if (!r)
+                l->oom = true;
+        return r;
+}
+
+/* Reads the first line of path, without its line end. 0, or -errno; -EFBIG when it is longer
+ * than any secret may be. */
+static int read_first_line(const char *path, char **ret) {
+        char buf[CONFIG_SECRET_MAX + 2];
+        size_t n = 0;
+        struct stat st;
+        FILE *f;
+        int c, r = 0;
+
+        f = fopen(path, "re");
+        if (!f)
+                return -errno;
+        if (fstat(fileno(f), &st) < 0)
+                r = -errno;
+        else if (S_ISDIR(st.st_mode))
+                r = -EISDIR;
+        if (r < 0) {
+                fclose(f);
+                return r;
+        }
+
+        while ((c = getc(f)) != EOF && c != '\n') {
+                if (n == sizeof(buf) - 1) {
+                        r = -EFBIG;
+                        break;
+                }
+                buf[n++] = (char) c;
+        }
+        if (r == 0 && ferror(f))
+                r = -EIO;
+        fclose(f);
+
+        if (n > 0 && buf[n - 1] == '\r')
+                n--;
+        buf[n] = '\0';
+
+        if (r == 0 && memchr(buf, '\0', n))
+                r = -EBADMSG;           /* a NUL would silently cut the key short */
+        if (r == 0) {
+                *ret = strdup(buf);
+                if (!*ret)
+                        r = -ENOMEM;
+        }
+        explicit_bzero(buf, sizeof(buf));
+        return r;
+}
+
+/* --- building the config ---------------------------------------------------------------------- */
+
+static struct config_provider *provider_add(struct loader *l, const char *file, unsigned line) {
+        struct config *c = l->c;
+
+        if (c->n_providers == l->providers_cap) {
+                size_t cap = l->providers_cap ? l->providers_cap * 2 : 4;
+                struct config_provider *p = realloc(c->providers, cap * sizeof(*p));
+                struct origin *o;
+
+                if (!p) {
+                        l->oom = true;
+                        return NULL;
+                }
+                c->providers = p;
+                o = realloc(l->provider_origin, cap * sizeof(*o));
+                if (!o) {
+                        l->oom = true;
+                        return NULL;
+                }
+                l->provider_origin = o;
+                l->providers_cap = cap;
+        }
+        l->provider_origin[c->n_providers] = (struct origin) { file, line };
+        c->providers[c->n_providers] = (struct config_provider) {};
+        return &c->providers[c->n_providers++];
+}
+
+static int provider_find_name(const struct config *c, const char *name) {
+        for (unsigned i = 0; i < c->n_providers; i++)
+                if (c->providers[i].name && strcmp(c->providers[i].name, name) == 0)
+                        return (int) i;
+        return -1;
+}
+
+static int provider_find_url(const struct config *c, const char *url) {
+        for (unsigned i = 0; i < c->n_providers; i++)
+                if (c->providers[i].base_url && strcmp(c->providers[i].base_url, url) == 0)
+                        return (int) i;
+        return -1;
+}
+
+static struct config_pool *pool_add(struct loader *l, const char *file, unsigned line) {
+        struct config *c = l->c;
+
+        if (c->n_pools == l->pools_cap) {
+                size_t cap = l->pools_cap ? l->pools_cap * 2 : 8;
+                struct config_pool *p = realloc(c->pools, cap * sizeof(*p));
+                struct origin *o;
+
+                if (!p) {
+                        l->oom = true;
+                        return NULL;
+                }
+                c->pools = p;
+                o = realloc(l->pool_origin, cap * sizeof(*o));
+                if (!o) {
+                        l->oom = true;
+                        return NULL;
+                }
+                l->pool_origin = o;
+                l->pools_cap = cap;
+        }
+        l->pool_origin[c->n_pools] = (struct origin) { file, line };
+        c->pools[c->n_pools] = (struct config_pool) {};
+        return &c->pools[c->n_pools++];
+}
+
+static int pool_find_name(const struct config *c, unsigned n, const char *name) {
+        for (unsigned i = 0; i < n; i++)
+                if (c->pools[i].name && strcmp(c->pools[i].name, name) == 0)
+                        return (int) i;
+        return -1;
+}
+
+/* Takes ownership of secret. Returns 0, or the 1-based position of an earlier key with the same
+ * secret (the key is then not stored), or -1 on allocation failure. */
+static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, unsigned pos) {
+        struct config_key *k;
+        unsigned *kp;
+
+        for (unsigned i = 0; i < p->n_keys; i++)
+                if (strcmp(p->keys[i].secret, secret) == 0) {
+                        wipe_free(secret);
+                        return (int) l->key_pos[i];
+                }
+
+        k = realloc(p->keys, (p->n_keys + 1) * sizeof(*k));
+        if (!k) {
+                wipe_free(secret);
+                l->oom = true;
+                return -1;
+        }
+        p->keys = k;
+        kp = realloc(l->key_pos, (p->n_keys + 1) * sizeof(*kp));
+        if (!kp) {
+                wipe_free(secret);
+                l->oom = true;
+                return -1;
+        }
+        l->key_pos = kp;
+
+        k = &p->keys[p->n_keys];
+        *k = (struct config_key) { .secret = secret };
+        if (keyid_fingerprint(secret, strlen(secret), k->id) < 0) {
+                /* Only a broken libcrypto gets here; the key cannot be named, so it cannot serve. */
+                wipe_free(secret);
+                l->oom = true;
+                return -1;
+        }
+        keyid_mask(secret, strlen(secret), k->masked);
+        l->key_pos[p->n_keys] = pos;
+        p->n_keys++;
+        l->c->n_keys++;
+        return 0;
+}
+
+/* --- top-level settings ----------------------------------------------------------------------- */
+
+/* Reads an integer setting into *ret. Returns false when absent or wrong (the latter reported). */
+static bool get_integer(struct loader *l, const config_setting_t *root, const char *name,
+                        long long min, long long max, long long *ret) {
+        const config_setting_t *s = config_setting_get_member(root, name);
+        int type;
+        long long v;
+
+        if (!s)
+                return false;
+        type = config_setting_type(s);
+        if (type != CONFIG_TYPE_INT && type != CONFIG_TYPE_INT64) {
+                setting_error(l, s, "%s must be an integer, not %s", name, type_name(type));
+                return false;
+        }
+        v = config_setting_get_int64(s);
+        if (v >= min && v <= max) {
+                *ret = v;
+                return true;
+        }
+        /* libconfig wraps integers past INT_MAX unless they carry an L suffix. */
+        if (v < 0 && type == CONFIG_TYPE_INT && max > INT_MAX)
+                setting_error(l, s, "%s must be at least %lld, not %lld (write integers above "
+                              "2147483647 with an L suffix, e.g. 4294967296L)", name, min, v);
+        else if (max == LLONG_MAX)
+                setting_error(l, s, "%s must be at least %lld, not %lld", name, min, v);
+        else
+                setting_error(l, s, "%s must be between %lld and %lld, not %lld", name, min, max, v);
+        return false;
+}
+
+static bool get_string(struct loader *l, const config_setting_t *root, const char *name,
+                       const config_setting_t **ret_setting, const char **ret) {
+        const config_setting_t *s = config_setting_get_member(root, name);
+
+        if (!s)
+                return false;
+        if (config_setting_type(s) != CONFIG_TYPE_STRING) {
+                setting_error(l, s, "%s must be a string, not %s", name, type_name(config_setting_type(s)));
+                return false;
+        }
+        *ret_setting = s;
+        *ret = config_setting_get_string(s);
+        return true;
+}
+
+static void parse_socket_mode(struct loader *l, const config_setting_t *root) {
+        const config_setting_t *s = config_setting_get_member(root, "socket_mode");
+        unsigned long mode;
+
+        if (!s)
+                return;
+
+        switch (config_setting_type(s)) {
+        case CONFIG_TYPE_STRING: {
+                const char *v = config_setting_get_string(s);
+                char *end = NULL;
+
+                errno = 0;
+                mode = strtoul(v, &end, 8);
+                if (!*v || errno != 0 || *end || mode > 0777 || v[0] == '-' || v[0] == '+' ||
+                    isspace((unsigned char) v[0])) {
+                        setting_error(l, s, "socket_mode '%s' is not an octal mode between 0000 "
+                                      "and 0777", v);
+                        return;
+                }
+                break;
+        }
+        case CONFIG_TYPE_INT:
+        case CONFIG_TYPE_INT64: {
+                long long v = config_setting_get_int64(s);
+
+                /* libconfig has no octal literals: 0660 arrives as decimal 660. Read its digits
+                 * as octal, the way chmod does; hexadecimal (0x1b0) is taken at its value. */
+                if (config_setting_get_format(s) == CONFIG_FORMAT_HEX)
+                        mode = v >= 0 && v <= 0777 ? (unsigned long) v : ULONG_MAX;
+                else if (v < 0 || v > 777)
+                        mode = ULONG_MAX;
+                else {
+                        mode = 0;
+                        for (long long d = v, shift = 0; d > 0; d /= 10, shift += 3) {
+                                if (d % 10 > 7) {
+                                        mode = ULONG_MAX;
+                                        break;
+                                }
+                                mode |= (unsigned long) (d % 10) << shift;
+                        }
+                }
+                if (mode == ULONG_MAX) {
+                        setting_error(l, s, "socket_mode %lld is not a mode between 0000 and 0777 "
+                                      "(write it as an octal string, e.g. \"0660\")", v);
+                        return;
+                }
+                break;
+        }
+        default:
+                setting_error(l, s, "socket_mode must be an octal string such as \"0660\", not %s",
+                              type_name(config_setting_type(s)));
+                return;
+        }
+
+        l->c->socket_mode = (unsigned) mode;
+}
+
+static void parse_scalars(struct loader *l, const config_setting_t *root) {
+        struct config *c = l->c;
+        const config_setting_t *s;
+        const char *v;
+        long long n;
+
+        if (get_string(l, root, "socket", &s, &v)) {
+                if (!*v)
+                        setting_error(l, s, "socket must not be empty");
+                else if (strlen(v) >= sizeof(((struct sockaddr_un *) NULL)->sun_path))
+                        setting_error(l, s, "socket path is longer than a UNIX socket address allows "
+                                      "(%zu bytes)", sizeof(((struct sockaddr_un *) NULL)->sun_path) - 1);
+                else {
+                        free(c->socket_path);
+                        c->socket_path = strdup(v);
+                        if (!c->socket_path)
+                                l->oom = true;
+                }
+        }
+
+        parse_socket_mode(l, root);
+
+        if (get_integer(l, root, "workers", 1, CONFIG_WORKERS_MAX, &n))
+                c->workers = (unsigned) n;
+        if (get_integer(l, root, "recovery_time", 1, 604800, &n))
+                c->recovery_time = (unsigned) n;
+        if (get_integer(l, root, "client_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->client_timeout = (unsigned) n;
+        if (get_integer(l, root, "connect_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->connect_timeout = (unsigned) n;
+        if (get_integer(l, root, "upstream_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->upstream_timeout = (unsigned) n;
+        if (get_integer(l, root, "max_connections", 1, 1048576, &n))
+                c->max_connections = (unsigned) n;
+        if (get_integer(l, root, "max_body", 1024, LLONG_MAX, &n))
+                c->max_body = (size_t) n;
+        if (get_integer(l, root, "max_header", 1024, 1048576, &n))
+                c->max_header = (size_t) n;
+
+        if (get_string(l, root, "env_file", &s, &v)) {
+                if (!*v)
+                        setting_error(l, s, "env_file must not be empty (leave it out instead)");
+                else
+                        c->env_file = resolve_path(l, v);
+        }
+}
+
+/* --- providers -------------------------------------------------------------------------------- */
+
+/* Reads a required string member of group g; reports a missing or mistyped one. */
+static const char *member_string(struct loader *l, const config_setting_t *g, const char *what,
+                                 const char *name, bool required, const config_setting_t **ret_setting) {
+        const config_setting_t *m = config_setting_get_member(g, name);
+
+        if (!m) {
+                if (required)
+                        setting_error(l, g, "%s has no %s", what, name);
+                return NULL;
+        }
+        if (config_setting_type(m) != CONFIG_TYPE_STRING) {
+                setting_error(l, m, "%s: %s must be a string, not %s", what, name,
+                              type_name(config_setting_type(m)));
+                return NULL;
+        }
+        if (ret_setting)
+                *ret_setting = m;
+        return config_setting_get_string(m);
+}
+
+static void parse_provider(struct loader *l, const config_setting_t *g, unsigned index) {
+        const config_setting_t *ns = NULL, *us = NULL;
+        struct config_provider *p;
+        char what[CONFIG_NAME_MAX + 32];
+        const char *name, *url;
+
+        snprintf(what, sizeof(what), "provider #%u", index + 1);
+        if (config_setting_type(g) != CONFIG_TYPE_GROUP) {
+                setting_error(l, g, "%s must be a group { name = \"...\"; base_url = \"https://...\"; }, "
+                              "not %s", what, type_name(config_setting_type(g)));
+                return;
+        }
+
+        name = member_string(l, g, what, "name", true, &ns);
+        if (name && !valid_name(name)) {
+                setting_error(l, ns, "%s: name '%s' " NAME_RULE, what, name);
+                name = NULL;
+        }
+        if (name)
+                snprintf(what, sizeof(what), "provider '%s'", name);
+        {
+                char prefix[sizeof(what) + 2];
+
+                snprintf(prefix, sizeof(prefix), "%s: ", what);
+                check_members(l, g, prefix, provider_names);
+        }
+
+        p = provider_add(l, setting_file(l, g), config_setting_source_line(g));
+        if (!p)
+                return;
+
+        if (name) {
+                int dup = provider_find_name(l->c, name);
+
+                if (dup >= 0)
+                        setting_error(l, ns, "provider '%s' is already defined at %s:%u", name,
+                                      l->provider_origin[dup].file, l->provider_origin[dup].line);
+                else if (!(p->name = strdup(name)))
+                        l->oom = true;
+        }
+
+        url = member_string(l, g, what, "base_url", true, &us);
+        if (url) {
+                const char *problem = NULL;
+
+                p->base_url = normalize_url(url, &problem, &l->oom);
+                if (!p->base_url && problem)
+                        setting_error(l, us, "%s: base_url '%s' %s", what, url, problem);
+        }
+}
+
+static void parse_providers(struct loader *l, const config_setting_t *root) {
+        const config_setting_t *s = config_setting_get_member(root, "providers");
+        int n;
+
+        if (!s) {
+                diag_add(l, l->path, 0, "no providers defined: add providers = ( { name = \"openrouter\"; "
+                         "base_url = \"https://openrouter.ai/api/v1\"; } );");
+                l->no_providers = true;
+                return;
+        }
+        if (config_setting_type(s) != CONFIG_TYPE_LIST) {
+                setting_error(l, s, "providers must be a list of groups, ( { name = \"...\"; "
+                              "base_url = \"...\"; } ), not %s", type_name(config_setting_type(s)));
+                l->no_providers = true;
+                return;
+        }
+        n = config_setting_length(s);
+        if (n == 0) {
+                setting_error(l, s, "providers is empty: at least one provider is required");
+                l->no_providers = true;
+                return;
+        }
+        for (int i = 0; i < n; i++)
+                parse_provider(l, config_setting_get_elem(s, (unsigned) i), (unsigned) i);
+}
+
+/* --- keys ------------------------------------------------------------------------------------- */
+
+/* Follows a key reference. Returns the secret (heap), or NULL with the problem reported at
+ * file:line as "<who> key N: ...", who being "pool 'P'". */
+static char *resolve_key(struct loader *l, const char *who, unsigned pos, const char *ref,
+                         const char *file, unsigned line) {
+        const char *problem;
+        char *secret = NULL;
+
+        if (strncmp(ref, "env:", 4) == 0) {
+                const char *name = ref + 4, *v;
+
+                if (!*name) {
+                        diag_add(l, file, line, "%s key %u: env: needs a variable name", who, pos);
+                        return NULL;
+                }
+                v = getenv(name);
+                if (!v) {
+                        diag_add(l, file, line, "%s key %u: environment variable %s is not set",
+                                 who, pos, name);
+                        return NULL;
+                }
+                problem = secret_problem(v);
+                if (problem) {
+                        diag_add(l, file, line, "%s key %u: environment variable %s %s",
+                                 who, pos, name, problem);
+                        return NULL;
+                }
+                secret = strdup(v);
+
+        } else if (strncmp(ref, "file:", 5) == 0 || strncmp(ref, "cred:", 5) == 0) {
+                bool cred = ref[0] == 'c';
+                const char *name = ref + 5;
+                char *path = NULL;
+                char label[PATH_MAX + 32];
+                int r;
+
+                if (!*name) {
+                        diag_add(l, file, line, "%s key %u: %.5s needs a %s", who, pos, ref,
+                                 cred ? "credential name" : "path");
+                        return NULL;
+                }
+                if (cred) {
+                        const char *dir = getenv("CREDENTIALS_DIRECTORY");
+
+                        if (strchr(name, '/') || strcmp(name, ".") == 0 || strcmp(name, "..") == 0) {
+                                diag_add(l, file, line, "%s key %u: credential name '%s' is not "
+                                         "a plain file name", who, pos, name);
+                                return NULL;
+                        }
+                        if (!dir || !*dir) {
+                                diag_add(l, file, line, "%s key %u: credential %s: "
+                                         "CREDENTIALS_DIRECTORY is not set (LoadCredential= in the "
+                                         "service unit provides it)", who, pos, name);
+                                return NULL;
+                        }
+                        if (asprintf(&path, "%s/%s", dir, name) < 0)
+                                path = NULL;
+                        snprintf(label, sizeof(label), "credential %s", name);
+                } else {
+                        path = resolve_path(l, name);
+                        if (path)
+                                snprintf(label, sizeof(label), "file %s", path);
+                }
+                if (!path) {
+                        l->oom = true;
+                        return NULL;
+                }
+
+                r = read_first_line(path, &secret);
+                free(path);
+                if (r == -ENOMEM) {
+                        l->oom = true;
+                        return NULL;
+                }
+                if (r == -EFBIG) {
+                        diag_add(l, file, line, "%s key %u: %s: the first line is longer than "
+                                 "%d bytes", who, pos, label, CONFIG_SECRET_MAX);
+                        return NULL;
+                }
+                if (r == -EBADMSG) {
+                        diag_add(l, file, line, "%s key %u: %s: the first line contains a NUL byte",
+                                 who, pos, label);
+                        return NULL;
+                }
+                if (r < 0) {
+                        diag_add(l, file, line, "%s key %u: %s: %s", who, pos, label, strerror(-r));
+                        return NULL;
+                }
+                problem = secret_problem(secret);
+                if (problem) {
+                        diag_add(l, file, line, "%s key %u: %s: the key %s", who, pos, label,
+                                 *secret ? problem : "is empty (it must be on the first line)");
+                        wipe_free(secret);
+                        return NULL;
+                }
+                return secret;
+
+        } else {
+                problem = secret_problem(ref);
+                if (problem) {
+                        diag_add(l, file, line, "%s key %u: the key %s", who, pos, problem);
+                        return NULL;
+                }
+                secret = strdup(ref);
+        }
+
+        if (!secret)
+                l->oom = true;
+        return secret;
+}
+
+/* Adds the secret to the pool, reporting a repeat of an earlier key. */
+static void add_key(struct loader *l, struct config_pool *p, const char *who, char *secret,
+                    unsigned pos, const char *file, unsigned line) {
+        int dup = pool_add_key(l, p, secret, pos);
+
+        if (dup > 0)
+                diag_add(l, file, line, "%s key %u: the same key as key %d", who, pos, dup);
+}
+
+/* --- pools ------------------------------------------------------------------------------------ */
+
+static void parse_pool(struct loader *l, const config_setting_t *g, unsigned index) {
+        const config_setting_t *ns = NULL, *ms = NULL, *ps = NULL, *ks;
+        struct config_pool *p;
+        char what[CONFIG_NAME_MAX + 32];
+        const char *name, *model, *provider;
+        int n;
+
+        snprintf(what, sizeof(what), "pool #%u", index + 1);
+        if (config_setting_type(g) != CONFIG_TYPE_GROUP) {
+                setting_error(l, g, "%s must be a group { name = \"...\"; model = \"...\"; "
+                              "keys = [ ... ]; }, not %s", what, type_name(config_setting_type(g)));
+                return;
+        }
+
+        name = member_string(l, g, what, "name", true, &ns);
+        if (name && !valid_name(name)) {
+                setting_error(l, ns, "%s: name '%s' " NAME_RULE, what, name);
+                name = NULL;
+        }
+        if (name)
+                snprintf(what, sizeof(what), "pool '%s'", name);
+        {
+                char prefix[sizeof(what) + 2];
+
+                snprintf(prefix, sizeof(prefix), "%s: ", what);
+                check_members(l, g, prefix, pool_names);
+        }
+
+        p = pool_add(l, setting_file(l, g), config_setting_source_line(g));
+        if (!p)
+                return;
+
+        if (name) {
+                int dup = pool_find_name(l->c, l->c->n_pools - 1, name);
+
+                if (dup >= 0)
+                        setting_error(l, ns, "pool '%s' is already defined at %s:%u", name,
+                                      l->pool_origin[dup].file, l->pool_origin[dup].line);
+                else if (!(p->name = strdup(name))) {
+                        l->oom = true;
+                        return;
+                }
+        }
+
+        model = member_string(l, g, what, "model", true, &ms);
+        if (model) {
+                if (!*model || strlen(model) > CONFIG_MODEL_MAX)
+                        setting_error(l, ms, "%s: model must be 1 to %d characters", what,
+                                      CONFIG_MODEL_MAX);
+                else if (!all_graphic(model))
+                        setting_error(l, ms, "%s: model must not contain whitespace or control "
+                                      "characters", what);
+                else if (!(p->model = strdup(model))) {
+                        l->oom = true;
+                        return;
+                }
+        }
+
+        provider = member_string(l, g, what, "provider", false, &ps);
+        if (provider) {
+                int i = provider_find_name(l->c, provider);
+
+                if (i < 0)
+                        setting_error(l, ps, "%s: unknown provider '%s'", what, provider);
+                else
+                        p->provider = (unsigned) i;
+        }
+        /* Without provider the pool takes the first: p->provider is already 0. */
+
+        ks = config_setting_get_member(g, "keys");
+        if (!ks) {
+                setting_error(l, g, "%s has no keys", what);
+                return;
+        }
+        if (config_setting_type(ks) != CONFIG_TYPE_ARRAY && config_setting_type(ks) != CONFIG_TYPE_LIST) {
+                setting_error(l, ks, "%s: keys must be a list of strings, [ \"...\", \"env:NAME\", ... ], "
+                              "not %s", what, type_name(config_setting_type(ks)));
+                return;
+        }
+        n = config_setting_length(ks);
+        if (n == 0) {
+                setting_error(l, ks, "%s: keys is empty: at least one key is required", what);
+                return;
+        }
+        for (int i = 0; i < n && !l->oom; i++) {
+                const config_setting_t *k = config_setting_get_elem(ks, (unsigned) i);
+                unsigned pos = (unsigned) i + 1;
+                char *secret;
+
+                if (config_setting_type(k) != CONFIG_TYPE_STRING) {
+                        setting_error(l, k, "%s key %u must be a string, not %s", what, pos,
+                                      type_name(config_setting_type(k)));
+                        continue;
+                }
+                secret = resolve_key(l, what, pos, config_setting_get_string(k), setting_file(l, k),
+                                     config_setting_source_line(k));
+                if (secret)
+                        add_key(l, p, what, secret, pos, setting_file(l, k), config_setting_source_line(k));
+        }
+}
+
+static void parse_pools(struct loader *l, const config_setting_t *root) {
+        const config_setting_t *s = config_setting_get_member(root, "pools");
+        int n;
+
+        /* No pools here is fine as long as the env file brings some; checked at the end. */
+        if (!s)
+                return;
+        if (config_setting_type(s) != CONFIG_TYPE_LIST) {
+                setting_error(l, s, "pools must be a list of groups, ( { name = \"...\"; model = \"...\"; "
+                              "keys = [ ... ]; } ), not %s", type_name(config_setting_type(s)));
+                return;
+        }
+        n = config_setting_length(s);
+        for (int i = 0; i < n && !l->oom; i++)
+                parse_pool(l, config_setting_get_elem(s, (unsigned) i), (unsigned) i);
+}
+
+/* --- the env file ---------------------------------------------------------------------------- */
+
+static const struct envfile_entry *env_entry(const struct envfile *e, const char *fmt, const char *pool) {
+        char var[512];
+
+        snprintf(var, sizeof(var), fmt, pool);
+        for (size_t i = 0; i < e->n; i++)
+                if (strcmp(e->entries[i].name, var) == 0)
+                        return &e->entries[i];
+        return NULL;
+}
+
+/* Picks the provider for an env-file pool from PROVIDER_<NAME>_BASE_URL, adding one when no
+ * configured provider serves that URL. Returns its index, or -1 (reported). */
+static int env_pool_provider(struct loader *l, const struct envfile *e, const char *ef,
+                             const char *pool) {
+        const struct envfile_entry *u = env_entry(e, ENV_PREFIX "%s" ENV_BASE_URL, pool);
+        const char *problem = NULL;
+        struct config_provider *p;
+        char lower[CONFIG_NAME_MAX + 1];
+        char *url;
+        int i;
+
+        if (!u)
+                return l->no_providers ? -1 : 0;
+
+        url = normalize_url(u->value, &problem, &l->oom);
+        if (!url) {
+                if (problem)
+                        diag_add(l, ef, u->line, ENV_PREFIX "%s" ENV_BASE_URL " %s", pool, problem);
+                return -1;
+        }
+
+        i = provider_find_url(l->c, url);
+        if (i >= 0) {
+                free(url);
+                return i;
+        }
+
+        for (size_t j = 0; pool[j]; j++)
+                lower[j] = (char) tolower((unsigned char) pool[j]);
+        lower[strlen(pool)] = '\0';
+
+        i = provider_find_name(l->c, lower);
+        if (i >= 0) {
+                diag_add(l, ef, u->line, "no provider has the base_url of " ENV_PREFIX "%s" ENV_BASE_URL
+                         ", and the name '%s' for a new one is taken by the provider defined at %s:%u",
+                         pool, lower, l->provider_origin[i].file, l->provider_origin[i].line);
+                free(url);
+                return -1;
+        }
+
+        p = provider_add(l, ef, u->line);
+        if (!p) {
+                free(url);
+                return -1;
+        }
+        p->base_url = url;
+        p->name = strdup(lower);
+        if (!p->name) {
+                l->oom = true;
+                return -1;
+        }
+        return (int) (l->c->n_providers - 1);
+}
+
+static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
+                     const struct envfile_entry *api, const char *name) {
+        const struct envfile_entry *m, *b;
+        const char *problem;
+        struct config_pool *p;
+        int dup, prov;
+        unsigned pos = 1;
+        char who[CONFIG_NAME_MAX + 16];
+        char *secret;
+
+        if (!valid_name(name)) {
+                diag_add(l, ef, api->line, "%s: pool name '%s' " NAME_RULE, api->name, name);
+                return;
+        }
+
+        dup = pool_find_name(l->c, l->c->n_pools, name);
+        if (dup >= 0) {
+                diag_add(l, ef, api->line, "pool '%s' is already defined at %s:%u", name,
+                         l->pool_origin[dup].file, l->pool_origin[dup].line);
+                return;
+        }
+
+        snprintf(who, sizeof(who), "pool '%.63s'", name);
+        p = pool_add(l, ef, api->line);
+        if (!p)
+                return;
+        p->name = strdup(name);
+        if (!p->name) {
+                l->oom = true;
+                return;
+        }
+
+        m = env_entry(e, ENV_PREFIX "%s" ENV_MODEL, name);
+        if (!m)
+                diag_add(l, ef, api->line, "pool '%s': " ENV_PREFIX "%s" ENV_MODEL " is not set",
+                         name, name);
+        else if (!*m->value || strlen(m->value) > CONFIG_MODEL_MAX)
+                diag_add(l, ef, m->line, "pool '%s': " ENV_PREFIX "%s" ENV_MODEL " must be 1 to %d "
+                         "characters", name, name, CONFIG_MODEL_MAX);
+        else if (!all_graphic(m->value))
+                diag_add(l, ef, m->line, "pool '%s': " ENV_PREFIX "%s" ENV_MODEL " must not contain "
+                         "whitespace or control characters", name, name);
+        else if (!(p->model = strdup(m->value))) {
+                l->oom = true;
+                return;
+        }
+
+        prov = env_pool_provider(l, e, ef, name);
+        if (prov >= 0)
+                p->provider = (unsigned) prov;
+
+        /* Values in the env file are taken as they are: no env:/file:/cred: references. */
+        problem = secret_problem(api->value);
+        if (problem)
+                diag_add(l, ef, api->line, "pool '%s' key 1: %s %s", name, api->name, problem);
+        else if (!(secret = strdup(api->value))) {
+                l->oom = true;
+                return;
+        } else
+                add_key(l, p, who, secret, pos, ef, api->line);
+        pos++;
+
+        b = env_entry(e, ENV_PREFIX "%s" ENV_BACKUP_KEYS, name);
+        if (!b)
+                return;
+        for (const char *s = b->value; *s && !l->oom;) {
+                const char *end = strchr(s, ','), *a = s, *z;
+
+                if (!end)
+                        end = s + strlen(s);
+                z = end;
+                while (a < z && (*a == ' ' || *a == '\t'))
+                        a++;
+                while (z > a && (z[-1] == ' ' || z[-1] == '\t'))
+                        z--;
+                if (z > a) {
+                        secret = strndup(a, (size_t) (z - a));
+                        if (!secret) {
+                                l->oom = true;
+                                return;
+                        }
+                        problem = secret_problem(secret);
+                        if (problem) {
+                                diag_add(l, ef, b->line, "pool '%s' key %u (in %s): the key %s",
+                                         name, pos, b->name, problem);
+                                wipe_free(secret);
+                        } else
+                                add_key(l, p, who, secret, pos, ef, b->line);
+                        pos++;
+                }
+                s = *end ? end + 1 : end;
+        }
+}
+
+static bool has_affixes(const char *s, const char *prefix, const char *suffix, size_t *ret_mid) {
+        size_t n = strlen(s), np = strlen(prefix), ns = strlen(suffix);
+
+        if (n < np + ns || strncmp(s, prefix, np) != 0 || strcmp(s + n - ns, suffix) != 0)
+                return false;
+        *ret_mid = n - np - ns;
+        return true;
+}
+
+static void parse_env_file(struct loader *l, const config_setting_t *root) {
+        const config_setting_t *s = config_setting_get_member(root, "env_file");
+        const char *ef = l->c->env_file;
+        struct envfile e = {};
+        unsigned err_line = 0;
+        int r;
+
+        if (!ef)
+                return;
+
+        r = envfile_load(ef, &e, &err_line);
+        if (r == -ENOMEM) {
+                l->oom = true;
+                return;
+        }
+        if (r == -EINVAL && err_line > 0) {
+                diag_add(l, ef, err_line, "syntax error (expected NAME=value, a comment or a blank line; "
+                         "is a quote left open?)");
+                return;
+        }
+        if (r < 0) {
+                diag_add(l, s ? setting_file(l, s) : l->path, s ? config_setting_source_line(s) : 0,
+                         "env_file %s: %s", ef, strerror(-r));
+                return;
+        }
+
+        for (size_t i = 0; i < e.n && !l->oom; i++) {
+                const struct envfile_entry *x = &e.entries[i];
+                size_t mid;
+                char name[256];
+
+                if (has_affixes(x->name, ENV_PREFIX, ENV_API_KEY, &mid)) {
+                        if (mid == 0 || mid >= sizeof(name)) {
+                                diag_add(l, ef, x->line, "%s does not name a pool", x->name);
+                                continue;
+                        }
+                        memcpy(name, x->name + strlen(ENV_PREFIX), mid);
+                        name[mid] = '\0';
+                        env_pool(l, &e, ef, x, name);
+
+                } else if (has_affixes(x->name, ENV_PREFIX, ENV_BACKUP_KEYS, &mid) && mid > 0 &&
+                           mid < sizeof(name)) {
+                        /* Backups without a primary would be dropped without a word: a typo in
+                         * the _API_KEY name must not cost a pool. */
+                        memcpy(name, x->name + strlen(ENV_PREFIX), mid);
+                        name[mid] = '\0';
+                        if (!env_entry(&e, ENV_PREFIX "%s" ENV_API_KEY, name))
+                                diag_add(l, ef, x->line, "%s is set but " ENV_PREFIX "%s" ENV_API_KEY
+                                         " is not", x->name, name);
+                }
+        }
+
+        envfile_free(&e);
+}
+
+/* --- entry points ---------------------------------------------------------------------------- */
+
+static unsigned default_workers(void) {
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+        if (n < 1)
+                return 1;
+        return n > CONFIG_WORKERS_MAX ? CONFIG_WORKERS_MAX : (unsigned) n;
+}
+
+static int read_config_file(struct loader *l, config_t *cf) {
+        struct stat st;
+        FILE *f;
+        int r = 0;
+
+        f = fopen(l->path, "re");
+        if (!f) {
+                r = -errno;
+                diag_add(l, l->path, 0, "cannot open: %s", strerror(-r));
+                return r;
+        }
+        if (fstat(fileno(f), &st) < 0)
+                r = -errno;
+        else if (S_ISDIR(st.st_mode))
+                r = -EISDIR;
+        if (r < 0) {
+                diag_add(l, l->path, 0, "cannot read: %s", strerror(-r));
+                fclose(f);
+                return r;
+        }
+
+        /* Our own stream rather than config_read_file: an open failure keeps its errno. */
+        if (!config_read(cf, f)) {
+                if (config_error_type(cf) == CONFIG_ERR_FILE_IO) {
+                        diag_add(l, l->path, 0, "cannot read: %s", config_error_text(cf));
+                        r = -EIO;
+                } else {
+                        diag_add(l, config_error_file(cf) ? config_error_file(cf) : l->path,
+                                 (unsigned) (config_error_line(cf) > 0 ? config_error_line(cf) : 0),
+                                 "%s", config_error_text(cf));
+                        r = -EINVAL;
+                }
+                fclose(f);
+                return r;
+        }
+        fclose(f);
+        return 0;
+}
+
+int config_load(const char *path, struct config **ret, struct config_diag *diag) {
+        struct loader l = { .path = path, .diag = diag, .diag_first = diag ? diag->n : 0 };
+        const config_setting_t *root;
+        struct config *c;
+        config_t cf;
+        int r;
+
+        if (!path || !ret)
+                return -EINVAL;
+
+        c = calloc(1, sizeof(*c));
+        if (!c)
+                return -ENOMEM;
+        l.c = c;
+        *c = (struct config) {
+                .socket_mode = 0660,
+                .workers = default_workers(),
+                .recovery_time = 900,
+                .client_timeout = 60,
+                .connect_timeout = 10,
+                .upstream_timeout = 600,
+                .max_connections = 8192,
+                .max_body = 16 * 1024 * 1024,
+                .max_header = 16 * 1024,
+        };
+        c->path = strdup(path);
+        c->socket_path = strdup(CONFIG_DEFAULT_SOCKET);
+        l.dir = dir_of(path);
+        if (!c->path || !c->socket_path || !l.dir) {
+                free(l.dir);
+                config_free(c);
+                return -ENOMEM;
+        }
+
+        config_init(&cf);
+        /* @include "x" means next to the config, like every other relative path in it. */
+        config_set_include_dir(&cf, l.dir);
+
+        r = read_config_file(&l, &cf);
+        if (r < 0)
+                goto finish;
+
+        root = config_root_setting(&cf);
+        check_members(&l, root, "", top_level_names);
+        parse_scalars(&l, root);
+        parse_providers(&l, root);
+        if (!l.oom)
+                parse_pools(&l, root);
+        if (!l.oom)
+                parse_env_file(&l, root);
+
+        if (!l.oom && c->n_pools == 0) {
+                if (c->env_file)
+                        diag_add(&l, l.path, 0, "no pools defined: add pools = ( ... ) here or "
+                                 "PROVIDER_<NAME>_API_KEY lines to %s", c->env_file);
+                else
+                        diag_add(&l, l.path, 0, "no pools defined: add pools = ( { name = \"...\"; "
+                                 "model = \"...\"; keys = [ ... ]; } ) or env_file = \"orche.env\"");
+        }
+
+        r = l.oom ? -ENOMEM : l.n_errors > 0 ? -EINVAL : 0;
+
+finish:
+        config_destroy(&cf);
+        free(l.dir);
+        free(l.pool_origin);
+        free(l.provider_origin);
+        free(l.key_pos);
+        diag_sort(&l);
+        free(l.diag_order);
+        if (r < 0) {
+                config_free(c);
+                return r;
+        }
+        *ret = c;
+        return 0;
+}
+
+void config_free(struct config *c) {
+        if (!c)
+                return;
+
+        for (unsigned i = 0; i < c->n_pools; i++) {
+                struct config_pool *p = &c->pools[i];
+
+                for (unsigned k = 0; k < p->n_keys; k++)
+                        wipe_free(p->keys[k].secret);
+                free(p->keys);
+                free(p->name);
+                free(p->model);
+        }
+        free(c->pools);
+
+        for (unsigned i = 0; i < c->n_providers; i++) {
+                free(c->providers[i].name);
+                free(c->providers[i].base_url);
+        }
+        free(c->providers);
+
+        free(c->path);
+        free(c->socket_path);
+        free(c->env_file);
+        free(c);
+}
+
+void config_diag_clear(struct config_diag *d) {
+        if (!d)
+                return;
+        for (size_t i = 0; i < d->n; i++)
+                free(d->messages[i]);
+        free(d->messages);
+        *d = (struct config_diag) {};
+}
+
+int config_find_pool(const struct config *c, const char *s, size_t len) {
+        if (!c || (!s && len > 0))
+                return -1;
+
+        for (unsigned i = 0; i < c->n_pools; i++)
+                if (c->pools[i].name && strlen(c->pools[i].name) == len &&
+                    memcmp(c->pools[i].name, s, len) == 0)
+                        return (int) i;
+        for (unsigned i = 0; i < c->n_pools; i++)
+                if (c->pools[i].model && strlen(c->pools[i].model) == len &&
+                    memcmp(c->pools[i].model, s, len) == 0)
+                        return (int) i;
+        return -1;
+}

@@ -1,0 +1,79 @@
+/* keyid.c — stable, secret-free names for API keys.
+ *
+ * Owns the only two ways a key is ever named outside the process-private config: its id (a
+ * truncated SHA-256 fingerprint) and its masked form. Everything that logs, stores or shows a key
+ * goes through here, so this is the one place that decides how much of a secret may be seen.
+ */
+#include <errno.h>
+#include <string.h>
+
+#include <openssl/evp.h>
+
+#include "keypool/keyid.h"
+
+#define KEYID_HEX_DIGITS 10
+#define KEYID_MASK_HEAD  15
+#define KEYID_MASK_TAIL  3
+#define KEYID_MASK_LONG  24     /* from this length on the head is shown too */
+
+/* Below this length even the last three characters are too large a share of the secret to show:
+ * a 5-character test key masked as "...bcd" would give most of it away. */
+#define KEYID_MASK_SHORT 8
+
+int keyid_fingerprint(const char *secret, size_t len, char ret_id[KEYID_ID_LEN + 1]) {
+        static const char hex[] = "0123456789abcdef";
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned md_len = 0;
+        char id[KEYID_ID_LEN + 1];
+
+        if (!secret && len > 0)
+                return -EINVAL;
+        if (!ret_id)
+                return -EINVAL;
+
+        /* EVP_Digest with an empty message still wants a valid pointer. */
+        if (EVP_Digest(secret ? secret : "", len, md, &md_len, EVP_sha256(), NULL) != 1)
+                return -EIO;
+        if (md_len < KEYID_HEX_DIGITS / 2)
+                return -EIO;
+
+        memcpy(id, "kp-", 3);
+        for (size_t i = 0; i < KEYID_HEX_DIGITS / 2; i++) {
+                id[3 + 2 * i] = hex[md[i] >> 4];
+                id[3 + 2 * i + 1] = hex[md[i] & 0xf];
+        }
+        id[KEYID_ID_LEN] = '\0';
+
+        memcpy(ret_id, id, sizeof(id));
+        return 0;
+}
+
+/* The masked form ends up in JSON, headers and the journal: anything but printable ASCII is
+ * replaced so a stray byte can never make it invalid UTF-8 or a control sequence. */
+static char mask_char(char c) {
+        unsigned char u = (unsigned char) c;
+
+        return u > 0x20 && u < 0x7f ? c : '?';
+}
+
+void keyid_mask(const char *secret, size_t len, char ret_masked[KEYID_MASK_MAX + 1]) {
+        size_t o = 0;
+
+        if (!ret_masked)
+                return;
+        if (!secret)
+                len = 0;
+
+        if (len >= KEYID_MASK_LONG)
+                for (size_t i = 0; i < KEYID_MASK_HEAD; i++)
+                        ret_masked[o++] = mask_char(secret[i]);
+
+        memcpy(ret_masked + o, "...", 3);
+        o += 3;
+
+        if (len >= KEYID_MASK_SHORT)
+                for (size_t i = len - KEYID_MASK_TAIL; i < len; i++)
+                        ret_masked[o++] = mask_char(secret[i]);
+
+        ret_masked[o] = '\0';
+}
