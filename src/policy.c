@@ -1,0 +1,1087 @@
+/* policy.c — judging upstream answers.
+ *
+ * Owns the first step of the rotation policy: turning one upstream answer (status, headers, body)
+ * into a verdict about the key that carried it, and, for a rate limit, how long the provider asked
+ * that key to rest. Every provider signal of reference/provider-signals.md is decoded here and
+ * nowhere else. Everything is a pure function of its inputs and the caller's clock: no I/O, no
+ * logging, no time zone database, no locale, so each signal is pinned down by a unit test.
+ */
+#include <errno.h>
+#include <stdbool.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "keypool/policy.h"
+
+#define MSEC_PER_SEC    INT64_C(1000)
+#define MSEC_PER_MINUTE (60 * MSEC_PER_SEC)
+#define MSEC_PER_HOUR   (60 * MSEC_PER_MINUTE)
+#define MSEC_PER_DAY    (24 * MSEC_PER_HOUR)
+#define NSEC_PER_USEC   INT64_C(1000)
+#define NSEC_PER_MSEC   INT64_C(1000000)
+#define NSEC_PER_SEC    INT64_C(1000000000)
+#define NSEC_PER_MINUTE (60 * NSEC_PER_SEC)
+#define NSEC_PER_HOUR   (60 * NSEC_PER_MINUTE)
+
+#define POLICY_DEFAULT_RECOVERY_MS     (900 * MSEC_PER_SEC)
+#define POLICY_DEFAULT_MAX_COOLDOWN_MS (24 * MSEC_PER_HOUR)
+
+/* A hint of "0" or a reset already in the past still means "this key is limited right now":
+ * retrying it at once would only earn another 429, so every hinted rest lasts at least this. */
+#define POLICY_MIN_HINTED_REST_MS MSEC_PER_SEC
+
+/* Calendar arithmetic below is only trusted between 1970 and the year 9999; a clock outside that
+ * range is broken, and a hint computed from it would be nonsense. */
+#define POLICY_MAX_SANE_EPOCH_MS INT64_C(253402300799999)
+
+/* Case-insensitive substrings that mark an error text as a rate limit. One table, so that a
+ * later change can make it configurable. "exceeded your current quota" is deliberately absent:
+ * it is OpenAI's insufficient_quota, billing, which waiting does not cure. */
+static const char *const rate_limit_phrases[] = {
+        "rate limit",
+        "rate-limit",
+        "ratelimit",
+        "rate_limit",
+        "too many requests",
+        "quota exceeded",
+        "resource has been exhausted",
+        "resource_exhausted",
+};
+
+const char *verdict_class_name(enum verdict_class c) {
+        switch (c) {
+        case VERDICT_OK:
+                return "ok";
+        case VERDICT_RATE_LIMITED:
+                return "rate_limited";
+        case VERDICT_QUOTA:
+                return "quota";
+        case VERDICT_AUTH:
+                return "auth";
+        case VERDICT_TRANSIENT:
+                return "transient";
+        case VERDICT_CALLER:
+                return "caller";
+        default:
+                return NULL;
+        }
+}
+
+/* ---- text ------------------------------------------------------------------------------- */
+
+/* Locale-free on purpose: header names and provider codes are ASCII, and a Turkish locale must
+ * not turn "RATE LIMIT" into something else. */
+static char ascii_lower(char c) {
+        return c >= 'A' && c <= 'Z' ? (char) (c - 'A' + 'a') : c;
+}
+
+static bool is_digit(char c) {
+        return c >= '0' && c <= '9';
+}
+
+static bool is_alpha(char c) {
+        return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static bool is_ows(char c) {
+        return c == ' ' || c == '\t';
+}
+
+static void trim(const char **s, size_t *len) {
+        while (*len > 0 && is_ows((*s)[0])) {
+                (*s)++;
+                (*len)--;
+        }
+        while (*len > 0 && is_ows((*s)[*len - 1]))
+                (*len)--;
+}
+
+static bool eq_ci(const char *a, size_t a_len, const char *b) {
+        size_t b_len = strlen(b);
+
+        if (a_len != b_len)
+                return false;
+        for (size_t i = 0; i < a_len; i++)
+                if (ascii_lower(a[i]) != ascii_lower(b[i]))
+                        return false;
+        return true;
+}
+
+/* Bounded by hay_len, never by a NUL: bodies are arbitrary bytes. */
+static const char *find_ci(const char *hay, size_t hay_len, const char *needle) {
+        size_t n = strlen(needle);
+
+        if (!hay || n == 0 || n > hay_len)
+                return NULL;
+        for (size_t i = 0; i + n <= hay_len; i++) {
+                size_t j = 0;
+
+                while (j < n && ascii_lower(hay[i + j]) == ascii_lower(needle[j]))
+                        j++;
+                if (j == n)
+                        return hay + i;
+        }
+        return NULL;
+}
+
+int policy_mentions_rate_limit(const char *text, size_t len) {
+        if (!text)
+                return 0;
+        for (size_t i = 0; i < sizeof(rate_limit_phrases) / sizeof(rate_limit_phrases[0]); i++)
+                if (find_ci(text, len, rate_limit_phrases[i]))
+                        return 1;
+        return 0;
+}
+
+/* ---- numbers and durations -------------------------------------------------------------- */
+
+/* Reads "12", "1.5", ".25" at *pos: the integer part, and the fraction as billionths (digits past
+ * the ninth are read and dropped). No sign, no exponent: a negative or scientific hint is garbage
+ * to us, and rejecting it here lets the caller fall through to the next hint. */
+static int parse_decimal(const char *s, size_t len, size_t *pos, int64_t *ret_int, int64_t *ret_frac9) {
+        size_t i = *pos;
+        int64_t v = 0, frac = 0;
+        int frac_digits = 0;
+        bool any = false;
+
+        while (i < len && is_digit(s[i])) {
+                int d = s[i] - '0';
+
+                if (v > (INT64_MAX - d) / 10)
+                        return -ERANGE;
+                v = v * 10 + d;
+                any = true;
+                i++;
+        }
+        if (i + 1 < len && s[i] == '.' && is_digit(s[i + 1])) {
+                i++;
+                while (i < len && is_digit(s[i])) {
+                        if (frac_digits < 9) {
+                                frac = frac * 10 + (s[i] - '0');
+                                frac_digits++;
+                        }
+                        any = true;
+                        i++;
+                }
+        }
+        if (!any)
+                return -EINVAL;
+        for (; frac_digits < 9; frac_digits++)
+                frac *= 10;
+
+        *pos = i;
+        *ret_int = v;
+        *ret_frac9 = frac;
+        return 0;
+}
+
+/* int_part.frac9 × unit_ns, in nanoseconds, refusing anything int64 cannot hold. */
+static int scale_to_ns(int64_t int_part, int64_t frac9, int64_t unit_ns, int64_t *ret_ns) {
+        int64_t ns, fr;
+
+        if (__builtin_mul_overflow(int_part, unit_ns, &ns))
+                return -ERANGE;
+        /* Split so the product stays small: frac9 < 10^9 and unit_ns may be 3.6·10^12. */
+        if (unit_ns >= NSEC_PER_SEC)
+                fr = frac9 * (unit_ns / NSEC_PER_SEC);
+        else
+                fr = frac9 * unit_ns / NSEC_PER_SEC;
+        if (__builtin_add_overflow(ns, fr, &ns))
+                return -ERANGE;
+
+        *ret_ns = ns;
+        return 0;
+}
+
+/* A provider asked for 500 µs: resting 0 ms would ignore it, so round up. */
+static int64_t ns_to_ms_ceil(int64_t ns) {
+        return ns / NSEC_PER_MSEC + (ns % NSEC_PER_MSEC != 0);
+}
+
+static const struct {
+        const char *name;
+        int64_t ns;
+} duration_units[] = {
+        { "ns", 1 },
+        { "us", NSEC_PER_USEC },
+        { "ms", NSEC_PER_MSEC },
+        { "s", NSEC_PER_SEC },
+        { "sec", NSEC_PER_SEC },
+        { "secs", NSEC_PER_SEC },
+        { "second", NSEC_PER_SEC },
+        { "seconds", NSEC_PER_SEC },
+        { "m", NSEC_PER_MINUTE },
+        { "min", NSEC_PER_MINUTE },
+        { "mins", NSEC_PER_MINUTE },
+        { "minute", NSEC_PER_MINUTE },
+        { "minutes", NSEC_PER_MINUTE },
+        { "h", NSEC_PER_HOUR },
+        { "hr", NSEC_PER_HOUR },
+        { "hrs", NSEC_PER_HOUR },
+        { "hour", NSEC_PER_HOUR },
+        { "hours", NSEC_PER_HOUR },
+};
+
+static int parse_unit(const char *s, size_t len, size_t *pos, int64_t *ret_unit_ns) {
+        size_t i = *pos, start;
+
+        /* Go writes microseconds with U+00B5 MICRO SIGN or U+03BC GREEK SMALL LETTER MU. */
+        if (len - i >= 3 &&
+            ((s[i] == '\xc2' && s[i + 1] == '\xb5') || (s[i] == '\xce' && s[i + 1] == '\xbc')) &&
+            s[i + 2] == 's' && (len - i == 3 || !is_alpha(s[i + 3]))) {
+                *pos = i + 3;
+                *ret_unit_ns = NSEC_PER_USEC;
+                return 0;
+        }
+
+        start = i;
+        while (i < len && is_alpha(s[i]))
+                i++;
+        for (size_t u = 0; u < sizeof(duration_units) / sizeof(duration_units[0]); u++)
+                if (eq_ci(s + start, i - start, duration_units[u].name)) {
+                        *pos = i;
+                        *ret_unit_ns = duration_units[u].ns;
+                        return 0;
+                }
+        return -EINVAL;
+}
+
+/* Reads a duration at *pos: Go's "2m59.56s" / "1h2m3s" / "500us", or, when allow_space, the
+ * prose of error messages, "30 seconds". Stops after the last unit. */
+static int parse_duration_at(const char *s, size_t len, size_t *pos, bool allow_space, int64_t *ret_ns) {
+        size_t i = *pos;
+        int64_t total = 0;
+        bool first = true;
+
+        for (;;) {
+                int64_t ip, frac9, unit_ns, ns;
+                int r;
+
+                r = parse_decimal(s, len, &i, &ip, &frac9);
+                if (r < 0)
+                        return r;
+                if (allow_space && first)
+                        while (i < len && is_ows(s[i]))
+                                i++;
+                r = parse_unit(s, len, &i, &unit_ns);
+                if (r < 0)
+                        return r;
+                r = scale_to_ns(ip, frac9, unit_ns, &ns);
+                if (r < 0)
+                        return r;
+                if (__builtin_add_overflow(total, ns, &total))
+                        return -ERANGE;
+
+                /* Go chains components ("2m59.56s"); a full stop after the unit ends a sentence. */
+                first = false;
+                if (i >= len || !(is_digit(s[i]) || (s[i] == '.' && i + 1 < len && is_digit(s[i + 1]))))
+                        break;
+        }
+
+        *pos = i;
+        *ret_ns = total;
+        return 0;
+}
+
+/* A whole header value that is a Go duration (OpenAI/Groq x-ratelimit-reset-*) or a protobuf
+ * JSON Duration ("57s", Gemini's retryDelay). */
+static int parse_go_duration_ms(const char *s, size_t len, int64_t *ret_ms) {
+        size_t pos = 0;
+        int64_t ns;
+        int r;
+
+        trim(&s, &len);
+        if (len == 1 && s[0] == '0') {
+                *ret_ms = 0;
+                return 0;
+        }
+        r = parse_duration_at(s, len, &pos, false, &ns);
+        if (r < 0)
+                return r;
+        if (pos != len)
+                return -EINVAL;
+
+        *ret_ms = ns_to_ms_ceil(ns);
+        return 0;
+}
+
+/* A whole value that is a plain non-negative number in the given unit ("30", "1500.5"). */
+static int parse_number_ms(const char *s, size_t len, int64_t unit_ns, int64_t *ret_ms) {
+        size_t pos = 0;
+        int64_t ip, frac9, ns;
+        int r;
+
+        trim(&s, &len);
+        if (len == 0 || !is_digit(s[0]))
+                return -EINVAL;
+        r = parse_decimal(s, len, &pos, &ip, &frac9);
+        if (r < 0)
+                return r;
+        if (pos != len)
+                return -EINVAL;
+        r = scale_to_ns(ip, frac9, unit_ns, &ns);
+        if (r < 0)
+                return r;
+
+        *ret_ms = ns_to_ms_ceil(ns);
+        return 0;
+}
+
+/* Reads exactly min..max digits at *pos. */
+static int parse_uint_digits(const char *s, size_t len, size_t *pos, int min, int max, int *ret) {
+        size_t i = *pos;
+        int v = 0, n = 0;
+
+        while (i < len && is_digit(s[i]) && n < max) {
+                v = v * 10 + (s[i] - '0');
+                n++;
+                i++;
+        }
+        if (n < min || (i < len && is_digit(s[i])))
+                return -EINVAL;
+
+        *pos = i;
+        *ret = v;
+        return 0;
+}
+
+static bool eat(const char *s, size_t len, size_t *pos, char c) {
+        if (*pos < len && s[*pos] == c) {
+                (*pos)++;
+                return true;
+        }
+        return false;
+}
+
+static size_t skip_ows(const char *s, size_t len, size_t pos) {
+        while (pos < len && is_ows(s[pos]))
+                pos++;
+        return pos;
+}
+
+/* ---- calendar --------------------------------------------------------------------------- */
+
+static int64_t floor_div(int64_t a, int64_t b) {
+        int64_t q = a / b;
+
+        return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+/* Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil): pure
+ * arithmetic, so no timegm, no TZ environment, no locale. */
+static int64_t days_from_civil(int64_t y, int m, int d) {
+        int64_t era, yoe, doy, doe;
+
+        y -= m <= 2;
+        era = (y >= 0 ? y : y - 399) / 400;
+        yoe = y - era * 400;
+        doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+        doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        return era * 146097 + doe - 719468;
+}
+
+static void civil_from_days(int64_t z, int64_t *ret_y, int *ret_m, int *ret_d) {
+        int64_t era, doe, yoe, y, doy, mp;
+        int m;
+
+        z += 719468;
+        era = (z >= 0 ? z : z - 146096) / 146097;
+        doe = z - era * 146097;
+        yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+        y = yoe + era * 400;
+        doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        mp = (5 * doy + 2) / 153;
+        m = (int) (mp < 10 ? mp + 3 : mp - 9);
+
+        *ret_d = (int) (doy - (153 * mp + 2) / 5 + 1);
+        *ret_m = m;
+        *ret_y = y + (m <= 2);
+}
+
+/* 0 = Sunday; 1970-01-01 was a Thursday. */
+static int weekday_from_days(int64_t z) {
+        return (int) (z >= -4 ? (z + 4) % 7 : (z + 5) % 7 + 6);
+}
+
+static int days_in_month(int64_t y, int m) {
+        static const int dim[12] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
+        bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+
+        return m == 2 && leap ? 29 : dim[m - 1];
+}
+
+static bool civil_valid(int64_t y, int mon, int d, int h, int mi, int sec) {
+        /* sec 60 is a leap second; it lands on the next minute's first, close enough for a rest. */
+        return y >= 1 && y <= 9999 && mon >= 1 && mon <= 12 && d >= 1 && d <= days_in_month(y, mon) &&
+               h >= 0 && h <= 23 && mi >= 0 && mi <= 59 && sec >= 0 && sec <= 60;
+}
+
+static int64_t civil_to_epoch_ms(int64_t y, int mon, int d, int h, int mi, int sec) {
+        return (days_from_civil(y, mon, d) * 86400 + h * 3600 + mi * 60 + sec) * MSEC_PER_SEC;
+}
+
+/* The day number of the n-th Sunday of a month. */
+static int64_t nth_sunday(int64_t y, int m, int n) {
+        int64_t first = days_from_civil(y, m, 1);
+
+        return first + (7 - weekday_from_days(first)) % 7 + 7 * (n - 1);
+}
+
+/* US daylight saving time (since 2007): from the second Sunday of March, 02:00 PST (10:00 UTC),
+ * to the first Sunday of November, 02:00 PDT (09:00 UTC). Gemini's daily quota resets at midnight
+ * in America/Los_Angeles, and a pure function may not ask the system's zone database. */
+static int64_t pacific_offset_at(int64_t utc_ms) {
+        int64_t y, start, end;
+        int m, d;
+
+        /* The UTC year is right even around New Year: no DST is in force in December or January. */
+        civil_from_days(floor_div(utc_ms, MSEC_PER_DAY), &y, &m, &d);
+        start = nth_sunday(y, 3, 2) * MSEC_PER_DAY + 10 * MSEC_PER_HOUR;
+        end = nth_sunday(y, 11, 1) * MSEC_PER_DAY + 9 * MSEC_PER_HOUR;
+        return utc_ms >= start && utc_ms < end ? -7 * MSEC_PER_HOUR : -8 * MSEC_PER_HOUR;
+}
+
+/* Midnight is never inside a transition (they happen at 02:00): on the day DST starts, midnight
+ * is still PST; on the day it ends, still PDT. */
+static int64_t pacific_offset_at_midnight(int64_t day) {
+        int64_t y;
+        int m, d;
+
+        civil_from_days(day, &y, &m, &d);
+        return day > nth_sunday(y, 3, 2) && day <= nth_sunday(y, 11, 1) ? -7 * MSEC_PER_HOUR
+                                                                        : -8 * MSEC_PER_HOUR;
+}
+
+static int next_pacific_midnight(int64_t now_ms, int64_t *ret_ms) {
+        int64_t local_day, next;
+
+        if (now_ms < 0 || now_ms > POLICY_MAX_SANE_EPOCH_MS)
+                return -ERANGE;
+        local_day = floor_div(now_ms + pacific_offset_at(now_ms), MSEC_PER_DAY);
+        next = local_day + 1;
+
+        *ret_ms = next * MSEC_PER_DAY - pacific_offset_at_midnight(next);
+        return 0;
+}
+
+/* ---- timestamps ------------------------------------------------------------------------- */
+
+static int month_from_name(const char *s, size_t len) {
+        static const char *const names[12] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                               "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
+
+        for (int i = 0; i < 12; i++)
+                if (eq_ci(s, len, names[i]))
+                        return i + 1;
+        return -1;
+}
+
+static bool is_weekday_name(const char *s, size_t len) {
+        static const char *const names[] = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat",
+                                             "Sunday", "Monday", "Tuesday", "Wednesday",
+                                             "Thursday", "Friday", "Saturday" };
+
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+                if (eq_ci(s, len, names[i]))
+                        return true;
+        return false;
+}
+
+static int read_word(const char *s, size_t len, size_t *pos, const char **ret, size_t *ret_len) {
+        size_t i = *pos;
+
+        while (i < len && is_alpha(s[i]))
+                i++;
+        if (i == *pos)
+                return -EINVAL;
+        *ret = s + *pos;
+        *ret_len = i - *pos;
+        *pos = i;
+        return 0;
+}
+
+static int read_time_of_day(const char *s, size_t len, size_t *pos, int *h, int *mi, int *sec) {
+        if (parse_uint_digits(s, len, pos, 2, 2, h) < 0 || !eat(s, len, pos, ':') ||
+            parse_uint_digits(s, len, pos, 2, 2, mi) < 0 || !eat(s, len, pos, ':') ||
+            parse_uint_digits(s, len, pos, 2, 2, sec) < 0)
+                return -EINVAL;
+        return 0;
+}
+
+/* RFC 9110 §5.6.7: recipients accept all three forms, and read a two-digit year that would be
+ * more than 50 years ahead as the most recent past year with those digits.
+ *   IMF-fixdate  Sun, 06 Nov 1994 08:49:37 GMT
+ *   RFC 850      Sunday, 06-Nov-94 08:49:37 GMT
+ *   asctime      Sun Nov  6 08:49:37 1994 */
+static int parse_http_date(const char *s, size_t len, int64_t now_ms, int64_t *ret_ms) {
+        const char *w;
+        size_t pos = 0, wl;
+        int64_t year;
+        int mon, day, y, h, mi, sec;
+
+        if (read_word(s, len, &pos, &w, &wl) < 0 || !is_weekday_name(w, wl))
+                return -EINVAL;
+
+        if (eat(s, len, &pos, ',')) {
+                pos = skip_ows(s, len, pos);
+                if (parse_uint_digits(s, len, &pos, 1, 2, &day) < 0)
+                        return -EINVAL;
+                if (eat(s, len, &pos, ' ')) {
+                        if (read_word(s, len, &pos, &w, &wl) < 0 || !eat(s, len, &pos, ' ') ||
+                            parse_uint_digits(s, len, &pos, 4, 4, &y) < 0)
+                                return -EINVAL;
+                        year = y;
+                } else if (eat(s, len, &pos, '-')) {
+                        int64_t cur_year;
+                        int cm, cd;
+
+                        if (read_word(s, len, &pos, &w, &wl) < 0 || !eat(s, len, &pos, '-') ||
+                            parse_uint_digits(s, len, &pos, 2, 2, &y) < 0)
+                                return -EINVAL;
+                        if (now_ms < 0 || now_ms > POLICY_MAX_SANE_EPOCH_MS)
+                                return -EINVAL;
+                        civil_from_days(floor_div(now_ms, MSEC_PER_DAY), &cur_year, &cm, &cd);
+                        year = cur_year - cur_year % 100 + y;
+                        if (year > cur_year + 50)
+                                year -= 100;
+                } else
+                        return -EINVAL;
+                mon = month_from_name(w, wl);
+                if (!eat(s, len, &pos, ' ') || read_time_of_day(s, len, &pos, &h, &mi, &sec) < 0 ||
+                    !eat(s, len, &pos, ' ') || read_word(s, len, &pos, &w, &wl) < 0 ||
+                    !(eq_ci(w, wl, "GMT") || eq_ci(w, wl, "UTC")))
+                        return -EINVAL;
+        } else if (eat(s, len, &pos, ' ')) {
+                if (read_word(s, len, &pos, &w, &wl) < 0)
+                        return -EINVAL;
+                mon = month_from_name(w, wl);
+                pos = skip_ows(s, len, pos);
+                if (parse_uint_digits(s, len, &pos, 1, 2, &day) < 0 || !eat(s, len, &pos, ' ') ||
+                    read_time_of_day(s, len, &pos, &h, &mi, &sec) < 0 || !eat(s, len, &pos, ' ') ||
+                    parse_uint_digits(s, len, &pos, 4, 4, &y) < 0)
+                        return -EINVAL;
+                year = y;
+        } else
+                return -EINVAL;
+
+        if (pos != len || !civil_valid(year, mon, day, h, mi, sec))
+                return -EINVAL;
+
+        *ret_ms = civil_to_epoch_ms(year, mon, day, h, mi, sec);
+        return 0;
+}
+
+/* RFC 3339, as in Anthropic's reset headers: 2026-08-21T12:40:59Z, 2026-08-21T12:40:59.250Z,
+ * 2026-08-21T05:40:59-07:00. */
+static int parse_rfc3339(const char *s, size_t len, int64_t *ret_ms) {
+        size_t pos = 0;
+        int y, mon, day, h, mi, sec, frac_ms = 0;
+        int64_t ms, offset_ms = 0;
+
+        trim(&s, &len);
+        if (parse_uint_digits(s, len, &pos, 4, 4, &y) < 0 || !eat(s, len, &pos, '-') ||
+            parse_uint_digits(s, len, &pos, 2, 2, &mon) < 0 || !eat(s, len, &pos, '-') ||
+            parse_uint_digits(s, len, &pos, 2, 2, &day) < 0)
+                return -EINVAL;
+        if (!(eat(s, len, &pos, 'T') || eat(s, len, &pos, 't') || eat(s, len, &pos, ' ')))
+                return -EINVAL;
+        if (read_time_of_day(s, len, &pos, &h, &mi, &sec) < 0)
+                return -EINVAL;
+        if (eat(s, len, &pos, '.')) {
+                int n = 0;
+
+                while (pos < len && is_digit(s[pos])) {
+                        if (n < 3)
+                                frac_ms = frac_ms * 10 + (s[pos] - '0');
+                        n++;
+                        pos++;
+                }
+                if (n == 0)
+                        return -EINVAL;
+                for (; n < 3; n++)
+                        frac_ms *= 10;
+        }
+        if (eat(s, len, &pos, 'Z') || eat(s, len, &pos, 'z'))
+                offset_ms = 0;
+        else if (pos < len && (s[pos] == '+' || s[pos] == '-')) {
+                int sign = s[pos] == '-' ? -1 : 1, oh, om;
+
+                pos++;
+                if (parse_uint_digits(s, len, &pos, 2, 2, &oh) < 0 || !eat(s, len, &pos, ':') ||
+                    parse_uint_digits(s, len, &pos, 2, 2, &om) < 0 || oh > 23 || om > 59)
+                        return -EINVAL;
+                offset_ms = sign * (oh * MSEC_PER_HOUR + om * MSEC_PER_MINUTE);
+        } else
+                return -EINVAL;
+        if (pos != len || !civil_valid(y, mon, day, h, mi, sec))
+                return -EINVAL;
+
+        ms = civil_to_epoch_ms(y, mon, day, h, mi, sec) + frac_ms;
+        *ret_ms = ms - offset_ms;
+        return 0;
+}
+
+/* How long from now until an absolute time; a time already passed is "now". */
+static int until(int64_t when_ms, int64_t now_ms, int64_t *ret_ms) {
+        int64_t d;
+
+        if (__builtin_sub_overflow(when_ms, now_ms, &d))
+                return -ERANGE;
+        *ret_ms = d < 0 ? 0 : d;
+        return 0;
+}
+
+int policy_parse_retry_after(const char *value, size_t len, int64_t now_ms, int64_t *ret_ms) {
+        int64_t ms, when;
+        int r;
+
+        if (!value || !ret_ms)
+                return -EINVAL;
+        trim(&value, &len);
+        if (len == 0)
+                return -EINVAL;
+
+        if (is_digit(value[0])) {
+                r = parse_number_ms(value, len, NSEC_PER_SEC, &ms);
+                if (r < 0)
+                        return -EINVAL;
+        } else {
+                r = parse_http_date(value, len, now_ms, &when);
+                if (r < 0 || until(when, now_ms, &ms) < 0)
+                        return -EINVAL;
+        }
+
+        *ret_ms = ms;
+        return 0;
+}
+
+/* ---- headers ---------------------------------------------------------------------------- */
+
+static const struct answer_header *find_header(const struct upstream_answer *a, const char *name) {
+        if (!a->headers)
+                return NULL;
+        for (size_t i = 0; i < a->n_headers; i++) {
+                const struct answer_header *h = &a->headers[i];
+
+                if (h->name && eq_ci(h->name, h->name_len, name))
+                        return h;
+        }
+        return NULL;
+}
+
+/* The header's value, trimmed, or false when it is absent. */
+static bool header_value(const struct upstream_answer *a, const char *name,
+                         const char **ret, size_t *ret_len) {
+        const struct answer_header *h = find_header(a, name);
+        const char *v;
+        size_t len;
+
+        if (!h || (!h->value && h->value_len > 0))
+                return false;
+        v = h->value ? h->value : "";
+        len = h->value ? h->value_len : 0;
+        trim(&v, &len);
+        *ret = v;
+        *ret_len = len;
+        return true;
+}
+
+/* "remaining: 0" says the bucket is empty; anything else (absent, 14, garbage) says nothing. */
+static bool header_is_zero(const struct upstream_answer *a, const char *name) {
+        const char *v;
+        size_t len;
+        int64_t ip, frac9;
+        size_t pos = 0;
+
+        if (!header_value(a, name, &v, &len) || len == 0)
+                return false;
+        if (parse_decimal(v, len, &pos, &ip, &frac9) < 0 || pos != len)
+                return false;
+        return ip == 0 && frac9 == 0;
+}
+
+/* ---- bodies ----------------------------------------------------------------------------- */
+
+struct body {
+        const char *raw;
+        size_t raw_len;
+        json_t *root;           /* NULL when the body is not JSON */
+        json_t *error;          /* root.error when it is an object, else NULL */
+};
+
+static void body_parse(const struct upstream_answer *a, struct body *b) {
+        json_t *top;
+
+        *b = (struct body) {};
+        if (!a->body || a->body_len == 0)
+                return;
+        b->raw = a->body;
+        b->raw_len = a->body_len;
+
+        b->root = json_loadb(a->body, a->body_len, 0, NULL);
+        if (!b->root)
+                return;
+        /* Google's REST front ends sometimes wrap the error in a one-element array. */
+        top = json_is_array(b->root) ? json_array_get(b->root, 0) : b->root;
+        if (json_is_object(top)) {
+                json_t *e = json_object_get(top, "error");
+
+                b->error = json_is_object(e) ? e : NULL;
+        }
+}
+
+static void body_done(struct body *b) {
+        json_decref(b->root);
+        *b = (struct body) {};
+}
+
+static json_t *body_top(const struct body *b) {
+        json_t *top = json_is_array(b->root) ? json_array_get(b->root, 0) : b->root;
+
+        return json_is_object(top) ? top : NULL;
+}
+
+static bool json_str(json_t *obj, const char *key, const char **ret, size_t *ret_len) {
+        json_t *v = json_is_object(obj) ? json_object_get(obj, key) : NULL;
+
+        if (!json_is_string(v))
+                return false;
+        *ret = json_string_value(v);
+        *ret_len = json_string_length(v);
+        return true;
+}
+
+static bool json_str_is(json_t *obj, const char *key, const char *want) {
+        const char *s;
+        size_t len;
+
+        return json_str(obj, key, &s, &len) && eq_ci(s, len, want);
+}
+
+/* The fields of a JSON body that carry the error text; the rest of a body (an echoed prompt, a
+ * model name) must not turn a caller error into a rate limit. */
+static const char *const error_text_fields[] = { "message", "code", "type", "status" };
+static const char *const top_text_fields[] = { "message", "detail", "error" };
+
+static bool body_mentions_rate_limit(const struct body *b) {
+        json_t *top;
+        const char *s;
+        size_t len;
+
+        if (!b->root)
+                return policy_mentions_rate_limit(b->raw, b->raw_len);
+
+        for (size_t i = 0; i < sizeof(error_text_fields) / sizeof(error_text_fields[0]); i++)
+                if (json_str(b->error, error_text_fields[i], &s, &len) && policy_mentions_rate_limit(s, len))
+                        return true;
+        top = body_top(b);
+        for (size_t i = 0; i < sizeof(top_text_fields) / sizeof(top_text_fields[0]); i++)
+                if (json_str(top, top_text_fields[i], &s, &len) && policy_mentions_rate_limit(s, len))
+                        return true;
+        return false;
+}
+
+/* The human-readable error message, where providers write "Please retry in 57.3s". */
+static bool body_message(const struct body *b, const char **ret, size_t *ret_len) {
+        json_t *top;
+
+        if (!b->root) {
+                if (!b->raw)
+                        return false;
+                *ret = b->raw;
+                *ret_len = b->raw_len;
+                return true;
+        }
+        if (json_str(b->error, "message", ret, ret_len))
+                return true;
+        top = body_top(b);
+        return json_str(top, "error", ret, ret_len) || json_str(top, "message", ret, ret_len) ||
+               json_str(top, "detail", ret, ret_len);
+}
+
+/* OpenAI's billing 429: retrying will not help. */
+static bool body_insufficient_quota(const struct body *b) {
+        if (!b->root)
+                return find_ci(b->raw, b->raw_len, "insufficient_quota") != NULL;
+        return json_str_is(b->error, "code", "insufficient_quota") ||
+               json_str_is(b->error, "type", "insufficient_quota");
+}
+
+/* Anthropic's spend cap: a 429 rate_limit_error on the outside, billing underneath; where the
+ * code sits inside the error has varied, so look anywhere. */
+static bool body_spend_cap(const struct body *b) {
+        return find_ci(b->raw, b->raw_len, "enforced_spend_limit_reached") != NULL;
+}
+
+static bool body_is_billing(const struct body *b) {
+        return body_insufficient_quota(b) || body_spend_cap(b);
+}
+
+/* OpenRouter's 402 for too much spend in flight at once: it clears by itself. */
+static bool body_in_flight_budget(const struct body *b) {
+        json_t *meta;
+
+        if (!b->root)
+                return find_ci(b->raw, b->raw_len, "openrouter_in_flight_budget") != NULL;
+        meta = json_object_get(b->error, "metadata");
+        return json_str_is(meta, "limit_source", "openrouter_in_flight_budget");
+}
+
+/* Each google.rpc detail object of the given @type, e.g. "QuotaFailure". */
+static json_t *gemini_detail(const struct body *b, const char *type, size_t *iter) {
+        json_t *details = json_object_get(b->error, "details");
+
+        if (!json_is_array(details))
+                return NULL;
+        for (; *iter < json_array_size(details); (*iter)++) {
+                json_t *d = json_array_get(details, *iter);
+                const char *t;
+                size_t len;
+
+                if (json_str(d, "@type", &t, &len) && find_ci(t, len, type)) {
+                        (*iter)++;
+                        return d;
+                }
+        }
+        return NULL;
+}
+
+/* A Gemini per-day quota: waiting a minute will not help, waiting for the Pacific midnight will. */
+static bool body_gemini_per_day(const struct body *b) {
+        size_t it = 0;
+        json_t *d;
+
+        while ((d = gemini_detail(b, "QuotaFailure", &it))) {
+                json_t *violations = json_object_get(d, "violations");
+                size_t i;
+                json_t *v;
+
+                if (!json_is_array(violations))
+                        continue;
+                json_array_foreach(violations, i, v) {
+                        const char *q;
+                        size_t len;
+
+                        if (json_str(v, "quotaId", &q, &len) && find_ci(q, len, "PerDay"))
+                                return true;
+                }
+        }
+        return false;
+}
+
+static bool hint_retry_info(const struct body *b, int64_t *ret_ms) {
+        size_t it = 0;
+        json_t *d;
+
+        while ((d = gemini_detail(b, "RetryInfo", &it))) {
+                const char *s;
+                size_t len;
+
+                if (json_str(d, "retryDelay", &s, &len) && parse_go_duration_ms(s, len, ret_ms) >= 0)
+                        return true;
+        }
+        return false;
+}
+
+/* "Please retry in 57.3s.", "retry after 30 seconds", "Please try again in 6m0s." */
+static bool hint_message(const struct body *b, int64_t *ret_ms) {
+        static const char *const lead_ins[] = {
+                "retry in", "retry after", "try again in", "try again after",
+        };
+        const char *msg;
+        size_t msg_len;
+
+        if (!body_message(b, &msg, &msg_len))
+                return false;
+        for (size_t k = 0; k < sizeof(lead_ins) / sizeof(lead_ins[0]); k++) {
+                const char *p = msg;
+                size_t left = msg_len;
+                const char *hit;
+
+                while ((hit = find_ci(p, left, lead_ins[k]))) {
+                        size_t off = (size_t) (hit - msg) + strlen(lead_ins[k]);
+                        size_t pos = skip_ows(msg, msg_len, off);
+                        int64_t ns;
+
+                        if (pos > off && parse_duration_at(msg, msg_len, &pos, true, &ns) >= 0) {
+                                *ret_ms = ns_to_ms_ceil(ns);
+                                return true;
+                        }
+                        p = hit + 1;
+                        left = msg_len - (size_t) (p - msg);
+                }
+        }
+        return false;
+}
+
+/* OpenRouter's X-RateLimit-Reset is epoch milliseconds; others send epoch seconds. A value below
+ * 10^9 cannot be either (it would be before 2001): some APIs send delta-seconds here, so read it
+ * as such rather than as a time long gone. */
+static bool hint_ratelimit_reset(const struct upstream_answer *a, int64_t now_ms, int64_t *ret_ms) {
+        const char *v;
+        size_t len, pos = 0;
+        int64_t ip, frac9, when, ms;
+
+        if (!header_value(a, "x-ratelimit-reset", &v, &len) || len == 0 || !is_digit(v[0]))
+                return false;
+        if (parse_decimal(v, len, &pos, &ip, &frac9) < 0 || pos != len)
+                return false;
+        if (ip >= INT64_C(100000000000))
+                when = ip;
+        else if (ip >= INT64_C(1000000000))
+                when = ip * MSEC_PER_SEC + frac9 / NSEC_PER_MSEC;
+        else {
+                if (scale_to_ns(ip, frac9, NSEC_PER_SEC, &ms) < 0)
+                        return false;
+                *ret_ms = ns_to_ms_ceil(ms);
+                return true;
+        }
+        if (until(when, now_ms, &ms) < 0)
+                return false;
+        *ret_ms = ms;
+        return true;
+}
+
+/* Several buckets may be empty at once; the key can serve again only when all have refilled. */
+static bool hint_empty_buckets(const struct upstream_answer *a, int64_t now_ms, const char *const pairs[][2],
+                               size_t n_pairs, bool rfc3339, int64_t *ret_ms) {
+        bool found = false;
+        int64_t best = 0;
+
+        for (size_t i = 0; i < n_pairs; i++) {
+                const char *v;
+                size_t len;
+                int64_t ms, when;
+
+                if (!header_is_zero(a, pairs[i][0]) || !header_value(a, pairs[i][1], &v, &len))
+                        continue;
+                if (rfc3339) {
+                        if (parse_rfc3339(v, len, &when) < 0 || until(when, now_ms, &ms) < 0)
+                                continue;
+                } else if (parse_go_duration_ms(v, len, &ms) < 0)
+                        continue;
+                if (!found || ms > best)
+                        best = ms;
+                found = true;
+        }
+        if (found)
+                *ret_ms = best;
+        return found;
+}
+
+static const char *const openai_buckets[][2] = {
+        { "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests" },
+        { "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens" },
+};
+
+static const char *const anthropic_buckets[][2] = {
+        { "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-reset" },
+        { "anthropic-ratelimit-tokens-remaining", "anthropic-ratelimit-tokens-reset" },
+        { "anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-input-tokens-reset" },
+        { "anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-output-tokens-reset" },
+};
+
+/* The provider's own word on how long to wait, most explicit first. */
+static bool hinted_rest(const struct upstream_answer *a, const struct body *b, int64_t now_ms,
+                        int64_t *ret_ms) {
+        static const char *const ms_headers[] = { "retry-after-ms", "x-ms-retry-after-ms" };
+        const char *v;
+        size_t len;
+
+        if (header_value(a, "retry-after", &v, &len) && policy_parse_retry_after(v, len, now_ms, ret_ms) >= 0)
+                return true;
+        for (size_t i = 0; i < sizeof(ms_headers) / sizeof(ms_headers[0]); i++)
+                if (header_value(a, ms_headers[i], &v, &len) &&
+                    parse_number_ms(v, len, NSEC_PER_MSEC, ret_ms) >= 0)
+                        return true;
+        if (hint_retry_info(b, ret_ms))
+                return true;
+        if (hint_message(b, ret_ms))
+                return true;
+        if (hint_ratelimit_reset(a, now_ms, ret_ms))
+                return true;
+        if (hint_empty_buckets(a, now_ms, openai_buckets, sizeof(openai_buckets) / sizeof(openai_buckets[0]),
+                               false, ret_ms))
+                return true;
+        return hint_empty_buckets(a, now_ms, anthropic_buckets,
+                                  sizeof(anthropic_buckets) / sizeof(anthropic_buckets[0]), true, ret_ms);
+}
+
+/* ---- classification --------------------------------------------------------------------- */
+
+static int64_t clamp_hint(int64_t ms, const struct policy_config *pc) {
+        int64_t max = pc && pc->max_cooldown_ms > 0 ? pc->max_cooldown_ms : POLICY_DEFAULT_MAX_COOLDOWN_MS;
+
+        if (ms < POLICY_MIN_HINTED_REST_MS)
+                ms = POLICY_MIN_HINTED_REST_MS;
+        return ms > max ? max : ms;
+}
+
+static void rate_limited(const struct upstream_answer *a, const struct body *b,
+                         const struct policy_config *pc, int64_t now_ms, struct verdict *v) {
+        int64_t ms, midnight;
+
+        v->cls = VERDICT_RATE_LIMITED;
+        if (body_gemini_per_day(b) && next_pacific_midnight(now_ms, &midnight) >= 0 &&
+            until(midnight, now_ms, &ms) >= 0) {
+                v->rest_ms = clamp_hint(ms, pc);
+                v->hinted = 1;
+        } else if (hinted_rest(a, b, now_ms, &ms)) {
+                v->rest_ms = clamp_hint(ms, pc);
+                v->hinted = 1;
+        } else {
+                v->rest_ms = pc && pc->recovery_ms > 0 ? pc->recovery_ms : POLICY_DEFAULT_RECOVERY_MS;
+                v->hinted = 0;
+        }
+}
+
+void policy_classify(const struct upstream_answer *a, const struct policy_config *pc, int64_t now_ms,
+                     struct verdict *ret) {
+        struct verdict v = { .cls = VERDICT_TRANSIENT };
+        struct body b;
+        int s;
+
+        if (!ret)
+                return;
+        if (!a || a->transport_error != 0 || a->status == 0) {
+                *ret = v;
+                return;
+        }
+        s = a->status;
+        if (s >= 200 && s <= 399) {
+                v.cls = VERDICT_OK;
+                *ret = v;
+                return;
+        }
+        /* 1xx is never a final answer and nothing above 599 exists: the exchange went wrong. */
+        if (s < 400 || s > 599) {
+                *ret = v;
+                return;
+        }
+
+        body_parse(a, &b);
+        if (s == 401 || s == 403)
+                v.cls = VERDICT_AUTH;
+        else if (s == 402)
+                v.cls = body_in_flight_budget(&b) ? VERDICT_TRANSIENT : VERDICT_QUOTA;
+        else if (s == 429) {
+                if (body_is_billing(&b))
+                        v.cls = VERDICT_QUOTA;
+                else
+                        rate_limited(a, &b, pc, now_ms, &v);
+        } else {
+                /* Some providers (and proxies in front of them) wrap a rate limit in a 400 or a
+                 * 5xx; the words in the error are then the only signal. A billing code is not a
+                 * rate limit even when its text says "quota". */
+                bool words = body_mentions_rate_limit(&b) && !body_is_billing(&b);
+
+                if (words)
+                        rate_limited(a, &b, pc, now_ms, &v);
+                else
+                        v.cls = (s == 408 || s >= 500) ? VERDICT_TRANSIENT : VERDICT_CALLER;
+        }
+        body_done(&b);
+
+        *ret = v;
+}
