@@ -35,6 +35,13 @@
 #define CONFIG_SECRET_MAX 4096          /* far above any provider's key; bounds file: reads */
 #define CONFIG_WORKERS_MAX 64           /* the key table's worker slots are sized from this */
 #define CONFIG_TIMEOUT_MAX 86400        /* keeps every timeout in ms within a 32-bit int */
+#define CONFIG_BACKOFF_MAX_MS 600000    /* ten minutes: longer is an outage, not a backoff */
+#define CONFIG_ATTEMPTS_MAX 32
+#define CONFIG_CONCURRENT_MAX 100000
+#define CONFIG_RPM_MAX 1000000
+#define CONFIG_PHRASES_MAX 64
+#define CONFIG_PHRASE_LEN_MAX 128
+#define CONFIG_PROBE_PATH_DEFAULT "/models"
 
 #define NAME_RULE "must be 1 to 63 letters, digits, '_', '.' or '-'"
 
@@ -43,6 +50,8 @@
 #define ENV_BACKUP_KEYS    "_BACKUP_KEYS"
 #define ENV_MODEL          "_MODEL"
 #define ENV_BASE_URL       "_BASE_URL"
+#define ENV_MAX_CONCURRENT "_MAX_CONCURRENT"
+#define ENV_RPM            "_RPM"
 
 /* Where a pool or provider was defined, for "already defined at" messages. */
 struct origin {
@@ -75,11 +84,56 @@ struct loader {
 static const char *const top_level_names[] = {
         "socket", "socket_mode", "workers", "recovery_time", "client_timeout", "connect_timeout",
         "upstream_timeout", "max_connections", "max_body", "max_header", "providers", "pools",
-        "env_file", NULL,
+        "env_file", "max_wait", "max_cooldown", "probe_interval", "probe_auth",
+        "transient_threshold", "transient_cooldown", "cooldown_scope", "rate_limit_phrases",
+        "retry", NULL,
 };
 
-static const char *const provider_names[] = { "name", "base_url", NULL };
-static const char *const pool_names[] = { "name", "provider", "model", "keys", NULL };
+static const char *const provider_names[] = {
+        "name", "base_url", "auth", "headers", "probe_path", NULL,
+};
+static const char *const pool_names[] = {
+        "name", "provider", "model", "keys", "max_concurrent", "rpm", NULL,
+};
+static const char *const key_group_names[] = { "key", "max_concurrent", "rpm", NULL };
+static const char *const retry_names[] = {
+        "backoff_initial_ms", "backoff_max_ms", "max_attempts", NULL,
+};
+
+/* A string setting's spellings and the enum values they stand for; ends with { NULL, 0 }. */
+struct choice {
+        const char *name;
+        int value;
+};
+
+static const struct choice auth_choices[] = {
+        { "bearer",         CONFIG_AUTH_BEARER },
+        { "x-api-key",      CONFIG_AUTH_X_API_KEY },
+        { "x-goog-api-key", CONFIG_AUTH_X_GOOG_API_KEY },
+        { NULL, 0 },
+};
+
+static const struct choice scope_choices[] = {
+        { "key",  CONFIG_SCOPE_KEY },
+        { "pool", CONFIG_SCOPE_POOL },
+        { NULL, 0 },
+};
+
+/* keypool writes these itself (the key's header, and what libcurl derives from the request), so
+ * a static copy would either send a second credential or contradict the request on the wire. */
+static const struct {
+        const char *name;
+        const char *why;
+} reserved_headers[] = {
+        { "Authorization",     "carries the key, which keypool puts where auth says" },
+        { "x-api-key",         "carries the key, which keypool puts where auth says" },
+        { "x-goog-api-key",    "carries the key, which keypool puts where auth says" },
+        { "Host",              "is set by keypool from base_url" },
+        { "Content-Length",    "is set by keypool for each request" },
+        { "Transfer-Encoding", "is set by keypool for each request" },
+        { "Connection",        "is set by keypool for each request" },
+        { NULL, NULL },
+};
 
 /* --- diagnostics ------------------------------------------------------------------------------ */
 
@@ -423,7 +477,15 @@ static struct config_provider *provider_add(struct loader *l, const char *file, 
                 l->providers_cap = cap;
         }
         l->provider_origin[c->n_providers] = (struct origin) { file, line };
-        c->providers[c->n_providers] = (struct config_provider) {};
+        /* The defaults suit OpenAI-compatible APIs, which is what an env file's BASE_URL names. */
+        c->providers[c->n_providers] = (struct config_provider) {
+                .auth = CONFIG_AUTH_BEARER,
+                .probe_path = strdup(CONFIG_PROBE_PATH_DEFAULT),
+        };
+        if (!c->providers[c->n_providers].probe_path) {
+                l->oom = true;
+                return NULL;
+        }
         return &c->providers[c->n_providers++];
 }
 
@@ -502,7 +564,12 @@ static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, u
         l->key_pos = kp;
 
         k = &p->keys[p->n_keys];
-        *k = (struct config_key) { .secret = secret };
+        /* The pool's limits; a key group's own replace them once the key is stored. */
+        *k = (struct config_key) {
+                .secret = secret,
+                .max_concurrent = p->max_concurrent,
+                .rpm = p->rpm,
+        };
         if (keyid_fingerprint(secret, strlen(secret), k->id) < 0) {
                 /* Only a broken libcrypto gets here; the key cannot be named, so it cannot serve. */
                 wipe_free(secret);
@@ -518,10 +585,13 @@ static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, u
 
 /* --- top-level settings ----------------------------------------------------------------------- */
 
-/* Reads an integer setting into *ret. Returns false when absent or wrong (the latter reported). */
-static bool get_integer(struct loader *l, const config_setting_t *root, const char *name,
-                        long long min, long long max, long long *ret) {
-        const config_setting_t *s = config_setting_get_member(root, name);
+/* Reads integer member name of group g into *ret (and its setting into *ret_setting, if not
+ * NULL). Returns false when absent or wrong (the latter reported, prefixed by what: "" at the
+ * top level, "retry: ", "pool 'P': " in a group). */
+static bool get_integer_in(struct loader *l, const config_setting_t *g, const char *what,
+                           const char *name, long long min, long long max,
+                           const config_setting_t **ret_setting, long long *ret) {
+        const config_setting_t *s = config_setting_get_member(g, name);
         int type;
         long long v;
 
@@ -529,23 +599,93 @@ static bool get_integer(struct loader *l, const config_setting_t *root, const ch
                 return false;
         type = config_setting_type(s);
         if (type != CONFIG_TYPE_INT && type != CONFIG_TYPE_INT64) {
-                setting_error(l, s, "%s must be an integer, not %s", name, type_name(type));
+                setting_error(l, s, "%s%s must be an integer, not %s", what, name, type_name(type));
                 return false;
         }
         v = config_setting_get_int64(s);
         if (v >= min && v <= max) {
+                if (ret_setting)
+                        *ret_setting = s;
                 *ret = v;
                 return true;
         }
         /* libconfig wraps integers past INT_MAX unless they carry an L suffix. */
         if (v < 0 && type == CONFIG_TYPE_INT && max > INT_MAX)
-                setting_error(l, s, "%s must be at least %lld, not %lld (write integers above "
-                              "2147483647 with an L suffix, e.g. 4294967296L)", name, min, v);
+                setting_error(l, s, "%s%s must be at least %lld, not %lld (write integers above "
+                              "2147483647 with an L suffix, e.g. 4294967296L)", what, name, min, v);
         else if (max == LLONG_MAX)
-                setting_error(l, s, "%s must be at least %lld, not %lld", name, min, v);
+                setting_error(l, s, "%s%s must be at least %lld, not %lld", what, name, min, v);
         else
-                setting_error(l, s, "%s must be between %lld and %lld, not %lld", name, min, max, v);
+                setting_error(l, s, "%s%s must be between %lld and %lld, not %lld", what, name,
+                              min, max, v);
         return false;
+}
+
+static bool get_integer(struct loader *l, const config_setting_t *root, const char *name,
+                        long long min, long long max, long long *ret) {
+        return get_integer_in(l, root, "", name, min, max, NULL, ret);
+}
+
+/* As get_integer_in, for a limit of 0..max that fits an unsigned. */
+static bool get_limit(struct loader *l, const config_setting_t *g, const char *what,
+                      const char *name, unsigned max, unsigned *ret) {
+        long long n;
+
+        if (!get_integer_in(l, g, what, name, 0, max, NULL, &n))
+                return false;
+        *ret = (unsigned) n;
+        return true;
+}
+
+static bool get_bool(struct loader *l, const config_setting_t *root, const char *name, bool *ret) {
+        const config_setting_t *s = config_setting_get_member(root, name);
+
+        if (!s)
+                return false;
+        if (config_setting_type(s) != CONFIG_TYPE_BOOL) {
+                setting_error(l, s, "%s must be true or false, not %s", name,
+                              type_name(config_setting_type(s)));
+                return false;
+        }
+        *ret = config_setting_get_bool(s) != 0;
+        return true;
+}
+
+/* Reads string member name of group g as one of choices. Returns its value, or 0 when absent or
+ * wrong (the latter reported). quote: may the message repeat the wrong value? Not for settings
+ * next to keys, where a pasted secret would land in the log. */
+static int get_choice(struct loader *l, const config_setting_t *g, const char *what,
+                      const char *name, const struct choice *choices, bool quote) {
+        const config_setting_t *s = config_setting_get_member(g, name);
+        char list[128] = "";
+        const char *v;
+        size_t n = 0;
+
+        if (!s)
+                return 0;
+        if (config_setting_type(s) == CONFIG_TYPE_STRING) {
+                v = config_setting_get_string(s);
+                for (size_t i = 0; choices[i].name; i++)
+                        if (strcmp(v, choices[i].name) == 0)
+                                return choices[i].value;
+        } else
+                v = NULL;
+
+        for (size_t i = 0; choices[i].name; i++) {
+                const char *sep = i == 0 ? "" : choices[i + 1].name ? ", " : " or ";
+                int r = snprintf(list + n, sizeof(list) - n, "%s\"%s\"", sep, choices[i].name);
+
+                if (r > 0 && (size_t) r < sizeof(list) - n)
+                        n += (size_t) r;
+        }
+        if (!v)
+                setting_error(l, s, "%s%s must be %s, not %s", what, name, list,
+                              type_name(config_setting_type(s)));
+        else if (quote)
+                setting_error(l, s, "%s%s must be %s, not '%s'", what, name, list, v);
+        else
+                setting_error(l, s, "%s%s must be %s", what, name, list);
+        return 0;
 }
 
 static bool get_string(struct loader *l, const config_setting_t *root, const char *name,
@@ -659,12 +799,132 @@ static void parse_scalars(struct loader *l, const config_setting_t *root) {
                 c->max_body = (size_t) n;
         if (get_integer(l, root, "max_header", 1024, 1048576, &n))
                 c->max_header = (size_t) n;
+        if (get_integer(l, root, "max_wait", 0, 3600, &n))
+                c->max_wait = (unsigned) n;
+        if (get_integer(l, root, "max_cooldown", 1, 604800, &n))
+                c->max_cooldown = (unsigned) n;
+        /* A probe spends a request of the key's quota: more often than every 10 s would be a
+         * load of its own. */
+        if (get_integer(l, root, "probe_interval", 1, 604800, &n))
+                c->probe_interval = (unsigned) n;
+        get_bool(l, root, "probe_auth", &c->probe_auth);
+        if (get_integer(l, root, "transient_threshold", 0, 1000, &n))
+                c->transient_threshold = (unsigned) n;
+        if (get_integer(l, root, "transient_cooldown", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->transient_cooldown = (unsigned) n;
+        {
+                int scope = get_choice(l, root, "", "cooldown_scope", scope_choices, true);
+
+                if (scope)
+                        c->cooldown_scope = (enum config_cooldown_scope) scope;
+        }
 
         if (get_string(l, root, "env_file", &s, &v)) {
                 if (!*v)
                         setting_error(l, s, "env_file must not be empty (leave it out instead)");
                 else
                         c->env_file = resolve_path(l, v);
+        }
+}
+
+static void parse_retry(struct loader *l, const config_setting_t *root) {
+        const config_setting_t *g = config_setting_get_member(root, "retry");
+        const config_setting_t *is = NULL, *ms = NULL;
+        struct config_retry *r = &l->c->retry;
+        bool bad = false;
+        long long n;
+
+        if (!g)
+                return;
+        if (config_setting_type(g) != CONFIG_TYPE_GROUP) {
+                setting_error(l, g, "retry must be a group { backoff_initial_ms = 1000; "
+                              "backoff_max_ms = 10000; max_attempts = 5; }, not %s",
+                              type_name(config_setting_type(g)));
+                return;
+        }
+        check_members(l, g, "retry: ", retry_names);
+
+        if (get_integer_in(l, g, "retry: ", "backoff_initial_ms", 1, CONFIG_BACKOFF_MAX_MS, &is, &n))
+                r->backoff_initial_ms = (unsigned) n;
+        else if (config_setting_get_member(g, "backoff_initial_ms"))
+                bad = true;
+        if (get_integer_in(l, g, "retry: ", "backoff_max_ms", 1, CONFIG_BACKOFF_MAX_MS, &ms, &n))
+                r->backoff_max_ms = (unsigned) n;
+        else if (config_setting_get_member(g, "backoff_max_ms"))
+                bad = true;
+        if (get_integer_in(l, g, "retry: ", "max_attempts", 1, CONFIG_ATTEMPTS_MAX, NULL, &n))
+                r->max_attempts = (unsigned) n;
+
+        /* A cap below the first step would make every backoff the cap: surely not what was meant.
+         * Blame the value the operator wrote, not a default they never saw. */
+        if (bad || r->backoff_max_ms >= r->backoff_initial_ms)
+                return;
+        if (ms)
+                setting_error(l, ms, "retry: backoff_max_ms (%u) must not be less than "
+                              "backoff_initial_ms (%u)", r->backoff_max_ms, r->backoff_initial_ms);
+        else
+                setting_error(l, is, "retry: backoff_initial_ms (%u) is above backoff_max_ms "
+                              "(%u by default): raise backoff_max_ms as well",
+                              r->backoff_initial_ms, r->backoff_max_ms);
+}
+
+static void parse_phrases(struct loader *l, const config_setting_t *root) {
+        const config_setting_t *s = config_setting_get_member(root, "rate_limit_phrases");
+        struct config *c = l->c;
+        int n;
+
+        if (!s)
+                return;
+        if (config_setting_type(s) != CONFIG_TYPE_ARRAY && config_setting_type(s) != CONFIG_TYPE_LIST) {
+                setting_error(l, s, "rate_limit_phrases must be a list of strings, [ \"rate limit\", "
+                              "... ], not %s", type_name(config_setting_type(s)));
+                return;
+        }
+        n = config_setting_length(s);
+        /* An empty list would silently turn off the body check, and NULL already means "the
+         * built-in list": make the operator say which one they want. */
+        if (n == 0) {
+                setting_error(l, s, "rate_limit_phrases is empty: leave it out to use the built-in "
+                              "list");
+                return;
+        }
+        if (n > CONFIG_PHRASES_MAX) {
+                setting_error(l, s, "rate_limit_phrases has %d entries; at most %d are allowed",
+                              n, CONFIG_PHRASES_MAX);
+                return;
+        }
+        c->rate_limit_phrases = calloc((size_t) n, sizeof(*c->rate_limit_phrases));
+        if (!c->rate_limit_phrases) {
+                l->oom = true;
+                return;
+        }
+        for (int i = 0; i < n; i++) {
+                const config_setting_t *e = config_setting_get_elem(s, (unsigned) i);
+                const char *v;
+
+                if (config_setting_type(e) != CONFIG_TYPE_STRING) {
+                        setting_error(l, e, "rate_limit_phrases entry %d must be a string, not %s",
+                                      i + 1, type_name(config_setting_type(e)));
+                        continue;
+                }
+                v = config_setting_get_string(e);
+                if (!*v) {
+                        setting_error(l, e, "rate_limit_phrases entry %d is empty", i + 1);
+                        continue;
+                }
+                if (strlen(v) > CONFIG_PHRASE_LEN_MAX) {
+                        setting_error(l, e, "rate_limit_phrases entry %d is longer than %d characters",
+                                      i + 1, CONFIG_PHRASE_LEN_MAX);
+                        continue;
+                }
+                /* Stored in order; a load with a bad entry fails as a whole, so gaps never reach
+                 * a caller. */
+                c->rate_limit_phrases[c->n_rate_limit_phrases] = strdup(v);
+                if (!c->rate_limit_phrases[c->n_rate_limit_phrases]) {
+                        l->oom = true;
+                        return;
+                }
+                c->n_rate_limit_phrases++;
         }
 }
 
@@ -688,6 +948,119 @@ static const char *member_string(struct loader *l, const config_setting_t *g, co
         if (ret_setting)
                 *ret_setting = m;
         return config_setting_get_string(m);
+}
+
+static bool is_tchar(char ch) {
+        return isalnum((unsigned char) ch) || (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+/* Names one character for a message without printing it raw: it may be a control byte. */
+static void describe_char(char ch, char *buf, size_t size) {
+        unsigned char u = (unsigned char) ch;
+
+        if (u == ' ')
+                snprintf(buf, size, "a space");
+        else if (u > 0x20 && u < 0x7f)
+                snprintf(buf, size, "'%c'", ch);
+        else
+                snprintf(buf, size, "byte 0x%02x", u);
+}
+
+/* Checks one "Name: value" and returns it as "Name: value" with the value's surrounding blanks
+ * dropped, or NULL (reported). The value is never quoted: operators paste tokens into headers,
+ * and a rejected one must not end up in the log. */
+static char *parse_header(struct loader *l, const config_setting_t *h, const char *what, unsigned pos) {
+        const char *v, *colon, *a, *z;
+        char ch[16];
+        char *r = NULL;
+        size_t name_len;
+
+        if (config_setting_type(h) != CONFIG_TYPE_STRING) {
+                setting_error(l, h, "%s: header %u must be a string \"Name: value\", not %s", what,
+                              pos, type_name(config_setting_type(h)));
+                return NULL;
+        }
+        v = config_setting_get_string(h);
+        colon = strchr(v, ':');
+        if (!colon) {
+                setting_error(l, h, "%s: header %u has no ':' (write \"Name: value\")", what, pos);
+                return NULL;
+        }
+        name_len = (size_t) (colon - v);
+        if (name_len == 0) {
+                setting_error(l, h, "%s: header %u has no name before ':'", what, pos);
+                return NULL;
+        }
+        for (size_t i = 0; i < name_len; i++)
+                if (!is_tchar(v[i])) {
+                        describe_char(v[i], ch, sizeof(ch));
+                        setting_error(l, h, "%s: header %u: the name contains %s, which a header "
+                                      "name cannot", what, pos, ch);
+                        return NULL;
+                }
+        for (size_t i = 0; reserved_headers[i].name; i++)
+                if (strlen(reserved_headers[i].name) == name_len &&
+                    strncasecmp(v, reserved_headers[i].name, name_len) == 0) {
+                        setting_error(l, h, "%s: header %u: %s %s; it cannot be in headers", what,
+                                      pos, reserved_headers[i].name, reserved_headers[i].why);
+                        return NULL;
+                }
+
+        a = colon + 1;
+        while (*a == ' ' || *a == '\t')
+                a++;
+        z = a + strlen(a);
+        while (z > a && (z[-1] == ' ' || z[-1] == '\t'))
+                z--;
+        /* libcurl reads "Name:" with nothing after it as "remove this header". */
+        if (z == a) {
+                setting_error(l, h, "%s: header %u (%.*s) has no value", what, pos, (int) name_len, v);
+                return NULL;
+        }
+        for (const char *x = a; x < z; x++) {
+                unsigned char u = (unsigned char) *x;
+
+                /* CR or LF would let the value start a header, or a request, of its own. */
+                if ((u < 0x20 && u != '\t') || u == 0x7f) {
+                        setting_error(l, h, "%s: header %u (%.*s): the value must not contain CR, LF "
+                                      "or other control characters", what, pos, (int) name_len, v);
+                        return NULL;
+                }
+        }
+
+        if (asprintf(&r, "%.*s: %.*s", (int) name_len, v, (int) (z - a), a) < 0) {
+                l->oom = true;
+                return NULL;
+        }
+        return r;
+}
+
+static void parse_headers(struct loader *l, const config_setting_t *g, const char *what,
+                          struct config_provider *p) {
+        const config_setting_t *s = config_setting_get_member(g, "headers");
+        int n;
+
+        if (!s)
+                return;
+        if (config_setting_type(s) != CONFIG_TYPE_ARRAY && config_setting_type(s) != CONFIG_TYPE_LIST) {
+                setting_error(l, s, "%s: headers must be a list of strings, [ \"Name: value\", ... ], "
+                              "not %s", what, type_name(config_setting_type(s)));
+                return;
+        }
+        n = config_setting_length(s);
+        if (n == 0)
+                return;
+        p->headers = calloc((size_t) n, sizeof(*p->headers));
+        if (!p->headers) {
+                l->oom = true;
+                return;
+        }
+        for (int i = 0; i < n && !l->oom; i++) {
+                char *h = parse_header(l, config_setting_get_elem(s, (unsigned) i), what, (unsigned) i + 1);
+
+                if (h)
+                        p->headers[p->n_headers++] = h;
+        }
 }
 
 static void parse_provider(struct loader *l, const config_setting_t *g, unsigned index) {
@@ -738,6 +1111,35 @@ static void parse_provider(struct loader *l, const config_setting_t *g, unsigned
                 p->base_url = normalize_url(url, &problem, &l->oom);
                 if (!p->base_url && problem)
                         setting_error(l, us, "%s: base_url '%s' %s", what, url, problem);
+        }
+
+        {
+                char prefix[sizeof(what) + 2];
+                int auth;
+
+                snprintf(prefix, sizeof(prefix), "%s: ", what);
+                /* Not quoted: "Bearer sk-..." pasted here is an easy mistake. */
+                auth = get_choice(l, g, prefix, "auth", auth_choices, false);
+                if (auth)
+                        p->auth = (enum config_auth) auth;
+        }
+
+        parse_headers(l, g, what, p);
+
+        url = member_string(l, g, what, "probe_path", false, &us);
+        if (url) {
+                /* Not quoted either: a probe path may carry a query with a key in it. */
+                if (url[0] != '/')
+                        setting_error(l, us, "%s: probe_path must start with '/', e.g. \"/models\"", what);
+                else if (!all_graphic(url))
+                        setting_error(l, us, "%s: probe_path must not contain whitespace or control "
+                                      "characters", what);
+                else {
+                        free(p->probe_path);
+                        p->probe_path = strdup(url);
+                        if (!p->probe_path)
+                                l->oom = true;
+                }
         }
 }
 
@@ -879,13 +1281,45 @@ static char *resolve_key(struct loader *l, const char *who, unsigned pos, const 
         return secret;
 }
 
-/* Adds the secret to the pool, reporting a repeat of an earlier key. */
-static void add_key(struct loader *l, struct config_pool *p, const char *who, char *secret,
-                    unsigned pos, const char *file, unsigned line) {
+/* Adds the secret to the pool, reporting a repeat of an earlier key. Returns the stored key, or
+ * NULL when it was not stored. */
+static struct config_key *add_key(struct loader *l, struct config_pool *p, const char *who, char *secret,
+                                  unsigned pos, const char *file, unsigned line) {
         int dup = pool_add_key(l, p, secret, pos);
 
         if (dup > 0)
                 diag_add(l, file, line, "%s key %u: the same key as key %d", who, pos, dup);
+        return dup == 0 ? &p->keys[p->n_keys - 1] : NULL;
+}
+
+/* A key's own limits, from a key group; unset ones leave the pool's. */
+struct key_limits {
+        bool has_max_concurrent, has_rpm;
+        unsigned max_concurrent, rpm;
+};
+
+/* Reads a key group { key = "..."; max_concurrent = N; rpm = N; }. Returns its key setting, or
+ * NULL (reported) when there is no usable one; *ret_limits is written either way, so that every
+ * problem in the group is reported in one pass. */
+static const config_setting_t *parse_key_group(struct loader *l, const config_setting_t *g,
+                                               const char *who, unsigned pos,
+                                               struct key_limits *ret_limits) {
+        const config_setting_t *ks = NULL;
+        struct key_limits lim = {};
+        char what[CONFIG_NAME_MAX + 48], prefix[sizeof(what) + 2];
+
+        snprintf(what, sizeof(what), "%s key %u", who, pos);
+        snprintf(prefix, sizeof(prefix), "%s: ", what);
+        check_members(l, g, prefix, key_group_names);
+
+        lim.has_max_concurrent = get_limit(l, g, prefix, "max_concurrent", CONFIG_CONCURRENT_MAX,
+                                           &lim.max_concurrent);
+        lim.has_rpm = get_limit(l, g, prefix, "rpm", CONFIG_RPM_MAX, &lim.rpm);
+        *ret_limits = lim;
+
+        if (!member_string(l, g, what, "key", true, &ks))
+                return NULL;
+        return ks;
 }
 
 /* --- pools ------------------------------------------------------------------------------------ */
@@ -959,6 +1393,15 @@ static void parse_pool(struct loader *l, const config_setting_t *g, unsigned ind
         }
         /* Without provider the pool takes the first: p->provider is already 0. */
 
+        /* Before the keys: each key starts from the pool's limits. */
+        {
+                char prefix[sizeof(what) + 2];
+
+                snprintf(prefix, sizeof(prefix), "%s: ", what);
+                get_limit(l, g, prefix, "max_concurrent", CONFIG_CONCURRENT_MAX, &p->max_concurrent);
+                get_limit(l, g, prefix, "rpm", CONFIG_RPM_MAX, &p->rpm);
+        }
+
         ks = config_setting_get_member(g, "keys");
         if (!ks) {
                 setting_error(l, g, "%s has no keys", what);
@@ -966,7 +1409,8 @@ static void parse_pool(struct loader *l, const config_setting_t *g, unsigned ind
         }
         if (config_setting_type(ks) != CONFIG_TYPE_ARRAY && config_setting_type(ks) != CONFIG_TYPE_LIST) {
                 setting_error(l, ks, "%s: keys must be a list of strings, [ \"...\", \"env:NAME\", ... ], "
-                              "not %s", what, type_name(config_setting_type(ks)));
+                              "or of key groups, ( { key = \"...\"; rpm = 60; }, ... ), not %s", what,
+                              type_name(config_setting_type(ks)));
                 return;
         }
         n = config_setting_length(ks);
@@ -975,19 +1419,30 @@ static void parse_pool(struct loader *l, const config_setting_t *g, unsigned ind
                 return;
         }
         for (int i = 0; i < n && !l->oom; i++) {
-                const config_setting_t *k = config_setting_get_elem(ks, (unsigned) i);
+                const config_setting_t *k = config_setting_get_elem(ks, (unsigned) i), *ref = k;
                 unsigned pos = (unsigned) i + 1;
+                struct key_limits lim = {};
+                struct config_key *key;
                 char *secret;
 
-                if (config_setting_type(k) != CONFIG_TYPE_STRING) {
-                        setting_error(l, k, "%s key %u must be a string, not %s", what, pos,
-                                      type_name(config_setting_type(k)));
+                if (config_setting_type(k) == CONFIG_TYPE_GROUP) {
+                        ref = parse_key_group(l, k, what, pos, &lim);
+                        if (!ref)
+                                continue;
+                } else if (config_setting_type(k) != CONFIG_TYPE_STRING) {
+                        setting_error(l, k, "%s key %u must be a string or a group { key = \"...\"; }, "
+                                      "not %s", what, pos, type_name(config_setting_type(k)));
                         continue;
                 }
-                secret = resolve_key(l, what, pos, config_setting_get_string(k), setting_file(l, k),
-                                     config_setting_source_line(k));
-                if (secret)
-                        add_key(l, p, what, secret, pos, setting_file(l, k), config_setting_source_line(k));
+                secret = resolve_key(l, what, pos, config_setting_get_string(ref), setting_file(l, ref),
+                                     config_setting_source_line(ref));
+                if (!secret)
+                        continue;
+                key = add_key(l, p, what, secret, pos, setting_file(l, ref), config_setting_source_line(ref));
+                if (key && lim.has_max_concurrent)
+                        key->max_concurrent = lim.max_concurrent;
+                if (key && lim.has_rpm)
+                        key->rpm = lim.rpm;
         }
 }
 
@@ -1074,6 +1529,34 @@ static int env_pool_provider(struct loader *l, const struct envfile *e, const ch
         return (int) (l->c->n_providers - 1);
 }
 
+/* Reads the variable fmt names for pool as a limit of 0..max into *ret; absent leaves *ret
+ * alone. */
+static void env_limit(struct loader *l, const struct envfile *e, const char *ef, const char *fmt,
+                      const char *pool, unsigned max, unsigned *ret) {
+        const struct envfile_entry *x = env_entry(e, fmt, pool);
+        unsigned long long v = 0;
+        const char *s;
+
+        if (!x)
+                return;
+
+        /* Digits only: strtoul would take " 5", "+5" and "-5" (as a huge number) in silence. */
+        for (s = x->value; *s >= '0' && *s <= '9'; s++)
+                if (v <= max)
+                        v = v * 10 + (unsigned) (*s - '0');
+        if (s == x->value || *s) {
+                diag_add(l, ef, x->line, "pool '%s': %s must be an integer between 0 and %u",
+                         pool, x->name, max);
+                return;
+        }
+        if (v > max) {
+                diag_add(l, ef, x->line, "pool '%s': %s must be between 0 and %u, not %s",
+                         pool, x->name, max, x->value);
+                return;
+        }
+        *ret = (unsigned) v;
+}
+
 static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
                      const struct envfile_entry *api, const char *name) {
         const struct envfile_entry *m, *b;
@@ -1124,6 +1607,11 @@ static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
         prov = env_pool_provider(l, e, ef, name);
         if (prov >= 0)
                 p->provider = (unsigned) prov;
+
+        /* Before the keys, which take the pool's limits when they are added. */
+        env_limit(l, e, ef, ENV_PREFIX "%s" ENV_MAX_CONCURRENT, name, CONFIG_CONCURRENT_MAX,
+                  &p->max_concurrent);
+        env_limit(l, e, ef, ENV_PREFIX "%s" ENV_RPM, name, CONFIG_RPM_MAX, &p->rpm);
 
         /* Values in the env file are taken as they are: no env:/file:/cred: references. */
         problem = secret_problem(api->value);
@@ -1305,6 +1793,17 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
                 .max_connections = 8192,
                 .max_body = 16 * 1024 * 1024,
                 .max_header = 16 * 1024,
+                .max_wait = 30,
+                .max_cooldown = 86400,
+                .probe_interval = 3600,
+                .transient_threshold = 3,
+                .transient_cooldown = 30,
+                .cooldown_scope = CONFIG_SCOPE_KEY,
+                .retry = {
+                        .backoff_initial_ms = 1000,
+                        .backoff_max_ms = 10000,
+                        .max_attempts = 5,
+                },
         };
         c->path = strdup(path);
         c->socket_path = strdup(CONFIG_DEFAULT_SOCKET);
@@ -1326,6 +1825,8 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
         root = config_root_setting(&cf);
         check_members(&l, root, "", top_level_names);
         parse_scalars(&l, root);
+        parse_retry(&l, root);
+        parse_phrases(&l, root);
         parse_providers(&l, root);
         if (!l.oom)
                 parse_pools(&l, root);
@@ -1375,10 +1876,20 @@ void config_free(struct config *c) {
         free(c->pools);
 
         for (unsigned i = 0; i < c->n_providers; i++) {
-                free(c->providers[i].name);
-                free(c->providers[i].base_url);
+                struct config_provider *p = &c->providers[i];
+
+                free(p->name);
+                free(p->base_url);
+                for (unsigned h = 0; h < p->n_headers; h++)
+                        free(p->headers[h]);
+                free(p->headers);
+                free(p->probe_path);
         }
         free(c->providers);
+
+        for (unsigned i = 0; i < c->n_rate_limit_phrases; i++)
+                free(c->rate_limit_phrases[i]);
+        free(c->rate_limit_phrases);
 
         free(c->path);
         free(c->socket_path);

@@ -8,6 +8,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "keypool/keyid.h"
@@ -15,15 +16,36 @@
 #define CONFIG_DEFAULT_PATH "/etc/keypool/keypool.conf"
 #define CONFIG_DEFAULT_SOCKET "/run/keypool/keypool.sock"
 
+enum config_auth {
+        CONFIG_AUTH_INVALID = 0,
+        CONFIG_AUTH_BEARER,                     /* Authorization: Bearer <key> (default) */
+        CONFIG_AUTH_X_API_KEY,                  /* x-api-key: <key> (Anthropic) */
+        CONFIG_AUTH_X_GOOG_API_KEY,             /* x-goog-api-key: <key> (Gemini) */
+        _CONFIG_AUTH_MAX,
+};
+
+enum config_cooldown_scope {
+        CONFIG_SCOPE_INVALID = 0,
+        CONFIG_SCOPE_KEY,                       /* a secret in several pools cools everywhere (default) */
+        CONFIG_SCOPE_POOL,                      /* … only in the pool that saw the limit */
+        _CONFIG_SCOPE_MAX,
+};
+
 struct config_key {
         char *secret;                           /* resolved secret (env:, file:, cred: followed) */
         char id[KEYID_ID_LEN + 1];
         char masked[KEYID_MASK_MAX + 1];
+        unsigned max_concurrent;                /* the key's own limit, else its pool's; 0 = none */
+        unsigned rpm;                           /* requests per minute, likewise; 0 = none */
 };
 
 struct config_provider {
         char *name;
         char *base_url;                         /* no trailing slash */
+        enum config_auth auth;                  /* auth = "bearer" | "x-api-key" | "x-goog-api-key" */
+        char **headers;                         /* static extra headers, "Name: value" */
+        unsigned n_headers;
+        char *probe_path;                       /* GET base_url + probe_path checks a key ("/models") */
 };
 
 struct config_pool {
@@ -32,6 +54,14 @@ struct config_pool {
         unsigned provider;                      /* index into config.providers */
         struct config_key *keys;                /* keys[0] is the primary, the rest backups */
         unsigned n_keys;
+        unsigned max_concurrent;                /* per key, across all workers; 0 = none */
+        unsigned rpm;                           /* per key; 0 = none */
+};
+
+struct config_retry {
+        unsigned backoff_initial_ms;            /* first transient retry waits this long (1000) */
+        unsigned backoff_max_ms;                /* cap on any backoff (10000) */
+        unsigned max_attempts;                  /* upstream attempts per request in all (5) */
 };
 
 struct config {
@@ -47,6 +77,16 @@ struct config {
         size_t max_body;                        /* request body limit in bytes (16 MiB) */
         size_t max_header;                      /* request header limit in bytes (16 KiB) */
         char *env_file;                         /* NULL when not set */
+        unsigned max_wait;                      /* s a request may wait for a key to recover (30) */
+        unsigned max_cooldown;                  /* s cap on any provider hint (86400) */
+        unsigned probe_interval;                /* s between probes of a disabled quota key (3600) */
+        bool probe_auth;                        /* probe auth-disabled keys too (false) */
+        unsigned transient_threshold;           /* transient failures in a row that cool a key (3) */
+        unsigned transient_cooldown;            /* s such a key cools (30) */
+        enum config_cooldown_scope cooldown_scope;
+        char **rate_limit_phrases;              /* NULL: the built-in list */
+        unsigned n_rate_limit_phrases;
+        struct config_retry retry;
 
         struct config_provider *providers;
         unsigned n_providers;

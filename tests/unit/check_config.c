@@ -394,7 +394,7 @@ START_TEST(test_pool_problems_are_reported)
         expect("keypool.conf", 7, "pool 'badprov': unknown provider 'nope'");
         expect("keypool.conf", 8, "pool 'nokeys' has no keys");
         expect("keypool.conf", 9, "pool 'emptykeys': keys is empty");
-        expect("keypool.conf", 10, "pool 'intkey' key 1 must be a string, not an integer");
+        expect("keypool.conf", 10, "pool 'intkey' key 1 must be a string or a group");
         expect("keypool.conf", 11, "pool 'strkeys': keys must be a list of strings");
         expect("keypool.conf", 12, "pool #10 has no name");
         expect("keypool.conf", 13, "pool 'spacemodel': model must not contain whitespace");
@@ -657,6 +657,12 @@ START_TEST(test_env_file_base_url_picks_a_provider_or_adds_one)
         ck_assert_uint_eq(cfg->pools[2].provider, cfg->pools[1].provider);
         ck_assert_str_eq(cfg->pools[3].name, "DEF");
         ck_assert_uint_eq(cfg->pools[3].provider, 0);
+
+        /* A provider added for a BASE_URL speaks the OpenAI dialect. */
+        ck_assert_int_eq(cfg->providers[2].auth, CONFIG_AUTH_BEARER);
+        ck_assert_ptr_null(cfg->providers[2].headers);
+        ck_assert_uint_eq(cfg->providers[2].n_headers, 0);
+        ck_assert_str_eq(cfg->providers[2].probe_path, "/models");
 }
 END_TEST
 
@@ -742,6 +748,480 @@ START_TEST(test_shipped_examples_load_with_the_six_deployed_pools)
                 ck_assert_int_eq(config_find_pool(cfg, want[i].model, strlen(want[i].model)), (int) i);
         }
         ck_assert_uint_eq(cfg->n_keys, keys);
+
+        ck_assert_int_eq(cfg->providers[0].auth, CONFIG_AUTH_BEARER);
+        ck_assert_uint_eq(cfg->providers[0].n_headers, 2);
+        ck_assert_str_eq(cfg->providers[0].headers[0], "HTTP-Referer: https://example.invalid/keypool");
+        ck_assert_str_eq(cfg->providers[0].headers[1], "X-Title: keypool");
+        ck_assert_str_eq(cfg->providers[0].probe_path, "/models");
+}
+END_TEST
+
+
+/* --- rotation, retry and probing settings ----------------------------------------------------- */
+
+START_TEST(test_rotation_settings_default_as_documented)
+{
+        load_ok(PROVIDERS ONE_POOL);
+
+        ck_assert_uint_eq(cfg->max_wait, 30);
+        ck_assert_uint_eq(cfg->max_cooldown, 86400);
+        ck_assert_uint_eq(cfg->probe_interval, 3600);
+        ck_assert(!cfg->probe_auth);
+        ck_assert_uint_eq(cfg->transient_threshold, 3);
+        ck_assert_uint_eq(cfg->transient_cooldown, 30);
+        ck_assert_int_eq(cfg->cooldown_scope, CONFIG_SCOPE_KEY);
+        ck_assert_ptr_null(cfg->rate_limit_phrases);
+        ck_assert_uint_eq(cfg->n_rate_limit_phrases, 0);
+        ck_assert_uint_eq(cfg->retry.backoff_initial_ms, 1000);
+        ck_assert_uint_eq(cfg->retry.backoff_max_ms, 10000);
+        ck_assert_uint_eq(cfg->retry.max_attempts, 5);
+
+        ck_assert_int_eq(cfg->providers[0].auth, CONFIG_AUTH_BEARER);
+        ck_assert_ptr_null(cfg->providers[0].headers);
+        ck_assert_uint_eq(cfg->providers[0].n_headers, 0);
+        ck_assert_str_eq(cfg->providers[0].probe_path, "/models");
+
+        /* No limits unless configured. */
+        ck_assert_uint_eq(cfg->pools[0].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[0].rpm, 0);
+        ck_assert_uint_eq(cfg->pools[0].keys[0].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[0].keys[0].rpm, 0);
+}
+END_TEST
+
+START_TEST(test_rotation_settings_take_their_lowest_and_highest_values)
+{
+        load_ok(PROVIDERS ONE_POOL
+                "max_wait = 0;\nmax_cooldown = 1;\nprobe_interval = 1;\nprobe_auth = true;\n"
+                "transient_threshold = 0;\ntransient_cooldown = 1;\ncooldown_scope = \"pool\";\n"
+                "retry = { backoff_initial_ms = 1; backoff_max_ms = 1; max_attempts = 1; };\n");
+        ck_assert_uint_eq(cfg->max_wait, 0);
+        ck_assert_uint_eq(cfg->max_cooldown, 1);
+        ck_assert_uint_eq(cfg->probe_interval, 1);
+        ck_assert(cfg->probe_auth);
+        ck_assert_uint_eq(cfg->transient_threshold, 0);
+        ck_assert_uint_eq(cfg->transient_cooldown, 1);
+        ck_assert_int_eq(cfg->cooldown_scope, CONFIG_SCOPE_POOL);
+        ck_assert_uint_eq(cfg->retry.backoff_initial_ms, 1);
+        ck_assert_uint_eq(cfg->retry.backoff_max_ms, 1);
+        ck_assert_uint_eq(cfg->retry.max_attempts, 1);
+
+        load_ok(PROVIDERS ONE_POOL
+                "max_wait = 3600;\nmax_cooldown = 604800;\nprobe_interval = 604800;\nprobe_auth = false;\n"
+                "transient_threshold = 1000;\ntransient_cooldown = 86400;\ncooldown_scope = \"key\";\n"
+                "retry = { backoff_initial_ms = 600000; backoff_max_ms = 600000; max_attempts = 32; };\n");
+        ck_assert_uint_eq(cfg->max_wait, 3600);
+        ck_assert_uint_eq(cfg->max_cooldown, 604800);
+        ck_assert_uint_eq(cfg->probe_interval, 604800);
+        ck_assert(!cfg->probe_auth);
+        ck_assert_uint_eq(cfg->transient_threshold, 1000);
+        ck_assert_uint_eq(cfg->transient_cooldown, 86400);
+        ck_assert_int_eq(cfg->cooldown_scope, CONFIG_SCOPE_KEY);
+        ck_assert_uint_eq(cfg->retry.backoff_initial_ms, 600000);
+        ck_assert_uint_eq(cfg->retry.backoff_max_ms, 600000);
+        ck_assert_uint_eq(cfg->retry.max_attempts, 32);
+
+        /* A partial retry group keeps the defaults of what it leaves out. */
+        load_ok(PROVIDERS ONE_POOL "retry = { max_attempts = 2; };\n");
+        ck_assert_uint_eq(cfg->retry.backoff_initial_ms, 1000);
+        ck_assert_uint_eq(cfg->retry.backoff_max_ms, 10000);
+        ck_assert_uint_eq(cfg->retry.max_attempts, 2);
+}
+END_TEST
+
+START_TEST(test_rotation_settings_out_of_range_are_reported_at_their_lines)
+{
+        load_fails(PROVIDERS ONE_POOL
+                   "max_wait = 3601;\n"
+                   "max_cooldown = 0;\n"
+                   "probe_interval = 0;\n"
+                   "probe_auth = 1;\n"
+                   "transient_threshold = 1001;\n"
+                   "transient_cooldown = 86401;\n"
+                   "cooldown_scope = \"global\";\n");
+        expect("keypool.conf", 3, "max_wait must be between 0 and 3600, not 3601");
+        expect("keypool.conf", 4, "max_cooldown must be between 1 and 604800, not 0");
+        expect("keypool.conf", 5, "probe_interval must be between 1 and 604800, not 0");
+        expect("keypool.conf", 6, "probe_auth must be true or false, not an integer");
+        expect("keypool.conf", 7, "transient_threshold must be between 0 and 1000, not 1001");
+        expect("keypool.conf", 8, "transient_cooldown must be between 1 and 86400, not 86401");
+        expect("keypool.conf", 9, "cooldown_scope must be \"key\" or \"pool\", not 'global'");
+        ck_assert_uint_eq(diag.n, 7);
+
+        load_fails(PROVIDERS ONE_POOL "max_wait = -1;\ncooldown_scope = 1;\n");
+        expect("keypool.conf", 3, "max_wait must be between 0 and 3600, not -1");
+        expect("keypool.conf", 4, "cooldown_scope must be \"key\" or \"pool\", not an integer");
+}
+END_TEST
+
+START_TEST(test_retry_group_problems_are_reported_at_their_lines)
+{
+        load_fails(PROVIDERS ONE_POOL
+                   "retry = {\n"
+                   "  backoff_initial_ms = 5000;\n"
+                   "  backoff_max_ms = 4000;\n"
+                   "  max_attempts = 0;\n"
+                   "  max_atempts = 3;\n"
+                   "};\n");
+        expect("keypool.conf", 5, "retry: backoff_max_ms (4000) must not be less than backoff_initial_ms (5000)");
+        expect("keypool.conf", 6, "retry: max_attempts must be between 1 and 32, not 0");
+        expect("keypool.conf", 7, "retry: unknown setting 'max_atempts' (did you mean 'max_attempts'?)");
+        ck_assert_uint_eq(diag.n, 3);
+
+        /* Only the initial step given, above the default cap: the line the operator wrote. */
+        load_fails(PROVIDERS ONE_POOL "retry = {\n  backoff_initial_ms = 20000;\n};\n");
+        expect("keypool.conf", 4, "retry: backoff_initial_ms (20000) is above backoff_max_ms (10000 by default)");
+        ck_assert_uint_eq(diag.n, 1);
+
+        /* A value out of range is reported once, not again as an inverted pair. */
+        load_fails(PROVIDERS ONE_POOL "retry = { backoff_initial_ms = 0; backoff_max_ms = 600001; max_attempts = 33; };\n");
+        expect("keypool.conf", 3, "retry: backoff_initial_ms must be between 1 and 600000, not 0");
+        expect("keypool.conf", 3, "retry: backoff_max_ms must be between 1 and 600000, not 600001");
+        expect("keypool.conf", 3, "retry: max_attempts must be between 1 and 32, not 33");
+        ck_assert_uint_eq(diag.n, 3);
+
+        load_fails(PROVIDERS ONE_POOL "retry = 5;\n");
+        expect("keypool.conf", 3, "retry must be a group");
+}
+END_TEST
+
+START_TEST(test_rate_limit_phrases_are_stored_in_order)
+{
+        load_ok(PROVIDERS ONE_POOL "rate_limit_phrases = [ \"rate limit\", \"Slow Down\", \"capacity\" ];\n");
+        ck_assert_uint_eq(cfg->n_rate_limit_phrases, 3);
+        ck_assert_ptr_nonnull(cfg->rate_limit_phrases);
+        ck_assert_str_eq(cfg->rate_limit_phrases[0], "rate limit");
+        ck_assert_str_eq(cfg->rate_limit_phrases[1], "Slow Down");
+        ck_assert_str_eq(cfg->rate_limit_phrases[2], "capacity");
+
+        /* A list in parentheses is the same. */
+        load_ok(PROVIDERS ONE_POOL "rate_limit_phrases = ( \"overloaded\" );\n");
+        ck_assert_uint_eq(cfg->n_rate_limit_phrases, 1);
+        ck_assert_str_eq(cfg->rate_limit_phrases[0], "overloaded");
+}
+END_TEST
+
+START_TEST(test_rate_limit_phrase_problems_are_reported)
+{
+        char text[8192], phrase129[130];
+        size_t n;
+
+        memset(phrase129, 'p', 129);
+        phrase129[129] = '\0';
+        snprintf(text, sizeof(text), PROVIDERS ONE_POOL
+                 "rate_limit_phrases = (\n"
+                 "  \"ok\",\n"
+                 "  \"\",\n"
+                 "  \"%s\",\n"
+                 "  5\n"
+                 ");\n", phrase129);
+        load_fails(text);
+        expect("keypool.conf", 5, "rate_limit_phrases entry 2 is empty");
+        expect("keypool.conf", 6, "rate_limit_phrases entry 3 is longer than 128 characters");
+        expect("keypool.conf", 7, "rate_limit_phrases entry 4 must be a string, not an integer");
+        ck_assert_uint_eq(diag.n, 3);
+
+        /* 128 characters and 64 entries are the most there may be. */
+        phrase129[128] = '\0';
+        n = (size_t) snprintf(text, sizeof(text), PROVIDERS ONE_POOL "rate_limit_phrases = [ \"%s\"", phrase129);
+        for (int i = 1; i < 64; i++)
+                n += (size_t) snprintf(text + n, sizeof(text) - n, ", \"p%d\"", i);
+        snprintf(text + n, sizeof(text) - n, " ];\n");
+        load_ok(text);
+        ck_assert_uint_eq(cfg->n_rate_limit_phrases, 64);
+        ck_assert_str_eq(cfg->rate_limit_phrases[0], phrase129);
+        ck_assert_str_eq(cfg->rate_limit_phrases[63], "p63");
+
+        n = (size_t) snprintf(text, sizeof(text), PROVIDERS ONE_POOL "rate_limit_phrases = [ \"p0\"");
+        for (int i = 1; i < 65; i++)
+                n += (size_t) snprintf(text + n, sizeof(text) - n, ", \"p%d\"", i);
+        snprintf(text + n, sizeof(text) - n, " ];\n");
+        load_fails(text);
+        expect("keypool.conf", 3, "rate_limit_phrases has 65 entries; at most 64 are allowed");
+
+        load_fails(PROVIDERS ONE_POOL "rate_limit_phrases = [ ];\n");
+        expect("keypool.conf", 3, "rate_limit_phrases is empty: leave it out");
+        load_fails(PROVIDERS ONE_POOL "rate_limit_phrases = \"rate limit\";\n");
+        expect("keypool.conf", 3, "rate_limit_phrases must be a list of strings");
+}
+END_TEST
+
+/* --- provider auth, headers and probes --------------------------------------------------------- */
+
+START_TEST(test_provider_auth_headers_and_probe_path_are_stored)
+{
+        load_ok("providers = (\n"
+                "  { name = \"openrouter\"; base_url = \"https://openrouter.ai/api/v1\"; auth = \"bearer\";\n"
+                "    headers = [ \"HTTP-Referer: https://example.invalid/keypool\", \"X-Title:keypool  \" ]; },\n"
+                "  { name = \"anthropic\"; base_url = \"https://api.anthropic.com/v1\"; auth = \"x-api-key\";\n"
+                "    headers = ( \"anthropic-version: 2023-06-01\" ); probe_path = \"/models?limit=1\"; },\n"
+                "  { name = \"gemini\"; base_url = \"https://generativelanguage.googleapis.com/v1beta\";\n"
+                "    auth = \"x-goog-api-key\"; headers = [ ]; probe_path = \"/\"; },\n"
+                "  { name = \"odd\"; base_url = \"http://127.0.0.1:9/v1\";\n"
+                "    headers = [ \"!#$%&'*+-.^_`|~09azAZ: a\\tb ; c=\\\"d\\\"\" ]; }\n"
+                ");\n" ONE_POOL);
+
+        ck_assert_int_eq(cfg->providers[0].auth, CONFIG_AUTH_BEARER);
+        ck_assert_uint_eq(cfg->providers[0].n_headers, 2);
+        ck_assert_str_eq(cfg->providers[0].headers[0], "HTTP-Referer: https://example.invalid/keypool");
+        /* Stored as "Name: value", the value without its surrounding blanks. */
+        ck_assert_str_eq(cfg->providers[0].headers[1], "X-Title: keypool");
+        ck_assert_str_eq(cfg->providers[0].probe_path, "/models");
+
+        ck_assert_int_eq(cfg->providers[1].auth, CONFIG_AUTH_X_API_KEY);
+        ck_assert_uint_eq(cfg->providers[1].n_headers, 1);
+        ck_assert_str_eq(cfg->providers[1].headers[0], "anthropic-version: 2023-06-01");
+        ck_assert_str_eq(cfg->providers[1].probe_path, "/models?limit=1");
+
+        ck_assert_int_eq(cfg->providers[2].auth, CONFIG_AUTH_X_GOOG_API_KEY);
+        ck_assert_uint_eq(cfg->providers[2].n_headers, 0);
+        ck_assert_ptr_null(cfg->providers[2].headers);
+        ck_assert_str_eq(cfg->providers[2].probe_path, "/");
+
+        /* Every token character in a name; tabs and quotes in a value. */
+        ck_assert_int_eq(cfg->providers[3].auth, CONFIG_AUTH_BEARER);
+        ck_assert_str_eq(cfg->providers[3].headers[0], "!#$%&'*+-.^_`|~09azAZ: a\tb ; c=\"d\"");
+}
+END_TEST
+
+START_TEST(test_provider_auth_headers_and_probe_path_problems_are_reported)
+{
+        load_fails("providers = ( {\n"
+                   "  name = \"o\"; base_url = \"https://o.example/v1\";\n"
+                   "  auth = \"basic\";\n"
+                   "  probe_path = \"models\";\n"
+                   "  headers = [\n"
+                   "    \"X-Title keypool\",\n"
+                   "    \": value\",\n"
+                   "    \"X Title: keypool\",\n"
+                   "    \"X-Title:   \",\n"
+                   "    \"X-Title: a\\r\\nHost: evil.example\",\n"
+                   "    \"X-Title: a\\nb\",\n"
+                   "    \"X-Title: ok\"\n"
+                   "  ];\n"
+                   "  header = 1;\n"
+                   "} );\n" ONE_POOL);
+        expect("keypool.conf", 3, "provider 'o': auth must be \"bearer\", \"x-api-key\" or \"x-goog-api-key\"");
+        expect("keypool.conf", 4, "provider 'o': probe_path must start with '/'");
+        expect("keypool.conf", 6, "provider 'o': header 1 has no ':'");
+        expect("keypool.conf", 7, "provider 'o': header 2 has no name before ':'");
+        expect("keypool.conf", 8, "provider 'o': header 3: the name contains a space");
+        expect("keypool.conf", 9, "provider 'o': header 4 (X-Title) has no value");
+        expect("keypool.conf", 10, "provider 'o': header 5 (X-Title): the value must not contain CR, LF");
+        expect("keypool.conf", 11, "provider 'o': header 6 (X-Title): the value must not contain CR, LF");
+        expect("keypool.conf", 14, "provider 'o': unknown setting 'header' (did you mean 'headers'?)");
+        ck_assert_uint_eq(diag.n, 9);
+
+        load_fails("providers = ( { name = \"o\"; base_url = \"https://o.example/v1\";\n"
+                   "  auth = 1; probe_path = \"/a b\"; headers = \"X-Title: keypool\"; } );\n" ONE_POOL);
+        expect("keypool.conf", 2, "provider 'o': auth must be \"bearer\", \"x-api-key\" or \"x-goog-api-key\", not an integer");
+        expect("keypool.conf", 2, "provider 'o': probe_path must not contain whitespace");
+        expect("keypool.conf", 2, "provider 'o': headers must be a list of strings");
+
+        /* Case matters for the auth kind, as for every other name in the file. */
+        load_fails("providers = ( { name = \"o\"; base_url = \"https://o.example/v1\"; auth = \"X-Api-Key\"; } );\n" ONE_POOL);
+        expect("keypool.conf", 1, "auth must be");
+}
+END_TEST
+
+START_TEST(test_headers_keypool_sends_itself_are_refused_whatever_their_case)
+{
+        static const char *const names[] = {
+                "Authorization", "authorization", "X-API-KEY", "x-goog-api-key", "X-Goog-Api-Key",
+                "host", "Content-Length", "TRANSFER-ENCODING", "connection",
+        };
+        char text[512];
+
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+                snprintf(text, sizeof(text), "providers = ( { name = \"o\"; base_url = \"https://o.example/v1\";\n"
+                         "  headers = [ \"X-Title: ok\",\n"
+                         "              \"%s: sk-test-fake-SECRET-in-header\" ]; } );\n" ONE_POOL, names[i]);
+                load_fails(text);
+                expect("keypool.conf", 3, "provider 'o': header 2: ");
+                expect("keypool.conf", 3, "; it cannot be in headers");
+                ck_assert_uint_eq(diag.n, 1);
+                expect_secret_absent("SECRET");
+        }
+
+        /* Names that merely start like one are someone else's. */
+        load_ok("providers = ( { name = \"o\"; base_url = \"https://o.example/v1\";\n"
+                "  headers = [ \"Authorization-Hint: x\", \"X-Host: y\", \"Connection-Id: z\" ]; } );\n" ONE_POOL);
+        ck_assert_uint_eq(cfg->providers[0].n_headers, 3);
+}
+END_TEST
+
+/* --- per-key limits ---------------------------------------------------------------------------- */
+
+START_TEST(test_key_groups_override_the_pool_limits_and_others_inherit_them)
+{
+        setenv("KP_TEST_GROUP_KEY", "sk-test-fake-group-env", 1);
+        load_ok(PROVIDERS
+                "pools = (\n"
+                "  { name = \"P\"; model = \"m/p\"; max_concurrent = 4; rpm = 60;\n"
+                "    keys = ( \"sk-test-fake-plain\",\n"
+                "             { key = \"sk-test-fake-own-both\"; max_concurrent = 1; rpm = 10; },\n"
+                "             { key = \"sk-test-fake-own-rpm\"; rpm = 0; },\n"
+                "             { key = \"env:KP_TEST_GROUP_KEY\"; max_concurrent = 100000; },\n"
+                "             { key = \"sk-test-fake-bare-group\"; } ); },\n"
+                "  { name = \"Q\"; model = \"m/q\";\n"
+                "    keys = ( { key = \"sk-test-fake-q1\"; rpm = 1000000; }, \"sk-test-fake-q2\" ); }\n"
+                ");\n");
+        unsetenv("KP_TEST_GROUP_KEY");
+
+        ck_assert_uint_eq(cfg->pools[0].max_concurrent, 4);
+        ck_assert_uint_eq(cfg->pools[0].rpm, 60);
+        ck_assert_uint_eq(cfg->pools[0].n_keys, 5);
+        expect_key(&cfg->pools[0].keys[0], "sk-test-fake-plain");
+        ck_assert_uint_eq(cfg->pools[0].keys[0].max_concurrent, 4);
+        ck_assert_uint_eq(cfg->pools[0].keys[0].rpm, 60);
+        expect_key(&cfg->pools[0].keys[1], "sk-test-fake-own-both");
+        ck_assert_uint_eq(cfg->pools[0].keys[1].max_concurrent, 1);
+        ck_assert_uint_eq(cfg->pools[0].keys[1].rpm, 10);
+        /* An explicit 0 lifts the pool's limit for that key. */
+        expect_key(&cfg->pools[0].keys[2], "sk-test-fake-own-rpm");
+        ck_assert_uint_eq(cfg->pools[0].keys[2].max_concurrent, 4);
+        ck_assert_uint_eq(cfg->pools[0].keys[2].rpm, 0);
+        expect_key(&cfg->pools[0].keys[3], "sk-test-fake-group-env");
+        ck_assert_uint_eq(cfg->pools[0].keys[3].max_concurrent, 100000);
+        ck_assert_uint_eq(cfg->pools[0].keys[3].rpm, 60);
+        expect_key(&cfg->pools[0].keys[4], "sk-test-fake-bare-group");
+        ck_assert_uint_eq(cfg->pools[0].keys[4].max_concurrent, 4);
+        ck_assert_uint_eq(cfg->pools[0].keys[4].rpm, 60);
+
+        ck_assert_uint_eq(cfg->pools[1].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[1].rpm, 0);
+        ck_assert_uint_eq(cfg->pools[1].keys[0].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[1].keys[0].rpm, 1000000);
+        ck_assert_uint_eq(cfg->pools[1].keys[1].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[1].keys[1].rpm, 0);
+        ck_assert_uint_eq(cfg->n_keys, 7);
+}
+END_TEST
+
+START_TEST(test_pool_and_key_group_limit_problems_are_reported_at_their_lines)
+{
+        load_fails(PROVIDERS
+                   "pools = ( { name = \"P\"; model = \"m\";\n"
+                   "  rpm = -1;\n"
+                   "  max_concurrent = 100001;\n"
+                   "  keys = (\n"
+                   "    { key = \"sk-test-fake-1\"; rpm = -5; },\n"
+                   "    { key = \"sk-test-fake-2\"; burst = 3; },\n"
+                   "    { max_concurrent = 2; },\n"
+                   "    { key = 5; },\n"
+                   "    { key = \"sk-test-fake-3\"; max_concurrent = \"2\"; rpm = 1000001; },\n"
+                   "    { key = \"sk-test-fake-4\"; rmp = 3; }\n"
+                   "  ); } );\n");
+        expect("keypool.conf", 3, "pool 'P': rpm must be between 0 and 1000000, not -1");
+        expect("keypool.conf", 4, "pool 'P': max_concurrent must be between 0 and 100000, not 100001");
+        expect("keypool.conf", 6, "pool 'P' key 1: rpm must be between 0 and 1000000, not -5");
+        expect("keypool.conf", 7, "pool 'P' key 2: unknown setting 'burst'");
+        expect("keypool.conf", 8, "pool 'P' key 3 has no key");
+        expect("keypool.conf", 9, "pool 'P' key 4: key must be a string, not an integer");
+        expect("keypool.conf", 10, "pool 'P' key 5: max_concurrent must be an integer, not a string");
+        expect("keypool.conf", 10, "pool 'P' key 5: rpm must be between 0 and 1000000, not 1000001");
+        expect("keypool.conf", 11, "pool 'P' key 6: unknown setting 'rmp' (did you mean 'rpm'?)");
+        ck_assert_uint_eq(diag.n, 9);
+}
+END_TEST
+
+START_TEST(test_key_group_positions_count_for_duplicates)
+{
+        load_fails(PROVIDERS
+                   "pools = ( { name = \"P\"; model = \"m\"; keys = (\n"
+                   "  \"sk-test-fake-SECRET-dup\",\n"
+                   "  { rpm = 5;\n"
+                   "    key = \"sk-test-fake-SECRET-dup\"; } ); } );\n");
+        expect("keypool.conf", 5, "pool 'P' key 2: the same key as key 1");
+        ck_assert_uint_eq(diag.n, 1);
+        expect_secret_absent("SECRET");
+}
+END_TEST
+
+START_TEST(test_no_message_about_new_settings_contains_a_secret)
+{
+        unsetenv("KP_TEST_UNSET_GROUP_KEY");
+        load_fails("providers = ( { name = \"o\"; base_url = \"https://o.example/v1\";\n"
+                   "  auth = \"Bearer sk-test-fake-SECRET-auth\";\n"
+                   "  probe_path = \"models?key=sk-test-fake-SECRET-probe\";\n"
+                   "  headers = [ \"sk-test-fake-SECRET-nocolon\",\n"
+                   "              \"X-Token: sk-test-fake-SECRET-crlf\\r\\n\",\n"
+                   "              \"Bad Name sk-test-fake-SECRET-name: x\",\n"
+                   "              \"x-api-key: sk-test-fake-SECRET-reserved\" ]; } );\n"
+                   "pools = ( { name = \"P\"; model = \"m\"; keys = (\n"
+                   "  { key = \"env:KP_TEST_UNSET_GROUP_KEY\"; rpm = 5; },\n"
+                   "  { key = \"sk-test-fake-SECRET-literal with space\"; },\n"
+                   "  { key = \"sk-test-fake-SECRET-x\"; colour = 1; } ); } );\n");
+        expect("keypool.conf", 2, "provider 'o': auth must be");
+        expect("keypool.conf", 3, "provider 'o': probe_path must start with '/'");
+        expect("keypool.conf", 4, "provider 'o': header 1 has no ':'");
+        expect("keypool.conf", 5, "provider 'o': header 2 (X-Token)");
+        expect("keypool.conf", 6, "provider 'o': header 3: the name contains a space");
+        expect("keypool.conf", 7, "provider 'o': header 4: x-api-key carries the key, which keypool puts where auth says");
+        expect("keypool.conf", 9, "pool 'P' key 1: environment variable KP_TEST_UNSET_GROUP_KEY is not set");
+        expect("keypool.conf", 10, "pool 'P' key 2: the key contains whitespace");
+        expect("keypool.conf", 11, "pool 'P' key 3: unknown setting 'colour'");
+        ck_assert_uint_eq(diag.n, 9);
+        expect_secret_absent("SECRET");
+}
+END_TEST
+
+START_TEST(test_env_file_limits_apply_to_every_key_of_its_pool)
+{
+        write_file("orche.env",
+                   "PROVIDER_GLM45_API_KEY=sk-test-fake-glm-1\n"
+                   "PROVIDER_GLM45_BACKUP_KEYS=sk-test-fake-glm-2\n"
+                   "PROVIDER_GLM45_MODEL=z-ai/glm-4.5\n"
+                   "PROVIDER_GLM45_MAX_CONCURRENT=2\n"
+                   "PROVIDER_GLM45_RPM=20\n"
+                   "PROVIDER_KIMI_API_KEY=sk-test-fake-kimi\n"
+                   "PROVIDER_KIMI_MODEL=moonshotai/kimi-k2\n"
+                   "PROVIDER_KIMI_RPM=1000000\n"
+                   "PROVIDER_FREE_API_KEY=sk-test-fake-free\n"
+                   "PROVIDER_FREE_MODEL=m/free\n");
+        load_ok(PROVIDERS "env_file = \"orche.env\";\n");
+
+        ck_assert_uint_eq(cfg->n_pools, 3);
+        ck_assert_uint_eq(cfg->pools[0].max_concurrent, 2);
+        ck_assert_uint_eq(cfg->pools[0].rpm, 20);
+        for (unsigned k = 0; k < 2; k++) {
+                ck_assert_uint_eq(cfg->pools[0].keys[k].max_concurrent, 2);
+                ck_assert_uint_eq(cfg->pools[0].keys[k].rpm, 20);
+        }
+        ck_assert_uint_eq(cfg->pools[1].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[1].rpm, 1000000);
+        ck_assert_uint_eq(cfg->pools[1].keys[0].rpm, 1000000);
+        ck_assert_uint_eq(cfg->pools[2].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[2].rpm, 0);
+        ck_assert_uint_eq(cfg->pools[2].keys[0].max_concurrent, 0);
+        ck_assert_uint_eq(cfg->pools[2].keys[0].rpm, 0);
+}
+END_TEST
+
+START_TEST(test_env_file_limit_garbage_cites_the_env_file_and_line)
+{
+        write_file("orche.env",
+                   "PROVIDER_A_API_KEY=sk-test-fake-a\n"
+                   "PROVIDER_A_MODEL=m/a\n"
+                   "PROVIDER_A_MAX_CONCURRENT=two\n"
+                   "PROVIDER_A_RPM=-1\n"
+                   "PROVIDER_B_API_KEY=sk-test-fake-b\n"
+                   "PROVIDER_B_MODEL=m/b\n"
+                   "PROVIDER_B_MAX_CONCURRENT=100001\n"
+                   "PROVIDER_B_RPM=99999999999999999999999\n"
+                   "PROVIDER_C_API_KEY=sk-test-fake-c\n"
+                   "PROVIDER_C_MODEL=m/c\n"
+                   "PROVIDER_C_MAX_CONCURRENT=\n"
+                   "PROVIDER_C_RPM=\" 5\"\n");
+        load_fails(PROVIDERS "env_file = \"orche.env\";\n");
+        expect("orche.env", 3, "pool 'A': PROVIDER_A_MAX_CONCURRENT must be an integer between 0 and 100000");
+        expect("orche.env", 4, "pool 'A': PROVIDER_A_RPM must be an integer between 0 and 1000000");
+        expect("orche.env", 7, "pool 'B': PROVIDER_B_MAX_CONCURRENT must be between 0 and 100000, not 100001");
+        expect("orche.env", 8, "pool 'B': PROVIDER_B_RPM must be between 0 and 1000000");
+        expect("orche.env", 11, "pool 'C': PROVIDER_C_MAX_CONCURRENT must be an integer");
+        expect("orche.env", 12, "pool 'C': PROVIDER_C_RPM must be an integer");
+        ck_assert_uint_eq(diag.n, 6);
 }
 END_TEST
 
@@ -800,6 +1280,21 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_env_file_syntax_error_and_absence_are_reported);
         tcase_add_test(tc, test_env_file_alone_may_define_every_pool);
         tcase_add_test(tc, test_shipped_examples_load_with_the_six_deployed_pools);
+        tcase_add_test(tc, test_rotation_settings_default_as_documented);
+        tcase_add_test(tc, test_rotation_settings_take_their_lowest_and_highest_values);
+        tcase_add_test(tc, test_rotation_settings_out_of_range_are_reported_at_their_lines);
+        tcase_add_test(tc, test_retry_group_problems_are_reported_at_their_lines);
+        tcase_add_test(tc, test_rate_limit_phrases_are_stored_in_order);
+        tcase_add_test(tc, test_rate_limit_phrase_problems_are_reported);
+        tcase_add_test(tc, test_provider_auth_headers_and_probe_path_are_stored);
+        tcase_add_test(tc, test_provider_auth_headers_and_probe_path_problems_are_reported);
+        tcase_add_test(tc, test_headers_keypool_sends_itself_are_refused_whatever_their_case);
+        tcase_add_test(tc, test_key_groups_override_the_pool_limits_and_others_inherit_them);
+        tcase_add_test(tc, test_pool_and_key_group_limit_problems_are_reported_at_their_lines);
+        tcase_add_test(tc, test_key_group_positions_count_for_duplicates);
+        tcase_add_test(tc, test_no_message_about_new_settings_contains_a_secret);
+        tcase_add_test(tc, test_env_file_limits_apply_to_every_key_of_its_pool);
+        tcase_add_test(tc, test_env_file_limit_garbage_cites_the_env_file_and_line);
         tcase_add_test(tc, test_find_pool_matches_names_before_model_ids);
         suite_add_tcase(s, tc);
         return s;
