@@ -3,11 +3,15 @@
  * Owns the first step of the rotation policy: turning one upstream answer (status, headers, body)
  * into a verdict about the key that carried it, and, for a rate limit, how long the provider asked
  * that key to rest. Every provider signal of reference/provider-signals.md is decoded here and
- * nowhere else. Everything is a pure function of its inputs and the caller's clock: no I/O, no
- * logging, no time zone database, no locale, so each signal is pinned down by a unit test.
+ * nowhere else: the rate-limit figures on every answer, the token usage in a body or stream chunk,
+ * an error event inside an SSE stream, and the backoff before a transient retry. Everything is a
+ * pure function of its inputs and the caller's clock (and, for the backoff, the caller's random
+ * number): no I/O, no logging, no time zone database, no locale, so each signal is pinned down
+ * by a unit test.
  */
 #include <errno.h>
 #include <stdbool.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <jansson.h>
@@ -35,10 +39,10 @@
  * range is broken, and a hint computed from it would be nonsense. */
 #define POLICY_MAX_SANE_EPOCH_MS INT64_C(253402300799999)
 
-/* Case-insensitive substrings that mark an error text as a rate limit. One table, so that a
- * later change can make it configurable. "exceeded your current quota" is deliberately absent:
- * it is OpenAI's insufficient_quota, billing, which waiting does not cure. */
-static const char *const rate_limit_phrases[] = {
+/* Case-insensitive substrings that mark an error text as a rate limit, unless the configuration
+ * names its own. "exceeded your current quota" is deliberately absent: it is OpenAI's
+ * insufficient_quota, billing, which waiting does not cure. */
+const char *const policy_default_phrases[] = {
         "rate limit",
         "rate-limit",
         "ratelimit",
@@ -47,7 +51,10 @@ static const char *const rate_limit_phrases[] = {
         "quota exceeded",
         "resource has been exhausted",
         "resource_exhausted",
+        NULL,
 };
+
+#define POLICY_N_DEFAULT_PHRASES (sizeof(policy_default_phrases) / sizeof(policy_default_phrases[0]) - 1)
 
 const char *verdict_class_name(enum verdict_class c) {
         switch (c) {
@@ -125,13 +132,19 @@ static const char *find_ci(const char *hay, size_t hay_len, const char *needle) 
         return NULL;
 }
 
-int policy_mentions_rate_limit(const char *text, size_t len) {
+/* A configured list may hold NULL or empty entries (a config typo): they match nothing, since an
+ * empty phrase would otherwise turn every error into a rate limit. */
+static bool mentions_phrase(const char *text, size_t len, const char *const *phrases, size_t n_phrases) {
         if (!text)
-                return 0;
-        for (size_t i = 0; i < sizeof(rate_limit_phrases) / sizeof(rate_limit_phrases[0]); i++)
-                if (find_ci(text, len, rate_limit_phrases[i]))
-                        return 1;
-        return 0;
+                return false;
+        for (size_t i = 0; i < n_phrases; i++)
+                if (phrases[i] && phrases[i][0] && find_ci(text, len, phrases[i]))
+                        return true;
+        return false;
+}
+
+int policy_mentions_rate_limit(const char *text, size_t len) {
+        return mentions_phrase(text, len, policy_default_phrases, POLICY_N_DEFAULT_PHRASES);
 }
 
 /* ---- numbers and durations -------------------------------------------------------------- */
@@ -708,12 +721,17 @@ struct body {
         size_t raw_len;
         json_t *root;           /* NULL when the body is not JSON */
         json_t *error;          /* root.error when it is an object, else NULL */
+        const char *const *phrases;     /* the rate-limit phrases in force */
+        size_t n_phrases;
 };
 
-static void body_parse(const struct upstream_answer *a, struct body *b) {
+static void body_parse(const struct upstream_answer *a, const struct policy_config *pc, struct body *b) {
         json_t *top;
 
-        *b = (struct body) {};
+        *b = (struct body) {
+                .phrases = pc && pc->phrases ? pc->phrases : policy_default_phrases,
+                .n_phrases = pc && pc->phrases ? pc->n_phrases : POLICY_N_DEFAULT_PHRASES,
+        };
         if (!a->body || a->body_len == 0)
                 return;
         b->raw = a->body;
@@ -770,14 +788,15 @@ static bool body_mentions_rate_limit(const struct body *b) {
         size_t len;
 
         if (!b->root)
-                return policy_mentions_rate_limit(b->raw, b->raw_len);
+                return mentions_phrase(b->raw, b->raw_len, b->phrases, b->n_phrases);
 
         for (size_t i = 0; i < sizeof(error_text_fields) / sizeof(error_text_fields[0]); i++)
-                if (json_str(b->error, error_text_fields[i], &s, &len) && policy_mentions_rate_limit(s, len))
+                if (json_str(b->error, error_text_fields[i], &s, &len) &&
+                    mentions_phrase(s, len, b->phrases, b->n_phrases))
                         return true;
         top = body_top(b);
         for (size_t i = 0; i < sizeof(top_text_fields) / sizeof(top_text_fields[0]); i++)
-                if (json_str(top, top_text_fields[i], &s, &len) && policy_mentions_rate_limit(s, len))
+                if (json_str(top, top_text_fields[i], &s, &len) && mentions_phrase(s, len, b->phrases, b->n_phrases))
                         return true;
         return false;
 }
@@ -982,9 +1001,8 @@ static const char *const anthropic_buckets[][2] = {
         { "anthropic-ratelimit-output-tokens-remaining", "anthropic-ratelimit-output-tokens-reset" },
 };
 
-/* The provider's own word on how long to wait, most explicit first. */
-static bool hinted_rest(const struct upstream_answer *a, const struct body *b, int64_t now_ms,
-                        int64_t *ret_ms) {
+/* Retry-After and its millisecond cousins: the hints any provider may put on any answer. */
+static bool hint_retry_headers(const struct upstream_answer *a, int64_t now_ms, int64_t *ret_ms) {
         static const char *const ms_headers[] = { "retry-after-ms", "x-ms-retry-after-ms" };
         const char *v;
         size_t len;
@@ -995,6 +1013,42 @@ static bool hinted_rest(const struct upstream_answer *a, const struct body *b, i
                 if (header_value(a, ms_headers[i], &v, &len) &&
                     parse_number_ms(v, len, NSEC_PER_MSEC, ret_ms) >= 0)
                         return true;
+        return false;
+}
+
+/* The latest refill among the buckets the answer says are empty. A bare "remaining: 0" without
+ * its reset says nothing about when to come back (the simulator sends X-RateLimit-Remaining on
+ * every success), so it counts for nothing here. */
+static bool hint_any_empty_bucket(const struct upstream_answer *a, int64_t now_ms, int64_t *ret_ms) {
+        bool found = false;
+        int64_t best = 0, ms;
+
+        if (hint_empty_buckets(a, now_ms, openai_buckets, sizeof(openai_buckets) / sizeof(openai_buckets[0]),
+                               false, &ms)) {
+                best = ms;
+                found = true;
+        }
+        if (hint_empty_buckets(a, now_ms, anthropic_buckets,
+                               sizeof(anthropic_buckets) / sizeof(anthropic_buckets[0]), true, &ms) &&
+            (!found || ms > best)) {
+                best = ms;
+                found = true;
+        }
+        if (header_is_zero(a, "x-ratelimit-remaining") && hint_ratelimit_reset(a, now_ms, &ms) &&
+            (!found || ms > best)) {
+                best = ms;
+                found = true;
+        }
+        if (found)
+                *ret_ms = best;
+        return found;
+}
+
+/* The provider's own word on how long to wait, most explicit first. */
+static bool hinted_rest(const struct upstream_answer *a, const struct body *b, int64_t now_ms,
+                        int64_t *ret_ms) {
+        if (hint_retry_headers(a, now_ms, ret_ms))
+                return true;
         if (hint_retry_info(b, ret_ms))
                 return true;
         if (hint_message(b, ret_ms))
@@ -1010,8 +1064,12 @@ static bool hinted_rest(const struct upstream_answer *a, const struct body *b, i
 
 /* ---- classification --------------------------------------------------------------------- */
 
+static int64_t max_cooldown(const struct policy_config *pc) {
+        return pc && pc->max_cooldown_ms > 0 ? pc->max_cooldown_ms : POLICY_DEFAULT_MAX_COOLDOWN_MS;
+}
+
 static int64_t clamp_hint(int64_t ms, const struct policy_config *pc) {
-        int64_t max = pc && pc->max_cooldown_ms > 0 ? pc->max_cooldown_ms : POLICY_DEFAULT_MAX_COOLDOWN_MS;
+        int64_t max = max_cooldown(pc);
 
         if (ms < POLICY_MIN_HINTED_REST_MS)
                 ms = POLICY_MIN_HINTED_REST_MS;
@@ -1050,7 +1108,15 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
         }
         s = a->status;
         if (s >= 200 && s <= 399) {
+                int64_t ms;
+
                 v.cls = VERDICT_OK;
+                /* A success that emptied a bucket: the next request on this key would earn a 429,
+                 * so the key may rest now, before anyone pays for that 429. */
+                if (s <= 299 && hint_any_empty_bucket(a, now_ms, &ms)) {
+                        v.rest_ms = clamp_hint(ms, pc);
+                        v.hinted = 1;
+                }
                 *ret = v;
                 return;
         }
@@ -1060,7 +1126,7 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
                 return;
         }
 
-        body_parse(a, &b);
+        body_parse(a, pc, &b);
         if (s == 401 || s == 403)
                 v.cls = VERDICT_AUTH;
         else if (s == 402)
@@ -1083,5 +1149,314 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
         }
         body_done(&b);
 
+        /* Not the key's fault, but the provider may still say when trying again is worth it (503
+         * with Retry-After, OpenRouter's in-flight budget); the retry loop waits at least that. */
+        if (v.cls == VERDICT_TRANSIENT) {
+                int64_t ms;
+
+                if (hint_retry_headers(a, now_ms, &ms))
+                        v.retry_after_ms = ms > max_cooldown(pc) ? max_cooldown(pc) : ms;
+        }
+
         *ret = v;
+}
+
+/* ---- retries ---------------------------------------------------------------------------- */
+
+int64_t policy_backoff_ms(unsigned retry, int64_t initial_ms, int64_t max_ms, uint32_t random) {
+        int64_t base, per_mille, jitter, d;
+
+        /* A cap below 1 ms is a broken configuration; retrying in a hot loop would be worse. */
+        if (max_ms < 1)
+                return 1;
+        base = initial_ms < 1 ? 1 : initial_ms;
+        if (base > max_ms)
+                base = max_ms;
+        /* Doubling stops at the cap, so neither a huge retry count nor a huge initial overflows. */
+        for (unsigned i = 0; i < retry && base < max_ms; i++)
+                base = base > max_ms / 2 ? max_ms : base * 2;
+
+        /* Multiply-shift spreads the 32-bit value evenly over −1000…+1000 ‰ (no modulo bias):
+         * 0 gives −10 %, 2^31 none, UINT32_MAX +10 %. Workers that failed together then retry
+         * apart instead of hitting the provider again in one burst. */
+        per_mille = (int64_t) (((uint64_t) random * 2001) >> 32) - 1000;
+        jitter = base / 10000 * per_mille + base % 10000 * per_mille / 10000;
+        /* base ≤ max_ms, so comparing against the headroom cannot overflow where base + jitter could. */
+        if (jitter > max_ms - base)
+                return max_ms;
+        d = base + jitter;
+        return d < 1 ? 1 : d;
+}
+
+/* ---- figures ---------------------------------------------------------------------------- */
+
+/* A count such as "59" or "149984". A sign, a fraction or a number int64 cannot hold is garbage
+ * and says nothing. */
+static bool header_count(const struct upstream_answer *a, const char *name, int64_t *ret) {
+        const char *v;
+        size_t len, pos = 0;
+        int64_t ip, frac9;
+
+        if (!header_value(a, name, &v, &len) || len == 0 || !is_digit(v[0]))
+                return false;
+        if (parse_decimal(v, len, &pos, &ip, &frac9) < 0 || pos != len || frac9 != 0)
+                return false;
+        *ret = ip;
+        return true;
+}
+
+static bool header_go_reset(const struct upstream_answer *a, const char *name, int64_t *ret_ms) {
+        const char *v;
+        size_t len;
+
+        return header_value(a, name, &v, &len) && parse_go_duration_ms(v, len, ret_ms) >= 0;
+}
+
+static bool header_rfc3339_reset(const struct upstream_answer *a, const char *name, int64_t now_ms,
+                                 int64_t *ret_ms) {
+        const char *v;
+        size_t len;
+        int64_t when;
+
+        return header_value(a, name, &v, &len) && parse_rfc3339(v, len, &when) >= 0 &&
+               until(when, now_ms, ret_ms) >= 0;
+}
+
+void policy_read_figures(const struct upstream_answer *a, int64_t now_ms, struct rate_figures *ret) {
+        struct rate_figures f = RATE_FIGURES_UNKNOWN;
+
+        if (!ret)
+                return;
+        if (!a) {
+                *ret = f;
+                return;
+        }
+
+        /* Each helper writes only when it understood its header, so the first that does wins and
+         * a figure nobody sent stays -1. */
+        if (!header_count(a, "x-ratelimit-remaining-requests", &f.remaining_requests) &&
+            !header_count(a, "anthropic-ratelimit-requests-remaining", &f.remaining_requests))
+                header_count(a, "x-ratelimit-remaining", &f.remaining_requests);
+        if (!header_count(a, "x-ratelimit-remaining-tokens", &f.remaining_tokens))
+                header_count(a, "anthropic-ratelimit-tokens-remaining", &f.remaining_tokens);
+
+        if (!header_go_reset(a, "x-ratelimit-reset-requests", &f.reset_requests_ms) &&
+            !header_rfc3339_reset(a, "anthropic-ratelimit-requests-reset", now_ms, &f.reset_requests_ms))
+                hint_ratelimit_reset(a, now_ms, &f.reset_requests_ms);
+        if (!header_go_reset(a, "x-ratelimit-reset-tokens", &f.reset_tokens_ms))
+                header_rfc3339_reset(a, "anthropic-ratelimit-tokens-reset", now_ms, &f.reset_tokens_ms);
+
+        *ret = f;
+}
+
+/* ---- usage ------------------------------------------------------------------------------ */
+
+/* A token count is a non-negative JSON integer; 12.0, "12" or -1 are not counts. */
+static bool json_count(json_t *obj, const char *key, uint64_t *ret) {
+        json_t *v = json_object_get(obj, key);
+
+        if (!json_is_integer(v) || json_integer_value(v) < 0)
+                return false;
+        *ret = (uint64_t) json_integer_value(v);
+        return true;
+}
+
+int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_out) {
+        uint64_t in = 0, out = 0;
+        json_t *root, *u;
+        int r = 0;
+
+        if (!ret_in || !ret_out)
+                return -EINVAL;
+        if (!json || len == 0)
+                return -ENOENT;
+        root = json_loadb(json, len, 0, NULL);
+        if (!json_is_object(root)) {
+                json_decref(root);
+                return -ENOENT;
+        }
+
+        /* OpenAI and OpenRouter say prompt/completion, Anthropic (and OpenAI's Responses API)
+         * input/output; Anthropic's message_start carries it inside "message". A chunk's
+         * "usage": null (OpenAI streams before the last chunk) is no usage. */
+        u = json_object_get(root, "usage");
+        if (!json_is_object(u))
+                u = json_object_get(json_object_get(root, "message"), "usage");
+        if (json_is_object(u)) {
+                if (!json_count(u, "prompt_tokens", &in))
+                        json_count(u, "input_tokens", &in);
+                if (!json_count(u, "completion_tokens", &out))
+                        json_count(u, "output_tokens", &out);
+        } else if (json_is_object(u = json_object_get(root, "usageMetadata"))) {
+                json_count(u, "promptTokenCount", &in);
+                json_count(u, "candidatesTokenCount", &out);
+        } else
+                r = -ENOENT;
+        json_decref(root);
+        if (r < 0)
+                return r;
+
+        *ret_in = in;
+        *ret_out = out;
+        return 0;
+}
+
+/* ---- streams ---------------------------------------------------------------------------- */
+
+static const struct {
+        const char *type;
+        int status;
+} anthropic_error_types[] = {
+        { "invalid_request_error", 400 },
+        { "authentication_error", 401 },
+        { "permission_error", 403 },
+        { "not_found_error", 404 },
+        { "request_too_large", 413 },
+        { "rate_limit_error", 429 },
+        { "api_error", 500 },
+        { "overloaded_error", 529 },
+};
+
+/* The HTTP status an error inside a stream stands for. An error that names no usable status is
+ * still an error: 500 makes the classifier read its words and otherwise call it transient, where
+ * a 1xx–3xx code would have let a failed stream pass as a success. */
+static int stream_error_status(json_t *error) {
+        json_t *code = json_object_get(error, "code");
+        const char *t;
+        size_t len;
+
+        if (json_is_integer(code) && json_integer_value(code) >= 400 && json_integer_value(code) <= 599)
+                return (int) json_integer_value(code);
+        if (json_str(error, "type", &t, &len))
+                for (size_t i = 0; i < sizeof(anthropic_error_types) / sizeof(anthropic_error_types[0]); i++)
+                        if (eq_ci(t, len, anthropic_error_types[i].type))
+                                return anthropic_error_types[i].status;
+        /* OpenAI sends both its rate limit and its billing error as 429; the body tells them apart. */
+        if (json_str(error, "code", &t, &len) &&
+            (eq_ci(t, len, "rate_limit_exceeded") || eq_ci(t, len, "insufficient_quota")))
+                return 429;
+        return 500;
+}
+
+/* The next field of an SSE event: lines end in CRLF, LF or a lone CR; blank lines and comments
+ * (":" first) are skipped; a line without a colon is a field with an empty value; one space
+ * after the colon is not part of the value. */
+static bool sse_next_field(const char *s, size_t len, size_t *pos, const char **ret_name, size_t *ret_name_len,
+                           const char **ret_value, size_t *ret_value_len) {
+        size_t i = *pos;
+
+        while (i < len) {
+                size_t start = i, line_len;
+                const char *colon;
+
+                while (i < len && s[i] != '\n' && s[i] != '\r')
+                        i++;
+                line_len = i - start;
+                if (i < len && s[i] == '\r') {
+                        i++;
+                        if (i < len && s[i] == '\n')
+                                i++;
+                } else if (i < len)
+                        i++;
+                if (line_len == 0 || s[start] == ':')
+                        continue;
+
+                colon = memchr(s + start, ':', line_len);
+                *ret_name = s + start;
+                if (colon) {
+                        *ret_name_len = (size_t) (colon - (s + start));
+                        *ret_value = colon + 1;
+                        *ret_value_len = line_len - *ret_name_len - 1;
+                        if (*ret_value_len > 0 && (*ret_value)[0] == ' ') {
+                                (*ret_value)++;
+                                (*ret_value_len)--;
+                        }
+                } else {
+                        *ret_name_len = line_len;
+                        *ret_value = s + start + line_len;
+                        *ret_value_len = 0;
+                }
+                *pos = i;
+                return true;
+        }
+        *pos = i;
+        return false;
+}
+
+static bool field_is(const char *name, size_t name_len, const char *want) {
+        return name_len == strlen(want) && memcmp(name, want, name_len) == 0;
+}
+
+int policy_sse_error(const char *event, size_t len, int *ret_status, const char **ret_data,
+                     size_t *ret_data_len) {
+        const char *name, *value, *data = NULL, *data_end = NULL;
+        size_t pos = 0, name_len, value_len, data_len = 0, n_data = 0;
+        bool error_event = false, is_error;
+        int status = 500;
+        char *joined = NULL;
+        json_t *root = NULL;
+
+        if (!event || len == 0)
+                return 0;
+
+        while (sse_next_field(event, len, &pos, &name, &name_len, &value, &value_len)) {
+                /* Field names are case-sensitive, and the last "event" line names the event. */
+                if (field_is(name, name_len, "event"))
+                        error_event = value_len == 5 && memcmp(value, "error", 5) == 0;
+                else if (field_is(name, name_len, "data")) {
+                        if (n_data == 0) {
+                                data = value;
+                                data_len = value_len;
+                        }
+                        data_end = value + value_len;
+                        n_data++;
+                }
+        }
+
+        if (n_data == 1)
+                root = json_loadb(data, data_len, 0, NULL);
+        else if (n_data > 1) {
+                /* Providers put an event's JSON on one line, but the spec lets data span several,
+                 * joined by LF. The joined text never exceeds the event itself. */
+                size_t n = 0;
+
+                joined = malloc(len);
+                if (joined) {
+                        pos = 0;
+                        while (sse_next_field(event, len, &pos, &name, &name_len, &value, &value_len)) {
+                                if (!field_is(name, name_len, "data"))
+                                        continue;
+                                if (n > 0)
+                                        joined[n++] = '\n';
+                                memcpy(joined + n, value, value_len);
+                                n += value_len;
+                        }
+                        root = json_loadb(joined, n, 0, NULL);
+                        free(joined);
+                }
+        }
+
+        is_error = error_event;
+        if (json_is_object(root)) {
+                json_t *e = json_object_get(root, "error");
+
+                if (json_is_object(e)) {
+                        is_error = true;
+                        status = stream_error_status(e);
+                } else if (json_str_is(root, "type", "error"))
+                        is_error = true;
+        }
+        json_decref(root);
+        if (!is_error)
+                return 0;
+
+        if (ret_status)
+                *ret_status = status;
+        if (ret_data)
+                *ret_data = data ? data : event;
+        if (ret_data_len)
+                /* With several data lines this spans them all, "data:" prefixes included: not
+                 * JSON any more, but the classifier still finds the words in it. */
+                *ret_data_len = data ? (size_t) (data_end - data) : 0;
+        return 1;
 }

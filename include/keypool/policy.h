@@ -29,9 +29,13 @@ struct upstream_answer {
 struct policy_config {
         int64_t recovery_ms;    /* rest when a rate limit carries no hint */
         int64_t max_cooldown_ms;/* cap on any hint */
+        const char *const *phrases;     /* rate-limit phrases (matched ignoring case); NULL: built-in */
+        size_t n_phrases;
 };
 
-/* Classifies one answer. now_ms is the wall-clock time (ms since the epoch) used to turn
+/* Classifies one answer. A 2xx whose remaining requests or tokens figure is 0 is VERDICT_OK with
+ * rest_ms until the matching reset (capped). A TRANSIENT answer with a retry hint (Retry-After on
+ * 503, OpenRouter's in-flight budget 402) carries it in retry_after_ms. now_ms is the wall-clock time (ms since the epoch) used to turn
  * HTTP-dates and reset timestamps into durations. Always succeeds; writes ret. */
 void policy_classify(const struct upstream_answer *a, const struct policy_config *pc,
                      int64_t now_ms, struct verdict *ret);
@@ -40,5 +44,31 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
  * Returns 0 and writes ret_ms on success, -EINVAL for garbage; a date in the past gives 0 ms. */
 int policy_parse_retry_after(const char *value, size_t len, int64_t now_ms, int64_t *ret_ms);
 
-/* Does text contain a rate-limit phrase ("rate limit", "too many requests", ...), ignoring case? */
+/* Does text contain a rate-limit phrase ("rate limit", "too many requests", ...), ignoring case?
+ * Uses the built-in list. */
 int policy_mentions_rate_limit(const char *text, size_t len);
+
+/* The built-in phrase list, NULL-terminated (for documentation and config defaults). */
+extern const char *const policy_default_phrases[];
+
+/* Delay before transient retry number `retry` (0 for the first): initial_ms doubled per retry,
+ * capped at max_ms, with up to ±10 % jitter drawn from `random` (any 32-bit value), never above
+ * max_ms. */
+int64_t policy_backoff_ms(unsigned retry, int64_t initial_ms, int64_t max_ms, uint32_t random);
+
+/* Reads the rate-limit figures (remaining requests/tokens and their resets) from any provider's
+ * headers: x-ratelimit-*, anthropic-ratelimit-*, X-RateLimit-Remaining/Reset. Unknown ones -1. */
+void policy_read_figures(const struct upstream_answer *a, int64_t now_ms, struct rate_figures *ret);
+
+/* Token usage in a JSON answer or stream chunk: OpenAI/OpenRouter usage.prompt_tokens /
+ * completion_tokens, Anthropic usage.input_tokens / output_tokens (also inside "message"),
+ * Gemini usageMetadata.promptTokenCount / candidatesTokenCount. 0 when found, -ENOENT when not. */
+int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_out);
+
+/* Is this SSE event (its raw text: "event: …" and "data: …" lines, without the blank line that
+ * ends it) an error? OpenRouter sends data: {…,"error":{"code":429,"message":…}} after HTTP 200,
+ * Anthropic event: error / data: {"type":"error","error":{"type":"rate_limit_error",…}}. Returns
+ * 1 and writes the equivalent HTTP status and the data payload (pointing into event) to judge
+ * with policy_classify; 0 when it is not an error. */
+int policy_sse_error(const char *event, size_t len, int *ret_status, const char **ret_data,
+                     size_t *ret_data_len);

@@ -18,9 +18,21 @@ enum verdict_class {
 
 struct verdict {
         enum verdict_class cls;
-        int64_t rest_ms;        /* for VERDICT_RATE_LIMITED: how long the key rests */
+        int64_t rest_ms;        /* RATE_LIMITED: how long the key rests; OK: > 0 when the answer
+                                 * said the key has nothing left (remaining 0) until then */
         int hinted;             /* 1 when rest_ms came from the provider, 0 when it is the default */
+        int64_t retry_after_ms; /* TRANSIENT: the provider's retry hint, 0 when none */
 };
+
+/* The most recent rate-limit figures a provider sent for a key. -1: not sent. */
+struct rate_figures {
+        int64_t remaining_requests;
+        int64_t remaining_tokens;
+        int64_t reset_requests_ms;      /* ms from the answer until the request bucket refills */
+        int64_t reset_tokens_ms;
+};
+
+#define RATE_FIGURES_UNKNOWN ((struct rate_figures) { -1, -1, -1, -1 })
 
 /* "ok", "rate_limited", "quota", "auth", "transient", "caller", or NULL for VERDICT_NONE. */
 const char *verdict_class_name(enum verdict_class c);

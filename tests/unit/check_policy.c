@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -37,7 +38,7 @@ static struct verdict judge_full(int status, const struct answer_header *h, size
                 .body = body,
                 .body_len = body_len,
         };
-        struct verdict v = { .cls = VERDICT_NONE, .rest_ms = -12345, .hinted = -1 };
+        struct verdict v = { .cls = VERDICT_NONE, .rest_ms = -12345, .hinted = -1, .retry_after_ms = -12345 };
 
         policy_classify(&a, pc, now, &v);
         return v;
@@ -63,6 +64,17 @@ static struct verdict judge_at(int status, const char *body, const struct policy
         } while (0)
 
 #define assert_class(v, want_cls) assert_verdict(v, want_cls, 0, 0)
+#define assert_ok_rests(v, ms)    assert_verdict(v, VERDICT_OK, ms, 1)
+
+/* A transient verdict never rests the key; the hint, if any, is only for the retry loop. */
+#define assert_transient_retry(v, want_retry)                                                           \
+        do {                                                                                            \
+                struct verdict _t = (v);                                                                \
+                assert_class(_t, VERDICT_TRANSIENT);                                                    \
+                ck_assert_msg(_t.retry_after_ms == (int64_t) (want_retry),                              \
+                              "expected retry_after_ms %lld, got %lld", (long long) (want_retry),       \
+                              (long long) _t.retry_after_ms);                                           \
+        } while (0)
 #define assert_rests(v, ms)       assert_verdict(v, VERDICT_RATE_LIMITED, ms, 1)
 #define assert_unhinted(v)        assert_verdict(v, VERDICT_RATE_LIMITED, RECOVERY, 0)
 
@@ -1163,6 +1175,1025 @@ START_TEST(test_only_the_first_of_repeated_headers_counts) {
 }
 END_TEST
 
+/* ---- configured phrases ----------------------------------------------------------------- */
+
+START_TEST(test_default_phrase_list_is_exported_and_null_terminated) {
+        size_t n = 0;
+
+        while (policy_default_phrases[n])
+                n++;
+        ck_assert_uint_eq(n, 8);
+        ck_assert_str_eq(policy_default_phrases[0], "rate limit");
+        ck_assert_str_eq(policy_default_phrases[4], "too many requests");
+        ck_assert_str_eq(policy_default_phrases[7], "resource_exhausted");
+}
+END_TEST
+
+START_TEST(test_configured_phrases_replace_the_built_in_list) {
+        static const char *const phrases[] = { "slow down" };
+        static const struct policy_config pc = {
+                .recovery_ms = RECOVERY, .max_cooldown_ms = DAY, .phrases = phrases, .n_phrases = 1,
+        };
+        static const char slow[] = "{\"error\":{\"message\":\"Please Slow Down, friend\"}}";
+        static const char limited[] = "{\"error\":{\"message\":\"Rate limit exceeded\"}}";
+
+        assert_unhinted(judge_at(503, slow, &pc, NOW));
+        assert_unhinted(judge_at(400, slow, &pc, NOW));
+        /* The built-in list no longer applies to the classifier... */
+        assert_class(judge_at(503, limited, &pc, NOW), VERDICT_TRANSIENT);
+        assert_class(judge_at(400, limited, &pc, NOW), VERDICT_CALLER);
+        /* ...but policy_mentions_rate_limit keeps using it, and the default config still does. */
+        ck_assert_int_eq(policy_mentions_rate_limit("Rate limit exceeded", 19), 1);
+        ck_assert_int_eq(policy_mentions_rate_limit("Please slow down", 16), 0);
+        assert_unhinted(judge_at(503, limited, &pc_default, NOW));
+        assert_class(judge_at(503, slow, &pc_default, NOW), VERDICT_TRANSIENT);
+}
+END_TEST
+
+START_TEST(test_configured_phrases_match_plain_text_in_any_case) {
+        static const char *const phrases[] = { "Throttled", "try later" };
+        static const struct policy_config pc = {
+                .recovery_ms = RECOVERY, .max_cooldown_ms = DAY, .phrases = phrases, .n_phrases = 2,
+        };
+
+        assert_unhinted(judge_at(502, "upstream THROTTLED this key", &pc, NOW));
+        assert_unhinted(judge_at(500, "<html>please TRY LATER</html>", &pc, NOW));
+        assert_class(judge_at(500, "<html>internal error</html>", &pc, NOW), VERDICT_TRANSIENT);
+}
+END_TEST
+
+START_TEST(test_empty_configured_list_matches_nothing_and_429_still_rests) {
+        static const char *const phrases[] = { "unused" };
+        static const struct policy_config pc = {
+                .recovery_ms = RECOVERY, .max_cooldown_ms = DAY, .phrases = phrases, .n_phrases = 0,
+        };
+
+        assert_class(judge_at(502, "rate limit, too many requests", &pc, NOW), VERDICT_TRANSIENT);
+        assert_class(judge_at(400, "unused", &pc, NOW), VERDICT_CALLER);
+        /* A 429 is a rate limit by its status alone, whatever the phrases. */
+        assert_unhinted(judge_at(429, "{}", &pc, NOW));
+}
+END_TEST
+
+START_TEST(test_null_and_empty_configured_phrases_match_nothing) {
+        static const char *const phrases[] = { NULL, "", "throttled" };
+        static const struct policy_config pc = {
+                .recovery_ms = RECOVERY, .max_cooldown_ms = DAY, .phrases = phrases, .n_phrases = 3,
+        };
+
+        /* An empty phrase would otherwise match every error. */
+        assert_class(judge_at(500, "anything at all", &pc, NOW), VERDICT_TRANSIENT);
+        assert_class(judge_at(400, "anything at all", &pc, NOW), VERDICT_CALLER);
+        assert_unhinted(judge_at(500, "throttled", &pc, NOW));
+}
+END_TEST
+
+/* ---- successes that empty a bucket ------------------------------------------------------ */
+
+START_TEST(test_success_with_an_empty_openai_request_bucket_rests_until_its_reset) {
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-limit-requests", "500"),
+                HDR("x-ratelimit-remaining-requests", "0"),
+                HDR("x-ratelimit-reset-requests", "6m0s"),
+                HDR("x-ratelimit-remaining-tokens", "29000"),
+                HDR("x-ratelimit-reset-tokens", "2s"),
+        };
+        static const struct answer_header tok[] = {
+                HDR("x-ratelimit-remaining-tokens", "0"),
+                HDR("x-ratelimit-reset-tokens", "7.66s"),
+        };
+        struct verdict v = judge(200, h, N(h), "{}");
+
+        assert_ok_rests(v, 6 * MIN);
+        ck_assert_int_eq(v.retry_after_ms, 0);
+        assert_ok_rests(judge(200, tok, N(tok), "{}"), 7660);
+}
+END_TEST
+
+START_TEST(test_success_with_both_openai_buckets_empty_rests_until_the_later_reset) {
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-remaining-requests", "0"),
+                HDR("x-ratelimit-reset-requests", "1s"),
+                HDR("x-ratelimit-remaining-tokens", "0"),
+                HDR("x-ratelimit-reset-tokens", "2m59.56s"),
+        };
+
+        assert_ok_rests(judge(201, h, N(h), "{}"), 179560);
+}
+END_TEST
+
+START_TEST(test_success_with_an_empty_anthropic_bucket_rests_until_its_rfc3339_reset) {
+        static const struct answer_header h[] = {
+                HDR("anthropic-ratelimit-requests-limit", "50"),
+                HDR("anthropic-ratelimit-requests-remaining", "0"),
+                HDR("anthropic-ratelimit-requests-reset", "2026-08-21T12:00:42Z"),
+                HDR("anthropic-ratelimit-tokens-remaining", "12000"),
+                HDR("anthropic-ratelimit-tokens-reset", "2026-08-21T12:05:00Z"),
+        };
+        static const struct answer_header out[] = {
+                HDR("anthropic-ratelimit-requests-remaining", "0"),
+                HDR("anthropic-ratelimit-requests-reset", "2026-08-21T12:00:42Z"),
+                HDR("anthropic-ratelimit-output-tokens-remaining", "0"),
+                HDR("anthropic-ratelimit-output-tokens-reset", "2026-08-21T05:01:30-07:00"),
+        };
+
+        assert_ok_rests(judge(200, h, N(h), "{}"), 42 * SEC);
+        assert_ok_rests(judge(200, out, N(out), "{}"), 90 * SEC);
+}
+END_TEST
+
+START_TEST(test_success_with_openrouter_remaining_zero_rests_until_x_ratelimit_reset) {
+        static const struct answer_header h[] = {
+                HDR("X-RateLimit-Limit", "20"),
+                HDR("X-RateLimit-Remaining", "0"),
+                HDR("X-RateLimit-Reset", "1787313615000"),
+        };
+
+        assert_ok_rests(judge(200, h, N(h), "{}"), 15 * SEC);
+}
+END_TEST
+
+START_TEST(test_success_takes_the_latest_reset_across_providers) {
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-remaining-tokens", "0"),
+                HDR("x-ratelimit-reset-tokens", "10s"),
+                HDR("X-RateLimit-Remaining", "0"),
+                HDR("X-RateLimit-Reset", "1787313620000"),
+                HDR("anthropic-ratelimit-tokens-remaining", "0"),
+                HDR("anthropic-ratelimit-tokens-reset", "2026-08-21T12:00:05Z"),
+        };
+
+        assert_ok_rests(judge(200, h, N(h), "{}"), 20 * SEC);
+}
+END_TEST
+
+START_TEST(test_simulator_success_headers_without_a_reset_do_not_cool) {
+        /* The bundled simulator sends these on every admitted request, the last one of a window
+         * included; with no reset there is nothing to wait for. */
+        static const struct answer_header last[] = {
+                HDR("X-RateLimit-Limit", "20"),
+                HDR("X-RateLimit-Remaining", "0"),
+        };
+        static const struct answer_header some[] = {
+                HDR("X-RateLimit-Limit", "20"),
+                HDR("X-RateLimit-Remaining", "7"),
+        };
+        struct verdict v = judge(200, last, N(last), "{\"usage\":{\"prompt_tokens\":10}}");
+
+        assert_class(v, VERDICT_OK);
+        ck_assert_int_eq(v.retry_after_ms, 0);
+        assert_class(judge(200, some, N(some), "{}"), VERDICT_OK);
+}
+END_TEST
+
+START_TEST(test_success_with_room_left_or_no_figures_does_not_cool) {
+        static const struct answer_header room[] = {
+                HDR("x-ratelimit-remaining-requests", "1"),
+                HDR("x-ratelimit-reset-requests", "6m0s"),
+                HDR("anthropic-ratelimit-tokens-remaining", "500"),
+                HDR("anthropic-ratelimit-tokens-reset", "2026-08-21T12:00:42Z"),
+                HDR("X-RateLimit-Remaining", "3"),
+                HDR("X-RateLimit-Reset", "1787313615000"),
+        };
+        static const struct answer_header resets_only[] = {
+                HDR("x-ratelimit-reset-requests", "6m0s"),
+                HDR("X-RateLimit-Reset", "1787313615000"),
+        };
+
+        assert_class(judge(200, room, N(room), "{}"), VERDICT_OK);
+        assert_class(judge(200, resets_only, N(resets_only), "{}"), VERDICT_OK);
+        assert_class(judge(200, NULL, 0, NULL), VERDICT_OK);
+}
+END_TEST
+
+START_TEST(test_redirect_with_an_empty_bucket_does_not_cool) {
+        /* Only a 2xx spent the bucket on a real answer; a redirect is passed on as it is. */
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-remaining-requests", "0"),
+                HDR("x-ratelimit-reset-requests", "6m0s"),
+        };
+
+        assert_class(judge(302, h, N(h), NULL), VERDICT_OK);
+        assert_ok_rests(judge(299, h, N(h), NULL), 6 * MIN);
+}
+END_TEST
+
+START_TEST(test_success_with_an_unusable_reset_does_not_cool) {
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-remaining-requests", "0"),
+                HDR("x-ratelimit-reset-requests", "soon"),
+                HDR("x-ratelimit-remaining-tokens", "0"),
+                HDR("x-ratelimit-reset-tokens", "-5s"),
+                HDR("anthropic-ratelimit-requests-remaining", "0"),
+                HDR("anthropic-ratelimit-requests-reset", "2026-02-30T00:00:00Z"),
+                HDR("X-RateLimit-Remaining", "0"),
+                HDR("X-RateLimit-Reset", "tomorrow"),
+        };
+        static const struct answer_header remaining_garbage[] = {
+                HDR("x-ratelimit-remaining-requests", "zero"),
+                HDR("x-ratelimit-reset-requests", "6m0s"),
+                HDR("X-RateLimit-Remaining", "-0"),
+                HDR("X-RateLimit-Reset", "1787313615000"),
+        };
+
+        assert_class(judge(200, h, N(h), "{}"), VERDICT_OK);
+        assert_class(judge(200, remaining_garbage, N(remaining_garbage), "{}"), VERDICT_OK);
+}
+END_TEST
+
+START_TEST(test_success_rest_is_clamped_to_one_second_and_max_cooldown) {
+        static const struct answer_header now[] = {
+                HDR("x-ratelimit-remaining-requests", "0"),
+                HDR("x-ratelimit-reset-requests", "0s"),
+        };
+        static const struct answer_header past[] = {
+                HDR("anthropic-ratelimit-requests-remaining", "0"),
+                HDR("anthropic-ratelimit-requests-reset", "2026-08-21T11:00:00Z"),
+        };
+        static const struct answer_header far[] = {
+                HDR("x-ratelimit-remaining-tokens", "0"),
+                HDR("x-ratelimit-reset-tokens", "100h"),
+        };
+        static const struct policy_config tight = { .recovery_ms = RECOVERY, .max_cooldown_ms = 30 * SEC };
+
+        assert_ok_rests(judge(200, now, N(now), "{}"), SEC);
+        assert_ok_rests(judge(200, past, N(past), "{}"), SEC);
+        assert_ok_rests(judge(200, far, N(far), "{}"), DAY);
+        assert_ok_rests(judge_full(200, far, N(far), "{}", 2, &tight, NOW), 30 * SEC);
+        assert_ok_rests(judge_full(200, far, N(far), "{}", 2, NULL, NOW), DAY);
+}
+END_TEST
+
+START_TEST(test_retry_after_on_a_success_does_not_cool) {
+        static const struct answer_header h[] = {
+                HDR("Retry-After", "30"),
+                HDR("retry-after-ms", "30000"),
+        };
+
+        assert_class(judge(200, h, N(h), "{}"), VERDICT_OK);
+}
+END_TEST
+
+/* ---- retry hints on transient answers --------------------------------------------------- */
+
+START_TEST(test_503_with_retry_after_carries_the_hint) {
+        static const struct answer_header h[] = { HDR("Retry-After", "30") };
+
+        assert_transient_retry(judge(503, h, N(h), "{\"error\":{\"code\":503,\"message\":\"No provider available\"}}"),
+                               30 * SEC);
+        assert_transient_retry(judge(502, h, N(h), NULL), 30 * SEC);
+        assert_transient_retry(judge(408, h, N(h), NULL), 30 * SEC);
+}
+END_TEST
+
+START_TEST(test_503_with_millisecond_hints_carries_them) {
+        static const struct answer_header ms[] = { HDR("retry-after-ms", "1500") };
+        static const struct answer_header azure[] = { HDR("x-ms-retry-after-ms", "250") };
+        static const struct answer_header both[] = { HDR("retry-after-ms", "1500"), HDR("Retry-After", "2") };
+
+        assert_transient_retry(judge(503, ms, N(ms), NULL), 1500);
+        assert_transient_retry(judge(503, azure, N(azure), NULL), 250);
+        /* Retry-After is the standard one and comes first. */
+        assert_transient_retry(judge(503, both, N(both), NULL), 2 * SEC);
+}
+END_TEST
+
+START_TEST(test_503_with_an_http_date_carries_the_time_until_it) {
+        static const struct answer_header h[] = { HDR("Retry-After", "Fri, 21 Aug 2026 12:02:00 GMT") };
+        static const struct answer_header past[] = { HDR("Retry-After", "Fri, 21 Aug 2026 11:02:00 GMT") };
+
+        assert_transient_retry(judge(503, h, N(h), NULL), 2 * MIN);
+        assert_transient_retry(judge(503, past, N(past), NULL), 0);
+}
+END_TEST
+
+START_TEST(test_openrouter_in_flight_budget_402_carries_retry_after) {
+        static const struct answer_header h[] = { HDR("Retry-After", "5") };
+
+        assert_transient_retry(judge(402, h, N(h),
+                                     "{\"error\":{\"code\":402,\"message\":\"Too much spend in flight\","
+                                     "\"metadata\":{\"limit_source\":\"openrouter_in_flight_budget\"}}}"),
+                               5 * SEC);
+}
+END_TEST
+
+START_TEST(test_anthropic_overloaded_529_carries_retry_after) {
+        static const struct answer_header h[] = { HDR("retry-after", "10") };
+
+        assert_transient_retry(judge(529, h, N(h), anthropic_overloaded_body), 10 * SEC);
+}
+END_TEST
+
+START_TEST(test_transient_retry_hint_is_clamped_to_max_cooldown_not_raised) {
+        static const struct answer_header huge[] = { HDR("Retry-After", "999999") };
+        static const struct answer_header zero[] = { HDR("Retry-After", "0") };
+        static const struct answer_header tiny[] = { HDR("retry-after-ms", "1") };
+        static const struct policy_config tight = { .recovery_ms = RECOVERY, .max_cooldown_ms = 30 * SEC };
+
+        assert_transient_retry(judge(503, huge, N(huge), NULL), DAY);
+        assert_transient_retry(judge_full(503, huge, N(huge), NULL, 0, &tight, NOW), 30 * SEC);
+        assert_transient_retry(judge_full(503, huge, N(huge), NULL, 0, NULL, NOW), DAY);
+        assert_transient_retry(judge(503, zero, N(zero), NULL), 0);
+        assert_transient_retry(judge(503, tiny, N(tiny), NULL), 1);
+}
+END_TEST
+
+START_TEST(test_transient_without_a_usable_hint_has_none) {
+        static const struct answer_header garbage[] = {
+                HDR("Retry-After", "soon"),
+                HDR("retry-after-ms", "-5"),
+                HDR("x-ms-retry-after-ms", "1e3"),
+        };
+        static const struct answer_header overflow[] = { HDR("Retry-After", "99999999999999999999") };
+
+        assert_transient_retry(judge(503, NULL, 0, NULL), 0);
+        assert_transient_retry(judge(503, garbage, N(garbage), NULL), 0);
+        assert_transient_retry(judge(503, overflow, N(overflow), NULL), 0);
+        /* A delay in the message is for rate limits; a transient hint comes from headers only. */
+        assert_transient_retry(judge(503, NULL, 0, "{\"error\":{\"message\":\"Please retry in 20s\"}}"), 0);
+}
+END_TEST
+
+START_TEST(test_only_transient_verdicts_carry_a_retry_hint) {
+        static const struct answer_header h[] = { HDR("Retry-After", "30") };
+        struct upstream_answer dropped = { .status = 503, .transport_error = 28, .headers = h, .n_headers = N(h) };
+        struct verdict v = { .retry_after_ms = -1 };
+
+        ck_assert_int_eq(judge(401, h, N(h), NULL).retry_after_ms, 0);
+        ck_assert_int_eq(judge(400, h, N(h), NULL).retry_after_ms, 0);
+        ck_assert_int_eq(judge(402, h, N(h), NULL).retry_after_ms, 0);
+        /* The rate limit's hint is its rest, not a retry hint. */
+        v = judge(429, h, N(h), NULL);
+        assert_rests(v, 30 * SEC);
+        ck_assert_int_eq(v.retry_after_ms, 0);
+        /* Without a usable answer its headers mean nothing. */
+        policy_classify(&dropped, &pc_default, NOW, &v);
+        assert_transient_retry(v, 0);
+}
+END_TEST
+
+/* ---- backoff ---------------------------------------------------------------------------- */
+
+#define CENTRE UINT32_C(0x80000000)
+
+START_TEST(test_backoff_doubles_from_initial_up_to_the_cap) {
+        static const int64_t want[] = { 1000, 2000, 4000, 8000, 10000, 10000, 10000 };
+
+        for (unsigned r = 0; r < N(want); r++)
+                ck_assert_int_eq(policy_backoff_ms(r, 1000, 10000, CENTRE), want[r]);
+}
+END_TEST
+
+START_TEST(test_backoff_jitter_spans_minus_to_plus_ten_percent) {
+        static const int64_t low[] = { 900, 1800, 3600, 7200, 9000, 9000 };
+        static const int64_t high[] = { 1100, 2200, 4400, 8800, 10000, 10000 };
+
+        for (unsigned r = 0; r < N(low); r++) {
+                ck_assert_int_eq(policy_backoff_ms(r, 1000, 10000, 0), low[r]);
+                ck_assert_int_eq(policy_backoff_ms(r, 1000, 10000, UINT32_MAX), high[r]);
+        }
+        /* The mapping is monotonic: a quarter of the range is −5 %, three quarters +5 %. */
+        ck_assert_int_eq(policy_backoff_ms(1, 1000, 10000, UINT32_C(0x40000000)), 1900);
+        ck_assert_int_eq(policy_backoff_ms(1, 1000, 10000, UINT32_C(0xC0000000)), 2100);
+}
+END_TEST
+
+START_TEST(test_backoff_jitter_stays_within_ten_percent_for_any_random) {
+        uint32_t x = 2463534242u;
+        int64_t lo = INT64_MAX, hi = 0;
+
+        for (int i = 0; i < 100000; i++) {
+                int64_t d;
+
+                /* xorshift32: many spread values, reproducibly. */
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                d = policy_backoff_ms(2, 1000, 10000, x);
+                ck_assert_msg(d >= 3600 && d <= 4400, "backoff %lld outside 4000 ± 10 %%", (long long) d);
+                lo = d < lo ? d : lo;
+                hi = d > hi ? d : hi;
+        }
+        /* ...and really spreads, rather than sitting on the centre. */
+        ck_assert_int_lt(lo, 3610);
+        ck_assert_int_gt(hi, 4390);
+}
+END_TEST
+
+START_TEST(test_backoff_with_huge_retry_counts_or_values_does_not_overflow) {
+        ck_assert_int_eq(policy_backoff_ms(63, 1000, 10000, CENTRE), 10000);
+        ck_assert_int_eq(policy_backoff_ms(64, 1000, 10000, CENTRE), 10000);
+        ck_assert_int_eq(policy_backoff_ms(UINT32_MAX, 1000, 10000, 0), 9000);
+        ck_assert_int_eq(policy_backoff_ms(62, 1, INT64_MAX, CENTRE), INT64_C(4611686018427387904));
+        ck_assert_int_eq(policy_backoff_ms(63, 1, INT64_MAX, CENTRE), INT64_MAX);
+        ck_assert_int_eq(policy_backoff_ms(UINT32_MAX, INT64_MAX, INT64_MAX, UINT32_MAX), INT64_MAX);
+        ck_assert_int_eq(policy_backoff_ms(0, INT64_MAX, INT64_MAX, 0), INT64_C(8301034833169298227));
+}
+END_TEST
+
+START_TEST(test_backoff_with_odd_configurations_stays_within_one_and_max) {
+        /* Initial above the cap: the cap. */
+        ck_assert_int_eq(policy_backoff_ms(0, 5000, 3000, CENTRE), 3000);
+        ck_assert_int_eq(policy_backoff_ms(0, 5000, 3000, 0), 2700);
+        /* Initial of 0 or less: 1 ms, never 0 or negative. */
+        ck_assert_int_eq(policy_backoff_ms(0, 0, 10000, 0), 1);
+        ck_assert_int_eq(policy_backoff_ms(0, -5, 10000, CENTRE), 1);
+        ck_assert_int_eq(policy_backoff_ms(3, 0, 10000, CENTRE), 8);
+        /* A cap of 0 or less: 1 ms rather than a hot loop or a negative sleep. */
+        ck_assert_int_eq(policy_backoff_ms(0, 1000, 0, UINT32_MAX), 1);
+        ck_assert_int_eq(policy_backoff_ms(5, 1000, INT64_MIN, 0), 1);
+        /* An odd cap is reached without overshooting it. */
+        ck_assert_int_eq(policy_backoff_ms(0, 3, 7, CENTRE), 3);
+        ck_assert_int_eq(policy_backoff_ms(1, 3, 7, CENTRE), 6);
+        ck_assert_int_eq(policy_backoff_ms(2, 3, 7, CENTRE), 7);
+        ck_assert_int_eq(policy_backoff_ms(2, 3, 7, UINT32_MAX), 7);
+}
+END_TEST
+
+/* ---- rate-limit figures ----------------------------------------------------------------- */
+
+static struct rate_figures figures(const struct answer_header *h, size_t n_h) {
+        struct upstream_answer a = { .status = 200, .headers = h, .n_headers = n_h };
+        struct rate_figures f = { -7, -7, -7, -7 };
+
+        policy_read_figures(&a, NOW, &f);
+        return f;
+}
+
+#define assert_figures(f, rr, rt, xr, xt)                                                               \
+        do {                                                                                            \
+                struct rate_figures _f = (f);                                                           \
+                ck_assert_msg(_f.remaining_requests == (int64_t) (rr) &&                                \
+                                      _f.remaining_tokens == (int64_t) (rt) &&                          \
+                                      _f.reset_requests_ms == (int64_t) (xr) &&                         \
+                                      _f.reset_tokens_ms == (int64_t) (xt),                             \
+                              "expected figures %lld %lld %lld %lld, got %lld %lld %lld %lld",          \
+                              (long long) (rr), (long long) (rt), (long long) (xr), (long long) (xt),   \
+                              (long long) _f.remaining_requests, (long long) _f.remaining_tokens,       \
+                              (long long) _f.reset_requests_ms, (long long) _f.reset_tokens_ms);        \
+        } while (0)
+
+START_TEST(test_figures_unknown_when_nothing_is_sent) {
+        static const struct answer_header h[] = { HDR("Content-Type", "application/json") };
+        struct rate_figures f = { -7, -7, -7, -7 };
+
+        assert_figures(figures(NULL, 0), -1, -1, -1, -1);
+        assert_figures(figures(h, N(h)), -1, -1, -1, -1);
+        policy_read_figures(NULL, NOW, &f);
+        assert_figures(f, -1, -1, -1, -1);
+        policy_read_figures(NULL, NOW, NULL); /* must not crash */
+}
+END_TEST
+
+START_TEST(test_figures_from_openai_headers) {
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-limit-requests", "60"),
+                HDR("x-ratelimit-limit-tokens", "150000"),
+                HDR("x-ratelimit-remaining-requests", "59"),
+                HDR("x-ratelimit-remaining-tokens", "149984"),
+                HDR("x-ratelimit-reset-requests", "1s"),
+                HDR("x-ratelimit-reset-tokens", "6m0s"),
+        };
+
+        assert_figures(figures(h, N(h)), 59, 149984, 1000, 6 * MIN);
+}
+END_TEST
+
+START_TEST(test_figures_from_groq_fractional_go_durations) {
+        static const struct answer_header h[] = {
+                HDR("X-Ratelimit-Remaining-Requests", "14370"),
+                HDR("X-Ratelimit-Remaining-Tokens", "0"),
+                HDR("X-Ratelimit-Reset-Requests", "2m59.56s"),
+                HDR("X-Ratelimit-Reset-Tokens", "7.66s"),
+        };
+
+        assert_figures(figures(h, N(h)), 14370, 0, 179560, 7660);
+}
+END_TEST
+
+START_TEST(test_figures_from_anthropic_headers) {
+        static const struct answer_header h[] = {
+                HDR("anthropic-ratelimit-requests-limit", "50"),
+                HDR("anthropic-ratelimit-requests-remaining", "49"),
+                HDR("anthropic-ratelimit-requests-reset", "2026-08-21T12:00:30Z"),
+                HDR("anthropic-ratelimit-tokens-limit", "40000"),
+                HDR("anthropic-ratelimit-tokens-remaining", "39000"),
+                HDR("anthropic-ratelimit-tokens-reset", "2026-08-21T12:00:00.250Z"),
+        };
+
+        assert_figures(figures(h, N(h)), 49, 39000, 30 * SEC, 250);
+}
+END_TEST
+
+START_TEST(test_figures_from_openrouter_headers) {
+        static const struct answer_header h[] = {
+                HDR("X-RateLimit-Limit", "20"),
+                HDR("X-RateLimit-Remaining", "17"),
+                HDR("X-RateLimit-Reset", "1787313660000"),
+        };
+        static const struct answer_header sim[] = {
+                HDR("X-RateLimit-Limit", "20"),
+                HDR("X-RateLimit-Remaining", "0"),
+        };
+
+        assert_figures(figures(h, N(h)), 17, -1, MIN, -1);
+        assert_figures(figures(sim, N(sim)), 0, -1, -1, -1);
+}
+END_TEST
+
+START_TEST(test_figures_with_resets_in_the_past_are_zero) {
+        static const struct answer_header h[] = {
+                HDR("anthropic-ratelimit-requests-remaining", "3"),
+                HDR("anthropic-ratelimit-requests-reset", "2026-08-21T11:00:00Z"),
+                HDR("anthropic-ratelimit-tokens-remaining", "0"),
+                HDR("anthropic-ratelimit-tokens-reset", "1999-01-01T00:00:00Z"),
+        };
+        static const struct answer_header or[] = {
+                HDR("X-RateLimit-Remaining", "0"),
+                HDR("X-RateLimit-Reset", "1787313500000"),
+        };
+
+        assert_figures(figures(h, N(h)), 3, 0, 0, 0);
+        assert_figures(figures(or, N(or)), 0, -1, 0, -1);
+}
+END_TEST
+
+START_TEST(test_garbage_figures_are_unknown) {
+        static const char *const remaining[] = {
+                "", "-1", "abc", "1.5", "12 ", "1e3", "0x10", "99999999999999999999", "+5", "5.",
+        };
+        static const char *const go_resets[] = { "", "soon", "-5s", "5", "1y", "1.s", "99999999999h" };
+        static const char *const rfc_resets[] = { "", "2026-13-01T00:00:00Z", "2026-08-21", "yesterday",
+                                                  "2026-08-21T12:00:42" };
+
+        for (size_t i = 0; i < N(remaining); i++) {
+                struct answer_header h[] = {
+                        { "x-ratelimit-remaining-requests", 30, remaining[i], strlen(remaining[i]) },
+                        { "anthropic-ratelimit-tokens-remaining", 36, remaining[i], strlen(remaining[i]) },
+                };
+
+                /* "12 " is trimmed to "12" like every header value. */
+                if (strcmp(remaining[i], "12 ") == 0)
+                        assert_figures(figures(h, N(h)), 12, 12, -1, -1);
+                else
+                        assert_figures(figures(h, N(h)), -1, -1, -1, -1);
+        }
+        for (size_t i = 0; i < N(go_resets); i++) {
+                struct answer_header h[] = {
+                        { "x-ratelimit-reset-requests", 26, go_resets[i], strlen(go_resets[i]) },
+                        { "x-ratelimit-reset-tokens", 24, go_resets[i], strlen(go_resets[i]) },
+                };
+
+                assert_figures(figures(h, N(h)), -1, -1, -1, -1);
+        }
+        for (size_t i = 0; i < N(rfc_resets); i++) {
+                struct answer_header h[] = {
+                        { "anthropic-ratelimit-requests-reset", 34, rfc_resets[i], strlen(rfc_resets[i]) },
+                        { "anthropic-ratelimit-tokens-reset", 32, rfc_resets[i], strlen(rfc_resets[i]) },
+                };
+
+                assert_figures(figures(h, N(h)), -1, -1, -1, -1);
+        }
+}
+END_TEST
+
+START_TEST(test_unusable_figure_falls_back_to_another_providers_header) {
+        static const struct answer_header h[] = {
+                HDR("x-ratelimit-remaining-requests", "lots"),
+                HDR("X-RateLimit-Remaining", "4"),
+                HDR("x-ratelimit-reset-requests", "later"),
+                HDR("X-RateLimit-Reset", "1787313601500"),
+                HDR("x-ratelimit-remaining-tokens", "9223372036854775807"),
+        };
+
+        assert_figures(figures(h, N(h)), 4, INT64_MAX, 1500, -1);
+}
+END_TEST
+
+/* ---- usage ------------------------------------------------------------------------------ */
+
+static int usage(const char *json, uint64_t *in, uint64_t *out) {
+        *in = 777;
+        *out = 777;
+        return policy_usage(json, json ? strlen(json) : 0, in, out);
+}
+
+#define assert_usage(json, want_in, want_out)                                                          \
+        do {                                                                                           \
+                uint64_t _in, _out;                                                                    \
+                int _r = usage(json, &_in, &_out);                                                     \
+                ck_assert_msg(_r == 0 && _in == (want_in) && _out == (want_out),                       \
+                              "usage of %s: expected 0 %llu %llu, got %d %llu %llu", (json),           \
+                              (unsigned long long) (want_in), (unsigned long long) (want_out), _r,     \
+                              (unsigned long long) _in, (unsigned long long) _out);                    \
+        } while (0)
+
+#define assert_no_usage(json)                                                                          \
+        do {                                                                                           \
+                uint64_t _in, _out;                                                                    \
+                int _r = usage(json, &_in, &_out);                                                     \
+                ck_assert_msg(_r == -ENOENT && _in == 777 && _out == 777,                              \
+                              "usage of %s: expected -ENOENT and untouched outputs, got %d %llu %llu", \
+                              (json) ? (json) : "NULL", _r, (unsigned long long) _in,                  \
+                              (unsigned long long) _out);                                              \
+        } while (0)
+
+START_TEST(test_usage_from_openai_and_openrouter_answers) {
+        assert_usage("{\"id\":\"gen-fake\",\"object\":\"chat.completion\",\"choices\":[],"
+                     "\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":5,\"total_tokens\":15}}",
+                     10, 5);
+        /* The last chunk of a stream with include_usage. */
+        assert_usage("{\"id\":\"gen-fake\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,"
+                     "\"delta\":{},\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":10,"
+                     "\"completion_tokens\":3,\"total_tokens\":13}}",
+                     10, 3);
+        /* OpenAI's Responses API says input/output. */
+        assert_usage("{\"object\":\"response\",\"usage\":{\"input_tokens\":36,\"output_tokens\":87}}", 36, 87);
+}
+END_TEST
+
+START_TEST(test_usage_from_anthropic_message_and_stream_events) {
+        assert_usage("{\"id\":\"msg_fake\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],"
+                     "\"usage\":{\"input_tokens\":25,\"output_tokens\":12,\"cache_read_input_tokens\":100}}",
+                     25, 12);
+        assert_usage("{\"type\":\"message_start\",\"message\":{\"id\":\"msg_fake\",\"type\":\"message\","
+                     "\"usage\":{\"input_tokens\":472,\"output_tokens\":2}}}",
+                     472, 2);
+        assert_usage("{\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},"
+                     "\"usage\":{\"output_tokens\":15}}",
+                     0, 15);
+}
+END_TEST
+
+START_TEST(test_usage_from_gemini_usage_metadata) {
+        assert_usage("{\"candidates\":[{\"content\":{\"parts\":[{\"text\":\"hi\"}]}}],\"usageMetadata\":"
+                     "{\"promptTokenCount\":8,\"candidatesTokenCount\":20,\"totalTokenCount\":28}}",
+                     8, 20);
+        assert_usage("{\"usageMetadata\":{\"promptTokenCount\":8}}", 8, 0);
+}
+END_TEST
+
+START_TEST(test_usage_object_without_counts_gives_zeros) {
+        assert_usage("{\"usage\":{}}", 0, 0);
+        assert_usage("{\"message\":{\"usage\":{\"something\":1}}}", 0, 0);
+        assert_usage("{\"usageMetadata\":{}}", 0, 0);
+}
+END_TEST
+
+START_TEST(test_no_usage_object_is_enoent_and_leaves_outputs_alone) {
+        static const char *const bodies[] = {
+                "{\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}",
+                "{\"usage\":null}",
+                "{\"usage\":5}",
+                "{\"usage\":[10,5]}",
+                "{\"message\":{\"content\":\"no usage\"}}",
+                "{\"message\":\"usage\"}",
+                "{\"usageMetadata\":\"8\"}",
+                "[{\"usage\":{\"prompt_tokens\":10}}]",
+                "[DONE]",
+                "not json at all",
+                "{\"usage\":{\"prompt_tokens\":10}",
+                "\"usage\"",
+                "12",
+                "",
+                "{}",
+        };
+        uint64_t in = 777, out = 777;
+
+        for (size_t i = 0; i < N(bodies); i++)
+                assert_no_usage(bodies[i]);
+        assert_no_usage(NULL);
+        ck_assert_int_eq(policy_usage(NULL, 10, &in, &out), -ENOENT);
+        ck_assert_int_eq(policy_usage("{\"usage\":{}}", 12, NULL, &out), -EINVAL);
+        ck_assert_int_eq(policy_usage("{\"usage\":{}}", 12, &in, NULL), -EINVAL);
+        ck_assert_uint_eq(in, 777);
+        ck_assert_uint_eq(out, 777);
+}
+END_TEST
+
+START_TEST(test_usage_ignores_non_integer_and_negative_counts) {
+        assert_usage("{\"usage\":{\"prompt_tokens\":-3,\"completion_tokens\":\"5\"}}", 0, 0);
+        assert_usage("{\"usage\":{\"prompt_tokens\":1.5,\"completion_tokens\":null}}", 0, 0);
+        assert_usage("{\"usage\":{\"prompt_tokens\":true,\"completion_tokens\":{},\"input_tokens\":4}}", 4, 0);
+        assert_usage("{\"usageMetadata\":{\"promptTokenCount\":-1,\"candidatesTokenCount\":[3]}}", 0, 0);
+}
+END_TEST
+
+START_TEST(test_usage_handles_huge_counts_and_reads_only_len_bytes) {
+        static const char buf[] = "{\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}trailing junk";
+        uint64_t in = 0, out = 0;
+
+        assert_usage("{\"usage\":{\"prompt_tokens\":9223372036854775807,\"completion_tokens\":0}}",
+                     UINT64_C(9223372036854775807), 0);
+        /* Beyond int64 the JSON parser refuses the document: no usage rather than a wrong one. */
+        assert_no_usage("{\"usage\":{\"prompt_tokens\":99999999999999999999999}}");
+        assert_no_usage("{\"usage\":{\"prompt_tokens\":1e400}}");
+        ck_assert_int_eq(policy_usage(buf, 51, &in, &out), 0);
+        ck_assert_uint_eq(in, 1);
+        ck_assert_uint_eq(out, 2);
+        ck_assert_int_eq(policy_usage(buf, sizeof(buf) - 1, &in, &out), -ENOENT);
+}
+END_TEST
+
+/* ---- errors inside streams -------------------------------------------------------------- */
+
+static const char openrouter_stream_429_data[] =
+        "{\"id\":\"gen-fake\",\"object\":\"chat.completion.chunk\",\"model\":\"test/model:free\","
+        "\"error\":{\"code\":429,\"message\":\"Rate limit exceeded\"},"
+        "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"error\"}]}";
+
+static const char anthropic_stream_error_data[] =
+        "{\"type\":\"error\",\"error\":{\"type\":\"rate_limit_error\",\"message\":\"Number of request tokens "
+        "has exceeded your per-minute rate limit\"}}";
+
+/* Runs policy_sse_error on a NUL-terminated event and checks the status and the data it points
+ * at, which must lie inside the event. */
+static void check_sse_error(const char *event, int want_status, const char *want_data) {
+        int status = -1;
+        const char *data = NULL;
+        size_t data_len = 12345;
+        int r = policy_sse_error(event, strlen(event), &status, &data, &data_len);
+
+        ck_assert_msg(r == 1, "event '%s' should be an error, got %d", event, r);
+        ck_assert_msg(status == want_status, "event '%s': expected status %d, got %d", event, want_status,
+                      status);
+        ck_assert_msg(data >= event && data + data_len <= event + strlen(event), "data outside the event");
+        ck_assert_msg(data_len == strlen(want_data) && memcmp(data, want_data, data_len) == 0,
+                      "event '%s': expected data '%s', got '%.*s'", event, want_data, (int) data_len, data);
+}
+
+static void check_sse_fine_len(const char *event, size_t len) {
+        int status = -1;
+        const char *data = (const char *) &status;
+        size_t data_len = 12345;
+        int r = policy_sse_error(event, len, &status, &data, &data_len);
+
+        ck_assert_msg(r == 0, "event '%.*s' should not be an error, got %d", (int) (len < 200 ? len : 200),
+                      event ? event : "", r);
+        ck_assert_msg(status == -1 && data == (const char *) &status && data_len == 12345,
+                      "outputs written for a non-error event");
+}
+
+static void check_sse_fine(const char *event) {
+        check_sse_fine_len(event, strlen(event));
+}
+
+static struct verdict judge_stream_error(const char *event) {
+        int status = 0;
+        const char *data = NULL;
+        size_t data_len = 0;
+
+        ck_assert_int_eq(policy_sse_error(event, strlen(event), &status, &data, &data_len), 1);
+        return judge_full(status, NULL, 0, data, data_len, &pc_default, NOW);
+}
+
+START_TEST(test_openrouter_mid_stream_429_is_an_error_classified_as_rate_limited) {
+        char event[sizeof(openrouter_stream_429_data) + 16];
+
+        snprintf(event, sizeof(event), "data: %s", openrouter_stream_429_data);
+        check_sse_error(event, 429, openrouter_stream_429_data);
+        assert_unhinted(judge_stream_error(event));
+}
+END_TEST
+
+START_TEST(test_openrouter_mid_stream_502_is_an_error_classified_as_transient) {
+        static const char event[] =
+                "data: {\"id\":\"gen-fake\",\"error\":{\"code\":502,\"message\":\"Bad Gateway\"},"
+                "\"choices\":[{\"index\":0,\"delta\":{\"content\":\"\"},\"finish_reason\":\"error\"}]}";
+
+        check_sse_error(event, 502, event + 6);
+        assert_class(judge_stream_error(event), VERDICT_TRANSIENT);
+}
+END_TEST
+
+START_TEST(test_anthropic_error_event_maps_its_type_to_a_status) {
+        char event[sizeof(anthropic_stream_error_data) + 32];
+
+        snprintf(event, sizeof(event), "event: error\ndata: %s", anthropic_stream_error_data);
+        check_sse_error(event, 429, anthropic_stream_error_data);
+        assert_unhinted(judge_stream_error(event));
+
+        check_sse_error("event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\","
+                        "\"message\":\"Overloaded\"}}\n",
+                        529,
+                        "{\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}");
+        assert_class(judge_stream_error("event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":"
+                                        "\"overloaded_error\",\"message\":\"Overloaded\"}}"),
+                     VERDICT_TRANSIENT);
+}
+END_TEST
+
+START_TEST(test_anthropic_error_types_each_map_to_their_status) {
+        static const struct {
+                const char *type;
+                int status;
+        } cases[] = {
+                { "invalid_request_error", 400 }, { "authentication_error", 401 }, { "permission_error", 403 },
+                { "not_found_error", 404 },       { "request_too_large", 413 },    { "rate_limit_error", 429 },
+                { "api_error", 500 },             { "overloaded_error", 529 },     { "brand_new_error", 500 },
+                { "", 500 },
+        };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                char data[256], event[300];
+
+                snprintf(data, sizeof(data), "{\"type\":\"error\",\"error\":{\"type\":\"%s\",\"message\":\"x\"}}",
+                         cases[i].type);
+                snprintf(event, sizeof(event), "event: error\ndata: %s\n", data);
+                check_sse_error(event, cases[i].status, data);
+        }
+        /* A type that is not a string counts for nothing. */
+        check_sse_error("event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":429}}", 500,
+                        "{\"type\":\"error\",\"error\":{\"type\":429}}");
+}
+END_TEST
+
+START_TEST(test_anthropic_shaped_error_without_event_line_is_an_error) {
+        char event[sizeof(anthropic_stream_error_data) + 16];
+
+        snprintf(event, sizeof(event), "data: %s", anthropic_stream_error_data);
+        check_sse_error(event, 429, anthropic_stream_error_data);
+        /* "type":"error" alone is enough to call it an error. */
+        check_sse_error("data: {\"type\":\"error\"}", 500, "{\"type\":\"error\"}");
+}
+END_TEST
+
+START_TEST(test_openai_quota_error_in_a_stream_is_classified_as_billing) {
+        static const char event[] =
+                "data: {\"error\":{\"message\":\"You exceeded your current quota, please check your plan and "
+                "billing details.\",\"type\":\"insufficient_quota\",\"param\":null,\"code\":\"insufficient_quota\"}}";
+        static const char limited[] =
+                "data: {\"error\":{\"message\":\"Rate limit reached. Please try again in 2s.\","
+                "\"type\":\"requests\",\"code\":\"rate_limit_exceeded\"}}";
+
+        check_sse_error(event, 429, event + 6);
+        assert_class(judge_stream_error(event), VERDICT_QUOTA);
+        check_sse_error(limited, 429, limited + 6);
+        assert_rests(judge_stream_error(limited), 2 * SEC);
+}
+END_TEST
+
+START_TEST(test_error_event_with_odd_or_missing_data_is_still_an_error) {
+        int status = -1;
+        const char *data = NULL;
+        size_t data_len = 99;
+        static const char bare[] = "event: error";
+
+        check_sse_error("event: error\ndata: oops, not JSON", 500, "oops, not JSON");
+        check_sse_error("event: error\ndata: [DONE]", 500, "[DONE]");
+        check_sse_error("event: error\ndata: {\"error\":{\"code\":99999999999999999999999}}", 500,
+                        "{\"error\":{\"code\":99999999999999999999999}}");
+        check_sse_error("event: error\ndata: {\"error\":\"plain string\"}", 500, "{\"error\":\"plain string\"}");
+        check_sse_error("event: error\ndata:", 500, "");
+
+        ck_assert_int_eq(policy_sse_error(bare, strlen(bare), &status, &data, &data_len), 1);
+        ck_assert_int_eq(status, 500);
+        ck_assert_uint_eq(data_len, 0);
+        ck_assert_ptr_nonnull(data);
+        /* Judged by status alone: a 500 without words is transient. */
+        assert_class(judge_full(status, NULL, 0, data, data_len, &pc_default, NOW), VERDICT_TRANSIENT);
+        /* Callers that only want the yes/no may pass NULL outputs. */
+        ck_assert_int_eq(policy_sse_error(bare, strlen(bare), NULL, NULL, NULL), 1);
+}
+END_TEST
+
+START_TEST(test_error_codes_outside_the_error_range_give_500) {
+        static const char *const codes[] = { "200", "399", "99", "600", "-429", "\"429\"", "429.0", "null",
+                                             "9223372036854775807" };
+
+        for (size_t i = 0; i < N(codes); i++) {
+                char data[128], event[160];
+
+                snprintf(data, sizeof(data), "{\"error\":{\"code\":%s,\"message\":\"x\"}}", codes[i]);
+                snprintf(event, sizeof(event), "data: %s", data);
+                check_sse_error(event, 500, data);
+        }
+        check_sse_error("data: {\"error\":{\"code\":400}}", 400, "{\"error\":{\"code\":400}}");
+        check_sse_error("data: {\"error\":{\"code\":599}}", 599, "{\"error\":{\"code\":599}}");
+        /* An integer code wins over an Anthropic type. */
+        check_sse_error("data: {\"error\":{\"code\":503,\"type\":\"rate_limit_error\"}}", 503,
+                        "{\"error\":{\"code\":503,\"type\":\"rate_limit_error\"}}");
+}
+END_TEST
+
+START_TEST(test_normal_chunks_done_and_comments_are_not_errors) {
+        static const char *const events[] = {
+                "data: [DONE]",
+                "data: {\"id\":\"gen-fake\",\"object\":\"chat.completion.chunk\",\"choices\":[{\"index\":0,"
+                "\"delta\":{\"content\":\"tok0 \"},\"finish_reason\":null}]}",
+                "data: {\"id\":\"gen-fake\",\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}],"
+                "\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":5}}",
+                "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":1}}}",
+                "event: ping\ndata: {\"type\": \"ping\"}",
+                "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"error\"}}",
+                ": OPENROUTER PROCESSING",
+                "data: {\"error\":null}",
+                "data: {\"error\":false,\"text\":\"rate limit\"}",
+                "data: {\"type\":\"errors\"}",
+                "data: rate limit exceeded",
+                "event: errors\ndata: x",
+                "event: error\nevent: message\ndata: {}",
+                "id: 5\nretry: 1000",
+                "\n\n\n",
+                "\r\n",
+                "data:",
+                "data",
+        };
+
+        for (size_t i = 0; i < N(events); i++)
+                check_sse_fine(events[i]);
+        check_sse_fine("");
+        check_sse_fine_len(NULL, 0);
+        check_sse_fine_len(NULL, 10);
+}
+END_TEST
+
+START_TEST(test_sse_crlf_and_lone_cr_line_endings) {
+        char event[sizeof(anthropic_stream_error_data) + 32];
+        static const char lf_data[] = "{\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}";
+
+        snprintf(event, sizeof(event), "event: error\r\ndata: %s\r\n", anthropic_stream_error_data);
+        check_sse_error(event, 429, anthropic_stream_error_data);
+        snprintf(event, sizeof(event), "event: error\rdata: %s\r", anthropic_stream_error_data);
+        check_sse_error(event, 429, anthropic_stream_error_data);
+        check_sse_error("event: error\r\n\r\ndata: oops\r\n\r\n", 500, "oops");
+        check_sse_error(": keep-alive\r\nevent: error\r\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\"}}\r\n",
+                        500, lf_data);
+        /* "event: error\r" must not leave the CR in the event name. */
+        check_sse_error("event: error\r\ndata: x", 500, "x");
+}
+END_TEST
+
+START_TEST(test_sse_data_without_space_after_colon) {
+        check_sse_error("event:error\ndata:{\"error\":{\"code\":429}}", 429, "{\"error\":{\"code\":429}}");
+        /* Only one space is part of the syntax; a second belongs to the value (JSON skips it). */
+        check_sse_error("data:  {\"error\":{\"code\":429}}", 429, " {\"error\":{\"code\":429}}");
+}
+END_TEST
+
+START_TEST(test_sse_field_names_are_case_sensitive_and_last_event_wins) {
+        check_sse_fine("Event: error\ndata: x");
+        check_sse_fine("EVENT: error\nDATA: {\"error\":{\"code\":429}}");
+        check_sse_fine("event: Error\ndata: x");
+        check_sse_error("event: message\nevent: error\ndata: x", 500, "x");
+        check_sse_fine("event: error\nevent: message\ndata: x");
+}
+END_TEST
+
+START_TEST(test_sse_data_on_several_lines_is_joined) {
+        static const char event[] =
+                "event: error\n"
+                "data: {\"type\":\"error\",\n"
+                "data: \"error\":{\"type\":\"rate_limit_error\",\"message\":\"Rate limited\"}}\n";
+        static const char span[] =
+                "{\"type\":\"error\",\n"
+                "data: \"error\":{\"type\":\"rate_limit_error\",\"message\":\"Rate limited\"}}";
+
+        check_sse_error(event, 429, span);
+        /* The span is not JSON, but its words still classify it. */
+        assert_unhinted(judge_stream_error(event));
+        check_sse_error("data: {\"error\":\ndata: {\"code\":502}}", 502, "{\"error\":\ndata: {\"code\":502}}");
+        check_sse_fine("data: {\"a\":\ndata: 1}");
+        check_sse_fine("data: {\"error\":\ndata: \ndata: 5}");
+}
+END_TEST
+
+START_TEST(test_sse_hostile_events_are_harmless) {
+        static const char binary[] = "data: \x00\xff\xfe{\"error\":{\"code\":429}}\n\x01\x02:::\n";
+        static const char nul_inside[] = "data: {\"error\":{\"code\":429}}\0 junk";
+        size_t big = 1 << 20, depth = 100000;
+        char *event = malloc(big + 1);
+        char *nested = malloc(2 * depth + 7);
+
+        check_sse_fine_len(binary, sizeof(binary) - 1);
+        /* Only len bytes count: the same bytes cut before the NUL are an error, with it not JSON. */
+        check_sse_fine_len(nul_inside, sizeof(nul_inside) - 1);
+        check_sse_error("data: {\"error\":{\"code\":429}}", 429, "{\"error\":{\"code\":429}}");
+        check_sse_fine("data: {\"error\":{\"code\":1e400}}");
+
+        ck_assert_ptr_nonnull(event);
+        for (size_t i = 0; i < big; i += 8)
+                memcpy(event + i, "data: x\n", 8);
+        event[big] = '\0';
+        check_sse_fine_len(event, big);
+        memset(event, ':', big);
+        check_sse_fine_len(event, big);
+        memset(event, '\n', big);
+        check_sse_fine_len(event, big);
+        memset(event, 'a', big);
+        check_sse_fine_len(event, big);
+        free(event);
+
+        ck_assert_ptr_nonnull(nested);
+        memcpy(nested, "data: ", 6);
+        memset(nested + 6, '[', depth);
+        memset(nested + 6 + depth, ']', depth);
+        nested[6 + 2 * depth] = '\0';
+        check_sse_fine_len(nested, 6 + 2 * depth);
+        free(nested);
+}
+END_TEST
+
 static Suite *policy_suite(void) {
         Suite *s = suite_create("policy");
         TCase *tc;
@@ -1272,6 +2303,85 @@ static Suite *policy_suite(void) {
         tcase_add_test(tc, test_mentions_rate_limit_ignores_other_text);
         tcase_add_test(tc, test_mentions_rate_limit_matches_phrases_inside_words);
         tcase_add_test(tc, test_mentions_rate_limit_reads_only_len_bytes_and_past_nuls);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("configured_phrases");
+        tcase_add_test(tc, test_default_phrase_list_is_exported_and_null_terminated);
+        tcase_add_test(tc, test_configured_phrases_replace_the_built_in_list);
+        tcase_add_test(tc, test_configured_phrases_match_plain_text_in_any_case);
+        tcase_add_test(tc, test_empty_configured_list_matches_nothing_and_429_still_rests);
+        tcase_add_test(tc, test_null_and_empty_configured_phrases_match_nothing);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("success_figures");
+        tcase_add_test(tc, test_success_with_an_empty_openai_request_bucket_rests_until_its_reset);
+        tcase_add_test(tc, test_success_with_both_openai_buckets_empty_rests_until_the_later_reset);
+        tcase_add_test(tc, test_success_with_an_empty_anthropic_bucket_rests_until_its_rfc3339_reset);
+        tcase_add_test(tc, test_success_with_openrouter_remaining_zero_rests_until_x_ratelimit_reset);
+        tcase_add_test(tc, test_success_takes_the_latest_reset_across_providers);
+        tcase_add_test(tc, test_simulator_success_headers_without_a_reset_do_not_cool);
+        tcase_add_test(tc, test_success_with_room_left_or_no_figures_does_not_cool);
+        tcase_add_test(tc, test_redirect_with_an_empty_bucket_does_not_cool);
+        tcase_add_test(tc, test_success_with_an_unusable_reset_does_not_cool);
+        tcase_add_test(tc, test_success_rest_is_clamped_to_one_second_and_max_cooldown);
+        tcase_add_test(tc, test_retry_after_on_a_success_does_not_cool);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("transient_retry_hint");
+        tcase_add_test(tc, test_503_with_retry_after_carries_the_hint);
+        tcase_add_test(tc, test_503_with_millisecond_hints_carries_them);
+        tcase_add_test(tc, test_503_with_an_http_date_carries_the_time_until_it);
+        tcase_add_test(tc, test_openrouter_in_flight_budget_402_carries_retry_after);
+        tcase_add_test(tc, test_anthropic_overloaded_529_carries_retry_after);
+        tcase_add_test(tc, test_transient_retry_hint_is_clamped_to_max_cooldown_not_raised);
+        tcase_add_test(tc, test_transient_without_a_usable_hint_has_none);
+        tcase_add_test(tc, test_only_transient_verdicts_carry_a_retry_hint);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("backoff");
+        tcase_add_test(tc, test_backoff_doubles_from_initial_up_to_the_cap);
+        tcase_add_test(tc, test_backoff_jitter_spans_minus_to_plus_ten_percent);
+        tcase_add_test(tc, test_backoff_jitter_stays_within_ten_percent_for_any_random);
+        tcase_add_test(tc, test_backoff_with_huge_retry_counts_or_values_does_not_overflow);
+        tcase_add_test(tc, test_backoff_with_odd_configurations_stays_within_one_and_max);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("read_figures");
+        tcase_add_test(tc, test_figures_unknown_when_nothing_is_sent);
+        tcase_add_test(tc, test_figures_from_openai_headers);
+        tcase_add_test(tc, test_figures_from_groq_fractional_go_durations);
+        tcase_add_test(tc, test_figures_from_anthropic_headers);
+        tcase_add_test(tc, test_figures_from_openrouter_headers);
+        tcase_add_test(tc, test_figures_with_resets_in_the_past_are_zero);
+        tcase_add_test(tc, test_garbage_figures_are_unknown);
+        tcase_add_test(tc, test_unusable_figure_falls_back_to_another_providers_header);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("usage");
+        tcase_add_test(tc, test_usage_from_openai_and_openrouter_answers);
+        tcase_add_test(tc, test_usage_from_anthropic_message_and_stream_events);
+        tcase_add_test(tc, test_usage_from_gemini_usage_metadata);
+        tcase_add_test(tc, test_usage_object_without_counts_gives_zeros);
+        tcase_add_test(tc, test_no_usage_object_is_enoent_and_leaves_outputs_alone);
+        tcase_add_test(tc, test_usage_ignores_non_integer_and_negative_counts);
+        tcase_add_test(tc, test_usage_handles_huge_counts_and_reads_only_len_bytes);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("sse_error");
+        tcase_add_test(tc, test_openrouter_mid_stream_429_is_an_error_classified_as_rate_limited);
+        tcase_add_test(tc, test_openrouter_mid_stream_502_is_an_error_classified_as_transient);
+        tcase_add_test(tc, test_anthropic_error_event_maps_its_type_to_a_status);
+        tcase_add_test(tc, test_anthropic_error_types_each_map_to_their_status);
+        tcase_add_test(tc, test_anthropic_shaped_error_without_event_line_is_an_error);
+        tcase_add_test(tc, test_openai_quota_error_in_a_stream_is_classified_as_billing);
+        tcase_add_test(tc, test_error_event_with_odd_or_missing_data_is_still_an_error);
+        tcase_add_test(tc, test_error_codes_outside_the_error_range_give_500);
+        tcase_add_test(tc, test_normal_chunks_done_and_comments_are_not_errors);
+        tcase_add_test(tc, test_sse_crlf_and_lone_cr_line_endings);
+        tcase_add_test(tc, test_sse_data_without_space_after_colon);
+        tcase_add_test(tc, test_sse_field_names_are_case_sensitive_and_last_event_wins);
+        tcase_add_test(tc, test_sse_data_on_several_lines_is_joined);
+        tcase_add_test(tc, test_sse_hostile_events_are_harmless);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("hostile");
