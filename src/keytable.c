@@ -14,6 +14,11 @@
  * The leases are the truth about in-flight requests: a worker's slot holds one entry per request
  * in flight (key index + 1; 0 is free). A key's in_flight is a cache of how many lease entries
  * name it, and is rebuilt from them whenever a lock is found abandoned.
+ *
+ * Rows of the same key id in different pools are linked in a circle (twin), built when keys are
+ * added and never changed after, so a rate limit can cool every row of a key one pool lock at a
+ * time. The table-wide policy lives in the header, written before the first fork and read with
+ * atomic loads, never under a lock.
  */
 
 #include <errno.h>
@@ -30,8 +35,24 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 1u
+#define KT_VERSION 2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
+
+/* Keys rate limited within this long of each other look like one account- or IP-wide limit. */
+#define KT_ACCOUNT_WINDOW_MS 1000
+
+/* GCRA works in µs: a whole minute split rpm ways stays exact enough for any rpm. */
+#define KT_MINUTE_US INT64_C(60000000)
+
+/* Read field by field with atomic loads: written once before the first fork, perhaps again on
+ * reload, and a reader mixing two versions of it gets two sane policies' fields. */
+struct kt_policy {
+        uint32_t cooldown_scope_key;
+        uint32_t transient_threshold;
+        uint32_t probe_auth;
+        int64_t transient_cooldown_ms;
+        int64_t probe_interval_ms;
+};
 
 struct kt_header {
         uint64_t magic;
@@ -42,7 +63,8 @@ struct kt_header {
         uint64_t off_pools, off_keys, off_slots, off_leases;
         int64_t created_ms;
         uint64_t repairs;                       /* atomic: bumped under pool locks too */
-        pthread_mutex_t lock;                   /* counts, slot claim/free */
+        struct kt_policy policy;
+        pthread_mutex_t lock;                   /* counts, slot claim/free, policy */
 };
 
 struct kt_pool {
@@ -51,6 +73,7 @@ struct kt_pool {
         char model[KEYTABLE_MODEL_MAX + 1];
         uint32_t first_key, n_keys;
         uint64_t use_seq;                       /* bumped per acquire: the LRU clock */
+        int64_t account_limit_until_ms;         /* atomic: readers may look without the lock */
         uint32_t dirty;
 } __attribute__((aligned(KT_ALIGN)));
 
@@ -68,6 +91,13 @@ struct kt_key {
         int64_t cooldown_until_ms, last_used_ms;
         uint64_t use_seq;                       /* pool's use_seq at last acquire; 0 = never */
         uint64_t requests, successes, rate_limited, failures, tokens_in, tokens_out;
+        uint32_t max_concurrent, rpm;           /* 0: no limit */
+        int64_t tat_us;                         /* GCRA theoretical arrival time, 0 = never */
+        int64_t cooling_since_ms;               /* entered its current rate-limit cooldown */
+        int64_t next_probe_ms;                  /* disabled and probed: when next; else 0 */
+        int64_t figures_ms;
+        struct rate_figures figures;
+        uint32_t twin;                          /* atomic: next row with this id; itself if none */
 };
 
 /* Written by the owning worker with atomic stores and no lock; claimed and freed under the
@@ -77,6 +107,7 @@ struct kt_slot {
         uint32_t generation;
         int32_t pid;
         uint32_t lease_hint;                    /* where the next free-lease search starts */
+        uint32_t waiters;                       /* requests the owner has waiting for a key */
         int64_t started_ms, heartbeat_ms;
         uint64_t requests;
 } __attribute__((aligned(KT_ALIGN)));
@@ -90,6 +121,11 @@ struct keytable {
         struct kt_slot *slots;
         uint32_t *leases;
         unsigned max_pools, max_keys, n_slots, leases_per_slot;
+        /* Process-local, used by keytable_add_key only (the coordinator's): open addressing from
+         * an id to the first row carrying it (index + 1; 0 empty), so finding a key's twins
+         * costs no scan of the table. */
+        uint32_t *id_index;
+        size_t id_index_mask;
 };
 
 /* --- small helpers ------------------------------------------------------------------------- */
@@ -124,6 +160,43 @@ static uint32_t *slot_leases(const struct keytable *t, unsigned slot) {
 
 static bool key_state_valid(uint32_t s) {
         return s > KEY_STATE_INVALID && s < _KEY_STATE_MAX;
+}
+
+static int64_t add_sat(int64_t a, int64_t b) {
+        int64_t r;
+
+        if (__builtin_add_overflow(a, b, &r))
+                return b > 0 ? INT64_MAX : INT64_MIN;
+        return r;
+}
+
+static int64_t ms_to_us(int64_t ms) {
+        int64_t r;
+
+        if (__builtin_mul_overflow(ms, INT64_C(1000), &r))
+                return ms > 0 ? INT64_MAX : INT64_MIN;
+        return r;
+}
+
+static void policy_load(const struct keytable *t, struct keytable_policy *ret) {
+        const struct kt_policy *p = &t->hdr->policy;
+
+        *ret = (struct keytable_policy) {
+                .cooldown_scope_key = LOAD(&p->cooldown_scope_key) != 0,
+                .transient_threshold = LOAD(&p->transient_threshold),
+                .transient_cooldown_ms = LOAD(&p->transient_cooldown_ms),
+                .probe_interval_ms = LOAD(&p->probe_interval_ms),
+                .probe_auth = LOAD(&p->probe_auth) != 0,
+        };
+}
+
+/* When a key disabled for reason is probed next, or 0 when it is left to the operator. */
+static int64_t probe_time(const struct keytable_policy *pol, uint32_t reason, int64_t now_ms) {
+        if (pol->probe_interval_ms <= 0)
+                return 0;
+        if (reason == KEY_REASON_QUOTA || (reason == KEY_REASON_AUTH && pol->probe_auth))
+                return add_sat(now_ms, pol->probe_interval_ms);
+        return 0;
 }
 
 /* A pool row's key range, clamped to the keys that exist. */
@@ -171,8 +244,20 @@ static void pool_repair(const struct keytable *t, unsigned p) {
                                                                         : KEY_REASON_OPERATOR;
                         if (key->last_class >= _VERDICT_MAX)
                                 key->last_class = VERDICT_NONE;
+                        /* A scribbled arrival time could shut the key out for ever; forgetting
+                         * it costs at most one extra burst. */
+                        key->tat_us = 0;
+                        if (key->state != KEY_COOLING || key->cooling_since_ms < 0)
+                                key->cooling_since_ms = 0;
+                        if (key->state != KEY_DISABLED || key->next_probe_ms < 0)
+                                key->next_probe_ms = 0;
+                        if (key->figures_ms < 0)
+                                key->figures_ms = 0;
                         key->dirty = 0;
                 }
+                /* Written outside any dirty mark, but a link out of the table is no link. */
+                if (LOAD(&key->twin) >= n_keys_of(t))
+                        STORE(&key->twin, k);
                 key->in_flight = 0;
                 if (key->use_seq > max_seq)
                         max_seq = key->use_seq;
@@ -186,6 +271,8 @@ static void pool_repair(const struct keytable *t, unsigned p) {
         }
 
         pool->use_seq = max_seq;
+        if (LOAD(&pool->account_limit_until_ms) < 0)
+                STORE(&pool->account_limit_until_ms, 0);
         pool->dirty = 0;
 }
 
@@ -301,7 +388,7 @@ static int shm_open_anonymous(void) {
 }
 
 int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct keytable **ret) {
-        size_t off = 0, off_hdr, off_pools, off_keys, off_slots, off_leases, n_leases;
+        size_t off = 0, off_hdr, off_pools, off_keys, off_slots, off_leases, n_leases, index_size;
         struct keytable *t;
         void *base;
         int fd, r;
@@ -335,9 +422,19 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         t = calloc(1, sizeof *t);
         if (!t)
                 return -ENOMEM;
+        /* At most half full, so a probe run stays short. */
+        for (index_size = 16; index_size < 2 * (size_t) limits->max_keys; index_size *= 2)
+                ;
+        t->id_index = calloc(index_size, sizeof *t->id_index);
+        if (!t->id_index) {
+                free(t);
+                return -ENOMEM;
+        }
+        t->id_index_mask = index_size - 1;
 
         fd = shm_open_anonymous();
         if (fd < 0) {
+                free(t->id_index);
                 free(t);
                 return fd;
         }
@@ -398,6 +495,7 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
 
 fail_fd:
         (void) close(fd);
+        free(t->id_index);
         free(t);
         return r;
 }
@@ -407,6 +505,7 @@ void keytable_destroy(struct keytable *t) {
                 return;
         /* The mutexes are left alone: other processes may still hold the mapping. */
         (void) munmap(t->base, t->size);
+        free(t->id_index);
         free(t);
 }
 
@@ -434,6 +533,7 @@ int keytable_add_pool(struct keytable *t, const char *name, const char *model, u
         pool->first_key = n_keys_of(t);
         pool->n_keys = 0;
         pool->use_seq = 0;
+        STORE(&pool->account_limit_until_ms, 0);
         pool->dirty = 0;
         pool_unlock(t, p);
         STORE(&t->hdr->n_pools, p + 1);
@@ -444,9 +544,31 @@ int keytable_add_pool(struct keytable *t, const char *name, const char *model, u
         return 0;
 }
 
+/* FNV-1a: ids are already random hex, anything that spreads them will do. */
+static uint64_t id_hash(const char *id) {
+        uint64_t h = UINT64_C(0xcbf29ce484222325);
+
+        for (; *id; id++)
+                h = (h ^ (unsigned char) *id) * UINT64_C(0x100000001b3);
+        return h;
+}
+
+/* The index entry for id: the one holding its first row, or the empty one where it would go. */
+static uint32_t *id_index_slot(const struct keytable *t, const char *id) {
+        size_t i = (size_t) id_hash(id) & t->id_index_mask;
+
+        for (;; i = (i + 1) & t->id_index_mask) {
+                uint32_t e = t->id_index[i];
+
+                if (e == 0 || strncmp(t->keys[e - 1].id, id, sizeof t->keys[0].id) == 0)
+                        return &t->id_index[i];
+        }
+}
+
 int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const char *masked,
                      unsigned *ret_key) {
         struct kt_key *key;
+        uint32_t *entry;
         unsigned k;
 
         if (!t || !id || id[0] == '\0')
@@ -467,6 +589,22 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
                 header_unlock(t);
                 return -ENOSPC;
         }
+        entry = id_index_slot(t, id);
+        if (*entry != 0) {
+                unsigned cur = *entry - 1;
+
+                /* A twin in its own pool would have its pool locked twice when cooled. */
+                for (unsigned step = 0; step <= n_pools_of(t); step++) {
+                        if (t->keys[cur].pool == pool) {
+                                header_unlock(t);
+                                return -EEXIST;
+                        }
+                        cur = LOAD(&t->keys[cur].twin);
+                        if (cur == *entry - 1 || cur >= k)
+                                break;
+                }
+        }
+
         pool_lock(t, pool);
         key = &t->keys[k];
         memset(key, 0, sizeof *key);
@@ -476,6 +614,18 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
         key->state = KEY_READY;
         key->reason = KEY_REASON_NONE;
         key->last_class = VERDICT_NONE;
+        key->figures = RATE_FIGURES_UNKNOWN;
+        if (*entry == 0) {
+                STORE(&key->twin, k);
+                *entry = k + 1;
+        } else {
+                struct kt_key *first = &t->keys[*entry - 1];
+
+                /* The new row points into the circle before the circle points at it, so a
+                 * walker already going round never steps off. */
+                STORE(&key->twin, LOAD(&first->twin));
+                STORE(&first->twin, k);
+        }
         STORE(&t->hdr->n_keys, k + 1);
         t->pools[pool].n_keys++;
         pool_unlock(t, pool);
@@ -484,6 +634,58 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
         if (ret_key)
                 *ret_key = k;
         return 0;
+}
+
+/* Locks the pool of key and checks the key is in it; -EINVAL (nothing locked) if not. */
+static int key_lock(struct keytable *t, unsigned key, unsigned *ret_pool) {
+        unsigned p, first, end;
+
+        if (!t || key >= n_keys_of(t))
+                return -EINVAL;
+        p = t->keys[key].pool;
+        if (p >= n_pools_of(t))
+                return -EINVAL;
+        pool_lock(t, p);
+        pool_range(t, &t->pools[p], &first, &end);
+        if (key < first || key >= end) {
+                pool_unlock(t, p);
+                return -EINVAL;
+        }
+        *ret_pool = p;
+        return 0;
+}
+
+int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concurrent, unsigned rpm) {
+        struct kt_key *row;
+        unsigned p;
+        int r;
+
+        r = key_lock(t, key, &p);
+        if (r < 0)
+                return r;
+        row = &t->keys[key];
+        /* The arrival time stays: a lower rpm then only stretches the wait already earned. */
+        mark(&row->dirty, 1);
+        row->max_concurrent = max_concurrent;
+        row->rpm = rpm;
+        mark(&row->dirty, 0);
+        pool_unlock(t, p);
+        return 0;
+}
+
+void keytable_set_policy(struct keytable *t, const struct keytable_policy *p) {
+        struct kt_policy *dst;
+
+        if (!t || !p)
+                return;
+        dst = &t->hdr->policy;
+        header_lock(t);
+        STORE(&dst->cooldown_scope_key, p->cooldown_scope_key ? 1u : 0u);
+        STORE(&dst->transient_threshold, p->transient_threshold);
+        STORE(&dst->transient_cooldown_ms, p->transient_cooldown_ms);
+        STORE(&dst->probe_interval_ms, p->probe_interval_ms);
+        STORE(&dst->probe_auth, p->probe_auth ? 1u : 0u);
+        header_unlock(t);
 }
 
 /* --- worker slots -------------------------------------------------------------------------- */
@@ -501,6 +703,7 @@ int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms,
                 STORE(&slot->generation, generation);
                 STORE(&slot->pid, 0);
                 STORE(&slot->lease_hint, 0);
+                STORE(&slot->waiters, 0);
                 STORE(&slot->started_ms, now_ms);
                 STORE(&slot->heartbeat_ms, now_ms);
                 STORE(&slot->requests, 0);
@@ -579,8 +782,26 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
 
         header_lock(t);
         STORE(&t->slots[slot].pid, 0);
+        STORE(&t->slots[slot].waiters, 0);
         STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
         header_unlock(t);
+}
+
+void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n) {
+        if (t && slot < t->n_slots)
+                STORE(&t->slots[slot].waiters, (uint32_t) n);
+}
+
+unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max) {
+        unsigned n = 0;
+
+        if (!t || !ret_slots)
+                return 0;
+        /* No lock: a slot freed meanwhile costs its reader one needless wake-up at most. */
+        for (unsigned s = 0; s < t->n_slots && n < max; s++)
+                if (LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && LOAD(&t->slots[s].waiters) > 0)
+                        ret_slots[n++] = s;
+        return n;
 }
 
 /* --- acquire and release ------------------------------------------------------------------- */
@@ -600,13 +821,76 @@ static int slot_find_free_lease(const struct keytable *t, unsigned slot, unsigne
         return -ENOSPC;
 }
 
+/* Ends a cooldown that has run out. The caller holds the pool lock and has marked the pool, but
+ * not the row. */
+static void key_recover_if_due(struct kt_key *key, unsigned k, int64_t now_ms,
+                               struct keytable_change *change) {
+        if (key->state != KEY_COOLING || key->cooldown_until_ms > now_ms)
+                return;
+        mark(&key->dirty, 1);
+        key->state = KEY_READY;
+        key->reason = KEY_REASON_NONE;
+        key->cooldown_until_ms = 0;
+        key->cooling_since_ms = 0;
+        /* A rest ends the run of failures that may have caused it: cooling the key again for
+         * failures takes a whole new run. */
+        key->consecutive_failures = 0;
+        mark(&key->dirty, 0);
+        if (change && !change->changed)
+                *change = (struct keytable_change) {
+                        .changed = true,
+                        .key = k,
+                        .from = KEY_COOLING,
+                        .to = KEY_READY,
+                        .reason = KEY_REASON_NONE,
+                };
+}
+
+/* GCRA with emission interval T = a minute / rpm and burst tolerance a minute - T: up to rpm
+ * requests pass at once, then one every T, and one timestamp per key is all it keeps. False with
+ * the earliest ms a request passes when none may now. */
+static int64_t gcra_interval_us(const struct kt_key *key) {
+        int64_t t_us = KT_MINUTE_US / key->rpm;
+
+        return t_us > 0 ? t_us : 1;
+}
+
+static bool gcra_allows(const struct kt_key *key, int64_t now_ms, int64_t *ret_at_ms) {
+        int64_t tol_us, earliest_us;
+
+        if (key->rpm == 0)
+                return true;
+        tol_us = KT_MINUTE_US - gcra_interval_us(key);
+        if (key->tat_us <= add_sat(ms_to_us(now_ms), tol_us))
+                return true;
+        earliest_us = key->tat_us - tol_us;
+        /* Rounded up: at the ms given the request really passes. */
+        *ret_at_ms = earliest_us / 1000 + (earliest_us % 1000 > 0);
+        return false;
+}
+
+static void gcra_take(struct kt_key *key, int64_t now_ms) {
+        int64_t now_us = ms_to_us(now_ms);
+
+        if (key->rpm == 0)
+                return;
+        key->tat_us = add_sat(key->tat_us > now_us ? key->tat_us : now_us, gcra_interval_us(key));
+}
+
+static void earliest(int64_t *at, int64_t candidate) {
+        if (*at == 0 || candidate < *at)
+                *at = candidate;
+}
+
 int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
-                     struct keytable_lease *ret_lease, int64_t *ret_retry_at_ms,
-                     struct keytable_change *ret_change) {
+                     unsigned avoid_key, struct keytable_lease *ret_lease,
+                     struct keytable_wait *ret_wait, struct keytable_change *ret_change) {
         struct keytable_change change = { .changed = false };
+        struct keytable_wait wait = { .retry_at_ms = 0, .busy = false };
         unsigned first, end, index, best = UINT_MAX;
         uint64_t best_seq = UINT64_MAX;
-        int64_t retry_at = 0;
+        bool avoided_can_serve = false;
+        int64_t at;
         struct kt_pool *p;
         struct kt_key *key;
         int r;
@@ -633,37 +917,44 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         for (unsigned k = first; k < end; k++) {
                 key = &t->keys[k];
 
-                if (key->state == KEY_COOLING && key->cooldown_until_ms <= now_ms) {
-                        mark(&key->dirty, 1);
-                        if (!change.changed)
-                                change = (struct keytable_change) {
-                                        .changed = true,
-                                        .key = k,
-                                        .from = KEY_COOLING,
-                                        .to = KEY_READY,
-                                        .reason = KEY_REASON_NONE,
-                                };
-                        key->state = KEY_READY;
-                        key->reason = KEY_REASON_NONE;
-                        key->cooldown_until_ms = 0;
-                        mark(&key->dirty, 0);
-                }
-
+                key_recover_if_due(key, k, now_ms, &change);
                 if (key->state == KEY_COOLING) {
-                        if (retry_at == 0 || key->cooldown_until_ms < retry_at)
-                                retry_at = key->cooldown_until_ms;
-                } else if (key->state == KEY_READY && key->use_seq < best_seq) {
+                        earliest(&wait.retry_at_ms, key->cooldown_until_ms);
+                        continue;
+                }
+                if (key->state != KEY_READY)
+                        continue;
+                /* rpm first: a key out of its rate is not freed by a release, so it is not
+                 * "busy" even when it is full as well. */
+                if (!gcra_allows(key, now_ms, &at)) {
+                        earliest(&wait.retry_at_ms, at);
+                        continue;
+                }
+                if (key->max_concurrent > 0 && key->in_flight >= key->max_concurrent) {
+                        wait.busy = true;
+                        continue;
+                }
+                if (k == avoid_key) {
+                        avoided_can_serve = true;
+                        continue;
+                }
+                if (key->use_seq < best_seq) {
                         best = k;
                         best_seq = key->use_seq;
                 }
         }
+        if (best == UINT_MAX && avoided_can_serve)
+                best = avoid_key;
 
         if (best == UINT_MAX) {
-                /* Nothing recovered either: a recovered key would be ready. */
                 mark(&p->dirty, 0);
                 pool_unlock(t, pool);
-                if (ret_retry_at_ms)
-                        *ret_retry_at_ms = retry_at;
+                if (ret_wait)
+                        *ret_wait = wait;
+                /* A key may have come back and still be unable to serve (out of rpm, full):
+                 * its recovery is news all the same. */
+                if (ret_change)
+                        *ret_change = change;
                 return -EAGAIN;
         }
 
@@ -675,6 +966,7 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         key->requests++;
         key->use_seq = ++p->use_seq;
         key->last_used_ms = now_ms;
+        gcra_take(key, now_ms);
         mark(&key->dirty, 0);
         STORE(&t->slots[slot].lease_hint, index + 1 < t->leases_per_slot ? index + 1 : 0);
         mark(&p->dirty, 0);
@@ -691,37 +983,51 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         return 0;
 }
 
+/* Cools a ready or cooling key until at least until_ms: a longer rest already there stands, and
+ * a disabled key stays disabled (the stronger verdict). True when the row changed. The caller
+ * has marked the row and ended any cooldown that had run out. */
+static bool key_cool(struct kt_key *key, uint32_t reason, int64_t until_ms, int64_t now_ms) {
+        if (key->state == KEY_DISABLED)
+                return false;
+        /* Requests overlap: never let a later, shorter hint shorten a rest already given. */
+        if (key->state == KEY_COOLING && key->cooldown_until_ms >= until_ms)
+                return false;
+        /* Only a fresh rate limit moves the start: more 429s from requests already in flight
+         * are the same limit. */
+        if (reason == KEY_REASON_RATE_LIMITED &&
+            (key->state != KEY_COOLING || key->reason != KEY_REASON_RATE_LIMITED))
+                key->cooling_since_ms = now_ms;
+        key->state = KEY_COOLING;
+        key->reason = reason;
+        key->cooldown_until_ms = until_ms;
+        return true;
+}
+
+static void report(struct keytable_change *change, unsigned k, uint32_t from,
+                   const struct kt_key *key) {
+        *change = (struct keytable_change) {
+                .changed = true,
+                .key = k,
+                .from = from,
+                .to = key->state,
+                .reason = key->reason,
+                .until_ms = key->state == KEY_COOLING ? key->cooldown_until_ms : 0,
+        };
+}
+
 /* Applies one outcome to a key row; the caller holds the pool lock and has marked the row. */
 static void key_record(struct kt_key *key, unsigned k, const struct keytable_outcome *o,
-                       int64_t now_ms, struct keytable_change *change) {
+                       const struct keytable_policy *pol, int64_t now_ms,
+                       struct keytable_change *change) {
         uint32_t from = key->state;
-        int64_t from_until = key->cooldown_until_ms, until, rest;
+        int64_t rest;
 
         switch (o->cls) {
         case VERDICT_RATE_LIMITED:
                 key->rate_limited++;
-                /* A disabled key stays disabled: the stronger verdict stands. */
-                if (from == KEY_DISABLED)
-                        break;
                 rest = o->rest_ms < 1 ? 1 : o->rest_ms;
-                if (__builtin_add_overflow(now_ms, rest, &until))
-                        until = INT64_MAX;
-                /* Requests overlap: never let a later, shorter hint shorten a rest a provider
-                 * asked for. */
-                if (from == KEY_COOLING && from_until > until)
-                        until = from_until;
-                key->state = KEY_COOLING;
-                key->reason = KEY_REASON_RATE_LIMITED;
-                key->cooldown_until_ms = until;
-                if (from != KEY_COOLING || until != from_until)
-                        *change = (struct keytable_change) {
-                                .changed = true,
-                                .key = k,
-                                .from = from,
-                                .to = KEY_COOLING,
-                                .reason = KEY_REASON_RATE_LIMITED,
-                                .until_ms = until,
-                        };
+                if (key_cool(key, KEY_REASON_RATE_LIMITED, add_sat(now_ms, rest), now_ms))
+                        report(change, k, from, key);
                 break;
 
         case VERDICT_AUTH:
@@ -732,30 +1038,56 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
                 key->state = KEY_DISABLED;
                 key->reason = o->cls == VERDICT_AUTH ? KEY_REASON_AUTH : KEY_REASON_QUOTA;
                 key->cooldown_until_ms = 0;
-                *change = (struct keytable_change) {
-                        .changed = true,
-                        .key = k,
-                        .from = from,
-                        .to = KEY_DISABLED,
-                        .reason = key->reason,
-                };
+                key->cooling_since_ms = 0;
+                key->next_probe_ms = probe_time(pol, key->reason, now_ms);
+                report(change, k, from, key);
                 break;
 
         case VERDICT_OK:
                 key->successes++;
                 key->consecutive_failures = 0;
-                key->tokens_in += o->tokens_in;
-                key->tokens_out += o->tokens_out;
+                /* The answer said the key has nothing left until then: rest it as for a rate
+                 * limit (without counting one) rather than spend the next request on a 429. */
+                if (o->rest_ms > 0 &&
+                    key_cool(key, KEY_REASON_RATE_LIMITED, add_sat(now_ms, o->rest_ms), now_ms))
+                        report(change, k, from, key);
                 break;
 
         case VERDICT_TRANSIENT:
                 key->failures++;
-                key->consecutive_failures++;
+                if (key->consecutive_failures < UINT32_MAX)
+                        key->consecutive_failures++;
+                /* Upstream trouble is not blamed on one key, but a key that fails run after run
+                 * while others work is worth a rest. A resting key is not cooled again. */
+                if (pol->transient_threshold > 0 && from == KEY_READY &&
+                    key->consecutive_failures >= pol->transient_threshold) {
+                        rest = pol->transient_cooldown_ms < 1 ? 1 : pol->transient_cooldown_ms;
+                        if (key_cool(key, KEY_REASON_TRANSIENT, add_sat(now_ms, rest), now_ms))
+                                report(change, k, from, key);
+                }
                 break;
 
         case VERDICT_CALLER:
         default:
                 break;
+        }
+
+        /* Whatever the outcome, tokens the caller counted were spent on this key. */
+        key->tokens_in += o->tokens_in;
+        key->tokens_out += o->tokens_out;
+
+        if (o->figures.remaining_requests != -1 || o->figures.remaining_tokens != -1 ||
+            o->figures.reset_requests_ms != -1 || o->figures.reset_tokens_ms != -1) {
+                /* Providers send some figures on some answers: keep the last of each. */
+                if (o->figures.remaining_requests != -1)
+                        key->figures.remaining_requests = o->figures.remaining_requests;
+                if (o->figures.remaining_tokens != -1)
+                        key->figures.remaining_tokens = o->figures.remaining_tokens;
+                if (o->figures.reset_requests_ms != -1)
+                        key->figures.reset_requests_ms = o->figures.reset_requests_ms;
+                if (o->figures.reset_tokens_ms != -1)
+                        key->figures.reset_tokens_ms = o->figures.reset_tokens_ms;
+                key->figures_ms = now_ms;
         }
 
         if (o->cls > VERDICT_NONE && o->cls < _VERDICT_MAX) {
@@ -764,11 +1096,85 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
         }
 }
 
+/* After a rate limit cooled a key: is every usable key of the pool resting from a rate limit
+ * that began within KT_ACCOUNT_WINDOW_MS of now? Keys failing together like that point at a
+ * limit on the account or the address, not on the keys. Caller holds the pool lock. */
+static bool pool_limited_at_once(const struct keytable *t, const struct kt_pool *p, int64_t now_ms,
+                                 int64_t *ret_until_ms) {
+        int64_t until = 0, lo = add_sat(now_ms, -KT_ACCOUNT_WINDOW_MS),
+                hi = add_sat(now_ms, KT_ACCOUNT_WINDOW_MS);
+        unsigned first, end, n = 0;
+
+        pool_range(t, p, &first, &end);
+        for (unsigned k = first; k < end; k++) {
+                const struct kt_key *key = &t->keys[k];
+
+                if (key->state == KEY_DISABLED)
+                        continue;
+                if (key->state != KEY_COOLING || key->reason != KEY_REASON_RATE_LIMITED ||
+                    key->cooldown_until_ms <= now_ms || key->cooling_since_ms < lo ||
+                    key->cooling_since_ms > hi)
+                        return false;
+                n++;
+                if (key->cooldown_until_ms > until)
+                        until = key->cooldown_until_ms;
+        }
+        /* One key limited alone says nothing about the account. */
+        if (n < 2)
+                return false;
+        *ret_until_ms = until;
+        return true;
+}
+
+/* Cools the rows of key k's id in other pools until at least until_ms, one pool lock at a time
+ * (the caller holds none). Returns how many rows it changed. */
+static unsigned twins_cool(struct keytable *t, unsigned k, unsigned pool, int64_t until_ms,
+                           int64_t now_ms) {
+        unsigned n = 0, cur = k, n_keys = n_keys_of(t), n_pools = n_pools_of(t);
+        char id[KEYID_ID_LEN + 1];
+
+        /* Ids never change once written; copied so the check below compares with a string. */
+        memcpy(id, t->keys[k].id, sizeof id - 1);
+        id[sizeof id - 1] = '\0';
+
+        /* A circle holds one row per pool at most: the bound only matters if it was broken. */
+        for (unsigned step = 0; step < n_pools; step++) {
+                unsigned next = LOAD(&t->keys[cur].twin), q, first, end;
+                struct kt_key *twin;
+
+                if (next == k || next == cur || next >= n_keys)
+                        break;
+                cur = next;
+                q = t->keys[next].pool;
+                if (q >= n_pools || q == pool)
+                        continue;
+
+                pool_lock(t, q);
+                pool_range(t, &t->pools[q], &first, &end);
+                twin = &t->keys[next];
+                if (next >= first && next < end &&
+                    strncmp(twin->id, id, sizeof twin->id) == 0) {
+                        mark(&t->pools[q].dirty, 1);
+                        key_recover_if_due(twin, next, now_ms, NULL);
+                        mark(&twin->dirty, 1);
+                        if (key_cool(twin, KEY_REASON_RATE_LIMITED, until_ms, now_ms))
+                                n++;
+                        mark(&twin->dirty, 0);
+                        mark(&t->pools[q].dirty, 0);
+                }
+                pool_unlock(t, q);
+        }
+        return n;
+}
+
 void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                       const struct keytable_outcome *o, int64_t now_ms,
                       struct keytable_change *ret_change) {
         struct keytable_change change = { .changed = false };
+        struct keytable_policy pol;
         unsigned first, end;
+        bool was_full, cool_twins = false;
+        int64_t until = 0, account_until;
         uint32_t *entry;
         struct kt_pool *p;
         struct kt_key *key;
@@ -779,6 +1185,7 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
             lease->pool >= n_pools_of(t))
                 return;
 
+        policy_load(t, &pol);
         pool_lock(t, lease->pool);
         p = &t->pools[lease->pool];
         pool_range(t, p, &first, &end);
@@ -792,19 +1199,160 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
 
         key = &t->keys[lease->key];
         mark(&p->dirty, 1);
+        key_recover_if_due(key, lease->key, now_ms, &change);
+        was_full = key->max_concurrent > 0 && key->in_flight >= key->max_concurrent;
         mark(&key->dirty, 1);
         if (o)
-                key_record(key, lease->key, o, now_ms, &change);
+                key_record(key, lease->key, o, &pol, now_ms, &change);
         /* Count first, lease second: the mirror of acquire. */
         if (key->in_flight > 0)
                 key->in_flight--;
         STORE(entry, 0);
         mark(&key->dirty, 0);
+
+        if (o && change.changed && change.to == KEY_COOLING &&
+            change.reason == KEY_REASON_RATE_LIMITED) {
+                until = key->cooldown_until_ms;
+                cool_twins = pol.cooldown_scope_key;
+                /* A success proves the account serves: only real rate limits suspect it. */
+                if (o->cls == VERDICT_RATE_LIMITED &&
+                    pool_limited_at_once(t, p, now_ms, &account_until)) {
+                        if (account_until > LOAD(&p->account_limit_until_ms))
+                                STORE(&p->account_limit_until_ms, account_until);
+                        change.account_limit_suspected = true;
+                }
+        }
+        change.key = lease->key;
+        /* A slot freed on a key that has just gone to rest frees nothing anyone can use. */
+        change.freed_capacity = was_full && key->state == KEY_READY;
         mark(&p->dirty, 0);
         pool_unlock(t, lease->pool);
 
+        if (cool_twins)
+                change.twins_cooled = twins_cool(t, lease->key, lease->pool, until, now_ms);
         if (ret_change)
                 *ret_change = change;
+}
+
+/* --- probes and operator actions ----------------------------------------------------------- */
+
+int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, unsigned *ret_pool) {
+        struct keytable_policy pol;
+
+        if (!t)
+                return -EINVAL;
+        policy_load(t, &pol);
+        /* Without an interval a claim could not move the probe ahead, and every worker would
+         * probe the same key at once. */
+        if (pol.probe_interval_ms <= 0)
+                return -ENOENT;
+
+        for (unsigned p = 0; p < n_pools_of(t); p++) {
+                unsigned first, end;
+
+                pool_lock(t, p);
+                pool_range(t, &t->pools[p], &first, &end);
+                for (unsigned k = first; k < end; k++) {
+                        struct kt_key *key = &t->keys[k];
+
+                        if (key->state != KEY_DISABLED || key->next_probe_ms <= 0 ||
+                            key->next_probe_ms > now_ms)
+                                continue;
+                        if (key->reason != KEY_REASON_QUOTA &&
+                            !(key->reason == KEY_REASON_AUTH && pol.probe_auth))
+                                continue;
+                        key->next_probe_ms = add_sat(now_ms, pol.probe_interval_ms);
+                        pool_unlock(t, p);
+                        if (ret_key)
+                                *ret_key = k;
+                        if (ret_pool)
+                                *ret_pool = p;
+                        return 0;
+                }
+                pool_unlock(t, p);
+        }
+        return -ENOENT;
+}
+
+int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms,
+                    struct keytable_change *ret_change) {
+        struct keytable_change change = { .changed = false, .key = key };
+        struct kt_key *row;
+        uint32_t from;
+        unsigned p;
+        int r;
+
+        r = key_lock(t, key, &p);
+        if (r < 0)
+                return r;
+        row = &t->keys[key];
+        from = row->state;
+        mark(&t->pools[p].dirty, 1);
+        mark(&row->dirty, 1);
+        row->state = KEY_READY;
+        row->reason = KEY_REASON_NONE;
+        row->consecutive_failures = 0;
+        row->next_probe_ms = 0;
+        row->cooldown_until_ms = 0;
+        row->cooling_since_ms = 0;
+        mark(&row->dirty, 0);
+        mark(&t->pools[p].dirty, 0);
+        pool_unlock(t, p);
+
+        if (from != KEY_READY)
+                change = (struct keytable_change) {
+                        .changed = true,
+                        .key = key,
+                        .from = from,
+                        .to = KEY_READY,
+                        .reason = KEY_REASON_NONE,
+                };
+        if (ret_change)
+                *ret_change = change;
+        return 0;
+}
+
+int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, int64_t now_ms,
+                     struct keytable_change *ret_change) {
+        struct keytable_change change = { .changed = false, .key = key };
+        struct keytable_policy pol;
+        uint32_t from, from_reason;
+        struct kt_key *row;
+        unsigned p;
+        int r;
+
+        if (!t || reason <= KEY_REASON_NONE || reason >= _KEY_REASON_MAX)
+                return -EINVAL;
+        policy_load(t, &pol);
+        r = key_lock(t, key, &p);
+        if (r < 0)
+                return r;
+        row = &t->keys[key];
+        from = row->state;
+        from_reason = row->reason;
+        mark(&t->pools[p].dirty, 1);
+        mark(&row->dirty, 1);
+        row->state = KEY_DISABLED;
+        row->reason = reason;
+        row->cooldown_until_ms = 0;
+        row->cooling_since_ms = 0;
+        /* A key the operator took out stays out until the operator says otherwise. */
+        row->next_probe_ms = probe_time(&pol, reason, now_ms);
+        mark(&row->dirty, 0);
+        mark(&t->pools[p].dirty, 0);
+        pool_unlock(t, p);
+
+        if (from != KEY_DISABLED || from_reason != (uint32_t) reason)
+                change = (struct keytable_change) {
+                        .changed = true,
+                        .key = key,
+                        .from = from,
+                        .to = KEY_DISABLED,
+                        .reason = reason,
+                };
+        if (ret_change)
+                *ret_change = change;
+        return 0;
 }
 
 /* --- readers ------------------------------------------------------------------------------- */
@@ -842,6 +1390,7 @@ int keytable_pool_info(const struct keytable *t, unsigned pool, struct keytable_
         memcpy(v.name, p->name, sizeof v.name - 1);
         memcpy(v.model, p->model, sizeof v.model - 1);
         pool_range(t, p, &first, &end);
+        v.account_limit_until_ms = LOAD(&p->account_limit_until_ms);
         pool_unlock(t, pool);
 
         v.first_key = first;
@@ -879,6 +1428,11 @@ int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
                         .last_class = key->last_class,
                         .in_flight = key->in_flight,
                         .consecutive_failures = key->consecutive_failures,
+                        .max_concurrent = key->max_concurrent,
+                        .rpm = key->rpm,
+                        .next_probe_ms = key->state == KEY_DISABLED ? key->next_probe_ms : 0,
+                        .figures = key->figures,
+                        .figures_ms = key->figures_ms,
                 };
                 memcpy(v->id, key->id, sizeof v->id - 1);
                 memcpy(v->masked, key->masked, sizeof v->masked - 1);
@@ -892,6 +1446,8 @@ int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
                 if (v->state == KEY_COOLING && v->cooldown_until_ms <= now_ms) {
                         v->state = KEY_READY;
                         v->reason = KEY_REASON_NONE;
+                        /* As the next acquire or release will find it: a new run begins. */
+                        v->consecutive_failures = 0;
                 }
                 if (v->state != KEY_COOLING)
                         v->cooldown_until_ms = 0;
@@ -995,5 +1551,12 @@ int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned k
         mark(&t->keys[key].dirty, 1);
         t->keys[key].state = 77;
         t->keys[key].in_flight += 5;
+        /* Every field a writer touches may be left half-done, the new ones too. */
+        t->keys[key].tat_us = INT64_MAX;
+        t->keys[key].next_probe_ms = 1;
+        t->keys[key].cooling_since_ms = -5;
+        t->keys[key].figures_ms = -3;
+        STORE(&t->keys[key].twin, UINT32_MAX - 7);
+        STORE(&p->account_limit_until_ms, -9);
         return 0;
 }

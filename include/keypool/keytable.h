@@ -16,6 +16,7 @@
  */
 #pragma once
 
+#include <limits.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -23,6 +24,7 @@
 #include "keypool/keyid.h"
 #include "keypool/verdict.h"
 
+#define KEYTABLE_NO_KEY    UINT_MAX
 #define KEYTABLE_NAME_MAX  63
 #define KEYTABLE_MODEL_MAX 127
 
@@ -69,12 +71,23 @@ struct keytable_lease {
         unsigned index;                 /* position in the slot's lease array */
 };
 
+/* Table-wide rules, set by the coordinator before the first fork. */
+struct keytable_policy {
+        bool cooldown_scope_key;        /* a rate limit cools every row with the same key id */
+        unsigned transient_threshold;   /* transient failures in a row that cool a key (0: never) */
+        int64_t transient_cooldown_ms;  /* … for this long */
+        int64_t probe_interval_ms;      /* a disabled quota key is probed this often */
+        bool probe_auth;                /* auth-disabled keys are probed too */
+};
+
 /* What an upstream attempt did, to be recorded on the key. */
 struct keytable_outcome {
         enum verdict_class cls;         /* VERDICT_NONE: released without an answer (aborted) */
         int status;                     /* HTTP status, 0 when none */
-        int64_t rest_ms;                /* for VERDICT_RATE_LIMITED */
+        int64_t rest_ms;                /* RATE_LIMITED: the rest; OK: > 0 cools the key after a
+                                         * success that left it nothing (remaining 0) */
         uint64_t tokens_in, tokens_out;
+        struct rate_figures figures;    /* what the answer said; RATE_FIGURES_UNKNOWN if nothing */
 };
 
 /* A state change made by a release or an acquire, to be logged outside the lock. */
@@ -84,6 +97,16 @@ struct keytable_change {
         enum key_state from, to;
         enum key_reason reason;
         int64_t until_ms;               /* for KEY_COOLING */
+        unsigned twins_cooled;          /* rows of the same key in other pools cooled with it */
+        bool account_limit_suspected;   /* every key of the pool got rate limited within 1 s */
+        bool freed_capacity;            /* the key was at max_concurrent before this release */
+};
+
+/* Why acquire found no key, and when to try again. */
+struct keytable_wait {
+        int64_t retry_at_ms;            /* earliest time-based recovery (a cooldown's end or an rpm
+                                         * slot); 0 when none is coming */
+        bool busy;                      /* some key is only at its max_concurrent: a release frees it */
 };
 
 struct keytable_key_view {
@@ -100,12 +123,18 @@ struct keytable_key_view {
         enum verdict_class last_class;
         unsigned in_flight;
         unsigned consecutive_failures;
+        unsigned max_concurrent, rpm;   /* 0: no limit */
+        int64_t next_probe_ms;          /* disabled keys that are probed: when next; else 0 */
+        struct rate_figures figures;    /* the provider's last figures for this key */
+        int64_t figures_ms;             /* when they were seen (monotonic), 0 never */
 };
 
 struct keytable_pool_view {
         char name[KEYTABLE_NAME_MAX + 1];
         char model[KEYTABLE_MODEL_MAX + 1];
         unsigned first_key, n_keys;
+        int64_t account_limit_until_ms; /* > now: every key was limited at once (account/IP-wide
+                                         * limit suspected) until this time */
 };
 
 struct keytable_worker_view {
@@ -130,6 +159,8 @@ void keytable_destroy(struct keytable *t);              /* unmaps; NULL is fine 
 int keytable_add_pool(struct keytable *t, const char *name, const char *model, unsigned *ret_pool);
 int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const char *masked,
                      unsigned *ret_key);
+int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concurrent, unsigned rpm);
+void keytable_set_policy(struct keytable *t, const struct keytable_policy *p);
 
 /* --- coordinator: worker slots ------------------------------------------------------------- */
 
@@ -147,22 +178,43 @@ void keytable_slot_heartbeat(struct keytable *t, unsigned slot, int64_t now_ms);
 void keytable_slot_count_request(struct keytable *t, unsigned slot);
 
 /* Picks the pool's ready key used least recently (on a tie, the earlier in the list, so the
- * primary goes first), counts a request and an in-flight lease on it. A cooling key whose time has
- * passed becomes ready again (reported in ret_change when not NULL).
- * Returns 0 and writes ret_lease; -EAGAIN when no key is ready, with *ret_retry_at_ms the
- * earliest time a cooling key recovers (0 when no key is cooling: all disabled); -ENOSPC when the
- * slot holds leases_per_slot leases already. */
+ * primary goes first), skipping keys at their max_concurrent or rpm limit, and counts a request
+ * and an in-flight lease on it. avoid_key (or KEYTABLE_NO_KEY) is taken only when no other key
+ * can serve. A cooling key whose time has passed becomes ready again (reported in ret_change when
+ * not NULL). rpm is enforced with GCRA (one timestamp per key; bursts up to rpm).
+ * Returns 0 and writes ret_lease; -EAGAIN when no key can serve now, with ret_wait saying when one
+ * may; -ENOSPC when the slot holds leases_per_slot leases already. */
 int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
-                     struct keytable_lease *ret_lease, int64_t *ret_retry_at_ms,
-                     struct keytable_change *ret_change);
+                     unsigned avoid_key, struct keytable_lease *ret_lease,
+                     struct keytable_wait *ret_wait, struct keytable_change *ret_change);
 
 /* Records the outcome on the key and returns the lease. VERDICT_RATE_LIMITED cools the key for
- * rest_ms, VERDICT_AUTH and VERDICT_QUOTA disable it (reason auth/quota), VERDICT_OK resets its
- * consecutive failures, VERDICT_TRANSIENT counts one, VERDICT_CALLER and VERDICT_NONE change
- * nothing but the in-flight count. ret_change may be NULL. */
+ * rest_ms (with cooldown_scope_key, every row of the same id in other pools too, each pool locked
+ * in turn after this one is released), VERDICT_AUTH and VERDICT_QUOTA disable it (reason
+ * auth/quota), VERDICT_OK resets its consecutive failures (and cools it, reason rate_limited,
+ * when rest_ms > 0), VERDICT_TRANSIENT counts one and cools the key for transient_cooldown_ms
+ * once transient_threshold come in a row, VERDICT_CALLER and VERDICT_NONE change nothing but the
+ * in-flight count. Figures other than -1 are stored. ret_change may be NULL. */
 void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                       const struct keytable_outcome *o, int64_t now_ms,
                       struct keytable_change *ret_change);
+
+/* Claims a disabled key whose probe is due (reason quota; auth too with probe_auth): its next
+ * probe moves probe_interval_ms ahead, so no other worker probes it meanwhile. 0 and the key and
+ * its pool, or -ENOENT when none is due. */
+int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, unsigned *ret_pool);
+
+/* Operator and probe actions: enable makes a key ready (counts reset to none in a row); disable
+ * makes it disabled with reason. ret_change may be NULL. -EINVAL for a bad key. */
+int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms, struct keytable_change *ret_change);
+int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, int64_t now_ms,
+                     struct keytable_change *ret_change);
+
+/* Waiting requests: a worker says how many it has waiting for a key to free up, so a worker
+ * that frees one (freed_capacity) knows whom to wake. */
+void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n);
+/* Slots with waiters, at most max; returns how many. */
+unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max);
 
 /* --- readers (any process) ------------------------------------------------------------------- */
 

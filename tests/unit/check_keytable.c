@@ -1,4 +1,5 @@
-/* check_keytable.c — the shared key table: selection, cooldowns, leases, worker slots, and
+/* check_keytable.c — the shared key table: selection, per-key limits (max_concurrent, rpm),
+ * cooldowns, rows shared across pools, account-wide limits, probes, leases, worker slots, and
  * surviving processes that die at the worst moment (robust mutexes, repair from the leases). */
 
 #include <check.h>
@@ -55,7 +56,7 @@ static void fixture_teardown(struct fixture *f) {
 
 static struct keytable_lease acquire_ok(struct fixture *f, unsigned slot, int64_t now) {
         struct keytable_lease l;
-        int r = keytable_acquire(f->t, slot, f->pool, now, &l, NULL, NULL);
+        int r = keytable_acquire(f->t, slot, f->pool, now, KEYTABLE_NO_KEY, &l, NULL, NULL);
 
         ck_assert_msg(r == 0, "acquire at %lld: expected success, got %d", (long long) now, r);
         return l;
@@ -63,7 +64,8 @@ static struct keytable_lease acquire_ok(struct fixture *f, unsigned slot, int64_
 
 static void release_as(struct fixture *f, const struct keytable_lease *l, enum verdict_class cls,
                        int status, int64_t rest_ms, int64_t now, struct keytable_change *ret_change) {
-        struct keytable_outcome o = { .cls = cls, .status = status, .rest_ms = rest_ms };
+        struct keytable_outcome o = { .cls = cls, .status = status, .rest_ms = rest_ms,
+                                      .figures = RATE_FIGURES_UNKNOWN };
 
         keytable_release(f->t, l, &o, now, ret_change);
 }
@@ -149,7 +151,8 @@ START_TEST(test_rate_limited_key_gets_no_traffic_until_its_cooldown_passes)
         release_as(&f, &l, VERDICT_OK, 200, 0, 30999, NULL);
 
         /* Its last use is the oldest, so the recovered key is the next one served. */
-        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 31000, &l, NULL, &c), 0);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 31000, KEYTABLE_NO_KEY, &l, NULL,
+                                          &c), 0);
         ck_assert_uint_eq(l.key, f.key[0]);
         ck_assert_msg(c.changed, "recovery must be reported as a state change");
         ck_assert_uint_eq(c.key, f.key[0]);
@@ -250,7 +253,8 @@ START_TEST(test_all_keys_cooling_gives_eagain_with_the_earliest_recovery)
 {
         struct fixture f;
         struct keytable_lease l[N_KEYS], untouched = { .pool = 99, .key = 99 };
-        int64_t rest[N_KEYS] = { 5000, 2000, 9000 }, retry = -1;
+        struct keytable_wait w = { .retry_at_ms = -1, .busy = true };
+        int64_t rest[N_KEYS] = { 5000, 2000, 9000 };
 
         fixture_setup(&f);
         for (unsigned i = 0; i < N_KEYS; i++)
@@ -258,9 +262,10 @@ START_TEST(test_all_keys_cooling_gives_eagain_with_the_earliest_recovery)
         for (unsigned i = 0; i < N_KEYS; i++)
                 release_as(&f, &l[i], VERDICT_RATE_LIMITED, 429, rest[i], 1000, NULL);
 
-        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1500, &untouched, &retry, NULL),
-                         -EAGAIN);
-        ck_assert_int_eq(retry, 3000);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1500, KEYTABLE_NO_KEY, &untouched,
+                                          &w, NULL), -EAGAIN);
+        ck_assert_int_eq(w.retry_at_ms, 3000);
+        ck_assert_msg(!w.busy, "no key is merely full");
         ck_assert_uint_eq(untouched.key, 99);
 
         /* The earliest one is back exactly then. */
@@ -274,7 +279,7 @@ START_TEST(test_all_keys_disabled_gives_eagain_with_no_retry_time)
 {
         struct fixture f;
         struct keytable_lease l[N_KEYS];
-        int64_t retry = -1;
+        struct keytable_wait w = { .retry_at_ms = -1, .busy = true };
 
         fixture_setup(&f);
         for (unsigned i = 0; i < N_KEYS; i++)
@@ -283,8 +288,10 @@ START_TEST(test_all_keys_disabled_gives_eagain_with_no_retry_time)
         release_as(&f, &l[1], VERDICT_QUOTA, 429, 0, 1000, NULL);
         release_as(&f, &l[2], VERDICT_AUTH, 403, 0, 1000, NULL);
 
-        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 2000, &l[0], &retry, NULL), -EAGAIN);
-        ck_assert_int_eq(retry, 0);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 2000, KEYTABLE_NO_KEY, &l[0], &w,
+                                          NULL), -EAGAIN);
+        ck_assert_int_eq(w.retry_at_ms, 0);
+        ck_assert(!w.busy);
         fixture_teardown(&f);
 }
 END_TEST
@@ -319,7 +326,7 @@ START_TEST(test_release_records_counters_and_failure_streaks)
         struct fixture f;
         struct keytable_lease l;
         struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200, .tokens_in = 11,
-                                       .tokens_out = 7 };
+                                       .tokens_out = 7, .figures = RATE_FIGURES_UNKNOWN };
         struct keytable_key_view v[N_KEYS];
 
         fixture_setup(&f);
@@ -366,6 +373,890 @@ START_TEST(test_release_records_counters_and_failure_streaks)
         ck_assert_int_eq(v[0].last_class, VERDICT_CALLER);
         ck_assert_uint_eq(v[0].requests, 6);
         ck_assert_uint_eq(v[0].in_flight, 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- per-key limits: max_concurrent and rpm ------------------------------------------------ */
+
+static int try_acquire(struct fixture *f, int64_t now, unsigned avoid, struct keytable_lease *ret,
+                       struct keytable_wait *ret_wait) {
+        return keytable_acquire(f->t, f->slot, f->pool, now, avoid, ret, ret_wait, NULL);
+}
+
+static void release_outcome(struct fixture *f, const struct keytable_lease *l,
+                            struct keytable_outcome o, int64_t now,
+                            struct keytable_change *ret_change) {
+        keytable_release(f->t, l, &o, now, ret_change);
+}
+
+/* Leaves key[keep] as the pool's only usable key. */
+static void disable_all_but(struct fixture *f, unsigned keep) {
+        for (unsigned i = 0; i < N_KEYS; i++)
+                if (i != keep)
+                        ck_assert_int_eq(keytable_disable(f->t, f->key[i], KEY_REASON_OPERATOR, 1000,
+                                                          NULL), 0);
+}
+
+START_TEST(test_a_key_at_its_max_concurrent_is_skipped)
+{
+        struct fixture f;
+        struct keytable_lease l[4];
+        struct keytable_key_view v[N_KEYS];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 1, 0), 0);
+        for (unsigned i = 0; i < 4; i++)
+                l[i] = acquire_ok(&f, f.slot, 1000 + i);
+        ck_assert_uint_eq(l[0].key, f.key[0]);
+        /* Least recently used, but full: the next key in line serves instead. */
+        ck_assert_msg(l[3].key != f.key[0], "a key at max_concurrent 1 got a second request");
+        snapshot(&f, 1010, v);
+        ck_assert_uint_eq(v[0].max_concurrent, 1);
+        ck_assert_uint_eq(v[0].in_flight, 1);
+        ck_assert_uint_eq(v[1].max_concurrent, 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_every_key_at_its_max_concurrent_gives_eagain_busy_and_no_retry_time)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w = { .retry_at_ms = -1 };
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < N_KEYS; i++) {
+                ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[i], 1, 0), 0);
+                (void) acquire_ok(&f, f.slot, 1000);
+        }
+        ck_assert_int_eq(try_acquire(&f, 1000, KEYTABLE_NO_KEY, &l, &w), -EAGAIN);
+        ck_assert_msg(w.busy, "full keys must be reported busy: a release frees them");
+        ck_assert_msg(w.retry_at_ms == 0, "nothing time-based is coming, got retry at %lld",
+                      (long long) w.retry_at_ms);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_releasing_a_full_key_reports_freed_capacity_and_it_serves_again)
+{
+        struct fixture f;
+        struct keytable_lease l[N_KEYS], again;
+        struct keytable_change c;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 1, 0), 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[1], 1, 0), 0);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                l[i] = acquire_ok(&f, f.slot, 1000);
+
+        release_as(&f, &l[1], VERDICT_OK, 200, 0, 1100, &c);
+        ck_assert_msg(c.freed_capacity, "a release from a full key must say it freed capacity");
+        ck_assert_uint_eq(c.key, f.key[1]);
+        ck_assert(!c.changed);
+
+        again = acquire_ok(&f, f.slot, 1200);
+        ck_assert_uint_eq(again.key, f.key[1]);
+
+        /* No limit, nothing to free. */
+        release_as(&f, &l[2], VERDICT_OK, 200, 0, 1300, &c);
+        ck_assert(!c.freed_capacity);
+        /* A full key that goes to rest frees nothing anyone can use. */
+        release_as(&f, &l[0], VERDICT_RATE_LIMITED, 429, 5000, 1300, &c);
+        ck_assert(c.changed);
+        ck_assert_msg(!c.freed_capacity, "a key that went cooling freed no capacity");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_max_concurrent_holds_across_processes)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w = {};
+        int ready[2], go[2], status;
+        unsigned child_slot;
+        char byte;
+        pid_t pid;
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 2, 0), 0);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &child_slot), 0);
+        ck_assert_int_eq(pipe(ready), 0);
+        ck_assert_int_eq(pipe(go), 0);
+        pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0) {
+                struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200,
+                                               .figures = RATE_FIGURES_UNKNOWN };
+                struct keytable_lease held[2];
+
+                for (int i = 0; i < 2; i++)
+                        if (keytable_acquire(f.t, child_slot, f.pool, 1000, KEYTABLE_NO_KEY,
+                                             &held[i], NULL, NULL) < 0)
+                                _exit(2);
+                if (write(ready[1], "x", 1) != 1 || read(go[0], &byte, 1) != 1)
+                        _exit(3);
+                for (int i = 0; i < 2; i++)
+                        keytable_release(f.t, &held[i], &ok, 1000, NULL);
+                _exit(0);
+        }
+        ck_assert_int_eq(read(ready[0], &byte, 1), 1);
+
+        ck_assert_msg(try_acquire(&f, 1000, KEYTABLE_NO_KEY, &l, &w) == -EAGAIN,
+                      "another process's two leases must fill a key with max_concurrent 2");
+        ck_assert(w.busy);
+
+        ck_assert_int_eq(write(go[1], "x", 1), 1);
+        ck_assert_int_eq(wait_child(pid, &status), pid);
+        ck_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        l = acquire_ok(&f, f.slot, 1000);
+        ck_assert_uint_eq(l.key, f.key[0]);
+        close(ready[0]);
+        close(ready[1]);
+        close(go[0]);
+        close(go[1]);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_rpm_lets_a_burst_through_then_skips_the_key)
+{
+        struct fixture f;
+        unsigned expected[] = { 0, 1, 2, 0, 1, 2, 1, 2 };
+        struct keytable_key_view v[N_KEYS];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 0, 2), 0);
+        for (unsigned i = 0; i < sizeof expected / sizeof expected[0]; i++) {
+                struct keytable_lease l = acquire_ok(&f, f.slot, 1000);
+
+                ck_assert_msg(l.key == f.key[expected[i]], "request %u: expected key %u, got %u",
+                              i, f.key[expected[i]], l.key);
+                release_as(&f, &l, VERDICT_OK, 200, 0, 1000, NULL);
+        }
+        snapshot(&f, 1000, v);
+        ck_assert_uint_eq(v[0].requests, 2);
+        ck_assert_uint_eq(v[0].rpm, 2);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_rpm_wait_names_the_exact_ms_the_next_slot_opens)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w = {};
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 0, 2), 0);
+        for (int i = 0; i < 2; i++) {
+                l = acquire_ok(&f, f.slot, 1000);
+                release_as(&f, &l, VERDICT_OK, 200, 0, 1000, NULL);
+        }
+        ck_assert_int_eq(try_acquire(&f, 1000, KEYTABLE_NO_KEY, &l, &w), -EAGAIN);
+        /* Two a minute: one every 30 s once the burst is spent. */
+        ck_assert_int_eq(w.retry_at_ms, 31000);
+        ck_assert_msg(!w.busy, "a key out of its rate is not busy");
+        ck_assert_int_eq(try_acquire(&f, 30999, KEYTABLE_NO_KEY, &l, &w), -EAGAIN);
+        ck_assert_int_eq(w.retry_at_ms, 31000);
+
+        l = acquire_ok(&f, f.slot, 31000);
+        ck_assert_uint_eq(l.key, f.key[0]);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 31000, NULL);
+        ck_assert_int_eq(try_acquire(&f, 31000, KEYTABLE_NO_KEY, &l, &w), -EAGAIN);
+        ck_assert_int_eq(w.retry_at_ms, 61000);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_each_key_keeps_its_own_rpm_so_an_override_beats_the_pool_default)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w = {};
+        struct keytable_key_view v[N_KEYS];
+        unsigned served = 0;
+
+        fixture_setup(&f);
+        /* As config resolves them: the pool says 1 a minute, the primary overrides it with 3. */
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 0, 3), 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[1], 0, 1), 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[2], 0, 1), 0);
+        while (try_acquire(&f, 1000, KEYTABLE_NO_KEY, &l, &w) == 0) {
+                release_as(&f, &l, VERDICT_OK, 200, 0, 1000, NULL);
+                ck_assert_uint_lt(++served, 100);
+        }
+        snapshot(&f, 1000, v);
+        ck_assert_uint_eq(v[0].requests, 3);
+        ck_assert_uint_eq(v[1].requests, 1);
+        ck_assert_uint_eq(v[2].requests, 1);
+        /* The primary's next slot (every 20 s) comes before the backups' (every 60 s). */
+        ck_assert_int_eq(w.retry_at_ms, 21000);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- avoiding a key ------------------------------------------------------------------------ */
+
+START_TEST(test_an_avoided_key_is_passed_over_while_another_can_serve)
+{
+        struct fixture f;
+        struct keytable_lease l;
+
+        fixture_setup(&f);
+        /* The primary is least recently used (never), yet the retry goes elsewhere. */
+        ck_assert_int_eq(try_acquire(&f, 1000, f.key[0], &l, NULL), 0);
+        ck_assert_uint_eq(l.key, f.key[1]);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 1000, NULL);
+
+        ck_assert_int_eq(keytable_disable(f.t, f.key[1], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        ck_assert_int_eq(try_acquire(&f, 1001, f.key[0], &l, NULL), 0);
+        ck_assert_uint_eq(l.key, f.key[2]);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_an_avoided_key_is_taken_when_no_other_key_can_serve)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w = {};
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        ck_assert_int_eq(try_acquire(&f, 1000, f.key[0], &l, NULL), 0);
+        ck_assert_uint_eq(l.key, f.key[0]);
+
+        /* …but only when it can serve itself. */
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 1, 0), 0);
+        ck_assert_int_eq(try_acquire(&f, 1000, f.key[0], &l, &w), -EAGAIN);
+        ck_assert(w.busy);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- outcomes: rests after success, runs of transient failures ----------------------------- */
+
+START_TEST(test_a_success_that_leaves_nothing_cools_the_key_until_the_reset)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_change c;
+        struct keytable_key_view v[N_KEYS];
+
+        fixture_setup(&f);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_OK, 200, 20000, 1000, &c);
+        ck_assert_msg(c.changed, "a success with a rest must cool the key");
+        ck_assert_int_eq(c.from, KEY_READY);
+        ck_assert_int_eq(c.to, KEY_COOLING);
+        ck_assert_int_eq(c.reason, KEY_REASON_RATE_LIMITED);
+        ck_assert_int_eq(c.until_ms, 21000);
+
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_uint_eq(v[0].successes, 1);
+        ck_assert_msg(v[0].rate_limited == 0, "a success is not a rate limit");
+        for (int64_t now = 1000; now < 21000; now += 1999) {
+                l = acquire_ok(&f, f.slot, now);
+                ck_assert_uint_ne(l.key, f.key[0]);
+                release_as(&f, &l, VERDICT_OK, 200, 0, now, NULL);
+        }
+        fixture_teardown(&f);
+}
+END_TEST
+
+static const struct keytable_policy transient_policy = {
+        .transient_threshold = 3,
+        .transient_cooldown_ms = 5000,
+};
+
+START_TEST(test_transient_failures_cool_a_key_only_after_threshold_in_a_row)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_change c;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_wait w = {};
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &transient_policy);
+        disable_all_but(&f, 0);
+        for (int i = 0; i < 2; i++) {
+                l = acquire_ok(&f, f.slot, 1000 + i);
+                release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 1000 + i, &c);
+                ck_assert_msg(!c.changed, "failure %d of 3 must not cool the key", i + 1);
+        }
+        l = acquire_ok(&f, f.slot, 1002);
+        release_as(&f, &l, VERDICT_TRANSIENT, 503, 0, 1002, &c);
+        ck_assert_msg(c.changed, "the third transient failure in a row must cool the key");
+        ck_assert_int_eq(c.to, KEY_COOLING);
+        ck_assert_int_eq(c.reason, KEY_REASON_TRANSIENT);
+        ck_assert_int_eq(c.until_ms, 6002);
+        snapshot(&f, 1002, v);
+        ck_assert_uint_eq(v[0].failures, 3);
+        ck_assert_int_eq(v[0].reason, KEY_REASON_TRANSIENT);
+
+        ck_assert_int_eq(try_acquire(&f, 6001, KEYTABLE_NO_KEY, &l, &w), -EAGAIN);
+        ck_assert_int_eq(w.retry_at_ms, 6002);
+
+        /* After the rest it takes another whole run. */
+        for (int i = 0; i < 2; i++) {
+                l = acquire_ok(&f, f.slot, 6002 + i);
+                release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 6002 + i, &c);
+                ck_assert_msg(c.to != KEY_COOLING, "failure %d of a new run cooled the key", i + 1);
+        }
+        l = acquire_ok(&f, f.slot, 6004);
+        release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 6004, &c);
+        ck_assert(c.changed);
+        ck_assert_int_eq(c.to, KEY_COOLING);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_success_between_transient_failures_resets_the_run)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_change c;
+        enum verdict_class run[] = { VERDICT_TRANSIENT, VERDICT_TRANSIENT, VERDICT_OK,
+                                     VERDICT_TRANSIENT, VERDICT_TRANSIENT };
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &transient_policy);
+        disable_all_but(&f, 0);
+        for (unsigned i = 0; i < sizeof run / sizeof run[0]; i++) {
+                l = acquire_ok(&f, f.slot, 1000 + i);
+                release_as(&f, &l, run[i], run[i] == VERDICT_OK ? 200 : 502, 0, 1000 + i, &c);
+                ck_assert_msg(!c.changed, "outcome %u cooled the key", i);
+        }
+        l = acquire_ok(&f, f.slot, 2000);
+        release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 2000, &c);
+        ck_assert_int_eq(c.to, KEY_COOLING);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_transient_failures_never_cool_without_a_threshold)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_change c;
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        for (int i = 0; i < 50; i++) {
+                l = acquire_ok(&f, f.slot, 1000 + i);
+                release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 1000 + i, &c);
+                ck_assert(!c.changed);
+        }
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_release_stores_the_figures_sent_and_sums_tokens)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_outcome o = {
+                .cls = VERDICT_OK, .status = 200, .tokens_in = 10, .tokens_out = 20,
+                .figures = { .remaining_requests = 5, .remaining_tokens = 1000,
+                             .reset_requests_ms = 20000, .reset_tokens_ms = -1 },
+        };
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].figures.remaining_requests, -1);
+        ck_assert_int_eq(v[0].figures_ms, 0);
+
+        l = acquire_ok(&f, f.slot, 1000);
+        release_outcome(&f, &l, o, 1000, NULL);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].figures.remaining_requests, 5);
+        ck_assert_int_eq(v[0].figures.remaining_tokens, 1000);
+        ck_assert_int_eq(v[0].figures.reset_requests_ms, 20000);
+        ck_assert_int_eq(v[0].figures.reset_tokens_ms, -1);
+        ck_assert_int_eq(v[0].figures_ms, 1000);
+
+        /* An answer with only some figures updates only those. */
+        o = (struct keytable_outcome) {
+                .cls = VERDICT_TRANSIENT, .status = 502, .tokens_in = 1, .tokens_out = 2,
+                .figures = { .remaining_requests = -1, .remaining_tokens = 900,
+                             .reset_requests_ms = -1, .reset_tokens_ms = 3000 },
+        };
+        l = acquire_ok(&f, f.slot, 2000);
+        release_outcome(&f, &l, o, 2000, NULL);
+        /* An answer with none leaves them and their time alone. */
+        l = acquire_ok(&f, f.slot, 3000);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 3000, NULL);
+
+        snapshot(&f, 3000, v);
+        ck_assert_int_eq(v[0].figures.remaining_requests, 5);
+        ck_assert_int_eq(v[0].figures.remaining_tokens, 900);
+        ck_assert_int_eq(v[0].figures.reset_requests_ms, 20000);
+        ck_assert_int_eq(v[0].figures.reset_tokens_ms, 3000);
+        ck_assert_int_eq(v[0].figures_ms, 2000);
+        ck_assert_uint_eq(v[0].tokens_in, 11);
+        ck_assert_uint_eq(v[0].tokens_out, 22);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- one key in several pools (cooldown_scope key) ----------------------------------------- */
+
+/* Two pools sharing one key: A = { shared, a_only }, B = { b_only, shared }. */
+struct twin_fixture {
+        struct keytable *t;
+        unsigned a, b, slot;
+        unsigned a_shared, a_only, b_only, b_shared;
+};
+
+static void twin_setup(struct twin_fixture *f, bool scope_key) {
+        struct keytable_policy pol = { .cooldown_scope_key = scope_key };
+
+        memset(f, 0, sizeof *f);
+        ck_assert_int_eq(keytable_create(&small_limits, 1000, &f->t), 0);
+        keytable_set_policy(f->t, &pol);
+        ck_assert_int_eq(keytable_add_pool(f->t, "mini", "openai/gpt-4o-mini", &f->a), 0);
+        ck_assert_int_eq(keytable_add_key(f->t, f->a, fake_ids[0], fake_masks[0], &f->a_shared), 0);
+        ck_assert_int_eq(keytable_add_key(f->t, f->a, fake_ids[1], fake_masks[1], &f->a_only), 0);
+        ck_assert_int_eq(keytable_add_pool(f->t, "big", "openai/gpt-4o", &f->b), 0);
+        ck_assert_int_eq(keytable_add_key(f->t, f->b, fake_ids[2], fake_masks[2], &f->b_only), 0);
+        ck_assert_int_eq(keytable_add_key(f->t, f->b, fake_ids[0], fake_masks[0], &f->b_shared), 0);
+        ck_assert_int_eq(keytable_slot_claim(f->t, 1, 1000, &f->slot), 0);
+}
+
+/* Takes the lease on key in pool and returns it rate limited. */
+static void twin_rate_limit(struct twin_fixture *f, unsigned pool, unsigned key, int64_t rest,
+                            int64_t now, struct keytable_change *ret_change) {
+        struct keytable_outcome o = { .cls = VERDICT_RATE_LIMITED, .status = 429, .rest_ms = rest,
+                                      .figures = RATE_FIGURES_UNKNOWN };
+        struct keytable_lease l;
+        unsigned other = pool == f->a ? (key == f->a_shared ? f->a_only : f->a_shared)
+                                      : (key == f->b_shared ? f->b_only : f->b_shared);
+
+        ck_assert_int_eq(keytable_acquire(f->t, f->slot, pool, now, other, &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, key);
+        keytable_release(f->t, &l, &o, now, ret_change);
+}
+
+static struct keytable_key_view twin_view(struct twin_fixture *f, unsigned pool, unsigned key,
+                                          int64_t now) {
+        struct keytable_key_view v[2];
+        struct keytable_pool_view pv;
+
+        ck_assert_int_eq(keytable_pool_info(f->t, pool, &pv), 0);
+        ck_assert_int_eq(keytable_pool_snapshot(f->t, pool, now, v), 0);
+        return v[key - pv.first_key];
+}
+
+START_TEST(test_scope_key_rate_limit_cools_the_same_key_in_other_pools)
+{
+        struct twin_fixture f;
+        struct keytable_change c;
+        struct keytable_key_view v;
+        struct keytable_lease l;
+
+        twin_setup(&f, true);
+        twin_rate_limit(&f, f.a, f.a_shared, 30000, 1000, &c);
+        ck_assert(c.changed);
+        ck_assert_msg(c.twins_cooled == 1, "expected the row in the other pool cooled, got %u",
+                      c.twins_cooled);
+
+        v = twin_view(&f, f.b, f.b_shared, 1000);
+        ck_assert_int_eq(v.state, KEY_COOLING);
+        ck_assert_int_eq(v.reason, KEY_REASON_RATE_LIMITED);
+        ck_assert_int_eq(v.cooldown_until_ms, 31000);
+        ck_assert_msg(v.rate_limited == 0, "twins share the rest, not the counters");
+        ck_assert_int_eq(twin_view(&f, f.b, f.b_only, 1000).state, KEY_READY);
+
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.b, 2000, KEYTABLE_NO_KEY, &l, NULL, NULL),
+                         0);
+        ck_assert_uint_eq(l.key, f.b_only);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.b, 2000, KEYTABLE_NO_KEY, &l, NULL, NULL),
+                         0);
+        ck_assert_msg(l.key == f.b_only, "the cooled twin served in the other pool");
+        keytable_destroy(f.t);
+}
+END_TEST
+
+START_TEST(test_scope_pool_rate_limit_cools_only_its_own_row)
+{
+        struct twin_fixture f;
+        struct keytable_change c;
+
+        twin_setup(&f, false);
+        twin_rate_limit(&f, f.a, f.a_shared, 30000, 1000, &c);
+        ck_assert(c.changed);
+        ck_assert_uint_eq(c.twins_cooled, 0);
+        ck_assert_int_eq(twin_view(&f, f.a, f.a_shared, 1000).state, KEY_COOLING);
+        ck_assert_int_eq(twin_view(&f, f.b, f.b_shared, 1000).state, KEY_READY);
+        keytable_destroy(f.t);
+}
+END_TEST
+
+START_TEST(test_scope_key_never_shortens_a_twins_longer_cooldown)
+{
+        struct twin_fixture f;
+        struct keytable_change c;
+        struct keytable_policy scope_key = { .cooldown_scope_key = true };
+        struct keytable_key_view v;
+
+        twin_setup(&f, false);
+        twin_rate_limit(&f, f.b, f.b_shared, 60000, 1000, &c);
+        keytable_set_policy(f.t, &scope_key);
+
+        twin_rate_limit(&f, f.a, f.a_shared, 10000, 2000, &c);
+        ck_assert(c.changed);
+        ck_assert_uint_eq(c.twins_cooled, 0);
+        v = twin_view(&f, f.b, f.b_shared, 2000);
+        ck_assert_int_eq(v.state, KEY_COOLING);
+        ck_assert_msg(v.cooldown_until_ms == 61000, "the twin's longer rest was cut to %lld",
+                      (long long) v.cooldown_until_ms);
+        keytable_destroy(f.t);
+}
+END_TEST
+
+START_TEST(test_scope_key_leaves_a_disabled_twin_disabled)
+{
+        struct twin_fixture f;
+        struct keytable_change c;
+        struct keytable_key_view v;
+
+        twin_setup(&f, true);
+        ck_assert_int_eq(keytable_disable(f.t, f.b_shared, KEY_REASON_AUTH, 1000, NULL), 0);
+        twin_rate_limit(&f, f.a, f.a_shared, 30000, 1000, &c);
+        ck_assert_uint_eq(c.twins_cooled, 0);
+        v = twin_view(&f, f.b, f.b_shared, 1000);
+        ck_assert_int_eq(v.state, KEY_DISABLED);
+        ck_assert_int_eq(v.reason, KEY_REASON_AUTH);
+        keytable_destroy(f.t);
+}
+END_TEST
+
+START_TEST(test_the_same_key_twice_in_one_pool_is_refused)
+{
+        struct twin_fixture f;
+
+        twin_setup(&f, true);
+        ck_assert_int_eq(keytable_add_key(f.t, f.b, fake_ids[0], fake_masks[0], NULL), -EEXIST);
+        ck_assert_int_eq(keytable_add_key(f.t, f.b, fake_ids[2], fake_masks[2], NULL), -EEXIST);
+        ck_assert_uint_eq(keytable_n_keys(f.t), 4);
+        keytable_destroy(f.t);
+}
+END_TEST
+
+/* --- account-wide limits ------------------------------------------------------------------- */
+
+START_TEST(test_every_key_limited_within_a_second_suspects_an_account_limit)
+{
+        struct fixture f;
+        struct keytable_lease l[N_KEYS];
+        struct keytable_change c;
+        struct keytable_pool_view pv;
+        int64_t at[N_KEYS] = { 1000, 1400, 1900 }, rest[N_KEYS] = { 30000, 45000, 20000 };
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                l[i] = acquire_ok(&f, f.slot, 1000);
+        for (unsigned i = 0; i < N_KEYS; i++) {
+                release_as(&f, &l[i], VERDICT_RATE_LIMITED, 429, rest[i], at[i], &c);
+                ck_assert(c.changed);
+                ck_assert_msg(c.account_limit_suspected == (i == N_KEYS - 1),
+                              "after %u limited keys: suspected %d", i + 1,
+                              c.account_limit_suspected);
+        }
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_int_eq(pv.account_limit_until_ms, 46400);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_keys_limited_seconds_apart_are_not_an_account_limit)
+{
+        struct fixture f;
+        struct keytable_lease l[N_KEYS];
+        struct keytable_change c;
+        struct keytable_pool_view pv;
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                l[i] = acquire_ok(&f, f.slot, 1000);
+        for (unsigned i = 0; i < N_KEYS; i++) {
+                release_as(&f, &l[i], VERDICT_RATE_LIMITED, 429, 60000, 1000 + 2000 * i, &c);
+                ck_assert(c.changed);
+                ck_assert(!c.account_limit_suspected);
+        }
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_int_eq(pv.account_limit_until_ms, 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_key_limited_again_while_resting_keeps_the_time_its_rest_began)
+{
+        struct fixture f;
+        struct keytable_lease first, again, l[2];
+        struct keytable_change c;
+
+        fixture_setup(&f);
+        first = acquire_ok(&f, f.slot, 1000);
+        l[0] = acquire_ok(&f, f.slot, 1000);
+        l[1] = acquire_ok(&f, f.slot, 1000);
+        again = acquire_ok(&f, f.slot, 1000);
+        ck_assert_uint_eq(again.key, first.key);
+
+        release_as(&f, &first, VERDICT_RATE_LIMITED, 429, 10000, 1000, &c);
+        /* A request that was already in flight comes back limited too, later and longer. */
+        release_as(&f, &again, VERDICT_RATE_LIMITED, 429, 30000, 2500, &c);
+        ck_assert(c.changed);
+        ck_assert_int_eq(c.until_ms, 32500);
+        release_as(&f, &l[0], VERDICT_RATE_LIMITED, 429, 30000, 2600, &c);
+        release_as(&f, &l[1], VERDICT_RATE_LIMITED, 429, 30000, 2700, &c);
+        ck_assert_msg(!c.account_limit_suspected,
+                      "the primary's rest began 1.7 s earlier: not one limit for all");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_scope_key_cools_the_key_in_every_other_pool)
+{
+        const char *names[3] = { "one", "two", "three" };
+        struct keytable_policy pol = { .cooldown_scope_key = true };
+        struct keytable_outcome o = { .cls = VERDICT_RATE_LIMITED, .status = 429, .rest_ms = 5000,
+                                      .figures = RATE_FIGURES_UNKNOWN };
+        struct keytable_change c;
+        struct keytable_lease l;
+        struct keytable_key_view v[2];
+        struct keytable *t;
+        unsigned pool[3], slot;
+
+        ck_assert_int_eq(keytable_create(&small_limits, 1000, &t), 0);
+        keytable_set_policy(t, &pol);
+        for (unsigned i = 0; i < 3; i++) {
+                ck_assert_int_eq(keytable_add_pool(t, names[i], "test/model", &pool[i]), 0);
+                ck_assert_int_eq(keytable_add_key(t, pool[i], fake_ids[0], fake_masks[0], NULL), 0);
+                ck_assert_int_eq(keytable_add_key(t, pool[i], fake_ids[1 + i % 2],
+                                                  fake_masks[1 + i % 2], NULL), 0);
+        }
+        ck_assert_int_eq(keytable_slot_claim(t, 1, 1000, &slot), 0);
+        /* From each pool in turn, after the last rest is over: every row reaches every other. */
+        for (unsigned from = 0; from < 3; from++) {
+                int64_t now = 1000 + 10000 * from;
+
+                ck_assert_int_eq(keytable_acquire(t, slot, pool[from], now, KEYTABLE_NO_KEY, &l,
+                                                  NULL, NULL), 0);
+                ck_assert_uint_eq(l.key, 2 * from);
+                keytable_release(t, &l, &o, now, &c);
+                ck_assert_msg(c.twins_cooled == 2, "limited in pool %u: expected both other "
+                              "pools' rows cooled, got %u", from, c.twins_cooled);
+                for (unsigned i = 0; i < 3; i++) {
+                        ck_assert_int_eq(keytable_pool_snapshot(t, pool[i], now, v), 0);
+                        ck_assert_int_eq(v[0].state, KEY_COOLING);
+                        ck_assert_int_eq(v[0].cooldown_until_ms, now + 5000);
+                        /* kp-fake00002 sits in pools one and three, untouched by another key. */
+                        ck_assert_int_eq(v[1].state, KEY_READY);
+                }
+        }
+        keytable_destroy(t);
+}
+END_TEST
+
+START_TEST(test_disabled_keys_do_not_count_against_an_account_limit_but_one_key_is_not_enough)
+{
+        struct fixture f;
+        struct keytable_lease l[2];
+        struct keytable_change c;
+
+        fixture_setup(&f);
+        l[0] = acquire_ok(&f, f.slot, 1000);
+        l[1] = acquire_ok(&f, f.slot, 1000);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[2], KEY_REASON_AUTH, 1000, NULL), 0);
+        release_as(&f, &l[0], VERDICT_RATE_LIMITED, 429, 10000, 1000, &c);
+        ck_assert(!c.account_limit_suspected);
+        release_as(&f, &l[1], VERDICT_RATE_LIMITED, 429, 10000, 1500, &c);
+        ck_assert_msg(c.account_limit_suspected, "both usable keys limited within 1 s");
+        fixture_teardown(&f);
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        l[0] = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l[0], VERDICT_RATE_LIMITED, 429, 10000, 1000, &c);
+        ck_assert_msg(!c.account_limit_suspected, "one key alone says nothing of the account");
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- probes and operator actions ----------------------------------------------------------- */
+
+static const struct keytable_policy probe_policy = { .probe_interval_ms = 60000 };
+
+START_TEST(test_a_quota_disabled_key_is_claimed_for_a_probe_once_due)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_key_view v[N_KEYS];
+        unsigned key = 99, pool = 99;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &probe_policy);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_QUOTA, 402, 0, 1000, NULL);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].next_probe_ms, 61000);
+
+        ck_assert_int_eq(keytable_probe_claim(f.t, 60999, &key, &pool), -ENOENT);
+        ck_assert_uint_eq(key, 99);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 61000, &key, &pool), 0);
+        ck_assert_uint_eq(key, f.key[0]);
+        ck_assert_uint_eq(pool, f.pool);
+        ck_assert_msg(keytable_probe_claim(f.t, 61000, &key, &pool) == -ENOENT,
+                      "a claimed probe must not be handed to a second worker");
+        snapshot(&f, 61000, v);
+        ck_assert_int_eq(v[0].next_probe_ms, 121000);
+        ck_assert_int_eq(v[0].state, KEY_DISABLED);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 121000, &key, &pool), 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_an_auth_disabled_key_is_probed_only_with_probe_auth)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_policy with_auth = probe_policy;
+        unsigned key, pool;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &probe_policy);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_AUTH, 401, 0, 1000, NULL);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].next_probe_ms, 0);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 10000000, &key, &pool), -ENOENT);
+
+        with_auth.probe_auth = true;
+        keytable_set_policy(f.t, &with_auth);
+        l = acquire_ok(&f, f.slot, 2000);
+        ck_assert_uint_eq(l.key, f.key[1]);
+        release_as(&f, &l, VERDICT_AUTH, 403, 0, 2000, NULL);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 61999, &key, &pool), -ENOENT);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 62000, &key, &pool), 0);
+        ck_assert_uint_eq(key, f.key[1]);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_enable_brings_a_disabled_key_back_ready)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_change c;
+        struct keytable_key_view v[N_KEYS];
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &probe_policy);
+        disable_all_but(&f, 0);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 1000, NULL);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_QUOTA, 402, 0, 1000, NULL);
+
+        ck_assert_int_eq(keytable_enable(f.t, f.key[0], 2000, &c), 0);
+        ck_assert(c.changed);
+        ck_assert_uint_eq(c.key, f.key[0]);
+        ck_assert_int_eq(c.from, KEY_DISABLED);
+        ck_assert_int_eq(c.to, KEY_READY);
+        snapshot(&f, 2000, v);
+        ck_assert_int_eq(v[0].state, KEY_READY);
+        ck_assert_int_eq(v[0].reason, KEY_REASON_NONE);
+        ck_assert_int_eq(v[0].next_probe_ms, 0);
+        ck_assert_uint_eq(v[0].consecutive_failures, 0);
+        l = acquire_ok(&f, f.slot, 2000);
+        ck_assert_uint_eq(l.key, f.key[0]);
+
+        ck_assert_int_eq(keytable_enable(f.t, f.key[0], 2000, &c), 0);
+        ck_assert_msg(!c.changed, "enabling a ready key changes nothing");
+        ck_assert_int_eq(keytable_enable(f.t, 999, 2000, &c), -EINVAL);
+        ck_assert_int_eq(keytable_enable(NULL, 0, 2000, &c), -EINVAL);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_an_operator_disabled_key_is_never_probed)
+{
+        struct fixture f;
+        struct keytable_change c;
+        struct keytable_key_view v[N_KEYS];
+        unsigned key, pool;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &probe_policy);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[0], KEY_REASON_OPERATOR, 1000, &c), 0);
+        ck_assert(c.changed);
+        ck_assert_int_eq(c.from, KEY_READY);
+        ck_assert_int_eq(c.to, KEY_DISABLED);
+        ck_assert_int_eq(c.reason, KEY_REASON_OPERATOR);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].next_probe_ms, 0);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 100000000, &key, &pool), -ENOENT);
+        for (int i = 0; i < 5; i++) {
+                struct keytable_lease l = acquire_ok(&f, f.slot, 1000 + i);
+
+                ck_assert_uint_ne(l.key, f.key[0]);
+                release_as(&f, &l, VERDICT_OK, 200, 0, 1000 + i, NULL);
+        }
+
+        ck_assert_int_eq(keytable_disable(f.t, f.key[0], KEY_REASON_OPERATOR, 1000, &c), 0);
+        ck_assert_msg(!c.changed, "disabling again for the same reason changes nothing");
+        /* Disabled for quota (by a probe that failed, say), it is probed on schedule. */
+        ck_assert_int_eq(keytable_disable(f.t, f.key[0], KEY_REASON_QUOTA, 2000, &c), 0);
+        ck_assert(c.changed);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 62000, &key, &pool), 0);
+        ck_assert_uint_eq(key, f.key[0]);
+
+        ck_assert_int_eq(keytable_disable(f.t, f.key[0], KEY_REASON_NONE, 1000, &c), -EINVAL);
+        ck_assert_int_eq(keytable_disable(f.t, 999, KEY_REASON_OPERATOR, 1000, &c), -EINVAL);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- waiters ------------------------------------------------------------------------------- */
+
+START_TEST(test_slots_with_waiters_lists_only_live_slots_that_have_some)
+{
+        struct fixture f;
+        unsigned s2, s3, again, slots[4];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &s2), 0);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &s3), 0);
+        ck_assert_uint_eq(keytable_slots_with_waiters(f.t, slots, 4), 0);
+
+        keytable_slot_set_waiters(f.t, f.slot, 2);
+        keytable_slot_set_waiters(f.t, s2, 0);
+        keytable_slot_set_waiters(f.t, s3, 1);
+        keytable_slot_set_waiters(f.t, 99, 1);
+        ck_assert_uint_eq(keytable_slots_with_waiters(f.t, slots, 4), 2);
+        ck_assert_uint_eq(slots[0], f.slot);
+        ck_assert_uint_eq(slots[1], s3);
+        ck_assert_uint_eq(keytable_slots_with_waiters(f.t, slots, 1), 1);
+
+        /* A dead worker's waiters died with it. */
+        keytable_slot_release(f.t, s3);
+        ck_assert_uint_eq(keytable_slots_with_waiters(f.t, slots, 4), 1);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &again), 0);
+        ck_assert_uint_eq(again, s3);
+        ck_assert_uint_eq(keytable_slots_with_waiters(f.t, slots, 4), 1);
+
+        keytable_slot_set_waiters(f.t, f.slot, 0);
+        ck_assert_uint_eq(keytable_slots_with_waiters(f.t, slots, 4), 0);
         fixture_teardown(&f);
 }
 END_TEST
@@ -432,7 +1323,8 @@ START_TEST(test_full_slot_gets_enospc_and_changes_nothing)
         for (unsigned i = 0; i < small_limits.leases_per_slot; i++)
                 (void) acquire_ok(&f, f.slot, 1001);
         snapshot(&f, 1001, before);
-        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 2000, &l, NULL, &c), -ENOSPC);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 2000, KEYTABLE_NO_KEY, &l, NULL, &c),
+                         -ENOSPC);
         snapshot(&f, 1001, after);
         for (unsigned i = 0; i < N_KEYS; i++) {
                 ck_assert_msg(before[i].state == after[i].state &&
@@ -444,7 +1336,8 @@ START_TEST(test_full_slot_gets_enospc_and_changes_nothing)
         }
 
         /* The cooldown ran out during the refused call, and is still there to be noticed. */
-        ck_assert_int_eq(keytable_acquire(f.t, slot2, f.pool, 2000, &other, NULL, &c), 0);
+        ck_assert_int_eq(keytable_acquire(f.t, slot2, f.pool, 2000, KEYTABLE_NO_KEY, &other, NULL,
+                                          &c), 0);
         ck_assert(c.changed);
         ck_assert_uint_eq(c.key, f.key[0]);
         ck_assert_int_eq(c.to, KEY_READY);
@@ -469,7 +1362,8 @@ START_TEST(test_slot_release_returns_a_dead_workers_leases)
                 struct keytable_lease l;
 
                 for (int i = 0; i < 3; i++)
-                        if (keytable_acquire(f.t, child_slot, f.pool, 1000, &l, NULL, NULL) < 0)
+                        if (keytable_acquire(f.t, child_slot, f.pool, 1000, KEYTABLE_NO_KEY, &l,
+                                             NULL, NULL) < 0)
                                 _exit(2);
                 _exit(0);       /* without releasing: a crash, as far as the table knows */
         }
@@ -505,7 +1399,8 @@ static pid_t fork_dier(struct fixture *f, unsigned slot, unsigned n_leases, unsi
                 struct keytable_lease l;
 
                 for (unsigned i = 0; i < n_leases; i++)
-                        if (keytable_acquire(f->t, slot, f->pool, 1000, &l, NULL, NULL) < 0)
+                        if (keytable_acquire(f->t, slot, f->pool, 1000, KEYTABLE_NO_KEY, &l, NULL,
+                                             NULL) < 0)
                                 _exit(2);
                 if (keytable_test_die_holding_lock(f->t, f->pool, scribbled) < 0)
                         _exit(3);
@@ -623,6 +1518,50 @@ START_TEST(test_slot_release_copes_with_a_worker_that_died_holding_the_lock)
 }
 END_TEST
 
+START_TEST(test_repair_makes_the_new_fields_of_a_scribbled_row_safe)
+{
+        struct fixture f;
+        struct keytable_policy pol = { .cooldown_scope_key = true, .probe_interval_ms = 60000 };
+        struct keytable_lease l[2];
+        struct keytable_change c;
+        struct keytable_pool_view pv;
+        struct keytable_key_view v[N_KEYS];
+        pid_t pid;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &pol);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[1], 1, 1), 0);
+        pid = fork_dier(&f, f.slot, 0, f.key[1]);
+        expect_killed(pid);
+
+        l[0] = acquire_ok(&f, f.slot, 2000);
+        ck_assert_uint_eq(keytable_repairs(f.t), 1);
+        ck_assert_uint_eq(l[0].key, f.key[0]);
+        snapshot(&f, 2000, v);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+        ck_assert_int_eq(v[1].next_probe_ms, 0);
+        ck_assert_int_eq(v[1].figures_ms, 0);
+        ck_assert_uint_eq(v[1].rpm, 1);
+        ck_assert_uint_eq(v[1].max_concurrent, 1);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_int_eq(pv.account_limit_until_ms, 0);
+
+        /* A scribbled rate timestamp does not shut the key out, nor does its limit go away. */
+        l[1] = acquire_ok(&f, f.slot, 2000);
+        ck_assert_msg(l[1].key == f.key[1], "the repaired key must serve, got key %u", l[1].key);
+        /* Its broken twin link leads nowhere, and cooling it must not go round for ever. */
+        release_as(&f, &l[1], VERDICT_RATE_LIMITED, 429, 1000, 2000, &c);
+        ck_assert(c.changed);
+        ck_assert_uint_eq(c.twins_cooled, 0);
+        release_as(&f, &l[0], VERDICT_OK, 200, 0, 2000, NULL);
+        snapshot(&f, 2000, v);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                ck_assert_uint_eq(v[i].in_flight, 0);
+        ck_assert_uint_eq(keytable_repairs(f.t), 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
 START_TEST(test_workers_killed_at_random_moments_leave_the_counts_right)
 {
         struct fixture f;
@@ -640,11 +1579,13 @@ START_TEST(test_workers_killed_at_random_moments_leave_the_counts_right)
                 pid = fork();
                 ck_assert_int_ge(pid, 0);
                 if (pid == 0) {
-                        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200 };
+                        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200,
+                                                       .figures = RATE_FIGURES_UNKNOWN };
                         struct keytable_lease l;
 
                         for (;;)
-                                if (keytable_acquire(f.t, slot, f.pool, 1000, &l, NULL, NULL) == 0)
+                                if (keytable_acquire(f.t, slot, f.pool, 1000, KEYTABLE_NO_KEY, &l,
+                                                     NULL, NULL) == 0)
                                         keytable_release(f.t, &l, &ok, 1000, NULL);
                 }
                 usleep(200 + rand_r(&seed) % 3000);
@@ -684,12 +1625,13 @@ START_TEST(test_concurrent_workers_share_one_table)
                 pids[i] = fork();
                 ck_assert_int_ge(pids[i], 0);
                 if (pids[i] == 0) {
-                        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200 };
+                        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200,
+                                                       .figures = RATE_FIGURES_UNKNOWN };
                         struct keytable_lease l;
 
                         for (int n = 0; n < per_worker; n++) {
-                                if (keytable_acquire(f.t, slots[i], f.pool, 1000, &l, NULL,
-                                                     NULL) < 0)
+                                if (keytable_acquire(f.t, slots[i], f.pool, 1000,
+                                                     KEYTABLE_NO_KEY, &l, NULL, NULL) < 0)
                                         _exit(2);
                                 keytable_release(f.t, &l, &ok, 1000, NULL);
                         }
@@ -743,7 +1685,8 @@ START_TEST(test_a_pool_of_100000_keys_can_be_built_and_served)
 
         ck_assert_int_eq(keytable_slot_claim(t, 1, 0, &slot), 0);
         for (unsigned i = 0; i < 5; i++) {
-                ck_assert_int_eq(keytable_acquire(t, slot, pool, 10, &l, NULL, NULL), 0);
+                ck_assert_int_eq(keytable_acquire(t, slot, pool, 10, KEYTABLE_NO_KEY, &l, NULL,
+                                                  NULL), 0);
                 ck_assert_uint_eq(l.key, i);
         }
         keytable_destroy(t);
@@ -881,12 +1824,13 @@ START_TEST(test_limits_and_names_are_validated)
         ck_assert_uint_eq(keytable_n_keys(t), 2);
 
         /* Leases only for claimed slots and existing pools. */
-        ck_assert_int_eq(keytable_acquire(t, 0, p0, 0, &l, NULL, NULL), -EINVAL);
+        ck_assert_int_eq(keytable_acquire(t, 0, p0, 0, KEYTABLE_NO_KEY, &l, NULL, NULL), -EINVAL);
         ck_assert_int_eq(keytable_slot_claim(t, 1, 0, &slot), 0);
-        ck_assert_int_eq(keytable_acquire(t, slot, 5, 0, &l, NULL, NULL), -EINVAL);
-        ck_assert_int_eq(keytable_acquire(t, 3, p0, 0, &l, NULL, NULL), -EINVAL);
-        ck_assert_int_eq(keytable_acquire(t, slot, p0, 0, &l, NULL, NULL), 0);
-        ck_assert_int_eq(keytable_acquire(t, slot, p1, 0, &l, NULL, NULL), -ENOSPC);
+        ck_assert_int_eq(keytable_acquire(t, slot, 5, 0, KEYTABLE_NO_KEY, &l, NULL, NULL), -EINVAL);
+        ck_assert_int_eq(keytable_acquire(t, 3, p0, 0, KEYTABLE_NO_KEY, &l, NULL, NULL), -EINVAL);
+        ck_assert_int_eq(keytable_acquire(t, slot, p0, 0, KEYTABLE_NO_KEY, &l, NULL, NULL), 0);
+        ck_assert_int_eq(keytable_acquire(t, slot, p1, 0, KEYTABLE_NO_KEY, &l, NULL, NULL),
+                         -ENOSPC);
         keytable_destroy(t);
         keytable_destroy(NULL);
 }
@@ -953,6 +1897,41 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_a_late_rate_limit_does_not_revive_a_disabled_key);
         suite_add_tcase(s, tc);
 
+        tc = tcase_create("limits");
+        tcase_add_test(tc, test_a_key_at_its_max_concurrent_is_skipped);
+        tcase_add_test(tc, test_every_key_at_its_max_concurrent_gives_eagain_busy_and_no_retry_time);
+        tcase_add_test(tc, test_releasing_a_full_key_reports_freed_capacity_and_it_serves_again);
+        tcase_add_test(tc, test_max_concurrent_holds_across_processes);
+        tcase_add_test(tc, test_rpm_lets_a_burst_through_then_skips_the_key);
+        tcase_add_test(tc, test_rpm_wait_names_the_exact_ms_the_next_slot_opens);
+        tcase_add_test(tc, test_each_key_keeps_its_own_rpm_so_an_override_beats_the_pool_default);
+        tcase_add_test(tc, test_an_avoided_key_is_passed_over_while_another_can_serve);
+        tcase_add_test(tc, test_an_avoided_key_is_taken_when_no_other_key_can_serve);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("rests_scopes_and_probes");
+        tcase_add_test(tc, test_a_success_that_leaves_nothing_cools_the_key_until_the_reset);
+        tcase_add_test(tc, test_transient_failures_cool_a_key_only_after_threshold_in_a_row);
+        tcase_add_test(tc, test_a_success_between_transient_failures_resets_the_run);
+        tcase_add_test(tc, test_transient_failures_never_cool_without_a_threshold);
+        tcase_add_test(tc, test_release_stores_the_figures_sent_and_sums_tokens);
+        tcase_add_test(tc, test_scope_key_rate_limit_cools_the_same_key_in_other_pools);
+        tcase_add_test(tc, test_scope_key_cools_the_key_in_every_other_pool);
+        tcase_add_test(tc, test_scope_pool_rate_limit_cools_only_its_own_row);
+        tcase_add_test(tc, test_scope_key_never_shortens_a_twins_longer_cooldown);
+        tcase_add_test(tc, test_scope_key_leaves_a_disabled_twin_disabled);
+        tcase_add_test(tc, test_the_same_key_twice_in_one_pool_is_refused);
+        tcase_add_test(tc, test_every_key_limited_within_a_second_suspects_an_account_limit);
+        tcase_add_test(tc, test_keys_limited_seconds_apart_are_not_an_account_limit);
+        tcase_add_test(tc, test_a_key_limited_again_while_resting_keeps_the_time_its_rest_began);
+        tcase_add_test(tc, test_disabled_keys_do_not_count_against_an_account_limit_but_one_key_is_not_enough);
+        tcase_add_test(tc, test_a_quota_disabled_key_is_claimed_for_a_probe_once_due);
+        tcase_add_test(tc, test_an_auth_disabled_key_is_probed_only_with_probe_auth);
+        tcase_add_test(tc, test_enable_brings_a_disabled_key_back_ready);
+        tcase_add_test(tc, test_an_operator_disabled_key_is_never_probed);
+        tcase_add_test(tc, test_slots_with_waiters_lists_only_live_slots_that_have_some);
+        suite_add_tcase(s, tc);
+
         tc = tcase_create("outcomes_and_leases");
         tcase_add_test(tc, test_release_records_counters_and_failure_streaks);
         tcase_add_test(tc, test_in_flight_counts_follow_leases_out_and_back);
@@ -966,6 +1945,7 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_next_locker_repairs_a_pool_whose_holder_died);
         tcase_add_test(tc, test_repair_keeps_the_leases_a_dead_lock_holder_really_held);
         tcase_add_test(tc, test_slot_release_copes_with_a_worker_that_died_holding_the_lock);
+        tcase_add_test(tc, test_repair_makes_the_new_fields_of_a_scribbled_row_safe);
         tcase_add_test(tc, test_workers_killed_at_random_moments_leave_the_counts_right);
         tcase_add_test(tc, test_concurrent_workers_share_one_table);
         suite_add_tcase(s, tc);
