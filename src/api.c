@@ -48,6 +48,8 @@ static json_t *key_json(const struct keytable_key_view *k, int64_t now_ms) {
                             ? json_integer(ceil_seconds(now_ms - k->last_used_ms)) : json_null());
         json_object_set_new(j, "tokens_in", json_integer((json_int_t) k->tokens_in));
         json_object_set_new(j, "tokens_out", json_integer((json_int_t) k->tokens_out));
+        json_object_set_new(j, "max_concurrent", json_integer(k->max_concurrent));
+        json_object_set_new(j, "rpm", json_integer(k->rpm));
         return j;
 }
 
@@ -90,6 +92,9 @@ char *api_key_status_json(const struct api_context *a, int64_t now_ms, const cha
                 kj = json_array();
                 json_object_set_new(pj, "name", json_string(info.name));
                 json_object_set_new(pj, "model", json_string(info.model));
+                /* Every key limited at once: more keys of the same account add nothing. */
+                json_object_set_new(pj, "account_limit_suspected",
+                                    json_boolean(info.account_limit_until_ms > now_ms));
                 for (unsigned i = 0; i < info.n_keys; i++)
                         json_array_append_new(kj, key_json(&keys[i], now_ms));
                 json_object_set_new(pj, "keys", kj);

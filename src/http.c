@@ -579,8 +579,13 @@ static void conn_parse(struct http_conn *c, const char *data, size_t len) {
         }
         /* The request line and headers must not grow without bound before the parser's own
          * limits trip: count what is buffered but not yet parsed. */
-        if (c->in_message && c->header_bytes > c->limits->max_header)
+        if (c->in_message && c->header_bytes > c->limits->max_header) {
                 answer_parse_error(c, 431);
+                return;
+        }
+        /* "100 Continue" was queued by on_headers_complete: the client waits for it. */
+        if (buf_pending(&c->out) > 0)
+                conn_flush(c);
 }
 
 static void dispatch(struct http_conn *c) {

@@ -1,23 +1,31 @@
 /* proxy.c — serving POST /v1/… through a pool's keys.
  *
  * One struct proxy_request lives from the client's complete request until the answer is
- * complete or the client is gone. Each attempt holds one lease on one key; the lease is returned
- * with the attempt's outcome before anything else happens, so the shared table always knows what
- * is in flight.
+ * complete or the client is gone. It is always in exactly one of these steps:
  *
- * Answers are handled by status as soon as their headers arrive: a success is relayed to the
- * client as it arrives (streams chunk by chunk, nothing buffered); anything else is buffered —
- * error bodies are small — so that policy can judge it and, when it says the key must rest or is
- * dead, the request is sent again with the next key before the client has seen a byte.
+ *   WAITING   queued on its pool for a key (first come, first served), with a deadline
+ *   RUNNING   an upstream attempt with a lease on one key
+ *   BACKOFF   between a transient failure and the next attempt
+ *
+ * Each attempt's lease is returned with the attempt's outcome before anything else happens, so
+ * the shared table always knows what is in flight.
+ *
+ * Answers are sorted as soon as their headers arrive: a success is relayed as it arrives (streams
+ * chunk by chunk) — except that the first event of an SSE stream is held until it is complete,
+ * because providers report errors as an event after "200 OK", and until the client has seen a
+ * byte such an error can still be retried with another key. Anything else is buffered (error
+ * bodies are small) so that policy can judge it.
  *
  * curl forbids removing a transfer from inside its own callbacks, and a client can vanish from
- * inside one (a failed write): such an abort is only marked, the callback fails the transfer,
- * and the done callback cleans up.
+ * inside one (a failed write): such an abort is only marked there, the callback fails the
+ * transfer, and the done callback cleans up.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
@@ -25,9 +33,21 @@
 #include "keypool/log.h"
 #include "keypool/proxy.h"
 
-#define MAX_ATTEMPTS            32
+#define MAX_ATTEMPTS            32              /* rotations and retries together */
 #define MAX_BUFFERED_ERROR      (1024 * 1024)   /* larger error bodies are relayed unjudged */
+#define MAX_USAGE_COPY          (1024 * 1024)   /* success bodies kept this far to count tokens */
+#define MAX_SSE_EVENT           (64 * 1024)     /* an SSE event longer than this is not inspected */
 #define MAX_ANSWER_HEADERS      128
+#define MAX_WAIT_CAP_S          3600
+#define PROBE_PERIOD_USEC       (2ULL * 1000000)
+
+enum step {
+        STEP_NEW = 1,
+        STEP_WAITING,
+        STEP_RUNNING,
+        STEP_BACKOFF,
+        _STEP_MAX,
+};
 
 enum answer_mode {
         MODE_HEADERS = 1,       /* status and headers still arriving */
@@ -36,12 +56,21 @@ enum answer_mode {
         _MODE_MAX,
 };
 
+struct proxy_queue {
+        struct proxy_context *ctx;
+        unsigned pool;
+        struct proxy_request *head, *tail;
+        sd_event_source *timer;         /* the earliest time a key of the pool may recover */
+};
+
 struct proxy_request {
         struct proxy_context *ctx;
         struct http_conn *conn;         /* NULL once the client is gone */
+        enum step step;
         unsigned pool;
         const struct config_pool *cpool;
         const struct config_provider *provider;
+        unsigned first_key;             /* the pool's first row in the table */
         char *url;                      /* upstream URL */
         char *body;                     /* forwarded body: the client's, or rewritten */
         size_t body_len;
@@ -49,27 +78,74 @@ struct proxy_request {
         char **fwd_headers;             /* "Name: value" lines forwarded from the client */
         size_t n_fwd_headers;
         char request_id[24];
+        int64_t deadline_ms;            /* waiting for a key ends here */
+
+        struct proxy_request *queue_next, *queue_prev;
+        sd_event_source *timer;         /* the waiting deadline, or the backoff */
 
         CURL *easy;
         struct curl_slist *headers;     /* this attempt's request headers */
         struct keytable_lease lease;
         bool leased;
         unsigned attempts;
+        unsigned transient_failures;
+        unsigned last_key;              /* the key of the previous attempt, avoided next time */
 
         /* the current attempt's answer */
         enum answer_mode mode;
         int status;
         char *answer_headers[MAX_ANSWER_HEADERS];
         size_t n_answer_headers;
-        char *answer_body;
+        char *answer_body;              /* MODE_BUFFER: the body; MODE_STREAM: a copy for usage */
         size_t answer_len, answer_cap;
+        bool sse;                       /* text/event-stream */
+        bool holding;                   /* the first SSE event is not yet complete */
+        size_t held;                    /* bytes of answer_body not yet sent to the client */
+        char *event;                    /* the SSE event being received */
+        size_t event_len, event_cap;
+        bool event_overflow;
+        int stream_error_status;        /* an SSE error event seen inside the stream */
+        char *stream_error;             /* … its payload */
+        uint64_t tokens_in, tokens_out;
         bool in_curl;                   /* inside a curl callback */
         bool aborted;                   /* the client went away */
+        bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
         bool pressure;                  /* the client's output buffer is full */
         bool paused;                    /* the transfer is paused on pressure */
 };
 
-/* Headers that belong to one connection, or that keypool sets itself. */
+static void attempt(struct proxy_request *pr);
+static void serve_queue(struct proxy_context *p, unsigned pool);
+
+/* --- small helpers ------------------------------------------------------------------------ */
+
+static int buf_add(char **buf, size_t *len, size_t *cap, const void *data, size_t n) {
+        if (*len + n + 1 > *cap) {
+                size_t c = *cap ? *cap : 4096;
+                char *p;
+
+                while (c < *len + n + 1)
+                        c *= 2;
+                p = realloc(*buf, c);
+                if (!p)
+                        return -ENOMEM;
+                *buf = p;
+                *cap = c;
+        }
+        memcpy(*buf + *len, data, n);
+        *len += n;
+        (*buf)[*len] = 0;
+        return 0;
+}
+
+static bool header_is(const char *line, const char *name) {
+        size_t n = strlen(name);
+
+        return strncasecmp(line, name, n) == 0 && line[n] == ':';
+}
+
+/* Headers that belong to one connection, that keypool sets itself, or that would carry the
+ * client's own credentials upstream. */
 static bool is_dropped_request_header(const char *name) {
         static const char *const dropped[] = {
                 "Connection", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "TE",
@@ -99,6 +175,65 @@ static bool is_dropped_answer_header(const char *name, size_t len) {
         return false;
 }
 
+static const char *key_id(const struct proxy_request *pr, unsigned key) {
+        if (key < pr->first_key || key - pr->first_key >= pr->cpool->n_keys)
+                return "?";
+        return pr->cpool->keys[key - pr->first_key].id;
+}
+
+static struct log_fields fields(const struct proxy_request *pr, unsigned key) {
+        struct log_fields f = LOG_FIELDS_NONE;
+
+        f.pool = pr->cpool->name;
+        f.key = key == KEYTABLE_NO_KEY ? NULL : key_id(pr, key);
+        f.request_id = pr->request_id;
+        return f;
+}
+
+/* Tells every worker with waiting requests (this one included) that a key may be free. */
+static void wake_waiters(struct proxy_context *p) {
+        unsigned slots[256], n;
+        uint64_t one = 1;
+
+        n = keytable_slots_with_waiters(p->table, slots, sizeof slots / sizeof slots[0]);
+        for (unsigned i = 0; i < n; i++) {
+                if (slots[i] == p->slot) {
+                        sd_event_source_set_enabled(p->kick, SD_EVENT_ONESHOT);
+                        continue;
+                }
+                if (slots[i] < p->n_wake_fds && p->wake_fds[slots[i]] >= 0)
+                        (void) !write(p->wake_fds[slots[i]], &one, sizeof one);
+        }
+}
+
+static void log_change(const struct proxy_request *pr, const struct keytable_change *c,
+                       const struct verdict *v) {
+        struct log_fields f = fields(pr, c->key);
+
+        f.status = pr->status;
+        if (c->account_limit_suspected)
+                log_event(LOG_WARNING, "cooldown", &f,
+                          "every key of pool %s was rate limited within a second: an account- or "
+                          "IP-wide limit is suspected; keys keep cooling for their hints", pr->cpool->name);
+        if (!c->changed)
+                return;
+        if (c->to == KEY_COOLING) {
+                f.retry_after_s = (c->until_ms - clock_mono_ms() + 999) / 1000;
+                if (f.retry_after_s < 0)
+                        f.retry_after_s = 0;
+                log_event(LOG_WARNING, "cooldown", &f, "key %s: resting %llds%s%s",
+                          keytable_reason_name(c->reason), (long long) f.retry_after_s,
+                          c->reason == KEY_REASON_TRANSIENT ? " after transient failures in a row"
+                          : v && v->hinted ? " as the provider asked" : " (no hint: recovery_time)",
+                          c->twins_cooled ? " (also in the other pools holding it)" : "");
+        } else if (c->to == KEY_DISABLED) {
+                log_event(LOG_ERR, "disable", &f, "key disabled: %s (status %d)",
+                          keytable_reason_name(c->reason), pr->status);
+        } else if (c->to == KEY_READY && c->from == KEY_COOLING) {
+                log_event(LOG_INFO, "recover", &f, "key is ready again");
+        }
+}
+
 /* --- the request's life ------------------------------------------------------------------ */
 
 static void answer_reset(struct proxy_request *pr) {
@@ -108,11 +243,43 @@ static void answer_reset(struct proxy_request *pr) {
         free(pr->answer_body);
         pr->answer_body = NULL;
         pr->answer_len = pr->answer_cap = 0;
+        free(pr->event);
+        pr->event = NULL;
+        pr->event_len = pr->event_cap = 0;
+        pr->event_overflow = false;
+        free(pr->stream_error);
+        pr->stream_error = NULL;
+        pr->stream_error_status = 0;
         pr->status = 0;
         pr->mode = MODE_HEADERS;
+        pr->sse = pr->holding = pr->retry_from_stream = false;
+        pr->held = 0;
+        pr->tokens_in = pr->tokens_out = 0;
+}
+
+static void queue_remove(struct proxy_request *pr) {
+        struct proxy_context *p = pr->ctx;
+        struct proxy_queue *q = &p->queues[pr->pool];
+
+        if (pr->step != STEP_WAITING)
+                return;
+        if (pr->queue_prev)
+                pr->queue_prev->queue_next = pr->queue_next;
+        else
+                q->head = pr->queue_next;
+        if (pr->queue_next)
+                pr->queue_next->queue_prev = pr->queue_prev;
+        else
+                q->tail = pr->queue_prev;
+        pr->queue_next = pr->queue_prev = NULL;
+        p->waiting--;
+        keytable_slot_set_waiters(p->table, p->slot, p->waiting);
+        pr->step = STEP_NEW;
 }
 
 static void request_free(struct proxy_request *pr) {
+        queue_remove(pr);
+        sd_event_source_disable_unref(pr->timer);
         if (pr->easy)
                 curl_easy_cleanup(pr->easy);
         curl_slist_free_all(pr->headers);
@@ -127,43 +294,43 @@ static void request_free(struct proxy_request *pr) {
         free(pr);
 }
 
-static const char *current_key_id(const struct proxy_request *pr) {
-        struct keytable_pool_view info;
-
-        if (keytable_pool_info(pr->ctx->table, pr->pool, &info) < 0 || pr->lease.key < info.first_key)
-                return "?";
-        return pr->cpool->keys[pr->lease.key - info.first_key].id;
-}
-
-static void release(struct proxy_request *pr, enum verdict_class cls, const struct verdict *v) {
-        struct keytable_outcome o = { .cls = cls, .status = pr->status };
+static void release(struct proxy_request *pr, const struct verdict *v) {
+        struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->status,
+                                      .figures = RATE_FIGURES_UNKNOWN };
         struct keytable_change change = {};
 
         if (!pr->leased)
                 return;
-        if (v && cls == VERDICT_RATE_LIMITED)
+        if (v && (v->cls == VERDICT_RATE_LIMITED || v->cls == VERDICT_OK))
                 o.rest_ms = v->rest_ms;
+        o.tokens_in = pr->tokens_in;
+        o.tokens_out = pr->tokens_out;
+        if (pr->n_answer_headers > 0) {
+                struct answer_header ah[MAX_ANSWER_HEADERS];
+                struct upstream_answer a = { .status = pr->status, .headers = ah };
+
+                for (size_t i = 0; i < pr->n_answer_headers; i++) {
+                        const char *line = pr->answer_headers[i], *colon = strchr(line, ':');
+
+                        if (!colon)
+                                continue;
+                        ah[a.n_headers++] = (struct answer_header) {
+                                .name = line, .name_len = (size_t) (colon - line),
+                                .value = colon + 1 + strspn(colon + 1, " \t"),
+                                .value_len = strlen(colon + 1 + strspn(colon + 1, " \t")),
+                        };
+                }
+                policy_read_figures(&a, clock_wall_ms(), &o.figures);
+        }
         keytable_release(pr->ctx->table, &pr->lease, &o, clock_mono_ms(), &change);
         pr->leased = false;
-        if (change.changed) {
-                struct log_fields f = LOG_FIELDS_NONE;
-
-                f.key = current_key_id(pr);
-                f.pool = pr->cpool->name;
-                f.status = pr->status;
-                f.request_id = pr->request_id;
-                if (change.to == KEY_COOLING) {
-                        f.retry_after_s = (o.rest_ms + 999) / 1000;
-                        log_event(LOG_WARNING, "cooldown", &f, "key rate limited: resting %llds%s",
-                                  (long long) f.retry_after_s, v && v->hinted ? " as the provider asked" : " (no hint: recovery_time)");
-                } else if (change.to == KEY_DISABLED) {
-                        log_event(LOG_ERR, "disable", &f, "key disabled: %s (status %d)",
-                                  keytable_reason_name(change.reason), pr->status);
-                }
-        }
+        pr->last_key = pr->lease.key;
+        log_change(pr, &change, v);
+        if (change.freed_capacity)
+                wake_waiters(pr->ctx);
 }
 
-/* Hands the client's connection back to http and frees the request. */
+/* Hands the client's connection back to http. */
 static struct http_conn *detach(struct proxy_request *pr) {
         struct http_conn *c = pr->conn;
 
@@ -177,12 +344,12 @@ static struct http_conn *detach(struct proxy_request *pr) {
 static size_t keypool_headers(struct proxy_request *pr, struct http_header *h, char *attempts, size_t size) {
         snprintf(attempts, size, "%u", pr->attempts);
         h[0] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
-        h[1] = (struct http_header) { "X-Keypool-Key", current_key_id(pr) };
+        h[1] = (struct http_header) { "X-Keypool-Key", key_id(pr, pr->lease.key) };
         h[2] = (struct http_header) { "X-Keypool-Attempts", attempts };
         return 3;
 }
 
-/* The upstream's end-to-end headers plus keypool's; the strings point into pr. */
+/* The upstream's end-to-end headers plus keypool's; the strings point into pr and names. */
 static size_t answer_headers(struct proxy_request *pr, struct http_header *h, size_t max,
                              char *names, size_t names_size, char *attempts, size_t attempts_size) {
         size_t n = 0, used = 0;
@@ -228,8 +395,9 @@ static int begin_stream(struct proxy_request *pr) {
         return http_conn_stream_begin(pr->conn, pr->status, h, n);
 }
 
-static void respond_error(struct proxy_request *pr, int status, const char *code,
-                          int64_t retry_after_s, const char *message) {
+/* keypool's own error for this request, then the request is done. */
+static void fail(struct proxy_request *pr, int status, const char *code, int64_t retry_after_s,
+                 const char *message) {
         struct http_header h[2];
         char retry[24];
         size_t n = 0;
@@ -243,6 +411,64 @@ static void respond_error(struct proxy_request *pr, int status, const char *code
         c = detach(pr);
         if (c)
                 http_conn_respond_error(c, status, "keypool_error", code, h, n, "%s", message);
+        request_free(pr);
+}
+
+/* --- streams ------------------------------------------------------------------------------ */
+
+/* One complete SSE event of a relayed stream: count its usage, note an error in it. */
+static void inspect_event(struct proxy_request *pr, const char *ev, size_t len) {
+        const char *data;
+        size_t data_len;
+        uint64_t in, out;
+        int status;
+
+        if (policy_sse_error(ev, len, &status, &data, &data_len) == 1) {
+                if (!pr->stream_error_status) {
+                        pr->stream_error_status = status;
+                        pr->stream_error = strndup(data, data_len);
+                }
+                return;
+        }
+        if (memmem(ev, len, "sage", 4)) {
+                const char *d = memmem(ev, len, "data:", 5);
+
+                if (d && policy_usage(d + 5, len - (size_t) (d + 5 - ev), &in, &out) == 0) {
+                        /* Providers repeat running totals; the last figures are the request's. */
+                        pr->tokens_in = in > pr->tokens_in ? in : pr->tokens_in;
+                        pr->tokens_out = out > pr->tokens_out ? out : pr->tokens_out;
+                }
+        }
+}
+
+/* Splits streamed bytes into SSE events. Returns the number of bytes that end the first complete
+ * event seen in this call (0 when none ended here). */
+static size_t scan_events(struct proxy_request *pr, const char *data, size_t len) {
+        size_t first_end = 0;
+
+        for (size_t i = 0; i < len; i++) {
+                char ch = data[i];
+
+                if (!pr->event_overflow) {
+                        if (pr->event_len + 1 >= MAX_SSE_EVENT)
+                                pr->event_overflow = true;
+                        else if (buf_add(&pr->event, &pr->event_len, &pr->event_cap, &ch, 1) < 0)
+                                pr->event_overflow = true;
+                }
+                if (ch != '\n')
+                        continue;
+                /* A blank line ends the event: "\n\n" or "\n\r\n". */
+                if (pr->event_len >= 2 && (pr->event[pr->event_len - 2] == '\n' ||
+                    (pr->event_len >= 3 && pr->event[pr->event_len - 2] == '\r' && pr->event[pr->event_len - 3] == '\n'))) {
+                        if (!pr->event_overflow)
+                                inspect_event(pr, pr->event, pr->event_len);
+                        pr->event_len = 0;
+                        pr->event_overflow = false;
+                        if (!first_end)
+                                first_end = i + 1;
+                }
+        }
+        return first_end;
 }
 
 /* --- curl callbacks ---------------------------------------------------------------------- */
@@ -270,6 +496,11 @@ static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *user
                 if (pr->status >= 100 && pr->status < 200)
                         return len;
                 pr->mode = pr->status >= 200 && pr->status < 300 ? MODE_STREAM : MODE_BUFFER;
+                for (size_t i = 0; i < pr->n_answer_headers; i++)
+                        if (header_is(pr->answer_headers[i], "Content-Type") &&
+                            strcasestr(pr->answer_headers[i], "text/event-stream"))
+                                pr->sse = true;
+                pr->holding = pr->mode == MODE_STREAM && pr->sse;
                 return len;
         }
         if (pr->n_answer_headers < MAX_ANSWER_HEADERS) {
@@ -282,6 +513,26 @@ static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *user
         return len;
 }
 
+/* Sends what is held and then data to the client. Returns 0, 1 on back-pressure, < 0 when the
+ * client is gone. */
+static int relay(struct proxy_request *pr, const char *data, size_t len) {
+        int r = 0;
+
+        pr->in_curl = true;
+        if (!http_conn_stream_started(pr->conn))
+                r = begin_stream(pr);
+        if (r >= 0 && pr->held > 0 && !pr->aborted) {
+                r = http_conn_stream_write(pr->conn, pr->answer_body + pr->answer_len - pr->held, pr->held);
+                pr->held = 0;
+        }
+        if (r >= 0 && len > 0 && !pr->aborted)
+                r = http_conn_stream_write(pr->conn, data, len);
+        pr->in_curl = false;
+        if (pr->aborted)
+                return -EPIPE;
+        return r;
+}
+
 static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userdata) {
         struct proxy_request *pr = userdata;
         size_t len = size * nmemb;
@@ -291,44 +542,43 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
                 return 0;
 
         if (pr->mode == MODE_BUFFER) {
-                if (pr->answer_len + len <= MAX_BUFFERED_ERROR) {
-                        if (pr->answer_len + len + 1 > pr->answer_cap) {
-                                size_t cap = pr->answer_cap ? pr->answer_cap : 4096;
-                                char *p;
-
-                                while (cap < pr->answer_len + len + 1)
-                                        cap *= 2;
-                                p = realloc(pr->answer_body, cap);
-                                if (!p)
-                                        return 0;
-                                pr->answer_body = p;
-                                pr->answer_cap = cap;
-                        }
-                        memcpy(pr->answer_body + pr->answer_len, data, len);
-                        pr->answer_len += len;
-                        pr->answer_body[pr->answer_len] = 0;
-                        return len;
-                }
+                if (pr->answer_len + len <= MAX_BUFFERED_ERROR)
+                        return buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len) < 0 ? 0 : len;
                 /* Too large to be an error worth judging: relay what we have and the rest. */
                 pr->mode = MODE_STREAM;
+                pr->held = pr->answer_len;
         }
 
         if (pr->pressure) {
                 pr->paused = true;
                 return CURL_WRITEFUNC_PAUSE;
         }
-        pr->in_curl = true;
-        r = 0;
-        if (!http_conn_stream_started(pr->conn)) {
-                r = begin_stream(pr);
-                if (r >= 0 && pr->answer_len > 0 && !pr->aborted)
-                        r = http_conn_stream_write(pr->conn, pr->answer_body, pr->answer_len);
-                pr->answer_len = 0;
+
+        if (pr->holding) {
+                size_t end;
+
+                if (buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len) < 0)
+                        return 0;
+                pr->held += len;
+                end = scan_events(pr, data, len);
+                if (!end && pr->held < MAX_SSE_EVENT)
+                        return len;             /* the first event is not complete yet */
+                pr->holding = false;
+                if (pr->stream_error_status) {
+                        /* The stream opened with an error: nothing reached the client, so it
+                         * is judged and retried like any error answer. */
+                        pr->retry_from_stream = true;
+                        return 0;
+                }
+                r = relay(pr, NULL, 0);
+        } else {
+                if (pr->sse)
+                        scan_events(pr, data, len);
+                else if (pr->answer_len + len <= MAX_USAGE_COPY)
+                        buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len);
+                r = relay(pr, data, len);
         }
-        if (r >= 0 && !pr->aborted)
-                r = http_conn_stream_write(pr->conn, data, len);
-        pr->in_curl = false;
-        if (pr->aborted || r < 0)
+        if (r < 0)
                 return 0;
         if (r == 1)
                 pr->pressure = true;
@@ -337,166 +587,296 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
 
 /* --- attempts ---------------------------------------------------------------------------- */
 
-static void attempt(struct proxy_request *pr);
+static void judge(struct proxy_request *pr, struct verdict *ret) {
+        struct answer_header ah[MAX_ANSWER_HEADERS];
+        struct upstream_answer a = { .status = pr->status, .headers = ah };
 
-static const char *auth_header(const struct proxy_request *pr, const char *secret, char *buf, size_t size) {
-        snprintf(buf, size, "Authorization: Bearer %s", secret);
-        return buf;
+        for (size_t i = 0; i < pr->n_answer_headers; i++) {
+                const char *line = pr->answer_headers[i], *colon = strchr(line, ':');
+                const char *value;
+
+                if (!colon)
+                        continue;
+                value = colon + 1 + strspn(colon + 1, " \t");
+                ah[a.n_headers++] = (struct answer_header) {
+                        .name = line, .name_len = (size_t) (colon - line),
+                        .value = value, .value_len = strlen(value),
+                };
+        }
+        if (pr->stream_error_status) {
+                a.status = pr->stream_error_status;
+                a.body = pr->stream_error;
+                a.body_len = pr->stream_error ? strlen(pr->stream_error) : 0;
+        } else {
+                a.body = pr->answer_body;
+                a.body_len = pr->answer_len;
+        }
+        policy_classify(&a, &pr->ctx->policy, clock_wall_ms(), ret);
+}
+
+static int on_backoff_done(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_request *pr = userdata;
+
+        pr->timer = sd_event_source_disable_unref(pr->timer);
+        pr->step = STEP_NEW;
+        attempt(pr);
+        return 0;
+}
+
+/* A transient failure before the client saw a byte: retry after a backoff, on another key
+ * when one is ready, while attempts remain. Returns false when no retry is left. */
+static bool schedule_retry(struct proxy_request *pr, const struct verdict *v) {
+        const struct config_retry *rc = &pr->ctx->config->retry;
+        uint32_t random = 0;
+        int64_t delay;
+
+        if (pr->transient_failures >= rc->max_attempts || pr->attempts >= MAX_ATTEMPTS)
+                return false;
+        (void) !getrandom(&random, sizeof random, GRND_NONBLOCK);
+        delay = policy_backoff_ms(pr->transient_failures - 1, rc->backoff_initial_ms, rc->backoff_max_ms, random);
+        if (v && v->retry_after_ms > delay)
+                delay = v->retry_after_ms < (int64_t) rc->backoff_max_ms ? v->retry_after_ms : rc->backoff_max_ms;
+        if (sd_event_add_time_relative(pr->ctx->event, &pr->timer, CLOCK_MONOTONIC, (uint64_t) delay * 1000, 1000,
+                                       on_backoff_done, pr) < 0)
+                return false;
+        pr->step = STEP_BACKOFF;
+        {
+                struct log_fields f = fields(pr, pr->last_key);
+
+                f.status = pr->status;
+                log_event(LOG_INFO, "retry", &f, "transient failure (%s): retry %u in %lld ms",
+                          pr->status ? "upstream error status" : "no answer", pr->transient_failures,
+                          (long long) delay);
+        }
+        return true;
 }
 
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
         struct verdict v = {};
-        struct log_fields f = LOG_FIELDS_NONE;
+        bool started;
 
         if (pr->aborted) {
-                release(pr, VERDICT_NONE, NULL);
+                release(pr, NULL);
                 request_free(pr);
                 return;
         }
+        started = pr->conn && http_conn_stream_started(pr->conn);
+        curl_easy_cleanup(pr->easy);
+        pr->easy = NULL;
+        pr->paused = pr->pressure = false;
 
-        f.pool = pr->cpool->name;
-        f.key = current_key_id(pr);
-        f.request_id = pr->request_id;
-
-        if (res != CURLE_OK) {
+        if (res != CURLE_OK && !pr->retry_from_stream) {
                 bool timeout = res == CURLE_OPERATION_TIMEDOUT;
+                struct log_fields f = fields(pr, pr->lease.key);
 
-                release(pr, VERDICT_TRANSIENT, NULL);
-                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s",
-                          pr->provider->name, curl_easy_strerror(res));
-                if (pr->conn && http_conn_stream_started(pr->conn)) {
+                v.cls = VERDICT_TRANSIENT;
+                release(pr, &v);
+                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
+                          curl_easy_strerror(res));
+                if (started) {
                         /* Bytes have reached the client: the only honest end is a cut. */
                         http_conn_abort(detach(pr));
-                } else {
-                        respond_error(pr, timeout ? 504 : 502, timeout ? "upstream_timeout" : "upstream_unreachable",
-                                      0, timeout ? "the upstream did not answer in time"
-                                                 : "the upstream could not be reached or closed the connection");
+                        request_free(pr);
+                        return;
                 }
-                request_free(pr);
+                pr->transient_failures++;
+                answer_reset(pr);
+                if (schedule_retry(pr, &v))
+                        return;
+                fail(pr, timeout ? 504 : 502, timeout ? "upstream_timeout" : "upstream_unreachable", 0,
+                     timeout ? "the upstream did not answer in time"
+                             : "the upstream could not be reached or closed the connection");
                 return;
         }
 
-        if (pr->mode != MODE_BUFFER) {
-                release(pr, VERDICT_OK, NULL);
-                if (pr->conn && http_conn_stream_started(pr->conn))
+        if (pr->mode == MODE_STREAM && !pr->retry_from_stream) {
+                /* A success: judge the key by any error event the stream carried, and count
+                 * the tokens the answer reported. */
+                if (pr->stream_error_status)
+                        judge(pr, &v);
+                else {
+                        uint64_t in, out;
+
+                        judge(pr, &v);
+                        if (!pr->sse && pr->answer_len > 0 &&
+                            policy_usage(pr->answer_body, pr->answer_len, &in, &out) == 0) {
+                                pr->tokens_in = in;
+                                pr->tokens_out = out;
+                        }
+                }
+                if (!pr->conn) {
+                        release(pr, &v);
+                        request_free(pr);
+                        return;
+                }
+                if (!started && pr->held > 0)
+                        relay(pr, NULL, 0);
+                if (pr->conn && http_conn_stream_started(pr->conn)) {
+                        release(pr, &v);
                         http_conn_stream_end(detach(pr));
-                else
+                } else {
+                        release(pr, &v);
                         respond_buffered(pr);   /* a success with an empty body */
+                }
                 request_free(pr);
                 return;
         }
 
-        {
-                struct answer_header ah[MAX_ANSWER_HEADERS];
-                struct upstream_answer a = { .status = pr->status };
-                size_t n = 0;
-
-                for (size_t i = 0; i < pr->n_answer_headers; i++) {
-                        const char *line = pr->answer_headers[i];
-                        const char *colon = strchr(line, ':');
-                        const char *value;
-
-                        if (!colon)
-                                continue;
-                        value = colon + 1 + strspn(colon + 1, " \t");
-                        ah[n++] = (struct answer_header) {
-                                .name = line, .name_len = (size_t) (colon - line),
-                                .value = value, .value_len = strlen(value),
-                        };
-                }
-                a.headers = ah;
-                a.n_headers = n;
-                a.body = pr->answer_body;
-                a.body_len = pr->answer_len;
-                policy_classify(&a, &pr->ctx->policy, clock_wall_ms(), &v);
-        }
-
+        judge(pr, &v);
         switch (v.cls) {
         case VERDICT_RATE_LIMITED:
         case VERDICT_AUTH:
-        case VERDICT_QUOTA:
-                f.status = pr->status;
-                release(pr, v.cls, &v);
+        case VERDICT_QUOTA: {
+                struct log_fields f = fields(pr, pr->lease.key);
+
+                f.status = pr->stream_error_status ? pr->stream_error_status : pr->status;
+                release(pr, &v);
                 if (pr->attempts < MAX_ATTEMPTS) {
                         log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
-                                  pr->status, verdict_class_name(v.cls));
-                        curl_easy_cleanup(pr->easy);
-                        pr->easy = NULL;
+                                  f.status, verdict_class_name(v.cls));
                         answer_reset(pr);
                         attempt(pr);
                         return;
                 }
-                respond_buffered(pr);
-                request_free(pr);
-                return;
+                break;
+        }
+        case VERDICT_TRANSIENT:
+                release(pr, &v);
+                pr->transient_failures++;
+                if (schedule_retry(pr, &v)) {
+                        answer_reset(pr);
+                        return;
+                }
+                break;
         default:
-                release(pr, v.cls, &v);
-                respond_buffered(pr);
+                release(pr, &v);
+                break;
+        }
+        if (pr->retry_from_stream) {
+                /* The held stream goes to the client as the upstream sent it. */
+                pr->mode = MODE_STREAM;
+                relay(pr, NULL, 0);
+                if (pr->conn)
+                        http_conn_stream_end(detach(pr));
                 request_free(pr);
                 return;
         }
+        respond_buffered(pr);
+        request_free(pr);
 }
 
-static void attempt(struct proxy_request *pr) {
+static void enqueue(struct proxy_request *pr) {
+        struct proxy_context *p = pr->ctx;
+        struct proxy_queue *q = &p->queues[pr->pool];
+
+        pr->step = STEP_WAITING;
+        pr->queue_next = NULL;
+        pr->queue_prev = q->tail;
+        if (q->tail)
+                q->tail->queue_next = pr;
+        else
+                q->head = pr;
+        q->tail = pr;
+        p->waiting++;
+        keytable_slot_set_waiters(p->table, p->slot, p->waiting);
+}
+
+static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
+
+static void arm_queue_timer(struct proxy_context *p, unsigned pool, int64_t at_ms) {
+        struct proxy_queue *q = &p->queues[pool];
+        uint64_t usec = (uint64_t) at_ms * 1000;
+
+        if (sd_event_source_set_time(q->timer, usec) >= 0)
+                sd_event_source_set_enabled(q->timer, SD_EVENT_ONESHOT);
+}
+
+/* No key can serve now. Wait for one if it may come before the deadline, else answer 503. */
+static void wait_or_fail(struct proxy_request *pr, const struct keytable_wait *w, int64_t now) {
+        int64_t retry_s = w->retry_at_ms > 0 ? (w->retry_at_ms - now + 999) / 1000 : 0;
+        char msg[256];
+
+        if ((w->retry_at_ms > 0 && w->retry_at_ms <= pr->deadline_ms) || (w->busy && now < pr->deadline_ms)) {
+                enqueue(pr);
+                if (sd_event_add_time(pr->ctx->event, &pr->timer, CLOCK_MONOTONIC,
+                                      (uint64_t) pr->deadline_ms * 1000, 1000, on_wait_deadline, pr) < 0) {
+                        fail(pr, 500, "internal_error", 0, "cannot wait for a key");
+                        return;
+                }
+                if (w->retry_at_ms > 0)
+                        arm_queue_timer(pr->ctx, pr->pool, w->retry_at_ms);
+                return;
+        }
+        if (w->retry_at_ms > 0)
+                snprintf(msg, sizeof msg, "no key of pool '%s' is ready: the next one recovers in %llds",
+                         pr->cpool->name, (long long) retry_s);
+        else if (w->busy)
+                snprintf(msg, sizeof msg, "every key of pool '%s' is at its concurrency limit", pr->cpool->name);
+        else
+                snprintf(msg, sizeof msg, "no key of pool '%s' is ready: every key is disabled", pr->cpool->name);
+        fail(pr, 503, "no_key_available", w->retry_at_ms > 0 ? retry_s : w->busy ? 1 : 0, msg);
+}
+
+/* Takes a key and starts the transfer. Returns 1 when started (or answered), 0 when the request
+ * must wait (wait filled in). */
+static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         struct proxy_context *p = pr->ctx;
         const struct config *cfg = p->config;
+        const struct config_provider *prov = pr->provider;
         struct keytable_change change = {};
-        struct keytable_pool_view info;
-        int64_t now = clock_mono_ms(), retry_at = 0;
-        char auth[1024];
+        char auth[4200];
         const char *secret;
         int r;
 
-        r = keytable_acquire(p->table, p->slot, pr->pool, now, &pr->lease, &retry_at, &change);
-        if (change.changed && change.to == KEY_READY && keytable_pool_info(p->table, pr->pool, &info) >= 0) {
-                struct log_fields f = LOG_FIELDS_NONE;
-
-                f.pool = pr->cpool->name;
-                f.key = pr->cpool->keys[change.key - info.first_key].id;
-                log_event(LOG_INFO, "recover", &f, "key is ready again");
-        }
-        if (r == -EAGAIN) {
-                char msg[256];
-                int64_t wait_s = retry_at > 0 ? (retry_at - now + 999) / 1000 : 0;
-
-                if (retry_at > 0)
-                        snprintf(msg, sizeof msg, "no key of pool '%s' is ready: the next one recovers in %llds",
-                                 pr->cpool->name, (long long) wait_s);
-                else
-                        snprintf(msg, sizeof msg, "no key of pool '%s' is ready: every key is disabled",
-                                 pr->cpool->name);
-                respond_error(pr, 503, "no_key_available", wait_s > 0 ? wait_s : 0, msg);
-                request_free(pr);
-                return;
-        }
+        *ret_wait = (struct keytable_wait) {};
+        r = keytable_acquire(p->table, p->slot, pr->pool, clock_mono_ms(), pr->last_key,
+                             &pr->lease, ret_wait, &change);
+        if (change.changed)
+                log_change(pr, &change, NULL);
+        if (r == -EAGAIN)
+                return 0;
         if (r < 0) {
-                respond_error(pr, 503, "worker_busy", 1, "this worker has too many requests in flight");
-                request_free(pr);
-                return;
+                fail(pr, 503, "worker_busy", 1, "this worker has too many requests in flight");
+                return 1;
         }
+
+        /* It has a key: out of the queue, and its waiting deadline no longer applies. */
+        queue_remove(pr);
+        pr->timer = sd_event_source_disable_unref(pr->timer);
         pr->leased = true;
         pr->attempts++;
-        if (keytable_pool_info(p->table, pr->pool, &info) < 0) {
-                release(pr, VERDICT_NONE, NULL);
-                respond_error(pr, 500, "internal_error", 0, "the key table does not know this pool");
-                request_free(pr);
-                return;
-        }
-        secret = pr->cpool->keys[pr->lease.key - info.first_key].secret;
+        pr->step = STEP_RUNNING;
+        secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
 
+        switch (prov->auth) {
+        case CONFIG_AUTH_X_API_KEY:
+                snprintf(auth, sizeof auth, "x-api-key: %s", secret);
+                break;
+        case CONFIG_AUTH_X_GOOG_API_KEY:
+                snprintf(auth, sizeof auth, "x-goog-api-key: %s", secret);
+                break;
+        default:
+                snprintf(auth, sizeof auth, "Authorization: Bearer %s", secret);
+                break;
+        }
         curl_slist_free_all(pr->headers);
-        pr->headers = curl_slist_append(NULL, auth_header(pr, secret, auth, sizeof auth));
+        pr->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, sizeof auth);
+        for (unsigned i = 0; pr->headers && i < prov->n_headers; i++)
+                pr->headers = curl_slist_append(pr->headers, prov->headers[i]);
         for (size_t i = 0; pr->headers && i < pr->n_fwd_headers; i++)
                 pr->headers = curl_slist_append(pr->headers, pr->fwd_headers[i]);
+        /* curl would add "Expect: 100-continue" to large bodies on its own: a round trip the
+         * client never asked for. */
+        if (pr->headers)
+                pr->headers = curl_slist_append(pr->headers, "Expect:");
 
         pr->easy = curl_easy_init();
         if (!pr->easy || !pr->headers) {
-                release(pr, VERDICT_NONE, NULL);
-                respond_error(pr, 500, "internal_error", 0, "out of memory");
-                request_free(pr);
-                return;
+                release(pr, NULL);
+                fail(pr, 500, "internal_error", 0, "out of memory");
+                return 1;
         }
         curl_easy_setopt(pr->easy, CURLOPT_URL, pr->url);
         curl_easy_setopt(pr->easy, CURLOPT_POST, 1L);
@@ -512,16 +892,197 @@ static void attempt(struct proxy_request *pr) {
         curl_easy_setopt(pr->easy, CURLOPT_TIMEOUT, (long) cfg->upstream_timeout);
         curl_easy_setopt(pr->easy, CURLOPT_TCP_KEEPALIVE, 1L);
         curl_easy_setopt(pr->easy, CURLOPT_TCP_NODELAY, 1L);
-        /* Keys travel in headers only; redirects could carry them to another host. */
+        /* Keys travel in headers only; a redirect could carry them to another host. */
         curl_easy_setopt(pr->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pr->easy, CURLOPT_PROTOCOLS_STR, "http,https");
 
         r = upstream_start(p->upstream, pr->easy, on_done, pr);
         if (r < 0) {
-                release(pr, VERDICT_NONE, NULL);
-                respond_error(pr, 500, "internal_error", 0, "could not start the upstream transfer");
-                request_free(pr);
+                release(pr, NULL);
+                fail(pr, 500, "internal_error", 0, "could not start the upstream transfer");
         }
+        return 1;
+}
+
+static void attempt(struct proxy_request *pr) {
+        struct keytable_wait w;
+
+        if (pr->attempts >= MAX_ATTEMPTS) {
+                fail(pr, 503, "no_key_available", 0, "too many attempts for one request");
+                return;
+        }
+        /* Requests already waiting for this pool come first. */
+        if (pr->ctx->queues[pr->pool].head && pr->step != STEP_WAITING) {
+                w = (struct keytable_wait) { .busy = true };
+                wait_or_fail(pr, &w, clock_mono_ms());
+                sd_event_source_set_enabled(pr->ctx->kick, SD_EVENT_ONESHOT);
+                return;
+        }
+        if (try_start(pr, &w) == 0)
+                wait_or_fail(pr, &w, clock_mono_ms());
+}
+
+/* --- waiting ------------------------------------------------------------------------------ */
+
+static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_request *pr = userdata;
+        struct keytable_wait w = {};
+        int64_t now = clock_mono_ms();
+
+        pr->timer = sd_event_source_disable_unref(pr->timer);
+        queue_remove(pr);
+        /* One last look, then the honest answer. */
+        if (try_start(pr, &w) == 1)
+                return 0;
+        pr->deadline_ms = now;
+        wait_or_fail(pr, &w, now);
+        return 0;
+}
+
+/* Serves the pool's waiting requests in arrival order while keys can be had. */
+static void serve_queue(struct proxy_context *p, unsigned pool) {
+        struct proxy_queue *q = &p->queues[pool];
+
+        while (q->head) {
+                struct keytable_wait w = {};
+
+                /* try_start takes the head out of the queue when it gets a key (or fails it). */
+                if (try_start(q->head, &w) == 0) {
+                        if (w.retry_at_ms > 0)
+                                arm_queue_timer(p, pool, w.retry_at_ms);
+                        return;
+                }
+        }
+}
+
+static int on_queue_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_queue *q = userdata;
+
+        serve_queue(q->ctx, q->pool);
+        return 0;
+}
+
+static int on_kick(sd_event_source *s, void *userdata) {
+        proxy_wake(userdata);
+        return 0;
+}
+
+void proxy_wake(struct proxy_context *p) {
+        for (unsigned i = 0; i < p->config->n_pools; i++)
+                if (p->queues[i].head)
+                        serve_queue(p, i);
+}
+
+/* --- probes -------------------------------------------------------------------------------- */
+
+struct probe {
+        struct proxy_context *ctx;
+        unsigned key, pool;
+        CURL *easy;
+        struct curl_slist *headers;
+        char *url;
+};
+
+static size_t discard(char *data, size_t size, size_t nmemb, void *userdata) {
+        return size * nmemb;
+}
+
+static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
+        struct probe *pb = userdata;
+        struct proxy_context *p = pb->ctx;
+        const struct config_pool *cp = &p->config->pools[pb->pool];
+        struct keytable_pool_view info;
+        struct log_fields f = LOG_FIELDS_NONE;
+        long status = 0;
+
+        curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+        f.pool = cp->name;
+        if (keytable_pool_info(p->table, pb->pool, &info) >= 0 && pb->key >= info.first_key)
+                f.key = cp->keys[pb->key - info.first_key].id;
+        f.status = (int) status;
+        if (res == CURLE_OK && status >= 200 && status < 300) {
+                struct keytable_change change = {};
+
+                keytable_enable(p->table, pb->key, clock_mono_ms(), &change);
+                log_event(LOG_NOTICE, "probe", &f, "probe succeeded");
+                if (change.changed) {
+                        log_event(LOG_NOTICE, "enable", &f, "key enabled again after a successful probe");
+                        wake_waiters(p);
+                }
+        } else {
+                log_event(LOG_INFO, "probe", &f, "probe failed (%s): the key stays disabled",
+                          res == CURLE_OK ? "error status" : curl_easy_strerror(res));
+        }
+        curl_easy_cleanup(easy);
+        curl_slist_free_all(pb->headers);
+        free(pb->url);
+        free(pb);
+        p->probes--;
+}
+
+static void start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+        const struct config_pool *cp = &p->config->pools[pool];
+        const struct config_provider *prov = &p->config->providers[cp->provider];
+        struct keytable_pool_view info;
+        struct probe *pb;
+        char auth[4200];
+        const char *secret;
+
+        if (keytable_pool_info(p->table, pool, &info) < 0 || key < info.first_key ||
+            key - info.first_key >= cp->n_keys)
+                return;
+        secret = cp->keys[key - info.first_key].secret;
+        pb = calloc(1, sizeof *pb);
+        if (!pb)
+                return;
+        pb->ctx = p;
+        pb->key = key;
+        pb->pool = pool;
+        if (prov->auth == CONFIG_AUTH_X_API_KEY)
+                snprintf(auth, sizeof auth, "x-api-key: %s", secret);
+        else if (prov->auth == CONFIG_AUTH_X_GOOG_API_KEY)
+                snprintf(auth, sizeof auth, "x-goog-api-key: %s", secret);
+        else
+                snprintf(auth, sizeof auth, "Authorization: Bearer %s", secret);
+        pb->headers = curl_slist_append(NULL, auth);
+        explicit_bzero(auth, sizeof auth);
+        for (unsigned i = 0; pb->headers && i < prov->n_headers; i++)
+                pb->headers = curl_slist_append(pb->headers, prov->headers[i]);
+        pb->easy = curl_easy_init();
+        if (!pb->headers || !pb->easy ||
+            asprintf(&pb->url, "%s%s", prov->base_url, prov->probe_path ? prov->probe_path : "/models") < 0) {
+                pb->url = NULL;
+                goto fail;
+        }
+        curl_easy_setopt(pb->easy, CURLOPT_URL, pb->url);
+        curl_easy_setopt(pb->easy, CURLOPT_HTTPHEADER, pb->headers);
+        curl_easy_setopt(pb->easy, CURLOPT_WRITEFUNCTION, discard);
+        curl_easy_setopt(pb->easy, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(pb->easy, CURLOPT_CONNECTTIMEOUT, (long) p->config->connect_timeout);
+        curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
+        curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
+        curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        if (upstream_start(p->upstream, pb->easy, on_probe_done, pb) < 0)
+                goto fail;
+        p->probes++;
+        return;
+fail:
+        if (pb->easy)
+                curl_easy_cleanup(pb->easy);
+        curl_slist_free_all(pb->headers);
+        free(pb->url);
+        free(pb);
+}
+
+static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_context *p = userdata;
+        unsigned key, pool;
+
+        /* A handful per tick: probes are rare by design. */
+        for (int i = 0; i < 8 && keytable_probe_claim(p->table, clock_mono_ms(), &key, &pool) == 0; i++)
+                start_probe(p, key, pool);
+        sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
 
 /* --- entry points ------------------------------------------------------------------------ */
@@ -531,10 +1092,13 @@ void proxy_on_abort(struct http_conn *c, void *request_data) {
 
         pr->aborted = true;
         pr->conn = NULL;
-        if (pr->in_curl || !pr->easy)
-                return;                 /* the callback fails the transfer; on_done frees */
-        upstream_cancel(pr->ctx->upstream, pr->easy);
-        release(pr, VERDICT_NONE, NULL);
+        if (pr->step == STEP_RUNNING && pr->easy) {
+                if (pr->in_curl)
+                        return;         /* the callback fails the transfer; on_done frees */
+                upstream_cancel(pr->ctx->upstream, pr->easy);
+        }
+        /* Waiting, backing off, or a cancelled transfer: nothing more will happen for it. */
+        release(pr, NULL);
         request_free(pr);
 }
 
@@ -554,6 +1118,7 @@ void proxy_on_drain(struct http_conn *c, void *request_data) {
 static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req) {
         const struct config *cfg = pr->ctx->config;
         const char *header = http_request_header(req, "X-Keypool-Pool");
+        struct keytable_pool_view info;
         json_error_t error;
         json_t *body, *model;
         const char *model_name = NULL;
@@ -596,10 +1161,18 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         pr->pool = (unsigned) pool;
         pr->cpool = &cfg->pools[pool];
         pr->provider = &cfg->providers[pr->cpool->provider];
+        if (keytable_pool_info(pr->ctx->table, pr->pool, &info) < 0) {
+                json_decref(body);
+                http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
+                                        "the key table does not know pool %s", pr->cpool->name);
+                return -1;
+        }
+        pr->first_key = info.first_key;
 
-        /* The upstream knows models, not pool names: rewrite only when the client used a name. */
-        if (!model_name || (strcmp(model_name, pr->cpool->model) != 0 &&
-                            (header ? !model_name : strcmp(model_name, pr->cpool->name) == 0))) {
+        /* The upstream knows models, not pool names: rewrite only when the client used a name
+         * (or named no model at all). */
+        if (!model_name || (strcmp(model_name, pr->cpool->model) != 0 && !header &&
+                            strcmp(model_name, pr->cpool->name) == 0)) {
                 char *text;
 
                 json_object_set_new(body, "model", json_string(pr->cpool->model));
@@ -622,6 +1195,7 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
 }
 
 static int build_forward_headers(struct proxy_request *pr, const struct http_request *req) {
+        const struct config_provider *prov = pr->provider;
         bool content_type = false;
 
         pr->fwd_headers = calloc(req->n_fields + 1, sizeof *pr->fwd_headers);
@@ -629,9 +1203,16 @@ static int build_forward_headers(struct proxy_request *pr, const struct http_req
                 return -ENOMEM;
         for (size_t i = 0; i < req->n_fields; i++) {
                 const struct http_field *f = &req->fields[i];
+                bool overridden = false;
                 char *line;
 
                 if (is_dropped_request_header(f->name))
+                        continue;
+                /* The provider's configured headers win over the client's. */
+                for (unsigned k = 0; k < prov->n_headers; k++)
+                        if (header_is(prov->headers[k], f->name))
+                                overridden = true;
+                if (overridden)
                         continue;
                 if (strcasecmp(f->name, "Content-Type") == 0)
                         content_type = true;
@@ -651,6 +1232,20 @@ static int build_forward_headers(struct proxy_request *pr, const struct http_req
         return 0;
 }
 
+/* How long this request may wait for a key: X-Keypool-Max-Wait, else max_wait. */
+static int64_t max_wait_ms(const struct proxy_context *p, const struct http_request *req) {
+        const char *h = http_request_header(req, "X-Keypool-Max-Wait");
+        char *end;
+        double s;
+
+        if (h) {
+                s = strtod(h, &end);
+                if (end != h && *end == 0 && s >= 0 && s <= MAX_WAIT_CAP_S)
+                        return (int64_t) (s * 1000);
+        }
+        return (int64_t) p->config->max_wait * 1000;
+}
+
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req) {
         struct proxy_request *pr;
         const char *rest;
@@ -668,7 +1263,10 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         }
         pr->ctx = p;
         p->active++;
+        pr->step = STEP_NEW;
         pr->mode = MODE_HEADERS;
+        pr->last_key = KEYTABLE_NO_KEY;
+        pr->lease.key = KEYTABLE_NO_KEY;
         snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->slot,
                  (unsigned long long) ++p->next_request_id);
 
@@ -684,7 +1282,41 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
                 request_free(pr);
                 return;
         }
+        pr->deadline_ms = clock_mono_ms() + max_wait_ms(p, req);
         pr->conn = c;
         http_conn_set_request_data(c, pr);
         attempt(pr);
+}
+
+int proxy_init(struct proxy_context *p) {
+        int r;
+
+        p->queues = calloc(p->config->n_pools ? p->config->n_pools : 1, sizeof *p->queues);
+        if (!p->queues)
+                return -ENOMEM;
+        for (unsigned i = 0; i < p->config->n_pools; i++) {
+                p->queues[i].ctx = p;
+                p->queues[i].pool = i;
+                r = sd_event_add_time(p->event, &p->queues[i].timer, CLOCK_MONOTONIC, 0, 1000, on_queue_timer,
+                                      &p->queues[i]);
+                if (r < 0)
+                        return r;
+                sd_event_source_set_enabled(p->queues[i].timer, SD_EVENT_OFF);
+        }
+        r = sd_event_add_defer(p->event, &p->kick, on_kick, p);
+        if (r < 0)
+                return r;
+        sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
+        return sd_event_add_time_relative(p->event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
+                                          on_probe_timer, p);
+}
+
+void proxy_done(struct proxy_context *p) {
+        if (p->queues)
+                for (unsigned i = 0; i < p->config->n_pools; i++)
+                        sd_event_source_disable_unref(p->queues[i].timer);
+        free(p->queues);
+        p->queues = NULL;
+        p->kick = sd_event_source_disable_unref(p->kick);
+        p->probe_timer = sd_event_source_disable_unref(p->probe_timer);
 }

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -63,6 +64,8 @@ struct supervisor {
         sd_event *event;
         struct keytable *table;
         int listen_fd;
+        int *wake_fds;                  /* one eventfd per worker slot, shared by all workers */
+        unsigned n_wake_fds;
         bool own_socket;                /* we created the socket file and remove it at exit */
         pid_t pid;
         unsigned generation;
@@ -133,8 +136,15 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
         int64_t lived = clock_mono_ms() - c->started_ms;
         bool clean = si->si_code == CLD_EXITED && si->si_status == 0;
 
-        /* sd-event reaped the process already; the table keeps what it held until now. */
+        /* sd-event reaped the process already; the table keeps what it held until now. Its
+         * leases may have held keys other workers' requests wait for: wake them all. */
         keytable_slot_release(s->table, c->slot);
+        for (unsigned i = 0; i < s->n_wake_fds; i++) {
+                uint64_t one = 1;
+
+                if (s->wake_fds[i] >= 0)
+                        (void) !write(s->wake_fds[i], &one, sizeof one);
+        }
         c->exit_source = sd_event_source_disable_unref(c->exit_source);
         f.worker = c->pid;
         if (si->si_code == CLD_EXITED)
@@ -182,6 +192,8 @@ static int spawn(struct supervisor *s, unsigned position) {
                         .slot = slot,
                         .generation = s->generation,
                         .listen_fd = s->listen_fd,
+                        .wake_fds = s->wake_fds,
+                        .n_wake_fds = s->n_wake_fds,
                         .coordinator_pid = s->pid,
                 };
 
@@ -353,18 +365,50 @@ static int build_table(struct supervisor *s) {
         };
         int r;
 
+        struct keytable_policy policy = {
+                .cooldown_scope_key = cfg->cooldown_scope != CONFIG_SCOPE_POOL,
+                .transient_threshold = cfg->transient_threshold,
+                .transient_cooldown_ms = (int64_t) cfg->transient_cooldown * 1000,
+                .probe_interval_ms = (int64_t) cfg->probe_interval * 1000,
+                .probe_auth = cfg->probe_auth,
+        };
+
         r = keytable_create(&limits, clock_mono_ms(), &s->table);
         if (r < 0) {
                 log_error("cannot create the shared key table: %s", strerror(-r));
                 return r;
+        }
+        keytable_set_policy(s->table, &policy);
+
+        /* Waiting requests sleep in their worker's loop; a worker that frees a key wakes the
+         * others through these (created before any fork, so every worker holds them all). */
+        s->wake_fds = calloc(limits.n_slots, sizeof *s->wake_fds);
+        if (!s->wake_fds)
+                return -ENOMEM;
+        s->n_wake_fds = limits.n_slots;
+        for (unsigned i = 0; i < limits.n_slots; i++)
+                s->wake_fds[i] = -1;
+        for (unsigned i = 0; i < limits.n_slots; i++) {
+                s->wake_fds[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+                if (s->wake_fds[i] < 0) {
+                        r = -errno;
+                        log_error("cannot create wake-up eventfds: %s", strerror(-r));
+                        return r;
+                }
         }
         for (unsigned p = 0; p < cfg->n_pools; p++) {
                 const struct config_pool *pool = &cfg->pools[p];
                 unsigned index;
 
                 r = keytable_add_pool(s->table, pool->name, pool->model, &index);
-                for (unsigned k = 0; r >= 0 && k < pool->n_keys; k++)
-                        r = keytable_add_key(s->table, index, pool->keys[k].id, pool->keys[k].masked, NULL);
+                for (unsigned k = 0; r >= 0 && k < pool->n_keys; k++) {
+                        unsigned key;
+
+                        r = keytable_add_key(s->table, index, pool->keys[k].id, pool->keys[k].masked, &key);
+                        if (r >= 0)
+                                r = keytable_set_key_limits(s->table, key, pool->keys[k].max_concurrent,
+                                                            pool->keys[k].rpm);
+                }
                 if (r < 0) {
                         log_error("cannot add pool %s to the key table: %s", pool->name, strerror(-r));
                         return r;
@@ -441,6 +485,10 @@ finish:
         sd_event_source_disable_unref(s->stop_timer);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
+        for (unsigned i = 0; i < s->n_wake_fds; i++)
+                if (s->wake_fds[i] >= 0)
+                        close(s->wake_fds[i]);
+        free(s->wake_fds);
         if (s->own_socket)
                 unlink(cfg->socket_path);
         keytable_destroy(s->table);

@@ -124,7 +124,8 @@ int upstream_new(sd_event *e, struct upstream **ret) {
                 free(u);
                 return -ENOMEM;
         }
-        r = sd_event_add_time_relative(e, &u->timer, CLOCK_MONOTONIC, 0, 0, on_timer, u);
+        /* Accuracy 1 µs: curl's "call me now" must not be coalesced with sd-event's default 250 ms. */
+        r = sd_event_add_time_relative(e, &u->timer, CLOCK_MONOTONIC, 0, 1, on_timer, u);
         if (r < 0) {
                 curl_multi_cleanup(u->multi);
                 free(u);

@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -161,12 +162,39 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         return 0;
 }
 
+static int cmp_int(const void *a, const void *b) {
+        return *(const int *) a - *(const int *) b;
+}
+
 /* fds inherited from the coordinator that a worker must not hold (its event loop's epoll and
- * signalfd, the notify socket, …): everything above stderr but the listening socket. */
-static void close_inherited_fds(int keep) {
-        if (keep > 3)
-                close_range(3, (unsigned) keep - 1, 0);
-        close_range((unsigned) keep + 1, ~0U, 0);
+ * signalfd, the notify socket, …): everything above stderr but the listening socket and the
+ * wake-up eventfds. */
+static void close_inherited_fds(const struct worker_params *wp) {
+        int keep[257];
+        unsigned n = 0, from = 3;
+
+        keep[n++] = wp->listen_fd;
+        for (unsigned i = 0; i < wp->n_wake_fds && n < sizeof keep / sizeof keep[0]; i++)
+                if (wp->wake_fds[i] >= 0)
+                        keep[n++] = wp->wake_fds[i];
+        qsort(keep, n, sizeof keep[0], cmp_int);
+        for (unsigned i = 0; i < n; i++) {
+                if (keep[i] < (int) from)
+                        continue;
+                if ((unsigned) keep[i] > from)
+                        close_range(from, (unsigned) keep[i] - 1, 0);
+                from = (unsigned) keep[i] + 1;
+        }
+        close_range(from, ~0U, 0);
+}
+
+static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct worker *w = userdata;
+        uint64_t n;
+
+        (void) !read(fd, &n, sizeof n);
+        proxy_wake(&w->proxy);
+        return 0;
 }
 
 int worker_run(const struct worker_params *wp) {
@@ -178,7 +206,7 @@ int worker_run(const struct worker_params *wp) {
         prctl(PR_SET_PDEATHSIG, SIGTERM);
         if (getppid() != wp->coordinator_pid)
                 return 1;
-        close_inherited_fds(wp->listen_fd);
+        close_inherited_fds(wp);
 
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
@@ -200,6 +228,8 @@ int worker_run(const struct worker_params *wp) {
         if (r >= 0)
                 r = sd_event_add_time_relative(w.event, &w.heartbeat, CLOCK_MONOTONIC, HEARTBEAT_USEC, 0,
                                                on_heartbeat, &w);
+        if (r >= 0 && wp->slot < wp->n_wake_fds)
+                r = sd_event_add_io(w.event, NULL, wp->wake_fds[wp->slot], EPOLLIN, on_wake, &w);
         if (r >= 0)
                 r = sd_event_add_signal(w.event, NULL, SIGTERM, on_signal, &w);
         if (r >= 0)
@@ -223,12 +253,22 @@ int worker_run(const struct worker_params *wp) {
                 .config = wp->config,
                 .table = wp->table,
                 .upstream = w.upstream,
+                .event = w.event,
                 .slot = wp->slot,
+                .wake_fds = wp->wake_fds,
+                .n_wake_fds = wp->n_wake_fds,
                 .policy = {
                         .recovery_ms = (int64_t) wp->config->recovery_time * 1000,
-                        .max_cooldown_ms = 24 * 3600 * 1000,
+                        .max_cooldown_ms = (int64_t) wp->config->max_cooldown * 1000,
+                        .phrases = (const char *const *) wp->config->rate_limit_phrases,
+                        .n_phrases = wp->config->n_rate_limit_phrases,
                 },
         };
+        r = proxy_init(&w.proxy);
+        if (r < 0) {
+                log_error("worker: cannot set up the proxy: %s", strerror(-r));
+                return 1;
+        }
 
         keytable_slot_heartbeat(wp->table, wp->slot, clock_mono_ms());
         keytable_slot_set_stage(wp->table, wp->slot, WORKER_STAGE_SERVING);

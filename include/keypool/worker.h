@@ -18,6 +18,8 @@ struct worker_params {
         unsigned slot;
         unsigned generation;
         int listen_fd;
+        const int *wake_fds;            /* one eventfd per slot (index = slot) */
+        unsigned n_wake_fds;
         pid_t coordinator_pid;
 };
 

@@ -326,9 +326,11 @@ class ProxyTest(KeypoolTestCase):
 
 
 class UpstreamFailureTest(KeypoolTestCase):
-    """When the upstream cannot answer: 502 or 504 in the OpenAI shape, and no key is blamed."""
+    """When the upstream cannot answer: 502 or 504 in the OpenAI shape, and no key is blamed.
+    Retries are off here (one attempt); test_policy covers transient retries and the threshold."""
 
     def start(self, base_url=None, **settings):
+        settings.setdefault("retry", {"max_attempts": 1})
         self.sim = self.start_sim()
         self.keys = [fake_secret(), fake_secret()]
         providers = [{"name": "sim", "base_url": base_url}] if base_url else None

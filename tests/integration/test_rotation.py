@@ -12,11 +12,11 @@ RECOVERY = 300
 
 class RotationTest(KeypoolTestCase):
 
-    def start(self, *keys, sim_args=()):
+    def start(self, *keys, sim_args=(), **settings):
         self.sim = self.start_sim(*sim_args)
         self.kp = self.start_keypool(self.sim, pools=[
             {"name": "GLM45", "model": MODEL, "keys": list(keys)}],
-            settings={"recovery_time": RECOVERY})
+            settings={"recovery_time": RECOVERY, **settings})
 
     def chat_ok(self, **kw):
         status, h, body = self.kp.chat(MODEL, **kw)
@@ -155,9 +155,11 @@ class RotationTest(KeypoolTestCase):
         self.assertEqual(events[-1], b"[DONE]")
         self.assertEqual(self.sent_with(a), 1)
 
-    def test_upstream_5xx_is_returned_and_does_not_rotate(self):
+    def test_upstream_5xx_is_returned_and_does_not_rotate_when_no_retry_is_allowed(self):
+        # Transient errors are not the key's fault: with retries off (test_policy covers them)
+        # the answer goes back as it is and the key stays as it was.
         a, b = fake_secret(), fake_secret()
-        self.start(a, b)
+        self.start(a, b, retry={"max_attempts": 1})
         self.sim.set_rules({a: {"status": 503, "count": 1}})
         status, h, body = self.kp.chat(MODEL)
         self.assertEqual(status, 503, body)
@@ -169,8 +171,10 @@ class RotationTest(KeypoolTestCase):
         self.assertEqual((k["state"], k["reason"], k["rate_limited"]), ("ready", None, 0))
 
     def test_all_keys_cooling_answers_503_with_retry_after(self):
+        # Both recoveries lie beyond max_wait, so the answer is immediate (test_waiting covers
+        # the waiting within it).
         a, b = fake_secret(), fake_secret()
-        self.start(a, b)
+        self.start(a, b, max_wait=10)
         self.sim.set_rules({a: {"status": 429, "retry_after": "40"},
                             b: {"status": 429, "retry_after": "20"}})
         status, h, body = self.kp.chat(MODEL)
