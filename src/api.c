@@ -53,21 +53,12 @@ static json_t *key_json(const struct keytable_key_view *k, int64_t now_ms) {
         return j;
 }
 
-/* Copies one pool's keys; returns NULL on allocation failure. */
+/* Copies one pool's keys; returns NULL on failure. */
 static struct keytable_key_view *snapshot(const struct api_context *a, unsigned pool, int64_t now_ms,
                                           struct keytable_pool_view *ret_info) {
-        struct keytable_key_view *keys;
+        struct keytable_key_view *keys = NULL;
 
-        if (keytable_pool_info(a->table, pool, ret_info) < 0)
-                return NULL;
-        keys = calloc(ret_info->n_keys ? ret_info->n_keys : 1, sizeof *keys);
-        if (!keys)
-                return NULL;
-        if (keytable_pool_snapshot(a->table, pool, now_ms, keys) < 0) {
-                free(keys);
-                return NULL;
-        }
-        return keys;
+        return keytable_pool_read_alloc(a->table, pool, now_ms, ret_info, &keys) < 0 ? NULL : keys;
 }
 
 char *api_key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter) {

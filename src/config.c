@@ -86,7 +86,7 @@ static const char *const top_level_names[] = {
         "upstream_timeout", "max_connections", "max_body", "max_header", "providers", "pools",
         "env_file", "max_wait", "max_cooldown", "probe_interval", "probe_auth",
         "transient_threshold", "transient_cooldown", "cooldown_scope", "rate_limit_phrases",
-        "retry", NULL,
+        "retry", "worker_timeout", "shutdown_timeout", NULL,
 };
 
 static const char *const provider_names[] = {
@@ -812,6 +812,10 @@ static void parse_scalars(struct loader *l, const config_setting_t *root) {
                 c->transient_threshold = (unsigned) n;
         if (get_integer(l, root, "transient_cooldown", 1, CONFIG_TIMEOUT_MAX, &n))
                 c->transient_cooldown = (unsigned) n;
+        if (get_integer(l, root, "worker_timeout", 2, 3600, &n))
+                c->worker_timeout = (unsigned) n;
+        if (get_integer(l, root, "shutdown_timeout", 1, 3600, &n))
+                c->shutdown_timeout = (unsigned) n;
         {
                 int scope = get_choice(l, root, "", "cooldown_scope", scope_choices, true);
 
@@ -1798,6 +1802,8 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
                 .probe_interval = 3600,
                 .transient_threshold = 3,
                 .transient_cooldown = 30,
+                .worker_timeout = 10,
+                .shutdown_timeout = 30,
                 .cooldown_scope = CONFIG_SCOPE_KEY,
                 .retry = {
                         .backoff_initial_ms = 1000,

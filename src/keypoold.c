@@ -20,25 +20,30 @@ static void usage(FILE *out) {
                 "\n"
                 "  -c, --config FILE   configuration file (default %s)\n"
                 "      --check-config  validate the configuration, print every problem, and exit\n"
+                "      --log-target=auto|journal|stderr\n"
+                "                      where events go (auto: the journal when stderr is connected\n"
+                "                      to it, as under systemd; else readable lines on stderr)\n"
                 "  -h, --help          show this help and exit\n"
                 "      --version       show the version and exit\n",
                 CONFIG_DEFAULT_PATH);
 }
 
 int main(int argc, char **argv) {
-        enum { OPT_CHECK = 256, OPT_VERSION };
+        enum { OPT_CHECK = 256, OPT_VERSION, OPT_LOG_TARGET };
         static const struct option options[] = {
                 { "config", required_argument, NULL, 'c' },
                 { "check-config", no_argument, NULL, OPT_CHECK },
                 { "help", no_argument, NULL, 'h' },
                 { "version", no_argument, NULL, OPT_VERSION },
+                { "log-target", required_argument, NULL, OPT_LOG_TARGET },
                 {}
         };
         const char *path = CONFIG_DEFAULT_PATH;
         struct config_diag diag = {};
         struct config *cfg = NULL;
+        enum log_target target = LOG_TARGET_AUTO;
         bool check = false;
-        int opt, r, status;
+        int opt, r;
 
         while ((opt = getopt_long(argc, argv, "c:h", options, NULL)) != -1) {
                 switch (opt) {
@@ -54,6 +59,13 @@ int main(int argc, char **argv) {
                 case OPT_VERSION:
                         printf("keypoold %s\n", PACKAGE_VERSION);
                         return 0;
+                case OPT_LOG_TARGET:
+                        target = log_target_from_string(optarg);
+                        if (!target) {
+                                fprintf(stderr, "keypoold: --log-target must be auto, journal or stderr, not '%s'\n", optarg);
+                                return 2;
+                        }
+                        break;
                 default:
                         usage(stderr);
                         return 2;
@@ -65,12 +77,19 @@ int main(int argc, char **argv) {
                 return 2;
         }
 
+        log_setup("keypoold", LOG_INFO, check ? LOG_TARGET_STDERR : target);
         r = config_load(path, &cfg, &diag);
         if (r < 0) {
-                for (size_t i = 0; i < diag.n; i++)
-                        fprintf(stderr, "%s\n", diag.messages[i]);
+                /* --check-config answers a person at a terminal; a failing start is an event. */
+                for (size_t i = 0; i < diag.n; i++) {
+                        if (check)
+                                fprintf(stderr, "%s\n", diag.messages[i]);
+                        else
+                                log_event(LOG_ERR, "config_error", NULL, "%s", diag.messages[i]);
+                }
                 if (diag.n == 0)
-                        fprintf(stderr, "%s: cannot load the configuration: %s\n", path, strerror(-r));
+                        log_event(LOG_ERR, "config_error", NULL, "%s: cannot load the configuration: %s",
+                                  path, strerror(-r));
                 fprintf(stderr, "keypoold: configuration %s is not valid (%zu problem%s)\n",
                         path, diag.n, diag.n == 1 ? "" : "s");
                 config_diag_clear(&diag);
@@ -84,8 +103,5 @@ int main(int argc, char **argv) {
                 return 0;
         }
 
-        log_setup("keypoold", LOG_INFO);
-        status = supervisor_run(cfg);
-        config_free(cfg);
-        return status;
+        return supervisor_run(cfg);
 }

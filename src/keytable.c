@@ -15,10 +15,19 @@
  * in flight (key index + 1; 0 is free). A key's in_flight is a cache of how many lease entries
  * name it, and is rebuilt from them whenever a lock is found abandoned.
  *
- * Rows of the same key id in different pools are linked in a circle (twin), built when keys are
- * added and never changed after, so a rate limit can cool every row of a key one pool lock at a
- * time. The table-wide policy lives in the header, written before the first fork and read with
- * atomic loads, never under a lock.
+ * Two banks of pool and key rows share the slots and leases: bank b's pools are rows
+ * [b * max_pools, (b + 1) * max_pools) and its keys [b * max_keys, (b + 1) * max_keys), so a
+ * lease (a table-wide key row) says by itself which bank it is in. A reload fills the bank that
+ * is not current while the current one serves, then switches with one store under the header
+ * lock. A bank is only refilled once no live slot uses it, so rows that someone may still hold
+ * never change under them; pool and key rows (pool, first_key, id, twin) are written once per
+ * fill and read without locks after that. Internally every pool index is a table-wide row;
+ * callers' pool indices are relative to a bank and translated at the edge.
+ *
+ * Rows of the same key id in different pools of one bank are linked in a circle (twin), built
+ * when keys are added and never changed after, so a rate limit can cool every row of a key one
+ * pool lock at a time. The table-wide policy lives in the header, written before the first fork
+ * and read with atomic loads, never under a lock.
  */
 
 #include <errno.h>
@@ -35,7 +44,8 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 2u
+#define KT_VERSION 3u
+#define KT_BANKS   2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
 
 /* Keys rate limited within this long of each other look like one account- or IP-wide limit. */
@@ -57,21 +67,24 @@ struct kt_policy {
 struct kt_header {
         uint64_t magic;
         uint32_t version;
-        uint32_t max_pools, max_keys, n_slots, leases_per_slot;
-        uint32_t n_pools, n_keys;               /* read atomically: any process may look */
+        uint32_t max_pools, max_keys, n_slots, leases_per_slot;    /* rows per bank */
+        uint32_t bank;                          /* atomic: the current bank */
+        uint32_t fill;                          /* the bank add_pool/add_key write into: the
+                                                 * current one, or the other during a reload */
+        uint32_t n_pools[KT_BANKS], n_keys[KT_BANKS];   /* atomic: any process may look */
         uint64_t size;
         uint64_t off_pools, off_keys, off_slots, off_leases;
         int64_t created_ms;
         uint64_t repairs;                       /* atomic: bumped under pool locks too */
         struct kt_policy policy;
-        pthread_mutex_t lock;                   /* counts, slot claim/free, policy */
+        pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy */
 };
 
 struct kt_pool {
         pthread_mutex_t lock;
         char name[KEYTABLE_NAME_MAX + 1];
         char model[KEYTABLE_MODEL_MAX + 1];
-        uint32_t first_key, n_keys;
+        uint32_t first_key, n_keys;             /* table-wide rows, within the pool's bank */
         uint64_t use_seq;                       /* bumped per acquire: the LRU clock */
         int64_t account_limit_until_ms;         /* atomic: readers may look without the lock */
         uint32_t dirty;
@@ -82,7 +95,7 @@ struct kt_pool {
 struct kt_key {
         char id[KEYID_ID_LEN + 1];
         char masked[KEYID_MASK_MAX + 1];
-        uint32_t pool;
+        uint32_t pool;                          /* table-wide pool row, in the key's bank */
         uint32_t state, reason;
         uint32_t dirty;
         uint32_t in_flight, consecutive_failures;
@@ -105,6 +118,7 @@ struct kt_key {
 struct kt_slot {
         uint32_t stage;
         uint32_t generation;
+        uint32_t bank;                          /* current when claimed; its acquires use it */
         int32_t pid;
         uint32_t lease_hint;                    /* where the next free-lease search starts */
         uint32_t waiters;                       /* requests the owner has waiting for a key */
@@ -120,11 +134,12 @@ struct keytable {
         struct kt_key *keys;
         struct kt_slot *slots;
         uint32_t *leases;
-        unsigned max_pools, max_keys, n_slots, leases_per_slot;
-        /* Process-local, used by keytable_add_key only (the coordinator's): open addressing from
-         * an id to the first row carrying it (index + 1; 0 empty), so finding a key's twins
-         * costs no scan of the table. */
-        uint32_t *id_index;
+        unsigned max_pools, max_keys, n_slots, leases_per_slot;    /* per bank */
+        /* Process-local, used by keytable_add_key only (the coordinator's): per bank, open
+         * addressing from an id to the first row of that bank carrying it (row + 1; 0 empty),
+         * so finding a key's twins, or its row in the current bank, costs no scan. A bank's
+         * index is emptied when the bank is (re)filled. */
+        uint32_t *id_index[KT_BANKS];
         size_t id_index_mask;
 };
 
@@ -142,16 +157,54 @@ static void mark(uint32_t *marker, uint32_t v) {
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
 }
 
-static unsigned n_pools_of(const struct keytable *t) {
-        unsigned n = LOAD(&t->hdr->n_pools);
+static unsigned bank_current(const struct keytable *t) {
+        return LOAD(&t->hdr->bank) & 1u;
+}
+
+static unsigned bank_fill(const struct keytable *t) {
+        return LOAD(&t->hdr->fill) & 1u;
+}
+
+static unsigned slot_bank(const struct keytable *t, unsigned slot) {
+        return LOAD(&t->slots[slot].bank) & 1u;
+}
+
+static unsigned bank_n_pools(const struct keytable *t, unsigned b) {
+        unsigned n = LOAD(&t->hdr->n_pools[b]);
 
         return n < t->max_pools ? n : t->max_pools;
 }
 
-static unsigned n_keys_of(const struct keytable *t) {
-        unsigned n = LOAD(&t->hdr->n_keys);
+static unsigned bank_n_keys(const struct keytable *t, unsigned b) {
+        unsigned n = LOAD(&t->hdr->n_keys[b]);
 
         return n < t->max_keys ? n : t->max_keys;
+}
+
+static unsigned bank_first_pool(const struct keytable *t, unsigned b) {
+        return b * t->max_pools;
+}
+
+static unsigned bank_first_key(const struct keytable *t, unsigned b) {
+        return b * t->max_keys;
+}
+
+/* Is p a pool row that exists in its bank? */
+static bool pool_row_valid(const struct keytable *t, unsigned p) {
+        return p < KT_BANKS * t->max_pools && p % t->max_pools < bank_n_pools(t, p / t->max_pools);
+}
+
+/* Is k a key row that exists in its bank, and does its pool row exist in the same bank? */
+static bool key_row_valid(const struct keytable *t, unsigned k) {
+        unsigned b, p;
+
+        if (k >= KT_BANKS * t->max_keys)
+                return false;
+        b = k / t->max_keys;
+        if (k % t->max_keys >= bank_n_keys(t, b))
+                return false;
+        p = t->keys[k].pool;
+        return pool_row_valid(t, p) && p / t->max_pools == b;
 }
 
 static uint32_t *slot_leases(const struct keytable *t, unsigned slot) {
@@ -199,14 +252,16 @@ static int64_t probe_time(const struct keytable_policy *pol, uint32_t reason, in
         return 0;
 }
 
-/* A pool row's key range, clamped to the keys that exist. */
-static void pool_range(const struct keytable *t, const struct kt_pool *p, unsigned *ret_first,
-                       unsigned *ret_end) {
-        unsigned nk = n_keys_of(t), first = p->first_key, end;
+/* Pool row p's key range, clamped to the keys that exist in its bank. */
+static void pool_range(const struct keytable *t, unsigned p, unsigned *ret_first, unsigned *ret_end) {
+        const struct kt_pool *pool = &t->pools[p];
+        unsigned b = p / t->max_pools, lo = bank_first_key(t, b), hi = lo + bank_n_keys(t, b),
+                 first = pool->first_key, end;
 
-        if (first > nk)
-                first = nk;
-        end = p->n_keys > nk - first ? nk : first + p->n_keys;
+        /* Written once per fill: out of the bank means a broken row, which owns no keys. */
+        if (first < lo || first > hi)
+                first = hi;
+        end = pool->n_keys > hi - first ? hi : first + pool->n_keys;
         *ret_first = first;
         *ret_end = end;
 }
@@ -221,10 +276,11 @@ typedef void (*repair_fn)(const struct keytable *t, unsigned arg);
  * goes down, and only under this pool's lock for this pool's keys. */
 static void pool_repair(const struct keytable *t, unsigned p) {
         struct kt_pool *pool = &t->pools[p];
-        unsigned first, end, n_leases = t->n_slots * t->leases_per_slot;
+        unsigned first, end, n_leases = t->n_slots * t->leases_per_slot, b = p / t->max_pools,
+                 lo = bank_first_key(t, b), hi = lo + bank_n_keys(t, b);
         uint64_t max_seq = pool->use_seq;
 
-        pool_range(t, pool, &first, &end);
+        pool_range(t, p, &first, &end);
         for (unsigned k = first; k < end; k++) {
                 struct kt_key *key = &t->keys[k];
 
@@ -255,8 +311,8 @@ static void pool_repair(const struct keytable *t, unsigned p) {
                                 key->figures_ms = 0;
                         key->dirty = 0;
                 }
-                /* Written outside any dirty mark, but a link out of the table is no link. */
-                if (LOAD(&key->twin) >= n_keys_of(t))
+                /* Written outside any dirty mark, but a link out of the bank is no link. */
+                if (LOAD(&key->twin) < lo || LOAD(&key->twin) >= hi)
                         STORE(&key->twin, k);
                 key->in_flight = 0;
                 if (key->use_seq > max_seq)
@@ -282,10 +338,16 @@ static void pool_repair(const struct keytable *t, unsigned p) {
 static void header_repair(const struct keytable *t, unsigned unused) {
         struct kt_header *h = t->hdr;
 
-        if (h->n_pools > t->max_pools)
-                h->n_pools = t->max_pools;
-        if (h->n_keys > t->max_keys)
-                h->n_keys = t->max_keys;
+        for (unsigned b = 0; b < KT_BANKS; b++) {
+                if (h->n_pools[b] > t->max_pools)
+                        h->n_pools[b] = t->max_pools;
+                if (h->n_keys[b] > t->max_keys)
+                        h->n_keys[b] = t->max_keys;
+        }
+        if (h->bank >= KT_BANKS)
+                STORE(&h->bank, 0);
+        if (h->fill >= KT_BANKS)
+                STORE(&h->fill, h->bank);
         for (unsigned s = 0; s < t->n_slots; s++)
                 if (t->slots[s].stage >= _WORKER_STAGE_MAX)
                         /* Still held by someone as far as we know: the coordinator frees it
@@ -398,8 +460,10 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         if (limits->max_pools == 0 || limits->max_keys == 0 || limits->n_slots == 0 ||
             limits->leases_per_slot == 0)
                 return -EINVAL;
-        /* A lease stores key index + 1 in 32 bits, and counts stay 32-bit. */
-        if (limits->max_keys >= UINT32_MAX || limits->max_pools >= UINT32_MAX)
+        /* A lease stores a table-wide key row + 1 in 32 bits, both banks' rows fit in 32 bits
+         * with KEYTABLE_NO_KEY to spare, and counts stay 32-bit. */
+        if (limits->max_keys > (UINT32_MAX - 1) / KT_BANKS ||
+            limits->max_pools > (UINT32_MAX - 1) / KT_BANKS)
                 return -E2BIG;
         if (__builtin_mul_overflow((size_t) limits->n_slots, (size_t) limits->leases_per_slot,
                                    &n_leases) || n_leases > UINT32_MAX)
@@ -407,9 +471,11 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
 
         r = layout_add(&off, 1, sizeof(struct kt_header), &off_hdr);
         if (r == 0)
-                r = layout_add(&off, limits->max_pools, sizeof(struct kt_pool), &off_pools);
+                r = layout_add(&off, (size_t) KT_BANKS * limits->max_pools, sizeof(struct kt_pool),
+                               &off_pools);
         if (r == 0)
-                r = layout_add(&off, limits->max_keys, sizeof(struct kt_key), &off_keys);
+                r = layout_add(&off, (size_t) KT_BANKS * limits->max_keys, sizeof(struct kt_key),
+                               &off_keys);
         if (r == 0)
                 r = layout_add(&off, limits->n_slots, sizeof(struct kt_slot), &off_slots);
         if (r == 0)
@@ -425,18 +491,19 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         /* At most half full, so a probe run stays short. */
         for (index_size = 16; index_size < 2 * (size_t) limits->max_keys; index_size *= 2)
                 ;
-        t->id_index = calloc(index_size, sizeof *t->id_index);
-        if (!t->id_index) {
-                free(t);
-                return -ENOMEM;
-        }
         t->id_index_mask = index_size - 1;
+        for (unsigned b = 0; b < KT_BANKS; b++) {
+                t->id_index[b] = calloc(index_size, sizeof *t->id_index[b]);
+                if (!t->id_index[b]) {
+                        r = -ENOMEM;
+                        goto fail;
+                }
+        }
 
         fd = shm_open_anonymous();
         if (fd < 0) {
-                free(t->id_index);
-                free(t);
-                return fd;
+                r = fd;
+                goto fail;
         }
         if (ftruncate(fd, (off_t) off) < 0) {
                 r = -errno;
@@ -468,13 +535,16 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         t->n_slots = limits->n_slots;
         t->leases_per_slot = limits->leases_per_slot;
 
-        /* The segment comes zero-filled: every slot FREE, every lease free. */
+        /* The segment comes zero-filled: every slot FREE, every lease free, both banks empty,
+         * bank 0 current and being filled. */
         t->hdr->magic = KT_MAGIC;
         t->hdr->version = KT_VERSION;
         t->hdr->max_pools = limits->max_pools;
         t->hdr->max_keys = limits->max_keys;
         t->hdr->n_slots = limits->n_slots;
         t->hdr->leases_per_slot = limits->leases_per_slot;
+        t->hdr->bank = 0;
+        t->hdr->fill = 0;
         t->hdr->size = off;
         t->hdr->off_pools = off_pools;
         t->hdr->off_keys = off_keys;
@@ -482,8 +552,10 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         t->hdr->off_leases = off_leases;
         t->hdr->created_ms = now_ms;
 
+        /* Every pool row of both banks gets its mutex once, here, and never again: a process
+         * that read the current bank just before a commit may still be about to lock one. */
         r = mutex_init_shared(&t->hdr->lock);
-        for (unsigned p = 0; r == 0 && p < t->max_pools; p++)
+        for (unsigned p = 0; r == 0 && p < KT_BANKS * t->max_pools; p++)
                 r = mutex_init_shared(&t->pools[p].lock);
         if (r < 0) {
                 keytable_destroy(t);
@@ -495,7 +567,9 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
 
 fail_fd:
         (void) close(fd);
-        free(t->id_index);
+fail:
+        for (unsigned b = 0; b < KT_BANKS; b++)
+                free(t->id_index[b]);
         free(t);
         return r;
 }
@@ -505,13 +579,26 @@ void keytable_destroy(struct keytable *t) {
                 return;
         /* The mutexes are left alone: other processes may still hold the mapping. */
         (void) munmap(t->base, t->size);
-        free(t->id_index);
+        for (unsigned b = 0; b < KT_BANKS; b++)
+                free(t->id_index[b]);
         free(t);
+}
+
+/* The current bank's pool row named name, or UINT_MAX. Names do not change while the bank is
+ * current, so no lock is needed to compare them. */
+static unsigned current_pool_named(const struct keytable *t, unsigned cur, const char *name) {
+        unsigned p0 = bank_first_pool(t, cur), n = bank_n_pools(t, cur);
+
+        for (unsigned p = p0; p < p0 + n; p++)
+                if (strncmp(t->pools[p].name, name, sizeof t->pools[p].name) == 0)
+                        return p;
+        return UINT_MAX;
 }
 
 int keytable_add_pool(struct keytable *t, const char *name, const char *model, unsigned *ret_pool) {
         struct kt_pool *pool;
-        unsigned p;
+        int64_t account_until = 0;
+        unsigned b, n, p, q;
 
         if (!t || !name || name[0] == '\0')
                 return -EINVAL;
@@ -521,26 +608,41 @@ int keytable_add_pool(struct keytable *t, const char *name, const char *model, u
                 return -ENAMETOOLONG;
 
         header_lock(t);
-        p = n_pools_of(t);
-        if (p >= t->max_pools) {
+        b = bank_fill(t);
+        n = bank_n_pools(t, b);
+        if (n >= t->max_pools) {
                 header_unlock(t);
                 return -ENOSPC;
         }
+        p = bank_first_pool(t, b) + n;
+        /* A reload does not forget that the account looked limited a moment ago. */
+        if (b != bank_current(t)) {
+                q = current_pool_named(t, bank_current(t), name);
+                if (q != UINT_MAX)
+                        account_until = LOAD(&t->pools[q].account_limit_until_ms);
+        }
+
+        /* No worker can see this row yet, but its lock may have been left abandoned by a dead
+         * worker of the generation that used this bank last: taking it the usual way repairs
+         * it (the bank is empty now, so there is nothing to recount) and leaves it consistent
+         * for the generation to come. */
         pool_lock(t, p);
         pool = &t->pools[p];
+        memset(pool->name, 0, sizeof pool->name);
+        memset(pool->model, 0, sizeof pool->model);
         strcpy(pool->name, name);
         strcpy(pool->model, model);
-        pool->first_key = n_keys_of(t);
+        pool->first_key = bank_first_key(t, b) + bank_n_keys(t, b);
         pool->n_keys = 0;
         pool->use_seq = 0;
-        STORE(&pool->account_limit_until_ms, 0);
+        STORE(&pool->account_limit_until_ms, account_until > 0 ? account_until : 0);
         pool->dirty = 0;
         pool_unlock(t, p);
-        STORE(&t->hdr->n_pools, p + 1);
+        STORE(&t->hdr->n_pools[b], n + 1);
         header_unlock(t);
 
         if (ret_pool)
-                *ret_pool = p;
+                *ret_pool = n;
         return 0;
 }
 
@@ -553,23 +655,120 @@ static uint64_t id_hash(const char *id) {
         return h;
 }
 
-/* The index entry for id: the one holding its first row, or the empty one where it would go. */
-static uint32_t *id_index_slot(const struct keytable *t, const char *id) {
+/* Bank b's index entry for id: the one holding its first row in b, or the empty one where it
+ * would go. */
+static uint32_t *id_index_slot(const struct keytable *t, unsigned b, const char *id) {
+        uint32_t *index = t->id_index[b];
         size_t i = (size_t) id_hash(id) & t->id_index_mask;
 
         for (;; i = (i + 1) & t->id_index_mask) {
-                uint32_t e = t->id_index[i];
+                uint32_t e = index[i];
 
                 if (e == 0 || strncmp(t->keys[e - 1].id, id, sizeof t->keys[0].id) == 0)
-                        return &t->id_index[i];
+                        return &index[i];
+        }
+}
+
+static void id_index_clear(struct keytable *t, unsigned b) {
+        memset(t->id_index[b], 0, (t->id_index_mask + 1) * sizeof *t->id_index[b]);
+}
+
+/* Locks the pool of key (a table-wide row, either bank) and checks the key is in it; -EINVAL
+ * (nothing locked) if not. ret_position (may be NULL): the key's place in its pool. */
+static int key_lock(const struct keytable *t, unsigned key, unsigned *ret_pool,
+                    unsigned *ret_position) {
+        unsigned p, first, end;
+
+        if (!t || !key_row_valid(t, key))
+                return -EINVAL;
+        p = t->keys[key].pool;
+        pool_lock(t, p);
+        pool_range(t, p, &first, &end);
+        if (key < first || key >= end) {
+                pool_unlock(t, p);
+                return -EINVAL;
+        }
+        *ret_pool = p;
+        if (ret_position)
+                *ret_position = key - first;
+        return 0;
+}
+
+/* The current bank's row whose health a new row of id in a pool named pool_name carries on: the
+ * row in the pool of that name if there is one, else the first row with the id; KEYTABLE_NO_KEY
+ * when the id is new. Ids, names and twin links do not change while a bank is current. */
+static unsigned carry_source(const struct keytable *t, unsigned cur, const char *id,
+                             const char *pool_name) {
+        unsigned lo = bank_first_key(t, cur), hi = lo + bank_n_keys(t, cur), head, row;
+        uint32_t e = *id_index_slot(t, cur, id);
+
+        if (e == 0 || e - 1 < lo || e - 1 >= hi)
+                return KEYTABLE_NO_KEY;
+        head = row = e - 1;
+        /* A circle holds one row per pool at most: the bound only matters if it was broken. */
+        for (unsigned step = 0; step < bank_n_pools(t, cur); step++) {
+                unsigned p = t->keys[row].pool;
+
+                if (pool_row_valid(t, p) &&
+                    strncmp(t->pools[p].name, pool_name, sizeof t->pools[p].name) == 0)
+                        return row;
+                row = LOAD(&t->keys[row].twin);
+                if (row == head || row < lo || row >= hi)
+                        break;
+        }
+        return head;
+}
+
+/* Copies key row k under its pool's lock, so the copy is one consistent moment of the row (a
+ * row an abandoned lock left dirty is repaired first). */
+static int key_copy(const struct keytable *t, unsigned k, struct kt_key *ret) {
+        unsigned p;
+        int r;
+
+        r = key_lock(t, k, &p, NULL);
+        if (r < 0)
+                return r;
+        *ret = t->keys[k];
+        pool_unlock(t, p);
+        return 0;
+}
+
+/* What a row carried over by a reload keeps: its health, history and rate state. Not its
+ * in-flight count (the old row keeps the leases, and they are returned there), nor its limits
+ * (the new configuration's are set on the new row), nor its links. */
+static void key_carry(struct kt_key *key, const struct kt_key *src) {
+        key->state = key_state_valid(src->state) ? src->state : KEY_READY;
+        key->reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE;
+        key->cooldown_until_ms = src->cooldown_until_ms;
+        key->cooling_since_ms = src->cooling_since_ms;
+        key->next_probe_ms = src->next_probe_ms;
+        key->consecutive_failures = src->consecutive_failures;
+        key->last_status = src->last_status;
+        key->last_class = src->last_class < _VERDICT_MAX ? src->last_class : VERDICT_NONE;
+        key->last_used_ms = src->last_used_ms;
+        key->use_seq = src->use_seq;
+        key->requests = src->requests;
+        key->successes = src->successes;
+        key->rate_limited = src->rate_limited;
+        key->failures = src->failures;
+        key->tokens_in = src->tokens_in;
+        key->tokens_out = src->tokens_out;
+        key->tat_us = src->tat_us;
+        key->figures = src->figures;
+        key->figures_ms = src->figures_ms;
+        if (key->state == KEY_READY) {
+                key->reason = KEY_REASON_NONE;
+                key->cooldown_until_ms = 0;
         }
 }
 
 int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const char *masked,
                      unsigned *ret_key) {
+        struct kt_key carried = {};
+        bool carry = false;
         struct kt_key *key;
+        unsigned b, p, k, lo;
         uint32_t *entry;
-        unsigned k;
 
         if (!t || !id || id[0] == '\0')
                 return -EINVAL;
@@ -579,42 +778,60 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
                 return -ENAMETOOLONG;
 
         header_lock(t);
+        b = bank_fill(t);
         /* Keys of a pool must stay contiguous, so only the newest pool can grow. */
-        if (pool + 1 != n_pools_of(t)) {
+        if (pool + 1 != bank_n_pools(t, b)) {
                 header_unlock(t);
                 return -EINVAL;
         }
-        k = n_keys_of(t);
-        if (k >= t->max_keys) {
+        if (bank_n_keys(t, b) >= t->max_keys) {
                 header_unlock(t);
                 return -ENOSPC;
         }
-        entry = id_index_slot(t, id);
+        p = bank_first_pool(t, b) + pool;
+        lo = bank_first_key(t, b);
+        k = lo + bank_n_keys(t, b);
+        entry = id_index_slot(t, b, id);
         if (*entry != 0) {
-                unsigned cur = *entry - 1;
+                unsigned row = *entry - 1;
 
                 /* A twin in its own pool would have its pool locked twice when cooled. */
-                for (unsigned step = 0; step <= n_pools_of(t); step++) {
-                        if (t->keys[cur].pool == pool) {
+                for (unsigned step = 0; step <= bank_n_pools(t, b); step++) {
+                        if (t->keys[row].pool == p) {
                                 header_unlock(t);
                                 return -EEXIST;
                         }
-                        cur = LOAD(&t->keys[cur].twin);
-                        if (cur == *entry - 1 || cur >= k)
+                        row = LOAD(&t->keys[row].twin);
+                        if (row == *entry - 1 || row < lo || row >= k)
                                 break;
                 }
         }
 
-        pool_lock(t, pool);
+        /* One pool lock at a time: the old row is copied under its own lock, and written to the
+         * new bank only once that lock is let go. */
+        if (b != bank_current(t)) {
+                unsigned src = carry_source(t, bank_current(t), id, t->pools[p].name);
+
+                carry = src != KEYTABLE_NO_KEY && key_copy(t, src, &carried) == 0;
+        }
+
+        pool_lock(t, p);
         key = &t->keys[k];
         memset(key, 0, sizeof *key);
         strcpy(key->id, id);
         strcpy(key->masked, masked);
-        key->pool = pool;
+        key->pool = p;
         key->state = KEY_READY;
         key->reason = KEY_REASON_NONE;
         key->last_class = VERDICT_NONE;
         key->figures = RATE_FIGURES_UNKNOWN;
+        if (carry) {
+                key_carry(key, &carried);
+                /* The pool's LRU clock must run ahead of every row's, or a carried key would
+                 * look unused to the next acquires. */
+                if (key->use_seq > t->pools[p].use_seq)
+                        t->pools[p].use_seq = key->use_seq;
+        }
         if (*entry == 0) {
                 STORE(&key->twin, k);
                 *entry = k + 1;
@@ -626,32 +843,13 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
                 STORE(&key->twin, LOAD(&first->twin));
                 STORE(&first->twin, k);
         }
-        STORE(&t->hdr->n_keys, k + 1);
-        t->pools[pool].n_keys++;
-        pool_unlock(t, pool);
+        STORE(&t->hdr->n_keys[b], k - lo + 1);
+        t->pools[p].n_keys++;
+        pool_unlock(t, p);
         header_unlock(t);
 
         if (ret_key)
                 *ret_key = k;
-        return 0;
-}
-
-/* Locks the pool of key and checks the key is in it; -EINVAL (nothing locked) if not. */
-static int key_lock(struct keytable *t, unsigned key, unsigned *ret_pool) {
-        unsigned p, first, end;
-
-        if (!t || key >= n_keys_of(t))
-                return -EINVAL;
-        p = t->keys[key].pool;
-        if (p >= n_pools_of(t))
-                return -EINVAL;
-        pool_lock(t, p);
-        pool_range(t, &t->pools[p], &first, &end);
-        if (key < first || key >= end) {
-                pool_unlock(t, p);
-                return -EINVAL;
-        }
-        *ret_pool = p;
         return 0;
 }
 
@@ -660,7 +858,7 @@ int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concu
         unsigned p;
         int r;
 
-        r = key_lock(t, key, &p);
+        r = key_lock(t, key, &p, NULL);
         if (r < 0)
                 return r;
         row = &t->keys[key];
@@ -671,6 +869,75 @@ int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concu
         mark(&row->dirty, 0);
         pool_unlock(t, p);
         return 0;
+}
+
+/* --- reload: the second bank --------------------------------------------------------------- */
+
+int keytable_bank_begin(struct keytable *t) {
+        unsigned target;
+
+        if (!t)
+                return -EINVAL;
+
+        header_lock(t);
+        target = bank_current(t) ^ 1u;
+        /* Slots are claimed and freed under this lock, so none can start using the bank while
+         * it is being emptied; one that still uses it may hold its rows or leases on them. */
+        for (unsigned s = 0; s < t->n_slots; s++)
+                if (LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && slot_bank(t, s) == target) {
+                        header_unlock(t);
+                        return -EBUSY;
+                }
+        STORE(&t->hdr->n_pools[target], 0);
+        STORE(&t->hdr->n_keys[target], 0);
+        STORE(&t->hdr->fill, target);
+        header_unlock(t);
+
+        id_index_clear(t, target);
+        return 0;
+}
+
+int keytable_bank_commit(struct keytable *t) {
+        unsigned fill;
+
+        if (!t)
+                return -EINVAL;
+
+        header_lock(t);
+        fill = bank_fill(t);
+        if (fill == bank_current(t)) {
+                header_unlock(t);
+                return -EINVAL;
+        }
+        /* One store: a reader sees the old bank or the new one, each whole, since every row of
+         * the new bank was written before it. */
+        STORE(&t->hdr->bank, fill);
+        header_unlock(t);
+        return 0;
+}
+
+void keytable_bank_abort(struct keytable *t) {
+        unsigned fill, cur;
+
+        if (!t)
+                return;
+
+        header_lock(t);
+        fill = bank_fill(t);
+        cur = bank_current(t);
+        if (fill != cur) {
+                STORE(&t->hdr->fill, cur);
+                STORE(&t->hdr->n_pools[fill], 0);
+                STORE(&t->hdr->n_keys[fill], 0);
+        }
+        header_unlock(t);
+
+        if (fill != cur)
+                id_index_clear(t, fill);
+}
+
+unsigned keytable_bank_current(const struct keytable *t) {
+        return t ? bank_current(t) : 0;
 }
 
 void keytable_set_policy(struct keytable *t, const struct keytable_policy *p) {
@@ -701,6 +968,8 @@ int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms,
                 if (LOAD(&slot->stage) != WORKER_STAGE_FREE)
                         continue;
                 STORE(&slot->generation, generation);
+                /* Workers are forked after a commit, so the new generation gets the new bank. */
+                STORE(&slot->bank, bank_current(t));
                 STORE(&slot->pid, 0);
                 STORE(&slot->lease_hint, 0);
                 STORE(&slot->waiters, 0);
@@ -740,28 +1009,28 @@ void keytable_slot_count_request(struct keytable *t, unsigned slot) {
 
 void keytable_slot_release(struct keytable *t, unsigned slot) {
         uint32_t *leases;
-        unsigned n_keys;
 
         if (!t || slot >= t->n_slots)
                 return;
 
         /* The owner is gone, so this slot's leases change only here. Each lease names its pool
-         * through its key; take that pool's lock once and return all of the slot's leases in it.
-         * If the dead worker held that lock, locking it repairs the pool first (recounting from
-         * these very leases), and the decrements below then apply to a true count. */
+         * (and so its bank) through its key; take that pool's lock once and return all of the
+         * slot's leases in it. If the dead worker held that lock, locking it repairs the pool
+         * first (recounting from these very leases), and the decrements below then apply to a
+         * true count. The bank cannot be refilled under us: the slot is not FREE yet. */
         leases = slot_leases(t, slot);
-        n_keys = n_keys_of(t);
         for (unsigned i = 0; i < t->leases_per_slot; i++) {
                 uint32_t v = LOAD(&leases[i]);
                 unsigned p;
 
                 if (v == 0)
                         continue;
-                if (v - 1 >= n_keys || (p = t->keys[v - 1].pool) >= n_pools_of(t)) {
+                if (!key_row_valid(t, v - 1)) {
                         /* Names no key: nothing was ever counted for it. */
                         STORE(&leases[i], 0);
                         continue;
                 }
+                p = t->keys[v - 1].pool;
 
                 pool_lock(t, p);
                 mark(&t->pools[p].dirty, 1);
@@ -769,7 +1038,7 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
                         uint32_t w = LOAD(&leases[j]);
                         struct kt_key *key;
 
-                        if (w == 0 || w - 1 >= n_keys || t->keys[w - 1].pool != p)
+                        if (w == 0 || !key_row_valid(t, w - 1) || t->keys[w - 1].pool != p)
                                 continue;
                         key = &t->keys[w - 1];
                         if (key->in_flight > 0)
@@ -785,6 +1054,10 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
         STORE(&t->slots[slot].waiters, 0);
         STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
         header_unlock(t);
+}
+
+unsigned keytable_slot_bank(const struct keytable *t, unsigned slot) {
+        return t && slot < t->n_slots ? slot_bank(t, slot) : 0;
 }
 
 void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n) {
@@ -887,7 +1160,7 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
                      struct keytable_wait *ret_wait, struct keytable_change *ret_change) {
         struct keytable_change change = { .changed = false };
         struct keytable_wait wait = { .retry_at_ms = 0, .busy = false };
-        unsigned first, end, index, best = UINT_MAX;
+        unsigned first, end, index, best = UINT_MAX, b, gp;
         uint64_t best_seq = UINT64_MAX;
         bool avoided_can_serve = false;
         int64_t at;
@@ -895,25 +1168,29 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         struct kt_key *key;
         int r;
 
-        if (!t || !ret_lease || slot >= t->n_slots || pool >= n_pools_of(t))
+        if (!t || !ret_lease || slot >= t->n_slots)
                 return -EINVAL;
         /* A lease on a FREE slot would never be returned by keytable_slot_release. */
         if (LOAD(&t->slots[slot].stage) == WORKER_STAGE_FREE)
                 return -EINVAL;
+        b = slot_bank(t, slot);
+        if (pool >= bank_n_pools(t, b))
+                return -EINVAL;
+        gp = bank_first_pool(t, b) + pool;
 
-        pool_lock(t, pool);
-        p = &t->pools[pool];
+        pool_lock(t, gp);
+        p = &t->pools[gp];
 
         /* Only this slot's owner fills its leases, so a free entry found now stays free. Looked
          * up before anything is touched, so a full slot changes nothing. */
         r = slot_find_free_lease(t, slot, &index);
         if (r < 0) {
-                pool_unlock(t, pool);
+                pool_unlock(t, gp);
                 return r;
         }
 
         mark(&p->dirty, 1);
-        pool_range(t, p, &first, &end);
+        pool_range(t, gp, &first, &end);
         for (unsigned k = first; k < end; k++) {
                 key = &t->keys[k];
 
@@ -946,9 +1223,11 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         if (best == UINT_MAX && avoided_can_serve)
                 best = avoid_key;
 
+        if (change.changed)
+                change.key_position = change.key - first;
         if (best == UINT_MAX) {
                 mark(&p->dirty, 0);
-                pool_unlock(t, pool);
+                pool_unlock(t, gp);
                 if (ret_wait)
                         *ret_wait = wait;
                 /* A key may have come back and still be unable to serve (out of rpm, full):
@@ -970,11 +1249,12 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         mark(&key->dirty, 0);
         STORE(&t->slots[slot].lease_hint, index + 1 < t->leases_per_slot ? index + 1 : 0);
         mark(&p->dirty, 0);
-        pool_unlock(t, pool);
+        pool_unlock(t, gp);
 
         *ret_lease = (struct keytable_lease) {
                 .pool = pool,
                 .key = best,
+                .position = best - first,
                 .slot = slot,
                 .index = index,
         };
@@ -1099,7 +1379,7 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
 /* After a rate limit cooled a key: is every usable key of the pool resting from a rate limit
  * that began within KT_ACCOUNT_WINDOW_MS of now? Keys failing together like that point at a
  * limit on the account or the address, not on the keys. Caller holds the pool lock. */
-static bool pool_limited_at_once(const struct keytable *t, const struct kt_pool *p, int64_t now_ms,
+static bool pool_limited_at_once(const struct keytable *t, unsigned p, int64_t now_ms,
                                  int64_t *ret_until_ms) {
         int64_t until = 0, lo = add_sat(now_ms, -KT_ACCOUNT_WINDOW_MS),
                 hi = add_sat(now_ms, KT_ACCOUNT_WINDOW_MS);
@@ -1126,11 +1406,13 @@ static bool pool_limited_at_once(const struct keytable *t, const struct kt_pool 
         return true;
 }
 
-/* Cools the rows of key k's id in other pools until at least until_ms, one pool lock at a time
- * (the caller holds none). Returns how many rows it changed. */
+/* Cools the rows of key k's id in other pools of its bank until at least until_ms, one pool
+ * lock at a time (the caller holds none). pool is k's pool row. Returns how many rows it
+ * changed. */
 static unsigned twins_cool(struct keytable *t, unsigned k, unsigned pool, int64_t until_ms,
                            int64_t now_ms) {
-        unsigned n = 0, cur = k, n_keys = n_keys_of(t), n_pools = n_pools_of(t);
+        unsigned b = k / t->max_keys, n = 0, cur = k, lo = bank_first_key(t, b),
+                 hi = lo + bank_n_keys(t, b), n_pools = bank_n_pools(t, b);
         char id[KEYID_ID_LEN + 1];
 
         /* Ids never change once written; copied so the check below compares with a string. */
@@ -1142,15 +1424,15 @@ static unsigned twins_cool(struct keytable *t, unsigned k, unsigned pool, int64_
                 unsigned next = LOAD(&t->keys[cur].twin), q, first, end;
                 struct kt_key *twin;
 
-                if (next == k || next == cur || next >= n_keys)
+                if (next == k || next == cur || next < lo || next >= hi)
                         break;
                 cur = next;
                 q = t->keys[next].pool;
-                if (q >= n_pools || q == pool)
+                if (!pool_row_valid(t, q) || q / t->max_pools != b || q == pool)
                         continue;
 
                 pool_lock(t, q);
-                pool_range(t, &t->pools[q], &first, &end);
+                pool_range(t, q, &first, &end);
                 twin = &t->keys[next];
                 if (next >= first && next < end &&
                     strncmp(twin->id, id, sizeof twin->id) == 0) {
@@ -1172,7 +1454,7 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                       struct keytable_change *ret_change) {
         struct keytable_change change = { .changed = false };
         struct keytable_policy pol;
-        unsigned first, end;
+        unsigned first, end, b, gp;
         bool was_full, cool_twins = false;
         int64_t until = 0, account_until;
         uint32_t *entry;
@@ -1181,19 +1463,23 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
 
         if (ret_change)
                 *ret_change = change;
-        if (!t || !lease || lease->slot >= t->n_slots || lease->index >= t->leases_per_slot ||
-            lease->pool >= n_pools_of(t))
+        if (!t || !lease || lease->slot >= t->n_slots || lease->index >= t->leases_per_slot)
                 return;
+        /* The slot's bank is the one its leases were taken in, whatever is current now. */
+        b = slot_bank(t, lease->slot);
+        if (lease->pool >= bank_n_pools(t, b))
+                return;
+        gp = bank_first_pool(t, b) + lease->pool;
 
         policy_load(t, &pol);
-        pool_lock(t, lease->pool);
-        p = &t->pools[lease->pool];
-        pool_range(t, p, &first, &end);
+        pool_lock(t, gp);
+        p = &t->pools[gp];
+        pool_range(t, gp, &first, &end);
         entry = &slot_leases(t, lease->slot)[lease->index];
         /* A lease released twice, or already returned by keytable_slot_release, must not take
          * a second request off the count. */
         if (lease->key < first || lease->key >= end || LOAD(entry) != lease->key + 1) {
-                pool_unlock(t, lease->pool);
+                pool_unlock(t, gp);
                 return;
         }
 
@@ -1216,20 +1502,21 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                 cool_twins = pol.cooldown_scope_key;
                 /* A success proves the account serves: only real rate limits suspect it. */
                 if (o->cls == VERDICT_RATE_LIMITED &&
-                    pool_limited_at_once(t, p, now_ms, &account_until)) {
+                    pool_limited_at_once(t, gp, now_ms, &account_until)) {
                         if (account_until > LOAD(&p->account_limit_until_ms))
                                 STORE(&p->account_limit_until_ms, account_until);
                         change.account_limit_suspected = true;
                 }
         }
         change.key = lease->key;
+        change.key_position = lease->key - first;
         /* A slot freed on a key that has just gone to rest frees nothing anyone can use. */
         change.freed_capacity = was_full && key->state == KEY_READY;
         mark(&p->dirty, 0);
-        pool_unlock(t, lease->pool);
+        pool_unlock(t, gp);
 
         if (cool_twins)
-                change.twins_cooled = twins_cool(t, lease->key, lease->pool, until, now_ms);
+                change.twins_cooled = twins_cool(t, lease->key, gp, until, now_ms);
         if (ret_change)
                 *ret_change = change;
 }
@@ -1238,6 +1525,7 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
 
 int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, unsigned *ret_pool) {
         struct keytable_policy pol;
+        unsigned b;
 
         if (!t)
                 return -EINVAL;
@@ -1247,11 +1535,14 @@ int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, 
         if (pol.probe_interval_ms <= 0)
                 return -ENOENT;
 
-        for (unsigned p = 0; p < n_pools_of(t); p++) {
-                unsigned first, end;
+        /* Only the current bank: an older generation's rows go away with it, and its keys that
+         * live on were carried over with their probe times. */
+        b = bank_current(t);
+        for (unsigned i = 0; i < bank_n_pools(t, b); i++) {
+                unsigned first, end, p = bank_first_pool(t, b) + i;
 
                 pool_lock(t, p);
-                pool_range(t, &t->pools[p], &first, &end);
+                pool_range(t, p, &first, &end);
                 for (unsigned k = first; k < end; k++) {
                         struct kt_key *key = &t->keys[k];
 
@@ -1266,7 +1557,7 @@ int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, 
                         if (ret_key)
                                 *ret_key = k;
                         if (ret_pool)
-                                *ret_pool = p;
+                                *ret_pool = i;
                         return 0;
                 }
                 pool_unlock(t, p);
@@ -1279,10 +1570,10 @@ int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms,
         struct keytable_change change = { .changed = false, .key = key };
         struct kt_key *row;
         uint32_t from;
-        unsigned p;
+        unsigned p, position;
         int r;
 
-        r = key_lock(t, key, &p);
+        r = key_lock(t, key, &p, &position);
         if (r < 0)
                 return r;
         row = &t->keys[key];
@@ -1299,10 +1590,12 @@ int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms,
         mark(&t->pools[p].dirty, 0);
         pool_unlock(t, p);
 
+        change.key_position = position;
         if (from != KEY_READY)
                 change = (struct keytable_change) {
                         .changed = true,
                         .key = key,
+                        .key_position = position,
                         .from = from,
                         .to = KEY_READY,
                         .reason = KEY_REASON_NONE,
@@ -1318,13 +1611,13 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
         struct keytable_policy pol;
         uint32_t from, from_reason;
         struct kt_key *row;
-        unsigned p;
+        unsigned p, position;
         int r;
 
         if (!t || reason <= KEY_REASON_NONE || reason >= _KEY_REASON_MAX)
                 return -EINVAL;
         policy_load(t, &pol);
-        r = key_lock(t, key, &p);
+        r = key_lock(t, key, &p, &position);
         if (r < 0)
                 return r;
         row = &t->keys[key];
@@ -1342,10 +1635,12 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
         mark(&t->pools[p].dirty, 0);
         pool_unlock(t, p);
 
+        change.key_position = position;
         if (from != KEY_DISABLED || from_reason != (uint32_t) reason)
                 change = (struct keytable_change) {
                         .changed = true,
                         .key = key,
+                        .key_position = position,
                         .from = from,
                         .to = KEY_DISABLED,
                         .reason = reason,
@@ -1358,11 +1653,11 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
 /* --- readers ------------------------------------------------------------------------------- */
 
 unsigned keytable_n_pools(const struct keytable *t) {
-        return t ? n_pools_of(t) : 0;
+        return t ? bank_n_pools(t, bank_current(t)) : 0;
 }
 
 unsigned keytable_n_keys(const struct keytable *t) {
-        return t ? n_keys_of(t) : 0;
+        return t ? bank_n_keys(t, bank_current(t)) : 0;
 }
 
 unsigned keytable_n_slots(const struct keytable *t) {
@@ -1377,43 +1672,74 @@ uint64_t keytable_repairs(const struct keytable *t) {
         return t ? __atomic_load_n(&t->hdr->repairs, __ATOMIC_RELAXED) : 0;
 }
 
-int keytable_pool_info(const struct keytable *t, unsigned pool, struct keytable_pool_view *ret) {
-        const struct kt_pool *p;
-        struct keytable_pool_view v = {};
+/* Pool row p's view; the caller holds its lock. */
+static void pool_view_locked(const struct keytable *t, unsigned p, struct keytable_pool_view *ret) {
+        const struct kt_pool *pool = &t->pools[p];
         unsigned first, end;
 
-        if (!t || !ret || pool >= n_pools_of(t))
-                return -EINVAL;
-
-        pool_lock(t, pool);
-        p = &t->pools[pool];
-        memcpy(v.name, p->name, sizeof v.name - 1);
-        memcpy(v.model, p->model, sizeof v.model - 1);
+        *ret = (struct keytable_pool_view) {};
+        memcpy(ret->name, pool->name, sizeof ret->name - 1);
+        memcpy(ret->model, pool->model, sizeof ret->model - 1);
         pool_range(t, p, &first, &end);
-        v.account_limit_until_ms = LOAD(&p->account_limit_until_ms);
-        pool_unlock(t, pool);
+        ret->first_key = first;
+        ret->n_keys = end - first;
+        ret->account_limit_until_ms = LOAD(&pool->account_limit_until_ms);
+}
 
-        v.first_key = first;
-        v.n_keys = end - first;
+static int bank_pool_info(const struct keytable *t, unsigned b, unsigned pool,
+                          struct keytable_pool_view *ret) {
+        struct keytable_pool_view v;
+        unsigned p;
+
+        if (pool >= bank_n_pools(t, b))
+                return -EINVAL;
+        p = bank_first_pool(t, b) + pool;
+        pool_lock(t, p);
+        pool_view_locked(t, p, &v);
+        pool_unlock(t, p);
         *ret = v;
         return 0;
 }
 
-int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
-                           struct keytable_key_view *ret) {
-        unsigned first, end;
-
-        if (!t || !ret || pool >= n_pools_of(t))
+int keytable_pool_info(const struct keytable *t, unsigned pool, struct keytable_pool_view *ret) {
+        if (!t || !ret)
                 return -EINVAL;
+        return bank_pool_info(t, bank_current(t), pool, ret);
+}
 
-        pool_lock(t, pool);
-        pool_range(t, &t->pools[pool], &first, &end);
+int keytable_slot_pool_info(const struct keytable *t, unsigned slot, unsigned pool,
+                            struct keytable_pool_view *ret) {
+        if (!t || !ret || slot >= t->n_slots)
+                return -EINVAL;
+        return bank_pool_info(t, slot_bank(t, slot), pool, ret);
+}
+
+/* Copies the current bank's pool, view and keys, under its lock; the number of keys, or
+ * -ENOBUFS when they are more than max. */
+static int pool_read(struct keytable *t, unsigned pool, int64_t now_ms,
+                     struct keytable_pool_view *ret_info, struct keytable_key_view *ret_keys,
+                     unsigned max) {
+        struct keytable_pool_view info;
+        unsigned b = bank_current(t), first, end, p;
+
+        if (pool >= bank_n_pools(t, b))
+                return -EINVAL;
+        p = bank_first_pool(t, b) + pool;
+
+        pool_lock(t, p);
+        pool_range(t, p, &first, &end);
+        if (end - first > max) {
+                pool_unlock(t, p);
+                return -ENOBUFS;
+        }
+        pool_view_locked(t, p, &info);
         for (unsigned k = first; k < end; k++) {
                 const struct kt_key *key = &t->keys[k];
-                struct keytable_key_view *v = &ret[k - first];
+                struct keytable_key_view *v = &ret_keys[k - first];
 
                 *v = (struct keytable_key_view) {
-                        .pool = key->pool,
+                        .pool = pool,
+                        .position = k - first,
                         .state = key->state,
                         .reason = key->reason,
                         .cooldown_until_ms = key->cooldown_until_ms,
@@ -1437,11 +1763,11 @@ int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
                 memcpy(v->id, key->id, sizeof v->id - 1);
                 memcpy(v->masked, key->masked, sizeof v->masked - 1);
         }
-        pool_unlock(t, pool);
+        pool_unlock(t, p);
 
         /* A cooldown that has run out is over, whether or not an acquire has noticed yet. */
         for (unsigned i = 0; i < end - first; i++) {
-                struct keytable_key_view *v = &ret[i];
+                struct keytable_key_view *v = &ret_keys[i];
 
                 if (v->state == KEY_COOLING && v->cooldown_until_ms <= now_ms) {
                         v->state = KEY_READY;
@@ -1452,7 +1778,27 @@ int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
                 if (v->state != KEY_COOLING)
                         v->cooldown_until_ms = 0;
         }
-        return 0;
+        if (ret_info)
+                *ret_info = info;
+        return (int) (end - first);
+}
+
+int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
+                           struct keytable_key_view *ret) {
+        int r;
+
+        if (!t || !ret)
+                return -EINVAL;
+        r = pool_read(t, pool, now_ms, NULL, ret, UINT_MAX);
+        return r < 0 ? r : 0;
+}
+
+int keytable_pool_read(struct keytable *t, unsigned pool, int64_t now_ms,
+                       struct keytable_pool_view *ret_info, struct keytable_key_view *ret_keys,
+                       unsigned max) {
+        if (!t || (!ret_keys && max > 0))
+                return -EINVAL;
+        return pool_read(t, pool, now_ms, ret_info, ret_keys, max);
 }
 
 unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, unsigned max) {
@@ -1479,6 +1825,7 @@ unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, 
                         .slot = s,
                         .pid = LOAD(&slot->pid),
                         .generation = LOAD(&slot->generation),
+                        .bank = LOAD(&slot->bank) & 1u,
                         .stage = stage,
                         .started_ms = LOAD(&slot->started_ms),
                         .heartbeat_ms = LOAD(&slot->heartbeat_ms),
@@ -1535,16 +1882,20 @@ const char *keytable_stage_name(enum worker_stage s) {
 
 int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned key) {
         struct kt_pool *p;
-        unsigned first, end;
+        unsigned first, end, b, gp;
 
-        if (!t || pool >= n_pools_of(t))
+        if (!t || key >= KT_BANKS * t->max_keys)
                 return -EINVAL;
+        b = key / t->max_keys;
+        if (pool >= bank_n_pools(t, b))
+                return -EINVAL;
+        gp = bank_first_pool(t, b) + pool;
 
-        pool_lock(t, pool);
-        p = &t->pools[pool];
-        pool_range(t, p, &first, &end);
+        pool_lock(t, gp);
+        p = &t->pools[gp];
+        pool_range(t, gp, &first, &end);
         if (key < first || key >= end) {
-                pool_unlock(t, pool);
+                pool_unlock(t, gp);
                 return -EINVAL;
         }
         mark(&p->dirty, 1);
@@ -1559,4 +1910,34 @@ int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned k
         STORE(&t->keys[key].twin, UINT32_MAX - 7);
         STORE(&p->account_limit_until_ms, -9);
         return 0;
+}
+
+int keytable_pool_read_alloc(struct keytable *t, unsigned pool, int64_t now_ms,
+                             struct keytable_pool_view *ret_info, struct keytable_key_view **ret_keys) {
+        /* Sized from a first look; a reload committed in between can only make it too small,
+         * and then the read says so without writing. */
+        for (int tries = 0; tries < 4; tries++) {
+                struct keytable_pool_view info;
+                struct keytable_key_view *keys;
+                int r;
+
+                r = keytable_pool_info(t, pool, &info);
+                if (r < 0)
+                        return r;
+                keys = calloc(info.n_keys ? info.n_keys : 1, sizeof *keys);
+                if (!keys)
+                        return -ENOMEM;
+                r = keytable_pool_read(t, pool, now_ms, ret_info, keys, info.n_keys);
+                if (r == -ENOBUFS) {
+                        free(keys);
+                        continue;
+                }
+                if (r < 0) {
+                        free(keys);
+                        return r;
+                }
+                *ret_keys = keys;
+                return r;
+        }
+        return -EAGAIN;
 }

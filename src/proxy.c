@@ -1078,8 +1078,10 @@ static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct proxy_context *p = userdata;
         unsigned key, pool;
 
-        /* A handful per tick: probes are rare by design. */
-        for (int i = 0; i < 8 && keytable_probe_claim(p->table, clock_mono_ms(), &key, &pool) == 0; i++)
+        /* Probes concern the current configuration: a draining generation leaves them to the new
+         * one. A handful per tick: probes are rare by design. */
+        for (int i = 0; i < 8 && keytable_slot_bank(p->table, p->slot) == keytable_bank_current(p->table) &&
+                        keytable_probe_claim(p->table, clock_mono_ms(), &key, &pool) == 0; i++)
                 start_probe(p, key, pool);
         sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -1161,7 +1163,8 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         pr->pool = (unsigned) pool;
         pr->cpool = &cfg->pools[pool];
         pr->provider = &cfg->providers[pr->cpool->provider];
-        if (keytable_pool_info(pr->ctx->table, pr->pool, &info) < 0) {
+        /* This worker's generation may be draining on the previous bank after a reload. */
+        if (keytable_slot_pool_info(pr->ctx->table, pr->ctx->slot, pr->pool, &info) < 0) {
                 json_decref(body);
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                         "the key table does not know pool %s", pr->cpool->name);

@@ -1,12 +1,24 @@
 /* supervisor.c — the coordinator: keypoold's main process.
  *
- * One state machine (starting → running → stopping → stopped), advanced by signals and by
- * worker exits, each transition logged. Workers are identified by their position (0 … workers-1);
- * a position keeps its crash history so a worker that dies right after starting is respawned
- * after a growing delay instead of in a tight loop.
+ * One state machine, advanced by signals, worker exits and a periodic tick, each transition
+ * logged:
+ *
+ *   starting → running ⇄ reloading → running … → stopping → stopped
+ *
+ * Workers belong to a generation: the configuration they were forked with and the bank of the
+ * shared table that holds its pools. A reload builds the new configuration and its bank beside the
+ * running ones, forks a new generation, and once that generation accepts, tells the old one to
+ * drain (stop accepting, finish what is in flight, exit). Within a generation workers are known by
+ * their position (0 … workers-1); a position keeps its crash history so a worker that dies right
+ * after starting is respawned after a growing delay instead of in a tight loop.
+ *
+ * The coordinator never calls libcurl and never blocks on a client; it touches the table only
+ * through keytable's short critical sections.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
@@ -16,11 +28,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <systemd/sd-daemon.h>
 #include <systemd/sd-event.h>
 
 #include "keypool/clock.h"
 #include "keypool/keytable.h"
 #include "keypool/log.h"
+#include "keypool/notify.h"
 #include "keypool/supervisor.h"
 #include "keypool/worker.h"
 
@@ -28,13 +42,15 @@
 #define QUICK_DEATH_MS          2000            /* a worker that dies sooner counts as a crash */
 #define RESPAWN_MIN_DELAY_MS    100
 #define RESPAWN_MAX_DELAY_MS    10000
-#define STOP_GRACEFUL_USEC      (30ULL * 1000000)
 #define STOP_FAST_USEC          (5ULL * 1000000)
 #define STOP_IMMEDIATE_USEC     (1ULL * 1000000)
+#define READY_POLL_USEC         (5ULL * 1000)   /* while waiting for a generation to accept */
+#define TICK_USEC               (1000ULL * 1000)
 
 enum supervisor_state {
         STATE_STARTING = 1,
         STATE_RUNNING,
+        STATE_RELOADING,
         STATE_STOPPING,
         STATE_STOPPED,
         _STATE_MAX,
@@ -43,39 +59,56 @@ enum supervisor_state {
 static const char *const state_names[_STATE_MAX] = {
         [STATE_STARTING] = "starting",
         [STATE_RUNNING] = "running",
+        [STATE_RELOADING] = "reloading",
         [STATE_STOPPING] = "stopping",
         [STATE_STOPPED] = "stopped",
 };
 
+struct generation;
+
 struct child {
-        struct supervisor *owner;
+        struct generation *gen;
         unsigned position;              /* 0 … workers-1 */
         pid_t pid;                      /* 0 when no process runs at this position */
         unsigned slot;
         int64_t started_ms;
         unsigned crashes;               /* quick deaths in a row */
+        bool killed_wedged;             /* we killed it for a stale heartbeat */
         sd_event_source *exit_source;
         sd_event_source *respawn_timer;
 };
 
+struct generation {
+        struct supervisor *owner;
+        unsigned number;
+        struct config *config;          /* owned */
+        bool draining;                  /* told to stop; not respawned */
+        struct child children[MAX_WORKERS];
+        unsigned n_children;
+};
+
 struct supervisor {
-        const struct config *config;
         enum supervisor_state state;
         sd_event *event;
         struct keytable *table;
         int listen_fd;
+        bool own_socket;                /* we created the socket file and remove it at exit */
+        char *socket_path;              /* the file we created */
         int *wake_fds;                  /* one eventfd per worker slot, shared by all workers */
         unsigned n_wake_fds;
-        bool own_socket;                /* we created the socket file and remove it at exit */
         pid_t pid;
-        unsigned generation;
-        struct child children[MAX_WORKERS];
-        unsigned n_children;            /* positions in use */
+        struct generation *current, *old;
+        unsigned next_generation;
+        struct notify notify;
+        bool reload_failed;             /* the last reload failed: STATUS says so until one works */
+        sd_event_source *tick;
+        sd_event_source *ready_poll;
         sd_event_source *stop_timer;
-        int stop_signal;                /* what workers were told to stop with */
+        int stop_signal;
 };
 
-static int spawn(struct supervisor *s, unsigned position);
+static int spawn(struct child *c);
+static void status_line(struct supervisor *s, int64_t now, char *line, size_t size);
 
 static void set_state(struct supervisor *s, enum supervisor_state next) {
         if (s->state == next)
@@ -84,19 +117,59 @@ static void set_state(struct supervisor *s, enum supervisor_state next) {
         s->state = next;
 }
 
-static unsigned live_children(const struct supervisor *s) {
+static unsigned live_children(const struct generation *g) {
         unsigned n = 0;
 
-        for (unsigned i = 0; i < s->n_children; i++)
-                n += s->children[i].pid > 0;
+        for (unsigned i = 0; g && i < g->n_children; i++)
+                n += g->children[i].pid > 0;
         return n;
 }
 
+static void free_generation(struct generation *g) {
+        if (!g)
+                return;
+        for (unsigned i = 0; i < g->n_children; i++) {
+                sd_event_source_disable_unref(g->children[i].exit_source);
+                sd_event_source_disable_unref(g->children[i].respawn_timer);
+        }
+        config_free(g->config);
+        free(g);
+}
+
+static struct generation *new_generation(struct supervisor *s, struct config *cfg) {
+        struct generation *g = calloc(1, sizeof *g);
+
+        if (!g)
+                return NULL;
+        g->owner = s;
+        g->number = ++s->next_generation;
+        g->config = cfg;
+        g->n_children = cfg->workers > MAX_WORKERS ? MAX_WORKERS : cfg->workers;
+        for (unsigned i = 0; i < g->n_children; i++)
+                g->children[i] = (struct child) { .gen = g, .position = i };
+        return g;
+}
+
+static void signal_generation(struct generation *g, int sig) {
+        for (unsigned i = 0; g && i < g->n_children; i++)
+                if (g->children[i].pid > 0)
+                        kill(g->children[i].pid, sig);
+}
+
 static void maybe_stopped(struct supervisor *s) {
-        if (s->state == STATE_STOPPING && live_children(s) == 0) {
+        if (s->state == STATE_STOPPING && live_children(s->current) == 0 && live_children(s->old) == 0) {
                 set_state(s, STATE_STOPPED);
                 sd_event_exit(s->event, 0);
         }
+}
+
+/* The old generation has drained: its configuration and bank can go. */
+static void maybe_retire_old(struct supervisor *s) {
+        if (!s->old || live_children(s->old) > 0)
+                return;
+        log_event(LOG_INFO, "reload", NULL, "generation %u has drained and exited", s->old->number);
+        free_generation(s->old);
+        s->old = NULL;
 }
 
 /* --- workers ----------------------------------------------------------------------------- */
@@ -105,13 +178,13 @@ static int on_respawn_due(sd_event_source *src, uint64_t usec, void *userdata) {
         struct child *c = userdata;
 
         c->respawn_timer = sd_event_source_disable_unref(c->respawn_timer);
-        if (c->owner->state == STATE_RUNNING)
-                spawn(c->owner, c->position);
+        if (!c->gen->draining && c->gen->owner->state != STATE_STOPPING)
+                spawn(c);
         return 0;
 }
 
-static void schedule_respawn(struct supervisor *s, unsigned position) {
-        struct child *c = &s->children[position];
+static void schedule_respawn(struct child *c) {
+        struct supervisor *s = c->gen->owner;
         uint64_t delay_ms = 0;
 
         if (c->crashes > 0) {
@@ -120,23 +193,24 @@ static void schedule_respawn(struct supervisor *s, unsigned position) {
                         delay_ms = RESPAWN_MAX_DELAY_MS;
         }
         if (delay_ms == 0) {
-                spawn(s, position);
+                spawn(c);
                 return;
         }
-        log_warning("worker %u keeps dying: respawning in %llu ms", position, (unsigned long long) delay_ms);
-        if (sd_event_add_time_relative(s->event, &c->respawn_timer, CLOCK_MONOTONIC, delay_ms * 1000, 0,
+        log_warning("worker %u keeps dying: respawning in %llu ms", c->position, (unsigned long long) delay_ms);
+        if (sd_event_add_time_relative(s->event, &c->respawn_timer, CLOCK_MONOTONIC, delay_ms * 1000, 1000,
                                        on_respawn_due, c) < 0)
-                spawn(s, position);
+                spawn(c);
 }
 
 static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userdata) {
         struct child *c = userdata;
-        struct supervisor *s = c->owner;
+        struct generation *g = c->gen;
+        struct supervisor *s = g->owner;
         struct log_fields f = LOG_FIELDS_NONE;
         int64_t lived = clock_mono_ms() - c->started_ms;
-        bool clean = si->si_code == CLD_EXITED && si->si_status == 0;
+        bool expected = s->state == STATE_STOPPING || g->draining;
 
-        /* sd-event reaped the process already; the table keeps what it held until now. Its
+        /* sd-event reaped the process already; the table kept what it held until now. Its
          * leases may have held keys other workers' requests wait for: wake them all. */
         keytable_slot_release(s->table, c->slot);
         for (unsigned i = 0; i < s->n_wake_fds; i++) {
@@ -148,52 +222,62 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
         c->exit_source = sd_event_source_disable_unref(c->exit_source);
         f.worker = c->pid;
         if (si->si_code == CLD_EXITED)
-                log_event(clean || s->state == STATE_STOPPING ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
-                          "worker %u exited with status %d", c->position, si->si_status);
+                log_event(si->si_status == 0 || expected ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
+                          "worker %u of generation %u exited with status %d", c->position, g->number,
+                          si->si_status);
         else
-                log_event(s->state == STATE_STOPPING ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
-                          "worker %u killed by signal %s", c->position, strsignal(si->si_status));
+                log_event(expected ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
+                          "worker %u of generation %u killed by signal %s%s", c->position, g->number,
+                          strsignal(si->si_status), c->killed_wedged ? " (its heartbeat had stopped)" : "");
         c->pid = 0;
 
-        if (s->state != STATE_RUNNING) {
+        if (s->state == STATE_STOPPING) {
                 maybe_stopped(s);
                 return 0;
         }
-        c->crashes = lived < QUICK_DEATH_MS ? c->crashes + 1 : 0;
-        schedule_respawn(s, c->position);
+        if (g->draining) {
+                maybe_retire_old(s);
+                return 0;
+        }
+        /* A wedged worker killed on purpose is not a crash of its own making. */
+        c->crashes = lived < QUICK_DEATH_MS && !c->killed_wedged ? c->crashes + 1 : 0;
+        c->killed_wedged = false;
+        schedule_respawn(c);
         return 0;
 }
 
-static int spawn(struct supervisor *s, unsigned position) {
-        struct child *c = &s->children[position];
+static int spawn(struct child *c) {
+        struct generation *g = c->gen;
+        struct supervisor *s = g->owner;
         struct log_fields f = LOG_FIELDS_NONE;
         unsigned slot;
         pid_t pid;
         int r;
 
-        r = keytable_slot_claim(s->table, s->generation, clock_mono_ms(), &slot);
+        r = keytable_slot_claim(s->table, g->number, clock_mono_ms(), &slot);
         if (r < 0) {
-                log_error("no free worker slot for worker %u: %s", position, strerror(-r));
+                log_error("no free worker slot for worker %u: %s", c->position, strerror(-r));
                 return r;
         }
         pid = fork();
         if (pid < 0) {
                 r = -errno;
                 keytable_slot_release(s->table, slot);
-                log_error("fork failed for worker %u: %s", position, strerror(-r));
+                log_error("fork failed for worker %u: %s", c->position, strerror(-r));
                 c->crashes++;
-                schedule_respawn(s, position);
+                schedule_respawn(c);
                 return r;
         }
         if (pid == 0) {
                 struct worker_params wp = {
-                        .config = s->config,
+                        .config = g->config,
                         .table = s->table,
                         .slot = slot,
-                        .generation = s->generation,
+                        .generation = g->number,
                         .listen_fd = s->listen_fd,
                         .wake_fds = s->wake_fds,
                         .n_wake_fds = s->n_wake_fds,
+                        .coordinator_event_fd = sd_event_get_fd(s->event),
                         .coordinator_pid = s->pid,
                 };
 
@@ -208,45 +292,319 @@ static int spawn(struct supervisor *s, unsigned position) {
                 log_error("cannot watch worker %d: %s", (int) pid, strerror(-r));
         f.worker = pid;
         log_event(LOG_INFO, "worker_spawn", &f, "worker %u started (slot %u, generation %u)",
-                  position, slot, s->generation);
+                  c->position, slot, g->number);
         return 0;
+}
+
+static int spawn_generation(struct generation *g) {
+        for (unsigned i = 0; i < g->n_children; i++) {
+                int r = spawn(&g->children[i]);
+
+                if (r < 0)
+                        return r;
+        }
+        return 0;
+}
+
+/* Does every worker of generation g accept connections? */
+static bool generation_serving(struct supervisor *s, const struct generation *g) {
+        struct keytable_worker_view views[2 * MAX_WORKERS + 2];
+        unsigned n = keytable_workers(s->table, views, sizeof views / sizeof views[0]), serving = 0;
+
+        for (unsigned i = 0; i < n; i++)
+                if (views[i].generation == g->number && views[i].stage == WORKER_STAGE_SERVING)
+                        serving++;
+        return serving >= g->n_children;
+}
+
+static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+        char status[256];
+
+        if (s->state != STATE_STARTING && s->state != STATE_RELOADING) {
+                s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
+                return 0;
+        }
+        if (!generation_serving(s, s->current)) {
+                sd_event_source_set_time_relative(src, READY_POLL_USEC);
+                return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+        }
+        s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
+
+        if (s->state == STATE_RELOADING && s->old) {
+                /* The new generation accepts: the old one stops accepting and drains. */
+                s->old->draining = true;
+                signal_generation(s->old, SIGTERM);
+                log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
+                          s->current->number, s->old->number);
+        }
+        set_state(s, STATE_RUNNING);
+        status_line(s, clock_mono_ms(), status, sizeof status);
+        notify_ready(&s->notify, status);
+        log_event(LOG_INFO, "ready", NULL, "ready: %s", status);
+        maybe_retire_old(s);
+        return 0;
+}
+
+static void wait_until_serving(struct supervisor *s) {
+        s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
+        if (sd_event_add_time_relative(s->event, &s->ready_poll, CLOCK_MONOTONIC, 0, 1000, on_ready_poll, s) < 0)
+                log_error("cannot wait for the workers to accept");
+}
+
+/* --- status and the watchdog ------------------------------------------------------------ */
+
+static void status_line(struct supervisor *s, int64_t now, char *line, size_t size) {
+        struct keytable_worker_view views[2 * MAX_WORKERS + 2];
+        unsigned pools = keytable_n_pools(s->table), keys = 0, ready = 0, cooling = 0, disabled = 0;
+        unsigned n = keytable_workers(s->table, views, sizeof views / sizeof views[0]);
+        uint64_t requests = 0;
+
+        for (unsigned p = 0; p < pools; p++) {
+                struct keytable_pool_view info;
+                struct keytable_key_view *kv = NULL;
+                int nk = keytable_pool_read_alloc(s->table, p, now, &info, &kv);
+
+                for (int k = 0; k < nk; k++) {
+                        keys++;
+                        ready += kv[k].state == KEY_READY;
+                        cooling += kv[k].state == KEY_COOLING;
+                        disabled += kv[k].state == KEY_DISABLED;
+                }
+                free(kv);
+        }
+        for (unsigned i = 0; i < n; i++)
+                requests += views[i].requests;
+        snprintf(line, size, "%s%u pools, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
+                 s->reload_failed ? "reload failed (old configuration kept); " : "",
+                 pools, ready, keys, cooling, disabled, (unsigned long long) requests);
+}
+
+static void update_status(struct supervisor *s, int64_t now) {
+        char line[256];
+
+        status_line(s, now, line, sizeof line);
+        notify_status(&s->notify, line, now);
+}
+
+/* Kills workers whose heartbeat stopped (wedged: stopped, spinning, deadlocked); says whether
+ * every worker of the current generation is alive and fresh. */
+static bool check_workers(struct supervisor *s, int64_t now) {
+        struct keytable_worker_view views[2 * MAX_WORKERS + 2];
+        unsigned n = keytable_workers(s->table, views, sizeof views / sizeof views[0]);
+        int64_t limit = (int64_t) s->current->config->worker_timeout * 1000;
+        bool healthy = live_children(s->current) == s->current->n_children;
+        struct generation *gens[2] = { s->current, s->old };
+
+        for (unsigned i = 0; i < n; i++) {
+                if (views[i].pid <= 0 || now - views[i].heartbeat_ms <= limit)
+                        continue;
+                for (unsigned g = 0; g < 2; g++)
+                        for (unsigned k = 0; gens[g] && k < gens[g]->n_children; k++) {
+                                struct child *c = &gens[g]->children[k];
+                                struct log_fields f = LOG_FIELDS_NONE;
+
+                                if (c->pid != views[i].pid || c->killed_wedged)
+                                        continue;
+                                f.worker = c->pid;
+                                log_event(LOG_ERR, "worker_exit", &f,
+                                          "worker %u sent no heartbeat for %lld ms: killing it",
+                                          c->position, (long long) (now - views[i].heartbeat_ms));
+                                c->killed_wedged = true;
+                                kill(c->pid, SIGKILL);
+                                if (gens[g] == s->current)
+                                        healthy = false;
+                        }
+        }
+        return healthy;
+}
+
+static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+        int64_t now = clock_mono_ms();
+        uint64_t period = TICK_USEC;
+        bool healthy;
+
+        healthy = check_workers(s, now) && (s->state == STATE_RUNNING || s->state == STATE_RELOADING);
+        if (s->state != STATE_STOPPING)
+                update_status(s, now);
+        notify_tick(&s->notify, now, healthy);
+        if (s->notify.watchdog_usec > 0 && s->notify.watchdog_usec / 4 < period)
+                period = s->notify.watchdog_usec / 4;
+        sd_event_source_set_time_relative(src, period);
+        return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+}
+
+/* --- the table --------------------------------------------------------------------------- */
+
+/* Fills the bank being built with cfg's pools and keys. */
+static int fill_bank(struct supervisor *s, const struct config *cfg) {
+        struct keytable_policy policy = {
+                .cooldown_scope_key = cfg->cooldown_scope != CONFIG_SCOPE_POOL,
+                .transient_threshold = cfg->transient_threshold,
+                .transient_cooldown_ms = (int64_t) cfg->transient_cooldown * 1000,
+                .probe_interval_ms = (int64_t) cfg->probe_interval * 1000,
+                .probe_auth = cfg->probe_auth,
+        };
+        int r = 0;
+
+        keytable_set_policy(s->table, &policy);
+        for (unsigned p = 0; r >= 0 && p < cfg->n_pools; p++) {
+                const struct config_pool *pool = &cfg->pools[p];
+                unsigned index;
+
+                r = keytable_add_pool(s->table, pool->name, pool->model, &index);
+                for (unsigned k = 0; r >= 0 && k < pool->n_keys; k++) {
+                        unsigned key;
+
+                        r = keytable_add_key(s->table, index, pool->keys[k].id, pool->keys[k].masked, &key);
+                        if (r >= 0)
+                                r = keytable_set_key_limits(s->table, key, pool->keys[k].max_concurrent,
+                                                            pool->keys[k].rpm);
+                }
+                if (r < 0)
+                        log_error("cannot add pool %s to the key table: %s", pool->name, strerror(-r));
+        }
+        return r;
+}
+
+static int build_table(struct supervisor *s, const struct config *cfg) {
+        struct keytable_limits limits = {
+                /* Room for reloads that add pools and keys: the table is never remapped. */
+                .max_pools = cfg->n_pools * 2 > cfg->n_pools + 64 ? cfg->n_pools * 2 : cfg->n_pools + 64,
+                .max_keys = cfg->n_keys * 2 > cfg->n_keys + 1024 ? cfg->n_keys * 2 : cfg->n_keys + 1024,
+                /* Two generations of workers during a reload, and a spare. */
+                .n_slots = 2 * MAX_WORKERS + 2,
+                .leases_per_slot = cfg->max_connections,
+        };
+        int r;
+
+        r = keytable_create(&limits, clock_mono_ms(), &s->table);
+        if (r < 0) {
+                log_error("cannot create the shared key table: %s", strerror(-r));
+                return r;
+        }
+
+        /* Waiting requests sleep in their worker's loop; a worker that frees a key wakes the
+         * others through these (created before any fork, so every worker holds them all). */
+        s->wake_fds = calloc(limits.n_slots, sizeof *s->wake_fds);
+        if (!s->wake_fds)
+                return -ENOMEM;
+        s->n_wake_fds = limits.n_slots;
+        for (unsigned i = 0; i < limits.n_slots; i++)
+                s->wake_fds[i] = -1;
+        for (unsigned i = 0; i < limits.n_slots; i++) {
+                s->wake_fds[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+                if (s->wake_fds[i] < 0) {
+                        r = -errno;
+                        log_error("cannot create wake-up eventfds: %s", strerror(-r));
+                        return r;
+                }
+        }
+        return fill_bank(s, cfg);
+}
+
+/* --- reload -------------------------------------------------------------------------------- */
+
+static void reload_failed(struct supervisor *s, const char *why) {
+        char status[256];
+
+        s->reload_failed = true;
+        log_event(LOG_ERR, "reload_failed", NULL, "reload failed: %s; the running configuration stays", why);
+        /* The manager is waiting for READY=1 after RELOADING=1, even when nothing changed. */
+        status_line(s, clock_mono_ms(), status, sizeof status);
+        notify_ready(&s->notify, status);
+}
+
+static void reload(struct supervisor *s) {
+        const char *path = s->current->config->path;
+        struct config_diag diag = {};
+        struct config *cfg = NULL;
+        struct generation *g;
+        int r;
+
+        notify_reloading(&s->notify, "reloading the configuration");
+        log_event(LOG_NOTICE, "reload", NULL, "SIGHUP: reloading %s", path);
+        if (s->old) {
+                reload_failed(s, "the previous reload is still in progress (its workers are draining)");
+                return;
+        }
+        r = config_load(path, &cfg, &diag);
+        if (r < 0) {
+                for (size_t i = 0; i < diag.n; i++)
+                        log_event(LOG_ERR, "config_error", NULL, "%s", diag.messages[i]);
+                if (diag.n == 0)
+                        log_event(LOG_ERR, "config_error", NULL, "%s: %s", path, strerror(-r));
+                config_diag_clear(&diag);
+                reload_failed(s, "the new configuration is not valid");
+                return;
+        }
+        config_diag_clear(&diag);
+        if (strcmp(cfg->socket_path, s->current->config->socket_path) != 0)
+                log_warning("reload: the socket path changed to %s; it takes effect at the next restart",
+                            cfg->socket_path);
+
+        r = keytable_bank_begin(s->table);
+        if (r >= 0) {
+                r = fill_bank(s, cfg);
+                if (r < 0)
+                        keytable_bank_abort(s->table);
+        }
+        if (r < 0) {
+                config_free(cfg);
+                reload_failed(s, r == -ENOSPC ? "the key table has no room for the new configuration "
+                                                "(restart keypool to grow it)" : strerror(-r));
+                return;
+        }
+        keytable_bank_commit(s->table);
+
+        g = new_generation(s, cfg);
+        if (!g) {
+                config_free(cfg);
+                reload_failed(s, "out of memory");
+                return;
+        }
+        s->reload_failed = false;
+        s->old = s->current;
+        s->current = g;
+        set_state(s, STATE_RELOADING);
+        spawn_generation(g);
+        wait_until_serving(s);
 }
 
 /* --- stopping ---------------------------------------------------------------------------- */
 
-static void signal_workers(struct supervisor *s, int sig) {
-        for (unsigned i = 0; i < s->n_children; i++)
-                if (s->children[i].pid > 0)
-                        kill(s->children[i].pid, sig);
-}
-
 static int on_stop_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
         struct supervisor *s = userdata;
 
-        if (live_children(s) > 0) {
+        if (live_children(s->current) + live_children(s->old) > 0) {
                 log_warning("workers did not stop in time: killing them");
-                signal_workers(s, SIGKILL);
+                signal_generation(s->current, SIGKILL);
+                signal_generation(s->old, SIGKILL);
         }
         return 0;
 }
 
 static void begin_stop(struct supervisor *s, int sig) {
-        uint64_t deadline = sig == SIGTERM ? STOP_GRACEFUL_USEC : sig == SIGINT ? STOP_FAST_USEC : STOP_IMMEDIATE_USEC;
+        uint64_t deadline = sig == SIGTERM ? (uint64_t) s->current->config->shutdown_timeout * 1000000
+                          : sig == SIGINT ? STOP_FAST_USEC : STOP_IMMEDIATE_USEC;
 
-        if (s->state == STATE_STOPPING) {
-                /* A harder signal while stopping escalates. */
-                if (sig == SIGTERM || sig == s->stop_signal)
-                        return;
-        }
+        /* A harder signal while stopping escalates; the same or a softer one changes nothing. */
+        if (s->state == STATE_STOPPING && (sig == SIGTERM || sig == s->stop_signal))
+                return;
         log_event(LOG_NOTICE, "shutdown", NULL, "%s: %s shutdown", strsignal(sig),
                   sig == SIGTERM ? "graceful" : sig == SIGINT ? "fast" : "immediate");
         set_state(s, STATE_STOPPING);
+        notify_stopping(&s->notify, "stopping");
         s->stop_signal = sig;
-        for (unsigned i = 0; i < s->n_children; i++)
-                s->children[i].respawn_timer = sd_event_source_disable_unref(s->children[i].respawn_timer);
-        signal_workers(s, sig);
+        for (unsigned i = 0; i < s->current->n_children; i++)
+                s->current->children[i].respawn_timer =
+                        sd_event_source_disable_unref(s->current->children[i].respawn_timer);
+        /* Workers drain on SIGTERM and stop at once on SIGINT and SIGQUIT. */
+        signal_generation(s->current, sig);
+        signal_generation(s->old, sig);
         s->stop_timer = sd_event_source_disable_unref(s->stop_timer);
-        sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC, deadline, 0, on_stop_deadline, s);
+        sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC, deadline, 1000, on_stop_deadline, s);
         maybe_stopped(s);
 }
 
@@ -260,7 +618,11 @@ static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, vo
                 begin_stop(s, (int) si->ssi_signo);
                 break;
         case SIGHUP:
-                log_notice("SIGHUP: configuration reload is not supported by this version; nothing changed");
+                if (s->state == STATE_RUNNING)
+                        reload(s);
+                else
+                        log_event(LOG_WARNING, "reload_failed", NULL, "SIGHUP while %s: ignored",
+                                  state_names[s->state]);
                 break;
         }
         return 0;
@@ -304,12 +666,57 @@ static bool socket_answers(const struct sockaddr_un *sa) {
         return answers;
 }
 
-static int open_listener(struct supervisor *s) {
-        const char *path = s->config->socket_path;
+static void free_names(char **names) {
+        for (size_t i = 0; names && names[i]; i++)
+                free(names[i]);
+        free(names);
+}
+
+/* Socket activation: the socket named "keypool", else the first one passed. Returns 1 when a
+ * socket was passed (and taken), 0 when none, negative on error. */
+static int inherit_listener(struct supervisor *s) {
+        char **names = NULL;
+        int n, fd = SD_LISTEN_FDS_START, r;
+
+        n = sd_listen_fds_with_names(1, &names);
+        if (n <= 0) {
+                free_names(names);
+                return n;
+        }
+        for (int i = 0; names && i < n; i++)
+                if (names[i] && strcmp(names[i], "keypool") == 0) {
+                        fd = SD_LISTEN_FDS_START + i;
+                        break;
+                }
+        free_names(names);
+
+        r = sd_is_socket(fd, AF_UNSPEC, SOCK_STREAM, 1);
+        if (r <= 0) {
+                log_error("the socket passed by the service manager (fd %d) is not a listening stream socket", fd);
+                return r < 0 ? r : -ENOTSOCK;
+        }
+        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
+                return -errno;
+        /* Any other passed fds are of no use to us. */
+        for (int i = 0; i < n; i++)
+                if (SD_LISTEN_FDS_START + i != fd)
+                        close(SD_LISTEN_FDS_START + i);
+        s->listen_fd = fd;
+        s->own_socket = false;
+        log_info("serving the socket passed by the service manager (fd %d)", fd);
+        return 1;
+}
+
+static int open_listener(struct supervisor *s, const struct config *cfg) {
+        const char *path = cfg->socket_path;
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
         struct stat st;
         mode_t old_umask;
         int fd, r;
+
+        r = inherit_listener(s);
+        if (r != 0)
+                return r < 0 ? r : 0;
 
         if (strlen(path) >= sizeof sa.sun_path) {
                 log_error("socket path %s is too long", path);
@@ -341,7 +748,7 @@ static int open_listener(struct supervisor *s) {
         old_umask = umask(0177);
         r = bind(fd, (struct sockaddr *) &sa, sizeof sa);
         umask(old_umask);
-        if (r < 0 || chmod(path, s->config->socket_mode) < 0 || listen(fd, SOMAXCONN) < 0) {
+        if (r < 0 || chmod(path, cfg->socket_mode) < 0 || listen(fd, SOMAXCONN) < 0) {
                 r = -errno;
                 log_error("cannot listen on %s: %s", path, strerror(-r));
                 close(fd);
@@ -349,92 +756,34 @@ static int open_listener(struct supervisor *s) {
         }
         s->listen_fd = fd;
         s->own_socket = true;
+        s->socket_path = strdup(path);
         return 0;
 }
 
-/* --- the table --------------------------------------------------------------------------- */
+/* --- the whole ------------------------------------------------------------------------------ */
 
-static int build_table(struct supervisor *s) {
-        const struct config *cfg = s->config;
-        struct keytable_limits limits = {
-                .max_pools = cfg->n_pools,
-                .max_keys = cfg->n_keys,
-                /* Room for a second generation of workers during a reload, and a spare. */
-                .n_slots = cfg->workers * 2 + 2,
-                .leases_per_slot = cfg->max_connections,
-        };
-        int r;
-
-        struct keytable_policy policy = {
-                .cooldown_scope_key = cfg->cooldown_scope != CONFIG_SCOPE_POOL,
-                .transient_threshold = cfg->transient_threshold,
-                .transient_cooldown_ms = (int64_t) cfg->transient_cooldown * 1000,
-                .probe_interval_ms = (int64_t) cfg->probe_interval * 1000,
-                .probe_auth = cfg->probe_auth,
-        };
-
-        r = keytable_create(&limits, clock_mono_ms(), &s->table);
-        if (r < 0) {
-                log_error("cannot create the shared key table: %s", strerror(-r));
-                return r;
-        }
-        keytable_set_policy(s->table, &policy);
-
-        /* Waiting requests sleep in their worker's loop; a worker that frees a key wakes the
-         * others through these (created before any fork, so every worker holds them all). */
-        s->wake_fds = calloc(limits.n_slots, sizeof *s->wake_fds);
-        if (!s->wake_fds)
-                return -ENOMEM;
-        s->n_wake_fds = limits.n_slots;
-        for (unsigned i = 0; i < limits.n_slots; i++)
-                s->wake_fds[i] = -1;
-        for (unsigned i = 0; i < limits.n_slots; i++) {
-                s->wake_fds[i] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-                if (s->wake_fds[i] < 0) {
-                        r = -errno;
-                        log_error("cannot create wake-up eventfds: %s", strerror(-r));
-                        return r;
-                }
-        }
-        for (unsigned p = 0; p < cfg->n_pools; p++) {
-                const struct config_pool *pool = &cfg->pools[p];
-                unsigned index;
-
-                r = keytable_add_pool(s->table, pool->name, pool->model, &index);
-                for (unsigned k = 0; r >= 0 && k < pool->n_keys; k++) {
-                        unsigned key;
-
-                        r = keytable_add_key(s->table, index, pool->keys[k].id, pool->keys[k].masked, &key);
-                        if (r >= 0)
-                                r = keytable_set_key_limits(s->table, key, pool->keys[k].max_concurrent,
-                                                            pool->keys[k].rpm);
-                }
-                if (r < 0) {
-                        log_error("cannot add pool %s to the key table: %s", pool->name, strerror(-r));
-                        return r;
-                }
-        }
-        return 0;
-}
-
-int supervisor_run(const struct config *cfg) {
+int supervisor_run(struct config *cfg) {
         struct supervisor *s;
         sigset_t mask;
         int r, status = 1;
 
         s = calloc(1, sizeof *s);
-        if (!s)
+        if (!s) {
+                config_free(cfg);
                 return 1;
-        s->config = cfg;
+        }
         s->listen_fd = -1;
         s->pid = getpid();
-        s->generation = 1;
-        s->n_children = cfg->workers > MAX_WORKERS ? MAX_WORKERS : cfg->workers;
-        for (unsigned i = 0; i < s->n_children; i++)
-                s->children[i] = (struct child) { .owner = s, .position = i };
+        notify_init(&s->notify);
+        s->current = new_generation(s, cfg);
+        if (!s->current) {
+                config_free(cfg);
+                free(s);
+                return 1;
+        }
         set_state(s, STATE_STARTING);
         log_event(LOG_INFO, "startup", NULL, "keypoold %s starting: %u pools, %u keys, %u workers",
-                  PACKAGE_VERSION, cfg->n_pools, cfg->n_keys, s->n_children);
+                  PACKAGE_VERSION, cfg->n_pools, cfg->n_keys, s->current->n_children);
 
         sigemptyset(&mask);
         sigaddset(&mask, SIGTERM);
@@ -454,43 +803,48 @@ int supervisor_run(const struct config *cfg) {
                 r = sd_event_add_signal(s->event, NULL, SIGQUIT, on_signal, s);
         if (r >= 0)
                 r = sd_event_add_signal(s->event, NULL, SIGHUP, on_signal, s);
+        if (r >= 0)
+                r = sd_event_add_time_relative(s->event, &s->tick, CLOCK_MONOTONIC, TICK_USEC, 1000, on_tick, s);
         if (r < 0) {
                 log_error("cannot set up the event loop: %s", strerror(-r));
                 goto finish;
         }
-        if (build_table(s) < 0 || open_listener(s) < 0)
+        if (build_table(s, cfg) < 0 || open_listener(s, cfg) < 0)
                 goto finish;
-
-        for (unsigned i = 0; i < s->n_children; i++)
-                if (spawn(s, i) < 0)
-                        goto finish;
-        set_state(s, STATE_RUNNING);
-        log_event(LOG_INFO, "ready", NULL, "listening on %s", cfg->socket_path);
+        if (spawn_generation(s->current) < 0)
+                goto finish;
+        log_info("listening on %s", s->own_socket ? cfg->socket_path : "the socket passed by the service manager");
+        wait_until_serving(s);
 
         r = sd_event_loop(s->event);
         status = r < 0 ? 1 : 0;
 
 finish:
-        if (s->state != STATE_STOPPED && live_children(s) > 0) {
+        if (s->state != STATE_STOPPED) {
                 /* Failed while starting: take down what did start. */
-                signal_workers(s, SIGKILL);
-                for (unsigned i = 0; i < s->n_children; i++)
-                        if (s->children[i].pid > 0)
-                                waitpid(s->children[i].pid, NULL, 0);
+                struct generation *gens[2] = { s->current, s->old };
+
+                for (unsigned g = 0; g < 2; g++)
+                        for (unsigned i = 0; gens[g] && i < gens[g]->n_children; i++)
+                                if (gens[g]->children[i].pid > 0) {
+                                        kill(gens[g]->children[i].pid, SIGKILL);
+                                        waitpid(gens[g]->children[i].pid, NULL, 0);
+                                }
         }
-        for (unsigned i = 0; i < s->n_children; i++) {
-                sd_event_source_disable_unref(s->children[i].exit_source);
-                sd_event_source_disable_unref(s->children[i].respawn_timer);
-        }
+        free_generation(s->current);
+        free_generation(s->old);
+        sd_event_source_disable_unref(s->tick);
+        sd_event_source_disable_unref(s->ready_poll);
         sd_event_source_disable_unref(s->stop_timer);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
+        if (s->own_socket)
+                unlink(s->socket_path);
+        free(s->socket_path);
         for (unsigned i = 0; i < s->n_wake_fds; i++)
                 if (s->wake_fds[i] >= 0)
                         close(s->wake_fds[i]);
         free(s->wake_fds);
-        if (s->own_socket)
-                unlink(cfg->socket_path);
         keytable_destroy(s->table);
         sd_event_unref(s->event);
         if (status == 0)

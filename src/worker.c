@@ -162,30 +162,12 @@ static int on_signal(sd_event_source *s, const struct signalfd_siginfo *si, void
         return 0;
 }
 
-static int cmp_int(const void *a, const void *b) {
-        return *(const int *) a - *(const int *) b;
-}
-
-/* fds inherited from the coordinator that a worker must not hold (its event loop's epoll and
- * signalfd, the notify socket, …): everything above stderr but the listening socket and the
- * wake-up eventfds. */
+/* The coordinator's event loop must not live on in a worker: its epoll instance would keep the
+ * coordinator's sources registered twice. Other inherited fds (the journal's socket among them,
+ * which libsystemd keeps in a static) stay: they are few and harmless. */
 static void close_inherited_fds(const struct worker_params *wp) {
-        int keep[257];
-        unsigned n = 0, from = 3;
-
-        keep[n++] = wp->listen_fd;
-        for (unsigned i = 0; i < wp->n_wake_fds && n < sizeof keep / sizeof keep[0]; i++)
-                if (wp->wake_fds[i] >= 0)
-                        keep[n++] = wp->wake_fds[i];
-        qsort(keep, n, sizeof keep[0], cmp_int);
-        for (unsigned i = 0; i < n; i++) {
-                if (keep[i] < (int) from)
-                        continue;
-                if ((unsigned) keep[i] > from)
-                        close_range(from, (unsigned) keep[i] - 1, 0);
-                from = (unsigned) keep[i] + 1;
-        }
-        close_range(from, ~0U, 0);
+        if (wp->coordinator_event_fd >= 0)
+                close(wp->coordinator_event_fd);
 }
 
 static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata) {

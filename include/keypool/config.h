@@ -87,6 +87,8 @@ struct config {
         char **rate_limit_phrases;              /* NULL: the built-in list */
         unsigned n_rate_limit_phrases;
         struct config_retry retry;
+        unsigned worker_timeout;                /* s a worker's heartbeat may age before it is replaced (10) */
+        unsigned shutdown_timeout;              /* s a graceful stop may take before workers are killed (30) */
 
         struct config_provider *providers;
         unsigned n_providers;

@@ -11,6 +11,19 @@
  * rows marked dirty; the next locker gets EOWNERDEAD, repairs the pool (recounting in-flight
  * figures from the leases, resetting impossible states) and marks the mutex consistent.
  *
+ * Reload: the segment holds two banks of pool and key rows, each sized for the limits. One is
+ * current. A reload fills the other beside it (keytable_bank_begin, add_pool/add_key, then
+ * keytable_bank_commit): a key whose id is in the current bank starts from that row's health and
+ * counters. A worker slot uses the bank that was current when it was claimed, so a new generation
+ * of workers serves from the new rows while the old one drains on the old. Slots and leases are
+ * shared by both banks.
+ *
+ * Indices: pool indices that callers pass are relative to a bank — the slot's bank for
+ * keytable_acquire, the current bank for the readers (n_pools, n_keys, pool_info,
+ * pool_snapshot, probe_claim). Key indices (in leases, changes, views' first_key, enable,
+ * disable, set_key_limits) are table-wide rows across both banks; a key's place in its pool is
+ * its position (0-based), also key - first_key of its pool's view.
+ *
  * Times are CLOCK_MONOTONIC milliseconds (the same clock in every process), passed in by the
  * caller so tests can drive the clock.
  */
@@ -57,16 +70,17 @@ enum worker_stage {
 struct keytable;                /* process-local handle on the mapping */
 
 struct keytable_limits {
-        unsigned max_pools;
-        unsigned max_keys;
+        unsigned max_pools;             /* per bank */
+        unsigned max_keys;              /* per bank */
         unsigned n_slots;               /* worker slots (live workers of all generations) */
         unsigned leases_per_slot;       /* requests one worker may have in flight */
 };
 
 /* A key held by one request of one worker. */
 struct keytable_lease {
-        unsigned pool;
+        unsigned pool;                  /* relative to the slot's bank */
         unsigned key;                   /* table-wide key index */
+        unsigned position;              /* the key's place in its pool (0-based) */
         unsigned slot;
         unsigned index;                 /* position in the slot's lease array */
 };
@@ -93,7 +107,8 @@ struct keytable_outcome {
 /* A state change made by a release or an acquire, to be logged outside the lock. */
 struct keytable_change {
         bool changed;
-        unsigned key;
+        unsigned key;                   /* table-wide key index */
+        unsigned key_position;          /* its place in its pool (0-based) */
         enum key_state from, to;
         enum key_reason reason;
         int64_t until_ms;               /* for KEY_COOLING */
@@ -112,7 +127,8 @@ struct keytable_wait {
 struct keytable_key_view {
         char id[KEYID_ID_LEN + 1];
         char masked[KEYID_MASK_MAX + 1];
-        unsigned pool;
+        unsigned pool;                  /* relative to the key's bank */
+        unsigned position;              /* place in its pool (0-based) */
         enum key_state state;           /* COOLING only while until_ms > now */
         enum key_reason reason;
         int64_t cooldown_until_ms;      /* 0 when not cooling */
@@ -132,7 +148,7 @@ struct keytable_key_view {
 struct keytable_pool_view {
         char name[KEYTABLE_NAME_MAX + 1];
         char model[KEYTABLE_MODEL_MAX + 1];
-        unsigned first_key, n_keys;
+        unsigned first_key, n_keys;     /* first_key: table-wide index of the pool's first key */
         int64_t account_limit_until_ms; /* > now: every key was limited at once (account/IP-wide
                                          * limit suspected) until this time */
 };
@@ -141,6 +157,7 @@ struct keytable_worker_view {
         unsigned slot;
         pid_t pid;
         unsigned generation;
+        unsigned bank;                  /* the bank its acquires use */
         enum worker_stage stage;
         int64_t started_ms, heartbeat_ms;
         uint64_t requests;
@@ -154,22 +171,49 @@ struct keytable_worker_view {
 int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct keytable **ret);
 void keytable_destroy(struct keytable *t);              /* unmaps; NULL is fine */
 
-/* Pools are filled in order; a pool's keys are added right after it. -ENOSPC past the limits,
- * -ENAMETOOLONG for over-long names. */
+/* Pools are filled in order; a pool's keys are added right after it. They go into the bank
+ * being filled: bank 0 from creation (it is current at once), the other bank between
+ * keytable_bank_begin and keytable_bank_commit/abort, the current bank again after those. pool
+ * and ret_pool are relative to that bank; ret_key is table-wide. -ENOSPC past the limits,
+ * -ENAMETOOLONG for over-long names, -EEXIST for an id already in the pool, -EINVAL for a pool
+ * other than the newest.
+ * During a reload, a key whose id has a row in the current bank copies that row's health and
+ * counters (the row in the pool of the same name if there is one, else any row with the id):
+ * state, reason, cooldown, probe time, counters, failure streak, last status, last use,
+ * figures and rpm arrival time; in_flight starts at 0 (the old row keeps its leases) and the
+ * limits at none (set them with keytable_set_key_limits). Other keys start ready. A pool copies
+ * the account-limit time of the current pool of the same name. */
 int keytable_add_pool(struct keytable *t, const char *name, const char *model, unsigned *ret_pool);
 int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const char *masked,
                      unsigned *ret_key);
 int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concurrent, unsigned rpm);
 void keytable_set_policy(struct keytable *t, const struct keytable_policy *p);
 
+/* --- coordinator: reload ------------------------------------------------------------------- */
+
+/* Starts filling the bank that is not current, empty (a half-filled one is started afresh).
+ * -EBUSY while a live (non-FREE) slot still uses that bank: a generation older than the current
+ * one is still draining, or its dead workers' slots are not released yet. */
+int keytable_bank_begin(struct keytable *t);
+/* The filled bank becomes current: readers switch at once, slots claimed from now on use it.
+ * -EINVAL when no bank is being filled. */
+int keytable_bank_commit(struct keytable *t);
+/* Forgets the half-filled bank; the current bank is untouched. */
+void keytable_bank_abort(struct keytable *t);
+unsigned keytable_bank_current(const struct keytable *t);   /* 0 or 1 */
+
 /* --- coordinator: worker slots ------------------------------------------------------------- */
 
-/* Reserves a free slot for a worker about to be forked (stage STARTING). -EBUSY when none. */
+/* Reserves a free slot for a worker about to be forked (stage STARTING), using the bank that is
+ * current now. -EBUSY when none. */
 int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms, unsigned *ret_slot);
 void keytable_slot_set_pid(struct keytable *t, unsigned slot, pid_t pid);
 /* After the worker in slot has died: returns its leases (in-flight counts) and frees the slot.
  * Safe to call whatever state the dead worker left. */
 void keytable_slot_release(struct keytable *t, unsigned slot);
+/* The bank the slot's acquires use (0 or 1): a draining worker's differs from
+ * keytable_bank_current once a reload has committed. */
+unsigned keytable_slot_bank(const struct keytable *t, unsigned slot);
 
 /* --- worker ---------------------------------------------------------------------------------- */
 
@@ -179,9 +223,10 @@ void keytable_slot_count_request(struct keytable *t, unsigned slot);
 
 /* Picks the pool's ready key used least recently (on a tie, the earlier in the list, so the
  * primary goes first), skipping keys at their max_concurrent or rpm limit, and counts a request
- * and an in-flight lease on it. avoid_key (or KEYTABLE_NO_KEY) is taken only when no other key
- * can serve. A cooling key whose time has passed becomes ready again (reported in ret_change when
- * not NULL). rpm is enforced with GCRA (one timestamp per key; bursts up to rpm).
+ * and an in-flight lease on it. pool is relative to the slot's bank. avoid_key (or
+ * KEYTABLE_NO_KEY) is taken only when no other key can serve. A cooling key whose time has passed
+ * becomes ready again (reported in ret_change when not NULL). rpm is enforced with GCRA (one
+ * timestamp per key; bursts up to rpm).
  * Returns 0 and writes ret_lease; -EAGAIN when no key can serve now, with ret_wait saying when one
  * may; -ENOSPC when the slot holds leases_per_slot leases already. */
 int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
@@ -199,13 +244,16 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                       const struct keytable_outcome *o, int64_t now_ms,
                       struct keytable_change *ret_change);
 
-/* Claims a disabled key whose probe is due (reason quota; auth too with probe_auth): its next
- * probe moves probe_interval_ms ahead, so no other worker probes it meanwhile. 0 and the key and
- * its pool, or -ENOENT when none is due. */
+/* Claims a disabled key of the current bank whose probe is due (reason quota; auth too with
+ * probe_auth): its next probe moves probe_interval_ms ahead, so no other worker probes it
+ * meanwhile. 0 and the key (table-wide) and its pool (relative to the current bank), or -ENOENT
+ * when none is due. A worker of an older generation should not probe: its configuration is not
+ * the current bank's. */
 int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, unsigned *ret_pool);
 
-/* Operator and probe actions: enable makes a key ready (counts reset to none in a row); disable
- * makes it disabled with reason. ret_change may be NULL. -EINVAL for a bad key. */
+/* Operator and probe actions on a key row (table-wide index, either bank): enable makes a key
+ * ready (counts reset to none in a row); disable makes it disabled with reason. ret_change may
+ * be NULL. -EINVAL for a bad key. */
 int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms, struct keytable_change *ret_change);
 int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, int64_t now_ms,
                      struct keytable_change *ret_change);
@@ -218,6 +266,8 @@ unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slo
 
 /* --- readers (any process) ------------------------------------------------------------------- */
 
+/* All of the current bank, except keytable_slot_pool_info (the slot's bank). */
+
 unsigned keytable_n_pools(const struct keytable *t);
 unsigned keytable_n_keys(const struct keytable *t);
 unsigned keytable_n_slots(const struct keytable *t);
@@ -225,9 +275,23 @@ int64_t keytable_created_ms(const struct keytable *t);
 uint64_t keytable_repairs(const struct keytable *t);     /* EOWNERDEAD repairs done so far */
 
 int keytable_pool_info(const struct keytable *t, unsigned pool, struct keytable_pool_view *ret);
-/* Copies the pool's keys under its lock. ret must hold the pool's n_keys entries. */
+/* The pool of the slot's bank: what a worker of any generation needs to map its leases. */
+int keytable_slot_pool_info(const struct keytable *t, unsigned slot, unsigned pool,
+                            struct keytable_pool_view *ret);
+/* Copies the pool's keys under its lock. ret must hold the pool's n_keys entries; a reload
+ * committed since keytable_pool_info was read can change them: keytable_pool_read is safe. */
 int keytable_pool_snapshot(struct keytable *t, unsigned pool, int64_t now_ms,
                            struct keytable_key_view *ret);
+/* The pool's view and its keys, both under one lock and from one bank, at most max keys.
+ * Returns how many keys were written (the pool's n_keys), -EINVAL for a bad pool, or -ENOBUFS
+ * (nothing written) when the pool has more than max keys. ret_info may be NULL. */
+int keytable_pool_read(struct keytable *t, unsigned pool, int64_t now_ms,
+                       struct keytable_pool_view *ret_info, struct keytable_key_view *ret_keys,
+                       unsigned max);
+/* keytable_pool_read into a malloc'ed array sized for the pool (retried if a reload grows it
+ * meanwhile). Returns the number of keys and *ret_keys (free() it), or a negative errno. */
+int keytable_pool_read_alloc(struct keytable *t, unsigned pool, int64_t now_ms,
+                             struct keytable_pool_view *ret_info, struct keytable_key_view **ret_keys);
 /* Copies the live (non-FREE) worker slots; returns how many, at most max. */
 unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, unsigned max);
 
@@ -237,7 +301,7 @@ const char *keytable_stage_name(enum worker_stage s);
 
 /* --- tests only ------------------------------------------------------------------------------ */
 
-/* Simulates a process that dies mid-update: locks the pool, marks key dirty, scribbles an
- * impossible state and a phantom in-flight count on it, and returns still holding the lock. The
- * caller is expected to exit without unlocking. */
+/* Simulates a process that dies mid-update: locks the pool (relative to key's bank), marks key
+ * dirty, scribbles an impossible state and a phantom in-flight count on it, and returns still
+ * holding the lock. The caller is expected to exit without unlocking. */
 int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned key);

@@ -2,9 +2,10 @@
  *
  * Every event is one record: a priority (syslog levels), an event kind (KEYPOOL_EVENT: "rotate",
  * "cooldown", "worker_exit", …) and a human message, plus optional fields naming the pool, the
- * key (by id, never the secret), the upstream status and the retry hint. Records go to stderr as
- * one readable line each. Only top levels log (coordinator, worker loop, main); library code
- * returns errors instead.
+ * key (by id, never the secret), the upstream status and the retry hint. Records go to the
+ * journal as structured entries (with a MESSAGE_ID per event kind, documented in
+ * systemd/keypool.catalog) or to stderr as one readable line each. Only top levels log
+ * (coordinator, worker loop, main); library code returns errors instead.
  */
 #pragma once
 
@@ -22,8 +23,18 @@ struct log_fields {
 
 #define LOG_FIELDS_NONE ((struct log_fields) { .retry_after_s = -1 })
 
-/* Sets the program name shown on each line and the lowest priority printed (LOG_INFO default). */
-void log_setup(const char *ident, int max_priority);
+enum log_target {
+        LOG_TARGET_AUTO = 1,            /* the journal when stderr is connected to it, else stderr */
+        LOG_TARGET_JOURNAL,
+        LOG_TARGET_STDERR,
+        _LOG_TARGET_MAX,
+};
+
+/* Sets the program name, the lowest priority recorded (LOG_INFO default) and the target. */
+void log_setup(const char *ident, int max_priority, enum log_target target);
+
+/* "auto", "journal", "stderr" → the target, or 0. */
+enum log_target log_target_from_string(const char *s);
 
 /* Logs one event. event may be NULL for plain messages. */
 void log_event(int priority, const char *event, const struct log_fields *f, const char *fmt, ...)

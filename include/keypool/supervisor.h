@@ -2,12 +2,14 @@
  *
  * Owns the shared key table, the listening socket and the worker processes: forks them, reaps
  * and respawns them (backing off when they keep dying), returns what a dead worker held in the
- * table, and shuts everything down on SIGTERM (graceful), SIGINT (fast) or SIGQUIT (immediate).
+ * table, reloads on SIGHUP, reports to systemd (sd_notify, watchdog), and shuts everything down on
+ * SIGTERM (graceful), SIGINT (fast) or SIGQUIT (immediate).
  * It never touches libcurl and never blocks on a client.
  */
 #pragma once
 
 #include "keypool/config.h"
 
-/* Runs keypool with cfg until it is stopped; returns the process exit status. */
-int supervisor_run(const struct config *cfg);
+/* Runs keypool with cfg (taking ownership: a reload replaces it) until it is stopped; returns
+ * the process exit status. */
+int supervisor_run(struct config *cfg);

@@ -20,6 +20,7 @@ struct worker_params {
         int listen_fd;
         const int *wake_fds;            /* one eventfd per slot (index = slot) */
         unsigned n_wake_fds;
+        int coordinator_event_fd;       /* the coordinator's epoll fd, closed in the worker */
         pid_t coordinator_pid;
 };
 

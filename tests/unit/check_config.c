@@ -770,6 +770,8 @@ START_TEST(test_rotation_settings_default_as_documented)
         ck_assert(!cfg->probe_auth);
         ck_assert_uint_eq(cfg->transient_threshold, 3);
         ck_assert_uint_eq(cfg->transient_cooldown, 30);
+        ck_assert_uint_eq(cfg->worker_timeout, 10);
+        ck_assert_uint_eq(cfg->shutdown_timeout, 30);
         ck_assert_int_eq(cfg->cooldown_scope, CONFIG_SCOPE_KEY);
         ck_assert_ptr_null(cfg->rate_limit_phrases);
         ck_assert_uint_eq(cfg->n_rate_limit_phrases, 0);

@@ -1658,6 +1658,729 @@ START_TEST(test_concurrent_workers_share_one_table)
 }
 END_TEST
 
+/* --- reload: the second bank --------------------------------------------------------------- */
+
+static const char *const new_id = "kp-fake00009";
+
+/* Adds a pool named name holding the keys ids to the bank being filled; the rows go to
+ * ret_keys when not NULL. */
+static unsigned fill_pool(struct keytable *t, const char *name, const char *const *ids, unsigned n,
+                          unsigned *ret_keys) {
+        unsigned pool, key;
+
+        ck_assert_int_eq(keytable_add_pool(t, name, "openai/gpt-4o-mini", &pool), 0);
+        for (unsigned i = 0; i < n; i++) {
+                ck_assert_int_eq(keytable_add_key(t, pool, ids[i], "sk-test...fake", &key), 0);
+                if (ret_keys)
+                        ret_keys[i] = key;
+        }
+        return pool;
+}
+
+/* Reloads the fixture's configuration unchanged; the new rows go to ret_keys. */
+static void reload_same(struct fixture *f, unsigned ret_keys[N_KEYS]) {
+        ck_assert_int_eq(keytable_bank_begin(f->t), 0);
+        ck_assert_uint_eq(fill_pool(f->t, "openrouter", fake_ids, N_KEYS, ret_keys), f->pool);
+        ck_assert_int_eq(keytable_bank_commit(f->t), 0);
+}
+
+/* The view of the key with id among n views, failing the test when there is none. */
+static const struct keytable_key_view *view_of(const struct keytable_key_view *v, unsigned n,
+                                               const char *id) {
+        for (unsigned i = 0; i < n; i++)
+                if (strcmp(v[i].id, id) == 0)
+                        return &v[i];
+        ck_abort_msg("no key %s in the snapshot", id);
+        return NULL;
+}
+
+START_TEST(test_a_reload_keeps_a_cooling_key_cooling_until_the_same_time_with_its_counters)
+{
+        struct fixture f;
+        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200, .tokens_in = 11,
+                                       .tokens_out = 7,
+                                       .figures = { 5, 900, 20000, 3000 } };
+        struct keytable_key_view before[N_KEYS], after[N_KEYS];
+        struct keytable_pool_view pv;
+        struct keytable_lease l;
+        unsigned rows[N_KEYS];
+
+        fixture_setup(&f);
+        l = acquire_ok(&f, f.slot, 1000);
+        ck_assert_uint_eq(l.key, f.key[0]);
+        release_as(&f, &l, VERDICT_RATE_LIMITED, 429, 30000, 1000, NULL);
+        l = acquire_ok(&f, f.slot, 1100);
+        ck_assert_uint_eq(l.key, f.key[1]);
+        keytable_release(f.t, &l, &ok, 1100, NULL);
+        l = acquire_ok(&f, f.slot, 1200);
+        release_as(&f, &l, VERDICT_TRANSIENT, 502, 0, 1200, NULL);
+        snapshot(&f, 2000, before);
+
+        reload_same(&f, rows);
+        ck_assert_uint_eq(keytable_bank_current(f.t), 1);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_uint_eq(pv.n_keys, N_KEYS);
+        ck_assert_msg(pv.first_key == rows[0] && rows[0] >= small_limits.max_keys,
+                      "the new pool's keys are new rows (first %u, got %u)", pv.first_key, rows[0]);
+        snapshot(&f, 2000, after);
+
+        ck_assert_int_eq(after[0].state, KEY_COOLING);
+        ck_assert_int_eq(after[0].reason, KEY_REASON_RATE_LIMITED);
+        ck_assert_msg(after[0].cooldown_until_ms == 31000, "the rest moved to %lld",
+                      (long long) after[0].cooldown_until_ms);
+        for (unsigned i = 0; i < N_KEYS; i++) {
+                ck_assert_str_eq(after[i].id, before[i].id);
+                ck_assert_uint_eq(after[i].position, i);
+                ck_assert_uint_eq(after[i].requests, before[i].requests);
+                ck_assert_uint_eq(after[i].successes, before[i].successes);
+                ck_assert_uint_eq(after[i].rate_limited, before[i].rate_limited);
+                ck_assert_uint_eq(after[i].failures, before[i].failures);
+                ck_assert_uint_eq(after[i].tokens_in, before[i].tokens_in);
+                ck_assert_uint_eq(after[i].tokens_out, before[i].tokens_out);
+                ck_assert_uint_eq(after[i].consecutive_failures, before[i].consecutive_failures);
+                ck_assert_int_eq(after[i].last_status, before[i].last_status);
+                ck_assert_int_eq(after[i].last_class, before[i].last_class);
+                ck_assert_int_eq(after[i].last_used_ms, before[i].last_used_ms);
+                ck_assert_int_eq(after[i].figures_ms, before[i].figures_ms);
+                ck_assert(memcmp(&after[i].figures, &before[i].figures, sizeof after[i].figures) == 0);
+        }
+        ck_assert_uint_eq(after[1].successes, 1);
+        ck_assert_uint_eq(after[1].tokens_in, 11);
+        ck_assert_int_eq(after[1].figures.remaining_tokens, 900);
+        ck_assert_uint_eq(after[2].consecutive_failures, 1);
+
+        /* Still resting in the new bank: a new worker is served by the others until 31000. */
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 2000, &f.slot), 0);
+        for (int64_t now = 2000; now < 31000; now += 4999) {
+                l = acquire_ok(&f, f.slot, now);
+                ck_assert_uint_ne(l.key, rows[0]);
+                release_as(&f, &l, VERDICT_OK, 200, 0, now, NULL);
+        }
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_reload_keeps_a_disabled_key_disabled_with_its_reason_and_probe_time)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_lease l;
+        unsigned key, pool;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &probe_policy);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_QUOTA, 402, 0, 1000, NULL);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[2], KEY_REASON_OPERATOR, 1000, NULL), 0);
+
+        reload_same(&f, NULL);
+        snapshot(&f, 2000, v);
+        ck_assert_int_eq(v[0].state, KEY_DISABLED);
+        ck_assert_int_eq(v[0].reason, KEY_REASON_QUOTA);
+        ck_assert_int_eq(v[0].next_probe_ms, 61000);
+        ck_assert_uint_eq(v[0].failures, 1);
+        ck_assert_int_eq(v[2].state, KEY_DISABLED);
+        ck_assert_int_eq(v[2].reason, KEY_REASON_OPERATOR);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+
+        /* The probe is still due when it was: once, on the new row, pool relative to the bank. */
+        ck_assert_int_eq(keytable_probe_claim(f.t, 60999, &key, &pool), -ENOENT);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 61000, &key, &pool), 0);
+        ck_assert_uint_ge(key, small_limits.max_keys);
+        ck_assert_uint_eq(pool, f.pool);
+        ck_assert_msg(keytable_probe_claim(f.t, 61000, &key, &pool) == -ENOENT,
+                      "the old bank's row of the key must not be probed as well");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_key_new_in_a_reload_starts_ready_with_zero_counters)
+{
+        struct fixture f;
+        const char *const ids[] = { fake_ids[0], new_id };
+        struct keytable_key_view v[2];
+        const struct keytable_key_view *k;
+        struct keytable_lease l;
+
+        fixture_setup(&f);
+        for (int i = 0; i < 3; i++) {
+                l = acquire_ok(&f, f.slot, 1000 + i);
+                release_as(&f, &l, VERDICT_RATE_LIMITED, 429, 60000, 1000 + i, NULL);
+        }
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", ids, 2, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, f.pool, 2000, v), 0);
+        k = view_of(v, 2, new_id);
+        ck_assert_int_eq(k->state, KEY_READY);
+        ck_assert_int_eq(k->reason, KEY_REASON_NONE);
+        ck_assert_uint_eq(k->requests, 0);
+        ck_assert_uint_eq(k->rate_limited, 0);
+        ck_assert_uint_eq(k->failures, 0);
+        ck_assert_uint_eq(k->in_flight, 0);
+        ck_assert_int_eq(k->last_used_ms, 0);
+        ck_assert_int_eq(k->last_status, 0);
+        ck_assert_int_eq(k->figures.remaining_requests, -1);
+        ck_assert_uint_eq(k->position, 1);
+        ck_assert_int_eq(view_of(v, 2, fake_ids[0])->state, KEY_COOLING);
+
+        /* It serves at once, while the kept key rests. */
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 2000, &f.slot), 0);
+        l = acquire_ok(&f, f.slot, 2000);
+        ck_assert_uint_eq(l.position, 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_key_removed_by_a_reload_is_gone_from_the_current_snapshot)
+{
+        struct fixture f;
+        const char *const ids[] = { fake_ids[0], fake_ids[2] };
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_pool_view pv;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", ids, 2, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+
+        ck_assert_uint_eq(keytable_n_keys(f.t), 2);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_uint_eq(pv.n_keys, 2);
+        memset(v, 0, sizeof v);
+        snapshot(&f, 1000, v);
+        ck_assert_str_eq(v[0].id, fake_ids[0]);
+        ck_assert_str_eq(v[1].id, fake_ids[2]);
+        ck_assert_msg(v[2].id[0] == '\0', "a removed key's view was written: %s", v[2].id);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_key_moved_to_another_pool_keeps_its_state)
+{
+        struct fixture f;
+        const char *const stay[] = { fake_ids[0], fake_ids[1] }, *const moved[] = { fake_ids[2] };
+        struct keytable_key_view v[1];
+        struct keytable_lease l[N_KEYS];
+        unsigned other;
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                l[i] = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l[0], VERDICT_OK, 200, 0, 1000, NULL);
+        release_as(&f, &l[1], VERDICT_OK, 200, 0, 1000, NULL);
+        release_as(&f, &l[2], VERDICT_RATE_LIMITED, 429, 45000, 1000, NULL);
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", stay, 2, NULL);
+        other = fill_pool(f.t, "elsewhere", moved, 1, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+
+        ck_assert_uint_eq(other, 1);
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, other, 2000, v), 0);
+        ck_assert_str_eq(v[0].id, fake_ids[2]);
+        ck_assert_uint_eq(v[0].pool, other);
+        ck_assert_uint_eq(v[0].position, 0);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 46000);
+        ck_assert_uint_eq(v[0].rate_limited, 1);
+        ck_assert_uint_eq(v[0].requests, 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_key_in_several_pools_carries_the_row_of_the_pool_with_the_same_name)
+{
+        struct twin_fixture f;
+        const char *const mini[] = { fake_ids[0], fake_ids[1] }, *const big[] = { fake_ids[2],
+                                                                                   fake_ids[0] };
+        struct keytable_change c;
+        struct keytable_key_view v[2];
+
+        twin_setup(&f, false);
+        /* The rows of one key differ: cooling in "mini", disabled in "big". */
+        twin_rate_limit(&f, f.a, f.a_shared, 30000, 1000, &c);
+        ck_assert_int_eq(keytable_disable(f.t, f.b_shared, KEY_REASON_AUTH, 1000, NULL), 0);
+
+        /* The pools swap places: matching goes by name, not by index. */
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        ck_assert_uint_eq(fill_pool(f.t, "big", big, 2, NULL), 0);
+        ck_assert_uint_eq(fill_pool(f.t, "mini", mini, 2, NULL), 1);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, 1, 2000, v), 0);
+        ck_assert_str_eq(v[0].id, fake_ids[0]);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 31000);
+        ck_assert_uint_eq(v[0].rate_limited, 1);
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, 0, 2000, v), 0);
+        ck_assert_str_eq(v[1].id, fake_ids[0]);
+        ck_assert_int_eq(v[1].state, KEY_DISABLED);
+        ck_assert_int_eq(v[1].reason, KEY_REASON_AUTH);
+        ck_assert_uint_eq(v[1].rate_limited, 0);
+        keytable_destroy(f.t);
+}
+END_TEST
+
+START_TEST(test_readers_see_the_old_bank_until_commit_and_the_new_one_after)
+{
+        struct fixture f;
+        const char *const ids[] = { new_id };
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_pool_view pv;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "renamed", ids, 1, NULL);
+        fill_pool(f.t, "second", fake_ids, N_KEYS, NULL);
+
+        ck_assert_uint_eq(keytable_bank_current(f.t), 0);
+        ck_assert_uint_eq(keytable_n_pools(f.t), 1);
+        ck_assert_uint_eq(keytable_n_keys(f.t), N_KEYS);
+        ck_assert_int_eq(keytable_pool_info(f.t, 0, &pv), 0);
+        ck_assert_str_eq(pv.name, "openrouter");
+        ck_assert_uint_eq(pv.first_key, f.key[0]);
+        ck_assert_int_eq(keytable_pool_info(f.t, 1, &pv), -EINVAL);
+        snapshot(&f, 1000, v);
+        ck_assert_str_eq(v[0].id, fake_ids[0]);
+
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_uint_eq(keytable_bank_current(f.t), 1);
+        ck_assert_uint_eq(keytable_n_pools(f.t), 2);
+        ck_assert_uint_eq(keytable_n_keys(f.t), 1 + N_KEYS);
+        ck_assert_int_eq(keytable_pool_info(f.t, 0, &pv), 0);
+        ck_assert_str_eq(pv.name, "renamed");
+        ck_assert_uint_eq(pv.n_keys, 1);
+        ck_assert_int_eq(keytable_pool_info(f.t, 1, &pv), 0);
+        ck_assert_str_eq(pv.name, "second");
+        ck_assert_uint_eq(pv.n_keys, N_KEYS);
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, 0, 1000, v), 0);
+        ck_assert_str_eq(v[0].id, new_id);
+        ck_assert_msg(keytable_bank_commit(f.t) == -EINVAL, "nothing is being filled any more");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_slot_claimed_after_commit_acquires_from_the_new_bank_while_an_older_one_keeps_the_old)
+{
+        struct fixture f;
+        const char *const ids[] = { new_id, fake_ids[0] };
+        struct keytable_worker_view w[4];
+        struct keytable_pool_view old_pv, new_pv;
+        struct keytable_key_view v[2];
+        struct keytable_lease old_l, new_l;
+        unsigned new_slot, rows[2];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", ids, 2, rows);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &new_slot), 0);
+        ck_assert_uint_eq(keytable_slot_bank(f.t, f.slot), 0);
+        ck_assert_uint_eq(keytable_slot_bank(f.t, new_slot), 1);
+
+        new_l = acquire_ok(&f, new_slot, 1000);
+        ck_assert_uint_eq(new_l.key, rows[0]);
+        ck_assert_uint_eq(new_l.pool, f.pool);
+        ck_assert_uint_eq(new_l.position, 0);
+        old_l = acquire_ok(&f, f.slot, 1000);
+        ck_assert_msg(old_l.key == f.key[0], "the old worker must serve from the old rows, got %u",
+                      old_l.key);
+        ck_assert_uint_eq(old_l.position, 0);
+
+        /* Each worker maps its lease through its own bank's pool. */
+        ck_assert_int_eq(keytable_slot_pool_info(f.t, f.slot, f.pool, &old_pv), 0);
+        ck_assert_int_eq(keytable_slot_pool_info(f.t, new_slot, f.pool, &new_pv), 0);
+        ck_assert_uint_eq(old_pv.n_keys, N_KEYS);
+        ck_assert_uint_eq(new_pv.n_keys, 2);
+        ck_assert_uint_eq(old_l.key - old_pv.first_key, old_l.position);
+        ck_assert_uint_eq(new_l.key - new_pv.first_key, new_l.position);
+
+        /* The old worker's request finishes on the old row; the new row of that key is not
+         * touched. */
+        release_as(&f, &old_l, VERDICT_RATE_LIMITED, 429, 30000, 1000, NULL);
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, f.pool, 1000, v), 0);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+        ck_assert_uint_eq(v[1].rate_limited, 0);
+        ck_assert_uint_eq(v[0].in_flight, 1);
+        release_as(&f, &new_l, VERDICT_OK, 200, 0, 1000, NULL);
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, f.pool, 1000, v), 0);
+        ck_assert_uint_eq(v[0].in_flight, 0);
+        ck_assert_uint_eq(v[0].successes, 1);
+
+        ck_assert_uint_eq(keytable_workers(f.t, w, 4), 2);
+        ck_assert_uint_eq(w[0].bank, 0);
+        ck_assert_uint_eq(w[1].bank, 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_bank_begin_is_busy_while_a_slot_of_the_bank_before_last_lives)
+{
+        struct fixture f;
+        unsigned new_slot;
+
+        fixture_setup(&f);
+        /* f.slot uses bank 0; the first reload fills bank 1 beside it. */
+        reload_same(&f, NULL);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &new_slot), 0);
+
+        ck_assert_msg(keytable_bank_begin(f.t) == -EBUSY,
+                      "bank 0 is still used by a draining worker and must not be refilled");
+        keytable_slot_set_stage(f.t, f.slot, WORKER_STAGE_DRAINING);
+        ck_assert_int_eq(keytable_bank_begin(f.t), -EBUSY);
+        keytable_slot_release(f.t, f.slot);
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", fake_ids, N_KEYS, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_uint_eq(keytable_bank_current(f.t), 0);
+        /* Now the generation of new_slot is the old one. */
+        ck_assert_int_eq(keytable_bank_begin(f.t), -EBUSY);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_abort_leaves_the_current_bank_untouched)
+{
+        struct fixture f;
+        struct keytable_pool_view pv;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_lease l;
+        unsigned pool, key;
+
+        fixture_setup(&f);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_RATE_LIMITED, 429, 30000, 1000, NULL);
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "half", fake_ids, 2, NULL);
+        keytable_bank_abort(f.t);
+
+        ck_assert_uint_eq(keytable_bank_current(f.t), 0);
+        ck_assert_int_eq(keytable_bank_commit(f.t), -EINVAL);
+        ck_assert_uint_eq(keytable_n_pools(f.t), 1);
+        ck_assert_uint_eq(keytable_n_keys(f.t), N_KEYS);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_str_eq(pv.name, "openrouter");
+        ck_assert_uint_eq(pv.first_key, f.key[0]);
+        snapshot(&f, 2000, v);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 31000);
+        l = acquire_ok(&f, f.slot, 2000);
+        ck_assert_uint_eq(l.key, f.key[1]);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 2000, NULL);
+
+        /* The forgotten bank leaves nothing behind: the same ids fill a new one afresh. */
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        ck_assert_int_eq(keytable_add_pool(f.t, "half", NULL, &pool), 0);
+        ck_assert_uint_eq(pool, 0);
+        ck_assert_int_eq(keytable_add_key(f.t, pool, fake_ids[0], NULL, &key), 0);
+        ck_assert_int_eq(keytable_add_key(f.t, pool, fake_ids[0], NULL, NULL), -EEXIST);
+        keytable_bank_abort(f.t);
+        ck_assert_uint_eq(keytable_n_keys(f.t), N_KEYS);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_leases_on_old_rows_are_returned_by_slot_release_after_a_commit)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_lease l;
+        struct keytable_wait w = {};
+        unsigned other_old_slot, new_slot;
+        pid_t pid;
+
+        fixture_setup(&f);
+        disable_all_but(&f, 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 1, 0), 0);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &other_old_slot), 0);
+
+        /* A worker of the old generation takes the only key and dies holding it. */
+        pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0) {
+                if (keytable_acquire(f.t, f.slot, f.pool, 1000, KEYTABLE_NO_KEY, &l, NULL,
+                                     NULL) < 0)
+                        _exit(2);
+                _exit(0);
+        }
+        ck_assert_int_eq(wait_child(pid, (int[]) { 0 }), pid);
+
+        reload_same(&f, NULL);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &new_slot), 0);
+        ck_assert_int_eq(keytable_acquire(f.t, other_old_slot, f.pool, 1000, KEYTABLE_NO_KEY, &l,
+                                          &w, NULL), -EAGAIN);
+        ck_assert_msg(w.busy, "the old row is full with the dead worker's lease");
+        snapshot(&f, 1000, v);
+        ck_assert_uint_eq(v[0].in_flight, 0);
+
+        keytable_slot_release(f.t, f.slot);
+        ck_assert_int_eq(keytable_acquire(f.t, other_old_slot, f.pool, 1000, KEYTABLE_NO_KEY, &l,
+                                          NULL, NULL), 0);
+        ck_assert_msg(l.key == f.key[0], "the old row's capacity must come back, got key %u",
+                      l.key);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 1000, NULL);
+        snapshot(&f, 1000, v);
+        ck_assert_uint_eq(v[0].in_flight, 0);
+        ck_assert_uint_eq(keytable_repairs(f.t), 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_repair_after_a_dead_lock_holder_works_in_the_second_bank)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_lease l;
+        unsigned rows[N_KEYS], new_slot, child_slot;
+        pid_t pid;
+
+        fixture_setup(&f);
+        reload_same(&f, rows);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &new_slot), 0);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &child_slot), 0);
+
+        pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0) {
+                if (keytable_acquire(f.t, child_slot, f.pool, 1000, KEYTABLE_NO_KEY, &l, NULL,
+                                     NULL) < 0 || l.key != rows[0])
+                        _exit(2);
+                if (keytable_test_die_holding_lock(f.t, f.pool, rows[1]) < 0)
+                        _exit(3);
+                raise(SIGKILL);
+                _exit(4);
+        }
+        expect_killed(pid);
+
+        l = acquire_ok(&f, new_slot, 2000);
+        ck_assert_uint_eq(keytable_repairs(f.t), 1);
+        ck_assert_uint_eq(l.key, rows[1]);
+        snapshot(&f, 2000, v);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+        ck_assert_msg(v[0].in_flight == 1, "the dead worker's real lease must still count, got %u",
+                      v[0].in_flight);
+        ck_assert_msg(v[1].in_flight == 1, "phantom in-flight count survived: %u", v[1].in_flight);
+
+        keytable_slot_release(f.t, child_slot);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 2000, NULL);
+        snapshot(&f, 2000, v);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                ck_assert_uint_eq(v[i].in_flight, 0);
+        ck_assert_uint_eq(keytable_repairs(f.t), 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_refilling_a_bank_repairs_a_pool_lock_a_dead_old_worker_left)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        unsigned new_slot;
+        pid_t pid;
+
+        fixture_setup(&f);
+        reload_same(&f, NULL);
+        /* A draining worker of bank 0 dies holding its pool's lock, with no leases to return:
+         * no one of the new generation ever takes that lock. */
+        pid = fork_dier(&f, f.slot, 0, f.key[1]);
+        expect_killed(pid);
+        keytable_slot_release(f.t, f.slot);
+        ck_assert_uint_eq(keytable_repairs(f.t), 0);
+
+        /* Bank 0 is filled again: the abandoned lock must be taken, not waited on for ever. */
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", fake_ids, N_KEYS, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_uint_eq(keytable_repairs(f.t), 1);
+
+        ck_assert_int_eq(keytable_slot_claim(f.t, 3, 1000, &new_slot), 0);
+        ck_assert_uint_eq(keytable_slot_bank(f.t, new_slot), 0);
+        l = acquire_ok(&f, new_slot, 2000);
+        ck_assert_uint_eq(l.key, f.key[0]);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 2000, NULL);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_twins_link_within_the_new_bank)
+{
+        struct twin_fixture f;
+        const char *const mini[] = { fake_ids[0], fake_ids[1] }, *const big[] = { fake_ids[2],
+                                                                                   fake_ids[0] };
+        struct keytable_outcome limited = { .cls = VERDICT_RATE_LIMITED, .status = 429,
+                                            .rest_ms = 30000, .figures = RATE_FIGURES_UNKNOWN };
+        struct keytable_key_view v[2];
+        struct keytable_change c;
+        struct keytable_lease l;
+        unsigned rows_mini[2], rows_big[2], new_slot;
+
+        twin_setup(&f, true);
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "mini", mini, 2, rows_mini);
+        fill_pool(f.t, "big", big, 2, rows_big);
+        ck_assert_int_eq(keytable_add_key(f.t, 0, fake_ids[2], NULL, NULL), -EINVAL);
+        ck_assert_int_eq(keytable_add_key(f.t, 1, fake_ids[0], NULL, NULL), -EEXIST);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &new_slot), 0);
+        ck_assert_int_eq(keytable_acquire(f.t, new_slot, 0, 1000, rows_mini[1], &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, rows_mini[0]);
+        keytable_release(f.t, &l, &limited, 1000, &c);
+        ck_assert(c.changed);
+        ck_assert_uint_eq(c.key, rows_mini[0]);
+        ck_assert_uint_eq(c.key_position, 0);
+        ck_assert_msg(c.twins_cooled == 1, "exactly the new bank's other row must cool, got %u",
+                      c.twins_cooled);
+
+        ck_assert_int_eq(keytable_pool_snapshot(f.t, 1, 1000, v), 0);
+        ck_assert_int_eq(v[1].state, KEY_COOLING);
+        ck_assert_int_eq(v[1].cooldown_until_ms, 31000);
+
+        /* The old bank's rows are another generation's: untouched. */
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.b, 1000, f.b_only, &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, f.b_shared);
+        keytable_destroy(f.t);
+}
+END_TEST
+
+START_TEST(test_positions_map_keys_to_their_place_in_the_pool_in_either_bank)
+{
+        struct fixture f;
+        const char *const ids[] = { new_id, fake_ids[1], fake_ids[0] };
+        struct keytable_change c;
+        struct keytable_pool_view pv;
+        struct keytable_lease l;
+        unsigned rows[3], new_slot;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[2], KEY_REASON_OPERATOR, 1000, &c), 0);
+        ck_assert_uint_eq(c.key_position, 2);
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "first", fake_ids, 1, NULL);
+        fill_pool(f.t, "openrouter", ids, 3, rows);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_int_eq(keytable_pool_info(f.t, 1, &pv), 0);
+        for (unsigned i = 0; i < 3; i++)
+                ck_assert_uint_eq(rows[i] - pv.first_key, i);
+
+        ck_assert_int_eq(keytable_disable(f.t, rows[2], KEY_REASON_OPERATOR, 1000, &c), 0);
+        ck_assert(c.changed);
+        ck_assert_uint_eq(c.key, rows[2]);
+        ck_assert_uint_eq(c.key_position, 2);
+        ck_assert_int_eq(keytable_enable(f.t, rows[2], 1000, &c), 0);
+        ck_assert_uint_eq(c.key_position, 2);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, rows[1], 1, 0), 0);
+
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &new_slot), 0);
+        ck_assert_int_eq(keytable_acquire(f.t, new_slot, 1, 1000, rows[0], &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, rows[1]);
+        ck_assert_uint_eq(l.position, 1);
+        release_as(&f, &l, VERDICT_RATE_LIMITED, 429, 1000, 1000, &c);
+        ck_assert_uint_eq(c.key_position, 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_reload_applies_the_new_limits_to_a_kept_key)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        unsigned rows[N_KEYS];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[0], 1, 5), 0);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[1], 2, 0), 0);
+        reload_same(&f, rows);
+        snapshot(&f, 1000, v);
+        ck_assert_msg(v[0].max_concurrent == 0 && v[0].rpm == 0,
+                      "limits the new configuration dropped must go");
+        ck_assert_int_eq(keytable_bank_begin(f.t), -EBUSY);
+        keytable_slot_release(f.t, f.slot);
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", fake_ids, N_KEYS, rows);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, rows[1], 3, 60), 0);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        snapshot(&f, 1000, v);
+        ck_assert_uint_eq(v[1].max_concurrent, 3);
+        ck_assert_uint_eq(v[1].rpm, 60);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_pool_read_refuses_a_buffer_sized_before_a_reload_grew_the_pool)
+{
+        struct fixture f;
+        const char *const ids[] = { fake_ids[0], fake_ids[1], fake_ids[2], new_id };
+        struct keytable_key_view v[4];
+        struct keytable_pool_view pv, info;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_int_eq(keytable_pool_read(f.t, f.pool, 1000, &info, v, pv.n_keys), N_KEYS);
+        ck_assert_uint_eq(info.n_keys, N_KEYS);
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", ids, 4, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+
+        memset(&info, 0, sizeof info);
+        ck_assert_int_eq(keytable_pool_read(f.t, f.pool, 1000, &info, v, pv.n_keys), -ENOBUFS);
+        ck_assert_uint_eq(info.n_keys, 0);
+        ck_assert_int_eq(keytable_pool_read(f.t, f.pool, 1000, &info, v, 4), 4);
+        ck_assert_uint_eq(info.n_keys, 4);
+        ck_assert_str_eq(v[3].id, new_id);
+        ck_assert_int_eq(keytable_pool_read(f.t, f.pool, 1000, NULL, NULL, 0), -ENOBUFS);
+        ck_assert_int_eq(keytable_pool_read(f.t, 7, 1000, NULL, v, 4), -EINVAL);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_removed_key_is_not_probed_from_the_old_bank)
+{
+        struct fixture f;
+        const char *const ids[] = { fake_ids[1], fake_ids[2] };
+        struct keytable_lease l;
+        unsigned key, pool;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &probe_policy);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_QUOTA, 402, 0, 1000, NULL);
+
+        ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+        fill_pool(f.t, "openrouter", ids, 2, NULL);
+        ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 100000, &key, &pool), -ENOENT);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_pool_keeps_its_account_limit_across_a_reload)
+{
+        struct fixture f;
+        struct keytable_lease l[N_KEYS];
+        struct keytable_pool_view pv;
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                l[i] = acquire_ok(&f, f.slot, 1000);
+        for (unsigned i = 0; i < N_KEYS; i++)
+                release_as(&f, &l[i], VERDICT_RATE_LIMITED, 429, 20000, 1000, NULL);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_int_eq(pv.account_limit_until_ms, 21000);
+
+        reload_same(&f, NULL);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_int_eq(pv.account_limit_until_ms, 21000);
+        fixture_teardown(&f);
+}
+END_TEST
+
 /* --- scale, views, validation -------------------------------------------------------------- */
 
 START_TEST(test_a_pool_of_100000_keys_can_be_built_and_served)
@@ -1836,6 +2559,21 @@ START_TEST(test_limits_and_names_are_validated)
 }
 END_TEST
 
+START_TEST(test_limits_too_large_for_two_banks_are_refused)
+{
+        /* Both banks' key rows, + 1 in a lease, must fit in 32 bits. */
+        struct keytable_limits lim = { .max_pools = 1, .max_keys = UINT32_MAX / 2 + 1,
+                                       .n_slots = 1, .leases_per_slot = 1 };
+        struct keytable *t = NULL;
+
+        ck_assert_int_eq(keytable_create(&lim, 0, &t), -E2BIG);
+        lim.max_keys = 1;
+        lim.max_pools = UINT32_MAX / 2 + 1;
+        ck_assert_int_eq(keytable_create(&lim, 0, &t), -E2BIG);
+        ck_assert_ptr_null(t);
+}
+END_TEST
+
 START_TEST(test_nothing_is_left_in_dev_shm)
 {
         struct fixture f;
@@ -1950,12 +2688,36 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_concurrent_workers_share_one_table);
         suite_add_tcase(s, tc);
 
+        tc = tcase_create("reload");
+        tcase_set_timeout(tc, 60);
+        tcase_add_test(tc, test_a_reload_keeps_a_cooling_key_cooling_until_the_same_time_with_its_counters);
+        tcase_add_test(tc, test_a_reload_keeps_a_disabled_key_disabled_with_its_reason_and_probe_time);
+        tcase_add_test(tc, test_a_key_new_in_a_reload_starts_ready_with_zero_counters);
+        tcase_add_test(tc, test_a_key_removed_by_a_reload_is_gone_from_the_current_snapshot);
+        tcase_add_test(tc, test_a_key_moved_to_another_pool_keeps_its_state);
+        tcase_add_test(tc, test_a_key_in_several_pools_carries_the_row_of_the_pool_with_the_same_name);
+        tcase_add_test(tc, test_readers_see_the_old_bank_until_commit_and_the_new_one_after);
+        tcase_add_test(tc, test_a_slot_claimed_after_commit_acquires_from_the_new_bank_while_an_older_one_keeps_the_old);
+        tcase_add_test(tc, test_bank_begin_is_busy_while_a_slot_of_the_bank_before_last_lives);
+        tcase_add_test(tc, test_abort_leaves_the_current_bank_untouched);
+        tcase_add_test(tc, test_leases_on_old_rows_are_returned_by_slot_release_after_a_commit);
+        tcase_add_test(tc, test_repair_after_a_dead_lock_holder_works_in_the_second_bank);
+        tcase_add_test(tc, test_refilling_a_bank_repairs_a_pool_lock_a_dead_old_worker_left);
+        tcase_add_test(tc, test_twins_link_within_the_new_bank);
+        tcase_add_test(tc, test_positions_map_keys_to_their_place_in_the_pool_in_either_bank);
+        tcase_add_test(tc, test_a_reload_applies_the_new_limits_to_a_kept_key);
+        tcase_add_test(tc, test_pool_read_refuses_a_buffer_sized_before_a_reload_grew_the_pool);
+        tcase_add_test(tc, test_a_removed_key_is_not_probed_from_the_old_bank);
+        tcase_add_test(tc, test_a_pool_keeps_its_account_limit_across_a_reload);
+        suite_add_tcase(s, tc);
+
         tc = tcase_create("views_and_validation");
         tcase_set_timeout(tc, 60);
         tcase_add_test(tc, test_a_pool_of_100000_keys_can_be_built_and_served);
         tcase_add_test(tc, test_snapshot_shows_cooling_only_while_the_cooldown_lasts);
         tcase_add_test(tc, test_workers_view_lists_claimed_slots_until_released);
         tcase_add_test(tc, test_limits_and_names_are_validated);
+        tcase_add_test(tc, test_limits_too_large_for_two_banks_are_refused);
         tcase_add_test(tc, test_nothing_is_left_in_dev_shm);
         tcase_add_test(tc, test_state_reason_and_stage_names);
         suite_add_tcase(s, tc);
