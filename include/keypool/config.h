@@ -87,6 +87,14 @@ struct config {
         char **rate_limit_phrases;              /* NULL: the built-in list */
         unsigned n_rate_limit_phrases;
         struct config_retry retry;
+        char *state_file;                       /* "" disables persistence (/var/lib/keypool/state.json) */
+        unsigned state_interval;                /* s between state snapshots (60) */
+        unsigned history_size;                  /* rotation history entries kept (1024) */
+        char *socket_group;                     /* NULL: the daemon's own group */
+        char *http_listen;                      /* "127.0.0.1:8002", NULL: no TCP listener */
+        bool http_allow_remote;                 /* allow a non-loopback http_listen (false) */
+        char **client_tokens;                   /* SHA-256 hex digests of accepted bearer tokens */
+        unsigned n_client_tokens;
         unsigned worker_timeout;                /* s a worker's heartbeat may age before it is replaced (10) */
         unsigned shutdown_timeout;              /* s a graceful stop may take before workers are killed (30) */
 

@@ -7,6 +7,7 @@
 #include <check.h>
 #include <errno.h>
 #include <ftw.h>
+#include <grp.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -754,6 +755,59 @@ START_TEST(test_shipped_examples_load_with_the_six_deployed_pools)
         ck_assert_str_eq(cfg->providers[0].headers[0], "HTTP-Referer: https://example.invalid/keypool");
         ck_assert_str_eq(cfg->providers[0].headers[1], "X-Title: keypool");
         ck_assert_str_eq(cfg->providers[0].probe_path, "/models");
+
+        ck_assert_str_eq(cfg->state_file, "/var/lib/keypool/state.json");
+        ck_assert_uint_eq(cfg->state_interval, 60);
+        ck_assert_uint_eq(cfg->history_size, 1024);
+        ck_assert_ptr_null(cfg->socket_group);
+        ck_assert_ptr_null(cfg->http_listen);
+        ck_assert(!cfg->http_allow_remote);
+        ck_assert_uint_eq(cfg->n_client_tokens, 0);
+        ck_assert_uint_eq(cfg->worker_timeout, 10);
+        ck_assert_uint_eq(cfg->shutdown_timeout, 30);
+}
+END_TEST
+
+static char *read_all(const char *path) {
+        FILE *f = fopen(path, "re");
+        char *text;
+        long n;
+
+        ck_assert_msg(f != NULL, "cannot open %s", path);
+        ck_assert_int_eq(fseek(f, 0, SEEK_END), 0);
+        n = ftell(f);
+        ck_assert_int_ge(n, 0);
+        rewind(f);
+        text = calloc(1, (size_t) n + 1);
+        ck_assert_ptr_nonnull(text);
+        ck_assert_uint_eq(fread(text, 1, (size_t) n, f), (size_t) n);
+        fclose(f);
+        return text;
+}
+
+/* Removes the "# " before the first line that starts with commented, so the example holds. */
+static void uncomment(char *text, const char *commented) {
+        char *at = strstr(text, commented);
+
+        ck_assert_msg(at != NULL && (at == text || at[-1] == '\n'), "no line \"%s\"", commented);
+        memmove(at, at + 2, strlen(at + 2) + 1);
+}
+
+START_TEST(test_shipped_listener_and_token_examples_load_when_uncommented)
+{
+        char *text = read_all(TEST_SRCDIR "/../etc/keypool.conf");
+        char *env = read_all(TEST_SRCDIR "/../etc/orche.env");
+
+        uncomment(text, "# http_listen = \"127.0.0.1:8002\";");
+        uncomment(text, "# client_tokens = [ ");
+        write_file("orche.env", env);
+        load_ok(text);
+        free(text);
+        free(env);
+
+        ck_assert_str_eq(cfg->http_listen, "127.0.0.1:8002");
+        ck_assert_uint_eq(cfg->n_client_tokens, 1);
+        ck_assert_uint_eq(strlen(cfg->client_tokens[0]), 64);
 }
 END_TEST
 
@@ -1227,6 +1281,353 @@ START_TEST(test_env_file_limit_garbage_cites_the_env_file_and_line)
 }
 END_TEST
 
+/* --- state file, socket group, TCP listener and client tokens ---------------------------------- */
+
+/* SHA-256 of "kp-test-token-fake-1" and "kp-test-token-fake-2". */
+#define DIGEST1 "b7fab7baff7be09fe22f01d9e8d10fe5ee003a383ef530ee2f8a17e22aeb7836"
+#define DIGEST2 "39b7c4ad17eb2bb80be1bd1f5c7893cd3c64123a4f97b1e35598b77e6dee0d06"
+#define DIGEST2_UPPER "39B7C4AD17EB2BB80BE1BD1F5C7893CD3C64123A4F97B1E35598B77E6DEE0D06"
+
+START_TEST(test_api_settings_default_as_documented)
+{
+        load_ok(PROVIDERS ONE_POOL);
+
+        ck_assert_str_eq(cfg->state_file, "/var/lib/keypool/state.json");
+        ck_assert_uint_eq(cfg->state_interval, 60);
+        ck_assert_uint_eq(cfg->history_size, 1024);
+        ck_assert_ptr_null(cfg->socket_group);
+        ck_assert_ptr_null(cfg->http_listen);
+        ck_assert(!cfg->http_allow_remote);
+        ck_assert_ptr_null(cfg->client_tokens);
+        ck_assert_uint_eq(cfg->n_client_tokens, 0);
+        ck_assert_uint_eq(cfg->worker_timeout, 10);
+        ck_assert_uint_eq(cfg->shutdown_timeout, 30);
+}
+END_TEST
+
+START_TEST(test_api_and_worker_settings_take_their_lowest_and_highest_values)
+{
+        load_ok(PROVIDERS ONE_POOL "state_interval = 1;\nhistory_size = 16;\n"
+                "worker_timeout = 2;\nshutdown_timeout = 1;\n");
+        ck_assert_uint_eq(cfg->state_interval, 1);
+        ck_assert_uint_eq(cfg->history_size, 16);
+        ck_assert_uint_eq(cfg->worker_timeout, 2);
+        ck_assert_uint_eq(cfg->shutdown_timeout, 1);
+
+        load_ok(PROVIDERS ONE_POOL "state_interval = 86400;\nhistory_size = 1048576;\n"
+                "worker_timeout = 3600;\nshutdown_timeout = 3600;\n");
+        ck_assert_uint_eq(cfg->state_interval, 86400);
+        ck_assert_uint_eq(cfg->history_size, 1048576);
+        ck_assert_uint_eq(cfg->worker_timeout, 3600);
+        ck_assert_uint_eq(cfg->shutdown_timeout, 3600);
+}
+END_TEST
+
+START_TEST(test_api_and_worker_settings_out_of_range_are_reported_at_their_lines)
+{
+        load_fails(PROVIDERS ONE_POOL
+                   "state_interval = 0;\n"
+                   "history_size = 15;\n"
+                   "worker_timeout = 1;\n"
+                   "shutdown_timeout = 0;\n"
+                   "state_file = 5;\n"
+                   "http_allow_remote = \"yes\";\n"
+                   "http_listen = 8002;\n"
+                   "socket_group = 1.5;\n");
+        expect("keypool.conf", 3, "state_interval must be between 1 and 86400, not 0");
+        expect("keypool.conf", 4, "history_size must be between 16 and 1048576, not 15");
+        expect("keypool.conf", 5, "worker_timeout must be between 2 and 3600, not 1");
+        expect("keypool.conf", 6, "shutdown_timeout must be between 1 and 3600, not 0");
+        expect("keypool.conf", 7, "state_file must be a string, not an integer");
+        expect("keypool.conf", 8, "http_allow_remote must be true or false, not a string");
+        expect("keypool.conf", 9, "http_listen must be a string, not an integer");
+        expect("keypool.conf", 10, "socket_group must be a group name or id, not a float");
+        ck_assert_uint_eq(diag.n, 8);
+
+        load_fails(PROVIDERS ONE_POOL
+                   "state_interval = 86401;\n"
+                   "history_size = 1048577;\n"
+                   "worker_timeout = 3601;\n"
+                   "shutdown_timeout = 3601;\n");
+        expect("keypool.conf", 3, "state_interval must be between 1 and 86400, not 86401");
+        expect("keypool.conf", 4, "history_size must be between 16 and 1048576, not 1048577");
+        expect("keypool.conf", 5, "worker_timeout must be between 2 and 3600, not 3601");
+        expect("keypool.conf", 6, "shutdown_timeout must be between 1 and 3600, not 3601");
+        ck_assert_uint_eq(diag.n, 4);
+}
+END_TEST
+
+START_TEST(test_unknown_api_settings_are_reported_with_a_suggestion)
+{
+        load_fails(PROVIDERS ONE_POOL
+                   "client_token = [ \"" DIGEST1 "\" ];\n"
+                   "http_listn = \"127.0.0.1:8002\";\n"
+                   "state_intervall = 5;\n"
+                   "history_sise = 64;\n");
+        expect("keypool.conf", 3, "unknown setting 'client_token' (did you mean 'client_tokens'?)");
+        expect("keypool.conf", 4, "unknown setting 'http_listn' (did you mean 'http_listen'?)");
+        expect("keypool.conf", 5, "unknown setting 'state_intervall' (did you mean 'state_interval'?)");
+        expect("keypool.conf", 6, "unknown setting 'history_sise' (did you mean 'history_size'?)");
+        ck_assert_uint_eq(diag.n, 4);
+}
+END_TEST
+
+START_TEST(test_state_file_may_be_disabled_absolute_or_relative_to_the_config)
+{
+        char want[PATH_MAX];
+
+        load_ok(PROVIDERS ONE_POOL "state_file = \"\";\n");
+        ck_assert_str_eq(cfg->state_file, "");
+
+        load_ok(PROVIDERS ONE_POOL "state_file = \"/srv/kp/state.json\";\n");
+        ck_assert_str_eq(cfg->state_file, "/srv/kp/state.json");
+
+        load_ok(PROVIDERS ONE_POOL "state_file = \"state/kp.json\";\n");
+        snprintf(want, sizeof(want), "%s/state/kp.json", dir);
+        ck_assert_str_eq(cfg->state_file, want);
+}
+END_TEST
+
+START_TEST(test_state_file_naming_a_directory_is_reported)
+{
+        char sub[128], needle[512];
+
+        snprintf(sub, sizeof(sub), "%s/sub", dir);
+        ck_assert_int_eq(mkdir(sub, 0700), 0);
+
+        load_fails(PROVIDERS ONE_POOL
+                   "state_file = \"/var/lib/keypool/\";\n");
+        expect("keypool.conf", 3, "state_file '/var/lib/keypool/' names a directory: it must name a file");
+        load_fails(PROVIDERS ONE_POOL "\n"
+                   "state_file = \"sub/..\";\n");
+        expect("keypool.conf", 4, "state_file 'sub/..' names a directory");
+        load_fails(PROVIDERS ONE_POOL "state_file = \".\";\n");
+        expect("keypool.conf", 3, "state_file '.' names a directory");
+
+        /* No trailing slash, but a directory all the same: said at load, not at the first save. */
+        load_fails(PROVIDERS ONE_POOL "state_file = \"sub\";\n");
+        snprintf(needle, sizeof(needle), "state_file %s is a directory: it must name a file, e.g. \"%s/state.json\"",
+                 sub, sub);
+        expect("keypool.conf", 3, needle);
+        ck_assert_uint_eq(diag.n, 1);
+}
+END_TEST
+
+START_TEST(test_socket_group_takes_an_existing_name_or_gid)
+{
+        struct group *g = getgrgid(0);
+        char text[512];
+
+        ck_assert_msg(g != NULL, "this system has no group 0");
+        snprintf(text, sizeof(text), PROVIDERS ONE_POOL "socket_group = \"%s\";\n", g->gr_name);
+        load_ok(text);
+        ck_assert_str_eq(cfg->socket_group, g->gr_name);
+
+        load_ok(PROVIDERS ONE_POOL "socket_group = \"0\";\n");
+        ck_assert_str_eq(cfg->socket_group, "0");
+        load_ok(PROVIDERS ONE_POOL "socket_group = 0;\n");
+        ck_assert_str_eq(cfg->socket_group, "0");
+
+        /* "" says the same as leaving it out: the daemon's own group. */
+        load_ok(PROVIDERS ONE_POOL "socket_group = \"\";\n");
+        ck_assert_ptr_null(cfg->socket_group);
+}
+END_TEST
+
+START_TEST(test_socket_group_that_does_not_exist_is_reported)
+{
+        ck_assert_ptr_null(getgrnam("kp-test-no-such-group"));
+        ck_assert_ptr_null(getgrgid(3999999999u));
+
+        load_fails(PROVIDERS ONE_POOL "\nsocket_group = \"kp-test-no-such-group\";\n");
+        expect("keypool.conf", 4, "group 'kp-test-no-such-group' does not exist");
+        ck_assert_uint_eq(diag.n, 1);
+
+        load_fails(PROVIDERS ONE_POOL "socket_group = \"3999999999\";\n");
+        expect("keypool.conf", 3, "group '3999999999' does not exist");
+        load_fails(PROVIDERS ONE_POOL "socket_group = 3999999999L;\n");
+        expect("keypool.conf", 3, "group '3999999999' does not exist");
+        /* (gid_t) -1 is chown's "leave it", never a group. */
+        load_fails(PROVIDERS ONE_POOL "socket_group = \"4294967295\";\n");
+        expect("keypool.conf", 3, "group '4294967295' does not exist");
+        load_fails(PROVIDERS ONE_POOL "socket_group = -1;\n");
+        expect("keypool.conf", 3, "socket_group -1 is not a group id");
+        load_fails(PROVIDERS ONE_POOL "socket_group = \"kp group\";\n");
+        expect("keypool.conf", 3, "socket_group must be a group name or id without whitespace");
+}
+END_TEST
+
+START_TEST(test_http_listen_accepts_loopback_addresses)
+{
+        static const char *const ok[] = {
+                "127.0.0.1:8002", "127.9.8.7:1", "[::1]:65535", "localhost:8002",
+                "[::ffff:127.0.0.1]:80",
+        };
+
+        for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+                char text[512];
+
+                snprintf(text, sizeof(text), PROVIDERS ONE_POOL "http_listen = \"%s\";\n", ok[i]);
+                load_ok(text);
+                ck_assert_str_eq(cfg->http_listen, ok[i]);
+                ck_assert(!cfg->http_allow_remote);
+        }
+}
+END_TEST
+
+START_TEST(test_http_listen_elsewhere_needs_http_allow_remote)
+{
+        static const char *const remote[] = { "0.0.0.0:8002", "[::]:8002", "192.0.2.1:80", "[2001:db8::1]:443" };
+
+        for (size_t i = 0; i < sizeof(remote) / sizeof(remote[0]); i++) {
+                char text[512], needle[256];
+
+                snprintf(text, sizeof(text), PROVIDERS ONE_POOL "\nhttp_listen = \"%s\";\n", remote[i]);
+                load_fails(text);
+                snprintf(needle, sizeof(needle), "http_listen '%s' is not a loopback address: set "
+                         "http_allow_remote = true;", remote[i]);
+                expect("keypool.conf", 4, needle);
+                ck_assert_uint_eq(diag.n, 1);
+
+                snprintf(text, sizeof(text), PROVIDERS ONE_POOL "http_listen = \"%s\";\n"
+                         "http_allow_remote = true;\n", remote[i]);
+                load_ok(text);
+                ck_assert_str_eq(cfg->http_listen, remote[i]);
+                ck_assert(cfg->http_allow_remote);
+        }
+
+        load_fails(PROVIDERS ONE_POOL "http_listen = \"0.0.0.0:8002\";\nhttp_allow_remote = false;\n");
+        expect("keypool.conf", 3, "is not a loopback address");
+
+        /* A mistyped http_allow_remote is one problem, not two. */
+        load_fails(PROVIDERS ONE_POOL "http_listen = \"0.0.0.0:8002\";\nhttp_allow_remote = \"yes\";\n");
+        expect("keypool.conf", 4, "http_allow_remote must be true or false");
+        ck_assert_uint_eq(diag.n, 1);
+
+        /* Allowing remote clients without a listener changes nothing and is no error. */
+        load_ok(PROVIDERS ONE_POOL "http_allow_remote = true;\n");
+        ck_assert_ptr_null(cfg->http_listen);
+        ck_assert(cfg->http_allow_remote);
+}
+END_TEST
+
+START_TEST(test_malformed_http_listen_is_reported)
+{
+        static const struct {
+                const char *value, *needle;
+        } bad[] = {
+                { "127.0.0.1",          "http_listen '127.0.0.1' must be HOST:PORT" },
+                { "127.0.0.1:",         "http_listen '127.0.0.1:' must end in a port between 1 and 65535" },
+                { "127.0.0.1:0",        "must end in a port between 1 and 65535" },
+                { "127.0.0.1:65536",    "must end in a port between 1 and 65535" },
+                { "127.0.0.1:99999999999999999999", "must end in a port between 1 and 65535" },
+                { "127.0.0.1:80x",      "must end in a port between 1 and 65535" },
+                { "127.0.0.1:+80",      "must end in a port between 1 and 65535" },
+                { ":8002",              "http_listen ':8002' must have an IPv4 address, an [IPv6] address or localhost" },
+                { "::1:8002",           "http_listen '::1:8002' has an IPv6 address without brackets" },
+                { "[::1]8002",          "http_listen '[::1]8002' must be HOST:PORT" },
+                { "[::1:8002",          "http_listen '[::1:8002' has no ']' after the IPv6 address" },
+                { "[]:8002",            "must have an IPv4 address" },
+                { "[zz::1]:8002",       "has no valid IPv6 address in the brackets" },
+                { "[127.0.0.1]:8002",   "has no valid IPv6 address in the brackets" },
+                { "example.com:80",     "host names other than localhost are not resolved" },
+                { "127.1:80",           "must have an IPv4 address" },
+                { "127.0.0.256:80",     "must have an IPv4 address" },
+                { "",                   "http_listen must not be empty" },
+                { "127.0.0.1 :80",      "http_listen must not contain whitespace" },
+        };
+
+        for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+                char text[512];
+
+                snprintf(text, sizeof(text), PROVIDERS ONE_POOL "\n\nhttp_listen = \"%s\";\n", bad[i].value);
+                load_fails(text);
+                expect("keypool.conf", 5, bad[i].needle);
+                ck_assert_msg(diag.n == 1, "%s: %zu messages", bad[i].value, diag.n);
+        }
+}
+END_TEST
+
+START_TEST(test_client_tokens_are_stored_lowercase_in_order)
+{
+        load_ok(PROVIDERS ONE_POOL "client_tokens = [ \"" DIGEST1 "\", \"" DIGEST2_UPPER "\" ];\n");
+        ck_assert_uint_eq(cfg->n_client_tokens, 2);
+        ck_assert_str_eq(cfg->client_tokens[0], DIGEST1);
+        ck_assert_str_eq(cfg->client_tokens[1], DIGEST2);
+
+        /* A list in parentheses is the same. */
+        load_ok(PROVIDERS ONE_POOL "client_tokens = ( \"" DIGEST2 "\" );\n");
+        ck_assert_uint_eq(cfg->n_client_tokens, 1);
+        ck_assert_str_eq(cfg->client_tokens[0], DIGEST2);
+}
+END_TEST
+
+START_TEST(test_client_token_problems_name_the_position_never_the_value)
+{
+        load_fails(PROVIDERS ONE_POOL
+                   "client_tokens = (\n"
+                   "  \"" DIGEST1 "\",\n"
+                   "  \"kp-test-token-fake-SECRET-raw\",\n"
+                   "  \"b7fab7baff7be09fe22f01d9e8d10fe5ee003a383ef530ee2f8a17e22aeb783\",\n"
+                   "  \"b7fab7baff7be09fe22f01d9e8d10fe5ee003a383ef530ee2f8a17e22aeb78366\",\n"
+                   "  \"" DIGEST2 "  -\",\n"
+                   "  \"g9b7c4ad17eb2bb80be1bd1f5c7893cd3c64123a4f97b1e35598b77e6dee0d06\",\n"
+                   "  42,\n"
+                   "  \"" DIGEST2_UPPER "\",\n"
+                   "  \"" DIGEST2 "\",\n"
+                   "  \"\" );\n");
+        expect("keypool.conf", 5, "client_tokens entry 2 must be the SHA-256 digest of a token: 64 "
+               "hexadecimal digits (printf %s \"$TOKEN\" | sha256sum)");
+        expect("keypool.conf", 6, "client_tokens entry 3 must be the SHA-256 digest");
+        expect("keypool.conf", 7, "client_tokens entry 4 must be the SHA-256 digest");
+        expect("keypool.conf", 8, "client_tokens entry 5 has text after its 64 hexadecimal digits");
+        expect("keypool.conf", 9, "client_tokens entry 6 must be the SHA-256 digest");
+        expect("keypool.conf", 10, "client_tokens entry 7 must be a string, not an integer");
+        expect("keypool.conf", 12, "client_tokens entry 9 is the same digest as entry 8");
+        expect("keypool.conf", 13, "client_tokens entry 10 must be the SHA-256 digest");
+        ck_assert_uint_eq(diag.n, 8);
+        expect_secret_absent("SECRET");
+        expect_secret_absent("b7fab7baff");
+        expect_secret_absent("39b7c4ad17");
+        expect_secret_absent("39B7C4AD17");
+        expect_secret_absent("g9b7c4ad17");
+}
+END_TEST
+
+START_TEST(test_client_tokens_list_itself_must_be_a_short_nonempty_list)
+{
+        char *text;
+        size_t n, cap = 1100 * 72 + 1024;
+
+        load_fails(PROVIDERS ONE_POOL "client_tokens = \"" DIGEST1 "\";\n");
+        expect("keypool.conf", 3, "client_tokens must be a list of SHA-256 hex digests");
+        expect_secret_absent(DIGEST1);
+
+        load_fails(PROVIDERS ONE_POOL "client_tokens = [ ];\n");
+        expect("keypool.conf", 3, "client_tokens is empty: leave it out to serve TCP requests without a token");
+
+        /* 1024 digests are the most there may be: write distinct ones. */
+        text = malloc(cap);
+        ck_assert_ptr_nonnull(text);
+        n = (size_t) snprintf(text, cap, PROVIDERS ONE_POOL "client_tokens = [\n");
+        for (int i = 0; i < 1024; i++)
+                n += (size_t) snprintf(text + n, cap - n, "%s\"%064x\"", i ? ",\n" : "", i);
+        snprintf(text + n, cap - n, " ];\n");
+        load_ok(text);
+        ck_assert_uint_eq(cfg->n_client_tokens, 1024);
+        ck_assert_str_eq(cfg->client_tokens[1023],
+                         "00000000000000000000000000000000000000000000000000000000000003ff");
+
+        n = (size_t) snprintf(text, cap, PROVIDERS ONE_POOL "client_tokens = [\n");
+        for (int i = 0; i < 1025; i++)
+                n += (size_t) snprintf(text + n, cap - n, "%s\"%064x\"", i ? ",\n" : "", i);
+        snprintf(text + n, cap - n, " ];\n");
+        load_fails(text);
+        expect("keypool.conf", 3, "client_tokens has 1025 entries; at most 1024 are allowed");
+        free(text);
+}
+END_TEST
+
 /* --- lookups ----------------------------------------------------------------------------------- */
 
 START_TEST(test_find_pool_matches_names_before_model_ids)
@@ -1282,6 +1683,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_env_file_syntax_error_and_absence_are_reported);
         tcase_add_test(tc, test_env_file_alone_may_define_every_pool);
         tcase_add_test(tc, test_shipped_examples_load_with_the_six_deployed_pools);
+        tcase_add_test(tc, test_shipped_listener_and_token_examples_load_when_uncommented);
         tcase_add_test(tc, test_rotation_settings_default_as_documented);
         tcase_add_test(tc, test_rotation_settings_take_their_lowest_and_highest_values);
         tcase_add_test(tc, test_rotation_settings_out_of_range_are_reported_at_their_lines);
@@ -1297,6 +1699,20 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_no_message_about_new_settings_contains_a_secret);
         tcase_add_test(tc, test_env_file_limits_apply_to_every_key_of_its_pool);
         tcase_add_test(tc, test_env_file_limit_garbage_cites_the_env_file_and_line);
+        tcase_add_test(tc, test_api_settings_default_as_documented);
+        tcase_add_test(tc, test_api_and_worker_settings_take_their_lowest_and_highest_values);
+        tcase_add_test(tc, test_api_and_worker_settings_out_of_range_are_reported_at_their_lines);
+        tcase_add_test(tc, test_unknown_api_settings_are_reported_with_a_suggestion);
+        tcase_add_test(tc, test_state_file_may_be_disabled_absolute_or_relative_to_the_config);
+        tcase_add_test(tc, test_state_file_naming_a_directory_is_reported);
+        tcase_add_test(tc, test_socket_group_takes_an_existing_name_or_gid);
+        tcase_add_test(tc, test_socket_group_that_does_not_exist_is_reported);
+        tcase_add_test(tc, test_http_listen_accepts_loopback_addresses);
+        tcase_add_test(tc, test_http_listen_elsewhere_needs_http_allow_remote);
+        tcase_add_test(tc, test_malformed_http_listen_is_reported);
+        tcase_add_test(tc, test_client_tokens_are_stored_lowercase_in_order);
+        tcase_add_test(tc, test_client_token_problems_name_the_position_never_the_value);
+        tcase_add_test(tc, test_client_tokens_list_itself_must_be_a_short_nonempty_list);
         tcase_add_test(tc, test_find_pool_matches_names_before_model_ids);
         suite_add_tcase(s, tc);
         return s;
