@@ -1,15 +1,25 @@
-/* api.c — keypool's own endpoints: health, status and key status as JSON.
+/* api.c — keypool's own endpoints: health, status, key status, history, metrics, admin.
  *
- * Every document is built from snapshots copied out of the shared table under each pool's lock,
- * so a reader never holds a lock while formatting or writing.
+ * Every document is built from copies taken out of the shared table under each pool's lock (or
+ * the header lock for history), so a reader never holds a lock while formatting or writing.
+ * Monotonic times from the table become wall-clock RFC 3339 only here, at the edge.
  */
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <jansson.h>
 
 #include "keypool/api.h"
 #include "keypool/clock.h"
+#include "keypool/log.h"
+#include "keypool/persist.h"
+#include "keypool/proxy.h"
+
+#define HISTORY_DEFAULT_LIMIT 100
 
 static json_t *json_nullable_string(const char *s) {
         return s ? json_string(s) : json_null();
@@ -26,30 +36,81 @@ static int64_t ceil_seconds(int64_t ms) {
         return ms <= 0 ? 0 : (ms + 999) / 1000;
 }
 
-static json_t *key_json(const struct keytable_key_view *k, int64_t now_ms) {
-        json_t *j = json_object();
+/* "2026-11-28T10:20:00Z" (or with milliseconds) for a wall-clock time. */
+static void rfc3339(int64_t wall_ms, bool millis, char *buf, size_t size) {
+        time_t secs = (time_t) (wall_ms / 1000);
+        struct tm tm;
+
+        gmtime_r(&secs, &tm);
+        if (millis)
+                snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                         tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int) (wall_ms % 1000));
+        else
+                snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                         tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+}
+
+/* A monotonic table time as wall-clock RFC 3339. */
+static json_t *json_mono_time(int64_t mono_ms, int64_t now_mono, int64_t now_wall) {
+        char buf[40];
+
+        rfc3339(now_wall + (mono_ms - now_mono), false, buf, sizeof buf);
+        return json_string(buf);
+}
+
+static const char *reason_text(enum key_state state, enum key_reason r) {
+        if (state == KEY_READY)
+                return NULL;
+        switch (r) {
+        case KEY_REASON_RATE_LIMITED: return "the provider rate limited this key; it rests until the time it gave";
+        case KEY_REASON_AUTH:         return "the provider rejected this key (401/403); an operator must enable it";
+        case KEY_REASON_QUOTA:        return "the key's credits or quota are exhausted; it is probed until it works again";
+        case KEY_REASON_TRANSIENT:    return "the upstream failed with this key several times in a row; it rests briefly";
+        case KEY_REASON_OPERATOR:     return "disabled by an operator";
+        default:                      return NULL;
+        }
+}
+
+static json_t *figure(int64_t v) {
+        return v >= 0 ? json_integer(v) : json_null();
+}
+
+static json_t *figure_reset(int64_t reset_ms, int64_t seen_mono, int64_t now_mono, int64_t now_wall) {
+        return reset_ms >= 0 && seen_mono > 0 ? json_mono_time(seen_mono + reset_ms, now_mono, now_wall) : json_null();
+}
+
+static json_t *key_json(const struct keytable_key_view *k, int64_t now, int64_t now_wall) {
+        bool cooling = k->state == KEY_COOLING;
+        json_t *j = json_object(), *limits = json_object();
 
         json_object_set_new(j, "id", json_string(k->id));
         json_object_set_new(j, "masked", json_string(k->masked));
         json_object_set_new(j, "state", json_string(keytable_state_name(k->state)));
         json_object_set_new(j, "reason", json_nullable_string(
                                     k->state == KEY_READY ? NULL : keytable_reason_name(k->reason)));
-        json_object_set_new(j, "cooldown_remaining_s", json_integer(
-                                    k->state == KEY_COOLING ? ceil_seconds(k->cooldown_until_ms - now_ms) : 0));
+        json_object_set_new(j, "reason_text", json_nullable_string(reason_text(k->state, k->reason)));
+        json_object_set_new(j, "cooldown_remaining_s", json_integer(cooling ? ceil_seconds(k->cooldown_until_ms - now) : 0));
+        json_object_set_new(j, "cooldown_until", cooling ? json_mono_time(k->cooldown_until_ms, now, now_wall) : json_null());
         json_object_set_new(j, "requests", json_integer((json_int_t) k->requests));
         json_object_set_new(j, "successes", json_integer((json_int_t) k->successes));
         json_object_set_new(j, "rate_limited", json_integer((json_int_t) k->rate_limited));
         json_object_set_new(j, "failures", json_integer((json_int_t) k->failures));
+        json_object_set_new(j, "consecutive_failures", json_integer(k->consecutive_failures));
+        json_object_set_new(j, "last_used", k->last_used_ms ? json_mono_time(k->last_used_ms, now, now_wall) : json_null());
+        json_object_set_new(j, "last_used_s_ago", k->last_used_ms ? json_integer((now - k->last_used_ms) / 1000) : json_null());
         json_object_set_new(j, "last_status", k->last_status ? json_integer(k->last_status) : json_null());
         json_object_set_new(j, "last_class", json_nullable_string(verdict_class_name(k->last_class)));
-        json_object_set_new(j, "in_flight", json_integer(k->in_flight));
-        json_object_set_new(j, "consecutive_failures", json_integer(k->consecutive_failures));
-        json_object_set_new(j, "last_used_s_ago", k->last_used_ms
-                            ? json_integer(ceil_seconds(now_ms - k->last_used_ms)) : json_null());
+        json_object_set_new(j, "last_error", k->last_error[0] ? json_string(k->last_error) : json_null());
         json_object_set_new(j, "tokens_in", json_integer((json_int_t) k->tokens_in));
         json_object_set_new(j, "tokens_out", json_integer((json_int_t) k->tokens_out));
+        json_object_set_new(j, "in_flight", json_integer(k->in_flight));
         json_object_set_new(j, "max_concurrent", json_integer(k->max_concurrent));
         json_object_set_new(j, "rpm", json_integer(k->rpm));
+        json_object_set_new(limits, "remaining_requests", figure(k->figures.remaining_requests));
+        json_object_set_new(limits, "remaining_tokens", figure(k->figures.remaining_tokens));
+        json_object_set_new(limits, "reset_requests", figure_reset(k->figures.reset_requests_ms, k->figures_ms, now, now_wall));
+        json_object_set_new(limits, "reset_tokens", figure_reset(k->figures.reset_tokens_ms, k->figures_ms, now, now_wall));
+        json_object_set_new(j, "limits", limits);
         return j;
 }
 
@@ -61,8 +122,10 @@ static struct keytable_key_view *snapshot(const struct api_context *a, unsigned 
         return keytable_pool_read_alloc(a->table, pool, now_ms, ret_info, &keys) < 0 ? NULL : keys;
 }
 
-char *api_key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter) {
+char *api_key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter, bool *ret_unknown) {
         json_t *root = json_object(), *pools = json_array();
+        int64_t now_wall = clock_wall_ms();
+        bool found = false;
 
         json_object_set_new(root, "pools", pools);
         for (unsigned p = 0; p < keytable_n_pools(a->table); p++) {
@@ -79,18 +142,24 @@ char *api_key_status_json(const struct api_context *a, int64_t now_ms, const cha
                         free(keys);
                         continue;
                 }
+                found = true;
                 pj = json_object();
                 kj = json_array();
                 json_object_set_new(pj, "name", json_string(info.name));
                 json_object_set_new(pj, "model", json_string(info.model));
                 /* Every key limited at once: more keys of the same account add nothing. */
-                json_object_set_new(pj, "account_limit_suspected",
-                                    json_boolean(info.account_limit_until_ms > now_ms));
+                json_object_set_new(pj, "account_limit_suspected", json_boolean(info.account_limit_until_ms > now_ms));
                 for (unsigned i = 0; i < info.n_keys; i++)
-                        json_array_append_new(kj, key_json(&keys[i], now_ms));
+                        json_array_append_new(kj, key_json(&keys[i], now_ms, now_wall));
                 json_object_set_new(pj, "keys", kj);
                 json_array_append_new(pools, pj);
                 free(keys);
+        }
+        if (pool_filter && !found) {
+                if (ret_unknown)
+                        *ret_unknown = true;
+                json_decref(root);
+                return NULL;
         }
         return dump(root);
 }
@@ -99,6 +168,7 @@ char *api_health_json(const struct api_context *a, int64_t now_ms, bool *ret_hea
         json_t *root = json_object(), *pools = json_array();
         bool healthy = true;
 
+        json_object_set_new(root, "pools", pools);
         for (unsigned p = 0; p < keytable_n_pools(a->table); p++) {
                 struct keytable_pool_view info;
                 struct keytable_key_view *keys;
@@ -108,7 +178,6 @@ char *api_health_json(const struct api_context *a, int64_t now_ms, bool *ret_hea
                 keys = snapshot(a, p, now_ms, &info);
                 if (!keys) {
                         json_decref(root);
-                        json_decref(pools);
                         return NULL;
                 }
                 for (unsigned i = 0; i < info.n_keys; i++)
@@ -123,16 +192,15 @@ char *api_health_json(const struct api_context *a, int64_t now_ms, bool *ret_hea
                 json_array_append_new(pools, pj);
         }
         json_object_set_new(root, "status", json_string(healthy ? "ok" : "degraded"));
-        json_object_set_new(root, "pools", pools);
         *ret_healthy = healthy;
         return dump(root);
 }
 
 char *api_status_json(const struct api_context *a, int64_t now_ms) {
         struct keytable_worker_view views[256];
-        json_t *root = json_object(), *workers = json_array();
-        uint64_t requests = 0;
-        unsigned n;
+        json_t *root = json_object(), *workers = json_array(), *pools = json_array(), *totals = json_object();
+        uint64_t requests = 0, t_req = 0, t_ok = 0, t_rl = 0, t_fail = 0, t_in = 0, t_out = 0;
+        unsigned n, in_flight = 0, keys_total = 0, ready_total = 0, cooling_total = 0, disabled_total = 0;
 
         n = keytable_workers(a->table, views, sizeof views / sizeof views[0]);
         for (unsigned i = 0; i < n; i++) {
@@ -145,33 +213,352 @@ char *api_status_json(const struct api_context *a, int64_t now_ms) {
                 json_object_set_new(w, "heartbeat_age_ms", json_integer(now_ms - views[i].heartbeat_ms));
                 json_object_set_new(w, "requests", json_integer((json_int_t) views[i].requests));
                 json_object_set_new(w, "in_flight", json_integer(views[i].in_flight));
+                json_object_set_new(w, "waiting", json_integer(views[i].waiters));
                 json_array_append_new(workers, w);
                 requests += views[i].requests;
+                in_flight += views[i].in_flight;
         }
+        for (unsigned p = 0; p < keytable_n_pools(a->table); p++) {
+                struct keytable_pool_view info;
+                struct keytable_key_view *keys = snapshot(a, p, now_ms, &info);
+                unsigned ready = 0, cooling = 0, disabled = 0;
+                json_t *pj;
+
+                if (!keys)
+                        continue;
+                for (unsigned i = 0; i < info.n_keys; i++) {
+                        ready += keys[i].state == KEY_READY;
+                        cooling += keys[i].state == KEY_COOLING;
+                        disabled += keys[i].state == KEY_DISABLED;
+                        t_req += keys[i].requests;
+                        t_ok += keys[i].successes;
+                        t_rl += keys[i].rate_limited;
+                        t_fail += keys[i].failures;
+                        t_in += keys[i].tokens_in;
+                        t_out += keys[i].tokens_out;
+                }
+                free(keys);
+                keys_total += info.n_keys;
+                ready_total += ready;
+                cooling_total += cooling;
+                disabled_total += disabled;
+                pj = json_object();
+                json_object_set_new(pj, "name", json_string(info.name));
+                json_object_set_new(pj, "model", json_string(info.model));
+                json_object_set_new(pj, "keys", json_integer(info.n_keys));
+                json_object_set_new(pj, "ready", json_integer(ready));
+                json_object_set_new(pj, "cooling", json_integer(cooling));
+                json_object_set_new(pj, "disabled", json_integer(disabled));
+                json_object_set_new(pj, "account_limit_suspected", json_boolean(info.account_limit_until_ms > now_ms));
+                json_array_append_new(pools, pj);
+        }
+        json_object_set_new(totals, "keys", json_integer(keys_total));
+        json_object_set_new(totals, "ready", json_integer(ready_total));
+        json_object_set_new(totals, "cooling", json_integer(cooling_total));
+        json_object_set_new(totals, "disabled", json_integer(disabled_total));
+        json_object_set_new(totals, "requests", json_integer((json_int_t) t_req));
+        json_object_set_new(totals, "successes", json_integer((json_int_t) t_ok));
+        json_object_set_new(totals, "rate_limited", json_integer((json_int_t) t_rl));
+        json_object_set_new(totals, "failures", json_integer((json_int_t) t_fail));
+        json_object_set_new(totals, "tokens_in", json_integer((json_int_t) t_in));
+        json_object_set_new(totals, "tokens_out", json_integer((json_int_t) t_out));
+
         json_object_set_new(root, "version", json_string(PACKAGE_VERSION));
         json_object_set_new(root, "uptime_s", json_integer((now_ms - keytable_created_ms(a->table)) / 1000));
         json_object_set_new(root, "pid", json_integer(a->coordinator_pid));
+        json_object_set_new(root, "generation", json_integer(keytable_config_generation(a->table)));
         json_object_set_new(root, "workers", workers);
         json_object_set_new(root, "requests", json_integer((json_int_t) requests));
-        json_object_set_new(root, "pools", json_integer(keytable_n_pools(a->table)));
-        json_object_set_new(root, "keys", json_integer(keytable_n_keys(a->table)));
+        json_object_set_new(root, "in_flight", json_integer(in_flight));
+        json_object_set_new(root, "keys", json_integer(keys_total));
+        json_object_set_new(root, "totals", totals);
+        json_object_set_new(root, "pools", pools);
         json_object_set_new(root, "repairs", json_integer((json_int_t) keytable_repairs(a->table)));
         return dump(root);
+}
+
+char *api_history_json(const struct api_context *a, unsigned limit, const char *pool, const char *key) {
+        unsigned cap = keytable_history_capacity(a->table), n;
+        struct keytable_event *ev = calloc(cap ? cap : 1, sizeof *ev);
+        json_t *root = json_object(), *events = json_array();
+        unsigned first = 0, matched = 0;
+
+        if (!ev) {
+                json_decref(root);
+                json_decref(events);
+                return NULL;
+        }
+        n = keytable_history_read(a->table, ev, cap);
+        /* Filter, then keep the most recent `limit`, oldest first. */
+        for (unsigned i = n; i-- > 0; ) {
+                if ((pool && strcmp(ev[i].pool, pool) != 0) ||
+                    (key && strcmp(ev[i].key_from, key) != 0 && strcmp(ev[i].key_to, key) != 0))
+                        continue;
+                if (++matched > limit)
+                        break;
+                first = i;
+        }
+        for (unsigned i = matched ? first : n; i < n; i++) {
+                char when[40];
+                json_t *e;
+
+                if ((pool && strcmp(ev[i].pool, pool) != 0) ||
+                    (key && strcmp(ev[i].key_from, key) != 0 && strcmp(ev[i].key_to, key) != 0))
+                        continue;
+                e = json_object();
+                rfc3339(ev[i].wall_ms, true, when, sizeof when);
+                json_object_set_new(e, "time", json_string(when));
+                json_object_set_new(e, "pool", json_string(ev[i].pool));
+                json_object_set_new(e, "event", json_string(keytable_history_kind_name(ev[i].kind)));
+                json_object_set_new(e, "from", ev[i].key_from[0] ? json_string(ev[i].key_from) : json_null());
+                json_object_set_new(e, "to", ev[i].key_to[0] ? json_string(ev[i].key_to) : json_null());
+                json_object_set_new(e, "status", ev[i].status ? json_integer(ev[i].status) : json_null());
+                json_object_set_new(e, "reason", json_nullable_string(keytable_reason_name(ev[i].reason)));
+                json_object_set_new(e, "cooldown_s", ev[i].cooldown_ms > 0 ? json_integer(ceil_seconds(ev[i].cooldown_ms)) : json_null());
+                json_array_append_new(events, e);
+        }
+        free(ev);
+        json_object_set_new(root, "events", events);
+        return dump(root);
+}
+
+/* --- metrics ------------------------------------------------------------------------------- */
+
+static void family(FILE *f, const char *name, const char *type, const char *help) {
+        fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+}
+
+char *api_metrics_text(const struct api_context *a, int64_t now_ms) {
+        static const char *const classes[] = { "ok", "rate_limited", "quota", "auth", "transient", "caller" };
+        static const enum verdict_class class_ids[] = { VERDICT_OK, VERDICT_RATE_LIMITED, VERDICT_QUOTA,
+                                                        VERDICT_AUTH, VERDICT_TRANSIENT, VERDICT_CALLER };
+        static const enum key_state states[] = { KEY_READY, KEY_COOLING, KEY_DISABLED };
+        unsigned n_pools = keytable_n_pools(a->table);
+        struct keytable_pool_view *infos = calloc(n_pools ? n_pools : 1, sizeof *infos);
+        struct keytable_key_view **keys = calloc(n_pools ? n_pools : 1, sizeof *keys);
+        struct keytable_worker_view views[256];
+        unsigned n_workers, in_flight = 0;
+        char *text = NULL;
+        size_t size = 0;
+        FILE *f;
+
+        f = open_memstream(&text, &size);
+        if (!f || !infos || !keys) {
+                if (f)
+                        fclose(f);
+                free(text);
+                free(infos);
+                free(keys);
+                return NULL;
+        }
+        for (unsigned p = 0; p < n_pools; p++)
+                keys[p] = snapshot(a, p, now_ms, &infos[p]);
+
+        family(f, "keypool_up", "gauge", "1 while keypoold serves.");
+        fprintf(f, "keypool_up 1\n");
+
+        family(f, "keypool_requests_total", "counter", "Upstream attempts by pool, key and the class of their answer.");
+        for (unsigned p = 0; p < n_pools; p++)
+                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+                        for (unsigned c = 0; c < sizeof classes / sizeof classes[0]; c++)
+                                fprintf(f, "keypool_requests_total{pool=\"%s\",key=\"%s\",class=\"%s\"} %llu\n",
+                                        infos[p].name, keys[p][i].id, classes[c],
+                                        (unsigned long long) keys[p][i].by_class[class_ids[c]]);
+
+        family(f, "keypool_key_state", "gauge", "1 for the state each key is in, 0 for the others.");
+        for (unsigned p = 0; p < n_pools; p++)
+                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+                        for (unsigned s = 0; s < sizeof states / sizeof states[0]; s++)
+                                fprintf(f, "keypool_key_state{pool=\"%s\",key=\"%s\",state=\"%s\"} %d\n",
+                                        infos[p].name, keys[p][i].id, keytable_state_name(states[s]),
+                                        keys[p][i].state == states[s]);
+
+        family(f, "keypool_key_cooldown_seconds", "gauge", "Seconds until a cooling key is ready again.");
+        for (unsigned p = 0; p < n_pools; p++)
+                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+                        fprintf(f, "keypool_key_cooldown_seconds{pool=\"%s\",key=\"%s\"} %.3f\n",
+                                infos[p].name, keys[p][i].id,
+                                keys[p][i].state == KEY_COOLING ? (double) (keys[p][i].cooldown_until_ms - now_ms) / 1000.0 : 0.0);
+
+        family(f, "keypool_rotations_total", "counter", "Requests moved from one key to another.");
+        for (unsigned p = 0; p < n_pools; p++)
+                fprintf(f, "keypool_rotations_total{pool=\"%s\"} %llu\n", infos[p].name,
+                        (unsigned long long) infos[p].rotations);
+
+        family(f, "keypool_upstream_latency_seconds", "histogram", "Time of upstream attempts, by pool.");
+        for (unsigned p = 0; p < n_pools; p++) {
+                uint64_t cumulative = 0;
+
+                for (unsigned b = 0; b < KEYTABLE_LATENCY_BUCKETS; b++) {
+                        cumulative += infos[p].latency_buckets[b];
+                        if (b + 1 < KEYTABLE_LATENCY_BUCKETS)
+                                fprintf(f, "keypool_upstream_latency_seconds_bucket{pool=\"%s\",le=\"%g\"} %llu\n",
+                                        infos[p].name, (double) keytable_latency_bounds_ms[b] / 1000.0,
+                                        (unsigned long long) cumulative);
+                }
+                fprintf(f, "keypool_upstream_latency_seconds_bucket{pool=\"%s\",le=\"+Inf\"} %llu\n",
+                        infos[p].name, (unsigned long long) infos[p].latency_count);
+                fprintf(f, "keypool_upstream_latency_seconds_sum{pool=\"%s\"} %.3f\n", infos[p].name,
+                        (double) infos[p].latency_sum_ms / 1000.0);
+                fprintf(f, "keypool_upstream_latency_seconds_count{pool=\"%s\"} %llu\n", infos[p].name,
+                        (unsigned long long) infos[p].latency_count);
+        }
+
+        family(f, "keypool_tokens_total", "counter", "Tokens the provider reported, by pool, key and direction.");
+        for (unsigned p = 0; p < n_pools; p++)
+                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++) {
+                        fprintf(f, "keypool_tokens_total{pool=\"%s\",key=\"%s\",direction=\"in\"} %llu\n",
+                                infos[p].name, keys[p][i].id, (unsigned long long) keys[p][i].tokens_in);
+                        fprintf(f, "keypool_tokens_total{pool=\"%s\",key=\"%s\",direction=\"out\"} %llu\n",
+                                infos[p].name, keys[p][i].id, (unsigned long long) keys[p][i].tokens_out);
+                }
+
+        family(f, "keypool_provider_remaining_requests", "gauge", "Requests the provider last said a key has left.");
+        for (unsigned p = 0; p < n_pools; p++)
+                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+                        if (keys[p][i].figures.remaining_requests >= 0)
+                                fprintf(f, "keypool_provider_remaining_requests{pool=\"%s\",key=\"%s\"} %lld\n",
+                                        infos[p].name, keys[p][i].id, (long long) keys[p][i].figures.remaining_requests);
+        family(f, "keypool_provider_remaining_tokens", "gauge", "Tokens the provider last said a key has left.");
+        for (unsigned p = 0; p < n_pools; p++)
+                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+                        if (keys[p][i].figures.remaining_tokens >= 0)
+                                fprintf(f, "keypool_provider_remaining_tokens{pool=\"%s\",key=\"%s\"} %lld\n",
+                                        infos[p].name, keys[p][i].id, (long long) keys[p][i].figures.remaining_tokens);
+
+        n_workers = keytable_workers(a->table, views, sizeof views / sizeof views[0]);
+        for (unsigned i = 0; i < n_workers; i++)
+                in_flight += views[i].in_flight;
+        family(f, "keypool_workers", "gauge", "Worker processes alive.");
+        fprintf(f, "keypool_workers %u\n", n_workers);
+        family(f, "keypool_in_flight_requests", "gauge", "Upstream requests in flight.");
+        fprintf(f, "keypool_in_flight_requests %u\n", in_flight);
+
+        for (unsigned p = 0; p < n_pools; p++)
+                free(keys[p]);
+        free(keys);
+        free(infos);
+        if (fclose(f) != 0) {
+                free(text);
+                return NULL;
+        }
+        return text;
+}
+
+/* --- admin --------------------------------------------------------------------------------- */
+
+/* Applies action to every row of the current bank holding key id. Returns how many, and one of
+ * them (after the action) in ret_view. */
+static unsigned for_each_row(const struct api_context *a, const char *id, const char *action, int64_t now,
+                             struct keytable_key_view *ret_view, char *ret_pool, size_t pool_size) {
+        unsigned hits = 0;
+
+        for (unsigned p = 0; p < keytable_n_pools(a->table); p++) {
+                struct keytable_pool_view info;
+                struct keytable_key_view *keys = snapshot(a, p, now, &info);
+
+                for (unsigned i = 0; keys && i < info.n_keys; i++) {
+                        struct keytable_change change = {};
+                        struct keytable_event ev = { .wall_ms = clock_wall_ms() };
+                        struct log_fields f = LOG_FIELDS_NONE;
+                        unsigned key = info.first_key + keys[i].position;
+
+                        if (strcmp(keys[i].id, id) != 0)
+                                continue;
+                        hits++;
+                        f.pool = info.name;
+                        f.key = keys[i].id;
+                        snprintf(ev.pool, sizeof ev.pool, "%s", info.name);
+                        snprintf(ev.key_from, sizeof ev.key_from, "%s", keys[i].id);
+                        if (strcmp(action, "disable") == 0) {
+                                keytable_disable(a->table, key, KEY_REASON_OPERATOR, now, &change);
+                                ev.kind = HISTORY_DISABLE;
+                                ev.reason = KEY_REASON_OPERATOR;
+                                log_event(LOG_NOTICE, "disable", &f, "key disabled by an operator");
+                        } else if (strcmp(action, "enable") == 0) {
+                                keytable_enable(a->table, key, now, &change);
+                                ev.kind = HISTORY_ENABLE;
+                                log_event(LOG_NOTICE, "enable", &f, "key enabled by an operator");
+                        } else {
+                                ev.kind = HISTORY_PROBE;
+                                if (a->proxy)
+                                        proxy_probe(a->proxy, key, p);
+                                log_event(LOG_NOTICE, "probe", &f, "probe requested by an operator");
+                        }
+                        keytable_history_add(a->table, &ev);
+                        snprintf(ret_pool, pool_size, "%s", info.name);
+                }
+                free(keys);
+        }
+        /* Read back one row as it is now. */
+        for (unsigned p = 0; hits && p < keytable_n_pools(a->table); p++) {
+                struct keytable_pool_view info;
+                struct keytable_key_view *keys = snapshot(a, p, now, &info);
+
+                for (unsigned i = 0; keys && i < info.n_keys; i++)
+                        if (strcmp(keys[i].id, id) == 0 && strcmp(info.name, ret_pool) == 0)
+                                *ret_view = keys[i];
+                free(keys);
+        }
+        return hits;
 }
 
 static void respond_json(struct http_conn *c, int status, char *json) {
         static const struct http_header h[] = { { "Content-Type", "application/json" } };
 
         if (!json) {
-                http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
-                                        "out of memory");
+                http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
                 return;
         }
         http_conn_respond(c, status, h, 1, json, strlen(json));
         free(json);
 }
 
-/* Splits "/path?query" into the path length and an optional pool=NAME value. */
+static void key_action(const struct api_context *a, struct http_conn *c, const char *id, const char *action) {
+        struct keytable_key_view view = {};
+        char pool[KEYTABLE_NAME_MAX + 1] = "";
+        int64_t now = clock_mono_ms();
+        json_t *root;
+
+        if (for_each_row(a, id, action, now, &view, pool, sizeof pool) == 0) {
+                http_conn_respond_error(c, 404, "invalid_request_error", "unknown_key", NULL, 0,
+                                        "no key has the id '%.20s'", id);
+                return;
+        }
+        root = json_object();
+        if (strcmp(action, "probe") == 0) {
+                json_object_set_new(root, "probing", json_true());
+                json_object_set_new(root, "key", json_string(id));
+                respond_json(c, 202, dump(root));
+                return;
+        }
+        json_object_set_new(root, "pool", json_string(pool));
+        json_object_set_new(root, "key", key_json(&view, now, clock_wall_ms()));
+        respond_json(c, 200, dump(root));
+}
+
+static void state_import(const struct api_context *a, struct http_conn *c, const struct http_request *req) {
+        struct persist_report report = {};
+        char err[256] = "";
+        json_t *root;
+
+        if (persist_import(a->table, req->body, req->body_len, clock_mono_ms(), clock_wall_ms(), &report,
+                           err, sizeof err) < 0) {
+                http_conn_respond_error(c, 400, "invalid_request_error", "invalid_state", NULL, 0,
+                                        "not a keypool state document: %s", err);
+                return;
+        }
+        log_event(LOG_NOTICE, NULL, NULL, "state imported by an operator: %u keys, %u ignored, %u events",
+                  report.imported, report.ignored, report.events);
+        root = json_object();
+        json_object_set_new(root, "imported", json_integer(report.imported));
+        json_object_set_new(root, "ignored", json_integer(report.ignored));
+        json_object_set_new(root, "events", json_integer(report.events));
+        respond_json(c, 200, dump(root));
+}
+
+/* --- routing ------------------------------------------------------------------------------- */
+
 static size_t path_len(const char *url) {
         const char *q = strchr(url, '?');
 
@@ -199,7 +586,46 @@ static char *query_param(const char *url, const char *name) {
         return NULL;
 }
 
-bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req) {
+static void not_allowed(struct http_conn *c, const struct http_request *req, const char *allow) {
+        http_conn_respond_error(c, 405, "invalid_request_error", "method_not_allowed",
+                                (const struct http_header[]) { { "Allow", allow } }, 1,
+                                "%s is not allowed on %.*s", req->method, (int) path_len(req->url), req->url);
+}
+
+static bool forbidden(struct http_conn *c, bool admin) {
+        if (admin)
+                return false;
+        http_conn_respond_error(c, 403, "permission_error", "forbidden", NULL, 0,
+                                "admin actions are for root and the daemon's own user "
+                                "(over TCP: a client token)");
+        return true;
+}
+
+/* POST /api/keys/{id}/{disable|enable|probe} */
+static bool key_route(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
+        static const char prefix[] = "/api/keys/";
+        size_t n = path_len(req->url);
+        const char *rest, *slash;
+        char id[32], action[16];
+
+        if (n <= sizeof prefix - 1 || strncmp(req->url, prefix, sizeof prefix - 1) != 0)
+                return false;
+        rest = req->url + sizeof prefix - 1;
+        slash = memchr(rest, '/', n - (sizeof prefix - 1));
+        if (!slash || (size_t) (slash - rest) >= sizeof id || (size_t) (req->url + n - slash - 1) >= sizeof action)
+                return false;
+        snprintf(id, sizeof id, "%.*s", (int) (slash - rest), rest);
+        snprintf(action, sizeof action, "%.*s", (int) (req->url + n - slash - 1), slash + 1);
+        if (strcmp(action, "disable") != 0 && strcmp(action, "enable") != 0 && strcmp(action, "probe") != 0)
+                return false;
+        if (strcmp(req->method, "POST") != 0)
+                not_allowed(c, req, "POST");
+        else if (!forbidden(c, admin))
+                key_action(a, c, id, action);
+        return true;
+}
+
+bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
         int64_t now = clock_mono_ms();
         bool get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
 
@@ -207,33 +633,99 @@ bool api_handle(const struct api_context *a, struct http_conn *c, const struct h
                 bool healthy = false;
                 char *json;
 
-                if (!get)
-                        goto not_allowed;
+                if (!get) {
+                        not_allowed(c, req, "GET");
+                        return true;
+                }
                 json = api_health_json(a, now, &healthy);
                 respond_json(c, healthy ? 200 : 503, json);
                 return true;
         }
         if (path_is(req->url, "/status")) {
-                if (!get)
-                        goto not_allowed;
-                respond_json(c, 200, api_status_json(a, now));
+                if (get)
+                        respond_json(c, 200, api_status_json(a, now));
+                else
+                        not_allowed(c, req, "GET");
                 return true;
         }
         if (path_is(req->url, "/api/key-status")) {
-                char *pool;
+                bool unknown = false;
+                char *pool, *json;
 
-                if (!get)
-                        goto not_allowed;
+                if (!get) {
+                        not_allowed(c, req, "GET");
+                        return true;
+                }
                 pool = query_param(req->url, "pool");
-                respond_json(c, 200, api_key_status_json(a, now, pool));
+                json = api_key_status_json(a, now, pool, &unknown);
+                if (unknown)
+                        http_conn_respond_error(c, 404, "invalid_request_error", "unknown_pool", NULL, 0,
+                                                "no pool is named '%.64s'", pool);
+                else
+                        respond_json(c, 200, json);
                 free(pool);
                 return true;
         }
-        return false;
+        if (path_is(req->url, "/api/history")) {
+                char *limit_s, *pool, *key;
+                unsigned limit = HISTORY_DEFAULT_LIMIT;
 
-not_allowed:
-        http_conn_respond_error(c, 405, "invalid_request_error", "method_not_allowed",
-                                (const struct http_header[]) { { "Allow", "GET" } }, 1,
-                                "%s is not allowed on %.*s", req->method, (int) path_len(req->url), req->url);
-        return true;
+                if (!get) {
+                        not_allowed(c, req, "GET");
+                        return true;
+                }
+                limit_s = query_param(req->url, "limit");
+                pool = query_param(req->url, "pool");
+                key = query_param(req->url, "key");
+                if (limit_s) {
+                        char *end;
+                        unsigned long v = strtoul(limit_s, &end, 10);
+
+                        if (end == limit_s || *end || v == 0) {
+                                http_conn_respond_error(c, 400, "invalid_request_error", "bad_limit", NULL, 0,
+                                                        "limit must be a positive number");
+                                free(limit_s);
+                                free(pool);
+                                free(key);
+                                return true;
+                        }
+                        limit = v > keytable_history_capacity(a->table) ? keytable_history_capacity(a->table) : (unsigned) v;
+                }
+                respond_json(c, 200, api_history_json(a, limit, pool, key));
+                free(limit_s);
+                free(pool);
+                free(key);
+                return true;
+        }
+        if (path_is(req->url, "/metrics")) {
+                static const struct http_header h[] = { { "Content-Type", "text/plain; version=0.0.4; charset=utf-8" } };
+                char *text;
+
+                if (!get) {
+                        not_allowed(c, req, "GET");
+                        return true;
+                }
+                text = api_metrics_text(a, now);
+                if (!text)
+                        http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
+                else
+                        http_conn_respond(c, 200, h, 1, text, strlen(text));
+                free(text);
+                return true;
+        }
+        if (path_is(req->url, "/api/state/export")) {
+                if (strcmp(req->method, "POST") != 0)
+                        not_allowed(c, req, "POST");
+                else if (!forbidden(c, admin))
+                        respond_json(c, 200, persist_export(a->table, now, clock_wall_ms()));
+                return true;
+        }
+        if (path_is(req->url, "/api/state/import")) {
+                if (strcmp(req->method, "POST") != 0)
+                        not_allowed(c, req, "POST");
+                else if (!forbidden(c, admin))
+                        state_import(a, c, req);
+                return true;
+        }
+        return key_route(a, c, req, admin);
 }

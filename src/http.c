@@ -53,6 +53,7 @@ struct http_conn {
         const struct http_handler *handler;
         void *userdata;
         void *request_data;
+        struct http_peer peer;
 
         http_parser parser;
         enum conn_phase phase;
@@ -62,6 +63,7 @@ struct http_conn {
         bool chunked;                   /* … and uses chunked encoding */
         bool pressure;                  /* stream_write reported the high-water mark */
         bool in_message;                /* the parser has seen the start of a request */
+        bool served;                    /* at least one response was completed */
         bool last_was_value;            /* header parsing: the previous callback was a value */
         int error_status;               /* a limit tripped while parsing: answer this and close */
 
@@ -364,6 +366,7 @@ static int write_head(struct http_conn *c, int status, const struct http_header 
 }
 
 static void response_complete(struct http_conn *c) {
+        c->served = true;
         c->phase = PHASE_FLUSHING;
         c->streaming = false;
         c->pressure = false;
@@ -480,6 +483,14 @@ int http_conn_stream_end(struct http_conn *c) {
 
 bool http_conn_stream_started(const struct http_conn *c) {
         return c->streaming;
+}
+
+void http_conn_set_peer(struct http_conn *c, const struct http_peer *peer) {
+        c->peer = *peer;
+}
+
+const struct http_peer *http_conn_peer(const struct http_conn *c) {
+        return &c->peer;
 }
 
 void http_conn_set_request_data(struct http_conn *c, void *request_data) {
@@ -660,7 +671,10 @@ void http_conn_abort(struct http_conn *c) {
 
 void http_conn_shutdown(struct http_conn *c) {
         c->close_after = true;
-        if (!http_conn_busy(c))
+        /* An idle keep-alive connection goes now. One accepted but not yet heard from is a
+         * client whose request is on its way: it is served (with Connection: close), or dropped
+         * by the idle timeout. */
+        if (!http_conn_busy(c) && c->served)
                 conn_close(c);
 }
 

@@ -77,3 +77,20 @@ void keyid_mask(const char *secret, size_t len, char ret_masked[KEYID_MASK_MAX +
 
         ret_masked[o] = '\0';
 }
+
+int keyid_sha256_hex(const char *data, size_t len, char ret_hex[65]) {
+        static const char hex[] = "0123456789abcdef";
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned md_len = 0;
+
+        if ((!data && len > 0) || !ret_hex)
+                return -EINVAL;
+        if (EVP_Digest(data ? data : "", len, md, &md_len, EVP_sha256(), NULL) != 1 || md_len != 32)
+                return -EIO;
+        for (unsigned i = 0; i < 32; i++) {
+                ret_hex[2 * i] = hex[md[i] >> 4];
+                ret_hex[2 * i + 1] = hex[md[i] & 0xf];
+        }
+        ret_hex[64] = '\0';
+        return 0;
+}

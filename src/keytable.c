@@ -1,15 +1,15 @@
 /* keytable.c — the shared key table.
  *
  * Owns the POSIX shared-memory segment that every keypoold process maps: key health and
- * counters, the pool locks, and the worker scoreboard with each worker's leases. Nothing here
- * does I/O while a lock is held, nothing here knows about HTTP or libcurl, and secrets never
- * enter this memory.
+ * counters, the pool locks, the worker scoreboard with each worker's leases, and the rotation
+ * history ring. Nothing here does I/O while a lock is held, nothing here knows about HTTP or
+ * libcurl, and secrets never enter this memory.
  *
- * Layout: a header, then the pool rows, key rows, worker slots and lease arrays, located by
- * offsets stored in the header (never pointers: the segment is one mapping, inherited by fork at
- * the same address, but its contents must not depend on that). The process-local struct keytable
- * caches the array addresses and the limits, so a scribbled header can never send this process
- * out of bounds.
+ * Layout: a header, then the pool rows, key rows, worker slots, lease arrays and history ring,
+ * located by offsets stored in the header (never pointers: the segment is one mapping, inherited
+ * by fork at the same address, but its contents must not depend on that). The process-local
+ * struct keytable caches the array addresses and the limits, so a scribbled header can never send
+ * this process out of bounds.
  *
  * The leases are the truth about in-flight requests: a worker's slot holds one entry per request
  * in flight (key index + 1; 0 is free). A key's in_flight is a cache of how many lease entries
@@ -44,7 +44,7 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 3u
+#define KT_VERSION 4u
 #define KT_BANKS   2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
 
@@ -53,6 +53,12 @@
 
 /* GCRA works in µs: a whole minute split rpm ways stays exact enough for any rpm. */
 #define KT_MINUTE_US INT64_C(60000000)
+
+#define KT_HISTORY_DEFAULT 1024u
+
+const int64_t keytable_latency_bounds_ms[KEYTABLE_LATENCY_BUCKETS] = {
+        50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, INT64_MAX,
+};
 
 /* Read field by field with atomic loads: written once before the first fork, perhaps again on
  * reload, and a reader mixing two versions of it gets two sane policies' fields. */
@@ -73,11 +79,20 @@ struct kt_header {
                                                  * current one, or the other during a reload */
         uint32_t n_pools[KT_BANKS], n_keys[KT_BANKS];   /* atomic: any process may look */
         uint64_t size;
-        uint64_t off_pools, off_keys, off_slots, off_leases;
+        uint64_t off_pools, off_keys, off_slots, off_leases, off_history;
         int64_t created_ms;
         uint64_t repairs;                       /* atomic: bumped under pool locks too */
         struct kt_policy policy;
-        pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy */
+        uint32_t config_generation;             /* atomic */
+        uint32_t history_size;                  /* ring entries */
+        /* Entries ever appended: the one number that says where the ring's head is and how
+         * full it is, so an append commits with a single store. Entry n (1-based) lives at
+         * (n - 1) % history_size. */
+        uint64_t history_seq;
+        uint32_t history_dirty;                 /* an append is between its first write and
+                                                 * its commit */
+        pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy,
+                                                 * history */
 };
 
 struct kt_pool {
@@ -88,6 +103,12 @@ struct kt_pool {
         uint64_t use_seq;                       /* bumped per acquire: the LRU clock */
         int64_t account_limit_until_ms;         /* atomic: readers may look without the lock */
         uint32_t dirty;
+        /* Observations, added to with atomics and no lock: a worker that dies mid-add loses
+         * at most its own one. */
+        uint64_t rotations;
+        uint64_t latency_buckets[KEYTABLE_LATENCY_BUCKETS];
+        uint64_t latency_sum_ms;                /* the count is the buckets' sum, so the two
+                                                 * always agree */
 } __attribute__((aligned(KT_ALIGN)));
 
 /* state, reason and last_class are stored as plain integers: a dead writer may leave any value
@@ -111,6 +132,22 @@ struct kt_key {
         int64_t figures_ms;
         struct rate_figures figures;
         uint32_t twin;                          /* atomic: next row with this id; itself if none */
+        uint64_t by_class[_VERDICT_MAX];
+        char last_error[KEYTABLE_ERROR_MAX + 1];
+};
+
+/* A history entry as stored: kind and reason as plain integers, for the same reason as a key
+ * row's state. seq is written last, and 0 while the entry is being written, so an entry whose
+ * seq is not the one its place in the ring calls for is no entry. */
+struct kt_event {
+        uint64_t seq;
+        int64_t wall_ms;
+        int64_t cooldown_ms;
+        uint32_t kind, reason;
+        int32_t status;
+        char pool[KEYTABLE_NAME_MAX + 1];
+        char key_from[KEYID_ID_LEN + 1];
+        char key_to[KEYID_ID_LEN + 1];
 };
 
 /* Written by the owning worker with atomic stores and no lock; claimed and freed under the
@@ -134,7 +171,9 @@ struct keytable {
         struct kt_key *keys;
         struct kt_slot *slots;
         uint32_t *leases;
+        struct kt_event *history;
         unsigned max_pools, max_keys, n_slots, leases_per_slot;    /* per bank */
+        unsigned history_size;
         /* Process-local, used by keytable_add_key only (the coordinator's): per bank, open
          * addressing from an id to the first row of that bank carrying it (row + 1; 0 empty),
          * so finding a key's twins, or its row in the current bank, costs no scan. A bank's
@@ -309,6 +348,8 @@ static void pool_repair(const struct keytable *t, unsigned p) {
                                 key->next_probe_ms = 0;
                         if (key->figures_ms < 0)
                                 key->figures_ms = 0;
+                        /* A copy cut short may have lost its terminator. */
+                        key->last_error[KEYTABLE_ERROR_MAX] = '\0';
                         key->dirty = 0;
                 }
                 /* Written outside any dirty mark, but a link out of the bank is no link. */
@@ -334,9 +375,17 @@ static void pool_repair(const struct keytable *t, unsigned p) {
 
 /* The header lock guards the counts and the FREE/claimed transitions of slots; each of those is
  * a single store made last, so a dead holder leaves nothing half-done worth undoing. Only values
- * no writer of this module produces are put right. */
+ * no writer of this module produces are put right. The history is the exception: an entry takes
+ * many stores, so an append marks itself, and a marked ring loses the entry at its head. That is
+ * the entry being written when the commit (one store of history_seq) had not landed, or the
+ * oldest entry, next to be overwritten anyway, when it had. */
 static void header_repair(const struct keytable *t, unsigned unused) {
         struct kt_header *h = t->hdr;
+
+        if (h->history_dirty) {
+                memset(&t->history[h->history_seq % t->history_size], 0, sizeof(struct kt_event));
+                h->history_dirty = 0;
+        }
 
         for (unsigned b = 0; b < KT_BANKS; b++) {
                 if (h->n_pools[b] > t->max_pools)
@@ -450,7 +499,9 @@ static int shm_open_anonymous(void) {
 }
 
 int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct keytable **ret) {
-        size_t off = 0, off_hdr, off_pools, off_keys, off_slots, off_leases, n_leases, index_size;
+        size_t off = 0, off_hdr, off_pools, off_keys, off_slots, off_leases, off_history, n_leases,
+               index_size;
+        unsigned history_size;
         struct keytable *t;
         void *base;
         int fd, r;
@@ -468,6 +519,7 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         if (__builtin_mul_overflow((size_t) limits->n_slots, (size_t) limits->leases_per_slot,
                                    &n_leases) || n_leases > UINT32_MAX)
                 return -E2BIG;
+        history_size = limits->history_size > 0 ? limits->history_size : KT_HISTORY_DEFAULT;
 
         r = layout_add(&off, 1, sizeof(struct kt_header), &off_hdr);
         if (r == 0)
@@ -480,6 +532,8 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
                 r = layout_add(&off, limits->n_slots, sizeof(struct kt_slot), &off_slots);
         if (r == 0)
                 r = layout_add(&off, n_leases, sizeof(uint32_t), &off_leases);
+        if (r == 0)
+                r = layout_add(&off, history_size, sizeof(struct kt_event), &off_history);
         if (r < 0)
                 return r;
         if (off > (size_t) INT64_MAX)
@@ -530,6 +584,8 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         t->keys = (struct kt_key *) ((char *) base + off_keys);
         t->slots = (struct kt_slot *) ((char *) base + off_slots);
         t->leases = (uint32_t *) ((char *) base + off_leases);
+        t->history = (struct kt_event *) ((char *) base + off_history);
+        t->history_size = history_size;
         t->max_pools = limits->max_pools;
         t->max_keys = limits->max_keys;
         t->n_slots = limits->n_slots;
@@ -550,6 +606,9 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         t->hdr->off_keys = off_keys;
         t->hdr->off_slots = off_slots;
         t->hdr->off_leases = off_leases;
+        t->hdr->off_history = off_history;
+        t->hdr->history_size = history_size;
+        t->hdr->config_generation = 1;
         t->hdr->created_ms = now_ms;
 
         /* Every pool row of both banks gets its mutex once, here, and never again: a process
@@ -582,6 +641,14 @@ void keytable_destroy(struct keytable *t) {
         for (unsigned b = 0; b < KT_BANKS; b++)
                 free(t->id_index[b]);
         free(t);
+}
+
+/* Sets dst's observation counters to src's, or to zero when src is NULL. */
+static void pool_counters_copy(struct kt_pool *dst, const struct kt_pool *src) {
+        STORE(&dst->rotations, src ? LOAD(&src->rotations) : 0);
+        for (unsigned i = 0; i < KEYTABLE_LATENCY_BUCKETS; i++)
+                STORE(&dst->latency_buckets[i], src ? LOAD(&src->latency_buckets[i]) : 0);
+        STORE(&dst->latency_sum_ms, src ? LOAD(&src->latency_sum_ms) : 0);
 }
 
 /* The current bank's pool row named name, or UINT_MAX. Names do not change while the bank is
@@ -636,6 +703,9 @@ int keytable_add_pool(struct keytable *t, const char *name, const char *model, u
         pool->n_keys = 0;
         pool->use_seq = 0;
         STORE(&pool->account_limit_until_ms, account_until > 0 ? account_until : 0);
+        /* What a generation before last counted here; the current pool's figures come over at
+         * commit. */
+        pool_counters_copy(pool, NULL);
         pool->dirty = 0;
         pool_unlock(t, p);
         STORE(&t->hdr->n_pools[b], n + 1);
@@ -756,6 +826,9 @@ static void key_carry(struct kt_key *key, const struct kt_key *src) {
         key->tat_us = src->tat_us;
         key->figures = src->figures;
         key->figures_ms = src->figures_ms;
+        memcpy(key->by_class, src->by_class, sizeof key->by_class);
+        memcpy(key->last_error, src->last_error, sizeof key->last_error);
+        key->last_error[KEYTABLE_ERROR_MAX] = '\0';
         if (key->state == KEY_READY) {
                 key->reason = KEY_REASON_NONE;
                 key->cooldown_until_ms = 0;
@@ -908,6 +981,16 @@ int keytable_bank_commit(struct keytable *t) {
         if (fill == bank_current(t)) {
                 header_unlock(t);
                 return -EINVAL;
+        }
+        /* Counters carry on from the pool of the same name, copied as late as possible: what
+         * the old generation adds while it drains is not seen any more, but nothing a reader
+         * saw before the switch goes backwards after it by more than that. */
+        for (unsigned i = 0; i < bank_n_pools(t, fill); i++) {
+                unsigned p = bank_first_pool(t, fill) + i,
+                         q = current_pool_named(t, bank_current(t), t->pools[p].name);
+
+                if (q != UINT_MAX)
+                        pool_counters_copy(&t->pools[p], &t->pools[q]);
         }
         /* One store: a reader sees the old bank or the new one, each whole, since every row of
          * the new bank was written before it. */
@@ -1075,6 +1158,131 @@ unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slo
                 if (LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && LOAD(&t->slots[s].waiters) > 0)
                         ret_slots[n++] = s;
         return n;
+}
+
+/* --- observations -------------------------------------------------------------------------- */
+
+/* The slot's bank's pool row for a pool index relative to it, or UINT_MAX. */
+static unsigned slot_pool_row(const struct keytable *t, unsigned slot, unsigned pool) {
+        unsigned b;
+
+        if (!t || slot >= t->n_slots)
+                return UINT_MAX;
+        b = slot_bank(t, slot);
+        if (pool >= bank_n_pools(t, b))
+                return UINT_MAX;
+        return bank_first_pool(t, b) + pool;
+}
+
+void keytable_observe_latency(struct keytable *t, unsigned slot, unsigned pool, int64_t ms) {
+        unsigned p = slot_pool_row(t, slot, pool), i = 0;
+
+        if (p == UINT_MAX)
+                return;
+        if (ms < 0)
+                ms = 0;
+        while (i + 1 < KEYTABLE_LATENCY_BUCKETS && ms > keytable_latency_bounds_ms[i])
+                i++;
+        __atomic_add_fetch(&t->pools[p].latency_buckets[i], 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&t->pools[p].latency_sum_ms, (uint64_t) ms, __ATOMIC_RELAXED);
+}
+
+void keytable_count_rotation(struct keytable *t, unsigned slot, unsigned pool) {
+        unsigned p = slot_pool_row(t, slot, pool);
+
+        if (p != UINT_MAX)
+                __atomic_add_fetch(&t->pools[p].rotations, 1, __ATOMIC_RELAXED);
+}
+
+/* --- history ------------------------------------------------------------------------------- */
+
+static void copy_field(char *dst, size_t size, const char *src) {
+        size_t n = src ? strnlen(src, size - 1) : 0;
+
+        if (n > 0)
+                memcpy(dst, src, n);
+        memset(dst + n, 0, size - n);
+}
+
+void keytable_history_add(struct keytable *t, const struct keytable_event *e) {
+        struct kt_event *slot;
+        uint64_t seq;
+
+        if (!t || !e)
+                return;
+
+        header_lock(t);
+        seq = t->hdr->history_seq;
+        slot = &t->history[seq % t->history_size];
+        mark(&t->hdr->history_dirty, 1);
+        slot->seq = 0;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        slot->wall_ms = e->wall_ms;
+        slot->cooldown_ms = e->cooldown_ms;
+        slot->kind = (uint32_t) e->kind;
+        slot->reason = (uint32_t) e->reason;
+        slot->status = e->status;
+        copy_field(slot->pool, sizeof slot->pool, e->pool);
+        copy_field(slot->key_from, sizeof slot->key_from, e->key_from);
+        copy_field(slot->key_to, sizeof slot->key_to, e->key_to);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        slot->seq = seq + 1;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        /* The commit. */
+        STORE(&t->hdr->history_seq, seq + 1);
+        mark(&t->hdr->history_dirty, 0);
+        header_unlock(t);
+}
+
+unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, unsigned max) {
+        uint64_t seq, first;
+        unsigned n = 0;
+
+        if (!t || !ret || max == 0)
+                return 0;
+
+        header_lock(t);
+        seq = t->hdr->history_seq;
+        first = seq > t->history_size ? seq - t->history_size + 1 : 1;
+        if (seq >= first && seq - first + 1 > max)
+                first = seq - max + 1;
+        for (uint64_t s = first; s <= seq; s++) {
+                const struct kt_event *src = &t->history[(s - 1) % t->history_size];
+                struct keytable_event *e = &ret[n];
+
+                /* Lost to a repair, or never there. */
+                if (src->seq != s || src->kind == HISTORY_NONE || src->kind >= _HISTORY_MAX)
+                        continue;
+                *e = (struct keytable_event) {
+                        .seq = s,
+                        .wall_ms = src->wall_ms,
+                        .kind = src->kind,
+                        .status = src->status,
+                        .reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE,
+                        .cooldown_ms = src->cooldown_ms,
+                };
+                memcpy(e->pool, src->pool, sizeof e->pool - 1);
+                memcpy(e->key_from, src->key_from, sizeof e->key_from - 1);
+                memcpy(e->key_to, src->key_to, sizeof e->key_to - 1);
+                n++;
+        }
+        header_unlock(t);
+        return n;
+}
+
+unsigned keytable_history_capacity(const struct keytable *t) {
+        return t ? t->history_size : 0;
+}
+
+/* --- configuration generation -------------------------------------------------------------- */
+
+void keytable_set_config_generation(struct keytable *t, unsigned generation) {
+        if (t)
+                STORE(&t->hdr->config_generation, (uint32_t) generation);
+}
+
+unsigned keytable_config_generation(const struct keytable *t) {
+        return t ? LOAD(&t->hdr->config_generation) : 0;
 }
 
 /* --- acquire and release ------------------------------------------------------------------- */
@@ -1295,6 +1503,26 @@ static void report(struct keytable_change *change, unsigned k, uint32_t from,
         };
 }
 
+/* Copies a message into a row, cut to fit at a character boundary (readers put it into JSON,
+ * which takes only whole UTF-8) and with control bytes blanked (it ends up on terminals). */
+static void error_copy(char dst[KEYTABLE_ERROR_MAX + 1], const char *src) {
+        size_t n = strnlen(src, KEYTABLE_ERROR_MAX + 1);
+
+        if (n > KEYTABLE_ERROR_MAX) {
+                n = KEYTABLE_ERROR_MAX;
+                /* Back off the continuation bytes of a character the cut would split, and its
+                 * lead byte. */
+                while (n > 0 && ((unsigned char) src[n] & 0xC0) == 0x80)
+                        n--;
+        }
+        for (size_t i = 0; i < n; i++) {
+                unsigned char c = (unsigned char) src[i];
+
+                dst[i] = c < 0x20 || c == 0x7f ? ' ' : (char) c;
+        }
+        dst[n] = '\0';
+}
+
 /* Applies one outcome to a key row; the caller holds the pool lock and has marked the row. */
 static void key_record(struct kt_key *key, unsigned k, const struct keytable_outcome *o,
                        const struct keytable_policy *pol, int64_t now_ms,
@@ -1373,7 +1601,11 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
         if (o->cls > VERDICT_NONE && o->cls < _VERDICT_MAX) {
                 key->last_status = o->status;
                 key->last_class = o->cls;
+                key->by_class[o->cls]++;
         }
+        /* A success says nothing about the last error: it stays until the next one. */
+        if (o->error)
+                error_copy(key->last_error, o->error);
 }
 
 /* After a rate limit cooled a key: is every usable key of the pool resting from a rate limit
@@ -1650,6 +1882,75 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
         return 0;
 }
 
+/* --- persistence --------------------------------------------------------------------------- */
+
+/* Can a key really be in st? Only what the writers of this module produce is let in. */
+static bool key_state_possible(const struct keytable_key_state *st) {
+        if (!key_state_valid((uint32_t) st->state) || (unsigned) st->reason >= _KEY_REASON_MAX ||
+            (unsigned) st->last_class >= _VERDICT_MAX)
+                return false;
+        if (st->last_status < 0 || st->last_status > 999 || st->last_used_ms < 0)
+                return false;
+        switch (st->state) {
+        case KEY_READY:
+                return st->reason == KEY_REASON_NONE;
+        case KEY_COOLING:
+                return st->reason != KEY_REASON_NONE && st->cooldown_until_ms > 0;
+        case KEY_DISABLED:
+                return st->reason != KEY_REASON_NONE;
+        default:
+                return false;
+        }
+}
+
+int keytable_restore_key(struct keytable *t, unsigned pool, unsigned position,
+                         const struct keytable_key_state *st, int64_t now_ms) {
+        struct keytable_policy pol;
+        unsigned b, p, first, end;
+        struct kt_key *key;
+
+        if (!t || !st || !key_state_possible(st))
+                return -EINVAL;
+        b = bank_current(t);
+        if (pool >= bank_n_pools(t, b))
+                return -EINVAL;
+        p = bank_first_pool(t, b) + pool;
+        policy_load(t, &pol);
+
+        pool_lock(t, p);
+        pool_range(t, p, &first, &end);
+        if (position >= end - first) {
+                pool_unlock(t, p);
+                return -EINVAL;
+        }
+        key = &t->keys[first + position];
+        mark(&t->pools[p].dirty, 1);
+        mark(&key->dirty, 1);
+        key->state = st->state;
+        key->reason = st->reason;
+        key->cooldown_until_ms = st->state == KEY_COOLING ? st->cooldown_until_ms : 0;
+        /* When the rest began is not known: a restored key never makes a later rate limit look
+         * account-wide. */
+        key->cooling_since_ms = 0;
+        key->next_probe_ms = st->state == KEY_DISABLED ? probe_time(&pol, st->reason, now_ms) : 0;
+        key->consecutive_failures = st->consecutive_failures;
+        key->requests = st->requests;
+        key->successes = st->successes;
+        key->rate_limited = st->rate_limited;
+        key->failures = st->failures;
+        key->tokens_in = st->tokens_in;
+        key->tokens_out = st->tokens_out;
+        key->last_status = st->last_status;
+        key->last_class = st->last_class;
+        key->last_used_ms = st->last_used_ms;
+        mark(&key->dirty, 0);
+        /* A rest that ended while keypool was down ends as any other does. */
+        key_recover_if_due(key, first + position, now_ms, NULL);
+        mark(&t->pools[p].dirty, 0);
+        pool_unlock(t, p);
+        return 0;
+}
+
 /* --- readers ------------------------------------------------------------------------------- */
 
 unsigned keytable_n_pools(const struct keytable *t) {
@@ -1684,6 +1985,12 @@ static void pool_view_locked(const struct keytable *t, unsigned p, struct keytab
         ret->first_key = first;
         ret->n_keys = end - first;
         ret->account_limit_until_ms = LOAD(&pool->account_limit_until_ms);
+        ret->rotations = LOAD(&pool->rotations);
+        for (unsigned i = 0; i < KEYTABLE_LATENCY_BUCKETS; i++) {
+                ret->latency_buckets[i] = LOAD(&pool->latency_buckets[i]);
+                ret->latency_count += ret->latency_buckets[i];
+        }
+        ret->latency_sum_ms = LOAD(&pool->latency_sum_ms);
 }
 
 static int bank_pool_info(const struct keytable *t, unsigned b, unsigned pool,
@@ -1762,6 +2069,8 @@ static int pool_read(struct keytable *t, unsigned pool, int64_t now_ms,
                 };
                 memcpy(v->id, key->id, sizeof v->id - 1);
                 memcpy(v->masked, key->masked, sizeof v->masked - 1);
+                memcpy(v->by_class, key->by_class, sizeof v->by_class);
+                memcpy(v->last_error, key->last_error, sizeof v->last_error - 1);
         }
         pool_unlock(t, p);
 
@@ -1831,6 +2140,7 @@ unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, 
                         .heartbeat_ms = LOAD(&slot->heartbeat_ms),
                         .requests = LOAD(&slot->requests),
                         .in_flight = in_flight,
+                        .waiters = LOAD(&slot->waiters),
                 };
         }
         header_unlock(t);
@@ -1878,6 +2188,21 @@ const char *keytable_stage_name(enum worker_stage s) {
         return names[s];
 }
 
+const char *keytable_history_kind_name(enum history_kind k) {
+        static const char *const names[_HISTORY_MAX] = {
+                [HISTORY_ROTATE] = "rotate",
+                [HISTORY_COOLDOWN] = "cooldown",
+                [HISTORY_RECOVER] = "recover",
+                [HISTORY_DISABLE] = "disable",
+                [HISTORY_ENABLE] = "enable",
+                [HISTORY_PROBE] = "probe",
+        };
+
+        if ((unsigned) k >= _HISTORY_MAX)
+                return NULL;
+        return names[k];
+}
+
 /* --- tests only ---------------------------------------------------------------------------- */
 
 int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned key) {
@@ -1907,6 +2232,7 @@ int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned k
         t->keys[key].next_probe_ms = 1;
         t->keys[key].cooling_since_ms = -5;
         t->keys[key].figures_ms = -3;
+        memset(t->keys[key].last_error, 'x', sizeof t->keys[key].last_error);
         STORE(&t->keys[key].twin, UINT32_MAX - 7);
         STORE(&p->account_limit_until_ms, -9);
         return 0;

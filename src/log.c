@@ -102,7 +102,9 @@ static size_t append(char *buf, size_t size, size_t len, const char *fmt, ...) {
         return len + (size_t) n >= size ? size - 1 : len + (size_t) n;
 }
 
-static int to_journal(int priority, const char *event, const struct log_fields *f, const char *message) {
+static int to_journal(const char *code_file, int code_line, const char *code_func, int priority,
+                      const char *event, const struct log_fields *f, const char *message) {
+        char line_field[32];
         char fields[12][160];
         struct iovec iov[12];
         const char *id = message_id(event);
@@ -138,7 +140,8 @@ static int to_journal(int priority, const char *event, const struct log_fields *
                         FIELD("KEYPOOL_REQUEST_ID=%s", f->request_id);
         }
 #undef FIELD
-        r = sd_journal_sendv(iov, n);
+        snprintf(line_field, sizeof line_field, "CODE_LINE=%d", code_line);
+        r = sd_journal_sendv_with_location(code_file, line_field, code_func, iov, n);
         free(msg);
         return r;
 }
@@ -173,7 +176,8 @@ static void to_stderr(int priority, const char *event, const struct log_fields *
                 (void) 0;
 }
 
-void log_event(int priority, const char *event, const struct log_fields *f, const char *fmt, ...) {
+void log_event_at(const char *code_file, int code_line, const char *code_func, int priority,
+                  const char *event, const struct log_fields *f, const char *fmt, ...) {
         char message[1024];
         int saved_errno = errno;
         va_list ap;
@@ -185,7 +189,7 @@ void log_event(int priority, const char *event, const struct log_fields *f, cons
         va_end(ap);
 
         /* A journal that has gone away must not silence us. */
-        if (!log_to_journal || to_journal(priority, event, f, message) < 0)
+        if (!log_to_journal || to_journal(code_file, code_line, code_func, priority, event, f, message) < 0)
                 to_stderr(priority, event, f, message);
         errno = saved_errno;
 }

@@ -90,6 +90,10 @@ struct proxy_request {
         unsigned attempts;
         unsigned transient_failures;
         unsigned last_key;              /* the key of the previous attempt, avoided next time */
+        unsigned rotated_from;          /* the key a rotation left, until the next key is known */
+        int rotated_status;
+        int64_t attempt_started_ms;
+        const char *transport_error;    /* curl's word for an attempt that got no answer */
 
         /* the current attempt's answer */
         enum answer_mode mode;
@@ -190,6 +194,30 @@ static struct log_fields fields(const struct proxy_request *pr, unsigned key) {
         return f;
 }
 
+static void history(const struct proxy_request *pr, enum history_kind kind, unsigned from, unsigned to,
+                    int status, enum key_reason reason, int64_t cooldown_ms) {
+        struct keytable_event ev = {
+                .wall_ms = clock_wall_ms(), .kind = kind, .status = status, .reason = reason,
+                .cooldown_ms = cooldown_ms,
+        };
+
+        snprintf(ev.pool, sizeof ev.pool, "%s", pr->cpool->name);
+        if (from != KEYTABLE_NO_KEY)
+                snprintf(ev.key_from, sizeof ev.key_from, "%s", key_id(pr, from));
+        if (to != KEYTABLE_NO_KEY)
+                snprintf(ev.key_to, sizeof ev.key_to, "%s", key_id(pr, to));
+        keytable_history_add(pr->ctx->table, &ev);
+}
+
+/* A rotation is one event once the key that takes over is known (KEYTABLE_NO_KEY: none could). */
+static void note_rotation(struct proxy_request *pr, unsigned to) {
+        if (pr->rotated_from == KEYTABLE_NO_KEY)
+                return;
+        history(pr, HISTORY_ROTATE, pr->rotated_from, to, pr->rotated_status, KEY_REASON_NONE, 0);
+        keytable_count_rotation(pr->ctx->table, pr->ctx->slot, pr->pool);
+        pr->rotated_from = KEYTABLE_NO_KEY;
+}
+
 /* Tells every worker with waiting requests (this one included) that a key may be free. */
 static void wake_waiters(struct proxy_context *p) {
         unsigned slots[256], n;
@@ -217,6 +245,13 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
                           "IP-wide limit is suspected; keys keep cooling for their hints", pr->cpool->name);
         if (!c->changed)
                 return;
+        if (c->to == KEY_COOLING)
+                history(pr, HISTORY_COOLDOWN, c->key, KEYTABLE_NO_KEY, pr->status, c->reason,
+                        c->until_ms - clock_mono_ms());
+        else if (c->to == KEY_DISABLED)
+                history(pr, HISTORY_DISABLE, c->key, KEYTABLE_NO_KEY, pr->status, c->reason, 0);
+        else if (c->to == KEY_READY && c->from == KEY_COOLING)
+                history(pr, HISTORY_RECOVER, c->key, KEYTABLE_NO_KEY, 0, KEY_REASON_NONE, 0);
         if (c->to == KEY_COOLING) {
                 f.retry_after_s = (c->until_ms - clock_mono_ms() + 999) / 1000;
                 if (f.retry_after_s < 0)
@@ -298,11 +333,23 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
         struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->status,
                                       .figures = RATE_FIGURES_UNKNOWN };
         struct keytable_change change = {};
+        char error[KEYTABLE_ERROR_MAX + 1] = "";
 
         if (!pr->leased)
                 return;
         if (v && (v->cls == VERDICT_RATE_LIMITED || v->cls == VERDICT_OK))
                 o.rest_ms = v->rest_ms;
+        /* What went wrong, in a few words and without any credential the provider echoed. */
+        if (v && v->cls != VERDICT_OK && v->cls != VERDICT_NONE) {
+                if (pr->transport_error)
+                        snprintf(error, sizeof error, "%s", pr->transport_error);
+                else if (pr->stream_error)
+                        policy_error_summary(pr->stream_error, strlen(pr->stream_error), error, sizeof error);
+                else
+                        policy_error_summary(pr->answer_body, pr->answer_len, error, sizeof error);
+                if (error[0])
+                        o.error = error;
+        }
         o.tokens_in = pr->tokens_in;
         o.tokens_out = pr->tokens_out;
         if (pr->n_answer_headers > 0) {
@@ -403,6 +450,7 @@ static void fail(struct proxy_request *pr, int status, const char *code, int64_t
         size_t n = 0;
         struct http_conn *c;
 
+        note_rotation(pr, KEYTABLE_NO_KEY);
         h[n++] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
         if (retry_after_s > 0) {
                 snprintf(retry, sizeof retry, "%lld", (long long) retry_after_s);
@@ -661,6 +709,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 request_free(pr);
                 return;
         }
+        keytable_observe_latency(pr->ctx->table, pr->ctx->slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
         started = pr->conn && http_conn_stream_started(pr->conn);
         curl_easy_cleanup(pr->easy);
         pr->easy = NULL;
@@ -671,7 +720,9 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 struct log_fields f = fields(pr, pr->lease.key);
 
                 v.cls = VERDICT_TRANSIENT;
+                pr->transport_error = curl_easy_strerror(res);
                 release(pr, &v);
+                pr->transport_error = NULL;
                 log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
                           curl_easy_strerror(res));
                 if (started) {
@@ -733,6 +784,8 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 f.status = pr->stream_error_status ? pr->stream_error_status : pr->status;
                 release(pr, &v);
                 if (pr->attempts < MAX_ATTEMPTS) {
+                        pr->rotated_from = pr->lease.key;
+                        pr->rotated_status = f.status;
                         log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
                                   f.status, verdict_class_name(v.cls));
                         answer_reset(pr);
@@ -847,6 +900,8 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         pr->leased = true;
         pr->attempts++;
         pr->step = STEP_RUNNING;
+        pr->attempt_started_ms = clock_mono_ms();
+        note_rotation(pr, pr->lease.key);
         secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
 
         switch (prov->auth) {
@@ -1074,6 +1129,10 @@ fail:
         free(pb);
 }
 
+void proxy_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+        start_probe(p, key, pool);
+}
+
 static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         struct proxy_context *p = userdata;
         unsigned key, pool;
@@ -1269,6 +1328,7 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         pr->step = STEP_NEW;
         pr->mode = MODE_HEADERS;
         pr->last_key = KEYTABLE_NO_KEY;
+        pr->rotated_from = KEYTABLE_NO_KEY;
         pr->lease.key = KEYTABLE_NO_KEY;
         snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->slot,
                  (unsigned long long) ++p->next_request_id);

@@ -17,6 +17,8 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <grp.h>
+#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +37,7 @@
 #include "keypool/keytable.h"
 #include "keypool/log.h"
 #include "keypool/notify.h"
+#include "keypool/persist.h"
 #include "keypool/supervisor.h"
 #include "keypool/worker.h"
 
@@ -92,6 +95,7 @@ struct supervisor {
         sd_event *event;
         struct keytable *table;
         int listen_fd;
+        int tcp_fd;                     /* http_listen, or -1 */
         bool own_socket;                /* we created the socket file and remove it at exit */
         char *socket_path;              /* the file we created */
         int *wake_fds;                  /* one eventfd per worker slot, shared by all workers */
@@ -104,6 +108,7 @@ struct supervisor {
         sd_event_source *tick;
         sd_event_source *ready_poll;
         sd_event_source *stop_timer;
+        sd_event_source *state_timer;
         int stop_signal;
 };
 
@@ -275,6 +280,7 @@ static int spawn(struct child *c) {
                         .slot = slot,
                         .generation = g->number,
                         .listen_fd = s->listen_fd,
+                        .tcp_listen_fd = s->tcp_fd,
                         .wake_fds = s->wake_fds,
                         .n_wake_fds = s->n_wake_fds,
                         .coordinator_event_fd = sd_event_get_fd(s->event),
@@ -393,10 +399,16 @@ static bool check_workers(struct supervisor *s, int64_t now) {
         struct keytable_worker_view views[2 * MAX_WORKERS + 2];
         unsigned n = keytable_workers(s->table, views, sizeof views / sizeof views[0]);
         int64_t limit = (int64_t) s->current->config->worker_timeout * 1000;
+        /* Pings stop well before a wedged worker is killed, so a watchdog sees the trouble
+         * even when the replacement comes quickly. */
+        int64_t fresh = limit / 2 > 1500 ? limit / 2 : 1500;
         bool healthy = live_children(s->current) == s->current->n_children;
         struct generation *gens[2] = { s->current, s->old };
 
         for (unsigned i = 0; i < n; i++) {
+                if (views[i].pid > 0 && views[i].generation == s->current->number &&
+                    now - views[i].heartbeat_ms > fresh)
+                        healthy = false;
                 if (views[i].pid <= 0 || now - views[i].heartbeat_ms <= limit)
                         continue;
                 for (unsigned g = 0; g < 2; g++)
@@ -504,6 +516,67 @@ static int build_table(struct supervisor *s, const struct config *cfg) {
         return fill_bank(s, cfg);
 }
 
+/* --- state --------------------------------------------------------------------------------- */
+
+static void save_state(struct supervisor *s) {
+        const char *path = s->current->config->state_file;
+        char *text;
+        int r;
+
+        if (!path || !path[0])
+                return;
+        text = persist_export(s->table, clock_mono_ms(), clock_wall_ms());
+        if (!text) {
+                log_warning("cannot encode the state: out of memory");
+                return;
+        }
+        r = persist_save(path, text);
+        free(text);
+        if (r < 0)
+                log_warning("cannot save the state to %s: %s", path, strerror(-r));
+}
+
+/* Cooldowns and counters from the last run: a key that was resting still rests. A bad file is
+ * moved aside, never fatal. */
+static void load_state(struct supervisor *s) {
+        const char *path = s->current->config->state_file;
+        struct persist_report report = {};
+        char err[256] = "", *text = NULL, *aside = NULL;
+        size_t len = 0;
+        int r;
+
+        if (!path || !path[0])
+                return;
+        r = persist_read(path, &text, &len);
+        if (r == -ENOENT)
+                return;
+        if (r < 0) {
+                log_warning("cannot read the state file %s: %s; starting fresh", path, strerror(-r));
+                return;
+        }
+        r = persist_import(s->table, text, len, clock_mono_ms(), clock_wall_ms(), &report, err, sizeof err);
+        free(text);
+        if (r < 0) {
+                if (persist_move_aside(path, clock_wall_ms(), &aside) >= 0)
+                        log_warning("state file %s is not usable (%s): moved aside to %s; starting fresh",
+                                    path, err, aside);
+                else
+                        log_warning("state file %s is not usable (%s); starting fresh", path, err);
+                free(aside);
+                return;
+        }
+        log_info("state restored from %s: %u keys, %u unknown, %u history events",
+                 path, report.imported, report.ignored, report.events);
+}
+
+static int on_state_timer(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+
+        save_state(s);
+        sd_event_source_set_time_relative(src, (uint64_t) s->current->config->state_interval * 1000000);
+        return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+}
+
 /* --- reload -------------------------------------------------------------------------------- */
 
 static void reload_failed(struct supervisor *s, const char *why) {
@@ -557,6 +630,7 @@ static void reload(struct supervisor *s) {
                 return;
         }
         keytable_bank_commit(s->table);
+        keytable_set_config_generation(s->table, s->next_generation + 1);
 
         g = new_generation(s, cfg);
         if (!g) {
@@ -596,6 +670,20 @@ static void begin_stop(struct supervisor *s, int sig) {
                   sig == SIGTERM ? "graceful" : sig == SIGINT ? "fast" : "immediate");
         set_state(s, STATE_STOPPING);
         notify_stopping(&s->notify, "stopping");
+        /* Stop taking clients at once: the socket file goes, and the listening sockets close
+         * as soon as the workers have dropped their copies. */
+        if (s->own_socket) {
+                unlink(s->socket_path);
+                s->own_socket = false;
+        }
+        if (s->listen_fd >= 0) {
+                close(s->listen_fd);
+                s->listen_fd = -1;
+        }
+        if (s->tcp_fd >= 0) {
+                close(s->tcp_fd);
+                s->tcp_fd = -1;
+        }
         s->stop_signal = sig;
         for (unsigned i = 0; i < s->current->n_children; i++)
                 s->current->children[i].respawn_timer =
@@ -707,6 +795,60 @@ static int inherit_listener(struct supervisor *s) {
         return 1;
 }
 
+/* http_listen = "HOST:PORT" ("[v6]:PORT" for IPv6): the same API over TCP. */
+static int open_tcp_listener(struct supervisor *s, const struct config *cfg) {
+        struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
+        struct addrinfo *ai = NULL;
+        char host[256], *port;
+        int fd, r, one = 1;
+
+        if (!cfg->http_listen)
+                return 0;
+        snprintf(host, sizeof host, "%s", cfg->http_listen);
+        port = strrchr(host, ':');
+        if (!port)
+                return -EINVAL;
+        *port++ = 0;
+        if (host[0] == '[') {
+                memmove(host, host + 1, strlen(host));
+                host[strcspn(host, "]")] = 0;
+        }
+        r = getaddrinfo(host, port, &hints, &ai);
+        if (r != 0) {
+                log_error("http_listen %s: %s", cfg->http_listen, gai_strerror(r));
+                return -EINVAL;
+        }
+        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+            bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, SOMAXCONN) < 0) {
+                r = -errno;
+                log_error("cannot listen on %s: %s", cfg->http_listen, strerror(-r));
+                if (fd >= 0)
+                        close(fd);
+                freeaddrinfo(ai);
+                return r;
+        }
+        freeaddrinfo(ai);
+        s->tcp_fd = fd;
+        log_info("also serving the API over TCP on %s", cfg->http_listen);
+        return 0;
+}
+
+static int socket_group(const char *name, gid_t *ret) {
+        char buf[4096], *end;
+        struct group grp, *found = NULL;
+        unsigned long n = strtoul(name, &end, 10);
+
+        if (*name && !*end) {
+                *ret = (gid_t) n;
+                return 0;
+        }
+        if (getgrnam_r(name, &grp, buf, sizeof buf, &found) != 0 || !found)
+                return -ENOENT;
+        *ret = found->gr_gid;
+        return 0;
+}
+
 static int open_listener(struct supervisor *s, const struct config *cfg) {
         const char *path = cfg->socket_path;
         struct sockaddr_un sa = { .sun_family = AF_UNIX };
@@ -748,6 +890,12 @@ static int open_listener(struct supervisor *s, const struct config *cfg) {
         old_umask = umask(0177);
         r = bind(fd, (struct sockaddr *) &sa, sizeof sa);
         umask(old_umask);
+        if (r >= 0 && cfg->socket_group) {
+                gid_t gid;
+
+                if (socket_group(cfg->socket_group, &gid) < 0 || chown(path, (uid_t) -1, gid) < 0)
+                        log_warning("cannot give %s to group %s: %s", path, cfg->socket_group, strerror(errno));
+        }
         if (r < 0 || chmod(path, cfg->socket_mode) < 0 || listen(fd, SOMAXCONN) < 0) {
                 r = -errno;
                 log_error("cannot listen on %s: %s", path, strerror(-r));
@@ -773,6 +921,7 @@ int supervisor_run(struct config *cfg) {
                 return 1;
         }
         s->listen_fd = -1;
+        s->tcp_fd = -1;
         s->pid = getpid();
         notify_init(&s->notify);
         s->current = new_generation(s, cfg);
@@ -809,8 +958,14 @@ int supervisor_run(struct config *cfg) {
                 log_error("cannot set up the event loop: %s", strerror(-r));
                 goto finish;
         }
-        if (build_table(s, cfg) < 0 || open_listener(s, cfg) < 0)
+        if (build_table(s, cfg) < 0 || open_listener(s, cfg) < 0 || open_tcp_listener(s, cfg) < 0)
                 goto finish;
+        keytable_set_config_generation(s->table, s->current->number);
+        load_state(s);
+        if (cfg->state_file && cfg->state_file[0] &&
+            sd_event_add_time_relative(s->event, &s->state_timer, CLOCK_MONOTONIC,
+                                       (uint64_t) cfg->state_interval * 1000000, 1000000, on_state_timer, s) < 0)
+                log_warning("cannot schedule state snapshots");
         if (spawn_generation(s->current) < 0)
                 goto finish;
         log_info("listening on %s", s->own_socket ? cfg->socket_path : "the socket passed by the service manager");
@@ -818,6 +973,7 @@ int supervisor_run(struct config *cfg) {
 
         r = sd_event_loop(s->event);
         status = r < 0 ? 1 : 0;
+        save_state(s);
 
 finish:
         if (s->state != STATE_STOPPED) {
@@ -836,6 +992,9 @@ finish:
         sd_event_source_disable_unref(s->tick);
         sd_event_source_disable_unref(s->ready_poll);
         sd_event_source_disable_unref(s->stop_timer);
+        sd_event_source_disable_unref(s->state_timer);
+        if (s->tcp_fd >= 0)
+                close(s->tcp_fd);
         if (s->listen_fd >= 0)
                 close(s->listen_fd);
         if (s->own_socket)

@@ -9,8 +9,11 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -19,6 +22,7 @@
 #include "keypool/api.h"
 #include "keypool/clock.h"
 #include "keypool/http.h"
+#include "keypool/keyid.h"
 #include "keypool/log.h"
 #include "keypool/proxy.h"
 #include "keypool/upstream.h"
@@ -37,6 +41,7 @@ struct worker {
         const struct worker_params *params;
         sd_event *event;
         sd_event_source *accept_source;
+        sd_event_source *tcp_accept_source;
         sd_event_source *heartbeat;
         struct upstream *upstream;
         struct proxy_context proxy;
@@ -47,12 +52,46 @@ struct worker {
         bool draining;
 };
 
+/* Does the request carry one of the configured client tokens (Authorization: Bearer …)? */
+static bool has_client_token(const struct config *cfg, const struct http_request *req) {
+        const char *auth = http_request_header(req, "Authorization");
+        char hex[65];
+        bool match = false;
+
+        if (!auth || strncasecmp(auth, "Bearer ", 7) != 0 ||
+            keyid_sha256_hex(auth + 7, strlen(auth + 7), hex) < 0)
+                return false;
+        /* Compare every digest in full, so timing tells nothing about which was close. */
+        for (unsigned i = 0; i < cfg->n_client_tokens; i++) {
+                unsigned char diff = 0;
+
+                for (unsigned k = 0; k < 64; k++)
+                        diff |= (unsigned char) (hex[k] ^ cfg->client_tokens[i][k]);
+                match |= diff == 0;
+        }
+        return match;
+}
+
 static void on_request(struct http_conn *c, struct http_request *req, void *userdata) {
         struct client *cl = userdata;
         struct worker *w = cl->w;
+        const struct config *cfg = w->params->config;
+        const struct http_peer *peer = http_conn_peer(c);
+        bool admin;
 
         keytable_slot_count_request(w->params->table, w->params->slot);
-        if (api_handle(&w->api, c, req))
+        if (peer->tcp) {
+                /* Over TCP a client token is the only credential there is. */
+                admin = cfg->n_client_tokens > 0 && has_client_token(cfg, req);
+                if (cfg->n_client_tokens > 0 && !admin) {
+                        http_conn_respond_error(c, 401, "authentication_error", "invalid_client_token",
+                                                (const struct http_header[]) { { "WWW-Authenticate", "Bearer" } }, 1,
+                                                "a valid client token is required (Authorization: Bearer …)");
+                        return;
+                }
+        } else
+                admin = peer->have_uid && (peer->uid == 0 || peer->uid == geteuid());
+        if (api_handle(&w->api, c, req, admin))
                 return;
         if (strncmp(req->url, "/v1/", 4) == 0) {
                 proxy_handle(&w->proxy, c, req);
@@ -82,6 +121,8 @@ static void on_closed(struct http_conn *c, void *userdata) {
         /* Below the limit again: take new connections. */
         if (w->accept_source && !w->draining)
                 sd_event_source_set_enabled(w->accept_source, SD_EVENT_ON);
+        if (w->tcp_accept_source && !w->draining)
+                sd_event_source_set_enabled(w->tcp_accept_source, SD_EVENT_ON);
         maybe_finish_draining(w);
 }
 
@@ -91,6 +132,24 @@ static const struct http_handler handler = {
         .on_drain = proxy_on_drain,
         .on_closed = on_closed,
 };
+
+/* Admin actions are for the socket's owner and root: remember who connected. */
+static void set_peer(struct http_conn *c, int fd, bool tcp) {
+        struct http_peer peer = { .tcp = tcp };
+        struct ucred cred;
+        socklen_t len = sizeof cred;
+
+        if (!tcp && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+                peer.have_uid = true;
+                peer.uid = cred.uid;
+        }
+        if (tcp) {
+                int one = 1;
+
+                setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        }
+        http_conn_set_peer(c, &peer);
+}
 
 static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct worker *w = userdata;
@@ -116,6 +175,7 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
                         close(cfd);
                         continue;
                 }
+                set_peer(cl->conn, cfd, fd == w->params->tcp_listen_fd);
                 cl->w = w;
                 cl->next = w->clients;
                 if (w->clients)
@@ -145,6 +205,13 @@ static void start_draining(struct worker *w) {
         w->draining = true;
         keytable_slot_set_stage(w->params->table, w->params->slot, WORKER_STAGE_DRAINING);
         w->accept_source = sd_event_source_disable_unref(w->accept_source);
+        w->tcp_accept_source = sd_event_source_disable_unref(w->tcp_accept_source);
+        /* Drop our reference to the listening sockets: once the coordinator drops its own (at
+         * shutdown), new clients are refused at once instead of waiting in a backlog nobody
+         * serves. On a reload the new generation holds them open. */
+        close(w->params->listen_fd);
+        if (w->params->tcp_listen_fd >= 0)
+                close(w->params->tcp_listen_fd);
         for (struct client *cl = w->clients, *next; cl; cl = next) {
                 next = cl->next;
                 http_conn_shutdown(cl->conn);
@@ -210,6 +277,8 @@ int worker_run(const struct worker_params *wp) {
         if (r >= 0)
                 r = sd_event_add_time_relative(w.event, &w.heartbeat, CLOCK_MONOTONIC, HEARTBEAT_USEC, 0,
                                                on_heartbeat, &w);
+        if (r >= 0 && wp->tcp_listen_fd >= 0)
+                r = sd_event_add_io(w.event, &w.tcp_accept_source, wp->tcp_listen_fd, EPOLLIN, on_accept, &w);
         if (r >= 0 && wp->slot < wp->n_wake_fds)
                 r = sd_event_add_io(w.event, NULL, wp->wake_fds[wp->slot], EPOLLIN, on_wake, &w);
         if (r >= 0)
@@ -229,7 +298,8 @@ int worker_run(const struct worker_params *wp) {
                 .timeout_usec = (uint64_t) wp->config->client_timeout * 1000000,
         };
         w.api = (struct api_context) {
-                .config = wp->config, .table = wp->table, .coordinator_pid = wp->coordinator_pid,
+                .config = wp->config, .table = wp->table, .proxy = &w.proxy,
+                .coordinator_pid = wp->coordinator_pid,
         };
         w.proxy = (struct proxy_context) {
                 .config = wp->config,

@@ -37,6 +37,13 @@ struct http_header {
         const char *value;
 };
 
+/* Who is on the other end, as the worker learned it at accept. */
+struct http_peer {
+        bool tcp;                       /* came in over the TCP listener */
+        bool have_uid;                  /* UNIX socket: SO_PEERCRED gave uid */
+        unsigned uid;
+};
+
 struct http_limits {
         size_t max_header;              /* request line and headers together, bytes */
         size_t max_body;                /* request body, bytes */
@@ -58,6 +65,9 @@ struct http_handler {
 /* Takes ownership of fd (non-blocking). */
 int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
                   const struct http_handler *h, void *userdata, struct http_conn **ret);
+
+void http_conn_set_peer(struct http_conn *c, const struct http_peer *peer);
+const struct http_peer *http_conn_peer(const struct http_conn *c);
 
 /* Data the handler attaches to the active request (passed to on_abort/on_drain). */
 void http_conn_set_request_data(struct http_conn *c, void *request_data);
@@ -82,7 +92,8 @@ bool http_conn_stream_started(const struct http_conn *c);
 /* Closes at once, without finishing any response (on_abort is not called). */
 void http_conn_abort(struct http_conn *c);
 
-/* Graceful stop: close now if idle, else after the active request's response. */
+/* Graceful stop: an idle keep-alive connection closes now; any other closes after its next
+ * response (a fresh connection's first request is still served). */
 void http_conn_shutdown(struct http_conn *c);
 
 /* Is a request being served (from complete request to response flushed)? */

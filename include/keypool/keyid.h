@@ -19,3 +19,6 @@ int keyid_fingerprint(const char *secret, size_t len, char ret_id[KEYID_ID_LEN +
 
 /* Writes the masked form (NUL-terminated) to ret_masked. Never fails. */
 void keyid_mask(const char *secret, size_t len, char ret_masked[KEYID_MASK_MAX + 1]);
+
+/* The full SHA-256 of data as 64 lowercase hex digits (client tokens are configured this way). */
+int keyid_sha256_hex(const char *data, size_t len, char ret_hex[65]);

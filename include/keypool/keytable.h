@@ -69,11 +69,51 @@ enum worker_stage {
 
 struct keytable;                /* process-local handle on the mapping */
 
+#define KEYTABLE_LATENCY_BUCKETS 12      /* ≤ 0.05 0.1 0.25 0.5 1 2.5 5 10 30 60 120 s, +Inf */
+#define KEYTABLE_ERROR_MAX       95
+
+enum history_kind {
+        HISTORY_NONE = 0,
+        HISTORY_ROTATE,                 /* a request moved from key_from to key_to ("" none ready) */
+        HISTORY_COOLDOWN,
+        HISTORY_RECOVER,
+        HISTORY_DISABLE,
+        HISTORY_ENABLE,
+        HISTORY_PROBE,
+        _HISTORY_MAX,
+};
+
+/* One entry of the rotation history ring. */
+struct keytable_event {
+        uint64_t seq;                   /* assigned by keytable_history_add, increasing */
+        int64_t wall_ms;                /* when, ms since the epoch */
+        enum history_kind kind;
+        char pool[KEYTABLE_NAME_MAX + 1];
+        char key_from[KEYID_ID_LEN + 1];/* the key that left, or the key concerned; "" none */
+        char key_to[KEYID_ID_LEN + 1];  /* the key that took over; "" none */
+        int status;                     /* upstream status, 0 none */
+        enum key_reason reason;
+        int64_t cooldown_ms;            /* the rest given, 0 none */
+};
+
+/* A key's persistent state, for state files and import. Times are monotonic ms. */
+struct keytable_key_state {
+        enum key_state state;
+        enum key_reason reason;
+        int64_t cooldown_until_ms;
+        int64_t last_used_ms;           /* 0 never */
+        uint64_t requests, successes, rate_limited, failures, tokens_in, tokens_out;
+        unsigned consecutive_failures;
+        int last_status;
+        enum verdict_class last_class;
+};
+
 struct keytable_limits {
         unsigned max_pools;             /* per bank */
         unsigned max_keys;              /* per bank */
         unsigned n_slots;               /* worker slots (live workers of all generations) */
         unsigned leases_per_slot;       /* requests one worker may have in flight */
+        unsigned history_size;          /* rotation history ring entries (0: 1024) */
 };
 
 /* A key held by one request of one worker. */
@@ -102,6 +142,7 @@ struct keytable_outcome {
                                          * success that left it nothing (remaining 0) */
         uint64_t tokens_in, tokens_out;
         struct rate_figures figures;    /* what the answer said; RATE_FIGURES_UNKNOWN if nothing */
+        const char *error;              /* a short, already sanitized error message, or NULL */
 };
 
 /* A state change made by a release or an acquire, to be logged outside the lock. */
@@ -143,6 +184,8 @@ struct keytable_key_view {
         int64_t next_probe_ms;          /* disabled keys that are probed: when next; else 0 */
         struct rate_figures figures;    /* the provider's last figures for this key */
         int64_t figures_ms;             /* when they were seen (monotonic), 0 never */
+        uint64_t by_class[_VERDICT_MAX];/* outcomes recorded, by class */
+        char last_error[KEYTABLE_ERROR_MAX + 1];        /* "" none */
 };
 
 struct keytable_pool_view {
@@ -151,6 +194,11 @@ struct keytable_pool_view {
         unsigned first_key, n_keys;     /* first_key: table-wide index of the pool's first key */
         int64_t account_limit_until_ms; /* > now: every key was limited at once (account/IP-wide
                                          * limit suspected) until this time */
+        uint64_t rotations;             /* requests moved from one key to another */
+        uint64_t latency_buckets[KEYTABLE_LATENCY_BUCKETS];     /* cumulative counts are the
+                                         * caller's business: these are per bucket */
+        uint64_t latency_count;
+        uint64_t latency_sum_ms;
 };
 
 struct keytable_worker_view {
@@ -162,6 +210,7 @@ struct keytable_worker_view {
         int64_t started_ms, heartbeat_ms;
         uint64_t requests;
         unsigned in_flight;             /* leases held */
+        unsigned waiters;               /* requests waiting for a key */
 };
 
 /* --- coordinator: creation, before the first fork ------------------------------------------- */
@@ -264,6 +313,36 @@ void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n);
 /* Slots with waiters, at most max; returns how many. */
 unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max);
 
+/* --- observations (any worker; lock-free counters) ---------------------------------------- */
+
+/* Upper bounds of the latency buckets in ms (the last is INT64_MAX). */
+extern const int64_t keytable_latency_bounds_ms[KEYTABLE_LATENCY_BUCKETS];
+/* One upstream attempt took ms; pool is relative to the slot's bank. */
+void keytable_observe_latency(struct keytable *t, unsigned slot, unsigned pool, int64_t ms);
+/* A request moved from one key to another in this pool (slot's bank). */
+void keytable_count_rotation(struct keytable *t, unsigned slot, unsigned pool);
+
+/* --- history ring (header lock) ---------------------------------------------------------- */
+
+/* Appends e (seq assigned here), overwriting the oldest entry when full. */
+void keytable_history_add(struct keytable *t, const struct keytable_event *e);
+/* The most recent entries, at most max, oldest first; returns how many. */
+unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, unsigned max);
+unsigned keytable_history_capacity(const struct keytable *t);
+
+/* --- persistence --------------------------------------------------------------------------- */
+
+/* Sets a key's state and counters (current bank, pool-relative position) from a saved state.
+ * An impossible state is -EINVAL and changes nothing; a cooling key whose time has passed
+ * becomes ready. */
+int keytable_restore_key(struct keytable *t, unsigned pool, unsigned position,
+                         const struct keytable_key_state *st, int64_t now_ms);
+
+/* The configuration generation readers report (1 at start, +1 per reload): set by the
+ * coordinator. */
+void keytable_set_config_generation(struct keytable *t, unsigned generation);
+unsigned keytable_config_generation(const struct keytable *t);
+
 /* --- readers (any process) ------------------------------------------------------------------- */
 
 /* All of the current bank, except keytable_slot_pool_info (the slot's bank). */
@@ -298,6 +377,7 @@ unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, 
 const char *keytable_state_name(enum key_state s);       /* "ready", "cooling", "disabled" */
 const char *keytable_reason_name(enum key_reason r);     /* NULL for KEY_REASON_NONE */
 const char *keytable_stage_name(enum worker_stage s);
+const char *keytable_history_kind_name(enum history_kind k);    /* "rotate", "cooldown", … */
 
 /* --- tests only ------------------------------------------------------------------------------ */
 

@@ -36,9 +36,13 @@ void log_setup(const char *ident, int max_priority, enum log_target target);
 /* "auto", "journal", "stderr" → the target, or 0. */
 enum log_target log_target_from_string(const char *s);
 
-/* Logs one event. event may be NULL for plain messages. */
-void log_event(int priority, const char *event, const struct log_fields *f, const char *fmt, ...)
-        __attribute__((format(printf, 4, 5)));
+/* Logs one event. event may be NULL for plain messages. The journal records where it was
+ * logged (CODE_FILE, CODE_LINE, CODE_FUNC). */
+#define log_event(priority, event, f, ...) \
+        log_event_at("CODE_FILE=" __FILE__, __LINE__, __func__, priority, event, f, __VA_ARGS__)
+void log_event_at(const char *code_file, int code_line, const char *code_func, int priority,
+                  const char *event, const struct log_fields *f, const char *fmt, ...)
+        __attribute__((format(printf, 7, 8)));
 
 #define log_error(...)   log_event(LOG_ERR, NULL, NULL, __VA_ARGS__)
 #define log_warning(...) log_event(LOG_WARNING, NULL, NULL, __VA_ARGS__)

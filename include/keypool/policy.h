@@ -72,3 +72,9 @@ int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_o
  * with policy_classify; 0 when it is not an error. */
 int policy_sse_error(const char *event, size_t len, int *ret_status, const char **ret_data,
                      size_t *ret_data_len);
+
+/* A short message for people from an error answer: error.message when the body is JSON (else the
+ * raw text), printable ASCII only, white space folded, every word that looks like a credential
+ * (sk-…, AIza…, or a long run of letters and digits) replaced by "[redacted]", cut to size - 1
+ * bytes. Never fails; "" when there is nothing to say. */
+void policy_error_summary(const char *body, size_t len, char *ret, size_t size);

@@ -18,6 +18,7 @@ struct worker_params {
         unsigned slot;
         unsigned generation;
         int listen_fd;
+        int tcp_listen_fd;              /* http_listen, or -1 */
         const int *wake_fds;            /* one eventfd per slot (index = slot) */
         unsigned n_wake_fds;
         int coordinator_event_fd;       /* the coordinator's epoll fd, closed in the worker */

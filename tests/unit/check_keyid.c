@@ -158,11 +158,22 @@ START_TEST(test_mask_never_exceeds_its_buffer)
 }
 END_TEST
 
+START_TEST(test_sha256_hex_is_the_full_digest_in_lowercase) {
+        char hex[65];
+
+        ck_assert_int_eq(keyid_sha256_hex("abc", 3, hex), 0);
+        ck_assert_str_eq(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        ck_assert_int_eq(keyid_sha256_hex("", 0, hex), 0);
+        ck_assert_str_eq(hex, "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+}
+END_TEST
+
 static Suite *keyid_suite(void) {
         Suite *s = suite_create("keyid");
         TCase *tc = tcase_create("keyid");
 
         tcase_add_test(tc, test_id_is_kp_and_first_ten_hex_digits_of_sha256_known_vectors);
+        tcase_add_test(tc, test_sha256_hex_is_the_full_digest_in_lowercase);
         tcase_add_test(tc, test_id_matches_libcrypto_sha256_of_the_secret);
         tcase_add_test(tc, test_id_is_stable_and_covers_only_the_given_length);
         tcase_add_test(tc, test_different_secrets_get_different_ids);

@@ -1,6 +1,7 @@
 /* check_keytable.c — the shared key table: selection, per-key limits (max_concurrent, rpm),
- * cooldowns, rows shared across pools, account-wide limits, probes, leases, worker slots, and
- * surviving processes that die at the worst moment (robust mutexes, repair from the leases). */
+ * cooldowns, rows shared across pools, account-wide limits, probes, leases, worker slots, the
+ * history ring, observation counters, restoring saved state, and surviving processes that die at
+ * the worst moment (robust mutexes, repair from the leases). */
 
 #include <check.h>
 #include <dirent.h>
@@ -1541,6 +1542,9 @@ START_TEST(test_repair_makes_the_new_fields_of_a_scribbled_row_safe)
         ck_assert_int_eq(v[1].state, KEY_READY);
         ck_assert_int_eq(v[1].next_probe_ms, 0);
         ck_assert_int_eq(v[1].figures_ms, 0);
+        ck_assert_msg(strlen(v[1].last_error) == KEYTABLE_ERROR_MAX,
+                      "an unterminated last error must be cut at its size, got %zu bytes",
+                      strlen(v[1].last_error));
         ck_assert_uint_eq(v[1].rpm, 1);
         ck_assert_uint_eq(v[1].max_concurrent, 1);
         ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
@@ -2616,6 +2620,516 @@ START_TEST(test_state_reason_and_stage_names)
 }
 END_TEST
 
+/* --- history, observations and restoring ------------------------------------------------- */
+
+static struct keytable_event event_numbered(unsigned n) {
+        struct keytable_event e = {
+                .wall_ms = 1700000000000 + n,
+                .kind = HISTORY_ROTATE,
+                .status = 429,
+                .reason = KEY_REASON_RATE_LIMITED,
+                .cooldown_ms = n * 1000,
+        };
+
+        snprintf(e.pool, sizeof e.pool, "pool-%u", n);
+        snprintf(e.key_from, sizeof e.key_from, "kp-%010u", n);
+        snprintf(e.key_to, sizeof e.key_to, "kp-%010u", n + 1);
+        return e;
+}
+
+START_TEST(test_history_ring_wraps_and_returns_the_newest_oldest_first)
+{
+        struct keytable_limits lim = small_limits;
+        struct keytable_event out[16];
+        struct keytable *t;
+        unsigned n;
+
+        lim.history_size = 4;
+        ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
+        ck_assert_uint_eq(keytable_history_capacity(t), 4);
+        ck_assert_uint_eq(keytable_history_read(t, out, 16), 0);
+
+        for (unsigned i = 0; i < 10; i++) {
+                struct keytable_event e = event_numbered(i);
+
+                keytable_history_add(t, &e);
+        }
+        n = keytable_history_read(t, out, 16);
+        ck_assert_msg(n == 4, "a ring of 4 holds 4 entries, read %u", n);
+        for (unsigned i = 0; i < n; i++) {
+                struct keytable_event want = event_numbered(6 + i);
+
+                ck_assert_msg(out[i].seq == 7 + i, "entry %u: seq %llu, expected %u", i,
+                              (unsigned long long) out[i].seq, 7 + i);
+                ck_assert_int_eq(out[i].wall_ms, want.wall_ms);
+                ck_assert_int_eq(out[i].kind, HISTORY_ROTATE);
+                ck_assert_str_eq(out[i].pool, want.pool);
+                ck_assert_str_eq(out[i].key_from, want.key_from);
+                ck_assert_str_eq(out[i].key_to, want.key_to);
+                ck_assert_int_eq(out[i].status, 429);
+                ck_assert_int_eq(out[i].reason, KEY_REASON_RATE_LIMITED);
+                ck_assert_int_eq(out[i].cooldown_ms, want.cooldown_ms);
+        }
+
+        /* Fewer asked for: the newest of them, still oldest first. */
+        n = keytable_history_read(t, out, 2);
+        ck_assert_uint_eq(n, 2);
+        ck_assert_uint_eq(out[0].seq, 9);
+        ck_assert_uint_eq(out[1].seq, 10);
+        keytable_destroy(t);
+
+        lim.history_size = 0;
+        ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
+        ck_assert_uint_eq(keytable_history_capacity(t), 1024);
+        keytable_destroy(t);
+}
+END_TEST
+
+START_TEST(test_history_add_cuts_over_long_names_and_kind_names_are_stable)
+{
+        struct keytable_event e = { .kind = HISTORY_COOLDOWN }, out;
+        struct keytable *t;
+
+        ck_assert_int_eq(keytable_create(&small_limits, 1000, &t), 0);
+        memset(e.pool, 'p', sizeof e.pool);             /* unterminated */
+        memset(e.key_from, 'k', sizeof e.key_from);
+        keytable_history_add(t, &e);
+        ck_assert_uint_eq(keytable_history_read(t, &out, 1), 1);
+        ck_assert_uint_eq(strlen(out.pool), KEYTABLE_NAME_MAX);
+        ck_assert_uint_eq(strlen(out.key_from), KEYID_ID_LEN);
+        ck_assert_str_eq(out.key_to, "");
+        keytable_destroy(t);
+
+        ck_assert_ptr_null(keytable_history_kind_name(HISTORY_NONE));
+        ck_assert_str_eq(keytable_history_kind_name(HISTORY_ROTATE), "rotate");
+        ck_assert_str_eq(keytable_history_kind_name(HISTORY_COOLDOWN), "cooldown");
+        ck_assert_str_eq(keytable_history_kind_name(HISTORY_RECOVER), "recover");
+        ck_assert_str_eq(keytable_history_kind_name(HISTORY_DISABLE), "disable");
+        ck_assert_str_eq(keytable_history_kind_name(HISTORY_ENABLE), "enable");
+        ck_assert_str_eq(keytable_history_kind_name(HISTORY_PROBE), "probe");
+        ck_assert_ptr_null(keytable_history_kind_name(_HISTORY_MAX));
+}
+END_TEST
+
+/* Appenders killed at random moments, most of them inside an append holding the header lock:
+ * every entry read afterwards is whole, seqs only grow, and appending goes on. */
+START_TEST(test_history_stays_whole_when_appenders_die_mid_append)
+{
+        struct keytable_limits lim = small_limits;
+        struct keytable_event out[8];
+        struct keytable *t;
+        unsigned seed = 4242, n;
+        uint64_t last_seq = 0;
+
+        lim.history_size = 8;
+        ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
+        for (unsigned round = 0; round < 20; round++) {
+                int status;
+                pid_t pid = fork();
+
+                ck_assert_int_ge(pid, 0);
+                if (pid == 0)
+                        for (unsigned i = round * 1000000;; i++) {
+                                struct keytable_event e = event_numbered(i);
+
+                                keytable_history_add(t, &e);
+                        }
+                usleep(200 + rand_r(&seed) % 3000);
+                kill(pid, SIGKILL);
+                ck_assert_int_eq(wait_child(pid, &status), pid);
+
+                n = keytable_history_read(t, out, 8);
+                ck_assert_uint_le(n, 8);
+                for (unsigned i = 0; i < n; i++) {
+                        unsigned num;
+                        struct keytable_event want;
+
+                        ck_assert_msg(sscanf(out[i].pool, "pool-%u", &num) == 1,
+                                      "round %u: a torn entry (pool '%s')", round, out[i].pool);
+                        want = event_numbered(num);
+                        ck_assert_msg(memcmp(&out[i].wall_ms, &want.wall_ms, sizeof want.wall_ms) == 0 &&
+                                      strcmp(out[i].key_from, want.key_from) == 0 &&
+                                      strcmp(out[i].key_to, want.key_to) == 0 &&
+                                      out[i].cooldown_ms == want.cooldown_ms,
+                                      "round %u: entry %u is a mix of two appends", round, num);
+                        ck_assert_msg(i == 0 || out[i].seq > out[i - 1].seq,
+                                      "round %u: seqs out of order", round);
+                }
+                if (n > 0) {
+                        ck_assert_uint_ge(out[n - 1].seq, last_seq);
+                        last_seq = out[n - 1].seq;
+                }
+        }
+        ck_assert_msg(keytable_repairs(t) > 0, "no appender died holding the lock in 20 rounds");
+
+        /* Appending goes on where the ring left off. */
+        {
+                struct keytable_event e = event_numbered(7);
+
+                keytable_history_add(t, &e);
+                n = keytable_history_read(t, out, 1);
+                ck_assert_uint_eq(n, 1);
+                ck_assert_str_eq(out[0].pool, "pool-7");
+                ck_assert_uint_gt(out[0].seq, last_seq);
+        }
+        keytable_destroy(t);
+}
+END_TEST
+
+START_TEST(test_release_counts_each_outcome_by_class)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        const enum verdict_class classes[] = { VERDICT_OK, VERDICT_OK, VERDICT_CALLER,
+                                               VERDICT_TRANSIENT, VERDICT_NONE, VERDICT_OK };
+        struct keytable_lease l;
+
+        fixture_setup(&f);
+        /* Keys 1 and 2 out of the way: every outcome lands on key 0. */
+        ck_assert_int_eq(keytable_disable(f.t, f.key[1], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[2], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        for (unsigned i = 0; i < sizeof classes / sizeof classes[0]; i++) {
+                l = acquire_ok(&f, f.slot, 1000 + i);
+                ck_assert_uint_eq(l.key, f.key[0]);
+                release_as(&f, &l, classes[i], 200, 0, 1000 + i, NULL);
+        }
+        l = acquire_ok(&f, f.slot, 2000);
+        release_as(&f, &l, VERDICT_RATE_LIMITED, 429, 1000, 2000, NULL);
+        l = acquire_ok(&f, f.slot, 4000);
+        keytable_release(f.t, &l, NULL, 4000, NULL);
+
+        snapshot(&f, 4000, v);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_NONE], 0);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_OK], 3);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_CALLER], 1);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_TRANSIENT], 1);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_RATE_LIMITED], 1);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_AUTH], 0);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_QUOTA], 0);
+        for (unsigned c = 0; c < _VERDICT_MAX; c++)
+                ck_assert_uint_eq(v[1].by_class[c], 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+static void release_with_error(struct fixture *f, enum verdict_class cls, const char *error,
+                               int64_t now) {
+        struct keytable_outcome o = { .cls = cls, .status = cls == VERDICT_OK ? 200 : 502,
+                                      .figures = RATE_FIGURES_UNKNOWN, .error = error };
+        struct keytable_lease l = acquire_ok(f, f->slot, now);
+
+        ck_assert_uint_eq(l.key, f->key[0]);
+        keytable_release(f->t, &l, &o, now, NULL);
+}
+
+START_TEST(test_last_error_is_kept_cut_to_size_until_the_next_one)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        char long_error[300], utf8_error[200];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[1], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[2], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        snapshot(&f, 1000, v);
+        ck_assert_str_eq(v[0].last_error, "");
+
+        release_with_error(&f, VERDICT_TRANSIENT, "upstream answered 502\nBad gateway", 1000);
+        snapshot(&f, 1000, v);
+        ck_assert_str_eq(v[0].last_error, "upstream answered 502 Bad gateway");
+
+        /* A success has nothing to say about it. */
+        release_with_error(&f, VERDICT_OK, NULL, 1001);
+        snapshot(&f, 1001, v);
+        ck_assert_str_eq(v[0].last_error, "upstream answered 502 Bad gateway");
+
+        memset(long_error, 'e', sizeof long_error - 1);
+        long_error[sizeof long_error - 1] = '\0';
+        release_with_error(&f, VERDICT_TRANSIENT, long_error, 1002);
+        snapshot(&f, 1002, v);
+        ck_assert_uint_eq(strlen(v[0].last_error), KEYTABLE_ERROR_MAX);
+        ck_assert(strspn(v[0].last_error, "e") == KEYTABLE_ERROR_MAX);
+
+        /* "é" straddles the cut: it goes whole, never half. */
+        memset(utf8_error, 'a', KEYTABLE_ERROR_MAX - 1);
+        strcpy(utf8_error + KEYTABLE_ERROR_MAX - 1, "\xc3\xa9 and more");
+        release_with_error(&f, VERDICT_TRANSIENT, utf8_error, 1003);
+        snapshot(&f, 1003, v);
+        ck_assert_uint_eq(strlen(v[0].last_error), KEYTABLE_ERROR_MAX - 1);
+        ck_assert(strspn(v[0].last_error, "a") == KEYTABLE_ERROR_MAX - 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_latency_lands_in_its_bucket_with_count_and_sum)
+{
+        struct fixture f;
+        struct keytable_pool_view pv;
+        const int64_t samples[] = { 0, 50, 51, 100, 120000, 120001, 999999999, -5 };
+        uint64_t sum = 0;
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < sizeof samples / sizeof samples[0]; i++) {
+                keytable_observe_latency(f.t, f.slot, f.pool, samples[i]);
+                sum += samples[i] > 0 ? (uint64_t) samples[i] : 0;
+        }
+        keytable_count_rotation(f.t, f.slot, f.pool);
+        keytable_count_rotation(f.t, f.slot, f.pool);
+        /* A bad slot or pool counts nowhere. */
+        keytable_observe_latency(f.t, 99, f.pool, 10);
+        keytable_observe_latency(f.t, f.slot, 7, 10);
+        keytable_count_rotation(f.t, f.slot, 7);
+
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_msg(pv.latency_buckets[0] == 3, "≤ 50 ms: 0, 50 and a negative, got %llu",
+                      (unsigned long long) pv.latency_buckets[0]);
+        ck_assert_uint_eq(pv.latency_buckets[1], 2);
+        for (unsigned i = 2; i < 10; i++)
+                ck_assert_uint_eq(pv.latency_buckets[i], 0);
+        ck_assert_uint_eq(pv.latency_buckets[10], 1);
+        ck_assert_uint_eq(pv.latency_buckets[11], 2);
+        ck_assert_uint_eq(pv.latency_count, 8);
+        ck_assert_uint_eq(pv.latency_sum_ms, sum);
+        ck_assert_uint_eq(pv.rotations, 2);
+        ck_assert_int_eq(keytable_latency_bounds_ms[0], 50);
+        ck_assert_int_eq(keytable_latency_bounds_ms[KEYTABLE_LATENCY_BUCKETS - 1], INT64_MAX);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_reload_carries_pool_counters_outcome_classes_and_the_last_error)
+{
+        struct fixture f;
+        struct keytable_pool_view pv;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_event e = event_numbered(1), out;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[1], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        ck_assert_int_eq(keytable_disable(f.t, f.key[2], KEY_REASON_OPERATOR, 1000, NULL), 0);
+        release_with_error(&f, VERDICT_TRANSIENT, "timed out", 1000);
+        release_with_error(&f, VERDICT_OK, NULL, 1001);
+        keytable_observe_latency(f.t, f.slot, f.pool, 300);
+        keytable_count_rotation(f.t, f.slot, f.pool);
+        keytable_history_add(f.t, &e);
+        keytable_set_config_generation(f.t, 2);
+
+        reload_same(&f, NULL);
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_uint_eq(pv.rotations, 1);
+        ck_assert_uint_eq(pv.latency_buckets[3], 1);
+        ck_assert_uint_eq(pv.latency_count, 1);
+        ck_assert_uint_eq(pv.latency_sum_ms, 300);
+        snapshot(&f, 1001, v);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_OK], 1);
+        ck_assert_uint_eq(v[0].by_class[VERDICT_TRANSIENT], 1);
+        ck_assert_str_eq(v[0].last_error, "timed out");
+        ck_assert_uint_eq(keytable_history_read(f.t, &out, 1), 1);
+        ck_assert_str_eq(out.pool, e.pool);
+        ck_assert_uint_eq(keytable_config_generation(f.t), 2);
+
+        /* What the draining generation counts after the switch stays in the old bank. */
+        keytable_count_rotation(f.t, f.slot, f.pool);   /* the old slot: old bank */
+        ck_assert_int_eq(keytable_slot_claim(f.t, 3, 1001, &f.slot), 0);
+        keytable_count_rotation(f.t, f.slot, f.pool);   /* new bank */
+        ck_assert_int_eq(keytable_pool_info(f.t, f.pool, &pv), 0);
+        ck_assert_uint_eq(pv.rotations, 2);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_new_pool_in_a_reload_starts_with_zero_counters)
+{
+        struct fixture f;
+        struct keytable_pool_view pv;
+        unsigned p;
+
+        fixture_setup(&f);
+        keytable_count_rotation(f.t, f.slot, f.pool);
+        keytable_observe_latency(f.t, f.slot, f.pool, 10);
+        /* Two reloads, so the second refills the very row that counted above. */
+        for (unsigned round = 0; round < 2; round++) {
+                const char *name = round == 0 ? "another" : "third";
+
+                ck_assert_int_eq(keytable_bank_begin(f.t), 0);
+                ck_assert_int_eq(keytable_add_pool(f.t, name, "m", &p), 0);
+                ck_assert_int_eq(keytable_add_key(f.t, p, fake_ids[0], fake_masks[0], NULL), 0);
+                ck_assert_int_eq(keytable_bank_commit(f.t), 0);
+                ck_assert_int_eq(keytable_pool_info(f.t, p, &pv), 0);
+                ck_assert_str_eq(pv.name, name);
+                ck_assert_uint_eq(pv.rotations, 0);
+                ck_assert_uint_eq(pv.latency_count, 0);
+                ck_assert_uint_eq(pv.latency_sum_ms, 0);
+                /* The old generation is gone: its bank may be refilled. */
+                keytable_slot_release(f.t, f.slot);
+        }
+        ck_assert_uint_eq(keytable_bank_current(f.t), 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_workers_view_shows_each_workers_waiting_requests)
+{
+        struct fixture f;
+        struct keytable_worker_view w[4];
+
+        fixture_setup(&f);
+        keytable_slot_set_waiters(f.t, f.slot, 5);
+        ck_assert_uint_eq(keytable_workers(f.t, w, 4), 1);
+        ck_assert_uint_eq(w[0].waiters, 5);
+        keytable_slot_set_waiters(f.t, f.slot, 0);
+        ck_assert_uint_eq(keytable_workers(f.t, w, 4), 1);
+        ck_assert_uint_eq(w[0].waiters, 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+static struct keytable_key_state saved_counters(void) {
+        return (struct keytable_key_state) {
+                .state = KEY_READY,
+                .reason = KEY_REASON_NONE,
+                .last_used_ms = 900,
+                .requests = 40, .successes = 30, .rate_limited = 5, .failures = 4,
+                .tokens_in = 1234, .tokens_out = 567,
+                .consecutive_failures = 2,
+                .last_status = 429,
+                .last_class = VERDICT_RATE_LIMITED,
+        };
+}
+
+START_TEST(test_restore_key_refuses_impossible_states_and_changes_nothing)
+{
+        struct fixture f;
+        struct keytable_key_view before[N_KEYS], after[N_KEYS];
+        struct keytable_key_state bad[9];
+
+        fixture_setup(&f);
+        for (unsigned i = 0; i < 9; i++)
+                bad[i] = saved_counters();
+        bad[0].state = KEY_STATE_INVALID;
+        bad[1].state = (enum key_state) 77;
+        bad[2].reason = (enum key_reason) 77;
+        bad[3].state = KEY_COOLING;                     /* no time, no reason */
+        bad[4].state = KEY_COOLING;                     /* a reason but no time */
+        bad[4].reason = KEY_REASON_RATE_LIMITED;
+        bad[5].state = KEY_DISABLED;                    /* no reason */
+        bad[6].reason = KEY_REASON_AUTH;                /* ready with a reason */
+        bad[7].last_class = (enum verdict_class) 99;
+        bad[8].last_status = -1;
+
+        snapshot(&f, 1000, before);
+        for (unsigned i = 0; i < 9; i++)
+                ck_assert_msg(keytable_restore_key(f.t, f.pool, 0, &bad[i], 1000) == -EINVAL,
+                              "impossible state %u was accepted", i);
+        ck_assert_int_eq(keytable_restore_key(f.t, f.pool, N_KEYS, &bad[6], 1000), -EINVAL);
+        bad[6].reason = KEY_REASON_NONE;
+        ck_assert_int_eq(keytable_restore_key(f.t, f.pool, N_KEYS, &bad[6], 1000), -EINVAL);
+        ck_assert_int_eq(keytable_restore_key(f.t, 3, 0, &bad[6], 1000), -EINVAL);
+        ck_assert_int_eq(keytable_restore_key(f.t, f.pool, 0, NULL, 1000), -EINVAL);
+        snapshot(&f, 1000, after);
+        ck_assert(memcmp(before, after, sizeof before) == 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_restore_key_keeps_a_cooling_key_cooling_with_its_counters)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_key_state st = saved_counters();
+        struct keytable_lease l;
+
+        fixture_setup(&f);
+        st.state = KEY_COOLING;
+        st.reason = KEY_REASON_RATE_LIMITED;
+        st.cooldown_until_ms = 31000;
+        ck_assert_int_eq(keytable_restore_key(f.t, f.pool, 1, &st, 1000), 0);
+
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[1].state, KEY_COOLING);
+        ck_assert_int_eq(v[1].reason, KEY_REASON_RATE_LIMITED);
+        ck_assert_int_eq(v[1].cooldown_until_ms, 31000);
+        ck_assert_uint_eq(v[1].requests, 40);
+        ck_assert_uint_eq(v[1].successes, 30);
+        ck_assert_uint_eq(v[1].rate_limited, 5);
+        ck_assert_uint_eq(v[1].failures, 4);
+        ck_assert_uint_eq(v[1].tokens_in, 1234);
+        ck_assert_uint_eq(v[1].tokens_out, 567);
+        ck_assert_uint_eq(v[1].consecutive_failures, 2);
+        ck_assert_int_eq(v[1].last_status, 429);
+        ck_assert_int_eq(v[1].last_class, VERDICT_RATE_LIMITED);
+        ck_assert_int_eq(v[1].last_used_ms, 900);
+        ck_assert_uint_eq(v[1].in_flight, 0);
+
+        /* It serves no request until its rest is over. */
+        for (int64_t now = 1000; now < 31000; now += 3000) {
+                l = acquire_ok(&f, f.slot, now);
+                ck_assert_uint_ne(l.key, f.key[1]);
+                release_as(&f, &l, VERDICT_OK, 200, 0, now, NULL);
+        }
+        snapshot(&f, 31000, v);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_restore_key_ends_a_rest_that_ran_out_while_stopped)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_key_state st = saved_counters();
+
+        fixture_setup(&f);
+        st.state = KEY_COOLING;
+        st.reason = KEY_REASON_RATE_LIMITED;
+        st.cooldown_until_ms = 500;
+        ck_assert_int_eq(keytable_restore_key(f.t, f.pool, 0, &st, 1000), 0);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_READY);
+        ck_assert_int_eq(v[0].reason, KEY_REASON_NONE);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 0);
+        ck_assert_uint_eq(v[0].requests, 40);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_restore_key_disabled_for_quota_is_probed_after_an_interval)
+{
+        struct fixture f;
+        struct keytable_policy pol = { .probe_interval_ms = 60000 };
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_key_state st = saved_counters();
+        unsigned key, pool;
+
+        fixture_setup(&f);
+        keytable_set_policy(f.t, &pol);
+        st.state = KEY_DISABLED;
+        st.reason = KEY_REASON_QUOTA;
+        ck_assert_int_eq(keytable_restore_key(f.t, f.pool, 2, &st, 1000), 0);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[2].state, KEY_DISABLED);
+        ck_assert_int_eq(v[2].reason, KEY_REASON_QUOTA);
+        ck_assert_int_eq(v[2].next_probe_ms, 61000);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 60999, &key, &pool), -ENOENT);
+        ck_assert_int_eq(keytable_probe_claim(f.t, 61000, &key, &pool), 0);
+        ck_assert_uint_eq(key, f.key[2]);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_config_generation_starts_at_one_and_follows_the_coordinator)
+{
+        struct fixture f;
+
+        fixture_setup(&f);
+        ck_assert_uint_eq(keytable_config_generation(f.t), 1);
+        keytable_set_config_generation(f.t, 5);
+        ck_assert_uint_eq(keytable_config_generation(f.t), 5);
+        ck_assert_uint_eq(keytable_config_generation(NULL), 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
 static Suite *keytable_suite(void) {
         Suite *s = suite_create("keytable");
         TCase *tc;
@@ -2720,6 +3234,24 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_limits_too_large_for_two_banks_are_refused);
         tcase_add_test(tc, test_nothing_is_left_in_dev_shm);
         tcase_add_test(tc, test_state_reason_and_stage_names);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("history_observations_and_restore");
+        tcase_set_timeout(tc, 60);
+        tcase_add_test(tc, test_history_ring_wraps_and_returns_the_newest_oldest_first);
+        tcase_add_test(tc, test_history_add_cuts_over_long_names_and_kind_names_are_stable);
+        tcase_add_test(tc, test_history_stays_whole_when_appenders_die_mid_append);
+        tcase_add_test(tc, test_release_counts_each_outcome_by_class);
+        tcase_add_test(tc, test_last_error_is_kept_cut_to_size_until_the_next_one);
+        tcase_add_test(tc, test_latency_lands_in_its_bucket_with_count_and_sum);
+        tcase_add_test(tc, test_a_reload_carries_pool_counters_outcome_classes_and_the_last_error);
+        tcase_add_test(tc, test_a_new_pool_in_a_reload_starts_with_zero_counters);
+        tcase_add_test(tc, test_workers_view_shows_each_workers_waiting_requests);
+        tcase_add_test(tc, test_restore_key_refuses_impossible_states_and_changes_nothing);
+        tcase_add_test(tc, test_restore_key_keeps_a_cooling_key_cooling_with_its_counters);
+        tcase_add_test(tc, test_restore_key_ends_a_rest_that_ran_out_while_stopped);
+        tcase_add_test(tc, test_restore_key_disabled_for_quota_is_probed_after_an_interval);
+        tcase_add_test(tc, test_config_generation_starts_at_one_and_follows_the_coordinator);
         suite_add_tcase(s, tc);
 
         return s;

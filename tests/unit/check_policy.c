@@ -2194,12 +2194,29 @@ START_TEST(test_sse_hostile_events_are_harmless) {
 }
 END_TEST
 
+START_TEST(test_error_summary_takes_the_message_and_redacts_credentials) {
+        static const char body[] =
+                "{\"error\":{\"message\":\"Incorrect API key provided:  sk-or-v1-fake0123456789abcdef.\\nCheck it\",\"code\":401}}";
+        char out[96];
+
+        policy_error_summary(body, strlen(body), out, sizeof out);
+        ck_assert_str_eq(out, "Incorrect API key provided: [redacted]. Check it");
+        policy_error_summary("plain text AIzaFAKEFAKE", 23, out, sizeof out);
+        ck_assert_str_eq(out, "plain text [redacted]");
+        policy_error_summary("token abcdefghij0123456789abcdefXYZ end", 39, out, 12);
+        ck_assert_str_eq(out, "token [reda");
+        policy_error_summary(NULL, 0, out, sizeof out);
+        ck_assert_str_eq(out, "");
+}
+END_TEST
+
 static Suite *policy_suite(void) {
         Suite *s = suite_create("policy");
         TCase *tc;
 
         tc = tcase_create("status");
         tcase_add_test(tc, test_class_names_match_the_status_vocabulary);
+        tcase_add_test(tc, test_error_summary_takes_the_message_and_redacts_credentials);
         tcase_add_test(tc, test_transport_error_is_transient_and_blames_no_key);
         tcase_add_test(tc, test_answer_without_status_is_transient);
         tcase_add_test(tc, test_success_and_redirect_are_ok_even_with_limit_words);

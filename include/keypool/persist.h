@@ -1,0 +1,41 @@
+/* persist.h — keypool's state outside the process: state files, export and import.
+ *
+ * Owns the state document ({"format":"keypool-state","version":1,…}): every key's state,
+ * cooldown (as wall-clock time, so a restart keeps the rest of it), counters and the rotation
+ * history, keys named by pool and id only — never a secret. Encoding and applying are pure
+ * functions of the table and two clocks; the file functions write atomically (temporary file,
+ * fsync, rename) and move a corrupt file aside.
+ */
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "keypool/keytable.h"
+
+struct persist_report {
+        unsigned imported;              /* keys whose state was applied */
+        unsigned ignored;               /* keys the table does not hold */
+        unsigned events;                /* history entries added */
+};
+
+/* The current bank's state as a document (malloc'ed), or NULL on allocation failure. */
+char *persist_export(struct keytable *t, int64_t now_mono_ms, int64_t now_wall_ms);
+
+/* Applies a document: keys matched by pool name and id, else by id (every row with that id);
+ * cooldowns already over become ready; history entries are appended (only when the table's ring is
+ * empty, so a re-import does not duplicate them). -EINVAL for a document that is not JSON, not a
+ * keypool state, or of another version, with a reason in err. */
+int persist_import(struct keytable *t, const char *json, size_t len, int64_t now_mono_ms,
+                   int64_t now_wall_ms, struct persist_report *ret, char *err, size_t errlen);
+
+/* Writes text to path atomically: path.tmp in the same directory, fsync, rename, fsync the
+ * directory. Mode 0600. */
+int persist_save(const char *path, const char *text);
+
+/* Reads path. -ENOENT when it does not exist (normal on a first start). */
+int persist_read(const char *path, char **ret_text, size_t *ret_len);
+
+/* Renames a bad state file to "<path>.corrupt-<unix time>" and returns the new name (malloc'ed)
+ * in ret_path. */
+int persist_move_aside(const char *path, int64_t now_wall_ms, char **ret_path);
