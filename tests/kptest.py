@@ -318,6 +318,12 @@ class Simulator:
         """Every request the simulator received (control calls excluded), in arrival order."""
         return self._control("GET", "/_sim/log")["requests"]
 
+    def finished_log(self, timeout=DEADLINE):
+        """log() once every entry has its end_time: the simulator records it just after the
+        last byte went out, so a client can hold the answer a moment before the log shows it."""
+        return wait_for(lambda: (lambda log: log if all("end_time" in e for e in log) else None)(
+            self.log()), timeout, what="every simulator request to be over")
+
     def requests_with(self, secret_or_id):
         kid = secret_or_id if secret_or_id.startswith("kp-") else key_id(secret_or_id)
         return [e for e in self.log() if e["key_id"] == kid]
@@ -367,7 +373,8 @@ def libconfig_value(v, indent="  "):
         inner = " ".join(f"{k} = {libconfig_value(x, indent)};" for k, x in v.items())
         return "{ " + inner + " }"
     if isinstance(v, (list, tuple)):
-        if all(isinstance(x, dict) for x in v) and v:
+        # A libconfig array holds scalars only: any group inside makes it a list.
+        if any(isinstance(x, dict) for x in v):
             return "(\n" + ",\n".join(indent + libconfig_value(x, indent) for x in v) + "\n)"
         return "[ " + ", ".join(libconfig_value(x, indent) for x in v) + " ]"
     raise TypeError(f"cannot write {v!r} as libconfig")
@@ -381,8 +388,9 @@ def render_config(settings):
 class Keypool:
     """keypoold on a generated config in a fresh directory, reachable over its UNIX socket.
 
-    pools: [{"name", "model", "keys": [...], "provider" (default "sim")}]; keys are secrets (or
-    env:/file:/cred: references, listed in secrets= so the leak checks know them).
+    pools: [{"name", "model", "keys": [...], "provider" (default "sim"), any other pool setting
+    such as "max_concurrent" or "rpm"}]; keys are secrets (or env:/file:/cred: references,
+    listed in secrets= so the leak checks know them) or key groups {"key": secret, "rpm": N, ...}.
     settings: extra top-level settings (workers, recovery_time, client_timeout, ...).
     """
 
@@ -406,7 +414,11 @@ class Keypool:
                 f.write(env_file)
         if config_text is None:
             cfg = {"socket": self.socket_path, "workers": 1}
+            if daemon_has_state_file():
+                # Never the default /var/lib/keypool/state.json: each test keeps its own.
+                cfg["state_file"] = os.path.join(self.dir, "state.json")
             cfg.update(settings or {})
+            self.state_file = cfg.get("state_file")
             if providers is None and sim is not None:
                 providers = [{"name": "sim", "base_url": sim.base_url}]
             if providers:
@@ -416,9 +428,14 @@ class Keypool:
                 p = dict(p)
                 p.setdefault("provider", "sim")
                 keys = p["keys"]
-                self.secrets += [k for k in keys if not re.match(r"(env|file|cred):", k)]
-                plist.append({"name": p["name"], "provider": p["provider"],
-                              "model": p["model"], "keys": list(keys)})
+                for k in keys:
+                    k = k["key"] if isinstance(k, dict) else k
+                    if not re.match(r"(env|file|cred):", k):
+                        self.secrets.append(k)
+                entry = {"name": p["name"], "provider": p["provider"],
+                         "model": p["model"], "keys": list(keys)}
+                entry.update({k: v for k, v in p.items() if k not in entry})
+                plist.append(entry)
             if plist:
                 cfg["pools"] = plist
             if env_file is not None:
@@ -561,6 +578,48 @@ class Keypool:
         if kid not in ks:
             raise AssertionError(f"key {kid} is not in /api/key-status (have {sorted(ks)})")
         return ks[kid]
+
+    def pool(self, name):
+        """The pool object of /api/key-status named name (its keys included)."""
+        pools = self.key_status()["pools"]
+        for p in pools:
+            if p["name"] == name:
+                return p
+        raise AssertionError(f"pool {name} is not in /api/key-status "
+                             f"(have {[p['name'] for p in pools]})")
+
+    def key_in(self, pool, secret):
+        """secret's key-status entry in one pool (a secret may be in several)."""
+        kid = key_id(secret)
+        p = self.pool(pool)
+        for k in p["keys"]:
+            if k["id"] == kid:
+                return k
+        raise AssertionError(f"key {kid} is not in pool {pool}")
+
+    def process_ids(self):
+        """The daemon's pid and its children's (the workers)."""
+        pids = [self.pid]
+        try:
+            for task in os.listdir(f"/proc/{self.pid}/task"):
+                with open(f"/proc/{self.pid}/task/{task}/children") as f:
+                    pids += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+        return pids
+
+    def cpu_seconds(self):
+        """CPU time (user + system) used so far by the daemon and its workers."""
+        total = 0
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in self.process_ids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])      # utime, stime
+        return total / tick
 
     def raw(self, data, deadline=DEADLINE, stop_when_complete=True):
         """Writes raw bytes on a new connection and reads until the server closes it, a whole
@@ -707,3 +766,532 @@ class KeypoolTestCase(unittest.TestCase):
         if code is not None:
             self.assertEqual(err["code"], code, body)
         return err
+
+
+# === issue 4: systemd and journald helpers ======================================================
+# (sd_notify socket, daemons started with extra env/args/wrapper, config rewrites for reloads,
+# stopped-worker bookkeeping). Everything below only adds to what is above.
+
+import collections as _collections
+import struct as _struct
+
+NotifyMessage = _collections.namedtuple("NotifyMessage", "time pid fields raw")
+NotifyMessage.__doc__ = """One sd_notify datagram: arrival time (time.monotonic()), the sender's pid
+(from SCM_CREDENTIALS), its KEY=VALUE lines as a dict, and the raw text."""
+
+
+class NotifySocket:
+    """The service manager's side of sd_notify: an AF_UNIX datagram socket that collects every
+    datagram sent to it, with the sender's pid.
+
+    Pass .env_value as NOTIFY_SOCKET. abstract=True binds an abstract name ("@…" in the env).
+    Waiting is on a condition variable, so a test wakes as soon as the datagram arrives.
+    """
+
+    def __init__(self, directory, abstract=False, name="notify.sock"):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        if abstract:
+            tag = "keypool-test-notify-" + _secrets.token_hex(8)
+            self.sock.bind("\0" + tag)
+            self.env_value = "@" + tag
+            self.path = None
+        else:
+            self.path = os.path.join(directory, name)
+            self.sock.bind(self.path)
+            self.env_value = self.path
+        self.sock.settimeout(0.1)
+        self._msgs = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        creds = socket.CMSG_SPACE(_struct.calcsize("3i"))
+        while not self._stop:
+            try:
+                data, anc, _, _ = self.sock.recvmsg(65536, creds)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            now = time.monotonic()
+            pid = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _struct.unpack("3i", cdata[:_struct.calcsize("3i")])[0]
+            text = data.decode(errors="replace")
+            fields = {}
+            for line in text.split("\n"):
+                if "=" in line:
+                    k, _, v = line.partition("=")
+                    fields[k] = v
+            with self._cond:
+                self._msgs.append(NotifyMessage(now, pid, fields, text))
+                self._cond.notify_all()
+
+    def messages(self, after=0):
+        """Every datagram so far (from index after on)."""
+        with self._cond:
+            return list(self._msgs[after:])
+
+    def mark(self):
+        """The index the next datagram will get: pass it as after= to wait for later ones."""
+        with self._cond:
+            return len(self._msgs)
+
+    def wait(self, predicate, after=0, timeout=DEADLINE, what="a notify datagram"):
+        """The (index, message) of the first datagram at index >= after that satisfies
+        predicate(message); waits for it up to timeout."""
+        end = time.monotonic() + timeout
+        i = after
+        with self._cond:
+            while True:
+                while i < len(self._msgs):
+                    if predicate(self._msgs[i]):
+                        return i, self._msgs[i]
+                    i += 1
+                left = end - time.monotonic()
+                if left <= 0:
+                    seen = [m.raw for m in self._msgs[after:]][-15:]
+                    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}; "
+                                         f"datagrams since: {seen!r}")
+                self._cond.wait(left)
+
+    def wait_field(self, name, value=None, after=0, timeout=DEADLINE, what=None):
+        """Like wait(), for a datagram carrying name (= value, when given)."""
+        def match(m):
+            return name in m.fields and (value is None or m.fields[name] == value)
+        return self.wait(match, after, timeout,
+                         what or f"{name}={value if value is not None else '…'}")
+
+    def wait_count(self, name, value, count, after=0, timeout=DEADLINE, what=None):
+        """Waits until count datagrams at index >= after carry name=value; returns them."""
+        def enough():
+            found = [m for m in self.messages(after) if m.fields.get(name) == value]
+            return found if len(found) >= count else None
+        end = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = enough()
+                if found:
+                    return found
+                left = end - time.monotonic()
+                if left <= 0:
+                    what = what or f"{count} x {name}={value}"
+                    raise AssertionError(
+                        f"timed out after {timeout:g}s waiting for {what}; datagrams since: "
+                        f"{[m.raw for m in self._msgs[after:]][-15:]!r}")
+                self._cond.wait(left)
+
+    def with_field(self, name, value=None, after=0):
+        return [m for m in self.messages(after)
+                if name in m.fields and (value is None or m.fields[name] == value)]
+
+    def close(self):
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+
+def proc_start_time(pid):
+    """The start time of pid (clock ticks since boot), to tell it from a later reuse of the pid;
+    None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_state(pid):
+    """The one-letter state of pid ("R", "S", "T", "Z", …), None when there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def process_gone(pid, start_time=None):
+    """True when pid no longer runs: absent, a zombie, or reused by another process."""
+    state = proc_state(pid)
+    if state is None or state in ("Z", "X"):
+        return True
+    return start_time is not None and proc_start_time(pid) != start_time
+
+
+# Variables through which a service manager talks to a daemon: a test sets the ones it means.
+SERVICE_MANAGER_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS",
+                       "LISTEN_PID", "LISTEN_FDNAMES", "JOURNAL_STREAM", "INVOCATION_ID")
+
+
+def daemon_env(**extra):
+    """os.environ without the service-manager variables (the tests may themselves run under
+    systemd), plus extra."""
+    env = {k: v for k, v in os.environ.items() if k not in SERVICE_MANAGER_ENV}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def find_program(*candidates):
+    """The first of candidates (absolute paths or names on PATH) that exists, else None."""
+    for c in candidates:
+        path = c if os.path.isabs(c) else shutil.which(c)
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+class DaemonKeypool(Keypool):
+    """A Keypool whose command line can carry extra arguments (args=, e.g.
+    ["--log-target=journal"]) and a wrapper command in front (wrapper=, e.g.
+    ["systemd-socket-activate", "-l", PATH]); env= as for Keypool (NOTIFY_SOCKET, WATCHDOG_USEC).
+
+    wait_up=False returns from start() right after the fork (the test waits for READY=1 itself).
+    Every worker seen through status() is remembered (pid, start time) so teardown can check
+    that none outlives the daemon.
+    """
+
+    def __init__(self, *a, args=(), wrapper=(), wait_up=True, **kw):
+        self.args = list(args)
+        self.wrapper = list(wrapper)
+        self.wait_up = wait_up
+        self.seen_workers = {}
+        self.sim = a[0] if a else kw.get("sim")
+        super().__init__(*a, **kw)
+
+    def command(self):
+        return [*self.wrapper, KEYPOOLD, "-c", self.config_path, *self.args]
+
+    def start(self):
+        self._err = open(self.stderr_path, "ab")
+        self._out = open(self.stdout_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL,
+                                     stdout=self._out, stderr=self._err, env=self.env)
+        self.returncode = None
+        if self.wait_up:
+            self.wait_serving()
+
+    def wait_serving(self, timeout=DEADLINE):
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"keypoold exited with status {self.proc.returncode} while starting:\n"
+                    + self.stderr())
+            try:
+                status, _, _ = self.request("GET", "/health", timeout=2)
+            except OSError:
+                return False
+            return status in (200, 503)
+        wait_for(up, timeout=timeout, what="keypoold to answer GET /health on its socket",
+                 ignore=(http.client.HTTPException,))
+
+    def status(self):
+        st = super().status()
+        for w in st.get("workers", []):
+            pid = w.get("pid")
+            if pid and pid not in self.seen_workers:
+                self.seen_workers[pid] = proc_start_time(pid)
+        return st
+
+    def workers(self):
+        return self.status()["workers"]
+
+    def rewrite_config(self, pools=(), settings=None, config_text=None):
+        """Replaces the config file (for a reload): the same socket, the same simulator.
+        New secrets join the leak checks. Returns the new text."""
+        if config_text is None:
+            s = {"socket": self.socket_path}
+            if getattr(self, "state_file", None) is not None:
+                s["state_file"] = self.state_file       # not the temporary config's directory
+            s.update(settings or {})
+            tmp = Keypool(self.sim, pools=pools, settings=s, socket_path=self.socket_path,
+                          start=False)
+            try:
+                with open(tmp.config_path) as f:
+                    config_text = f.read()
+                self.secrets += [x for x in tmp.secrets if x not in self.secrets]
+            finally:
+                tmp.cleanup()
+        with open(self.config_path + ".new", "w") as f:
+            f.write(config_text)
+        os.replace(self.config_path + ".new", self.config_path)
+        return config_text
+
+    def stderr_events(self, event):
+        """The stderr lines of one event kind (" event=KIND ")."""
+        return [line for line in self.stderr().splitlines() if f" event={event} " in line + " "]
+
+
+class SystemdTestCase(KeypoolTestCase):
+    """KeypoolTestCase plus the issue-4 tools: start_daemon() (DaemonKeypool), notify_socket(),
+    sigstop() with guaranteed SIGCONT, and a teardown check that no worker outlives its daemon."""
+
+    def start_daemon(self, *args, **kwargs):
+        kp = DaemonKeypool(*args, start=False, **kwargs)
+        self.addCleanup(self._finish_daemon, kp)
+        kp.start()
+        return kp
+
+    def _finish_daemon(self, kp):
+        problems = []
+        try:
+            self._finish_keypool(kp)
+        except AssertionError as e:
+            problems.append(str(e))
+        for pid, start in kp.seen_workers.items():
+            if not process_gone(pid, start):
+                # Give the kernel its moment to finish a dying process before calling it a leak.
+                try:
+                    wait_for(lambda: process_gone(pid, start), timeout=5,
+                             what=f"worker {pid} to go")
+                except AssertionError:
+                    problems.append(f"worker {pid} outlived keypoold")
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError:
+                        pass
+        if problems:
+            raise AssertionError("; ".join(problems))
+
+    def notify_socket(self, abstract=False):
+        d = tempfile.mkdtemp(prefix="kpnotify-")
+        ns = NotifySocket(d, abstract=abstract)
+
+        def done():
+            ns.close()
+            shutil.rmtree(d, ignore_errors=True)
+        self.addCleanup(done)
+        return ns
+
+    def sigstop(self, pid):
+        """SIGSTOPs pid; teardown SIGCONTs it (and SIGKILLs it if it is still there, stopped,
+        once its daemon is gone)."""
+        start = proc_start_time(pid)
+        os.kill(pid, signal.SIGSTOP)
+
+        def cont():
+            if not process_gone(pid, start):
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except OSError:
+                    pass
+        self.addCleanup(cont)
+        return start
+
+
+# === issue 5: status API, metrics, admin, state and TCP helpers ================================
+# (state_file default for every Keypool, RFC 3339 parsing, HTTP over TCP, requests as another
+# uid, the scripted scenario the status and metrics tests share). Everything below only adds to
+# what is above.
+
+import calendar as _calendar
+
+_STATE_FILE_SUPPORT = None
+
+
+def daemon_has_state_file():
+    """True when $KEYPOOLD knows the state_file setting (issue 5): then every Keypool config gets
+    state_file = <its temp dir>/state.json, so no test ever touches /var/lib/keypool. Older
+    daemons reject unknown settings, so the setting is only written when the binary has it."""
+    global _STATE_FILE_SUPPORT
+    if _STATE_FILE_SUPPORT is None:
+        try:
+            with open(KEYPOOLD, "rb") as f:
+                _STATE_FILE_SUPPORT = b"state_file" in f.read()
+        except OSError:
+            _STATE_FILE_SUPPORT = False
+    return _STATE_FILE_SUPPORT
+
+
+
+def parse_rfc3339(text):
+    """Seconds since the epoch (float) of an RFC 3339 timestamp such as "2026-11-28T10:20:00Z",
+    "2026-11-28T10:20:00.123Z" or "…+01:00"; ValueError for anything else."""
+    m = re.fullmatch(r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d+)?"
+                     r"([Zz]|[+-]\d{2}:\d{2})", text if isinstance(text, str) else "")
+    if not m:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    y, mo, d, hh, mi, ss = (int(m.group(i)) for i in range(1, 7))
+    t = _calendar.timegm((y, mo, d, hh, mi, ss, 0, 0, 0)) + float(m.group(7) or 0)
+    tz = m.group(8)
+    if tz not in ("Z", "z"):
+        sign = 1 if tz[0] == "+" else -1
+        t -= sign * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    return t
+
+
+def free_tcp_port():
+    """A loopback TCP port that was free a moment ago (for http_listen)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tcp_request(kp, port, method, path, body=None, headers=None, host="127.0.0.1",
+                timeout=REQUEST_TIMEOUT):
+    """One request to kp's TCP listener: (status, headers lowercased, body bytes); recorded for
+    kp's leak check like every answer on the socket."""
+    c = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        hdrs = dict(headers or {})
+        data = encode_body(body, hdrs)
+        c.request(method, path, body=data, headers=hdrs)
+        r = c.getresponse()
+        payload = r.read()
+        h = {}
+        for name, value in r.getheaders():
+            name = name.lower()
+            h[name] = h[name] + ", " + value if name in h else value
+        if kp is not None:
+            kp.record(method, path + " over TCP", r.status, h, payload)
+        return r.status, h, payload
+    finally:
+        c.close()
+
+
+# Runs as another user: one HTTP request over a UNIX socket, the answer as JSON on stdout.
+_AS_USER_CLIENT = r"""
+import http.client, json, socket, sys
+path, method, target, body = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+class C(http.client.HTTPConnection):
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(30)
+        self.sock.connect(path)
+c = C("localhost", timeout=30)
+hdrs = {"Content-Type": "application/json"} if body else {}
+c.request(method, target, body=body.encode() if body else None, headers=hdrs)
+r = c.getresponse()
+print(json.dumps({"status": r.status, "body": r.read().decode("utf-8", "replace"),
+                  "uid": __import__("os").getuid()}))
+"""
+
+
+def request_as_user(kp, method, path, body=None, user="nobody", group="nogroup"):
+    """One request over kp's UNIX socket from a process running as user:group (the tests run as
+    root; setpriv drops to the user with no supplementary groups). Returns (status, body bytes).
+    The socket must be connectable by that user: see make_socket_public()."""
+    setpriv = find_program("/usr/bin/setpriv", "setpriv")
+    if setpriv is None:
+        raise unittest.SkipTest("setpriv (util-linux) is needed to run a client as another user")
+    if os.geteuid() != 0:
+        raise unittest.SkipTest("running a client as another user needs root")
+    data = json.dumps(body) if isinstance(body, (dict, list)) else (body or "")
+    p = subprocess.run([setpriv, f"--reuid={user}", f"--regid={group}", "--clear-groups",
+                        sys.executable, "-c", _AS_USER_CLIENT, kp.socket_path, method, path, data],
+                       capture_output=True, timeout=REQUEST_TIMEOUT + 10, cwd="/",
+                       env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"})
+    if p.returncode != 0:
+        raise AssertionError(f"the client as {user} failed ({p.returncode}): "
+                             f"{p.stderr.decode(errors='replace')[-2000:]}")
+    doc = json.loads(p.stdout)
+    if doc["uid"] == 0:
+        raise AssertionError(f"the client meant to run as {user} ran as root")
+    payload = doc["body"].encode()
+    kp.record(method, path + f" as {user}", doc["status"], {}, payload)
+    return doc["status"], payload
+
+
+def make_socket_public(kp):
+    """Lets any user reach kp's socket path: the test directory is 0700 (mkdtemp), the socket's
+    own mode is the daemon's business (socket_mode)."""
+    d = os.path.dirname(kp.socket_path)
+    while d.startswith(kp.dir):
+        os.chmod(d, os.stat(d).st_mode | 0o755)
+        d = os.path.dirname(d)
+
+
+class StatusScenario:
+    """The scripted scenario the issue-5 suites look at afterwards.
+
+    Pools: "alpha" (model ALPHA: keys a, b) and "beta" (model BETA: keys c, d, e; c is an
+    "invalid-" key). run() does, in order:
+      1. rotate:   a answers 429 with Retry-After 120, the request moves to b (a cools 120 s);
+      2. figures:  a request served by b carries OpenAI rate-limit headers (remaining requests
+                   42, tokens 9000, resets 6m0s / 1s);
+      3. disable:  c answers 401 and is disabled for auth, the request moves on;
+      4. recover:  d answers 429 with Retry-After 2 and cools, then is ready again (waited for);
+      5. transient: one beta request answered 502 (retry max_attempts = 1: returned as is), which
+                   leaves its key (self.transient_key) with a failure in a row.
+    Every key is an obviously fake secret; times are wall-clock seconds (time.time()).
+    """
+
+    ALPHA = "z-ai/glm-4.5"
+    BETA = "openai/gpt-test"
+    FIGURES = {"x-ratelimit-remaining-requests": "42", "x-ratelimit-remaining-tokens": "9000",
+               "x-ratelimit-reset-requests": "6m0s", "x-ratelimit-reset-tokens": "1s"}
+
+    def __init__(self, tc, settings=None):
+        self.tc = tc
+        self.a, self.b = fake_secret(), fake_secret()
+        self.c, self.d, self.e = fake_secret("invalid-"), fake_secret(), fake_secret()
+        self.sim = tc.start_sim()
+        s = {"workers": 2, "recovery_time": 900, "retry": {"max_attempts": 1}}
+        s.update(settings or {})
+        self.settings = s
+        self.started = time.time()
+        self.kp = tc.start_keypool(self.sim, pools=[
+            {"name": "alpha", "model": self.ALPHA, "keys": [self.a, self.b]},
+            {"name": "beta", "model": self.BETA, "keys": [self.c, self.d, self.e]}],
+            settings=s)
+        self.answers = []               # (status, headers) of every proxied request sent
+
+    def chat(self, model, headers=None, expect=200):
+        status, h, body = self.kp.chat(model, headers=headers)
+        if status != expect:
+            raise AssertionError(f"a chat to {model} answered {status} (expected {expect}): "
+                                 f"{body[:300]!r}")
+        self.answers.append((status, h))
+        return h
+
+    def chat_until_hit(self, model, secret, limit=6):
+        """Chats to model until the simulator has seen one more request with secret; returns
+        the headers of the answer to the request that did it."""
+        before = len(self.sim.requests_with(secret))
+        for _ in range(limit):
+            h = self.chat(model)
+            if len(self.sim.requests_with(secret)) > before:
+                return h
+        raise AssertionError(f"{limit} requests to {model} and none reached {key_id(secret)}")
+
+    def rotate(self):
+        self.sim.set_rules({self.a: {"status": 429, "retry_after": "120"}})
+        self.rotated_before = time.time()
+        self.rotated = self.chat_until_hit(self.ALPHA, self.a)
+        self.rotated_after = time.time()
+
+    def figures(self):
+        self.figures_at = time.time()
+        h = self.chat(self.ALPHA, headers={"X-Sim-Headers": json.dumps(self.FIGURES)})
+        if h.get("x-keypool-key") != key_id(self.b):
+            raise AssertionError(f"with a cooling, b must serve alpha: {h}")
+
+    def disable(self):
+        self.chat_until_hit(self.BETA, self.c)
+
+    def recover(self):
+        self.sim.set_rules({self.d: {"status": 429, "retry_after": "2", "count": 1}})
+        self.chat_until_hit(self.BETA, self.d)
+        wait_for(lambda: self.kp.key(self.d)["state"] == "ready",
+                 what="key d to be ready again once its 2 s Retry-After has passed")
+
+    def transient(self):
+        h = self.chat(self.BETA, headers={"X-Sim-Status": "502"}, expect=502)
+        self.transient_key = h.get("x-keypool-key")
+
+    def run(self):
+        self.rotate()
+        self.figures()
+        self.disable()
+        self.recover()
+        self.transient()
+        self.finished = time.time()
+        return self

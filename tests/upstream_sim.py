@@ -27,6 +27,19 @@ Details a test may rely on beyond the obvious:
     0 if nothing was answered yet); a truncated request is neither answered nor logged.
   * Rate-limit windows: the first request after a window ends opens the next one. seq keeps
     counting across POST /_sim/reset. GET /_sim/keys shows the installed rules and their counts.
+  * Log entries carry "auth_header" (the header that carried the key: "authorization",
+    "x-api-key" or "x-goog-api-key", else null), "auth_headers" (every key-carrying header the
+    request had) and, once the answer is over (sent whole, or the client gone), "end_time"
+    (absent until then), so [time, end_time] intervals show per-key concurrency.
+  * X-Sim-Id: ID makes a completion's "id" ID instead of "gen-sim-<seq>", so two answers can be
+    compared byte for byte.
+  * A rule (POST /_sim/keys) beyond status/retry_after/body/headers/count/delay_ms may have:
+    "stream_error": CODE — the key's stream answers open with an error event as their FIRST
+    event and then end (OpenRouter style; "stream_error_style": "anthropic" sends Anthropic's
+    "event: error" instead); non-stream requests are answered normally. "drop": true — the
+    connection is closed without an answer. "models_status": CODE (and "models_body") — what
+    GET <prefix>/models answers for the key (count is not consumed by /models). "status" may be
+    left out: the rule then leaves completions alone unless stream_error (implies 200) or drop.
 
 Standard library only; runs on Python 3.11 (Debian 12's python3).
 
@@ -72,6 +85,19 @@ STATUS_MESSAGES = {
     502: "Provider returned error",
     503: "No available provider",
     529: "Overloaded",
+}
+
+
+# Anthropic's error type for a status, for its "event: error" stream events.
+ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
 }
 
 
@@ -146,6 +172,7 @@ class SimState:
     def finish_entry(self, entry):
         """Called once per request when it is over; the --log file gets the final form."""
         with self.lock:
+            entry["end_time"] = time.time()
             if self.log_file is None:
                 return
             self.log_file.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -184,10 +211,10 @@ class SimState:
             return dumps(self.rules)
 
     def take_rule(self, kid):
-        """The rule for kid if it has uses left, consuming one; else None."""
+        """The rule for kid if it has uses left and steers completions, consuming one; else None."""
         with self.lock:
             rule = self.rules.get(kid)
-            if rule is None:
+            if rule is None or "status" not in rule:
                 return None
             count = rule.get("count")
             if count is not None:
@@ -195,6 +222,12 @@ class SimState:
                     return None
                 rule["count"] = count - 1
             return dict(rule)
+
+    def peek_rule(self, kid):
+        """The rule for kid whatever its count, unconsumed (for /models); else None."""
+        with self.lock:
+            rule = self.rules.get(kid)
+            return dict(rule) if rule is not None else None
 
     # --- fixed-window request limits ---
 
@@ -228,10 +261,38 @@ def validate_rules(body):
             continue
         if not isinstance(rule, dict):
             return None, f"{kid}: rule must be an object or null"
+        def is_status(v):
+            return isinstance(v, int) and not isinstance(v, bool) and 200 <= v <= 599
+
+        clean = {}
+        for name in ("stream_error", "models_status"):
+            v = rule.get(name)
+            if v is not None:
+                if not is_status(v):
+                    return None, f"{kid}: {name} must be an integer 200..599"
+                clean[name] = v
+        style = rule.get("stream_error_style")
+        if style is not None:
+            if style not in ("openrouter", "anthropic"):
+                return None, f"{kid}: stream_error_style must be \"openrouter\" or \"anthropic\""
+            clean["stream_error_style"] = style
+        if rule.get("models_body") is not None:
+            b = rule["models_body"]
+            clean["models_body"] = b if isinstance(b, str) else json.dumps(b)
+        drop = rule.get("drop")
+        if drop is not None and not isinstance(drop, bool):
+            return None, f"{kid}: drop must be true or false"
+        if drop:
+            clean["drop"] = True
         status = rule.get("status")
-        if not isinstance(status, int) or isinstance(status, bool) or not 200 <= status <= 599:
-            return None, f"{kid}: status must be an integer 200..599"
-        clean = {"status": status}
+        if status is None and ("stream_error" in clean or drop):
+            status = 200
+        if status is not None:
+            if not is_status(status):
+                return None, f"{kid}: status must be an integer 200..599"
+            clean["status"] = status
+        elif "models_status" not in clean:
+            return None, f"{kid}: a rule needs status, stream_error, drop or models_status"
         if rule.get("retry_after") is not None:
             clean["retry_after"] = str(rule["retry_after"])
         if rule.get("body") is not None:
@@ -389,16 +450,20 @@ class Handler(BaseHTTPRequestHandler):
     # --- provider endpoints ---
 
     def request_key(self):
+        return self.key_and_header()[0]
+
+    def key_and_header(self):
+        """(the key, the lowercase name of the header that carried it), or (None, None)."""
         auth = self.headers.get("Authorization", "")
         if auth[:7].lower() == "bearer ":
             key = auth[7:].strip()
             if key:
-                return key
+                return key, "authorization"
         for name in ("x-api-key", "x-goog-api-key"):
             key = (self.headers.get(name) or "").strip()
             if key:
-                return key
-        return None
+                return key, name
+        return None, None
 
     def record(self, path, key, body, stream):
         headers = {}
@@ -408,11 +473,14 @@ class Handler(BaseHTTPRequestHandler):
                 continue
             headers[name] = headers[name] + ", " + value if name in headers else value
         model = body.get("model") if isinstance(body, dict) else None
+        present = sorted({n.lower() for n in self.headers.keys()
+                          if n.lower() in SECRET_HEADERS})
         return self.state.new_entry(
             method=self.command, path=self.path,
             key_id=key_id(key) if key else None,
             model=model, stream=stream, status=0, aborted=False,
-            peer_port=self.client_address[1], headers=headers, body=body)
+            peer_port=self.client_address[1], headers=headers, body=body,
+            auth_header=self.key_and_header()[1] if key else None, auth_headers=present)
 
     def answer(self, entry, status, body, headers=None):
         self.state.update_entry(entry, status=status)
@@ -476,11 +544,19 @@ class Handler(BaseHTTPRequestHandler):
         if rule is not None:
             if not self.sleep_ms(entry, rule.get("delay_ms", 0)):
                 return
+            if rule.get("drop"):
+                # Status stays 0: nothing was answered.
+                self.close_connection = True
+                return
             extra = dict(rule.get("headers") or {})
             if "retry_after" in rule:
                 extra["Retry-After"] = rule["retry_after"]
             status = rule["status"]
-            if status == 200:
+            if status == 200 and stream and "stream_error" in rule:
+                self.stream(entry, self.generation(entry), model, extra,
+                            first_error=(rule["stream_error"],
+                                         rule.get("stream_error_style", "openrouter")))
+            elif status == 200:
                 self.success(entry, model, stream, extra)
             else:
                 msg = rule.get("body", status_message(status))
@@ -537,8 +613,11 @@ class Handler(BaseHTTPRequestHandler):
         # 7. Success.
         self.success(entry, model, stream, extra)
 
+    def generation(self, entry):
+        return self.headers.get("X-Sim-Id") or f"gen-sim-{entry['seq']}"
+
     def success(self, entry, model, stream, extra):
-        gen = f"gen-sim-{entry['seq']}"
+        gen = self.generation(entry)
         if not stream:
             body = dumps({
                 "id": gen, "object": "chat.completion", "created": int(time.time()),
@@ -553,8 +632,12 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.stream(entry, gen, model, extra)
 
-    def stream(self, entry, gen, model, extra):
-        """An SSE answer, one event per HTTP chunk, flushed as it goes."""
+    def stream(self, entry, gen, model, extra, first_error=None):
+        """An SSE answer, one event per HTTP chunk, flushed as it goes.
+
+        first_error: (code, style) makes the first event an error event and ends the stream
+        there, the way OpenRouter ("openrouter") or Anthropic ("anthropic") fail a stream
+        that has just begun."""
         h = self.headers
         chunks = max(0, header_int(h.get("X-Sim-Chunks"), 5))
         delay = max(0, header_int(h.get("X-Sim-Chunk-Delay-Ms"), 0))
@@ -587,6 +670,20 @@ class Handler(BaseHTTPRequestHandler):
         def event(obj):
             send(b"data: " + dumps(obj) + b"\n\n")
 
+        if first_error is not None:
+            code, style = first_error
+            if style == "anthropic":
+                send(b"event: error\ndata: " + dumps({"type": "error", "error": {
+                    "type": ANTHROPIC_ERROR_TYPES.get(code, "api_error"),
+                    "message": status_message(code)}}) + b"\n\n")
+            else:
+                event({"id": gen, "object": "chat.completion.chunk", "model": model,
+                       "error": {"code": code, "message": status_message(code)},
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}]})
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+            return
+
         for i in range(chunks):
             if i and delay:
                 time.sleep(delay / 1000.0)
@@ -614,6 +711,16 @@ class Handler(BaseHTTPRequestHandler):
         key = self.request_key()
         entry = self.record(path, key, None, False)
         try:
+            rule = self.state.peek_rule(key_id(key)) if key else None
+            if rule is not None and "models_status" in rule:
+                status = rule["models_status"]
+                if status == 200:
+                    body = rule.get("models_body") or dumps({"data": [{"id": "sim/model"}]})
+                    self.answer(entry, 200, body.encode() if isinstance(body, str) else body)
+                else:
+                    self.answer(entry, status,
+                                error_body(status, rule.get("models_body", status_message(status))))
+                return
             verdict = self.key_check(key)
             if verdict is not None:
                 self.answer(entry, *verdict)
