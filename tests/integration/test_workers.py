@@ -56,7 +56,7 @@ class WorkersTest(KeypoolTestCase):
         self.assertEqual(st["version"], "0.1.0")
         self.assertEqual(st["pid"], self.kp.pid)
         self.assertIsInstance(st["uptime_s"], (int, float))
-        self.assertEqual((st["pools"], st["keys"]), (1, 3))
+        self.assertEqual((len(st["pools"]), st["keys"]), (1, 3))
         wait_for(lambda: len(self.workers()) == 2, what="two workers in /status")
         ws = self.workers()
         pids = {w["pid"] for w in ws}
