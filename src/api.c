@@ -40,14 +40,14 @@ static int64_t ceil_seconds(int64_t ms) {
 static void rfc3339(int64_t wall_ms, bool millis, char *buf, size_t size) {
         time_t secs = (time_t) (wall_ms / 1000);
         struct tm tm;
+        size_t n;
 
         gmtime_r(&secs, &tm);
+        n = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
         if (millis)
-                snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02d.%03dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                         tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, (int) (wall_ms % 1000));
+                snprintf(buf + n, size - n, ".%03dZ", (int) (wall_ms % 1000));
         else
-                snprintf(buf, size, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
-                         tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
+                snprintf(buf + n, size - n, "Z");
 }
 
 /* A monotonic table time as wall-clock RFC 3339. */

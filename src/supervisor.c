@@ -381,9 +381,9 @@ static void status_line(struct supervisor *s, int64_t now, char *line, size_t si
         }
         for (unsigned i = 0; i < n; i++)
                 requests += views[i].requests;
-        snprintf(line, size, "%s%u pools, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
+        snprintf(line, size, "%s%u pool%s, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
                  s->reload_failed ? "reload failed (old configuration kept); " : "",
-                 pools, ready, keys, cooling, disabled, (unsigned long long) requests);
+                 pools, pools == 1 ? "" : "s", ready, keys, cooling, disabled, (unsigned long long) requests);
 }
 
 static void update_status(struct supervisor *s, int64_t now) {
