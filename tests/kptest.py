@@ -4,9 +4,9 @@ Owns the plumbing and nothing else: starting the simulator and reading its port,
 keypool config into a fresh directory and starting `$KEYPOOLD -c` on it, talking HTTP/1.1 over
 the daemon's UNIX socket (whole requests, keep-alive connections, raw bytes for malformed
 input), and the checks every test gets for free at teardown: the daemon stops cleanly on SIGTERM
-with exit 0, and none of the test's fake secrets appears in its stderr/stdout or in any response
-it gave (every response seen through the harness is recorded; /status, /api/key-status and
-/health are fetched once more before the stop).
+with exit 0, and none of the test's fake secrets appears in its stderr/stdout, its state file or
+any response it gave (every response seen through the harness is recorded; /status,
+/api/key-status and /health are fetched once more before the stop).
 
 Standard library only; Python 3.11 (Debian 12's python3).
 
@@ -678,6 +678,11 @@ class Keypool:
         found += find_leaks(self.secrets, self.stdout(), "keypoold's stdout")
         for what, text in self.seen:
             found += find_leaks(self.secrets, text, what)
+        state = getattr(self, "state_file", None)
+        if state and os.path.isfile(state):
+            with open(state, "rb") as f:
+                found += find_leaks(self.secrets, f.read().decode(errors="replace"),
+                                    "the state file")
         return found
 
 
@@ -1295,3 +1300,22 @@ class StatusScenario:
         self.transient()
         self.finished = time.time()
         return self
+
+
+def assert_api_error(tc, body, code=None):
+    """body is keypool's own error in the OpenAI shape {"error":{"message","type","code"}}, with
+    any non-empty type: 401/403 answers use types such as "authentication_error" or
+    "permission_error", which KeypoolTestCase.assertOpenAIError does not list. Returns the
+    error object."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        tc.fail(f"error body is not JSON: {body[:300]!r}")
+    err = doc.get("error") if isinstance(doc, dict) else None
+    tc.assertIsInstance(err, dict, f"no error object in {body[:300]!r}")
+    tc.assertTrue(isinstance(err.get("message"), str) and err["message"], body)
+    tc.assertTrue(isinstance(err.get("type"), str) and err["type"], body)
+    tc.assertIn("code", err, body)
+    if code is not None:
+        tc.assertEqual(err["code"], code, body)
+    return err
