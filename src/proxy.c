@@ -445,13 +445,18 @@ static int begin_stream(struct proxy_request *pr) {
 /* keypool's own error for this request, then the request is done. */
 static void fail(struct proxy_request *pr, int status, const char *code, int64_t retry_after_s,
                  const char *message) {
-        struct http_header h[2];
-        char retry[24];
+        struct http_header h[4];
+        char retry[24], attempts[16];
         size_t n = 0;
         struct http_conn *c;
 
         note_rotation(pr, KEYTABLE_NO_KEY);
-        h[n++] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
+        /* Once an attempt was made the answer says with which key and how many, like any other
+         * proxied answer. */
+        if (pr->attempts > 0)
+                n = keypool_headers(pr, h, attempts, sizeof attempts);
+        else
+                h[n++] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
         if (retry_after_s > 0) {
                 snprintf(retry, sizeof retry, "%lld", (long long) retry_after_s);
                 h[n++] = (struct http_header) { "Retry-After", retry };
