@@ -218,6 +218,21 @@ static void note_rotation(struct proxy_request *pr, unsigned to) {
         pr->rotated_from = KEYTABLE_NO_KEY;
 }
 
+/* The header that carries the key, in the provider's style. Keys never go in a URL. */
+static void auth_line(const struct config_provider *prov, const char *secret, char *buf, size_t size) {
+        switch (prov->auth) {
+        case CONFIG_AUTH_X_API_KEY:
+                snprintf(buf, size, "x-api-key: %s", secret);
+                break;
+        case CONFIG_AUTH_X_GOOG_API_KEY:
+                snprintf(buf, size, "x-goog-api-key: %s", secret);
+                break;
+        default:
+                snprintf(buf, size, "Authorization: Bearer %s", secret);
+                break;
+        }
+}
+
 /* Tells every worker with waiting requests (this one included) that a key may be free. */
 static void wake_waiters(struct proxy_context *p) {
         unsigned slots[256], n;
@@ -909,17 +924,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         note_rotation(pr, pr->lease.key);
         secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
 
-        switch (prov->auth) {
-        case CONFIG_AUTH_X_API_KEY:
-                snprintf(auth, sizeof auth, "x-api-key: %s", secret);
-                break;
-        case CONFIG_AUTH_X_GOOG_API_KEY:
-                snprintf(auth, sizeof auth, "x-goog-api-key: %s", secret);
-                break;
-        default:
-                snprintf(auth, sizeof auth, "Authorization: Bearer %s", secret);
-                break;
-        }
+        auth_line(prov, secret, auth, sizeof auth);
         curl_slist_free_all(pr->headers);
         pr->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, sizeof auth);
@@ -1098,12 +1103,7 @@ static void start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         pb->ctx = p;
         pb->key = key;
         pb->pool = pool;
-        if (prov->auth == CONFIG_AUTH_X_API_KEY)
-                snprintf(auth, sizeof auth, "x-api-key: %s", secret);
-        else if (prov->auth == CONFIG_AUTH_X_GOOG_API_KEY)
-                snprintf(auth, sizeof auth, "x-goog-api-key: %s", secret);
-        else
-                snprintf(auth, sizeof auth, "Authorization: Bearer %s", secret);
+        auth_line(prov, secret, auth, sizeof auth);
         pb->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, sizeof auth);
         for (unsigned i = 0; pb->headers && i < prov->n_headers; i++)
