@@ -90,7 +90,8 @@ static json_t *key_json(const struct keytable_key_view *k, int64_t now, int64_t 
                                     k->state == KEY_READY ? NULL : keytable_reason_name(k->reason)));
         json_object_set_new(j, "reason_text", json_nullable_string(reason_text(k->state, k->reason)));
         json_object_set_new(j, "cooldown_remaining_s", json_integer(cooling ? ceil_seconds(k->cooldown_until_ms - now) : 0));
-        json_object_set_new(j, "cooldown_until", cooling ? json_mono_time(k->cooldown_until_ms, now, now_wall) : json_null());
+        /* Rounded up, like the state file: a key is never said to be ready before it is. */
+        json_object_set_new(j, "cooldown_until", cooling ? json_mono_time(k->cooldown_until_ms + 999, now, now_wall) : json_null());
         json_object_set_new(j, "requests", json_integer((json_int_t) k->requests));
         json_object_set_new(j, "successes", json_integer((json_int_t) k->successes));
         json_object_set_new(j, "rate_limited", json_integer((json_int_t) k->rate_limited));
@@ -681,7 +682,8 @@ bool api_handle(const struct api_context *a, struct http_conn *c, const struct h
                         char *end;
                         unsigned long v = strtoul(limit_s, &end, 10);
 
-                        if (end == limit_s || *end || v == 0) {
+                        /* strtoul takes "-1" as a huge number: digits only. */
+                        if (end == limit_s || *end || v == 0 || limit_s[0] < '0' || limit_s[0] > '9') {
                                 http_conn_respond_error(c, 400, "invalid_request_error", "bad_limit", NULL, 0,
                                                         "limit must be a positive number");
                                 free(limit_s);

@@ -1755,6 +1755,35 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
 
 /* --- probes and operator actions ----------------------------------------------------------- */
 
+unsigned keytable_recover_due(struct keytable *t, int64_t now_ms, unsigned *ret_pools,
+                              unsigned *ret_positions, unsigned max) {
+        unsigned b, n = 0;
+
+        if (!t || (max > 0 && (!ret_pools || !ret_positions)))
+                return 0;
+        b = bank_current(t);
+        for (unsigned i = 0; i < bank_n_pools(t, b) && n < max; i++) {
+                unsigned first, end, p = bank_first_pool(t, b) + i;
+
+                pool_lock(t, p);
+                mark(&t->pools[p].dirty, 1);
+                pool_range(t, p, &first, &end);
+                for (unsigned k = first; k < end && n < max; k++) {
+                        struct keytable_change change = { .changed = false };
+
+                        key_recover_if_due(&t->keys[k], k, now_ms, &change);
+                        if (!change.changed)
+                                continue;
+                        ret_pools[n] = i;
+                        ret_positions[n] = k - first;
+                        n++;
+                }
+                mark(&t->pools[p].dirty, 0);
+                pool_unlock(t, p);
+        }
+        return n;
+}
+
 int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, unsigned *ret_pool) {
         struct keytable_policy pol;
         unsigned b;

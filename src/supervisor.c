@@ -431,11 +431,35 @@ static bool check_workers(struct supervisor *s, int64_t now) {
         return healthy;
 }
 
+/* Cooldowns end by the clock: say so when they do, not when the next request happens by. */
+static void note_recoveries(struct supervisor *s, int64_t now) {
+        const struct config *cfg = s->current->config;
+        unsigned pools[64], positions[64], n;
+
+        n = keytable_recover_due(s->table, now, pools, positions, 64);
+        for (unsigned i = 0; i < n; i++) {
+                struct keytable_event ev = { .wall_ms = clock_wall_ms(), .kind = HISTORY_RECOVER };
+                struct log_fields f = LOG_FIELDS_NONE;
+
+                if (pools[i] >= cfg->n_pools || positions[i] >= cfg->pools[pools[i]].n_keys)
+                        continue;
+                f.pool = cfg->pools[pools[i]].name;
+                f.key = cfg->pools[pools[i]].keys[positions[i]].id;
+                snprintf(ev.pool, sizeof ev.pool, "%s", f.pool);
+                snprintf(ev.key_from, sizeof ev.key_from, "%s", f.key);
+                keytable_history_add(s->table, &ev);
+                log_event(LOG_INFO, "recover", &f, "key is ready again");
+        }
+}
+
 static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
         struct supervisor *s = userdata;
         int64_t now = clock_mono_ms();
         uint64_t period = TICK_USEC;
         bool healthy;
+
+        if (s->state == STATE_RUNNING)
+                note_recoveries(s, now);
 
         healthy = check_workers(s, now) && (s->state == STATE_RUNNING || s->state == STATE_RELOADING);
         if (s->state != STATE_STOPPING)
@@ -488,6 +512,7 @@ static int build_table(struct supervisor *s, const struct config *cfg) {
                 /* Two generations of workers during a reload, and a spare. */
                 .n_slots = 2 * MAX_WORKERS + 2,
                 .leases_per_slot = cfg->max_connections,
+                .history_size = cfg->history_size,
         };
         int r;
 

@@ -300,6 +300,12 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
  * the current bank's. */
 int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, unsigned *ret_pool);
 
+/* Ends every cooldown of the current bank that has run out (acquire does it lazily too), so a
+ * recovery is seen when it happens, not at the next request. Returns how many keys recovered,
+ * at most max, with their pools (bank-relative) and positions. */
+unsigned keytable_recover_due(struct keytable *t, int64_t now_ms, unsigned *ret_pools,
+                              unsigned *ret_positions, unsigned max);
+
 /* Operator and probe actions on a key row (table-wide index, either bank): enable makes a key
  * ready (counts reset to none in a row); disable makes it disabled with reason. ret_change may
  * be NULL. -EINVAL for a bad key. */

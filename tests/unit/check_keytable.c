@@ -3130,12 +3130,41 @@ START_TEST(test_config_generation_starts_at_one_and_follows_the_coordinator)
 }
 END_TEST
 
+START_TEST(test_recover_due_ends_cooldowns_that_ran_out_and_reports_them) {
+        struct keytable_limits lim = { .max_pools = 4, .max_keys = 8, .n_slots = 2, .leases_per_slot = 4 };
+        struct keytable *t = NULL;
+        struct keytable_lease lease;
+        struct keytable_wait wait;
+        struct keytable_outcome o = { .cls = VERDICT_RATE_LIMITED, .status = 429, .rest_ms = 1000,
+                                      .figures = RATE_FIGURES_UNKNOWN };
+        unsigned pool, slot, pools[4], positions[4];
+
+        ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
+        ck_assert_int_eq(keytable_add_pool(t, "P", "m", &pool), 0);
+        ck_assert_int_eq(keytable_add_key(t, pool, "kp-0000000001", "...001", NULL), 0);
+        ck_assert_int_eq(keytable_add_key(t, pool, "kp-0000000002", "...002", NULL), 0);
+        ck_assert_int_eq(keytable_slot_claim(t, 1, 1000, &slot), 0);
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 1000, KEYTABLE_NO_KEY, &lease, &wait, NULL), 0);
+        keytable_release(t, &lease, &o, 1000, NULL);
+
+        ck_assert_uint_eq(keytable_recover_due(t, 1999, pools, positions, 4), 0);
+        ck_assert_uint_eq(keytable_recover_due(t, 2000, pools, positions, 4), 1);
+        ck_assert_uint_eq(pools[0], pool);
+        ck_assert_uint_eq(positions[0], 0);
+        /* Once only. */
+        ck_assert_uint_eq(keytable_recover_due(t, 3000, pools, positions, 4), 0);
+        keytable_slot_release(t, slot);
+        keytable_destroy(t);
+}
+END_TEST
+
 static Suite *keytable_suite(void) {
         Suite *s = suite_create("keytable");
         TCase *tc;
 
         tc = tcase_create("selection");
         tcase_add_test(tc, test_primary_goes_first_then_lru_rotates_through_the_backups);
+        tcase_add_test(tc, test_recover_due_ends_cooldowns_that_ran_out_and_reports_them);
         tcase_add_test(tc, test_never_used_keys_tie_and_are_taken_in_list_order);
         suite_add_tcase(s, tc);
 
