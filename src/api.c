@@ -482,8 +482,9 @@ static unsigned for_each_row(const struct api_context *a, const char *id, const 
                                 log_event(LOG_NOTICE, "enable", &f, "key enabled by an operator");
                         } else {
                                 ev.kind = HISTORY_PROBE;
-                                if (a->proxy)
-                                        proxy_probe(a->proxy, key, p);
+                                if (!a->proxy || proxy_probe(a->proxy, key, p) < 0)
+                                        log_event(LOG_WARNING, "probe", &f, "cannot probe now (a reload is "
+                                                  "under way?): the key keeps its state");
                                 log_event(LOG_NOTICE, "probe", &f, "probe requested by an operator");
                         }
                         keytable_history_add(a->table, &ev);

@@ -2245,6 +2245,15 @@ finish:
         return 0;
 }
 
+void config_wipe_secrets(struct config *c) {
+        if (!c)
+                return;
+        for (unsigned p = 0; p < c->n_pools; p++)
+                for (unsigned k = 0; k < c->pools[p].n_keys; k++)
+                        if (c->pools[p].keys[k].secret)
+                                explicit_bzero(c->pools[p].keys[k].secret, strlen(c->pools[p].keys[k].secret));
+}
+
 void config_free(struct config *c) {
         if (!c)
                 return;

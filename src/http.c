@@ -64,6 +64,7 @@ struct http_conn {
         bool pressure;                  /* stream_write reported the high-water mark */
         bool in_message;                /* the parser has seen the start of a request */
         bool served;                    /* at least one response was completed */
+        bool half_closed;               /* the peer shut down its sending side */
         bool last_was_value;            /* header parsing: the previous callback was a value */
         int error_status;               /* a limit tripped while parsing: answer this and close */
 
@@ -408,6 +409,11 @@ int http_conn_respond_error(struct http_conn *c, int status, const char *type, c
         va_start(ap, fmt);
         vsnprintf(message, sizeof message, fmt, ap);
         va_end(ap);
+        /* Messages may quote what the client sent, cut anywhere: keep them plain ASCII so the
+         * JSON encoder never refuses one (and the client always gets its answer). */
+        for (char *m = message; *m; m++)
+                if ((unsigned char) *m < 0x20 || (unsigned char) *m >= 0x7f)
+                        *m = '?';
 
         j = json_pack("{s:{s:s, s:s, s:s}}", "error", "message", message, "type", type, "code", code);
         text = j ? json_dumps(j, JSON_COMPACT) : NULL;
@@ -509,7 +515,8 @@ static void arm_timer(struct http_conn *c) {
 }
 
 static int conn_update_events(struct http_conn *c) {
-        uint32_t events = EPOLLRDHUP;
+        /* Once the peer has half-closed, RDHUP would fire for ever (level-triggered). */
+        uint32_t events = c->half_closed ? 0 : EPOLLRDHUP;
 
         if (c->dead)
                 return 0;
@@ -739,10 +746,23 @@ static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
                 conn_read(c);
                 return 0;
         }
-        if (revents & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+        if (revents & (EPOLLHUP | EPOLLERR)) {
                 /* The client hung up while its request was being served. */
                 conn_close(c);
                 return 0;
+        }
+        if (revents & EPOLLRDHUP) {
+                /* The peer stopped sending. Over a UNIX socket a client that is gone shows as
+                 * HUP, so this is a half-close (nc -N, HTTP/1.0 clients): the answer is still
+                 * wanted. Over TCP a FIN looks the same either way, and clients that half-close
+                 * are rare: treat it as gone, so an abandoned upstream call stops at once. */
+                if (c->peer.tcp) {
+                        conn_close(c);
+                        return 0;
+                }
+                c->half_closed = true;
+                c->close_after = true;
+                conn_update_events(c);
         }
         return 0;
 }

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 
 #include "keypool/config.h"
 #include "keypool/log.h"
@@ -77,6 +78,8 @@ int main(int argc, char **argv) {
                 return 2;
         }
 
+        /* Keys are about to be read: no core dump of this process or its workers may hold them. */
+        prctl(PR_SET_DUMPABLE, 0);
         log_setup("keypoold", LOG_INFO, check ? LOG_TARGET_STDERR : target);
         r = config_load(path, &cfg, &diag);
         if (r < 0) {

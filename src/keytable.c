@@ -1743,7 +1743,9 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
         change.key = lease->key;
         change.key_position = lease->key - first;
         /* A slot freed on a key that has just gone to rest frees nothing anyone can use. */
-        change.freed_capacity = was_full && key->state == KEY_READY;
+        /* Waiters for a full key must hear of this release even when the key now rests: the
+         * rest has an end they can wait for, which they could not see while it was full. */
+        change.freed_capacity = was_full;
         mark(&p->dirty, 0);
         pool_unlock(t, gp);
 

@@ -218,6 +218,13 @@ static void note_rotation(struct proxy_request *pr, unsigned to) {
         pr->rotated_from = KEYTABLE_NO_KEY;
 }
 
+/* curl keeps its own copy of every header line, the key's included: wipe before freeing. */
+static void free_headers(struct curl_slist *l) {
+        for (struct curl_slist *i = l; i; i = i->next)
+                explicit_bzero(i->data, strlen(i->data));
+        curl_slist_free_all(l);
+}
+
 /* The header that carries the key, in the provider's style. Keys never go in a URL. */
 static void auth_line(const struct config_provider *prov, const char *secret, char *buf, size_t size) {
         switch (prov->auth) {
@@ -332,7 +339,7 @@ static void request_free(struct proxy_request *pr) {
         sd_event_source_disable_unref(pr->timer);
         if (pr->easy)
                 curl_easy_cleanup(pr->easy);
-        curl_slist_free_all(pr->headers);
+        free_headers(pr->headers);
         answer_reset(pr);
         for (size_t i = 0; i < pr->n_fwd_headers; i++)
                 free(pr->fwd_headers[i]);
@@ -733,6 +740,8 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         started = pr->conn && http_conn_stream_started(pr->conn);
         curl_easy_cleanup(pr->easy);
         pr->easy = NULL;
+        free_headers(pr->headers);
+        pr->headers = NULL;
         pr->paused = pr->pressure = false;
 
         if (res != CURLE_OK && !pr->retry_from_stream) {
@@ -879,6 +888,9 @@ static void wait_or_fail(struct proxy_request *pr, const struct keytable_wait *w
                 }
                 if (w->retry_at_ms > 0)
                         arm_queue_timer(pr->ctx, pr->pool, w->retry_at_ms);
+                /* A key freed by another worker between our failed acquire and the waiter count
+                 * becoming visible woke nobody: look once more. */
+                sd_event_source_set_enabled(pr->ctx->kick, SD_EVENT_ONESHOT);
                 return;
         }
         if (w->retry_at_ms > 0)
@@ -925,7 +937,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
 
         auth_line(prov, secret, auth, sizeof auth);
-        curl_slist_free_all(pr->headers);
+        free_headers(pr->headers);
         pr->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, sizeof auth);
         for (unsigned i = 0; pr->headers && i < prov->n_headers; i++)
@@ -976,11 +988,13 @@ static void attempt(struct proxy_request *pr) {
                 fail(pr, 503, "no_key_available", 0, "too many attempts for one request");
                 return;
         }
-        /* Requests already waiting for this pool come first. */
+        /* Requests already waiting for this pool come first. (wait_or_fail may free pr.) */
         if (pr->ctx->queues[pr->pool].head && pr->step != STEP_WAITING) {
+                struct proxy_context *p = pr->ctx;
+
                 w = (struct keytable_wait) { .busy = true };
+                sd_event_source_set_enabled(p->kick, SD_EVENT_ONESHOT);
                 wait_or_fail(pr, &w, clock_mono_ms());
-                sd_event_source_set_enabled(pr->ctx->kick, SD_EVENT_ONESHOT);
                 return;
         }
         if (try_start(pr, &w) == 0)
@@ -1062,7 +1076,10 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
 
         curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
         f.pool = cp->name;
-        if (keytable_pool_info(p->table, pb->pool, &info) >= 0 && pb->key >= info.first_key)
+        /* The probe was started on this worker's own bank (start_probe checks): a reload since
+         * then does not move the key's row. */
+        if (keytable_slot_pool_info(p->table, p->slot, pb->pool, &info) >= 0 && pb->key >= info.first_key &&
+            pb->key - info.first_key < cp->n_keys)
                 f.key = cp->keys[pb->key - info.first_key].id;
         f.status = (int) status;
         if (res == CURLE_OK && status >= 200 && status < 300) {
@@ -1079,27 +1096,35 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
                           res == CURLE_OK ? "error status" : curl_easy_strerror(res));
         }
         curl_easy_cleanup(easy);
-        curl_slist_free_all(pb->headers);
+        free_headers(pb->headers);
         free(pb->url);
         free(pb);
         p->probes--;
 }
 
-static void start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
-        const struct config_pool *cp = &p->config->pools[pool];
-        const struct config_provider *prov = &p->config->providers[cp->provider];
+/* Probes key (table-wide) of pool (relative to this worker's bank). -EAGAIN when this worker's
+ * configuration is not the current one (a reload is under way): the new generation probes. */
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+        const struct config_pool *cp;
+        const struct config_provider *prov;
         struct keytable_pool_view info;
         struct probe *pb;
         char auth[4200];
         const char *secret;
 
-        if (keytable_pool_info(p->table, pool, &info) < 0 || key < info.first_key ||
+        if (keytable_slot_bank(p->table, p->slot) != keytable_bank_current(p->table))
+                return -EAGAIN;
+        if (pool >= p->config->n_pools)
+                return -EINVAL;
+        cp = &p->config->pools[pool];
+        prov = &p->config->providers[cp->provider];
+        if (keytable_slot_pool_info(p->table, p->slot, pool, &info) < 0 || key < info.first_key ||
             key - info.first_key >= cp->n_keys)
-                return;
+                return -EINVAL;
         secret = cp->keys[key - info.first_key].secret;
         pb = calloc(1, sizeof *pb);
         if (!pb)
-                return;
+                return -ENOMEM;
         pb->ctx = p;
         pb->key = key;
         pb->pool = pool;
@@ -1125,17 +1150,18 @@ static void start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         if (upstream_start(p->upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;
-        return;
+        return 0;
 fail:
         if (pb->easy)
                 curl_easy_cleanup(pb->easy);
-        curl_slist_free_all(pb->headers);
+        free_headers(pb->headers);
         free(pb->url);
         free(pb);
+        return -ENOMEM;
 }
 
-void proxy_probe(struct proxy_context *p, unsigned key, unsigned pool) {
-        start_probe(p, key, pool);
+int proxy_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+        return start_probe(p, key, pool);
 }
 
 static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -1158,11 +1184,11 @@ void proxy_on_abort(struct http_conn *c, void *request_data) {
 
         pr->aborted = true;
         pr->conn = NULL;
-        if (pr->step == STEP_RUNNING && pr->easy) {
-                if (pr->in_curl)
-                        return;         /* the callback fails the transfer; on_done frees */
+        /* Inside a curl callback or on_done's own relay: whoever is on the stack frees. */
+        if (pr->in_curl)
+                return;
+        if (pr->step == STEP_RUNNING && pr->easy)
                 upstream_cancel(pr->ctx->upstream, pr->easy);
-        }
         /* Waiting, backing off, or a cancelled transfer: nothing more will happen for it. */
         release(pr, NULL);
         request_free(pr);
@@ -1175,7 +1201,84 @@ void proxy_on_drain(struct http_conn *c, void *request_data) {
         if (pr->paused && !pr->in_curl && pr->easy) {
                 pr->paused = false;
                 upstream_resume(pr->ctx->upstream, pr->easy);
+                /* Resuming delivers buffered data at once; if the client vanished meanwhile, curl
+                 * stops watching the transfer's socket: end it here. */
+                if (pr->aborted) {
+                        upstream_cancel(pr->ctx->upstream, pr->easy);
+                        release(pr, NULL);
+                        request_free(pr);
+                }
         }
+}
+
+/* Where the top-level "model" member's string value lies in a body jansson has already accepted
+ * as a JSON object (the last one, as jansson keeps the last of duplicate keys), so a pool name
+ * can be replaced by the model id without re-serialising — and so altering — anything else.
+ * 0 and the offsets of the value's text (between its quotes), or -1 when it is not there as a
+ * plain string written without escapes. */
+static int find_model_value(const char *b, size_t len, size_t *ret_start, size_t *ret_end) {
+        bool key_next = false, found = false;
+        int depth = 0;
+
+        for (size_t i = 0; i < len; ) {
+                char ch = b[i];
+
+                if (ch == '"') {
+                        size_t s = i + 1, j = s;
+                        bool escaped = false;
+
+                        while (j < len && b[j] != '"') {
+                                if (b[j] == '\\') {
+                                        escaped = true;
+                                        j++;
+                                }
+                                j++;
+                        }
+                        if (j >= len)
+                                return -1;
+                        if (depth == 1 && key_next) {
+                                key_next = false;
+                                if (!escaped && j - s == 5 && memcmp(b + s, "model", 5) == 0) {
+                                        size_t k = j + 1, v;
+
+                                        k += strspn(b + k, " \t\r\n");
+                                        if (k >= len || b[k] != ':')
+                                                return -1;
+                                        k++;
+                                        k += strspn(b + k, " \t\r\n");
+                                        found = false;
+                                        if (k < len && b[k] == '"') {
+                                                for (v = k + 1; v < len && b[v] != '"' && b[v] != '\\'; v++)
+                                                        ;
+                                                if (v < len && b[v] == '"') {
+                                                        *ret_start = k + 1;
+                                                        *ret_end = v;
+                                                        found = true;
+                                                }
+                                        }
+                                }
+                        }
+                        i = j + 1;
+                        continue;
+                }
+                if (ch == '{' || ch == '[') {
+                        depth++;
+                        key_next = ch == '{' && depth == 1;
+                } else if (ch == '}' || ch == ']')
+                        depth--;
+                else if (ch == ',' && depth == 1)
+                        key_next = true;
+                i++;
+        }
+        return found ? 0 : -1;
+}
+
+/* A model id that can stand between JSON quotes as it is. */
+static bool json_plain(const char *s) {
+        for (; *s; s++)
+                if (*s == '"' || *s == '\\' || (unsigned char) *s < 0x20)
+                        return false;
+        return true;
 }
 
 /* The pool the request names: X-Keypool-Pool wins over the body's model. On success the body
@@ -1240,8 +1343,22 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
          * (or named no model at all). */
         if (!model_name || (strcmp(model_name, pr->cpool->model) != 0 && !header &&
                             strcmp(model_name, pr->cpool->name) == 0)) {
+                size_t start, end, mlen = strlen(pr->cpool->model);
                 char *text;
 
+                if (model_name && json_plain(pr->cpool->model) &&
+                    find_model_value(req->body, req->body_len, &start, &end) == 0 &&
+                    (text = malloc(req->body_len - (end - start) + mlen + 1))) {
+                        memcpy(text, req->body, start);
+                        memcpy(text + start, pr->cpool->model, mlen);
+                        memcpy(text + start + mlen, req->body + end, req->body_len - end);
+                        pr->body_len = req->body_len - (end - start) + mlen;
+                        text[pr->body_len] = 0;
+                        pr->body = text;
+                        pr->own_body = true;
+                        json_decref(body);
+                        return 0;
+                }
                 json_object_set_new(body, "model", json_string(pr->cpool->model));
                 text = json_dumps(body, JSON_COMPACT);
                 if (!text) {

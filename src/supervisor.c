@@ -240,7 +240,8 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
                 maybe_stopped(s);
                 return 0;
         }
-        if (g->draining) {
+        if (g->draining || g != s->current) {
+                /* A generation being replaced is not kept alive: its place is the new one's. */
                 maybe_retire_old(s);
                 return 0;
         }
@@ -261,7 +262,10 @@ static int spawn(struct child *c) {
 
         r = keytable_slot_claim(s->table, g->number, clock_mono_ms(), &slot);
         if (r < 0) {
+                /* Slots free up as an older generation's workers exit: try again later. */
                 log_error("no free worker slot for worker %u: %s", c->position, strerror(-r));
+                c->crashes++;
+                schedule_respawn(c);
                 return r;
         }
         pid = fork();
@@ -274,6 +278,13 @@ static int spawn(struct child *c) {
                 return r;
         }
         if (pid == 0) {
+                /* This worker serves g's configuration only: the other generation's keys (some
+                 * perhaps removed by the operator) must not live on in it. */
+                if (s->old && s->old != g)
+                        config_wipe_secrets(s->old->config);
+                if (s->current != g)
+                        config_wipe_secrets(s->current->config);
+
                 struct worker_params wp = {
                         .config = g->config,
                         .table = s->table,
@@ -302,14 +313,17 @@ static int spawn(struct child *c) {
         return 0;
 }
 
+/* Starts every worker of g; one that cannot start now is retried later on its own. */
 static int spawn_generation(struct generation *g) {
+        int first_error = 0;
+
         for (unsigned i = 0; i < g->n_children; i++) {
                 int r = spawn(&g->children[i]);
 
-                if (r < 0)
-                        return r;
+                if (r < 0 && first_error == 0)
+                        first_error = r;
         }
-        return 0;
+        return first_error;
 }
 
 /* Does every worker of generation g accept connections? */
@@ -654,15 +668,15 @@ static void reload(struct supervisor *s) {
                                                 "(restart keypool to grow it)" : strerror(-r));
                 return;
         }
-        keytable_bank_commit(s->table);
-        keytable_set_config_generation(s->table, s->next_generation + 1);
-
         g = new_generation(s, cfg);
         if (!g) {
+                keytable_bank_abort(s->table);
                 config_free(cfg);
                 reload_failed(s, "out of memory");
                 return;
         }
+        keytable_bank_commit(s->table);
+        keytable_set_config_generation(s->table, g->number);
         s->reload_failed = false;
         s->old = s->current;
         s->current = g;

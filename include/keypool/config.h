@@ -117,6 +117,10 @@ struct config_diag {
 int config_load(const char *path, struct config **ret, struct config_diag *diag);
 
 void config_free(struct config *c);
+
+/* Overwrites every secret in c with zeros (in a process that must not hold them: a worker
+ * forked with another generation's configuration). c stays valid to free. */
+void config_wipe_secrets(struct config *c);
 void config_diag_clear(struct config_diag *d);
 
 /* Index of the pool whose name or model id equals s[0..len), or -1. Names win over model ids. */

@@ -155,7 +155,8 @@ struct keytable_change {
         int64_t until_ms;               /* for KEY_COOLING */
         unsigned twins_cooled;          /* rows of the same key in other pools cooled with it */
         bool account_limit_suspected;   /* every key of the pool got rate limited within 1 s */
-        bool freed_capacity;            /* the key was at max_concurrent before this release */
+        bool freed_capacity;            /* the key was at max_concurrent before this release
+                                         * (whatever its state now: waiters must look again) */
 };
 
 /* Why acquire found no key, and when to try again. */

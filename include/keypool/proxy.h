@@ -45,8 +45,9 @@ void proxy_done(struct proxy_context *p);
 /* Serves one POST /v1/… request on c. Always answers, now or later. */
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req);
 
-/* Probes key (a table-wide row of the current bank, in pool) now, as an operator asked. */
-void proxy_probe(struct proxy_context *p, unsigned key, unsigned pool);
+/* Probes key (a table-wide row of the current bank, in pool) now, as an operator asked.
+ * -EAGAIN when this worker serves an older configuration during a reload. */
+int proxy_probe(struct proxy_context *p, unsigned key, unsigned pool);
 
 /* Another worker freed a key (or one was enabled): try the waiting requests again. */
 void proxy_wake(struct proxy_context *p);
