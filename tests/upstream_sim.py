@@ -33,6 +33,12 @@ Details a test may rely on beyond the obvious:
     (absent until then), so [time, end_time] intervals show per-key concurrency.
   * X-Sim-Id: ID makes a completion's "id" ID instead of "gen-sim-<seq>", so two answers can be
     compared byte for byte.
+  * Log entries of requests that carry a body (completions and unknown paths) also have
+    "raw_body": the body exactly as received, as text (UTF-8, undecodable bytes replaced), when it
+    is shorter than 64 KiB; "body" is its parsed form.
+  * X-Sim-Stream-Raw: a JSON string, sent verbatim as the body of a 200 text/event-stream answer
+    framed by Content-Length and followed by the end of the connection (for stream bodies no well
+    behaved provider sends, such as a first event that never ends). After the limit check.
   * A rule (POST /_sim/keys) beyond status/retry_after/body/headers/count/delay_ms may have:
     "stream_error": CODE — the key's stream answers open with an error event as their FIRST
     event and then end (OpenRouter style; "stream_error_style": "anthropic" sends Anthropic's
@@ -73,6 +79,9 @@ SECRET_HEADERS = ("authorization", "x-api-key", "x-goog-api-key")
 DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
 
 LIMIT_IN_KEY = re.compile(r"-limit(\d+)-")
+
+# Bodies below this size are logged verbatim ("raw_body") as well as parsed.
+RAW_BODY_LOG_LIMIT = 64 * 1024
 
 CREDITS_MESSAGE = "Insufficient credits. Add more using https://openrouter.ai/credits"
 
@@ -465,7 +474,7 @@ class Handler(BaseHTTPRequestHandler):
                 return key, name
         return None, None
 
-    def record(self, path, key, body, stream):
+    def record(self, path, key, body, stream, raw=None):
         headers = {}
         for name, value in self.headers.items():
             name = name.lower()
@@ -475,12 +484,15 @@ class Handler(BaseHTTPRequestHandler):
         model = body.get("model") if isinstance(body, dict) else None
         present = sorted({n.lower() for n in self.headers.keys()
                           if n.lower() in SECRET_HEADERS})
+        more = {}
+        if raw is not None and len(raw) < RAW_BODY_LOG_LIMIT:
+            more["raw_body"] = raw.decode("utf-8", "replace")
         return self.state.new_entry(
             method=self.command, path=self.path,
             key_id=key_id(key) if key else None,
             model=model, stream=stream, status=0, aborted=False,
             peer_port=self.client_address[1], headers=headers, body=body,
-            auth_header=self.key_and_header()[1] if key else None, auth_headers=present)
+            auth_header=self.key_and_header()[1] if key else None, auth_headers=present, **more)
 
     def answer(self, entry, status, body, headers=None):
         self.state.update_entry(entry, status=status)
@@ -505,7 +517,7 @@ class Handler(BaseHTTPRequestHandler):
         stream = isinstance(body, dict) and body.get("stream") is True
         model = body.get("model") if isinstance(body, dict) else None
         key = self.request_key()
-        entry = self.record(path, key, body, stream)
+        entry = self.record(path, key, body, stream, raw)
         try:
             self.decide(entry, key, model, stream)
         except DISCONNECTS:
@@ -602,6 +614,26 @@ class Handler(BaseHTTPRequestHandler):
             # Status stays 0: nothing was answered.
             self.close_connection = True
             return
+        raw_stream = h.get("X-Sim-Stream-Raw")
+        if raw_stream is not None:
+            try:
+                text = json.loads(raw_stream)
+            except ValueError:
+                text = None
+            if isinstance(text, str):
+                self.close_connection = True
+                self.state.update_entry(entry, status=200)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                for name, value in extra.items():
+                    self.send_header(name, value)
+                data = text.encode("utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+                return
         status = header_int(h.get("X-Sim-Status"), None)
         if status is not None and 200 < status <= 599:
             if h.get("X-Sim-Retry-After") is not None:
@@ -738,7 +770,7 @@ class Handler(BaseHTTPRequestHandler):
             body = json.loads(raw) if raw else None
         except (ValueError, RecursionError):
             body = None
-        entry = self.record(path, self.request_key(), body, False)
+        entry = self.record(path, self.request_key(), body, False, raw)
         known = path.endswith(("/chat/completions", "/completions", "/embeddings", "/models"))
         status = 405 if known else 404
         try:
