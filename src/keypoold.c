@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 
 #include "keypool/config.h"
 #include "keypool/log.h"
@@ -27,6 +28,17 @@ static void usage(FILE *out) {
                 "  -h, --help          show this help and exit\n"
                 "      --version       show the version and exit\n",
                 CONFIG_DEFAULT_PATH);
+}
+
+/* Every client and every upstream connection is a descriptor, and the traditional soft limit of
+ * 1024 would cap a worker far below max_connections: take what the hard limit allows. */
+static void raise_fd_limit(void) {
+        struct rlimit rl;
+
+        if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+                rl.rlim_cur = rl.rlim_max;
+                (void) setrlimit(RLIMIT_NOFILE, &rl);
+        }
 }
 
 int main(int argc, char **argv) {
@@ -106,5 +118,6 @@ int main(int argc, char **argv) {
                 return 0;
         }
 
+        raise_fd_limit();
         return supervisor_run(cfg);
 }
