@@ -30,7 +30,7 @@
 
 #include <libconfig.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/envfile.h"
 #include "keypool/keyid.h"
 

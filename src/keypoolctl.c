@@ -29,7 +29,7 @@
 #include <curl/curl.h>
 #include <jansson.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/ctl.h"
 
 enum {

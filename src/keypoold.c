@@ -11,7 +11,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/log.h"
 #include "keypool/supervisor.h"
 

@@ -9,7 +9,7 @@
 #include <stdbool.h>
 #include <sys/types.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/http.h"
 #include "keypool/keytable.h"
 

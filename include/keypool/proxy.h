@@ -11,7 +11,7 @@
 
 #include <systemd/sd-event.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/http.h"
 #include "keypool/keytable.h"
 #include "keypool/policy.h"

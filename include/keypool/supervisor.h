@@ -8,7 +8,7 @@
  */
 #pragma once
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 
 /* Runs keypool with cfg (taking ownership: a reload replaces it) until it is stopped; returns
  * the process exit status. */

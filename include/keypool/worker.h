@@ -9,7 +9,7 @@
 
 #include <sys/types.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/keytable.h"
 
 struct worker_params {

@@ -16,7 +16,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "keypool/config.h"
+#include "keypool/conf.h"
 #include "keypool/keyid.h"
 
 #ifndef TEST_SRCDIR

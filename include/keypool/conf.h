@@ -1,4 +1,4 @@
-/* config.h — keypool.conf (libconfig) and the env file it may name.
+/* conf.h — keypool.conf (libconfig) and the env file it may name.
  *
  * Owns the process-private view of the configuration, secrets included. Secrets live only here
  * (never in shared memory); the struct is built once by the coordinator and inherited by workers
