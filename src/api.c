@@ -205,7 +205,12 @@ char *api_status_json(const struct api_context *a, int64_t now_ms) {
 
         n = keytable_workers(a->table, views, sizeof views / sizeof views[0]);
         for (unsigned i = 0; i < n; i++) {
-                json_t *w = json_object();
+                json_t *w;
+
+                /* A slot claimed for a worker still being forked has no process yet. */
+                if (views[i].pid <= 0)
+                        continue;
+                w = json_object();
 
                 json_object_set_new(w, "pid", json_integer(views[i].pid));
                 json_object_set_new(w, "slot", json_integer(views[i].slot));
