@@ -1,12 +1,18 @@
 /* upstream.c — a worker's libcurl multi handle, driven by its sd-event loop.
  *
  * The classic multi_socket integration: curl tells us which sockets to watch and when to wake
- * it; sd-event tells curl which socket is ready or that its timeout passed; after every action
- * finished transfers are collected and handed back. Nothing here blocks.
+ * it; we tell curl which socket is ready or that its timeout passed; after every action finished
+ * transfers are collected and handed back. Nothing here blocks.
+ *
+ * curl's sockets live in an epoll instance of their own, watched by sd-event as one source and
+ * drained a batch at a time. sd-event dispatches one source per loop iteration and polls before
+ * each, so with thousands of upstream connections (long streams) a source per socket made every
+ * event cost a scan of all ready sockets: the loop starved and its heartbeat with it.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
+#include <unistd.h>
 
 #include "keypool/upstream.h"
 
@@ -15,9 +21,13 @@ struct transfer {
         void *userdata;
 };
 
+#define EVENT_BATCH 256
+
 struct upstream {
         sd_event *event;
         CURLM *multi;
+        int epoll_fd;                   /* curl's sockets */
+        sd_event_source *epoll_source;
         sd_event_source *timer;
         unsigned running;
 };
@@ -47,17 +57,24 @@ static void collect_done(struct upstream *u) {
         }
 }
 
-static int on_socket_ready(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+static int on_sockets_ready(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct upstream *u = userdata;
-        int action = 0, still;
+        struct epoll_event ev[EVENT_BATCH];
+        int n, still;
 
-        if (revents & EPOLLIN)
-                action |= CURL_CSELECT_IN;
-        if (revents & EPOLLOUT)
-                action |= CURL_CSELECT_OUT;
-        if (revents & (EPOLLERR | EPOLLHUP))
-                action |= CURL_CSELECT_ERR;
-        curl_multi_socket_action(u->multi, fd, action, &still);
+        /* One batch per wake-up; anything left keeps the epoll fd readable for the next. */
+        n = epoll_wait(u->epoll_fd, ev, EVENT_BATCH, 0);
+        for (int i = 0; i < n; i++) {
+                int action = 0;
+
+                if (ev[i].events & EPOLLIN)
+                        action |= CURL_CSELECT_IN;
+                if (ev[i].events & EPOLLOUT)
+                        action |= CURL_CSELECT_OUT;
+                if (ev[i].events & (EPOLLERR | EPOLLHUP))
+                        action |= CURL_CSELECT_ERR;
+                curl_multi_socket_action(u->multi, ev[i].data.fd, action, &still);
+        }
         collect_done(u);
         return 0;
 }
@@ -71,33 +88,31 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-/* CURLMOPT_SOCKETFUNCTION: keep one io source per socket curl uses, with the events it wants. */
+/* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants
+ * (socketp marks the ones already added). */
 static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
         struct upstream *u = userp;
-        sd_event_source *source = socketp;
-        uint32_t events = 0;
+        struct epoll_event ev = { .data.fd = fd };
 
         if (what == CURL_POLL_REMOVE) {
-                if (source) {
-                        sd_event_source_disable_unref(source);
+                if (socketp) {
+                        (void) epoll_ctl(u->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
                         curl_multi_assign(u->multi, fd, NULL);
                 }
                 return 0;
         }
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
-                events |= EPOLLIN;
+                ev.events |= EPOLLIN;
         if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
-                events |= EPOLLOUT;
+                ev.events |= EPOLLOUT;
 
-        if (!source) {
-                if (sd_event_add_io(u->event, &source, fd, events, on_socket_ready, u) < 0)
+        if (!socketp) {
+                if (epoll_ctl(u->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
                         return -1;
-                curl_multi_assign(u->multi, fd, source);
+                curl_multi_assign(u->multi, fd, u);
                 return 0;
         }
-        if (sd_event_source_set_io_events(source, events) < 0)
-                return -1;
-        return sd_event_source_set_enabled(source, SD_EVENT_ON) < 0 ? -1 : 0;
+        return epoll_ctl(u->epoll_fd, EPOLL_CTL_MOD, fd, &ev) < 0 ? -1 : 0;
 }
 
 /* CURLMOPT_TIMERFUNCTION: one time source, re-armed whenever curl asks. */
@@ -119,15 +134,31 @@ int upstream_new(sd_event *e, struct upstream **ret) {
         if (!u)
                 return -ENOMEM;
         u->event = e;
+        u->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (u->epoll_fd < 0) {
+                r = -errno;
+                free(u);
+                return r;
+        }
         u->multi = curl_multi_init();
         if (!u->multi) {
+                close(u->epoll_fd);
                 free(u);
                 return -ENOMEM;
+        }
+        r = sd_event_add_io(e, &u->epoll_source, u->epoll_fd, EPOLLIN, on_sockets_ready, u);
+        if (r < 0) {
+                curl_multi_cleanup(u->multi);
+                close(u->epoll_fd);
+                free(u);
+                return r;
         }
         /* Accuracy 1 µs: curl's "call me now" must not be coalesced with sd-event's default 250 ms. */
         r = sd_event_add_time_relative(e, &u->timer, CLOCK_MONOTONIC, 0, 1, on_timer, u);
         if (r < 0) {
+                sd_event_source_disable_unref(u->epoll_source);
                 curl_multi_cleanup(u->multi);
+                close(u->epoll_fd);
                 free(u);
                 return r;
         }
@@ -148,6 +179,8 @@ void upstream_free(struct upstream *u) {
                 return;
         curl_multi_cleanup(u->multi);
         sd_event_source_disable_unref(u->timer);
+        sd_event_source_disable_unref(u->epoll_source);
+        close(u->epoll_fd);
         free(u);
 }
 
