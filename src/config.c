@@ -1442,6 +1442,27 @@ static void parse_headers(struct loader *l, const config_setting_t *g, const cha
         }
 }
 
+/* A provider's or pool's name: read and checked, then used in `what` ("pool 'GLM45'") for every
+ * later message about the group, whose members are checked against names. NULL when missing or
+ * invalid (reported). */
+static const char *group_name(struct loader *l, const config_setting_t *g, const char *kind,
+                              const char *const *names, char *what, size_t what_size,
+                              const config_setting_t **ret_ns) {
+        char prefix[CONFIG_NAME_MAX + 40];
+        const char *name;
+
+        name = member_string(l, g, what, "name", true, ret_ns);
+        if (name && !valid_name(name)) {
+                setting_error(l, *ret_ns, "%s: name '%s' " NAME_RULE, what, name);
+                name = NULL;
+        }
+        if (name)
+                snprintf(what, what_size, "%s '%s'", kind, name);
+        snprintf(prefix, sizeof(prefix), "%s: ", what);
+        check_members(l, g, prefix, names);
+        return name;
+}
+
 static void parse_provider(struct loader *l, const config_setting_t *g, unsigned index) {
         const config_setting_t *ns = NULL, *us = NULL;
         struct config_provider *p;
@@ -1455,19 +1476,7 @@ static void parse_provider(struct loader *l, const config_setting_t *g, unsigned
                 return;
         }
 
-        name = member_string(l, g, what, "name", true, &ns);
-        if (name && !valid_name(name)) {
-                setting_error(l, ns, "%s: name '%s' " NAME_RULE, what, name);
-                name = NULL;
-        }
-        if (name)
-                snprintf(what, sizeof(what), "provider '%s'", name);
-        {
-                char prefix[sizeof(what) + 2];
-
-                snprintf(prefix, sizeof(prefix), "%s: ", what);
-                check_members(l, g, prefix, provider_names);
-        }
+        name = group_name(l, g, "provider", provider_names, what, sizeof(what), &ns);
 
         p = provider_add(l, setting_file(l, g), config_setting_source_line(g));
         if (!p)
@@ -1717,19 +1726,7 @@ static void parse_pool(struct loader *l, const config_setting_t *g, unsigned ind
                 return;
         }
 
-        name = member_string(l, g, what, "name", true, &ns);
-        if (name && !valid_name(name)) {
-                setting_error(l, ns, "%s: name '%s' " NAME_RULE, what, name);
-                name = NULL;
-        }
-        if (name)
-                snprintf(what, sizeof(what), "pool '%s'", name);
-        {
-                char prefix[sizeof(what) + 2];
-
-                snprintf(prefix, sizeof(prefix), "%s: ", what);
-                check_members(l, g, prefix, pool_names);
-        }
+        name = group_name(l, g, "pool", pool_names, what, sizeof(what), &ns);
 
         p = pool_add(l, setting_file(l, g), config_setting_source_line(g));
         if (!p)

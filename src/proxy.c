@@ -351,6 +351,23 @@ static void request_free(struct proxy_request *pr) {
         free(pr);
 }
 
+/* The current answer's status and headers as policy reads them (pointing into pr; no body). */
+static void answer_view(const struct proxy_request *pr, struct answer_header *ah, struct upstream_answer *ret) {
+        *ret = (struct upstream_answer) { .status = pr->status, .headers = ah };
+        for (size_t i = 0; i < pr->n_answer_headers; i++) {
+                const char *line = pr->answer_headers[i], *colon = strchr(line, ':');
+                const char *value;
+
+                if (!colon)
+                        continue;
+                value = colon + 1 + strspn(colon + 1, " \t");
+                ah[ret->n_headers++] = (struct answer_header) {
+                        .name = line, .name_len = (size_t) (colon - line),
+                        .value = value, .value_len = strlen(value),
+                };
+        }
+}
+
 static void release(struct proxy_request *pr, const struct verdict *v) {
         struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->status,
                                       .figures = RATE_FIGURES_UNKNOWN };
@@ -376,19 +393,9 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
         o.tokens_out = pr->tokens_out;
         if (pr->n_answer_headers > 0) {
                 struct answer_header ah[MAX_ANSWER_HEADERS];
-                struct upstream_answer a = { .status = pr->status, .headers = ah };
+                struct upstream_answer a;
 
-                for (size_t i = 0; i < pr->n_answer_headers; i++) {
-                        const char *line = pr->answer_headers[i], *colon = strchr(line, ':');
-
-                        if (!colon)
-                                continue;
-                        ah[a.n_headers++] = (struct answer_header) {
-                                .name = line, .name_len = (size_t) (colon - line),
-                                .value = colon + 1 + strspn(colon + 1, " \t"),
-                                .value_len = strlen(colon + 1 + strspn(colon + 1, " \t")),
-                        };
-                }
+                answer_view(pr, ah, &a);
                 policy_read_figures(&a, clock_wall_ms(), &o.figures);
         }
         keytable_release(pr->ctx->table, &pr->lease, &o, clock_mono_ms(), &change);
@@ -664,20 +671,9 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
 
 static void judge(struct proxy_request *pr, struct verdict *ret) {
         struct answer_header ah[MAX_ANSWER_HEADERS];
-        struct upstream_answer a = { .status = pr->status, .headers = ah };
+        struct upstream_answer a;
 
-        for (size_t i = 0; i < pr->n_answer_headers; i++) {
-                const char *line = pr->answer_headers[i], *colon = strchr(line, ':');
-                const char *value;
-
-                if (!colon)
-                        continue;
-                value = colon + 1 + strspn(colon + 1, " \t");
-                ah[a.n_headers++] = (struct answer_header) {
-                        .name = line, .name_len = (size_t) (colon - line),
-                        .value = value, .value_len = strlen(value),
-                };
-        }
+        answer_view(pr, ah, &a);
         if (pr->stream_error_status) {
                 a.status = pr->stream_error_status;
                 a.body = pr->stream_error;
