@@ -8,10 +8,19 @@
  * drained a batch at a time. sd-event dispatches one source per loop iteration and polls before
  * each, so with thousands of upstream connections (long streams) a source per socket made every
  * event cost a scan of all ready sockets: the loop starved and its heartbeat with it.
+ *
+ * curl stops watching a connection's socket after every transfer and watches it again for the
+ * next one on the same connection: two epoll_ctl calls per request for nothing. Sockets curl
+ * opens for connections (CURLOPT_OPENSOCKETFUNCTION) therefore stay in the epoll set while idle,
+ * and we remember what each is registered for, so only real changes reach the kernel; curl tells
+ * us when it closes one (CURLOPT_CLOSESOCKETFUNCTION), which is when the fd number may come back
+ * as another socket. Other descriptors curl watches (a resolver's pipe) leave the set at once.
  */
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "keypool/upstream.h"
@@ -23,13 +32,28 @@ struct transfer {
 
 #define EVENT_BATCH 256
 
+/* What we know of a descriptor curl uses, indexed by its number. */
+enum {
+        FD_CONN         = 1 << 0,       /* opened by curl for a connection (ours to track) */
+        FD_REGISTERED   = 1 << 1,       /* in the epoll set */
+        FD_WATCHED      = 1 << 2,       /* curl wants events from it now */
+};
+
+struct fd_state {
+        uint8_t flags;
+        uint32_t events;                /* registered for, when FD_REGISTERED */
+};
+
 struct upstream {
         sd_event *event;
         CURLM *multi;
         int epoll_fd;                   /* curl's sockets */
         sd_event_source *epoll_source;
         sd_event_source *timer;
+        sd_event_source *kick;          /* curl's "call me now": no timer needed */
         unsigned running;
+        struct fd_state *fds;
+        size_t n_fds;
 };
 
 static void collect_done(struct upstream *u) {
@@ -57,6 +81,44 @@ static void collect_done(struct upstream *u) {
         }
 }
 
+static struct fd_state *fd_state(struct upstream *u, int fd) {
+        if (fd < 0)
+                return NULL;
+        if ((size_t) fd >= u->n_fds) {
+                size_t n = u->n_fds ? u->n_fds : 64;
+                struct fd_state *p;
+
+                while (n <= (size_t) fd)
+                        n *= 2;
+                p = reallocarray(u->fds, n, sizeof *p);
+                if (!p)
+                        return NULL;
+                memset(p + u->n_fds, 0, (n - u->n_fds) * sizeof *p);
+                u->fds = p;
+                u->n_fds = n;
+        }
+        return &u->fds[fd];
+}
+
+/* Makes the epoll set hold fd for events (0: out of the set). 0 or -1. */
+static int fd_register(struct upstream *u, int fd, struct fd_state *st, uint32_t events) {
+        struct epoll_event ev = { .events = events, .data.fd = fd };
+
+        if (events == 0) {
+                if (st->flags & FD_REGISTERED)
+                        (void) epoll_ctl(u->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+                st->flags &= (uint8_t) ~FD_REGISTERED;
+                return 0;
+        }
+        if ((st->flags & FD_REGISTERED) && st->events == events)
+                return 0;
+        if (epoll_ctl(u->epoll_fd, (st->flags & FD_REGISTERED) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) < 0)
+                return -1;
+        st->flags |= FD_REGISTERED;
+        st->events = events;
+        return 0;
+}
+
 static int on_sockets_ready(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
         struct upstream *u = userdata;
         struct epoll_event ev[EVENT_BATCH];
@@ -65,7 +127,15 @@ static int on_sockets_ready(sd_event_source *s, int fd, uint32_t revents, void *
         /* One batch per wake-up; anything left keeps the epoll fd readable for the next. */
         n = epoll_wait(u->epoll_fd, ev, EVENT_BATCH, 0);
         for (int i = 0; i < n; i++) {
+                struct fd_state *st = (size_t) ev[i].data.fd < u->n_fds ? &u->fds[ev[i].data.fd] : NULL;
                 int action = 0;
+
+                /* An idle connection's socket woke (the server closed it, say): curl will find
+                 * out when it next looks at the connection; until then it stays quiet. */
+                if (st && !(st->flags & FD_WATCHED)) {
+                        fd_register(u, ev[i].data.fd, st, 0);
+                        continue;
+                }
 
                 if (ev[i].events & EPOLLIN)
                         action |= CURL_CSELECT_IN;
@@ -88,40 +158,85 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-/* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants
- * (socketp marks the ones already added). */
+static int on_kick(sd_event_source *s, void *userdata) {
+        return on_timer(s, 0, userdata);
+}
+
+/* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants. */
 static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
         struct upstream *u = userp;
-        struct epoll_event ev = { .data.fd = fd };
+        struct fd_state *st = fd_state(u, fd);
+        uint32_t events = 0;
 
+        if (!st)
+                return -1;
         if (what == CURL_POLL_REMOVE) {
-                if (socketp) {
-                        (void) epoll_ctl(u->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
-                        curl_multi_assign(u->multi, fd, NULL);
-                }
+                st->flags &= (uint8_t) ~FD_WATCHED;
+                /* A connection's socket stays registered while idle (see the top). */
+                if (!(st->flags & FD_CONN))
+                        fd_register(u, fd, st, 0);
                 return 0;
         }
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
-                ev.events |= EPOLLIN;
+                events |= EPOLLIN;
         if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
-                ev.events |= EPOLLOUT;
-
-        if (!socketp) {
-                if (epoll_ctl(u->epoll_fd, EPOLL_CTL_ADD, fd, &ev) < 0)
-                        return -1;
-                curl_multi_assign(u->multi, fd, u);
-                return 0;
-        }
-        return epoll_ctl(u->epoll_fd, EPOLL_CTL_MOD, fd, &ev) < 0 ? -1 : 0;
+                events |= EPOLLOUT;
+        st->flags |= FD_WATCHED;
+        return fd_register(u, fd, st, events);
 }
 
-/* CURLMOPT_TIMERFUNCTION: one time source, re-armed whenever curl asks. */
-static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+/* CURLOPT_OPENSOCKETFUNCTION: a connection's socket, which we may keep registered while idle. */
+static curl_socket_t open_socket_cb(void *userp, curlsocktype purpose, struct curl_sockaddr *addr) {
+        struct upstream *u = userp;
+        struct fd_state *st;
+        int fd;
+
+        fd = socket(addr->family, addr->socktype | SOCK_CLOEXEC, addr->protocol);
+        if (fd < 0)
+                return CURL_SOCKET_BAD;
+        st = fd_state(u, fd);
+        if (!st) {
+                close(fd);
+                return CURL_SOCKET_BAD;
+        }
+        /* A number closed behind our back and reused would carry a stale state: start clean. */
+        if (st->flags & FD_REGISTERED)
+                (void) epoll_ctl(u->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+        *st = (struct fd_state) { .flags = FD_CONN };
+        return fd;
+}
+
+/* CURLOPT_CLOSESOCKETFUNCTION: closing drops the socket from the epoll set by itself. */
+static int close_socket_cb(void *userp, curl_socket_t fd) {
         struct upstream *u = userp;
 
-        if (timeout_ms < 0)
+        if ((size_t) fd < u->n_fds)
+                u->fds[fd] = (struct fd_state) {};
+        return close(fd);
+}
+
+/* CURLMOPT_TIMERFUNCTION: one time source, re-armed whenever curl asks. curl asks for "now"
+ * after every new transfer and for its long timeouts after every step: the first is a deferred
+ * call (no timer to program), and the second may be late by a fraction of itself, so that moving
+ * it a little on every request does not reprogram the kernel's timer each time. */
+static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
+        struct upstream *u = userp;
+        uint64_t accuracy_usec;
+
+        if (timeout_ms < 0) {
+                sd_event_source_set_enabled(u->kick, SD_EVENT_OFF);
                 return sd_event_source_set_enabled(u->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
-        if (sd_event_source_set_time_relative(u->timer, (uint64_t) timeout_ms * 1000) < 0)
+        }
+        if (timeout_ms == 0) {
+                sd_event_source_set_enabled(u->timer, SD_EVENT_OFF);
+                return sd_event_source_set_enabled(u->kick, SD_EVENT_ONESHOT) < 0 ? -1 : 0;
+        }
+        sd_event_source_set_enabled(u->kick, SD_EVENT_OFF);
+        accuracy_usec = (uint64_t) timeout_ms * 1000 / 16;
+        if (accuracy_usec > 250000)
+                accuracy_usec = 250000;
+        if (sd_event_source_set_time_accuracy(u->timer, accuracy_usec ? accuracy_usec : 1) < 0 ||
+            sd_event_source_set_time_relative(u->timer, (uint64_t) timeout_ms * 1000) < 0)
                 return -1;
         return sd_event_source_set_enabled(u->timer, SD_EVENT_ONESHOT) < 0 ? -1 : 0;
 }
@@ -163,6 +278,16 @@ int upstream_new(sd_event *e, struct upstream **ret) {
                 return r;
         }
         sd_event_source_set_enabled(u->timer, SD_EVENT_OFF);
+        r = sd_event_add_defer(e, &u->kick, on_kick, u);
+        if (r < 0) {
+                sd_event_source_disable_unref(u->timer);
+                sd_event_source_disable_unref(u->epoll_source);
+                curl_multi_cleanup(u->multi);
+                close(u->epoll_fd);
+                free(u);
+                return r;
+        }
+        sd_event_source_set_enabled(u->kick, SD_EVENT_OFF);
         curl_multi_setopt(u->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
         curl_multi_setopt(u->multi, CURLMOPT_SOCKETDATA, u);
         curl_multi_setopt(u->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
@@ -178,9 +303,11 @@ void upstream_free(struct upstream *u) {
         if (!u)
                 return;
         curl_multi_cleanup(u->multi);
+        sd_event_source_disable_unref(u->kick);
         sd_event_source_disable_unref(u->timer);
         sd_event_source_disable_unref(u->epoll_source);
         close(u->epoll_fd);
+        free(u->fds);
         free(u);
 }
 
@@ -194,6 +321,10 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
         t->done = done;
         t->userdata = userdata;
         curl_easy_setopt(easy, CURLOPT_PRIVATE, t);
+        curl_easy_setopt(easy, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
+        curl_easy_setopt(easy, CURLOPT_OPENSOCKETDATA, u);
+        curl_easy_setopt(easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
+        curl_easy_setopt(easy, CURLOPT_CLOSESOCKETDATA, u);
         mc = curl_multi_add_handle(u->multi, easy);
         if (mc != CURLM_OK) {
                 curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);

@@ -332,5 +332,36 @@ class EdgeCaseTest(KeypoolTestCase):
                 self.assertEqual(log[0]["key_id"], key_id(self.secret))
 
 
+    # --- 7. idle upstream connections stay in the worker's epoll set ---
+
+    @staticmethod
+    def cpu_ticks(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])        # utime + stime
+
+    def test_an_upstream_closing_an_idle_connection_neither_spins_the_worker_nor_breaks_the_next_request(self):
+        self.start(settings={"workers": 1})
+        worker = self.only_worker()
+        status, _, body = self.kp.chat(POOL)
+        self.assertEqual(status, 200, body)
+        # The upstream goes away: the connection curl keeps for the next request is closed
+        # under it, and its socket (still watched while idle) becomes readable for good.
+        port = self.sim.port
+        self.sim.stop()
+        before = self.cpu_ticks(worker)
+        # A measuring window, not a wait for anything: a worker looping on that socket burns
+        # the whole of it (100 ticks per second); an idle one almost none.
+        time.sleep(1.0)
+        used = self.cpu_ticks(worker) - before
+        self.assertLess(used, 15, f"the worker used {used} ticks of CPU in 1 s while idle")
+        # The upstream comes back on the same port: the next request gets a new connection.
+        self.sim = self.start_sim("--port", str(port))
+        status, _, body = self.kp.chat(POOL)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(len(self.sim.log()), 1)
+        self.assertEqual(self.worker_pids(), [worker])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
