@@ -2,9 +2,12 @@
  *
  * Owns one accepted client socket from accept to close. Requests are parsed with http-parser,
  * one at a time: when a request is complete the parser is paused and any bytes the client sent
- * after it (pipelining) wait in `pending` until the response has been flushed. While a request is
- * being served the connection watches only for the peer hanging up (EPOLLRDHUP), so a client
- * that disconnects mid-request is noticed at once and its upstream transfer can be cancelled.
+ * after it (pipelining) wait in `pending` until the response has been flushed. The socket's epoll
+ * registration stays the same from request to request (input and hang-up, output only while
+ * output waits): bytes that arrive while a request is served go to `pending` (up to PENDING_MAX,
+ * then input is no longer watched), and a hang-up is noticed at once, so the upstream transfer
+ * of a client that left can be cancelled. Streamed output is written once per loop iteration
+ * (from the kick source), so an answer that arrives in one piece leaves in one write.
  *
  * A connection is never freed from inside a call that may be on its own stack (the handler can
  * answer synchronously from on_request, or abort from a curl callback): closing marks it dead
@@ -28,6 +31,7 @@
 #define READ_CHUNK      (64 * 1024)
 #define OUT_HIGH_WATER  (1024 * 1024)   /* stream_write reports pressure above this */
 #define OUT_LOW_WATER   (256 * 1024)    /* on_drain fires below this */
+#define PENDING_MAX     (64 * 1024)     /* bytes read ahead while a request is being served */
 
 struct buf {
         char *data;
@@ -66,8 +70,10 @@ struct http_conn {
         bool served;                    /* at least one response was completed */
         bool half_closed;               /* the peer shut down its sending side */
         bool last_was_value;            /* header parsing: the previous callback was a value */
+        bool flush_due;                 /* streamed output waits for the kick source */
         int error_status;               /* a limit tripped while parsing: answer this and close */
 
+        uint64_t deadline_usec;         /* idle timeout; the timer may still be set earlier */
         size_t header_bytes;
         struct http_request req;
         size_t fields_cap;
@@ -123,24 +129,20 @@ static int buf_append(struct buf *b, const void *data, size_t len) {
         return 0;
 }
 
-static int buf_printf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int buf_printf(struct buf *b, const char *fmt, ...) {
-        va_list ap;
-        int n, r;
+static int buf_add_str(struct buf *b, const char *s) {
+        return buf_append(b, s, strlen(s));
+}
 
-        va_start(ap, fmt);
-        n = vsnprintf(NULL, 0, fmt, ap);
-        va_end(ap);
-        if (n < 0)
-                return -EINVAL;
-        r = buf_reserve(b, (size_t) n);
-        if (r < 0)
-                return r;
-        va_start(ap, fmt);
-        vsnprintf(b->data + b->len, (size_t) n + 1, fmt, ap);
-        va_end(ap);
-        b->len += (size_t) n;
-        return 0;
+/* n in base 10 or 16, as printf's %zu / %zx would write it. */
+static int buf_add_number(struct buf *b, size_t n, unsigned base) {
+        char digits[24];
+        size_t i = sizeof digits;
+
+        do {
+                digits[--i] = "0123456789abcdef"[n % base];
+                n /= base;
+        } while (n > 0);
+        return buf_append(b, digits + i, sizeof digits - i);
 }
 
 static size_t buf_pending(const struct buf *b) {
@@ -355,15 +357,40 @@ const char *http_status_reason(int status) {
         }
 }
 
+/* Written piece by piece: a head is on every answer, and printf's formatting costs more than
+ * all of the copying. */
 static int write_head(struct http_conn *c, int status, const struct http_header *h, size_t n_h) {
         int r;
 
-        r = buf_printf(&c->out, "HTTP/1.1 %d %s\r\n", status, http_status_reason(status));
-        for (size_t i = 0; r >= 0 && i < n_h; i++)
-                r = buf_printf(&c->out, "%s: %s\r\n", h[i].name, h[i].value);
+        r = buf_append(&c->out, "HTTP/1.1 ", 9);
         if (r >= 0)
-                r = buf_printf(&c->out, "Connection: %s\r\n", c->close_after ? "close" : "keep-alive");
+                r = buf_add_number(&c->out, status > 0 ? (size_t) status : 0, 10);
+        if (r >= 0)
+                r = buf_append(&c->out, " ", 1);
+        if (r >= 0)
+                r = buf_add_str(&c->out, http_status_reason(status));
+        if (r >= 0)
+                r = buf_append(&c->out, "\r\n", 2);
+        for (size_t i = 0; r >= 0 && i < n_h; i++) {
+                r = buf_add_str(&c->out, h[i].name);
+                if (r >= 0)
+                        r = buf_append(&c->out, ": ", 2);
+                if (r >= 0)
+                        r = buf_add_str(&c->out, h[i].value);
+                if (r >= 0)
+                        r = buf_append(&c->out, "\r\n", 2);
+        }
+        if (r >= 0)
+                r = buf_add_str(&c->out, c->close_after ? "Connection: close\r\n" : "Connection: keep-alive\r\n");
         return r;
+}
+
+/* Streamed output goes out from the kick source, after everything this loop iteration added. */
+static void flush_soon(struct http_conn *c) {
+        if (c->flush_due)
+                return;
+        c->flush_due = true;
+        sd_event_source_set_enabled(c->kick, SD_EVENT_ONESHOT);
 }
 
 static void response_complete(struct http_conn *c) {
@@ -385,7 +412,11 @@ int http_conn_respond(struct http_conn *c, int status, const struct http_header 
                 return -EINVAL;
         r = write_head(c, status, h, n_h);
         if (r >= 0)
-                r = buf_printf(&c->out, "Content-Length: %zu\r\n\r\n", len);
+                r = buf_append(&c->out, "Content-Length: ", 16);
+        if (r >= 0)
+                r = buf_add_number(&c->out, len, 10);
+        if (r >= 0)
+                r = buf_append(&c->out, "\r\n\r\n", 4);
         if (r >= 0 && len > 0)
                 r = buf_append(&c->out, body, len);
         if (r < 0) {
@@ -440,13 +471,14 @@ int http_conn_stream_begin(struct http_conn *c, int status, const struct http_he
                 c->close_after = true;          /* HTTP/1.0: the end of the body is the close */
         r = write_head(c, status, h, n_h);
         if (r >= 0)
-                r = buf_printf(&c->out, "%s\r\n", c->chunked ? "Transfer-Encoding: chunked\r\n" : "");
+                r = buf_add_str(&c->out, c->chunked ? "Transfer-Encoding: chunked\r\n\r\n" : "\r\n");
         if (r < 0) {
                 conn_close(c);
                 return r;
         }
         c->streaming = true;
-        return conn_flush(c);
+        flush_soon(c);
+        return 0;
 }
 
 int http_conn_stream_write(struct http_conn *c, const void *data, size_t len) {
@@ -456,8 +488,11 @@ int http_conn_stream_write(struct http_conn *c, const void *data, size_t len) {
                 return -EPIPE;
         if (len == 0)
                 return 0;
-        if (c->chunked)
-                r = buf_printf(&c->out, "%zx\r\n", len);
+        if (c->chunked) {
+                r = buf_add_number(&c->out, len, 16);
+                if (r >= 0)
+                        r = buf_append(&c->out, "\r\n", 2);
+        }
         if (r >= 0)
                 r = buf_append(&c->out, data, len);
         if (r >= 0 && c->chunked)
@@ -466,6 +501,11 @@ int http_conn_stream_write(struct http_conn *c, const void *data, size_t len) {
                 conn_close(c);
                 return r;
         }
+        if (buf_pending(&c->out) <= OUT_HIGH_WATER) {
+                flush_soon(c);
+                return 0;
+        }
+        /* Much is waiting: write now, and push back if the client does not keep up. */
         r = conn_flush(c);
         if (r < 0)
                 return r;
@@ -509,8 +549,18 @@ bool http_conn_busy(const struct http_conn *c) {
 
 /* --- the socket -------------------------------------------------------------------------- */
 
+/* Moves the idle deadline. A timer already set (to an earlier time) stays: on_timeout sets it
+ * again when the deadline has moved on, so a busy connection costs no timer updates. */
 static void arm_timer(struct http_conn *c) {
-        if (sd_event_source_set_time_relative(c->timer, c->limits->timeout_usec) >= 0)
+        uint64_t now;
+        int enabled = SD_EVENT_OFF;
+
+        if (sd_event_now(c->event, CLOCK_MONOTONIC, &now) < 0)
+                return;
+        c->deadline_usec = now + c->limits->timeout_usec;
+        if (sd_event_source_get_enabled(c->timer, &enabled) >= 0 && enabled != SD_EVENT_OFF)
+                return;
+        if (sd_event_source_set_time(c->timer, c->deadline_usec) >= 0)
                 sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
 }
 
@@ -520,7 +570,9 @@ static int conn_update_events(struct http_conn *c) {
 
         if (c->dead)
                 return 0;
-        if (c->phase == PHASE_READING)
+        /* Input is watched while a request is served too (read ahead into pending), so the
+         * registration does not change twice per request. */
+        if (!c->half_closed && (c->phase == PHASE_READING || buf_pending(&c->pending) < PENDING_MAX))
                 events |= EPOLLIN;
         if (buf_pending(&c->out) > 0)
                 events |= EPOLLOUT;
@@ -539,6 +591,7 @@ static int conn_update_events(struct http_conn *c) {
 static int conn_flush(struct http_conn *c) {
         size_t before = buf_pending(&c->out);
 
+        c->flush_due = false;
         while (buf_pending(&c->out) > 0) {
                 ssize_t n = send(c->fd, c->out.data + c->out.off, buf_pending(&c->out),
                                  MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -694,6 +747,8 @@ static int on_kick(sd_event_source *s, void *userdata) {
                 conn_free(c);
                 return 0;
         }
+        if (c->flush_due && conn_flush(c) < 0)
+                return 0;
         if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
                 conn_next(c);
         return 0;
@@ -701,10 +756,58 @@ static int on_kick(sd_event_source *s, void *userdata) {
 
 static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         struct http_conn *c = userdata;
+        uint64_t now;
+
+        if (sd_event_now(c->event, CLOCK_MONOTONIC, &now) >= 0 && now < c->deadline_usec) {
+                if (sd_event_source_set_time(c->timer, c->deadline_usec) >= 0)
+                        sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+                return 0;
+        }
 
         /* A silent client, or one that stopped reading its answer. */
         conn_close(c);
         return 0;
+}
+
+/* The peer stopped sending while a request of its is being served. Over a UNIX socket a client
+ * that is gone shows as HUP, so this is a half-close (nc -N, HTTP/1.0 clients): the answer is
+ * still wanted. Over TCP a FIN looks the same either way, and clients that half-close are rare:
+ * treat it as gone, so an abandoned upstream call stops at once. */
+static void peer_stopped_sending(struct http_conn *c) {
+        if (c->peer.tcp) {
+                conn_close(c);
+                return;
+        }
+        c->half_closed = true;
+        c->close_after = true;
+        conn_update_events(c);
+}
+
+/* Bytes that arrive while a request is served wait in pending for their turn. */
+static void conn_read_ahead(struct http_conn *c) {
+        char data[READ_CHUNK];
+
+        while (!c->dead && !c->half_closed && buf_pending(&c->pending) < PENDING_MAX) {
+                ssize_t n = recv(c->fd, data, sizeof data, MSG_DONTWAIT);
+
+                if (n < 0) {
+                        if (errno == EINTR)
+                                continue;
+                        if (errno != EAGAIN)
+                                conn_close(c);
+                        return;
+                }
+                if (n == 0) {
+                        peer_stopped_sending(c);
+                        return;
+                }
+                if (buf_append(&c->pending, data, (size_t) n) < 0) {
+                        conn_close(c);
+                        return;
+                }
+        }
+        /* Full: stop watching input until this request is done. */
+        conn_update_events(c);
 }
 
 static void conn_read(struct http_conn *c) {
@@ -751,19 +854,12 @@ static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
                 conn_close(c);
                 return 0;
         }
-        if (revents & EPOLLRDHUP) {
-                /* The peer stopped sending. Over a UNIX socket a client that is gone shows as
-                 * HUP, so this is a half-close (nc -N, HTTP/1.0 clients): the answer is still
-                 * wanted. Over TCP a FIN looks the same either way, and clients that half-close
-                 * are rare: treat it as gone, so an abandoned upstream call stops at once. */
-                if (c->peer.tcp) {
-                        conn_close(c);
-                        return 0;
-                }
-                c->half_closed = true;
-                c->close_after = true;
-                conn_update_events(c);
+        if (revents & EPOLLIN) {
+                conn_read_ahead(c);
+                return 0;
         }
+        if ((revents & EPOLLRDHUP) && !c->half_closed)
+                peer_stopped_sending(c);
         return 0;
 }
 
