@@ -669,6 +669,46 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
 
 /* --- attempts ---------------------------------------------------------------------------- */
 
+/* A handle for a proxied transfer with everything that does not change between requests already
+ * set: a finished transfer's handle is kept (up to PROXY_SPARE_HANDLES) rather than rebuilt.
+ * Only handles whose transfer ended normally come back, never a cancelled or paused one. */
+static CURL *easy_get(struct proxy_context *p) {
+        const struct config *cfg = p->config;
+        CURL *easy;
+
+        if (p->n_spare > 0)
+                return p->spare[--p->n_spare];
+        easy = curl_easy_init();
+        if (!easy)
+                return NULL;
+        curl_easy_setopt(easy, CURLOPT_POST, 1L);
+        curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, on_answer_header);
+        curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, on_answer_body);
+        curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+        curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT, (long) cfg->connect_timeout);
+        curl_easy_setopt(easy, CURLOPT_TIMEOUT, (long) cfg->upstream_timeout);
+        curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
+        curl_easy_setopt(easy, CURLOPT_TCP_NODELAY, 1L);
+        /* Keys travel in headers only; a redirect could carry them to another host. */
+        curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+        curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        return easy;
+}
+
+static void easy_put(struct proxy_context *p, CURL *easy) {
+        if (p->n_spare < PROXY_SPARE_HANDLES) {
+                /* Nothing of the request stays reachable from it: the header list (with the
+                 * key) is freed next, and the body may be. */
+                curl_easy_setopt(easy, CURLOPT_HTTPHEADER, NULL);
+                curl_easy_setopt(easy, CURLOPT_POSTFIELDS, NULL);
+                curl_easy_setopt(easy, CURLOPT_HEADERDATA, NULL);
+                curl_easy_setopt(easy, CURLOPT_WRITEDATA, NULL);
+                p->spare[p->n_spare++] = easy;
+                return;
+        }
+        curl_easy_cleanup(easy);
+}
+
 static void judge(struct proxy_request *pr, struct verdict *ret) {
         struct answer_header ah[MAX_ANSWER_HEADERS];
         struct upstream_answer a;
@@ -734,7 +774,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         }
         keytable_observe_latency(pr->ctx->table, pr->ctx->slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
         started = pr->conn && http_conn_stream_started(pr->conn);
-        curl_easy_cleanup(pr->easy);
+        easy_put(pr->ctx, pr->easy);
         pr->easy = NULL;
         free_headers(pr->headers);
         pr->headers = NULL;
@@ -903,7 +943,6 @@ static void wait_or_fail(struct proxy_request *pr, const struct keytable_wait *w
  * must wait (wait filled in). */
 static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         struct proxy_context *p = pr->ctx;
-        const struct config *cfg = p->config;
         const struct config_provider *prov = pr->provider;
         struct keytable_change change = {};
         char auth[4200];
@@ -945,29 +984,18 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         if (pr->headers)
                 pr->headers = curl_slist_append(pr->headers, "Expect:");
 
-        pr->easy = curl_easy_init();
+        pr->easy = easy_get(p);
         if (!pr->easy || !pr->headers) {
                 release(pr, NULL);
                 fail(pr, 500, "internal_error", 0, "out of memory");
                 return 1;
         }
         curl_easy_setopt(pr->easy, CURLOPT_URL, pr->url);
-        curl_easy_setopt(pr->easy, CURLOPT_POST, 1L);
         curl_easy_setopt(pr->easy, CURLOPT_POSTFIELDS, pr->body);
         curl_easy_setopt(pr->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t) pr->body_len);
         curl_easy_setopt(pr->easy, CURLOPT_HTTPHEADER, pr->headers);
-        curl_easy_setopt(pr->easy, CURLOPT_HEADERFUNCTION, on_answer_header);
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
-        curl_easy_setopt(pr->easy, CURLOPT_WRITEFUNCTION, on_answer_body);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
-        curl_easy_setopt(pr->easy, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(pr->easy, CURLOPT_CONNECTTIMEOUT, (long) cfg->connect_timeout);
-        curl_easy_setopt(pr->easy, CURLOPT_TIMEOUT, (long) cfg->upstream_timeout);
-        curl_easy_setopt(pr->easy, CURLOPT_TCP_KEEPALIVE, 1L);
-        curl_easy_setopt(pr->easy, CURLOPT_TCP_NODELAY, 1L);
-        /* Keys travel in headers only; a redirect could carry them to another host. */
-        curl_easy_setopt(pr->easy, CURLOPT_FOLLOWLOCATION, 0L);
-        curl_easy_setopt(pr->easy, CURLOPT_PROTOCOLS_STR, "http,https");
 
         r = upstream_start(p->upstream, pr->easy, on_done, pr);
         if (r < 0) {
@@ -1498,6 +1526,8 @@ void proxy_done(struct proxy_context *p) {
                         sd_event_source_disable_unref(p->queues[i].timer);
         free(p->queues);
         p->queues = NULL;
+        while (p->n_spare > 0)
+                curl_easy_cleanup(p->spare[--p->n_spare]);
         p->kick = sd_event_source_disable_unref(p->kick);
         p->probe_timer = sd_event_source_disable_unref(p->probe_timer);
 }

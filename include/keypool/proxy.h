@@ -20,6 +20,8 @@
 struct proxy_request;
 struct proxy_queue;
 
+#define PROXY_SPARE_HANDLES 32
+
 struct proxy_context {
         const struct config *config;
         struct keytable *table;
@@ -36,6 +38,8 @@ struct proxy_context {
         sd_event_source *kick;          /* deferred: serve the queues */
         sd_event_source *probe_timer;
         unsigned probes;                /* probes in flight */
+        CURL *spare[PROXY_SPARE_HANDLES]; /* finished transfers' handles, set up for the next */
+        unsigned n_spare;
 };
 
 /* Sets up queues, timers and the probe schedule for a worker's event loop. */
