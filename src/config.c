@@ -64,6 +64,12 @@
 #define ENV_MAX_CONCURRENT "_MAX_CONCURRENT"
 #define ENV_RPM            "_RPM"
 
+/* A slot of the secret set: index + 1 of a stored key (0: empty) and its secret's hash. */
+struct secret_slot {
+        uint32_t key;
+        uint32_t hash;
+};
+
 /* Where a pool or provider was defined, for "already defined at" messages. */
 struct origin {
         const char *file;
@@ -86,6 +92,20 @@ struct loader {
         /* 1-based positions in the file of the current pool's stored keys: a key that failed to
          * resolve is not stored, and messages must still count it. */
         unsigned *key_pos;
+        size_t key_pos_cap;
+        size_t keys_cap;                        /* of the current pool's keys array */
+
+        /* The current pool's stored secrets, by hash, so that a repeated key is found without
+         * comparing every pair: a pool of 10,000 keys would otherwise cost 50 million strcmp
+         * before the daemon is ready. Holds indices into the pool's keys, never the secrets. */
+        struct secret_slot *secret_set;
+        size_t secret_set_cap;                  /* a power of two, or 0 */
+
+        /* The env file's entries sorted by name while its pools are read: each pool looks up
+         * five variables, and scanning the file for each would make a file of many pools cost
+         * pools × lines comparisons. */
+        const struct envfile_entry **env_sorted;
+        size_t n_env_sorted;
 
         /* Sort keys of the messages this load added, so they come out in file order. */
         size_t diag_first;
@@ -548,32 +568,117 @@ static int pool_find_name(const struct config *c, unsigned n, const char *name) 
         return -1;
 }
 
+/* FNV-1a: the set only needs an even spread, and the hash never leaves this process. */
+static uint32_t secret_hash(const char *s) {
+        uint32_t h = 2166136261u;
+
+        for (; *s; s++)
+                h = (h ^ (unsigned char) *s) * 16777619u;
+        return h;
+}
+
+static void secret_set_free(struct loader *l) {
+        free(l->secret_set);
+        l->secret_set = NULL;
+        l->secret_set_cap = 0;
+}
+
+/* Puts key index i of p (hash h) in the set; the set has room. */
+static void secret_set_put(struct secret_slot *set, size_t cap, uint32_t h, unsigned i) {
+        size_t j = h & (cap - 1);
+
+        while (set[j].key)
+                j = (j + 1) & (cap - 1);
+        set[j] = (struct secret_slot) { .key = i + 1, .hash = h };
+}
+
+/* Keeps the set at most half full, counting the key about to be stored. */
+static int secret_set_reserve(struct loader *l, const struct config_pool *p) {
+        struct secret_slot *set;
+        size_t cap;
+
+        if ((size_t) p->n_keys + 1 <= l->secret_set_cap / 2)
+                return 0;
+        cap = l->secret_set_cap ? l->secret_set_cap * 2 : 16;
+        set = calloc(cap, sizeof(*set));
+        if (!set)
+                return -ENOMEM;
+        for (size_t j = 0; j < l->secret_set_cap; j++)
+                if (l->secret_set[j].key)
+                        secret_set_put(set, cap, l->secret_set[j].hash, l->secret_set[j].key - 1);
+        free(l->secret_set);
+        l->secret_set = set;
+        l->secret_set_cap = cap;
+        return 0;
+}
+
+/* Index + 1 of p's stored key with this secret, or 0. */
+static unsigned secret_set_find(const struct loader *l, const struct config_pool *p, const char *secret,
+                                uint32_t h) {
+        size_t cap = l->secret_set_cap;
+
+        if (cap == 0)
+                return 0;
+        for (size_t j = h & (cap - 1); l->secret_set[j].key; j = (j + 1) & (cap - 1)) {
+                const struct secret_slot *e = &l->secret_set[j];
+
+                if (e->hash == h && strcmp(p->keys[e->key - 1].secret, secret) == 0)
+                        return e->key;
+        }
+        return 0;
+}
+
 /* Takes ownership of secret. Returns 0, or the 1-based position of an earlier key with the same
  * secret (the key is then not stored), or -1 on allocation failure. */
 static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, unsigned pos) {
         struct config_key *k;
-        unsigned *kp;
+        uint32_t h = secret_hash(secret);
+        unsigned dup;
 
-        for (unsigned i = 0; i < p->n_keys; i++)
-                if (strcmp(p->keys[i].secret, secret) == 0) {
+        /* Keys are only ever added to the newest pool: a pool without stored keys is a new one
+         * (or one whose keys all failed), and the previous pool's set and capacity are stale. A
+         * secret may repeat across pools (cooldown_scope = "key" relies on it), so the set is
+         * per pool. */
+        if (p->n_keys == 0) {
+                secret_set_free(l);
+                l->keys_cap = 0;
+        }
+
+        dup = secret_set_find(l, p, secret, h);
+        if (dup > 0) {
+                wipe_free(secret);
+                return (int) l->key_pos[dup - 1];
+        }
+
+        if (secret_set_reserve(l, p) < 0) {
+                wipe_free(secret);
+                l->oom = true;
+                return -1;
+        }
+        if (p->n_keys == l->keys_cap) {
+                size_t cap = l->keys_cap ? l->keys_cap * 2 : 4;
+
+                k = realloc(p->keys, cap * sizeof(*k));
+                if (!k) {
                         wipe_free(secret);
-                        return (int) l->key_pos[i];
+                        l->oom = true;
+                        return -1;
                 }
+                p->keys = k;
+                l->keys_cap = cap;
+        }
+        if (p->n_keys == l->key_pos_cap) {
+                size_t cap = l->key_pos_cap ? l->key_pos_cap * 2 : 16;
+                unsigned *kp = realloc(l->key_pos, cap * sizeof(*kp));
 
-        k = realloc(p->keys, (p->n_keys + 1) * sizeof(*k));
-        if (!k) {
-                wipe_free(secret);
-                l->oom = true;
-                return -1;
+                if (!kp) {
+                        wipe_free(secret);
+                        l->oom = true;
+                        return -1;
+                }
+                l->key_pos = kp;
+                l->key_pos_cap = cap;
         }
-        p->keys = k;
-        kp = realloc(l->key_pos, (p->n_keys + 1) * sizeof(*kp));
-        if (!kp) {
-                wipe_free(secret);
-                l->oom = true;
-                return -1;
-        }
-        l->key_pos = kp;
 
         k = &p->keys[p->n_keys];
         /* The pool's limits; a key group's own replace them once the key is stored. */
@@ -589,6 +694,7 @@ static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, u
                 return -1;
         }
         keyid_mask(secret, strlen(secret), k->masked);
+        secret_set_put(l->secret_set, l->secret_set_cap, h, p->n_keys);
         l->key_pos[p->n_keys] = pos;
         p->n_keys++;
         l->c->n_keys++;
@@ -1841,21 +1947,44 @@ static void parse_pools(struct loader *l, const config_setting_t *root) {
 
 /* --- the env file ---------------------------------------------------------------------------- */
 
-static const struct envfile_entry *env_entry(const struct envfile *e, const char *fmt, const char *pool) {
+static int env_entry_compare(const void *a, const void *b) {
+        const struct envfile_entry *const *x = a, *const *y = b;
+
+        return strcmp((*x)->name, (*y)->name);
+}
+
+static int env_entry_find(const void *key, const void *elem) {
+        const struct envfile_entry *const *x = elem;
+
+        return strcmp(key, (*x)->name);
+}
+
+/* Names are unique in a parsed env file (a later assignment replaces an earlier one), so the
+ * sorted index finds the same entry a scan would. */
+static int env_index(struct loader *l, const struct envfile *e) {
+        l->env_sorted = calloc(e->n + 1, sizeof(*l->env_sorted));
+        if (!l->env_sorted)
+                return -ENOMEM;
+        for (size_t i = 0; i < e->n; i++)
+                l->env_sorted[i] = &e->entries[i];
+        l->n_env_sorted = e->n;
+        qsort(l->env_sorted, e->n, sizeof(*l->env_sorted), env_entry_compare);
+        return 0;
+}
+
+static const struct envfile_entry *env_entry(const struct loader *l, const char *fmt, const char *pool) {
+        const struct envfile_entry *const *x;
         char var[512];
 
         snprintf(var, sizeof(var), fmt, pool);
-        for (size_t i = 0; i < e->n; i++)
-                if (strcmp(e->entries[i].name, var) == 0)
-                        return &e->entries[i];
-        return NULL;
+        x = bsearch(var, l->env_sorted, l->n_env_sorted, sizeof(*l->env_sorted), env_entry_find);
+        return x ? *x : NULL;
 }
 
 /* Picks the provider for an env-file pool from PROVIDER_<NAME>_BASE_URL, adding one when no
  * configured provider serves that URL. Returns its index, or -1 (reported). */
-static int env_pool_provider(struct loader *l, const struct envfile *e, const char *ef,
-                             const char *pool) {
-        const struct envfile_entry *u = env_entry(e, ENV_PREFIX "%s" ENV_BASE_URL, pool);
+static int env_pool_provider(struct loader *l, const char *ef, const char *pool) {
+        const struct envfile_entry *u = env_entry(l, ENV_PREFIX "%s" ENV_BASE_URL, pool);
         const char *problem = NULL;
         struct config_provider *p;
         char lower[CONFIG_NAME_MAX + 1];
@@ -1907,9 +2036,9 @@ static int env_pool_provider(struct loader *l, const struct envfile *e, const ch
 
 /* Reads the variable fmt names for pool as a limit of 0..max into *ret; absent leaves *ret
  * alone. */
-static void env_limit(struct loader *l, const struct envfile *e, const char *ef, const char *fmt,
+static void env_limit(struct loader *l, const char *ef, const char *fmt,
                       const char *pool, unsigned max, unsigned *ret) {
-        const struct envfile_entry *x = env_entry(e, fmt, pool);
+        const struct envfile_entry *x = env_entry(l, fmt, pool);
         unsigned long long v = 0;
         const char *s;
 
@@ -1933,8 +2062,8 @@ static void env_limit(struct loader *l, const struct envfile *e, const char *ef,
         *ret = (unsigned) v;
 }
 
-static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
-                     const struct envfile_entry *api, const char *name) {
+static void env_pool(struct loader *l, const char *ef, const struct envfile_entry *api,
+                     const char *name) {
         const struct envfile_entry *m, *b;
         const char *problem;
         struct config_pool *p;
@@ -1965,7 +2094,7 @@ static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
                 return;
         }
 
-        m = env_entry(e, ENV_PREFIX "%s" ENV_MODEL, name);
+        m = env_entry(l, ENV_PREFIX "%s" ENV_MODEL, name);
         if (!m)
                 diag_add(l, ef, api->line, "pool '%s': " ENV_PREFIX "%s" ENV_MODEL " is not set",
                          name, name);
@@ -1980,14 +2109,14 @@ static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
                 return;
         }
 
-        prov = env_pool_provider(l, e, ef, name);
+        prov = env_pool_provider(l, ef, name);
         if (prov >= 0)
                 p->provider = (unsigned) prov;
 
         /* Before the keys, which take the pool's limits when they are added. */
-        env_limit(l, e, ef, ENV_PREFIX "%s" ENV_MAX_CONCURRENT, name, CONFIG_CONCURRENT_MAX,
+        env_limit(l, ef, ENV_PREFIX "%s" ENV_MAX_CONCURRENT, name, CONFIG_CONCURRENT_MAX,
                   &p->max_concurrent);
-        env_limit(l, e, ef, ENV_PREFIX "%s" ENV_RPM, name, CONFIG_RPM_MAX, &p->rpm);
+        env_limit(l, ef, ENV_PREFIX "%s" ENV_RPM, name, CONFIG_RPM_MAX, &p->rpm);
 
         /* Values in the env file are taken as they are: no env:/file:/cred: references. */
         problem = secret_problem(api->value);
@@ -2000,7 +2129,7 @@ static void env_pool(struct loader *l, const struct envfile *e, const char *ef,
                 add_key(l, p, who, secret, pos, ef, api->line);
         pos++;
 
-        b = env_entry(e, ENV_PREFIX "%s" ENV_BACKUP_KEYS, name);
+        b = env_entry(l, ENV_PREFIX "%s" ENV_BACKUP_KEYS, name);
         if (!b)
                 return;
         for (const char *s = b->value; *s && !l->oom;) {
@@ -2067,6 +2196,11 @@ static void parse_env_file(struct loader *l, const config_setting_t *root) {
                 return;
         }
 
+        if (env_index(l, &e) < 0) {
+                l->oom = true;
+                envfile_free(&e);
+                return;
+        }
         for (size_t i = 0; i < e.n && !l->oom; i++) {
                 const struct envfile_entry *x = &e.entries[i];
                 size_t mid;
@@ -2079,7 +2213,7 @@ static void parse_env_file(struct loader *l, const config_setting_t *root) {
                         }
                         memcpy(name, x->name + strlen(ENV_PREFIX), mid);
                         name[mid] = '\0';
-                        env_pool(l, &e, ef, x, name);
+                        env_pool(l, ef, x, name);
 
                 } else if (has_affixes(x->name, ENV_PREFIX, ENV_BACKUP_KEYS, &mid) && mid > 0 &&
                            mid < sizeof(name)) {
@@ -2087,12 +2221,15 @@ static void parse_env_file(struct loader *l, const config_setting_t *root) {
                          * the _API_KEY name must not cost a pool. */
                         memcpy(name, x->name + strlen(ENV_PREFIX), mid);
                         name[mid] = '\0';
-                        if (!env_entry(&e, ENV_PREFIX "%s" ENV_API_KEY, name))
+                        if (!env_entry(l, ENV_PREFIX "%s" ENV_API_KEY, name))
                                 diag_add(l, ef, x->line, "%s is set but " ENV_PREFIX "%s" ENV_API_KEY
                                          " is not", x->name, name);
                 }
         }
 
+        free(l->env_sorted);
+        l->env_sorted = NULL;
+        l->n_env_sorted = 0;
         envfile_free(&e);
 }
 
@@ -2232,6 +2369,7 @@ finish:
         free(l.pool_origin);
         free(l.provider_origin);
         free(l.key_pos);
+        secret_set_free(&l);
         diag_sort(&l);
         free(l.diag_order);
         if (r < 0) {

@@ -47,7 +47,14 @@
 #define RESPAWN_MAX_DELAY_MS    10000
 #define STOP_FAST_USEC          (5ULL * 1000000)
 #define STOP_IMMEDIATE_USEC     (1ULL * 1000000)
-#define READY_POLL_USEC         (5ULL * 1000)   /* while waiting for a generation to accept */
+/* While waiting for a generation to accept. Workers serve within a few ms of their fork, and
+ * what is left of a poll interval (plus the timer's slack) when they do is added to the time to
+ * READY=1: the first polls come every ms, then, for a generation that is slow to start (a
+ * worker crash-looping), every 5 ms so as not to keep taking the header lock. */
+#define READY_POLL_FAST_USEC    (1ULL * 1000)
+#define READY_POLL_FAST_COUNT   20
+#define READY_POLL_USEC         (5ULL * 1000)
+#define READY_POLL_ACCURACY_USEC 100ULL
 #define TICK_USEC               (1000ULL * 1000)
 
 enum supervisor_state {
@@ -107,6 +114,7 @@ struct supervisor {
         bool reload_failed;             /* the last reload failed: STATUS says so until one works */
         sd_event_source *tick;
         sd_event_source *ready_poll;
+        unsigned ready_polls;           /* polls since wait_until_serving */
         sd_event_source *stop_timer;
         sd_event_source *state_timer;
         int stop_signal;
@@ -346,7 +354,8 @@ static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
                 return 0;
         }
         if (!generation_serving(s, s->current)) {
-                sd_event_source_set_time_relative(src, READY_POLL_USEC);
+                sd_event_source_set_time_relative(src, ++s->ready_polls < READY_POLL_FAST_COUNT ?
+                                                  READY_POLL_FAST_USEC : READY_POLL_USEC);
                 return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
         }
         s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
@@ -368,7 +377,9 @@ static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
 
 static void wait_until_serving(struct supervisor *s) {
         s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
-        if (sd_event_add_time_relative(s->event, &s->ready_poll, CLOCK_MONOTONIC, 0, 1000, on_ready_poll, s) < 0)
+        s->ready_polls = 0;
+        if (sd_event_add_time_relative(s->event, &s->ready_poll, CLOCK_MONOTONIC, 0,
+                                       READY_POLL_ACCURACY_USEC, on_ready_poll, s) < 0)
                 log_error("cannot wait for the workers to accept");
 }
 

@@ -489,6 +489,68 @@ START_TEST(test_same_key_twice_in_a_pool_names_both_positions)
 }
 END_TEST
 
+/* Duplicates are found through a hash of the secrets: at scale, every key still gets compared
+ * with every earlier key of its pool, and only of its pool. */
+START_TEST(test_duplicate_among_20000_keys_is_found_and_named_by_position)
+{
+        enum { N = 20000, REPEATED = 12345 };
+        size_t size = 256 + (size_t) (N + 8) * 64, len;
+        char *text = malloc(size);
+
+        ck_assert_ptr_nonnull(text);
+        /* Line 1: providers; line 2: the pool; key i on line i + 2. */
+        len = (size_t) snprintf(text, size, PROVIDERS "pools = ( { name = \"BIG\"; model = \"m\"; keys = [\n");
+        for (unsigned i = 1; i <= N; i++)
+                len += (size_t) snprintf(text + len, size - len, "  \"sk-test-fake-SECRET-%08u\",\n", i);
+        /* Key N + 1 repeats key REPEATED, on line N + 3. */
+        len += (size_t) snprintf(text + len, size - len, "  \"sk-test-fake-SECRET-%08u\" ]; },\n",
+                                 (unsigned) REPEATED);
+        /* The next pool may hold the same secrets; its own repeat is counted from its own start
+         * (the unresolvable first key still counts), on lines N + 4 … N + 7. */
+        len += (size_t) snprintf(text + len, size - len,
+                                 "  { name = \"NEXT\"; model = \"n\"; keys = [\n"
+                                 "    \"env:KP_TEST_UNSET_FOR_SCALE\",\n"
+                                 "    \"sk-test-fake-SECRET-%08u\",\n"
+                                 "    \"sk-test-fake-SECRET-%08u\" ]; } );\n",
+                                 (unsigned) REPEATED, (unsigned) REPEATED);
+        ck_assert_uint_lt(len, size);
+        unsetenv("KP_TEST_UNSET_FOR_SCALE");
+
+        load_fails(text);
+        free(text);
+        expect("keypool.conf", N + 3, "pool 'BIG' key 20001: the same key as key 12345");
+        expect("keypool.conf", N + 5, "pool 'NEXT' key 1: environment variable KP_TEST_UNSET_FOR_SCALE");
+        expect("keypool.conf", N + 7, "pool 'NEXT' key 3: the same key as key 2");
+        ck_assert_uint_eq(diag.n, 3);
+        expect_secret_absent("SECRET");
+}
+END_TEST
+
+START_TEST(test_20000_distinct_keys_load_in_order_with_their_ids)
+{
+        enum { N = 20000 };
+        size_t size = 256 + (size_t) N * 64, len;
+        char *text = malloc(size), secret[64];
+
+        ck_assert_ptr_nonnull(text);
+        len = (size_t) snprintf(text, size, PROVIDERS "pools = ( { name = \"BIG\"; model = \"m\"; keys = [\n");
+        for (unsigned i = 1; i <= N; i++)
+                len += (size_t) snprintf(text + len, size - len, "  \"sk-test-fake-%08u\"%s\n", i,
+                                         i < N ? "," : " ]; } );");
+        ck_assert_uint_lt(len, size);
+
+        load_ok(text);
+        free(text);
+        ck_assert_uint_eq(cfg->n_keys, N);
+        ck_assert_uint_eq(cfg->pools[0].n_keys, N);
+        for (unsigned i = 1; i <= N; i += 997) {
+                snprintf(secret, sizeof(secret), "sk-test-fake-%08u", i);
+                expect_key(&cfg->pools[0].keys[i - 1], secret);
+        }
+        expect_key(&cfg->pools[0].keys[N - 1], "sk-test-fake-00020000");
+}
+END_TEST
+
 START_TEST(test_env_references_resolve_and_report_unset_variables)
 {
         setenv("KP_TEST_KEY", "sk-test-fake-from-env", 1);
@@ -1696,6 +1758,8 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_key_groups_override_the_pool_limits_and_others_inherit_them);
         tcase_add_test(tc, test_pool_and_key_group_limit_problems_are_reported_at_their_lines);
         tcase_add_test(tc, test_key_group_positions_count_for_duplicates);
+        tcase_add_test(tc, test_duplicate_among_20000_keys_is_found_and_named_by_position);
+        tcase_add_test(tc, test_20000_distinct_keys_load_in_order_with_their_ids);
         tcase_add_test(tc, test_no_message_about_new_settings_contains_a_secret);
         tcase_add_test(tc, test_env_file_limits_apply_to_every_key_of_its_pool);
         tcase_add_test(tc, test_env_file_limit_garbage_cites_the_env_file_and_line);
