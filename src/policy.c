@@ -16,6 +16,7 @@
 
 #include <jansson.h>
 
+#include "keypool/jscan.h"
 #include "keypool/policy.h"
 
 #define MSEC_PER_SEC    INT64_C(1000)
@@ -1251,50 +1252,89 @@ void policy_read_figures(const struct upstream_answer *a, int64_t now_ms, struct
 
 /* ---- usage ------------------------------------------------------------------------------ */
 
-/* A token count is a non-negative JSON integer; 12.0, "12" or -1 are not counts. */
-static bool json_count(json_t *obj, const char *key, uint64_t *ret) {
-        json_t *v = json_object_get(obj, key);
+/* A token count is a non-negative JSON integer; 12.0, "12" or -1 are not counts. Returns 1 and
+ * writes ret for a count, 0 for anything else, and -ERANGE for a number jansson (which read these
+ * before) could not hold in an int64 or a double: it refused the whole answer then, and a count
+ * past INT64_MAX must still mean no usage rather than a wrong one. */
+static int json_count(const struct jscan_value *v, uint64_t *ret) {
+        struct jscan_value magnitude;
+        uint64_t n;
+        double d;
+        int r;
 
-        if (!json_is_integer(v) || json_integer_value(v) < 0)
-                return false;
-        *ret = (uint64_t) json_integer_value(v);
-        return true;
+        if (v->type != JSCAN_NUMBER)
+                return 0;
+        r = jscan_uint(v, &n);
+        if (r == 0) {
+                if (n > INT64_MAX)
+                        return -ERANGE;
+                *ret = n;
+                return 1;
+        }
+        if (r == -ERANGE)
+                return -ERANGE;
+        if (v->text[0] == '-') {
+                magnitude = (struct jscan_value) { JSCAN_NUMBER, v->text + 1, v->len - 1 };
+                r = jscan_uint(&magnitude, &n);
+                if (r == -ERANGE || (r == 0 && n > (uint64_t) INT64_MAX + 1))
+                        return -ERANGE;
+        }
+        return jscan_double(v, &d) == -ERANGE ? -ERANGE : 0;
+}
+
+/* The first of the candidates that holds a count (0 when none), or -ERANGE when any of them is a
+ * number out of jansson's range. */
+static int json_first_count(const struct jscan_value *v, size_t n, uint64_t *ret) {
+        uint64_t first = 0;
+        bool found = false;
+
+        for (size_t i = 0; i < n; i++) {
+                uint64_t c;
+                int r = json_count(&v[i], &c);
+
+                if (r < 0)
+                        return r;
+                if (r > 0 && !found) {
+                        first = c;
+                        found = true;
+                }
+        }
+        *ret = first;
+        return 0;
 }
 
 int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_out) {
-        uint64_t in = 0, out = 0;
-        json_t *root, *u;
-        int r = 0;
+        static const char *const top_names[] = { "usage", "message", "usageMetadata" };
+        static const char *const usage_names[] = { "prompt_tokens", "input_tokens", "completion_tokens",
+                                                   "output_tokens" };
+        static const char *const gemini_names[] = { "promptTokenCount", "candidatesTokenCount" };
+        struct jscan_value top[3], u, counts[4];
+        uint64_t in, out;
 
         if (!ret_in || !ret_out)
                 return -EINVAL;
         if (!json || len == 0)
                 return -ENOENT;
-        root = json_loadb(json, len, 0, NULL);
-        if (!json_is_object(root)) {
-                json_decref(root);
+        /* One pass validates the answer and finds all three places usage can be. */
+        if (jscan_object_members(json, len, top_names, 3, top) < 0)
                 return -ENOENT;
-        }
 
         /* OpenAI and OpenRouter say prompt/completion, Anthropic (and OpenAI's Responses API)
          * input/output; Anthropic's message_start carries it inside "message". A chunk's
          * "usage": null (OpenAI streams before the last chunk) is no usage. */
-        u = json_object_get(root, "usage");
-        if (!json_is_object(u))
-                u = json_object_get(json_object_get(root, "message"), "usage");
-        if (json_is_object(u)) {
-                if (!json_count(u, "prompt_tokens", &in))
-                        json_count(u, "input_tokens", &in);
-                if (!json_count(u, "completion_tokens", &out))
-                        json_count(u, "output_tokens", &out);
-        } else if (json_is_object(u = json_object_get(root, "usageMetadata"))) {
-                json_count(u, "promptTokenCount", &in);
-                json_count(u, "candidatesTokenCount", &out);
+        u = top[0];
+        if (u.type != JSCAN_OBJECT && (top[1].type != JSCAN_OBJECT || jscan_member(&top[1], "usage", &u) < 0))
+                u.type = JSCAN_NONE;
+        if (u.type == JSCAN_OBJECT) {
+                if (jscan_members(&u, usage_names, 4, counts) < 0 ||
+                    json_first_count(counts, 2, &in) < 0 || json_first_count(counts + 2, 2, &out) < 0)
+                        return -ENOENT;
+        } else if (top[2].type == JSCAN_OBJECT) {
+                if (jscan_members(&top[2], gemini_names, 2, counts) < 0 ||
+                    json_first_count(counts, 1, &in) < 0 || json_first_count(counts + 1, 1, &out) < 0)
+                        return -ENOENT;
         } else
-                r = -ENOENT;
-        json_decref(root);
-        if (r < 0)
-                return r;
+                return -ENOENT;
 
         *ret_in = in;
         *ret_out = out;

@@ -1,0 +1,673 @@
+/* jscan.c — validating a JSON object and finding members in it, in one pass, without a tree.
+ *
+ * Owns the daemon's hot-path JSON reading: every proxied request's body (for its "model") and
+ * every answer's usage. The rules are jansson's (json_loadb with no flags), byte for byte, so a
+ * body jscan accepts is one jansson would have accepted and the other way round: the proxy must
+ * not forward what it could not read, nor refuse what it used to serve. Two differences are
+ * intended: numbers are checked for syntax only (jansson also refuses integers beyond int64 and
+ * reals beyond a double), and every raw NUL byte is refused (jansson's lexer loses one that comes
+ * right after a number or true/false/null, and accepts the text). Nothing here allocates or
+ * recurses; nesting is a bit stack of JSCAN_MAX_DEPTH bits on the C stack.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+#include "keypool/jscan.h"
+
+/* What a byte inside a string's quotes asks the scanner to do. Lead bytes of UTF-8 sequences say
+ * how long the sequence is; everything RFC 3629 forbids outright (continuation bytes out of place,
+ * C0/C1 which can only start overlong forms, F5..FF beyond U+10FFFF) is BAD at once. */
+enum {
+        C_PLAIN = 0,
+        C_QUOTE,
+        C_ESCAPE,
+        C_BAD,
+        C_UTF8_2,
+        C_UTF8_3,
+        C_UTF8_4,
+};
+
+static const unsigned char string_class[256] = {
+        [0x00 ... 0x1f] = C_BAD,        /* control characters must be escaped */
+        ['"'] = C_QUOTE,
+        ['\\'] = C_ESCAPE,
+        [0x80 ... 0xc1] = C_BAD,
+        [0xc2 ... 0xdf] = C_UTF8_2,
+        [0xe0 ... 0xef] = C_UTF8_3,
+        [0xf0 ... 0xf4] = C_UTF8_4,
+        [0xf5 ... 0xff] = C_BAD,
+};
+
+#define ONES  UINT64_C(0x0101010101010101)
+#define HIGHS UINT64_C(0x8080808080808080)
+
+/* The high bit of every byte of w that needs a look: below 0x20, '"', '\\' or non-ASCII. A
+ * borrow only spreads upwards from a byte that needs a look, so the lowest bit set is exact: on a
+ * little-endian machine it is the first such byte in memory, and plain ASCII text — almost all of a
+ * request — is skipped a word at a time. */
+static inline uint64_t word_needs_look(uint64_t w) {
+        uint64_t q = w ^ (ONES * '"'), b = w ^ (ONES * '\\');
+
+        return (((w - ONES * 0x20) & ~w) | ((q - ONES) & ~q) | ((b - ONES) & ~b) | w) & HIGHS;
+}
+
+static inline bool is_digit(unsigned char c) {
+        return (unsigned) (c - '0') < 10;
+}
+
+static inline int hex_digit(unsigned char c) {
+        if ((unsigned) (c - '0') < 10)
+                return c - '0';
+        c |= 0x20;
+        if ((unsigned) (c - 'a') < 6)
+                return c - 'a' + 10;
+        return -1;
+}
+
+/* The code unit of the four hex digits at p, or -1. */
+static int hex4(const unsigned char *p, const unsigned char *end) {
+        int v = 0;
+
+        if (end - p < 4)
+                return -1;
+        for (int i = 0; i < 4; i++) {
+                int d = hex_digit(p[i]);
+
+                if (d < 0)
+                        return -1;
+                v = v << 4 | d;
+        }
+        return v;
+}
+
+static inline const unsigned char *skip_ws(const unsigned char *p, const unsigned char *end) {
+        /* Most tokens follow the previous one directly: one compare says so. */
+        while (p < end && *p <= ' ' && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+                p++;
+        return p;
+}
+
+/* The escape at *pp (which points at the backslash) as a code point, moving *pp past it: one
+ * \uXXXX, or two for a surrogate pair. -1 for anything jansson refuses: an unknown escape, a bad
+ * hex digit, \u0000, a lone or reversed surrogate. */
+static int32_t read_escape(const unsigned char **pp, const unsigned char *end) {
+        const unsigned char *p = *pp;
+        int32_t cp, lo;
+
+        if (end - p < 2)
+                return -1;
+        switch (p[1]) {
+        case '"':
+        case '\\':
+        case '/':
+                cp = p[1];
+                break;
+        case 'b':
+                cp = '\b';
+                break;
+        case 'f':
+                cp = '\f';
+                break;
+        case 'n':
+                cp = '\n';
+                break;
+        case 'r':
+                cp = '\r';
+                break;
+        case 't':
+                cp = '\t';
+                break;
+        case 'u':
+                cp = hex4(p + 2, end);
+                if (cp <= 0)
+                        return -1;
+                p += 6;
+                if (cp >= 0xdc00 && cp <= 0xdfff)
+                        return -1;
+                if (cp >= 0xd800 && cp <= 0xdbff) {
+                        if (end - p < 2 || p[0] != '\\' || p[1] != 'u')
+                                return -1;
+                        lo = hex4(p + 2, end);
+                        if (lo < 0xdc00 || lo > 0xdfff)
+                                return -1;
+                        cp = 0x10000 + ((cp - 0xd800) << 10) + (lo - 0xdc00);
+                        p += 6;
+                }
+                *pp = p;
+                return cp;
+        default:
+                return -1;
+        }
+        *pp = p + 2;
+        return cp;
+}
+
+/* Validates a string body from *pp (just past the opening quote) to its closing quote and moves
+ * *pp past that quote. Sets *escaped when the body holds a backslash, so names without one can be
+ * compared with memcmp. */
+static int scan_string(const unsigned char **pp, const unsigned char *end, bool *escaped) {
+        const unsigned char *p = *pp;
+
+        for (;;) {
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+                while (end - p >= 8) {
+                        uint64_t w, look;
+
+                        memcpy(&w, p, sizeof(w));
+                        look = word_needs_look(w);
+                        if (look) {
+                                p += __builtin_ctzll(look) / 8;
+                                goto special;
+                        }
+                        p += 8;
+                }
+#endif
+                while (p < end && string_class[*p] == C_PLAIN)
+                        p++;
+                if (p >= end)
+                        return -EINVAL;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        special:
+#endif
+                switch (string_class[*p]) {
+                case C_QUOTE:
+                        *pp = p + 1;
+                        return 0;
+                case C_ESCAPE:
+                        *escaped = true;
+                        if (read_escape(&p, end) < 0)
+                                return -EINVAL;
+                        break;
+                case C_UTF8_2:
+                        if (end - p < 2 || (p[1] & 0xc0) != 0x80)
+                                return -EINVAL;
+                        p += 2;
+                        break;
+                case C_UTF8_3:
+                        if (end - p < 3 || (p[1] & 0xc0) != 0x80 || (p[2] & 0xc0) != 0x80 ||
+                            (p[0] == 0xe0 && p[1] < 0xa0) ||    /* overlong */
+                            (p[0] == 0xed && p[1] >= 0xa0))     /* UTF-16 surrogate */
+                                return -EINVAL;
+                        p += 3;
+                        break;
+                case C_UTF8_4:
+                        if (end - p < 4 || (p[1] & 0xc0) != 0x80 || (p[2] & 0xc0) != 0x80 ||
+                            (p[3] & 0xc0) != 0x80 ||
+                            (p[0] == 0xf0 && p[1] < 0x90) ||    /* overlong */
+                            (p[0] == 0xf4 && p[1] >= 0x90))     /* beyond U+10FFFF */
+                                return -EINVAL;
+                        p += 4;
+                        break;
+                default:
+                        return -EINVAL;
+                }
+        }
+}
+
+static int scan_number(const unsigned char **pp, const unsigned char *end) {
+        const unsigned char *p = *pp;
+
+        if (*p == '-')
+                p++;
+        if (p >= end)
+                return -EINVAL;
+        if (*p == '0')
+                p++;        /* a digit after it is caught by the caller: it expects , ] } */
+        else if (is_digit(*p))
+                while (p < end && is_digit(*p))
+                        p++;
+        else
+                return -EINVAL;
+        if (p < end && *p == '.') {
+                p++;
+                if (p >= end || !is_digit(*p))
+                        return -EINVAL;
+                while (p < end && is_digit(*p))
+                        p++;
+        }
+        if (p < end && (*p | 0x20) == 'e') {
+                p++;
+                if (p < end && (*p == '+' || *p == '-'))
+                        p++;
+                if (p >= end || !is_digit(*p))
+                        return -EINVAL;
+                while (p < end && is_digit(*p))
+                        p++;
+        }
+        *pp = p;
+        return 0;
+}
+
+static enum jscan_type type_of(unsigned char c) {
+        switch (c) {
+        case '{':
+                return JSCAN_OBJECT;
+        case '[':
+                return JSCAN_ARRAY;
+        case '"':
+                return JSCAN_STRING;
+        case 't':
+                return JSCAN_TRUE;
+        case 'f':
+                return JSCAN_FALSE;
+        case 'n':
+                return JSCAN_NULL;
+        default:
+                return JSCAN_NUMBER;
+        }
+}
+
+static size_t put_utf8(int32_t cp, char *out) {
+        if (cp < 0x80) {
+                out[0] = (char) cp;
+                return 1;
+        }
+        if (cp < 0x800) {
+                out[0] = (char) (0xc0 | cp >> 6);
+                out[1] = (char) (0x80 | (cp & 0x3f));
+                return 2;
+        }
+        if (cp < 0x10000) {
+                out[0] = (char) (0xe0 | cp >> 12);
+                out[1] = (char) (0x80 | (cp >> 6 & 0x3f));
+                out[2] = (char) (0x80 | (cp & 0x3f));
+                return 3;
+        }
+        out[0] = (char) (0xf0 | cp >> 18);
+        out[1] = (char) (0x80 | (cp >> 12 & 0x3f));
+        out[2] = (char) (0x80 | (cp >> 6 & 0x3f));
+        out[3] = (char) (0x80 | (cp & 0x3f));
+        return 4;
+}
+
+/* Compares an escaped string body with s, decoding as it goes. The body is known valid. */
+static bool body_eq(const unsigned char *p, const unsigned char *end, const char *s) {
+        const unsigned char *q = (const unsigned char *) s;
+
+        while (p < end) {
+                char u[4];
+                int32_t cp;
+                size_t n;
+
+                if (*p != '\\') {
+                        if (*q != *p)
+                                return false;
+                        p++, q++;
+                        continue;
+                }
+                cp = read_escape(&p, end);
+                if (cp < 0)
+                        return false;
+                n = put_utf8(cp, u);
+                /* s ends in NUL and u never holds one, so a short s fails before running out. */
+                for (size_t i = 0; i < n; i++, q++)
+                        if (*q != (unsigned char) u[i])
+                                return false;
+        }
+        return *q == 0;
+}
+
+struct wanted {
+        const char *const *names;
+        size_t lens[JSCAN_MAX_NAMES];
+        size_t n;
+};
+
+static int match_name(const struct wanted *w, const unsigned char *name, size_t len, bool escaped) {
+        for (size_t i = 0; i < w->n; i++)
+                if (escaped ? body_eq(name, name + len, w->names[i])
+                            : len == w->lens[i] && memcmp(name, w->names[i], len) == 0)
+                        return (int) i;
+        return -1;
+}
+
+#define IS_OBJECT(stack, level) ((stack)[((level) - 1) / 64] >> (((level) - 1) % 64) & 1)
+#define PUSH(stack, level, obj)                                                                        \
+        do {                                                                                           \
+                uint64_t _bit = UINT64_C(1) << (((level) - 1) % 64);                                   \
+                if (obj)                                                                               \
+                        (stack)[((level) - 1) / 64] |= _bit;                                           \
+                else                                                                                   \
+                        (stack)[((level) - 1) / 64] &= ~_bit;                                          \
+        } while (0)
+
+/* The one pass: validates s[0..len) as a JSON object and notes the last top-level member of each
+ * wanted name in found[]. A state machine over "expect a member name", "expect a value" and "a
+ * value ended" with the open containers' kinds in a bit stack; `level` counts open containers,
+ * so the value being read sits at jansson's depth level + 1. */
+static int scan_object(const char *s, size_t len, const struct wanted *w, struct jscan_value *found) {
+        const unsigned char *p = (const unsigned char *) s, *end = p + len, *name, *value = NULL;
+        uint64_t objects[JSCAN_MAX_DEPTH / 64] = {};    /* PUSH updates words in place */
+        unsigned level;
+        int member = -1;
+        bool escaped;
+
+        p = skip_ws(p, end);
+        if (p == end || *p != '{')
+                return -EINVAL;
+        level = 1;
+        PUSH(objects, level, true);
+        p = skip_ws(p + 1, end);
+        if (p < end && *p == '}') {
+                p++;
+                level = 0;
+                goto after_value;
+        }
+
+expect_name:
+        if (p == end || *p != '"')
+                return -EINVAL;
+        name = ++p;
+        escaped = false;
+        if (scan_string(&p, end, &escaped) < 0)
+                return -EINVAL;
+        if (level == 1)
+                member = match_name(w, name, (size_t) (p - 1 - name), escaped);
+        p = skip_ws(p, end);
+        if (p == end || *p != ':')
+                return -EINVAL;
+        p = skip_ws(p + 1, end);
+
+expect_value:
+        if (p == end || level >= JSCAN_MAX_DEPTH)
+                return -EINVAL;
+        if (level == 1)
+                value = p;
+        switch (*p) {
+        case '{':
+        case '[': {
+                bool obj = *p == '{';
+
+                level++;
+                PUSH(objects, level, obj);
+                p = skip_ws(p + 1, end);
+                if (p < end && *p == (obj ? '}' : ']')) {
+                        p++;
+                        level--;
+                        goto after_value;
+                }
+                if (obj)
+                        goto expect_name;
+                goto expect_value;
+        }
+        case '"':
+                p++;
+                if (scan_string(&p, end, &escaped) < 0)
+                        return -EINVAL;
+                break;
+        case 't':
+                if (end - p < 4 || memcmp(p, "true", 4) != 0)
+                        return -EINVAL;
+                p += 4;
+                break;
+        case 'f':
+                if (end - p < 5 || memcmp(p, "false", 5) != 0)
+                        return -EINVAL;
+                p += 5;
+                break;
+        case 'n':
+                if (end - p < 4 || memcmp(p, "null", 4) != 0)
+                        return -EINVAL;
+                p += 4;
+                break;
+        case '-':
+        case '0' ... '9':
+                if (scan_number(&p, end) < 0)
+                        return -EINVAL;
+                break;
+        default:
+                return -EINVAL;
+        }
+
+after_value:
+        /* A value ended inside the container at `level` (0: it was the top object itself). */
+        if (level == 1 && member >= 0) {
+                found[member] = (struct jscan_value) {
+                        .type = type_of(*value),
+                        .text = (const char *) value,
+                        .len = (size_t) (p - value),
+                };
+                member = -1;
+        }
+        p = skip_ws(p, end);
+        if (level == 0)
+                return p == end ? 0 : -EINVAL;
+        if (p == end)
+                return -EINVAL;
+        if (*p == ',') {
+                p = skip_ws(p + 1, end);
+                if (IS_OBJECT(objects, level))
+                        goto expect_name;
+                goto expect_value;
+        }
+        if (*p != (IS_OBJECT(objects, level) ? '}' : ']'))
+                return -EINVAL;
+        p++;
+        level--;
+        goto after_value;
+}
+
+static int find_members(const char *s, size_t len, const char *const *names, size_t n_names,
+                        struct jscan_value *ret) {
+        struct jscan_value found[JSCAN_MAX_NAMES];
+        struct wanted w = { .names = names, .n = n_names };
+        int r;
+
+        if (!s || n_names > JSCAN_MAX_NAMES || (n_names > 0 && (!names || !ret)))
+                return -EINVAL;
+        for (size_t i = 0; i < n_names; i++) {
+                if (!names[i])
+                        return -EINVAL;
+                w.lens[i] = strlen(names[i]);
+                found[i] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+        }
+        r = scan_object(s, len, &w, found);
+        if (r < 0)
+                return r;
+        if (n_names > 0)
+                memcpy(ret, found, n_names * sizeof(*ret));
+        return 0;
+}
+
+int jscan_object_members(const char *s, size_t len, const char *const *names, size_t n_names,
+                         struct jscan_value *ret) {
+        return find_members(s, len, names, n_names, ret);
+}
+
+int jscan_object_member(const char *s, size_t len, const char *name, struct jscan_value *ret) {
+        return find_members(s, len, &name, 1, ret);
+}
+
+/* An object jscan returned is valid already; scanning it again costs little next to the document
+ * it came from (usage objects are a few dozen bytes) and keeps a hand-made jscan_value honest. */
+int jscan_members(const struct jscan_value *obj, const char *const *names, size_t n_names,
+                  struct jscan_value *ret) {
+        if (!obj || obj->type != JSCAN_OBJECT)
+                return -EINVAL;
+        return find_members(obj->text, obj->len, names, n_names, ret);
+}
+
+int jscan_member(const struct jscan_value *obj, const char *name, struct jscan_value *ret) {
+        return jscan_members(obj, &name, 1, ret);
+}
+
+static bool is_string(const struct jscan_value *v) {
+        return v && v->type == JSCAN_STRING && v->text && v->len >= 2 && v->text[0] == '"' &&
+               v->text[v->len - 1] == '"';
+}
+
+/* Decodes the body [p, end) into out (NULL: only count). Returns the decoded length or -EINVAL. */
+static ssize_t decode(const unsigned char *p, const unsigned char *end, char *out) {
+        size_t n = 0;
+
+        while (p < end) {
+                const unsigned char *bs = memchr(p, '\\', (size_t) (end - p));
+                size_t run = (size_t) ((bs ? bs : end) - p);
+                char u[4];
+                int32_t cp;
+                size_t k;
+
+                if (out)
+                        memcpy(out + n, p, run);
+                n += run;
+                p += run;
+                if (!bs)
+                        break;
+                cp = read_escape(&p, end);
+                if (cp < 0)
+                        return -EINVAL;
+                k = put_utf8(cp, u);
+                if (out)
+                        memcpy(out + n, u, k);
+                n += k;
+        }
+        return (ssize_t) n;
+}
+
+int jscan_string(const struct jscan_value *v, char *buf, size_t size, size_t *ret_len) {
+        const unsigned char *body, *end;
+        ssize_t n;
+
+        if (!is_string(v) || (!buf && size > 0))
+                return -EINVAL;
+        body = (const unsigned char *) v->text + 1;
+        end = (const unsigned char *) v->text + v->len - 1;
+        /* Decoding never lengthens (an escape is at least as long as the UTF-8 it stands for), so
+         * a body shorter than the buffer fits; only otherwise count first, to leave buf alone. */
+        if ((size_t) (end - body) >= size) {
+                n = decode(body, end, NULL);
+                if (n < 0)
+                        return -EINVAL;
+                if ((size_t) n >= size)
+                        return -ENOBUFS;
+        }
+        n = decode(body, end, buf);
+        if (n < 0)
+                return -EINVAL;
+        buf[n] = 0;
+        if (ret_len)
+                *ret_len = (size_t) n;
+        return 0;
+}
+
+bool jscan_string_eq(const struct jscan_value *v, const char *s) {
+        const unsigned char *body, *end;
+        size_t len;
+
+        if (!is_string(v) || !s)
+                return false;
+        body = (const unsigned char *) v->text + 1;
+        end = (const unsigned char *) v->text + v->len - 1;
+        len = (size_t) (end - body);
+        if (!memchr(body, '\\', len))
+                return strlen(s) == len && memcmp(body, s, len) == 0;
+        return body_eq(body, end, s);
+}
+
+int jscan_uint(const struct jscan_value *v, uint64_t *ret) {
+        const unsigned char *p, *end;
+        uint64_t x = 0;
+
+        if (!v || v->type != JSCAN_NUMBER || !v->text || v->len == 0 || !ret)
+                return -EINVAL;
+        p = (const unsigned char *) v->text;
+        end = p + v->len;
+        /* jansson reads -0 as the integer 0: a count of zero, not a negative one. */
+        if (v->len == 2 && p[0] == '-' && p[1] == '0') {
+                *ret = 0;
+                return 0;
+        }
+        for (const unsigned char *q = p; q < end; q++)
+                if (!is_digit(*q))
+                        return -EINVAL;
+        for (; p < end; p++) {
+                unsigned d = (unsigned) (*p - '0');
+
+                if (x > (UINT64_MAX - d) / 10)
+                        return -ERANGE;
+                x = x * 10 + d;
+        }
+        *ret = x;
+        return 0;
+}
+
+/* Enough significant digits that cutting the rest (and standing a nonzero 1 in for them) cannot
+ * change how strtod rounds: a double's exact decimal expansion has at most 767. */
+#define DOUBLE_DIGITS 800
+#define EXPONENT_CLAMP 100000   /* far beyond where any 801-digit mantissa overflows or underflows */
+
+int jscan_double(const struct jscan_value *v, double *ret) {
+        char buf[1 + DOUBLE_DIGITS + 1 + 32];
+        const unsigned char *p, *end;
+        long long scale = 0, exponent = 0;
+        size_t n = 0, digits = 0;
+        bool dropped = false;
+        double x;
+
+        if (!v || v->type != JSCAN_NUMBER || !v->text || v->len == 0 || !ret)
+                return -EINVAL;
+        p = (const unsigned char *) v->text;
+        end = p + v->len;
+        /* strtod reads only NUL-terminated text in the current locale's notation: rebuild the
+         * number as [-]DIGITSeEXP, which is also where an endless mantissa is cut. */
+        if (*p == '-')
+                buf[n++] = *p++;
+        for (bool fraction = false; p < end && (is_digit(*p) || *p == '.'); p++) {
+                if (*p == '.') {
+                        fraction = true;
+                        continue;
+                }
+                if (digits == 0 && *p == '0') {
+                        if (fraction)
+                                scale--;
+                        continue;
+                }
+                if (digits < DOUBLE_DIGITS) {
+                        buf[n++] = (char) *p;
+                        digits++;
+                        if (fraction)
+                                scale--;
+                } else {
+                        dropped |= *p != '0';
+                        if (!fraction)
+                                scale++;
+                }
+        }
+        if (p < end && (*p | 0x20) == 'e') {
+                bool negative = false;
+
+                p++;
+                if (p < end && (*p == '+' || *p == '-'))
+                        negative = *p++ == '-';
+                for (; p < end && is_digit(*p); p++)
+                        if (exponent < EXPONENT_CLAMP)
+                                exponent = exponent * 10 + (*p - '0');
+                if (negative)
+                        exponent = -exponent;
+        }
+        if (p != end)
+                return -EINVAL;
+        if (digits == 0) {
+                *ret = buf[0] == '-' ? -0.0 : 0.0;
+                return 0;
+        }
+        if (dropped) {
+                buf[n++] = '1';
+                scale--;
+        }
+        scale += exponent;
+        if (scale > EXPONENT_CLAMP)
+                scale = EXPONENT_CLAMP;
+        if (scale < -EXPONENT_CLAMP)
+                scale = -EXPONENT_CLAMP;
+        snprintf(buf + n, sizeof(buf) - n, "e%lld", scale);
+        x = strtod(buf, NULL);
+        if (isinf(x))
+                return -ERANGE;
+        *ret = x;
+        return 0;
+}

@@ -1,0 +1,713 @@
+/* check_jscan.c — jscan accepts and refuses what jansson does, and finds what jansson finds.
+ *
+ * jansson is the reference: every document here goes through json_loadb(…, 0, …) as well and
+ * the two must agree on accept/refuse and on the member found. Two kinds of document are left out
+ * of the comparison, both on purpose and each pinned by its own test: those jansson refuses only
+ * because a number overflows its int64 or double (jscan checks numbers for syntax only), and those
+ * jansson accepts only because its lexer loses one raw NUL byte right after a number or
+ * true/false/null (jscan refuses every raw NUL, as RFC 8259 does).
+ */
+#include <check.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jansson.h>
+
+#include "keypool/jscan.h"
+
+#define N(a) (sizeof(a) / sizeof((a)[0]))
+
+struct doc {
+        const char *s;
+        size_t len;
+};
+
+/* Literal text with its exact length, so embedded NULs count. */
+#define D(lit) { lit, sizeof(lit) - 1 }
+
+static unsigned compared, skipped_overflow, skipped_nul;
+
+/* Does jansson refuse this text only for an overflowing number? */
+static bool jansson_overflow(const json_error_t *e) {
+        return json_error_code(e) == json_error_numeric_overflow;
+}
+
+/* Asserts jscan's member equals jansson's value for that name. */
+static void assert_same_member(const char *s, size_t len, json_t *root, const char *name,
+                               const struct jscan_value *v, const char *what) {
+        json_t *want = json_object_get(root, name), *got;
+        json_error_t e;
+
+        if (!want) {
+                ck_assert_msg(v->type == JSCAN_NONE, "%s: member '%s' absent in jansson, jscan found type %d",
+                              what, name, v->type);
+                return;
+        }
+        ck_assert_msg(v->type != JSCAN_NONE, "%s: member '%s' present in jansson, jscan found none", what, name);
+        ck_assert_msg(v->text >= s && v->text + v->len <= s + len, "%s: member span outside the text", what);
+        switch (json_typeof(want)) {
+        case JSON_OBJECT:
+                ck_assert_int_eq(v->type, JSCAN_OBJECT);
+                break;
+        case JSON_ARRAY:
+                ck_assert_int_eq(v->type, JSCAN_ARRAY);
+                break;
+        case JSON_STRING:
+                ck_assert_int_eq(v->type, JSCAN_STRING);
+                break;
+        case JSON_INTEGER:
+        case JSON_REAL:
+                ck_assert_int_eq(v->type, JSCAN_NUMBER);
+                break;
+        case JSON_TRUE:
+                ck_assert_int_eq(v->type, JSCAN_TRUE);
+                break;
+        case JSON_FALSE:
+                ck_assert_int_eq(v->type, JSCAN_FALSE);
+                break;
+        case JSON_NULL:
+                ck_assert_int_eq(v->type, JSCAN_NULL);
+                break;
+        }
+        got = json_loadb(v->text, v->len, JSON_DECODE_ANY, &e);
+        ck_assert_msg(got && json_equal(got, want), "%s: member '%s' span '%.*s' is not jansson's value",
+                      what, name, (int) v->len, v->text);
+        json_decref(got);
+}
+
+/* Compares jscan with jansson on one text: accept/refuse, the member "model", and (when
+ * accepted) every top-level name jansson saw. Returns whether it was compared at all. */
+static bool compare_with_jansson(const char *s, size_t len, const char *what) {
+        struct jscan_value v = { .type = _JSCAN_TYPE_MAX };
+        json_error_t e;
+        json_t *root = json_loadb(s, len, 0, &e), *value;
+        bool accepted = root && json_is_object(root);
+        const char *key;
+        int r;
+
+        if (!root && jansson_overflow(&e)) {
+                skipped_overflow++;
+                return false;
+        }
+        r = jscan_object_member(s, len, "model", &v);
+        if (accepted && memchr(s, 0, len)) {
+                ck_assert_msg(r == -EINVAL, "%s: jscan accepted a raw NUL byte", what);
+                skipped_nul++;
+                json_decref(root);
+                return false;
+        }
+        compared++;
+        ck_assert_msg((r == 0) == accepted, "%s: jansson %s (%s), jscan returned %d for %zu bytes '%.*s'",
+                      what, accepted ? "accepts" : "refuses", root ? "ok" : e.text, r, len,
+                      (int) (len > 200 ? 200 : len), s);
+        if (r < 0) {
+                ck_assert_int_eq(r, -EINVAL);
+                ck_assert_msg(v.type == _JSCAN_TYPE_MAX, "%s: ret written on failure", what);
+        } else {
+                assert_same_member(s, len, root, "model", &v, what);
+                json_object_foreach(root, key, value) {
+                        struct jscan_value m;
+
+                        ck_assert_int_eq(jscan_object_member(s, len, key, &m), 0);
+                        assert_same_member(s, len, root, key, &m, what);
+                }
+        }
+        json_decref(root);
+        return true;
+}
+
+/* ---- the corpus --------------------------------------------------------------------------- */
+
+static const struct doc corpus[] = {
+        /* plain */
+        D("{}"), D(" \t\r\n{}\n "), D("{\"model\":\"gpt-4o\"}"),
+        D("{\"model\":\"openai/gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello\"}],\"stream\":true}"),
+        D("{ \"model\" : \"m\" , \"n\" : [ 1 , 2 , { } , [ ] ] }"),
+        D("{\"model\":null}"), D("{\"model\":true}"), D("{\"model\":false}"), D("{\"model\":12}"),
+        D("{\"model\":{\"a\":[1,{\"model\":\"inner\"}]}}"), D("{\"a\":{\"model\":\"nested only\"}}"),
+        D("{\"model\":[]}"), D("{\"model\":{}}"), D("{\"model\":\"\"}"),
+        /* not an object, or not only one */
+        D(""), D(" "), D("[]"), D("[{\"model\":\"x\"}]"), D("\"model\""), D("12"), D("null"), D("true"),
+        D("{}{}"), D("{} x"), D("{}]"), D("{}}"), D("{\"model\":\"x\"} ,"), D("{}\0"), D("\0{}"),
+        D("{\"model\":\"x\"}\0junk"), D("\xef\xbb\xbf{}"),
+        /* truncated */
+        D("{"), D("{\""), D("{\"model"), D("{\"model\""), D("{\"model\":"), D("{\"model\":\"x"),
+        D("{\"model\":\"x\""), D("{\"model\":\"x\","), D("{\"model\":[1,2"), D("{\"model\":tru"),
+        D("{\"model\":nul"), D("{\"model\":fals"), D("{\"model\":1."), D("{\"model\":1e"), D("{\"model\":-"),
+        D("{\"model\":\"\\"), D("{\"model\":\"\\u12"), D("{\"model\":\"\\ud83d"), D("{\"model\":\"\\ud83d\\u"),
+        /* commas, colons, names */
+        D("{\"model\":1,}"), D("{,}"), D("{,\"model\":1}"), D("{\"model\":[1,]}"), D("{\"model\":[,1]}"),
+        D("{\"model\":[1,,2]}"), D("{\"model\" 1}"), D("{\"model\"::1}"), D("{\"model\"}"), D("{model:1}"),
+        D("{1:1}"), D("{'model':1}"), D("{\"model\":1 \"a\":2}"), D("{\"a\":{\"b\"}}"), D("{\"a\":[\"b\":1]}"),
+        D("{\"model\":undefined}"), D("{\"model\":True}"), D("{\"model\":nulll}"), D("{\"model\":truefalse}"),
+        D("{\"model\":NaN}"), D("{\"model\":Infinity}"), D("{\"model\":/*c*/1}"),
+        /* numbers */
+        D("{\"model\":0}"), D("{\"model\":-0}"), D("{\"model\":-0.0e-0}"), D("{\"model\":01}"), D("{\"model\":-01}"),
+        D("{\"model\":00}"), D("{\"model\":1.}"), D("{\"model\":.5}"), D("{\"model\":+1}"), D("{\"model\":1e+}"),
+        D("{\"model\":1E5}"), D("{\"model\":1e-5}"), D("{\"model\":1.5E+10}"), D("{\"model\":1.e5}"),
+        D("{\"model\":0x10}"), D("{\"model\":1_000}"), D("{\"model\":--1}"), D("{\"model\":- 1}"),
+        D("{\"model\":1 2}"), D("{\"model\":9223372036854775807}"), D("{\"model\":-9223372036854775808}"),
+        D("{\"model\":1e-400}"), D("{\"model\":1.7976931348623157e308}"), D("{\"model\":0e999999999999}"),
+        D("{\"model\":[0,1,-1,0.5,-0.5e3]}"), D("{\"model\":1ee5}"), D("{\"model\":1e5.5}"), D("{\"model\":1.2.3}"),
+        /* strings and escapes */
+        D("{\"model\":\"a\\\"b\\\\c\\/d\\be\\ff\\ng\\rh\\ti\"}"), D("{\"model\":\"\\a\"}"), D("{\"model\":\"\\x41\"}"),
+        D("{\"model\":\"\\'\"}"), D("{\"model\":\"\\U0041\"}"), D("{\"model\":\"\\u004\"}"),
+        D("{\"model\":\"\\u004g\"}"), D("{\"model\":\"\\u0041\"}"), D("{\"model\":\"\\u00e9\\u20AC\"}"),
+        D("{\"model\":\"\\ud83d\\ude00\"}"), D("{\"model\":\"\\uD83D\\uDE00\"}"), D("{\"model\":\"\\ud83d\"}"),
+        D("{\"model\":\"\\ude00\"}"), D("{\"model\":\"\\ude00\\ud83d\"}"), D("{\"model\":\"\\ud83d\\ud83d\"}"),
+        D("{\"model\":\"\\ud83d\\n\"}"), D("{\"model\":\"\\ud83dx\"}"), D("{\"model\":\"\\ud83d\\u0041\"}"),
+        D("{\"model\":\"\\udbff\\udfff\"}"), D("{\"model\":\"\\ud800\\udc00\"}"), D("{\"model\":\"\\u0000\"}"),
+        D("{\"model\":\"a\\u0000b\"}"), D("{\"mo\\u0000del\":1}"), D("{\"model\":\"\\u0001\\u001f\\u007f\"}"),
+        D("{\"model\":\"tab\there\"}"), D("{\"model\":\"nl\nhere\"}"), D("{\"model\":\"\x1f\"}"),
+        D("{\"model\":\"\x7f\"}"), D("{\"model\":\"a\0b\"}"), D("{\"model\":'x'}"),
+        D("{\"model\":\"unterminated}"),
+        /* UTF-8 */
+        D("{\"model\":\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80 \xf4\x8f\xbf\xbf\"}"),
+        D("{\"model\":\"\xc3\"}"), D("{\"model\":\"\xc3\x28\"}"), D("{\"model\":\"\x80\"}"), D("{\"model\":\"\xbf\"}"),
+        D("{\"model\":\"\xc0\xaf\"}"), D("{\"model\":\"\xc1\xbf\"}"), D("{\"model\":\"\xe0\x80\xaf\"}"),
+        D("{\"model\":\"\xe0\x9f\xbf\"}"), D("{\"model\":\"\xe0\xa0\x80\"}"), D("{\"model\":\"\xf0\x80\x80\xaf\"}"),
+        D("{\"model\":\"\xf0\x8f\xbf\xbf\"}"), D("{\"model\":\"\xf0\x90\x80\x80\"}"), D("{\"model\":\"\xed\x9f\xbf\"}"),
+        D("{\"model\":\"\xed\xa0\x80\"}"), D("{\"model\":\"\xed\xbf\xbf\"}"), D("{\"model\":\"\xee\x80\x80\"}"),
+        D("{\"model\":\"\xf4\x90\x80\x80\"}"), D("{\"model\":\"\xf5\x80\x80\x80\"}"), D("{\"model\":\"\xff\"}"),
+        D("{\"model\":\"\xfe\"}"), D("{\"model\":\"\xe2\x82\"}"), D("{\"model\":\"\xe2\x82"), D("{\"model\":\"\xf0\x9f\x98\"}"),
+        D("{\"model\":\"\xef\xbf\xbf\"}"), D("{\"model\":\"\xef\xbb\xbf\"}"), D("{\"model\":1\xc3\xa9}"),
+        D("{\"caf\xc3\xa9\":1,\"model\":2}"), D("{\"\xc3\":1}"), D("{\"model\":\"x\"}\xc3\xa9"),
+        D("{\"model\":\"x\"}\xff"),
+        /* duplicates and escaped names */
+        D("{\"model\":\"first\",\"model\":\"last\"}"), D("{\"model\":\"a\",\"x\":1,\"model\":{\"b\":2}}"),
+        D("{\"mo\\u0064el\":\"escaped\"}"), D("{\"model\":\"plain\",\"mo\\u0064el\":\"escaped wins\"}"),
+        D("{\"mo\\u0064el\":\"escaped\",\"model\":\"plain wins\"}"), D("{\"\\u006d\\u006f\\u0064\\u0065\\u006c\":1}"),
+        D("{\"model\\u0000\":1}"), D("{\"model \":1}"), D("{\"Model\":1}"), D("{\"mod\":1,\"models\":2}"),
+        D("{\"mo\\\"del\":1}"), D("{\"\":1}"), D("{\"\\ud83d\\ude00\":\"emoji name\"}"),
+        /* white space jansson does not take */
+        D("{\"model\":\v1}"), D("{\"model\":\f1}"), D("{\"model\":\xc2\xa0" "1}"), D("\v{}"),
+};
+
+START_TEST(test_corpus_accepts_and_refuses_like_jansson_and_finds_the_same_member) {
+        compared = skipped_overflow = skipped_nul = 0;
+        for (size_t i = 0; i < N(corpus); i++) {
+                char what[32];
+
+                snprintf(what, sizeof(what), "corpus[%zu]", i);
+                compare_with_jansson(corpus[i].s, corpus[i].len, what);
+        }
+        ck_assert_uint_eq(skipped_overflow, 0);
+        ck_assert_uint_eq(compared, N(corpus));
+}
+END_TEST
+
+/* {"a": followed by `opens` containers around `inner`, then their closes and "}". */
+static char *nested(unsigned opens, bool objects, const char *inner) {
+        size_t n = 6 + (size_t) opens * 10 + strlen(inner) + 4;
+        char *s = malloc(n), *p = s;
+
+        ck_assert_ptr_nonnull(s);
+        p += sprintf(p, "{\"a\":");
+        for (unsigned i = 0; i < opens; i++)
+                p += sprintf(p, "%s", objects ? "{\"b\":" : "[");
+        p += sprintf(p, "%s", inner);
+        for (unsigned i = 0; i < opens; i++)
+                *p++ = objects ? '}' : ']';
+        *p++ = '}';
+        *p = 0;
+        return s;
+}
+
+START_TEST(test_depth_limit_is_janssons_2048) {
+        static const struct {
+                unsigned opens;
+                bool objects;
+                const char *inner;
+                bool ok;
+        } cases[] = {
+                /* The top object is depth 1, its member value 2, so 2046 containers around the
+                 * innermost value put it at 2048, the deepest jansson takes. */
+                { 2046, false, "[]", true },
+                { 2047, false, "[]", false },
+                { 2046, false, "1", true },
+                { 2047, false, "1", false },
+                { 2046, true, "{}", true },
+                { 2047, true, "{}", false },
+                { 2046, true, "null", true },
+                { 2047, true, "null", false },
+                { 5000, false, "[]", false },
+        };
+
+        compared = skipped_overflow = skipped_nul = 0;
+        for (size_t i = 0; i < N(cases); i++) {
+                char *s = nested(cases[i].opens, cases[i].objects, cases[i].inner);
+                struct jscan_value v;
+                json_t *root = json_loadb(s, strlen(s), 0, NULL);
+
+                ck_assert_msg((root != NULL) == cases[i].ok, "jansson disagrees with the test on case %zu", i);
+                ck_assert_int_eq(jscan_object_member(s, strlen(s), "a", &v), cases[i].ok ? 0 : -EINVAL);
+                compare_with_jansson(s, strlen(s), "depth");
+                json_decref(root);
+                free(s);
+        }
+        ck_assert_uint_eq(compared, N(cases));
+}
+END_TEST
+
+START_TEST(test_long_strings_with_escapes_and_utf8_at_every_offset_match_jansson) {
+        /* The word-at-a-time skip must not step over a quote, backslash, control byte or UTF-8
+         * sequence whatever its position in the 8-byte word. */
+        static const char *const specials[] = {
+                "\\\"", "\\\\", "\\n", "\\u00e9", "\\ud83d\\ude00", "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80",
+                "\"", "\x01", "\xc3", "\xed\xa0\x80", "\\q", "\x7f", "\xff",
+        };
+        char s[256];
+
+        for (size_t k = 0; k < N(specials); k++)
+                for (int pad = 0; pad < 20; pad++) {
+                        int n = snprintf(s, sizeof(s), "{\"model\":\"%.*s%s%s\",\"b\":\"%.*sx\"}", pad,
+                                         "abcdefghijklmnopqrstuvwxyz", specials[k], "tail-of-the-string", pad,
+                                         "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+
+                        compare_with_jansson(s, (size_t) n, specials[k]);
+                }
+}
+END_TEST
+
+/* ---- mutations ---------------------------------------------------------------------------- */
+
+/* A longer or differently seeded run: -DJSCAN_MUTATIONS=5000000 -DJSCAN_SEED=… */
+#ifndef JSCAN_MUTATIONS
+#define JSCAN_MUTATIONS 60000
+#endif
+#ifndef JSCAN_SEED
+#define JSCAN_SEED UINT64_C(0x6b657970006a7363)
+#endif
+
+static uint64_t rng_state;
+
+static uint32_t rng(void) {
+        /* xorshift64*: seeded, so a failure reproduces. */
+        rng_state ^= rng_state >> 12;
+        rng_state ^= rng_state << 25;
+        rng_state ^= rng_state >> 27;
+        return (uint32_t) ((rng_state * UINT64_C(2685821657736338717)) >> 32);
+}
+
+static const char *const seeds[] = {
+        "{\"model\":\"openai/gpt-4o-mini\",\"messages\":[{\"role\":\"user\",\"content\":\"Say hello in one "
+        "word.\"}],\"max_tokens\":16,\"stream\":false,\"temperature\":0.7}",
+        "{\"model\":\"claude-test\",\"max_tokens\":1024,\"messages\":[{\"role\":\"user\",\"content\":"
+        "\"caf\xc3\xa9 \\u00e9 \\ud83d\\ude00 \xf0\x9f\x98\x80 \\\"q\\\" \\\\ \\n\"}],\"stop\":[\"\\n\\n\"]}",
+        "{\"id\":\"gen-fake\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"},\"finish_reason\":null}],"
+        "\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":3,\"total_tokens\":13,\"cost\":1.5e-05}}",
+        "{\"mo\\u0064el\":[true,false,null,-0,0.5e+3,{\"a\":{}},[]],\"model\":{\"x\":\"y\"},\"e\":\"\"}",
+};
+
+static const unsigned char interesting[] = "{}[]\":,\\/ -+.0123456789eEu"
+                                           "dDfabtrnlsx\x00\x01\x1f\x7f\x80\xbf\xc0\xc3\xe0\xed\xef\xf0\xf4\xf5\xff\t\n";
+
+static size_t mutate(const char *seed, char *out, size_t size) {
+        size_t len = strlen(seed);
+        unsigned n = 1 + rng() % 3;
+
+        memcpy(out, seed, len);
+        for (unsigned m = 0; m < n; m++) {
+                size_t at = len ? rng() % len : 0;
+                unsigned char c = rng() % 4 ? interesting[rng() % (sizeof(interesting) - 1)] : (unsigned char) rng();
+
+                switch (rng() % 6) {
+                case 0:                                 /* delete a byte */
+                        if (len > 0) {
+                                memmove(out + at, out + at + 1, len - at - 1);
+                                len--;
+                        }
+                        break;
+                case 1:                                 /* insert a byte */
+                        if (len + 1 < size) {
+                                memmove(out + at + 1, out + at, len - at);
+                                out[at] = (char) c;
+                                len++;
+                        }
+                        break;
+                case 2:                                 /* replace a byte */
+                case 3:
+                        if (len > 0)
+                                out[at] = (char) c;
+                        break;
+                case 4:                                 /* truncate */
+                        len = at;
+                        break;
+                case 5: {                               /* repeat a span */
+                        size_t span = 1 + rng() % 12;
+
+                        if (at + span <= len && len + span < size) {
+                                memmove(out + at + span, out + at, len - at);
+                                len += span;
+                        }
+                        break;
+                }
+                }
+        }
+        return len;
+}
+
+START_TEST(test_mutated_bodies_agree_with_jansson) {
+        char buf[1024];
+        unsigned accepted = 0, total = 0;
+
+        rng_state = JSCAN_SEED;         /* fixed: a failure names its iteration */
+        compared = skipped_overflow = skipped_nul = 0;
+        for (unsigned i = 0; i < JSCAN_MUTATIONS; i++) {
+                const char *seed = seeds[i % N(seeds)];
+                size_t len = mutate(seed, buf, sizeof(buf));
+                char what[48];
+                struct jscan_value v;
+
+                snprintf(what, sizeof(what), "mutation %u of seed %zu", i, (size_t) (i % N(seeds)));
+                if (compare_with_jansson(buf, len, what)) {
+                        total++;
+                        accepted += jscan_object_member(buf, len, "model", &v) == 0;
+                }
+        }
+        /* Both sides of the line are exercised, and overflow skips stay rare. */
+        ck_assert_uint_gt(accepted, total / 10);
+        ck_assert_uint_lt(accepted, total - total / 10);
+        ck_assert_uint_lt(skipped_overflow + skipped_nul, total / 100);
+        fprintf(stderr, "jscan mutations: %u compared (%u accepted), left out: %u number overflow, %u NUL after a "
+                "number or literal\n", total, accepted, skipped_overflow, skipped_nul);
+}
+END_TEST
+
+START_TEST(test_overflowing_numbers_are_the_one_intended_difference) {
+        static const char *const docs[] = {
+                "{\"model\":\"m\",\"n\":9223372036854775808}",
+                "{\"model\":\"m\",\"n\":-9223372036854775809}",
+                "{\"model\":\"m\",\"n\":99999999999999999999999999}",
+                "{\"model\":\"m\",\"n\":1e400}",
+                "{\"model\":\"m\",\"n\":-1.8e308}",
+        };
+
+        for (size_t i = 0; i < N(docs); i++) {
+                struct jscan_value v;
+                json_error_t e;
+
+                ck_assert_ptr_null(json_loadb(docs[i], strlen(docs[i]), 0, &e));
+                ck_assert(jansson_overflow(&e));
+                ck_assert_int_eq(jscan_object_member(docs[i], strlen(docs[i]), "model", &v), 0);
+                ck_assert(jscan_string_eq(&v, "m"));
+        }
+}
+END_TEST
+
+START_TEST(test_raw_nul_after_a_number_or_literal_is_refused_though_jansson_loses_it) {
+        static const struct doc docs[] = {
+                D("{\"model\":\"m\",\"n\":1\0}"), D("{\"model\":\"m\",\"n\":true\0}"),
+                D("{\"model\":\"m\",\"n\":[null\0]}"), D("{\"model\":\"m\",\"n\":-1.5e3\0,\"o\":2}"),
+        };
+
+        for (size_t i = 0; i < N(docs); i++) {
+                struct jscan_value v;
+                json_t *root = json_loadb(docs[i].s, docs[i].len, 0, NULL);
+
+                ck_assert_ptr_nonnull(root);
+                json_decref(root);
+                ck_assert_int_eq(jscan_object_member(docs[i].s, docs[i].len, "model", &v), -EINVAL);
+        }
+}
+END_TEST
+
+/* ---- finding members ---------------------------------------------------------------------- */
+
+START_TEST(test_last_duplicate_wins_and_escaped_names_match) {
+        static const char s[] = "{\"model\":\"a\",\"mo\\u0064el\":\"b\",\"x\":{\"model\":\"c\"}}";
+        struct jscan_value v;
+
+        ck_assert_int_eq(jscan_object_member(s, sizeof(s) - 1, "model", &v), 0);
+        ck_assert(jscan_string_eq(&v, "b"));
+        ck_assert_uint_eq(v.len, 3);
+        ck_assert_int_eq(memcmp(v.text, "\"b\"", 3), 0);
+}
+END_TEST
+
+START_TEST(test_nested_member_of_that_name_is_not_a_top_level_one) {
+        static const char s[] = "{\"messages\":[{\"model\":\"inner\"}],\"x\":{\"model\":1}}";
+        struct jscan_value v = { .type = JSCAN_STRING };
+
+        ck_assert_int_eq(jscan_object_member(s, sizeof(s) - 1, "model", &v), 0);
+        ck_assert_int_eq(v.type, JSCAN_NONE);
+        ck_assert_ptr_null(v.text);
+        ck_assert_uint_eq(v.len, 0);
+}
+END_TEST
+
+START_TEST(test_several_members_in_one_pass) {
+        static const char s[] = " {\"stream\" : true, \"model\":\"gpt-test\", \"n\":[1, 2] , \"o\":{\"k\":null}} ";
+        const char *const names[] = { "model", "stream", "missing", "n", "o" };
+        struct jscan_value v[N(names)];
+
+        ck_assert_int_eq(jscan_object_members(s, sizeof(s) - 1, names, N(names), v), 0);
+        ck_assert(jscan_string_eq(&v[0], "gpt-test"));
+        ck_assert_int_eq(v[1].type, JSCAN_TRUE);
+        ck_assert_uint_eq(v[1].len, 4);
+        ck_assert_int_eq(v[2].type, JSCAN_NONE);
+        ck_assert_int_eq(v[3].type, JSCAN_ARRAY);
+        ck_assert_uint_eq(v[3].len, 6);
+        ck_assert_int_eq(v[4].type, JSCAN_OBJECT);
+        ck_assert_uint_eq(v[4].len, 10);
+}
+END_TEST
+
+START_TEST(test_refusals_leave_ret_alone_and_bad_arguments_are_einval) {
+        const char *const names[JSCAN_MAX_NAMES + 1] = {};
+        struct jscan_value v = { .type = JSCAN_NUMBER, .text = "7", .len = 1 }, out[2];
+
+        ck_assert_int_eq(jscan_object_member("{\"model\":\"x\",}", 14, "model", &v), -EINVAL);
+        ck_assert_int_eq(v.type, JSCAN_NUMBER);
+        ck_assert_int_eq(jscan_object_member(NULL, 0, "model", &v), -EINVAL);
+        ck_assert_int_eq(jscan_object_member("{}", 2, NULL, &v), -EINVAL);
+        ck_assert_int_eq(jscan_object_members("{}", 2, names, N(names), out), -EINVAL);
+        ck_assert_int_eq(jscan_object_members("{}", 2, NULL, 0, NULL), 0);
+        ck_assert_int_eq(jscan_object_members("{", 1, NULL, 0, NULL), -EINVAL);
+        ck_assert_int_eq(v.type, JSCAN_NUMBER);
+}
+END_TEST
+
+START_TEST(test_member_reads_inside_a_found_object) {
+        static const char s[] = "{\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":3,\"prompt_tokens\":11},"
+                                "\"message\":[1]}";
+        const char *const names[] = { "completion_tokens", "prompt_tokens" };
+        struct jscan_value u, m, v[2], c = { .type = JSCAN_STRING, .text = "\"x\"", .len = 3 };
+        uint64_t n;
+
+        ck_assert_int_eq(jscan_object_member(s, sizeof(s) - 1, "usage", &u), 0);
+        ck_assert_int_eq(u.type, JSCAN_OBJECT);
+        ck_assert_int_eq(jscan_members(&u, names, 2, v), 0);
+        ck_assert_int_eq(jscan_uint(&v[0], &n), 0);
+        ck_assert_uint_eq(n, 3);
+        ck_assert_int_eq(jscan_uint(&v[1], &n), 0);
+        ck_assert_uint_eq(n, 11);
+        ck_assert_int_eq(jscan_member(&u, "total_tokens", &m), 0);
+        ck_assert_int_eq(m.type, JSCAN_NONE);
+
+        ck_assert_int_eq(jscan_object_member(s, sizeof(s) - 1, "message", &m), 0);
+        ck_assert_int_eq(jscan_member(&m, "x", &u), -EINVAL);
+        ck_assert_int_eq(jscan_member(&c, "x", &u), -EINVAL);
+        ck_assert_int_eq(jscan_member(NULL, "x", &u), -EINVAL);
+}
+END_TEST
+
+/* ---- decoding ----------------------------------------------------------------------------- */
+
+static struct jscan_value member(const char *s, const char *name) {
+        struct jscan_value v;
+
+        ck_assert_int_eq(jscan_object_member(s, strlen(s), name, &v), 0);
+        return v;
+}
+
+START_TEST(test_string_decodes_escapes_and_surrogate_pairs) {
+        struct jscan_value v = member("{\"s\":\"a\\\"b\\\\c\\/d\\b\\f\\n\\r\\t\\u00e9\\u20ac\\ud83d\\ude00"
+                                      "\xf0\x9f\x98\x80z\"}", "s");
+        static const char want[] = "a\"b\\c/d\b\f\n\r\t\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\xf0\x9f\x98\x80z";
+        char buf[64];
+        size_t len = 0;
+
+        ck_assert_int_eq(jscan_string(&v, buf, sizeof(buf), &len), 0);
+        ck_assert_uint_eq(len, sizeof(want) - 1);
+        ck_assert_str_eq(buf, want);
+        ck_assert(jscan_string_eq(&v, want));
+        ck_assert(!jscan_string_eq(&v, "a\"b"));
+        ck_assert_int_eq(jscan_string(&v, buf, sizeof(buf), NULL), 0);
+}
+END_TEST
+
+START_TEST(test_string_too_long_is_enobufs_and_leaves_buf_untouched) {
+        struct jscan_value v = member("{\"s\":\"gpt-4o\",\"e\":\"\\u00e9\\u00e9\"}", "s");
+        struct jscan_value e = member("{\"s\":\"gpt-4o\",\"e\":\"\\u00e9\\u00e9\"}", "e");
+        char buf[8];
+        size_t len = 99;
+
+        memset(buf, 'Z', sizeof(buf));
+        ck_assert_int_eq(jscan_string(&v, buf, 6, &len), -ENOBUFS);
+        ck_assert_uint_eq(len, 99);
+        for (size_t i = 0; i < sizeof(buf); i++)
+                ck_assert_int_eq(buf[i], 'Z');
+        ck_assert_int_eq(jscan_string(&v, buf, 7, &len), 0);
+        ck_assert_str_eq(buf, "gpt-4o");
+        ck_assert_uint_eq(len, 6);
+        /* 12 bytes of text, 4 decoded: fits in 5 though the raw text does not. */
+        ck_assert_int_eq(jscan_string(&e, buf, 5, &len), 0);
+        ck_assert_str_eq(buf, "\xc3\xa9\xc3\xa9");
+        ck_assert_int_eq(jscan_string(&e, buf, 4, &len), -ENOBUFS);
+        ck_assert_int_eq(jscan_string(&e, NULL, 0, &len), -ENOBUFS);
+}
+END_TEST
+
+START_TEST(test_string_functions_refuse_other_types) {
+        struct jscan_value n = member("{\"n\":12,\"o\":{\"a\":\"b\"}}", "n");
+        struct jscan_value o = member("{\"n\":12,\"o\":{\"a\":\"b\"}}", "o");
+        struct jscan_value none = member("{}", "x");
+        char buf[16];
+
+        ck_assert_int_eq(jscan_string(&n, buf, sizeof(buf), NULL), -EINVAL);
+        ck_assert_int_eq(jscan_string(&o, buf, sizeof(buf), NULL), -EINVAL);
+        ck_assert_int_eq(jscan_string(&none, buf, sizeof(buf), NULL), -EINVAL);
+        ck_assert(!jscan_string_eq(&n, "12"));
+        ck_assert(!jscan_string_eq(&none, ""));
+        ck_assert(!jscan_string_eq(NULL, ""));
+}
+END_TEST
+
+START_TEST(test_string_eq_is_exact) {
+        struct jscan_value v = member("{\"a\":\"model\",\"b\":\"mo\\u0064el\",\"c\":\"\",\"d\":\"\\u00e9\"}", "a");
+        struct jscan_value b = member("{\"a\":\"model\",\"b\":\"mo\\u0064el\",\"c\":\"\",\"d\":\"\\u00e9\"}", "b");
+        struct jscan_value c = member("{\"a\":\"model\",\"b\":\"mo\\u0064el\",\"c\":\"\",\"d\":\"\\u00e9\"}", "c");
+        struct jscan_value d = member("{\"a\":\"model\",\"b\":\"mo\\u0064el\",\"c\":\"\",\"d\":\"\\u00e9\"}", "d");
+
+        ck_assert(jscan_string_eq(&v, "model"));
+        ck_assert(!jscan_string_eq(&v, "models"));
+        ck_assert(!jscan_string_eq(&v, "mode"));
+        ck_assert(!jscan_string_eq(&v, "Model"));
+        ck_assert(jscan_string_eq(&b, "model"));
+        ck_assert(!jscan_string_eq(&b, "model2"));
+        ck_assert(!jscan_string_eq(&b, "mod"));
+        ck_assert(jscan_string_eq(&c, ""));
+        ck_assert(!jscan_string_eq(&c, "x"));
+        ck_assert(jscan_string_eq(&d, "\xc3\xa9"));
+        ck_assert(!jscan_string_eq(&d, "\xc3"));
+        ck_assert(!jscan_string_eq(&d, "\xc3\xa9x"));
+}
+END_TEST
+
+/* ---- numbers ------------------------------------------------------------------------------ */
+
+static int uint_of(const char *number, uint64_t *ret) {
+        char s[128];
+
+        snprintf(s, sizeof(s), "{\"n\":%s}", number);
+        struct jscan_value v = member(s, "n");
+        return jscan_uint(&v, ret);
+}
+
+START_TEST(test_uint_takes_plain_non_negative_integers_only) {
+        static const char *const refused[] = { "12.0", "-1", "1e3", "1E3", "0.5", "\"12\"", "true", "null", "[1]",
+                                               "-0.0", "{}" };
+        uint64_t n = 777;
+
+        ck_assert_int_eq(uint_of("12", &n), 0);
+        ck_assert_uint_eq(n, 12);
+        ck_assert_int_eq(uint_of("0", &n), 0);
+        ck_assert_uint_eq(n, 0);
+        ck_assert_int_eq(uint_of("-0", &n), 0);
+        ck_assert_uint_eq(n, 0);
+        ck_assert_int_eq(uint_of("18446744073709551615", &n), 0);
+        ck_assert_uint_eq(n, UINT64_MAX);
+        n = 777;
+        ck_assert_int_eq(uint_of("18446744073709551616", &n), -ERANGE);
+        ck_assert_int_eq(uint_of("99999999999999999999999999999", &n), -ERANGE);
+        ck_assert_int_eq(uint_of("99999999999999999999999999999.5", &n), -EINVAL);
+        for (size_t i = 0; i < N(refused); i++)
+                ck_assert_msg(uint_of(refused[i], &n) == -EINVAL, "%s is not a count", refused[i]);
+        ck_assert_uint_eq(n, 777);
+}
+END_TEST
+
+static int double_of(const char *number, double *ret) {
+        char s[2048];
+
+        snprintf(s, sizeof(s), "{\"n\":%s}", number);
+        struct jscan_value v = member(s, "n");
+        return jscan_double(&v, ret);
+}
+
+START_TEST(test_double_rounds_like_strtod_and_refuses_overflow_like_jansson) {
+        static const char *const numbers[] = {
+                "0", "-0", "1", "-1", "0.5", "1.5e-05", "123456789012345678901234567890", "1e308",
+                "1.7976931348623157e308", "1.7976931348623158e308", "4.9e-324", "2.4e-324", "1e-400",
+                "0.000000000000000000000000000001", "2.2250738585072011e-308", "9007199254740993",
+                "0.1", "3.14159265358979323846264338327950288419716939937510", "-0.0e-0", "0e99999999999999",
+                "1e-99999999999999999999",
+        };
+        static const char *const overflowing[] = { "1e400", "-1e400", "1.7976931348623159e308", "1e99999999999999999999",
+                                                   "179769313486231580793728971405303415079934132710037826936173778980444968292764750946649017977587207096330286416692887910946555547851940402630657488671505820681908902000708383676273854845817711531764475730270069855571366959622842914819860834936475292719074168444365510704342711559699508093042880177904174497792" };
+        double x, y = 42;
+
+        for (size_t i = 0; i < N(numbers); i++) {
+                ck_assert_msg(double_of(numbers[i], &x) == 0, "%s is a double", numbers[i]);
+                ck_assert_msg(memcmp(&x, &(double) { strtod(numbers[i], NULL) }, sizeof(x)) == 0,
+                              "%s read as %.17g, strtod says %.17g", numbers[i], x, strtod(numbers[i], NULL));
+        }
+        for (size_t i = 0; i < N(overflowing); i++) {
+                json_error_t e;
+                char s[2048];
+
+                ck_assert_msg(double_of(overflowing[i], &y) == -ERANGE, "%.40s overflows", overflowing[i]);
+                snprintf(s, sizeof(s), "{\"n\":%s}", overflowing[i]);
+                ck_assert_ptr_null(json_loadb(s, strlen(s), 0, &e));
+        }
+        ck_assert(y == 42);
+}
+END_TEST
+
+START_TEST(test_double_keeps_long_mantissas_exact_at_the_rounding_edge) {
+        /* Halfway between DBL_MAX and the double below it (2^1024 - 3 * 2^970): exactly there
+         * ties to even (down), any excess however far out rounds up to DBL_MAX, so a 1 at the
+         * 1000th significant digit must survive the cut at 800. */
+        static const char below[] = "17976931348623156083532587605810529851620700234165216626166117462586955326729232657453009928794654924675063149033587701752208710592698796290627760473556921329019091915239418047621712533496094635638726128664019802903779951418360298151175628372777140383052148396392393563313364280213909166945792787446407521894";
+        /* DBL_MAX + half an ulp (2^1024 - 2^970): ties to even, which is up, out of range. */
+        static const char above[] = "179769313486231580793728971405303415079934132710037826936173778980444968292764750946649017977587207096330286416692887910946555547851940402630657488671505820681908902000708383676273854845817711531764475730270069855571366959622842914819860834936475292719074168444365510704342711559699508093042880177904174497792";
+        char s[1200];
+        double x;
+
+        snprintf(s, sizeof(s), "%s4", below);
+        ck_assert_int_eq(double_of(s, &x), 0);
+        ck_assert(x == nextafter(1.7976931348623157e308, 0));
+        snprintf(s, sizeof(s), "%s4.%0*d1", below, 690, 0);
+        ck_assert_int_eq(double_of(s, &x), 0);
+        ck_assert(x == 1.7976931348623157e308);
+        snprintf(s, sizeof(s), "%s4.%0*d", below, 690, 0);
+        ck_assert_int_eq(double_of(s, &x), 0);
+        ck_assert(x == nextafter(1.7976931348623157e308, 0));
+
+        ck_assert_int_eq(double_of(above, &x), -ERANGE);
+        snprintf(s, sizeof(s), "%.*s1.%0*d", (int) strlen(above) - 1, above, 699, 0);
+        ck_assert_int_eq(double_of(s, &x), 0);
+        ck_assert(x == 1.7976931348623157e308);
+}
+END_TEST
+
+static Suite *jscan_suite(void) {
+        Suite *s = suite_create("jscan");
+        TCase *tc = tcase_create("core");
+
+        tcase_set_timeout(tc, 120);
+        tcase_add_test(tc, test_corpus_accepts_and_refuses_like_jansson_and_finds_the_same_member);
+        tcase_add_test(tc, test_depth_limit_is_janssons_2048);
+        tcase_add_test(tc, test_long_strings_with_escapes_and_utf8_at_every_offset_match_jansson);
+        tcase_add_test(tc, test_mutated_bodies_agree_with_jansson);
+        tcase_add_test(tc, test_overflowing_numbers_are_the_one_intended_difference);
+        tcase_add_test(tc, test_raw_nul_after_a_number_or_literal_is_refused_though_jansson_loses_it);
+        tcase_add_test(tc, test_last_duplicate_wins_and_escaped_names_match);
+        tcase_add_test(tc, test_nested_member_of_that_name_is_not_a_top_level_one);
+        tcase_add_test(tc, test_several_members_in_one_pass);
+        tcase_add_test(tc, test_refusals_leave_ret_alone_and_bad_arguments_are_einval);
+        tcase_add_test(tc, test_member_reads_inside_a_found_object);
+        tcase_add_test(tc, test_string_decodes_escapes_and_surrogate_pairs);
+        tcase_add_test(tc, test_string_too_long_is_enobufs_and_leaves_buf_untouched);
+        tcase_add_test(tc, test_string_functions_refuse_other_types);
+        tcase_add_test(tc, test_string_eq_is_exact);
+        tcase_add_test(tc, test_uint_takes_plain_non_negative_integers_only);
+        tcase_add_test(tc, test_double_rounds_like_strtod_and_refuses_overflow_like_jansson);
+        tcase_add_test(tc, test_double_keeps_long_mantissas_exact_at_the_rounding_edge);
+        suite_add_tcase(s, tc);
+        return s;
+}
+
+int main(void) {
+        SRunner *sr = srunner_create(jscan_suite());
+        int failed;
+
+        srunner_run_all(sr, CK_NORMAL);
+        failed = srunner_ntests_failed(sr);
+        srunner_free(sr);
+        return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
