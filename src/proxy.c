@@ -21,15 +21,15 @@
  * transfer, and the done callback cleans up.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
 #include <unistd.h>
 
-#include <jansson.h>
-
 #include "keypool/clock.h"
+#include "keypool/jscan.h"
 #include "keypool/log.h"
 #include "keypool/proxy.h"
 
@@ -1235,117 +1235,126 @@ void proxy_on_drain(struct http_conn *c, void *request_data) {
         }
 }
 
-/* Where the top-level "model" member's string value lies in a body jansson has already accepted
- * as a JSON object (the last one, as jansson keeps the last of duplicate keys), so a pool name
- * can be replaced by the model id without re-serialising — and so altering — anything else.
- * 0 and the offsets of the value's text (between its quotes), or -1 when it is not there as a
- * plain string written without escapes. */
-static int find_model_value(const char *b, size_t len, size_t *ret_start, size_t *ret_end) {
-        bool key_next = false, found = false;
-        int depth = 0;
+/* The length of s as a JSON string, quotes included, and the text itself when buf is given. */
+static size_t json_quote(const char *s, char *buf) {
+        size_t n = 0;
 
-        for (size_t i = 0; i < len; ) {
-                char ch = b[i];
+        for (const unsigned char *p = (const unsigned char *) s; ; p++) {
+                char esc[8];
+                size_t k;
 
-                if (ch == '"') {
-                        size_t s = i + 1, j = s;
-                        bool escaped = false;
-
-                        while (j < len && b[j] != '"') {
-                                if (b[j] == '\\') {
-                                        escaped = true;
-                                        j++;
-                                }
-                                j++;
-                        }
-                        if (j >= len)
-                                return -1;
-                        if (depth == 1 && key_next) {
-                                key_next = false;
-                                if (!escaped && j - s == 5 && memcmp(b + s, "model", 5) == 0) {
-                                        size_t k = j + 1, v;
-
-                                        k += strspn(b + k, " \t\r\n");
-                                        if (k >= len || b[k] != ':')
-                                                return -1;
-                                        k++;
-                                        k += strspn(b + k, " \t\r\n");
-                                        found = false;
-                                        if (k < len && b[k] == '"') {
-                                                for (v = k + 1; v < len && b[v] != '"' && b[v] != '\\'; v++)
-                                                        ;
-                                                if (v < len && b[v] == '"') {
-                                                        *ret_start = k + 1;
-                                                        *ret_end = v;
-                                                        found = true;
-                                                }
-                                        }
-                                }
-                        }
-                        i = j + 1;
-                        continue;
+                if (p == (const unsigned char *) s) {
+                        if (buf)
+                                buf[n] = '"';
+                        n++;
                 }
-                if (ch == '{' || ch == '[') {
-                        depth++;
-                        key_next = ch == '{' && depth == 1;
-                } else if (ch == '}' || ch == ']')
-                        depth--;
-                else if (ch == ',' && depth == 1)
-                        key_next = true;
-                i++;
+                if (*p == 0)
+                        break;
+                if (*p == '"' || *p == '\\') {
+                        esc[0] = '\\';
+                        esc[1] = (char) *p;
+                        k = 2;
+                } else if (*p < 0x20) {
+                        snprintf(esc, sizeof esc, "\\u%04x", *p);
+                        k = 6;
+                } else {
+                        esc[0] = (char) *p;
+                        k = 1;
+                }
+                if (buf)
+                        memcpy(buf + n, esc, k);
+                n += k;
         }
-        return found ? 0 : -1;
+        if (buf)
+                buf[n] = '"';
+        return n + 1;
 }
 
-/* A model id that can stand between JSON quotes as it is. */
-static bool json_plain(const char *s) {
-        for (; *s; s++)
-                if (*s == '"' || *s == '\\' || (unsigned char) *s < 0x20)
-                        return false;
-        return true;
+/* The body with its top-level "model" set to the pool's model id: the value replaced where
+ * it stands (model, the member jansson would keep), or a member added first. Nothing else
+ * changes, not even spacing. 0, or -ENOMEM. */
+static int rewrite_model(struct proxy_request *pr, const struct http_request *req,
+                         const struct jscan_value *model) {
+        size_t qlen = json_quote(pr->cpool->model, NULL), start, end, ins, extra = 0;
+        bool comma = false;
+        char *text;
+
+        if (model->type != JSCAN_NONE) {
+                start = (size_t) (model->text - req->body);
+                end = start + model->len;
+                ins = 0;
+        } else {
+                /* Validated as an object: the first non-blank byte is its brace. */
+                start = end = strspn(req->body, " \t\r\n") + 1;
+                comma = req->body[start + strspn(req->body + start, " \t\r\n")] != '}';
+                ins = strlen("\"model\":");
+                extra = comma;
+        }
+        text = malloc(req->body_len - (end - start) + ins + qlen + extra + 1);
+        if (!text)
+                return -ENOMEM;
+        memcpy(text, req->body, start);
+        memcpy(text + start, "\"model\":", ins);
+        json_quote(pr->cpool->model, text + start + ins);
+        if (comma)
+                text[start + ins + qlen] = ',';
+        memcpy(text + start + ins + qlen + extra, req->body + end, req->body_len - end);
+        pr->body_len = req->body_len - (end - start) + ins + qlen + extra;
+        text[pr->body_len] = 0;
+        pr->body = text;
+        pr->own_body = true;
+        return 0;
 }
 
 /* The pool the request names: X-Keypool-Pool wins over the body's model. On success the body
  * may have been rewritten (a pool name given as model becomes the pool's model id). Returns 0,
- * or answers the client and returns -1. */
+ * or answers the client and returns -1.
+ *
+ * The body is read once, by jscan: validated as a JSON object and its "model" found, with no
+ * tree built and nothing allocated unless the model must be rewritten. */
 static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req) {
         const struct config *cfg = pr->ctx->config;
         const char *header = http_request_header(req, "X-Keypool-Pool");
         struct keytable_pool_view info;
-        json_error_t error;
-        json_t *body, *model;
+        struct jscan_value model;
+        char model_buf[1024];
         const char *model_name = NULL;
-        int pool = -1;
+        size_t model_len = 0;
+        int pool = -1, r;
 
-        body = json_loadb(req->body, req->body_len, 0, &error);
-        if (!body || !json_is_object(body)) {
-                json_decref(body);
+        if (jscan_object_member(req->body, req->body_len, "model", &model) < 0) {
                 http_conn_respond_error(c, 400, "invalid_request_error", "invalid_json", NULL, 0,
                                         "the request body must be a JSON object");
                 return -1;
         }
-        model = json_object_get(body, "model");
-        if (model && json_is_string(model))
-                model_name = json_string_value(model);
+        if (model.type == JSCAN_STRING) {
+                r = jscan_string(&model, model_buf, sizeof model_buf, &model_len);
+                if (r == -ENOBUFS) {
+                        /* Longer than any pool name or model id can be: quoted as written. */
+                        model_len = model.len - 2 < sizeof model_buf - 1 ? model.len - 2 : sizeof model_buf - 1;
+                        memcpy(model_buf, model.text + 1, model_len);
+                        model_buf[model_len] = 0;
+                        model_len = SIZE_MAX;
+                }
+                model_name = model_buf;
+        }
 
         if (header) {
                 pool = config_find_pool(cfg, header, strlen(header));
                 if (pool < 0) {
-                        json_decref(body);
                         http_conn_respond_error(c, 404, "invalid_request_error", "unknown_pool", NULL, 0,
                                                 "no pool is named '%.100s'", header);
                         return -1;
                 }
         } else if (model_name) {
-                pool = config_find_pool(cfg, model_name, strlen(model_name));
+                if (model_len != SIZE_MAX)
+                        pool = config_find_pool(cfg, model_name, model_len);
                 if (pool < 0) {
                         http_conn_respond_error(c, 404, "invalid_request_error", "model_not_found", NULL, 0,
                                                 "no pool serves the model '%.100s'", model_name);
-                        json_decref(body);
                         return -1;
                 }
         } else {
-                json_decref(body);
                 http_conn_respond_error(c, 400, "invalid_request_error", "missing_model", NULL, 0,
                                         "the request names no model (set \"model\" or X-Keypool-Pool)");
                 return -1;
@@ -1356,7 +1365,6 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         pr->provider = &cfg->providers[pr->cpool->provider];
         /* This worker's generation may be draining on the previous bank after a reload. */
         if (keytable_slot_pool_info(pr->ctx->table, pr->ctx->slot, pr->pool, &info) < 0) {
-                json_decref(body);
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                         "the key table does not know pool %s", pr->cpool->name);
                 return -1;
@@ -1367,38 +1375,15 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
          * (or named no model at all). */
         if (!model_name || (strcmp(model_name, pr->cpool->model) != 0 && !header &&
                             strcmp(model_name, pr->cpool->name) == 0)) {
-                size_t start, end, mlen = strlen(pr->cpool->model);
-                char *text;
-
-                if (model_name && json_plain(pr->cpool->model) &&
-                    find_model_value(req->body, req->body_len, &start, &end) == 0 &&
-                    (text = malloc(req->body_len - (end - start) + mlen + 1))) {
-                        memcpy(text, req->body, start);
-                        memcpy(text + start, pr->cpool->model, mlen);
-                        memcpy(text + start + mlen, req->body + end, req->body_len - end);
-                        pr->body_len = req->body_len - (end - start) + mlen;
-                        text[pr->body_len] = 0;
-                        pr->body = text;
-                        pr->own_body = true;
-                        json_decref(body);
-                        return 0;
-                }
-                json_object_set_new(body, "model", json_string(pr->cpool->model));
-                text = json_dumps(body, JSON_COMPACT);
-                if (!text) {
-                        json_decref(body);
+                if (rewrite_model(pr, req, &model) < 0) {
                         http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                                 "out of memory");
                         return -1;
                 }
-                pr->body = text;
-                pr->body_len = strlen(text);
-                pr->own_body = true;
         } else {
                 pr->body = req->body;
                 pr->body_len = req->body_len;
         }
-        json_decref(body);
         return 0;
 }
 

@@ -217,6 +217,25 @@ class ProxyTest(KeypoolTestCase):
         self.assertIn(SIM_REPLY.encode(), got)
         self.assertEqual(self.only_request()["key_id"], key_id(self.kimi[0]))
 
+    def test_requests_sent_while_one_is_served_wait_their_turn_even_past_the_read_ahead(self):
+        # The first request is slow upstream; everything after it reaches keypoold while it is
+        # being served: more than the 64 KiB a connection reads ahead, so reading stops and
+        # starts again. Every request is answered, in order.
+        chat = json.dumps({"model": "KIMI", "messages": []}).encode()
+        health = b"GET /health HTTP/1.1\r\nHost: k\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n"
+        n_health = 200                  # about 200 KiB behind the slow request
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: k\r\nContent-Type: "
+                b"application/json\r\nX-Sim-Delay-Ms: 300\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(chat), chat)
+                + health * n_health
+                + b"GET /nope HTTP/1.1\r\nHost: k\r\nConnection: close\r\n\r\n")
+        got, closed = self.kp.raw(data, stop_when_complete=False)
+        self.assertTrue(closed, "Connection: close must end the connection")
+        statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", got)]
+        self.assertEqual(statuses, [200] + [200] * n_health + [404], got[:600])
+        self.assertIn(SIM_REPLY.encode(), got)
+        self.assertEqual(len(self.sim.log()), 1)
+
     def test_sse_stream_is_relayed_byte_exact(self):
         steer = {"X-Sim-Chunks": "5", "X-Sim-Chunk-Delay-Ms": "20"}
         status, h, body = self.kp.chat(GLM[1], headers=steer, stream=True)
