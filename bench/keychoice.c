@@ -7,7 +7,10 @@
  * keys ready, and prints ns per acquire+release pair and the ratio to the 10-key pool.
  *
  * A second case has every key but the last cooling (a pool mostly rate limited): a request then
- * most needs to be quick, and a scan of the whole pool finds only one key to take.
+ * most needs to be quick, and only one key can be taken.
+ *
+ * The machine may be busy with other work: each pool is timed in several rounds, the pools taking
+ * turns, and its best round counts, so a burst of someone else's load lands on no pool alone.
  *
  * Links build/libkeypool.a; not part of the autotools build (bench/run builds it).
  * Output, one line per pool: "KEYCHOICE case=ready keys=N ns_per_op=X ratio=Y".
@@ -23,6 +26,7 @@
 
 static const unsigned sizes[] = { 10, 1000, 100000 };
 #define N_SIZES (sizeof sizes / sizeof sizes[0])
+#define ROUNDS  21
 
 static uint64_t now_ns(void) {
         struct timespec ts;
@@ -70,7 +74,7 @@ static double time_pool(struct keytable *t, unsigned slot, unsigned pool, uint64
 }
 
 /* Every key of the pool but its last rate limited for an hour, written the way a state file is
- * restored (a request-by-request cooling would itself cost a scan per key). */
+ * restored (quicker to set up than a 429 per key). */
 static void cool_all_but_last(struct keytable *t, unsigned pool, unsigned n) {
         int64_t ms = now_ms();
         struct keytable_key_state st = {
@@ -104,7 +108,7 @@ int main(int argc, char **argv) {
         uint64_t min_ns = (argc > 1 ? strtoull(argv[1], NULL, 10) : 300) * 1000000ULL;
         unsigned pools[2][N_SIZES], slot;
         struct keytable *t;
-        double base[2] = { 0, 0 };
+        double best[2][N_SIZES];
         int r;
 
         for (unsigned i = 0; i < N_SIZES; i++)
@@ -142,17 +146,25 @@ int main(int argc, char **argv) {
         for (unsigned i = 0; i < N_SIZES; i++)
                 cool_all_but_last(t, pools[1][i], sizes[i]);
 
+        /* A first pass faults the rows in and warms the caches. */
         for (unsigned c = 0; c < 2; c++)
                 for (unsigned i = 0; i < N_SIZES; i++) {
-                        double ns;
-
-                        /* Twice: the first pass faults the rows in and warms the caches. */
                         (void) time_pool(t, slot, pools[c][i], min_ns / 4);
-                        ns = time_pool(t, slot, pools[c][i], min_ns);
-                        if (i == 0)
-                                base[c] = ns;
+                        best[c][i] = 0;
+                }
+        for (unsigned round = 0; round < ROUNDS; round++)
+                for (unsigned c = 0; c < 2; c++)
+                        for (unsigned i = 0; i < N_SIZES; i++) {
+                                double ns = time_pool(t, slot, pools[c][i], min_ns / ROUNDS);
+
+                                if (best[c][i] == 0 || ns < best[c][i])
+                                        best[c][i] = ns;
+                        }
+        for (unsigned c = 0; c < 2; c++)
+                for (unsigned i = 0; i < N_SIZES; i++) {
                         printf("KEYCHOICE case=%s keys=%u ns_per_op=%.1f ratio=%.2f\n",
-                               c == 0 ? "ready" : "cooling", sizes[i], ns, ns / base[c]);
+                               c == 0 ? "ready" : "cooling", sizes[i], best[c][i],
+                               best[c][i] / best[c][0]);
                         fflush(stdout);
                 }
         keytable_destroy(t);

@@ -3183,6 +3183,528 @@ START_TEST(test_recover_due_ends_cooldowns_that_ran_out_and_reports_them) {
 }
 END_TEST
 
+/* --- the choice index against the rule it stands for -------------------------------------- */
+
+/* The tests below drive the table with random traffic and compare every answer of
+ * keytable_acquire with the rule the index replaces, computed from the rows themselves: of the
+ * pool's keys that are ready (or whose rest is over), within their rpm and below their
+ * max_concurrent, the one acquired least recently, the earlier in the list on a tie, the avoided
+ * key only when alone; when none, the earliest time a rest ends or an rpm slot opens, and whether
+ * some key is only full. The rows' state comes from the table (read raw, with a clock at the
+ * start of time); what acquire alone changes (the LRU clock, the rpm arrival time) the test
+ * keeps itself. */
+
+#define MODEL_POOLS     2
+#define MODEL_MAX_KEYS  48
+#define MODEL_SLOTS     2
+#define MODEL_LEASES    6
+
+struct model {
+        struct keytable *t;
+        unsigned pool[MODEL_POOLS];             /* bank-relative */
+        unsigned first[MODEL_POOLS], n[MODEL_POOLS];
+        unsigned slot[MODEL_SLOTS];
+        uint64_t seq[MODEL_POOLS];
+        uint64_t use_seq[MODEL_MAX_KEYS];       /* by table-wide key row (bank 0) */
+        int64_t tat_us[MODEL_MAX_KEYS];
+        struct keytable_lease lease[MODEL_SLOTS * MODEL_LEASES];
+        unsigned n_leases;
+        int64_t now;
+        unsigned seed, first_seed;              /* first_seed: the one that repeats the run */
+        unsigned acquires, checked_eagain;
+};
+
+struct expectation {
+        int r;
+        unsigned key;
+        struct keytable_wait wait;
+        bool changed;
+        unsigned change_key;
+};
+
+static unsigned model_rand(struct model *m, unsigned n) {
+        return n == 0 ? 0 : (unsigned) rand_r(&m->seed) % n;
+}
+
+static void model_earliest(int64_t *at, int64_t candidate) {
+        if (*at == 0 || candidate < *at)
+                *at = candidate;
+}
+
+static void model_read(struct model *m, unsigned pi, struct keytable_key_view *v) {
+        ck_assert_int_eq(keytable_pool_read(m->t, m->pool[pi], INT64_MIN, NULL, v, MODEL_MAX_KEYS),
+                         (int) m->n[pi]);
+}
+
+/* The old scan, on the rows as they are now. */
+static void model_expect(struct model *m, unsigned pi, unsigned avoid, struct expectation *e) {
+        struct keytable_key_view v[MODEL_MAX_KEYS];
+        uint64_t best_seq = UINT64_MAX;
+        bool avoided = false;
+
+        *e = (struct expectation) { .r = -EAGAIN, .key = KEYTABLE_NO_KEY };
+        model_read(m, pi, v);
+        for (unsigned i = 0; i < m->n[pi]; i++) {
+                unsigned k = m->first[pi] + i;
+                enum key_state state = v[i].state;
+
+                if (state == KEY_COOLING && v[i].cooldown_until_ms <= m->now) {
+                        state = KEY_READY;
+                        if (!e->changed) {
+                                e->changed = true;
+                                e->change_key = k;
+                        }
+                }
+                if (state == KEY_COOLING) {
+                        model_earliest(&e->wait.retry_at_ms, v[i].cooldown_until_ms);
+                        continue;
+                }
+                if (state != KEY_READY)
+                        continue;
+                if (v[i].rpm > 0) {
+                        int64_t interval = 60000000 / v[i].rpm > 0 ? 60000000 / v[i].rpm : 1,
+                                tol = 60000000 - interval;
+
+                        if (m->tat_us[k] > m->now * 1000 + tol) {
+                                int64_t x = m->tat_us[k] - tol;
+
+                                model_earliest(&e->wait.retry_at_ms, x / 1000 + (x % 1000 > 0));
+                                continue;
+                        }
+                }
+                if (v[i].max_concurrent > 0 && v[i].in_flight >= v[i].max_concurrent) {
+                        e->wait.busy = true;
+                        continue;
+                }
+                if (k == avoid) {
+                        avoided = true;
+                        continue;
+                }
+                if (m->use_seq[k] < best_seq) {
+                        best_seq = m->use_seq[k];
+                        e->key = k;
+                }
+        }
+        if (e->key == KEYTABLE_NO_KEY && avoided)
+                e->key = avoid;
+        if (e->key != KEYTABLE_NO_KEY)
+                e->r = 0;
+}
+
+static unsigned model_slot_leases(const struct model *m, unsigned si) {
+        unsigned n = 0;
+
+        for (unsigned i = 0; i < m->n_leases; i++)
+                n += m->lease[i].slot == m->slot[si];
+        return n;
+}
+
+static void model_acquire(struct model *m, unsigned pi, unsigned si, unsigned avoid) {
+        struct keytable_change c;
+        struct keytable_wait w;
+        struct keytable_lease l;
+        struct expectation e;
+        int r;
+
+        if (model_slot_leases(m, si) >= MODEL_LEASES) {
+                ck_assert_int_eq(keytable_acquire(m->t, m->slot[si], m->pool[pi], m->now, avoid, &l,
+                                                  &w, &c), -ENOSPC);
+                return;
+        }
+        model_expect(m, pi, avoid, &e);
+        r = keytable_acquire(m->t, m->slot[si], m->pool[pi], m->now, avoid, &l, &w, &c);
+        ck_assert_msg(r == e.r, "seed %u, acquire %u, pool %u at %lld: acquire gave %d, the scan says %d",
+                      m->first_seed, m->acquires, pi, (long long) m->now, r, e.r);
+        ck_assert_msg(c.changed == e.changed && (!e.changed || c.key == e.change_key),
+                      "at %lld: recovery reported %d (key %u), the scan says %d (key %u)",
+                      (long long) m->now, c.changed, c.key, e.changed, e.change_key);
+        m->acquires++;
+        if (r == -EAGAIN) {
+                ck_assert_msg(w.retry_at_ms == e.wait.retry_at_ms && w.busy == e.wait.busy,
+                              "at %lld: wait %lld/%d, the scan says %lld/%d", (long long) m->now,
+                              (long long) w.retry_at_ms, w.busy,
+                              (long long) e.wait.retry_at_ms, e.wait.busy);
+                m->checked_eagain++;
+                return;
+        }
+        ck_assert_msg(l.key == e.key, "at %lld (avoid %u): acquire chose key %u, the scan says %u",
+                      (long long) m->now, avoid, l.key, e.key);
+        {
+                struct keytable_key_view v[MODEL_MAX_KEYS];
+                unsigned k = l.key;
+
+                model_read(m, pi, v);
+                m->use_seq[k] = ++m->seq[pi];
+                if (v[k - m->first[pi]].rpm > 0) {
+                        int64_t interval = 60000000 / v[k - m->first[pi]].rpm;
+
+                        if (interval < 1)
+                                interval = 1;
+                        m->tat_us[k] = (m->tat_us[k] > m->now * 1000 ? m->tat_us[k]
+                                                                      : m->now * 1000) + interval;
+                }
+        }
+        m->lease[m->n_leases++] = l;
+}
+
+static void model_release(struct model *m) {
+        static const enum verdict_class classes[] = {
+                VERDICT_OK, VERDICT_OK, VERDICT_OK, VERDICT_OK, VERDICT_RATE_LIMITED,
+                VERDICT_RATE_LIMITED, VERDICT_TRANSIENT, VERDICT_TRANSIENT, VERDICT_AUTH,
+                VERDICT_QUOTA, VERDICT_CALLER, VERDICT_NONE,
+        };
+        struct keytable_outcome o = { .figures = RATE_FIGURES_UNKNOWN };
+        unsigned i = model_rand(m, m->n_leases);
+
+        o.cls = classes[model_rand(m, sizeof classes / sizeof classes[0])];
+        o.status = o.cls == VERDICT_RATE_LIMITED ? 429 : 200;
+        if (o.cls == VERDICT_RATE_LIMITED)
+                o.rest_ms = model_rand(m, 3000);
+        else if (o.cls == VERDICT_OK && model_rand(m, 6) == 0)
+                o.rest_ms = 1 + model_rand(m, 2000);
+        keytable_release(m->t, &m->lease[i], model_rand(m, 20) == 0 ? NULL : &o, m->now, NULL);
+        m->lease[i] = m->lease[--m->n_leases];
+}
+
+static void model_limits(struct model *m, unsigned k) {
+        static const unsigned rpms[] = { 0, 0, 0, 1, 2, 3, 30, 600 };
+
+        ck_assert_int_eq(keytable_set_key_limits(m->t, k, model_rand(m, 3),
+                                                 rpms[model_rand(m, sizeof rpms / sizeof rpms[0])]),
+                         0);
+}
+
+static void model_restore(struct model *m, unsigned pi, unsigned position) {
+        struct keytable_key_state st = { .state = KEY_READY, .last_class = VERDICT_NONE };
+
+        switch (model_rand(m, 3)) {
+        case 0:
+                break;
+        case 1:
+                st.state = KEY_COOLING;
+                st.reason = KEY_REASON_RATE_LIMITED;
+                st.cooldown_until_ms = m->now - 500 + model_rand(m, 3000);
+                break;
+        default:
+                st.state = KEY_DISABLED;
+                st.reason = KEY_REASON_QUOTA;
+                break;
+        }
+        ck_assert_int_eq(keytable_restore_key(m->t, m->pool[pi], position, &st, m->now), 0);
+}
+
+/* keytable_recover_due against the rows: every cooling key whose rest is over, pool by pool. */
+static void model_recover_due(struct model *m) {
+        unsigned exp_pools[2 * MODEL_MAX_KEYS], exp_pos[2 * MODEL_MAX_KEYS], n_exp = 0;
+        unsigned pools[2 * MODEL_MAX_KEYS], positions[2 * MODEL_MAX_KEYS], n;
+
+        for (unsigned pi = 0; pi < MODEL_POOLS; pi++) {
+                struct keytable_key_view v[MODEL_MAX_KEYS];
+
+                model_read(m, pi, v);
+                for (unsigned i = 0; i < m->n[pi]; i++)
+                        if (v[i].state == KEY_COOLING && v[i].cooldown_until_ms <= m->now) {
+                                exp_pools[n_exp] = m->pool[pi];
+                                exp_pos[n_exp++] = i;
+                        }
+        }
+        n = keytable_recover_due(m->t, m->now, pools, positions, 2 * MODEL_MAX_KEYS);
+        ck_assert_uint_eq(n, n_exp);
+        for (unsigned i = 0; i < n; i++) {
+                ck_assert_uint_eq(pools[i], exp_pools[i]);
+                ck_assert_uint_eq(positions[i], exp_pos[i]);
+        }
+}
+
+/* One random step: mostly acquires and releases as traffic makes them, with the clock moving
+ * (now and then a moment backwards, as two workers' clock reads race for the lock), and every
+ * other thing that changes a key now and then. */
+static void model_step(struct model *m) {
+        unsigned pi = model_rand(m, MODEL_POOLS), what = model_rand(m, 100),
+                 k = m->first[pi] + model_rand(m, m->n[pi]);
+        struct keytable_key_view v[MODEL_MAX_KEYS];
+
+        if (what < 40) {
+                unsigned avoid = model_rand(m, 3) == 0 ? k : KEYTABLE_NO_KEY;
+
+                model_acquire(m, pi, model_rand(m, MODEL_SLOTS), avoid);
+        } else if (what < 72) {
+                if (m->n_leases > 0)
+                        model_release(m);
+        } else if (what < 84) {
+                m->now += model_rand(m, 4) == 0 ? (int64_t) model_rand(m, 2500)
+                                                 : (int64_t) model_rand(m, 60);
+        } else if (what < 87) {
+                m->now -= model_rand(m, 4);
+        } else if (what < 90) {
+                ck_assert_int_eq(keytable_disable(m->t, k, model_rand(m, 2) ? KEY_REASON_OPERATOR
+                                                                              : KEY_REASON_QUOTA,
+                                                  m->now, NULL), 0);
+        } else if (what < 94) {
+                ck_assert_int_eq(keytable_enable(m->t, k, m->now, NULL), 0);
+        } else if (what < 96) {
+                model_recover_due(m);
+        } else if (what < 97) {
+                model_limits(m, k);
+        } else if (what < 98) {
+                model_restore(m, pi, k - m->first[pi]);
+        } else if (what < 99) {
+                unsigned key, pool;
+
+                (void) keytable_probe_claim(m->t, m->now, &key, &pool);
+        } else {
+                /* A worker goes away with its leases, and a new one takes its slot. */
+                unsigned si = model_rand(m, MODEL_SLOTS), old = m->slot[si];
+
+                keytable_slot_release(m->t, old);
+                for (unsigned i = 0; i < m->n_leases;)
+                        if (m->lease[i].slot == old)
+                                m->lease[i] = m->lease[--m->n_leases];
+                        else
+                                i++;
+                ck_assert_int_eq(keytable_slot_claim(m->t, 1, m->now, &m->slot[si]), 0);
+                keytable_slot_set_stage(m->t, m->slot[si], WORKER_STAGE_SERVING);
+        }
+        /* The rows stay sane whatever the index does. */
+        model_read(m, pi, v);
+}
+
+/* Two pools, sizes[0] and sizes[1] keys, the second sharing some ids with the first (so a rate
+ * limit with cooldown_scope_key reaches across), random limits on some keys. */
+static void model_setup(struct model *m, unsigned seed, const unsigned sizes[MODEL_POOLS],
+                        bool scope_key) {
+        const struct keytable_limits lim = {
+                .max_pools = 4, .max_keys = MODEL_MAX_KEYS * MODEL_POOLS,
+                .n_slots = MODEL_SLOTS + 2, .leases_per_slot = MODEL_LEASES,
+        };
+        struct keytable_policy pol = {
+                .cooldown_scope_key = scope_key, .transient_threshold = 2,
+                .transient_cooldown_ms = 700, .probe_interval_ms = 5000, .probe_auth = true,
+        };
+
+        memset(m, 0, sizeof *m);
+        m->seed = m->first_seed = seed;
+        m->now = 100000;
+        ck_assert_int_eq(keytable_create(&lim, m->now, &m->t), 0);
+        keytable_set_policy(m->t, &pol);
+        for (unsigned pi = 0; pi < MODEL_POOLS; pi++) {
+                char name[16];
+
+                snprintf(name, sizeof name, "pool%u", pi);
+                ck_assert_int_eq(keytable_add_pool(m->t, name, "test/model", &m->pool[pi]), 0);
+                for (unsigned i = 0; i < sizes[pi]; i++) {
+                        char id[KEYID_ID_LEN + 1];
+                        unsigned k;
+
+                        /* Every third key of the second pool is a key of the first. */
+                        snprintf(id, sizeof id, "kp-fake%u%03u", (pi == 1 && i % 3 == 0 ? 0 : pi) % 10,
+                                 i % 1000);
+                        ck_assert_int_eq(keytable_add_key(m->t, m->pool[pi], id, "sk-fake...", &k),
+                                         0);
+                        ck_assert_uint_lt(k, MODEL_MAX_KEYS * MODEL_POOLS);
+                        if (i == 0)
+                                m->first[pi] = k;
+                }
+                m->n[pi] = sizes[pi];
+        }
+        for (unsigned pi = 0; pi < MODEL_POOLS; pi++)
+                for (unsigned i = 0; i < m->n[pi]; i++)
+                        if (model_rand(m, 3) == 0)
+                                model_limits(m, m->first[pi] + i);
+        for (unsigned si = 0; si < MODEL_SLOTS; si++) {
+                ck_assert_int_eq(keytable_slot_claim(m->t, 1, m->now, &m->slot[si]), 0);
+                keytable_slot_set_stage(m->t, m->slot[si], WORKER_STAGE_SERVING);
+        }
+}
+
+START_TEST(test_the_index_chooses_exactly_as_a_scan_of_every_key_would)
+{
+        unsigned acquires = 0, eagain = 0;
+
+        for (unsigned seed = 1; seed <= 160; seed++) {
+                struct model m;
+                unsigned s = seed * 7919, sizes[MODEL_POOLS];
+
+                sizes[0] = 1 + (unsigned) rand_r(&s) % 8;
+                sizes[1] = 2 + (unsigned) rand_r(&s) % (seed % 5 == 0 ? 40 : 6);
+                model_setup(&m, seed, sizes, seed % 2 == 0);
+                for (unsigned step = 0; step < 600; step++)
+                        model_step(&m);
+                acquires += m.acquires;
+                eagain += m.checked_eagain;
+                keytable_destroy(m.t);
+        }
+        /* The walk must really have met both answers, many times. */
+        ck_assert_uint_gt(acquires, 20000);
+        ck_assert_uint_gt(eagain, 1000);
+        ck_assert_uint_gt(acquires - eagain, 10000);
+}
+END_TEST
+
+START_TEST(test_the_index_is_rebuilt_after_a_holder_dies_half_way_through_moving_a_key)
+{
+        struct model m;
+        const unsigned sizes[MODEL_POOLS] = { 5, 7 };
+        unsigned scribbled;
+        pid_t pid;
+
+        model_setup(&m, 4242, sizes, true);
+        for (unsigned step = 0; step < 300; step++)
+                model_step(&m);
+        scribbled = m.first[1] + 2;
+
+        pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0) {
+                if (keytable_test_die_holding_lock(m.t, m.pool[1], scribbled) < 0)
+                        _exit(3);
+                raise(SIGKILL);
+                _exit(4);
+        }
+        expect_killed(pid);
+
+        /* The repair forgets the scribbled row's rpm arrival time: so does the model. */
+        m.tat_us[scribbled] = 0;
+        for (unsigned i = 0; i < 40; i++)
+                model_acquire(&m, 1, 0, KEYTABLE_NO_KEY);
+        ck_assert_uint_eq(keytable_repairs(m.t), 1);
+        for (unsigned step = 0; step < 2000; step++)
+                model_step(&m);
+        ck_assert_uint_eq(keytable_repairs(m.t), 1);
+        keytable_destroy(m.t);
+}
+END_TEST
+
+/* Workers killed at random moments while traffic rate limits keys and brings them back: after
+ * each death (and the repair, when the worker held the lock), the choices are still the scan's. */
+START_TEST(test_choices_stay_right_after_workers_die_in_the_middle_of_index_updates)
+{
+        struct model m;
+        const unsigned sizes[MODEL_POOLS] = { 9, 4 };
+        unsigned seed = 777;
+
+        model_setup(&m, 99, sizes, false);
+        for (unsigned round = 0; round < 12; round++) {
+                struct keytable_key_view v[MODEL_MAX_KEYS];
+                unsigned slot, n_keys = m.n[0], order[MODEL_MAX_KEYS];
+                int64_t base = m.now;
+                pid_t pid;
+
+                ck_assert_int_eq(keytable_slot_claim(m.t, 2, m.now, &slot), 0);
+                pid = fork();
+                ck_assert_int_ge(pid, 0);
+                if (pid == 0) {
+                        unsigned s = round + 1;
+
+                        /* Its own clock, one ms per request, ahead of the parent's. */
+                        for (int64_t now = base + 1;; now++) {
+                                struct keytable_outcome o = { .cls = VERDICT_OK, .status = 200,
+                                                              .figures = RATE_FIGURES_UNKNOWN };
+                                struct keytable_lease l;
+
+                                if (rand_r(&s) % 4 == 0) {
+                                        o.cls = VERDICT_RATE_LIMITED;
+                                        o.rest_ms = rand_r(&s) % 40;
+                                }
+                                if (keytable_acquire(m.t, slot, m.pool[0], now, KEYTABLE_NO_KEY,
+                                                     &l, NULL, NULL) == 0)
+                                        keytable_release(m.t, &l, &o, now, NULL);
+                        }
+                }
+                usleep(1000 + rand_r(&seed) % 3000);
+                kill(pid, SIGKILL);
+                expect_killed(pid);
+                keytable_slot_release(m.t, slot);
+
+                /* What the child did to the LRU order is its own: make every key ready again,
+                 * past every rest, then learn the order from one round, which must take each key
+                 * exactly once. */
+                model_read(&m, 0, v);
+                for (unsigned i = 0; i < n_keys; i++) {
+                        ck_assert_int_eq(keytable_enable(m.t, m.first[0] + i, m.now, NULL), 0);
+                        ck_assert_int_eq(keytable_set_key_limits(m.t, m.first[0] + i, 0, 0), 0);
+                        if (v[i].last_used_ms > m.now)
+                                m.now = v[i].last_used_ms;
+                }
+                m.now += 1000;
+                for (unsigned i = 0; i < n_keys; i++) {
+                        struct keytable_lease l;
+
+                        ck_assert_int_eq(keytable_acquire(m.t, m.slot[0], m.pool[0], m.now,
+                                                          KEYTABLE_NO_KEY, &l, NULL, NULL), 0);
+                        order[i] = l.key;
+                        for (unsigned j = 0; j < i; j++)
+                                ck_assert_msg(order[j] != l.key,
+                                              "round %u: key %u taken twice in one round", round,
+                                              l.key);
+                        m.use_seq[l.key] = ++m.seq[0];
+                        keytable_release(m.t, &l, NULL, m.now, NULL);
+                }
+                for (unsigned i = 0; i < 300; i++)
+                        model_step(&m);
+        }
+        keytable_destroy(m.t);
+}
+END_TEST
+
+/* Rebuilding a big pool's index is the rare path; choosing from it is the common one. */
+START_TEST(test_a_big_pool_serves_in_lru_order_around_cooling_and_full_keys)
+{
+        const struct keytable_limits big = {
+                .max_pools = 2, .max_keys = 20000, .n_slots = 2, .leases_per_slot = 8,
+        };
+        struct keytable_outcome limited = { .cls = VERDICT_RATE_LIMITED, .status = 429,
+                                            .rest_ms = 5000, .figures = RATE_FIGURES_UNKNOWN };
+        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200,
+                                       .figures = RATE_FIGURES_UNKNOWN };
+        struct keytable *t;
+        struct keytable_lease l, held;
+        struct keytable_wait w;
+        unsigned pool, slot, first;
+
+        ck_assert_int_eq(keytable_create(&big, 0, &t), 0);
+        ck_assert_int_eq(keytable_add_pool(t, "big", "test/model", &pool), 0);
+        for (unsigned i = 0; i < 20000; i++) {
+                char id[KEYID_ID_LEN + 1];
+
+                snprintf(id, sizeof id, "kp-fake%06u", i);
+                ck_assert_int_eq(keytable_add_key(t, pool, id, "sk-test...xyz", i == 0 ? &first : NULL), 0);
+        }
+        ck_assert_int_eq(keytable_set_key_limits(t, first + 1, 1, 0), 0);
+        ck_assert_int_eq(keytable_slot_claim(t, 1, 0, &slot), 0);
+
+        /* Key 0 rests; key 1 is held (full); the rest go in order. */
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 10, KEYTABLE_NO_KEY, &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, first);
+        keytable_release(t, &l, &limited, 10, NULL);
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 10, KEYTABLE_NO_KEY, &held, NULL, NULL), 0);
+        ck_assert_uint_eq(held.key, first + 1);
+        for (unsigned i = 2; i < 20000; i++) {
+                ck_assert_int_eq(keytable_acquire(t, slot, pool, 20, KEYTABLE_NO_KEY, &l, NULL,
+                                                  NULL), 0);
+                ck_assert_uint_eq(l.key, first + i);
+                keytable_release(t, &l, &ok, 20, NULL);
+        }
+        /* Round again: key 1 still full, key 0 still resting. */
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 30, KEYTABLE_NO_KEY, &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, first + 2);
+        keytable_release(t, &l, &ok, 30, NULL);
+        /* Key 1 freed: it was used before all the others that are listed, so it goes first; then
+         * key 0 once its rest ends, as the least recently used of all. */
+        keytable_release(t, &held, &ok, 40, NULL);
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 40, KEYTABLE_NO_KEY, &l, NULL, NULL), 0);
+        ck_assert_uint_eq(l.key, first + 1);
+        keytable_release(t, &l, &ok, 40, NULL);
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 5010, KEYTABLE_NO_KEY, &l, &w, NULL), 0);
+        ck_assert_uint_eq(l.key, first);
+        keytable_release(t, &l, &ok, 5010, NULL);
+        ck_assert_int_eq(keytable_acquire(t, slot, pool, 5010, KEYTABLE_NO_KEY, &l, &w, NULL), 0);
+        ck_assert_uint_eq(l.key, first + 3);
+        keytable_release(t, &l, &ok, 5010, NULL);
+        keytable_destroy(t);
+}
+END_TEST
+
 static Suite *keytable_suite(void) {
         Suite *s = suite_create("keytable");
         TCase *tc;
@@ -3306,6 +3828,14 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_restore_key_ends_a_rest_that_ran_out_while_stopped);
         tcase_add_test(tc, test_restore_key_disabled_for_quota_is_probed_after_an_interval);
         tcase_add_test(tc, test_config_generation_starts_at_one_and_follows_the_coordinator);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("choice_index");
+        tcase_set_timeout(tc, 120);
+        tcase_add_test(tc, test_the_index_chooses_exactly_as_a_scan_of_every_key_would);
+        tcase_add_test(tc, test_the_index_is_rebuilt_after_a_holder_dies_half_way_through_moving_a_key);
+        tcase_add_test(tc, test_choices_stay_right_after_workers_die_in_the_middle_of_index_updates);
+        tcase_add_test(tc, test_a_big_pool_serves_in_lru_order_around_cooling_and_full_keys);
         suite_add_tcase(s, tc);
 
         return s;
