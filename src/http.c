@@ -9,6 +9,9 @@
  * of a client that left can be cancelled. Streamed output is written once per loop iteration
  * (from the kick source), so an answer that arrives in one piece leaves in one write.
  *
+ * The sockets live in the poller's epoll set and the kicks in its one list (see http.h): a loop
+ * iteration handles a batch of ready connections and then all of their follow-up work.
+ *
  * A connection is never freed from inside a call that may be on its own stack (the handler can
  * answer synchronously from on_request, or abort from a curl callback): closing marks it dead
  * and a deferred event source frees it on the next loop iteration.
@@ -32,6 +35,16 @@
 #define OUT_HIGH_WATER  (1024 * 1024)   /* stream_write reports pressure above this */
 #define OUT_LOW_WATER   (256 * 1024)    /* on_drain fires below this */
 #define PENDING_MAX     (64 * 1024)     /* bytes read ahead while a request is being served */
+#define EVENT_BATCH     256
+
+struct http_poller {
+        sd_event *event;
+        int epoll_fd;
+        sd_event_source *source;        /* epoll_fd readable: connections are ready */
+        sd_event_source *kick;          /* deferred: connections in kicks have work */
+        struct http_conn *kicks;        /* singly linked through kick_next */
+        struct http_conn **kicks_tail;
+};
 
 struct buf {
         char *data;
@@ -49,10 +62,13 @@ enum conn_phase {
 
 struct http_conn {
         int fd;
+        struct http_poller *poller;
         sd_event *event;
-        sd_event_source *io;
+        uint32_t events;                /* what fd is registered for */
         sd_event_source *timer;
-        sd_event_source *kick;          /* deferred: continue pipelining, or free when dead */
+        bool kick_due;                  /* in the poller's kick list: continue pipelining,
+                                         * flush, or free when dead */
+        struct http_conn *kick_next;
         const struct http_limits *limits;
         const struct http_handler *handler;
         void *userdata;
@@ -85,6 +101,7 @@ struct http_conn {
 
 static int conn_update_events(struct http_conn *c);
 static void conn_close(struct http_conn *c);
+static void kick_soon(struct http_conn *c);
 static int conn_flush(struct http_conn *c);
 
 /* --- buffers ----------------------------------------------------------------------------- */
@@ -390,7 +407,7 @@ static void flush_soon(struct http_conn *c) {
         if (c->flush_due)
                 return;
         c->flush_due = true;
-        sd_event_source_set_enabled(c->kick, SD_EVENT_ONESHOT);
+        kick_soon(c);
 }
 
 static void response_complete(struct http_conn *c) {
@@ -583,8 +600,14 @@ static int conn_update_events(struct http_conn *c) {
         else
                 sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
-                sd_event_source_set_enabled(c->kick, SD_EVENT_ONESHOT);
-        return sd_event_source_set_io_events(c->io, events);
+                kick_soon(c);
+        if (events == c->events)
+                return 0;
+        if (epoll_ctl(c->poller->epoll_fd, EPOLL_CTL_MOD, c->fd,
+                      &(struct epoll_event) { .events = events, .data.ptr = c }) < 0)
+                return -errno;
+        c->events = events;
+        return 0;
 }
 
 /* Writes what it can. Returns 0, or a negative errno after closing the connection. */
@@ -688,14 +711,12 @@ static void conn_next(struct http_conn *c) {
                 dispatch(c);
 }
 
-static int on_kick(sd_event_source *s, void *userdata);
-
 static void conn_free(struct http_conn *c) {
-        sd_event_source_disable_unref(c->io);
         sd_event_source_disable_unref(c->timer);
-        sd_event_source_disable_unref(c->kick);
-        if (c->fd >= 0)
+        if (c->fd >= 0) {
+                (void) epoll_ctl(c->poller->epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
                 close(c->fd);
+        }
         request_reset(c);
         free(c->req.fields);
         buf_free(&c->url);
@@ -715,13 +736,13 @@ static void conn_close(struct http_conn *c) {
         c->dead = true;
         request_data = c->request_data;
         c->request_data = NULL;
-        sd_event_source_set_enabled(c->io, SD_EVENT_OFF);
         sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
+        (void) epoll_ctl(c->poller->epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
         close(c->fd);
         c->fd = -1;
         if (request_data && c->handler->on_abort)
                 c->handler->on_abort(c, request_data);
-        sd_event_source_set_enabled(c->kick, SD_EVENT_ONESHOT);
+        kick_soon(c);
 }
 
 void http_conn_abort(struct http_conn *c) {
@@ -738,20 +759,17 @@ void http_conn_shutdown(struct http_conn *c) {
                 conn_close(c);
 }
 
-static int on_kick(sd_event_source *s, void *userdata) {
-        struct http_conn *c = userdata;
-
+static void on_kick(struct http_conn *c) {
         if (c->dead) {
                 if (c->handler->on_closed)
                         c->handler->on_closed(c, c->userdata);
                 conn_free(c);
-                return 0;
+                return;
         }
         if (c->flush_due && conn_flush(c) < 0)
-                return 0;
+                return;
         if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
                 conn_next(c);
-        return 0;
 }
 
 static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -838,32 +856,33 @@ static void conn_read(struct http_conn *c) {
         }
 }
 
-static int on_io(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct http_conn *c = userdata;
+static void on_io(struct http_conn *c, uint32_t revents) {
+        /* Closed earlier in this batch; the kick frees it. */
+        if (c->dead)
+                return;
 
         if (revents & EPOLLOUT) {
                 if (conn_flush(c) < 0)
-                        return 0;
+                        return;
         }
         if (c->phase == PHASE_READING && (revents & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))) {
                 conn_read(c);
-                return 0;
+                return;
         }
         if (revents & (EPOLLHUP | EPOLLERR)) {
                 /* The client hung up while its request was being served. */
                 conn_close(c);
-                return 0;
+                return;
         }
         if (revents & EPOLLIN) {
                 conn_read_ahead(c);
-                return 0;
+                return;
         }
         if ((revents & EPOLLRDHUP) && !c->half_closed)
                 peer_stopped_sending(c);
-        return 0;
 }
 
-int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
+int http_conn_new(struct http_poller *p, int fd, const struct http_limits *limits,
                   const struct http_handler *h, void *userdata, struct http_conn **ret) {
         struct http_conn *c;
         int r;
@@ -871,8 +890,9 @@ int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
-        c->fd = fd;
-        c->event = e;
+        c->fd = -1;
+        c->poller = p;
+        c->event = p->event;
         c->limits = limits;
         c->handler = h;
         c->userdata = userdata;
@@ -880,19 +900,102 @@ int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
         http_parser_init(&c->parser, HTTP_REQUEST);
         c->parser.data = c;
 
-        r = sd_event_add_io(e, &c->io, fd, EPOLLIN | EPOLLRDHUP, on_io, c);
-        if (r >= 0)
-                r = sd_event_add_time_relative(e, &c->timer, CLOCK_MONOTONIC, limits->timeout_usec,
-                                               0, on_timeout, c);
-        if (r >= 0)
-                r = sd_event_add_defer(e, &c->kick, on_kick, c);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(c->kick, SD_EVENT_OFF);
+        r = sd_event_add_time_relative(p->event, &c->timer, CLOCK_MONOTONIC, limits->timeout_usec,
+                                       0, on_timeout, c);
         if (r < 0) {
-                c->fd = -1;             /* the caller still owns fd on failure */
+                conn_free(c);           /* the caller still owns fd on failure */
+                return r;
+        }
+        c->events = EPOLLIN | EPOLLRDHUP;
+        if (epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fd,
+                      &(struct epoll_event) { .events = c->events, .data.ptr = c }) < 0) {
+                r = -errno;
                 conn_free(c);
                 return r;
         }
+        c->fd = fd;
         *ret = c;
         return 0;
+}
+
+/* --- the poller -------------------------------------------------------------------------- */
+
+static void kick_soon(struct http_conn *c) {
+        struct http_poller *p = c->poller;
+
+        if (c->kick_due)
+                return;
+        c->kick_due = true;
+        c->kick_next = NULL;
+        *p->kicks_tail = c;
+        p->kicks_tail = &c->kick_next;
+        sd_event_source_set_enabled(p->kick, SD_EVENT_ONESHOT);
+}
+
+/* Every connection kicked so far; those kicked meanwhile wait for the next iteration, so a
+ * connection that keeps kicking itself cannot hold the loop. */
+static int on_poller_kick(sd_event_source *s, void *userdata) {
+        struct http_poller *p = userdata;
+        struct http_conn *c = p->kicks;
+
+        p->kicks = NULL;
+        p->kicks_tail = &p->kicks;
+        while (c) {
+                struct http_conn *next = c->kick_next;
+
+                c->kick_due = false;
+                on_kick(c);             /* may free c */
+                c = next;
+        }
+        return 0;
+}
+
+/* One batch of ready connections per wake-up; any left keep epoll_fd readable. Nothing is freed
+ * during a batch (freeing waits for the kick), so every pointer in it stays good. */
+static int on_poller_ready(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
+        struct http_poller *p = userdata;
+        struct epoll_event ev[EVENT_BATCH];
+        int n;
+
+        n = epoll_wait(p->epoll_fd, ev, EVENT_BATCH, 0);
+        for (int i = 0; i < n; i++)
+                on_io(ev[i].data.ptr, ev[i].events);
+        return 0;
+}
+
+int http_poller_new(sd_event *e, struct http_poller **ret) {
+        struct http_poller *p;
+        int r;
+
+        p = calloc(1, sizeof *p);
+        if (!p)
+                return -ENOMEM;
+        p->event = e;
+        p->kicks_tail = &p->kicks;
+        p->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        if (p->epoll_fd < 0) {
+                r = -errno;
+                free(p);
+                return r;
+        }
+        r = sd_event_add_io(e, &p->source, p->epoll_fd, EPOLLIN, on_poller_ready, p);
+        if (r >= 0)
+                r = sd_event_add_defer(e, &p->kick, on_poller_kick, p);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
+        if (r < 0) {
+                http_poller_free(p);
+                return r;
+        }
+        *ret = p;
+        return 0;
+}
+
+void http_poller_free(struct http_poller *p) {
+        if (!p)
+                return;
+        sd_event_source_disable_unref(p->source);
+        sd_event_source_disable_unref(p->kick);
+        close(p->epoll_fd);
+        free(p);
 }

@@ -44,6 +44,7 @@ struct worker {
         sd_event_source *tcp_accept_source;
         sd_event_source *heartbeat;
         struct upstream *upstream;
+        struct http_poller *poller;     /* every client connection's socket */
         struct proxy_context proxy;
         struct api_context api;
         struct http_limits limits;
@@ -170,7 +171,7 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
                         return 0;
                 }
                 cl = calloc(1, sizeof *cl);
-                if (!cl || http_conn_new(w->event, cfd, &w->limits, &handler, cl, &cl->conn) < 0) {
+                if (!cl || http_conn_new(w->poller, cfd, &w->limits, &handler, cl, &cl->conn) < 0) {
                         free(cl);
                         close(cfd);
                         continue;
@@ -272,6 +273,8 @@ int worker_run(const struct worker_params *wp) {
         r = sd_event_new(&w.event);
         if (r >= 0)
                 r = upstream_new(w.event, &w.upstream);
+        if (r >= 0)
+                r = http_poller_new(w.event, &w.poller);
         if (r >= 0)
                 r = sd_event_add_io(w.event, &w.accept_source, wp->listen_fd, EPOLLIN, on_accept, &w);
         if (r >= 0)

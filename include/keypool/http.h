@@ -62,8 +62,18 @@ struct http_handler {
         void (*on_closed)(struct http_conn *c, void *userdata);
 };
 
+/* One per event loop: every connection's socket in one epoll set that the loop watches as a single
+ * source, and one deferred source for all connections' follow-up work. sd-event dispatches one
+ * source per iteration and polls before each, so a source per connection made every event cost a
+ * poll of all ready sockets: with many busy clients the loop spent its time in epoll_wait. */
+struct http_poller;
+
+int http_poller_new(sd_event *e, struct http_poller **ret);
+/* Only once every connection made with it is gone (or the process is about to exit). */
+void http_poller_free(struct http_poller *p);
+
 /* Takes ownership of fd (non-blocking). */
-int http_conn_new(sd_event *e, int fd, const struct http_limits *limits,
+int http_conn_new(struct http_poller *p, int fd, const struct http_limits *limits,
                   const struct http_handler *h, void *userdata, struct http_conn **ret);
 
 void http_conn_set_peer(struct http_conn *c, const struct http_peer *peer);
