@@ -974,7 +974,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         auth_line(prov, secret, auth, sizeof auth);
         free_headers(pr->headers);
         pr->headers = curl_slist_append(NULL, auth);
-        explicit_bzero(auth, sizeof auth);
+        explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
         for (unsigned i = 0; pr->headers && i < prov->n_headers; i++)
                 pr->headers = curl_slist_append(pr->headers, prov->headers[i]);
         for (size_t i = 0; pr->headers && i < pr->n_fwd_headers; i++)
@@ -1154,7 +1154,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         pb->pool = pool;
         auth_line(prov, secret, auth, sizeof auth);
         pb->headers = curl_slist_append(NULL, auth);
-        explicit_bzero(auth, sizeof auth);
+        explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
         for (unsigned i = 0; pb->headers && i < prov->n_headers; i++)
                 pb->headers = curl_slist_append(pb->headers, prov->headers[i]);
         pb->easy = curl_easy_init();

@@ -332,6 +332,29 @@ class EdgeCaseTest(KeypoolTestCase):
                 self.assertEqual(log[0]["key_id"], key_id(self.secret))
 
 
+    def test_a_missing_or_non_string_model_is_set_and_nothing_else_changes(self):
+        # X-Keypool-Pool names the pool; the body's own model is absent, null or a number: the
+        # pool's model id goes in (first, or where the value stood), the rest byte for byte.
+        self.start()
+        cases = [
+            (' {\n "messages": [], "n": 1.50}', ' {"model":"%s",\n "messages": [], "n": 1.50}'),
+            ('{}', '{"model":"%s"}'),
+            ('{ }', '{"model":"%s" }'),
+            ('{"model": null, "x": [1, {"model": 2}]}', '{"model": "%s", "x": [1, {"model": 2}]}'),
+            ('{"model": 7 ,"y":"\\u00e9"}', '{"model": "%s" ,"y":"\\u00e9"}'),
+        ]
+        for sent, expected in cases:
+            with self.subTest(body=sent):
+                self.sim.reset()
+                status, _, body = self.kp.request(
+                    "POST", "/v1/chat/completions", body=sent.encode(),
+                    headers={"Content-Type": "application/json", "X-Keypool-Pool": POOL})
+                self.assertEqual(status, 200, body)
+                log = self.sim.log()
+                self.assertEqual(len(log), 1)
+                self.assertEqual(log[0]["raw_body"], expected % MODEL)
+                json.loads(log[0]["raw_body"])
+
     # --- 7. idle upstream connections stay in the worker's epoll set ---
 
     @staticmethod
