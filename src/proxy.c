@@ -38,6 +38,7 @@
 #define MAX_USAGE_COPY          (1024 * 1024)   /* success bodies kept this far to count tokens */
 #define MAX_SSE_EVENT           (64 * 1024)     /* an SSE event longer than this is not inspected */
 #define MAX_ANSWER_HEADERS      128
+#define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
 
@@ -75,8 +76,10 @@ struct proxy_request {
         char *body;                     /* forwarded body: the client's, or rewritten */
         size_t body_len;
         bool own_body;
-        char **fwd_headers;             /* "Name: value" lines forwarded from the client */
-        size_t n_fwd_headers;
+        struct curl_slist *headers;     /* every request header, in one block built once: the
+                                         * auth line's node first (its text is auth) */
+        char *auth;                     /* AUTH_LINE_MAX bytes, the current key's line; wiped
+                                         * when an attempt ends */
         char request_id[24];
         int64_t deadline_ms;            /* waiting for a key ends here */
 
@@ -84,7 +87,6 @@ struct proxy_request {
         sd_event_source *timer;         /* the waiting deadline, or the backoff */
 
         CURL *easy;
-        struct curl_slist *headers;     /* this attempt's request headers */
         struct keytable_lease lease;
         bool leased;
         unsigned attempts;
@@ -219,6 +221,12 @@ static void note_rotation(struct proxy_request *pr, unsigned to) {
 }
 
 /* curl keeps its own copy of every header line, the key's included: wipe before freeing. */
+/* The key leaves the request's memory as soon as an attempt no longer needs it. */
+static void wipe_auth(struct proxy_request *pr) {
+        if (pr->auth && pr->auth[0])
+                explicit_bzero(pr->auth, strnlen(pr->auth, AUTH_LINE_MAX - 1) + 1);
+}
+
 static void free_headers(struct curl_slist *l) {
         for (struct curl_slist *i = l; i; i = i->next)
                 explicit_bzero(i->data, strlen(i->data));
@@ -339,11 +347,9 @@ static void request_free(struct proxy_request *pr) {
         sd_event_source_disable_unref(pr->timer);
         if (pr->easy)
                 curl_easy_cleanup(pr->easy);
-        free_headers(pr->headers);
+        wipe_auth(pr);
+        free(pr->headers);
         answer_reset(pr);
-        for (size_t i = 0; i < pr->n_fwd_headers; i++)
-                free(pr->fwd_headers[i]);
-        free(pr->fwd_headers);
         if (pr->own_body)
                 free(pr->body);
         free(pr->url);
@@ -776,8 +782,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         started = pr->conn && http_conn_stream_started(pr->conn);
         easy_put(pr->ctx, pr->easy);
         pr->easy = NULL;
-        free_headers(pr->headers);
-        pr->headers = NULL;
+        wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
         if (res != CURLE_OK && !pr->retry_from_stream) {
@@ -945,7 +950,6 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         struct proxy_context *p = pr->ctx;
         const struct config_provider *prov = pr->provider;
         struct keytable_change change = {};
-        char auth[4200];
         const char *secret;
         int r;
 
@@ -971,21 +975,10 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         note_rotation(pr, pr->lease.key);
         secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
 
-        auth_line(prov, secret, auth, sizeof auth);
-        free_headers(pr->headers);
-        pr->headers = curl_slist_append(NULL, auth);
-        explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
-        for (unsigned i = 0; pr->headers && i < prov->n_headers; i++)
-                pr->headers = curl_slist_append(pr->headers, prov->headers[i]);
-        for (size_t i = 0; pr->headers && i < pr->n_fwd_headers; i++)
-                pr->headers = curl_slist_append(pr->headers, pr->fwd_headers[i]);
-        /* curl would add "Expect: 100-continue" to large bodies on its own: a round trip the
-         * client never asked for. */
-        if (pr->headers)
-                pr->headers = curl_slist_append(pr->headers, "Expect:");
+        auth_line(prov, secret, pr->auth, AUTH_LINE_MAX);
 
         pr->easy = easy_get(p);
-        if (!pr->easy || !pr->headers) {
+        if (!pr->easy) {
                 release(pr, NULL);
                 fail(pr, 500, "internal_error", 0, "out of memory");
                 return 1;
@@ -1133,7 +1126,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         const struct config_provider *prov;
         struct keytable_pool_view info;
         struct probe *pb;
-        char auth[4200];
+        char auth[AUTH_LINE_MAX];
         const char *secret;
 
         if (keytable_slot_bank(p->table, p->slot) != keytable_bank_current(p->table))
@@ -1387,41 +1380,73 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         return 0;
 }
 
-static int build_forward_headers(struct proxy_request *pr, const struct http_request *req) {
-        const struct config_provider *prov = pr->provider;
-        bool content_type = false;
+/* A client header that goes upstream as it is. */
+static bool forwarded(const struct config_provider *prov, const struct http_field *f) {
+        if (is_dropped_request_header(f->name))
+                return false;
+        /* The provider's configured headers win over the client's. */
+        for (unsigned k = 0; k < prov->n_headers; k++)
+                if (header_is(prov->headers[k], f->name))
+                        return false;
+        return true;
+}
 
-        pr->fwd_headers = calloc(req->n_fields + 1, sizeof *pr->fwd_headers);
-        if (!pr->fwd_headers)
+/* Every request header an attempt sends, built once per request as one block that curl reads
+ * as its list (CURLOPT_HTTPHEADER only reads it): the auth line's node (its text filled in per
+ * attempt), the provider's headers, the client's, a Content-Type when the client gave none, and
+ * "Expect:" (curl would add "Expect: 100-continue" to large bodies on its own: a round trip the
+ * client never asked for). */
+static int build_request_headers(struct proxy_request *pr, const struct http_request *req) {
+        static const char content_type[] = "Content-Type: application/json", expect[] = "Expect:";
+        const struct config_provider *prov = pr->provider;
+        size_t n = 1 + prov->n_headers + 2, text = AUTH_LINE_MAX + sizeof content_type + sizeof expect;
+        bool has_content_type = false;
+        struct curl_slist *nodes;
+        char *t;
+        size_t k = 0;
+
+        for (unsigned i = 0; i < prov->n_headers; i++)
+                text += strlen(prov->headers[i]) + 1;
+        for (size_t i = 0; i < req->n_fields; i++)
+                if (forwarded(prov, &req->fields[i])) {
+                        n++;
+                        text += strlen(req->fields[i].name) + 2 + strlen(req->fields[i].value) + 1;
+                }
+        nodes = malloc(n * sizeof *nodes + text);
+        if (!nodes)
                 return -ENOMEM;
+        t = (char *) (nodes + n);
+
+        pr->auth = t;
+        pr->auth[0] = 0;
+        nodes[k++].data = t;
+        t += AUTH_LINE_MAX;
+        for (unsigned i = 0; i < prov->n_headers; i++) {
+                nodes[k++].data = strcpy(t, prov->headers[i]);
+                t += strlen(t) + 1;
+        }
         for (size_t i = 0; i < req->n_fields; i++) {
                 const struct http_field *f = &req->fields[i];
-                bool overridden = false;
-                char *line;
 
-                if (is_dropped_request_header(f->name))
-                        continue;
-                /* The provider's configured headers win over the client's. */
-                for (unsigned k = 0; k < prov->n_headers; k++)
-                        if (header_is(prov->headers[k], f->name))
-                                overridden = true;
-                if (overridden)
+                if (!forwarded(prov, f))
                         continue;
                 if (strcasecmp(f->name, "Content-Type") == 0)
-                        content_type = true;
+                        has_content_type = true;
                 /* curl drops "Name:" with an empty value unless it is written "Name;". */
-                if (asprintf(&line, f->value[0] ? "%s: %s" : "%s;", f->name, f->value) < 0)
-                        return -ENOMEM;
-                pr->fwd_headers[pr->n_fwd_headers++] = line;
+                nodes[k++].data = t;
+                t = stpcpy(t, f->name);
+                t = f->value[0] ? stpcpy(stpcpy(t, ": "), f->value) : stpcpy(t, ";");
+                t++;
         }
-        if (!content_type) {
-                /* Without it curl would label the body a form. */
-                char *line = strdup("Content-Type: application/json");
-
-                if (!line)
-                        return -ENOMEM;
-                pr->fwd_headers[pr->n_fwd_headers++] = line;
+        /* Without it curl would label the body a form. */
+        if (!has_content_type) {
+                nodes[k++].data = strcpy(t, content_type);
+                t += sizeof content_type;
         }
+        nodes[k++].data = strcpy(t, expect);
+        for (size_t i = 0; i < k; i++)
+                nodes[i].next = i + 1 < k ? &nodes[i + 1] : NULL;
+        pr->headers = nodes;
         return 0;
 }
 
@@ -1470,7 +1495,7 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         }
         rest = req->url + strlen("/v1/");
         if (asprintf(&pr->url, "%s/%s", pr->provider->base_url, rest) < 0 ||
-            build_forward_headers(pr, req) < 0) {
+            build_request_headers(pr, req) < 0) {
                 pr->url = NULL;
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
                 request_free(pr);

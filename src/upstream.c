@@ -28,6 +28,7 @@
 struct transfer {
         upstream_done_fn done;
         void *userdata;
+        struct transfer *next_free;
 };
 
 #define EVENT_BATCH 256
@@ -54,7 +55,13 @@ struct upstream {
         unsigned running;
         struct fd_state *fds;
         size_t n_fds;
+        struct transfer *free_transfers; /* ended transfers' records, for the next ones */
 };
+
+static void transfer_put(struct upstream *u, struct transfer *t) {
+        t->next_free = u->free_transfers;
+        u->free_transfers = t;
+}
 
 static void collect_done(struct upstream *u) {
         CURLMsg *m;
@@ -74,7 +81,7 @@ static void collect_done(struct upstream *u) {
                         upstream_done_fn done = t->done;
                         void *userdata = t->userdata;
 
-                        free(t);
+                        transfer_put(u, t);
                         curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
                         done(easy, res, userdata);
                 }
@@ -308,6 +315,12 @@ void upstream_free(struct upstream *u) {
         sd_event_source_disable_unref(u->epoll_source);
         close(u->epoll_fd);
         free(u->fds);
+        while (u->free_transfers) {
+                struct transfer *t = u->free_transfers;
+
+                u->free_transfers = t->next_free;
+                free(t);
+        }
         free(u);
 }
 
@@ -315,8 +328,10 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
         struct transfer *t;
         CURLMcode mc;
 
-        t = malloc(sizeof *t);
-        if (!t)
+        t = u->free_transfers;
+        if (t)
+                u->free_transfers = t->next_free;
+        else if (!(t = malloc(sizeof *t)))
                 return -ENOMEM;
         t->done = done;
         t->userdata = userdata;
@@ -328,7 +343,7 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
         mc = curl_multi_add_handle(u->multi, easy);
         if (mc != CURLM_OK) {
                 curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
-                free(t);
+                transfer_put(u, t);
                 return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
         }
         u->running++;
@@ -343,7 +358,7 @@ void upstream_cancel(struct upstream *u, CURL *easy) {
                 return;
         curl_multi_remove_handle(u->multi, easy);
         curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
-        free(t);
+        transfer_put(u, t);
         u->running--;
 }
 
