@@ -93,6 +93,8 @@ struct http_conn {
         size_t header_bytes;
         struct http_request req;
         size_t fields_cap;
+        struct buf fields_text;         /* every field's name and value, NUL-terminated */
+        size_t (*field_offs)[2];        /* where each field's name and value start in it */
         struct buf url, body;
         struct buf field_name, field_value;
         struct buf pending;             /* bytes received after the current request */
@@ -180,11 +182,8 @@ static void buf_free(struct buf *b) {
 /* --- request parsing --------------------------------------------------------------------- */
 
 static void request_reset(struct http_conn *c) {
-        for (size_t i = 0; i < c->req.n_fields; i++) {
-                free(c->req.fields[i].name);
-                free(c->req.fields[i].value);
-        }
         c->req.n_fields = 0;
+        buf_reset(&c->fields_text);
         buf_reset(&c->url);
         buf_reset(&c->body);
         buf_reset(&c->field_name);
@@ -203,37 +202,55 @@ static int count_header_bytes(struct http_conn *c, size_t len) {
         return 0;
 }
 
-static char *trimmed_dup(const char *s, size_t len) {
-        while (len > 0 && (*s == ' ' || *s == '\t')) {
-                s++;
-                len--;
+/* Appends s[0..len) and a NUL to the fields' text; its offset in ret_off. */
+static int fields_add(struct http_conn *c, const char *s, size_t len, size_t *ret_off) {
+        size_t off = c->fields_text.len;
+
+        if (buf_append(&c->fields_text, s, len) < 0 || buf_append(&c->fields_text, "", 1) < 0)
+                return -1;
+        *ret_off = off;
+        return 0;
+}
+
+/* Fields live in one buffer that may move as it grows: their pointers are set from their offsets
+ * once the header (and again once any trailer) is complete. */
+static void fields_point(struct http_conn *c) {
+        for (size_t i = 0; i < c->req.n_fields; i++) {
+                c->req.fields[i].name = c->fields_text.data + c->field_offs[i][0];
+                c->req.fields[i].value = c->fields_text.data + c->field_offs[i][1];
         }
-        while (len > 0 && (s[len - 1] == ' ' || s[len - 1] == '\t'))
-                len--;
-        return strndup(s, len);
 }
 
 static int finish_field(struct http_conn *c) {
-        struct http_field *f;
+        const char *v = c->field_value.data ? c->field_value.data : "";
+        size_t vlen = c->field_value.len;
 
         if (c->field_name.len == 0)
                 return 0;
         if (c->req.n_fields == c->fields_cap) {
                 size_t cap = c->fields_cap ? c->fields_cap * 2 : 16;
-                f = reallocarray(c->req.fields, cap, sizeof *f);
+                struct http_field *f = reallocarray(c->req.fields, cap, sizeof *f);
+                size_t (*offs)[2];
+
                 if (!f)
                         return -1;
                 c->req.fields = f;
+                offs = reallocarray(c->field_offs, cap, sizeof *offs);
+                if (!offs)
+                        return -1;
+                c->field_offs = offs;
                 c->fields_cap = cap;
         }
-        f = &c->req.fields[c->req.n_fields];
-        f->name = strndup(c->field_name.data, c->field_name.len);
-        f->value = trimmed_dup(c->field_value.data ? c->field_value.data : "", c->field_value.len);
-        if (!f->name || !f->value) {
-                free(f->name);
-                free(f->value);
-                return -1;
+        /* The value without the blanks around it. */
+        while (vlen > 0 && (*v == ' ' || *v == '\t')) {
+                v++;
+                vlen--;
         }
+        while (vlen > 0 && (v[vlen - 1] == ' ' || v[vlen - 1] == '\t'))
+                vlen--;
+        if (fields_add(c, c->field_name.data, c->field_name.len, &c->field_offs[c->req.n_fields][0]) < 0 ||
+            fields_add(c, v, vlen, &c->field_offs[c->req.n_fields][1]) < 0)
+                return -1;
         c->req.n_fields++;
         buf_reset(&c->field_name);
         buf_reset(&c->field_value);
@@ -284,6 +301,7 @@ static int on_headers_complete(http_parser *p) {
 
         if (finish_field(c) < 0)
                 return -1;
+        fields_point(c);
         if ((p->flags & F_CONTENTLENGTH) && p->content_length > c->limits->max_body) {
                 c->error_status = 413;
                 return -1;
@@ -308,6 +326,13 @@ static int on_body(http_parser *p, const char *at, size_t len) {
 static int on_message_complete(http_parser *p) {
         struct http_conn *c = p->data;
 
+        /* Trailers (after a chunked body) are fields too, and the last one is not finished. */
+        if (c->last_was_value) {
+                if (finish_field(c) < 0)
+                        return -1;
+                c->last_was_value = false;
+        }
+        fields_point(c);
         c->req.method = http_method_str(p->method);
         c->req.url = c->url.data ? c->url.data : (char *) "";
         c->req.body = c->body.data ? c->body.data : (char *) "";
@@ -719,6 +744,8 @@ static void conn_free(struct http_conn *c) {
         }
         request_reset(c);
         free(c->req.fields);
+        free(c->field_offs);
+        buf_free(&c->fields_text);
         buf_free(&c->url);
         buf_free(&c->body);
         buf_free(&c->field_name);

@@ -236,6 +236,21 @@ class ProxyTest(KeypoolTestCase):
         self.assertIn(SIM_REPLY.encode(), got)
         self.assertEqual(len(self.sim.log()), 1)
 
+    def test_a_chunked_request_with_a_trailer_and_padded_header_values_is_forwarded(self):
+        chat = json.dumps({"model": "KIMI", "messages": []}).encode()
+        half = len(chat) // 2
+        data = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: k\r\n"
+                b"Content-Type:   application/json  \r\nX-Sim-Id:\t padded-id \t\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\nX-Trailer: t\r\n\r\n"
+                % (half, chat[:half], len(chat) - half, chat[half:]))
+        got, closed = self.kp.raw(data, stop_when_complete=False)
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got[:300])
+        self.assertIn(b"padded-id", got, "the trimmed X-Sim-Id value reached the upstream")
+        seen = self.only_request()
+        self.assertEqual(seen["key_id"], key_id(self.kimi[0]))
+        self.assertEqual(seen["raw_body"], chat.decode().replace('"KIMI"', '"%s"' % KIMI[1]))
+
     def test_sse_stream_is_relayed_byte_exact(self):
         steer = {"X-Sim-Chunks": "5", "X-Sim-Chunk-Delay-Ms": "20"}
         status, h, body = self.kp.chat(GLM[1], headers=steer, stream=True)
