@@ -701,6 +701,15 @@ static bool header_value(const struct upstream_answer *a, const char *name,
         return true;
 }
 
+/* Every rate-limit figure and reset header read on a successful answer has "ratelimit" in its
+ * name. Most answers carry none, and then one look at each name is all reading them costs. */
+static bool any_ratelimit_header(const struct upstream_answer *a) {
+        for (size_t i = 0; i < a->n_headers; i++)
+                if (a->headers[i].name && find_ci(a->headers[i].name, a->headers[i].name_len, "ratelimit"))
+                        return true;
+        return false;
+}
+
 /* "remaining: 0" says the bucket is empty; anything else (absent, 14, garbage) says nothing. */
 static bool header_is_zero(const struct upstream_answer *a, const char *name) {
         const char *v;
@@ -1024,6 +1033,8 @@ static bool hint_any_empty_bucket(const struct upstream_answer *a, int64_t now_m
         bool found = false;
         int64_t best = 0, ms;
 
+        if (!any_ratelimit_header(a))
+                return false;
         if (hint_empty_buckets(a, now_ms, openai_buckets, sizeof(openai_buckets) / sizeof(openai_buckets[0]),
                                false, &ms)) {
                 best = ms;
@@ -1228,7 +1239,7 @@ void policy_read_figures(const struct upstream_answer *a, int64_t now_ms, struct
 
         if (!ret)
                 return;
-        if (!a) {
+        if (!a || !any_ratelimit_header(a)) {
                 *ret = f;
                 return;
         }
