@@ -678,7 +678,8 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
 
 /* A handle for a proxied transfer with everything that does not change between requests already
  * set: a finished transfer's handle is kept (up to PROXY_SPARE_HANDLES) rather than rebuilt.
- * Only handles whose transfer ended normally come back, never a cancelled or paused one. */
+ * Handles come back from on_done, whatever the transfer's result (curl resets a handle's
+ * transfer state when the next one starts); a cancelled one (client gone) is freed instead. */
 static CURL *easy_get(struct proxy_context *p) {
         const struct config *cfg = p->config;
         CURL *easy;

@@ -10,13 +10,18 @@
  * event cost a scan of all ready sockets: the loop starved and its heartbeat with it.
  *
  * curl stops watching a connection's socket after every transfer and watches it again for the
- * next one on the same connection: two epoll_ctl calls per request for nothing. Sockets curl
- * opens for connections (CURLOPT_OPENSOCKETFUNCTION) therefore stay in the epoll set while idle,
- * and we remember what each is registered for, so only real changes reach the kernel; curl tells
- * us when it closes one (CURLOPT_CLOSESOCKETFUNCTION), which is when the fd number may come back
- * as another socket. Other descriptors curl watches (a resolver's pipe) leave the set at once.
+ * next one on the same connection: an EPOLL_CTL_DEL and an EPOLL_CTL_ADD per request. Sockets
+ * curl opens for connections (CURLOPT_OPENSOCKETFUNCTION) therefore stay in the epoll set while
+ * idle, and we remember what each number is registered for. That memory is only trusted within
+ * one period of curl watching a socket (marked with curl_multi_assign, which curl forgets when it
+ * stops): curl 7.88 closes a socket that is still connecting without calling
+ * CURLOPT_CLOSESOCKETFUNCTION, so a number may be closed and reused (by a resolver's socketpair,
+ * say) behind our back. Each period therefore starts with one real epoll_ctl, and a table that
+ * was wrong is corrected by the kernel's answer (ENOENT, EEXIST) instead of failing the transfer.
+ * Other descriptors curl watches leave the set when curl stops watching them.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -107,9 +112,11 @@ static struct fd_state *fd_state(struct upstream *u, int fd) {
         return &u->fds[fd];
 }
 
-/* Makes the epoll set hold fd for events (0: out of the set). 0 or -1. */
-static int fd_register(struct upstream *u, int fd, struct fd_state *st, uint32_t events) {
+/* Makes the epoll set hold fd for events (0: out of the set). With trusted, a registration the
+ * table already shows is not repeated. 0 or a negative errno. */
+static int fd_register(struct upstream *u, int fd, struct fd_state *st, uint32_t events, bool trusted) {
         struct epoll_event ev = { .events = events, .data.fd = fd };
+        int op;
 
         if (events == 0) {
                 if (st->flags & FD_REGISTERED)
@@ -117,10 +124,19 @@ static int fd_register(struct upstream *u, int fd, struct fd_state *st, uint32_t
                 st->flags &= (uint8_t) ~FD_REGISTERED;
                 return 0;
         }
-        if ((st->flags & FD_REGISTERED) && st->events == events)
+        if (trusted && (st->flags & FD_REGISTERED) && st->events == events)
                 return 0;
-        if (epoll_ctl(u->epoll_fd, (st->flags & FD_REGISTERED) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, fd, &ev) < 0)
-                return -1;
+        op = (st->flags & FD_REGISTERED) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+        if (epoll_ctl(u->epoll_fd, op, fd, &ev) < 0) {
+                /* The table was wrong about this number: the kernel's view wins. */
+                int r = -errno;
+
+                if ((r != -ENOENT && r != -EEXIST) ||
+                    epoll_ctl(u->epoll_fd, op == EPOLL_CTL_MOD ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) < 0) {
+                        st->flags &= (uint8_t) ~FD_REGISTERED;
+                        return r;
+                }
+        }
         st->flags |= FD_REGISTERED;
         st->events = events;
         return 0;
@@ -140,7 +156,7 @@ static int on_sockets_ready(sd_event_source *s, int fd, uint32_t revents, void *
                 /* An idle connection's socket woke (the server closed it, say): curl will find
                  * out when it next looks at the connection; until then it stays quiet. */
                 if (st && !(st->flags & FD_WATCHED)) {
-                        fd_register(u, ev[i].data.fd, st, 0);
+                        fd_register(u, ev[i].data.fd, st, 0, true);
                         continue;
                 }
 
@@ -169,27 +185,33 @@ static int on_kick(sd_event_source *s, void *userdata) {
         return on_timer(s, 0, userdata);
 }
 
-/* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants. */
+/* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants.
+ * socketp is set from the first registration of a watching period on (see the top). Failing here
+ * would stop the whole multi handle: a socket we cannot watch costs its transfer a timeout. */
 static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *socketp) {
         struct upstream *u = userp;
         struct fd_state *st = fd_state(u, fd);
         uint32_t events = 0;
 
         if (!st)
-                return -1;
+                return 0;
         if (what == CURL_POLL_REMOVE) {
                 st->flags &= (uint8_t) ~FD_WATCHED;
                 /* A connection's socket stays registered while idle (see the top). */
                 if (!(st->flags & FD_CONN))
-                        fd_register(u, fd, st, 0);
+                        fd_register(u, fd, st, 0, true);
                 return 0;
         }
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
                 events |= EPOLLIN;
         if (what == CURL_POLL_OUT || what == CURL_POLL_INOUT)
                 events |= EPOLLOUT;
+        if (fd_register(u, fd, st, events, socketp != NULL) < 0)
+                return 0;
+        if (!socketp)
+                curl_multi_assign(u->multi, fd, u);
         st->flags |= FD_WATCHED;
-        return fd_register(u, fd, st, events);
+        return 0;
 }
 
 /* CURLOPT_OPENSOCKETFUNCTION: a connection's socket, which we may keep registered while idle. */
@@ -206,14 +228,13 @@ static curl_socket_t open_socket_cb(void *userp, curlsocktype purpose, struct cu
                 close(fd);
                 return CURL_SOCKET_BAD;
         }
-        /* A number closed behind our back and reused would carry a stale state: start clean. */
-        if (st->flags & FD_REGISTERED)
-                (void) epoll_ctl(u->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+        /* Whatever the table said of this number was about a socket that is gone. */
         *st = (struct fd_state) { .flags = FD_CONN };
         return fd;
 }
 
-/* CURLOPT_CLOSESOCKETFUNCTION: closing drops the socket from the epoll set by itself. */
+/* CURLOPT_CLOSESOCKETFUNCTION: closing drops the socket from the epoll set by itself. (Not called
+ * for every close: see the top.) */
 static int close_socket_cb(void *userp, curl_socket_t fd) {
         struct upstream *u = userp;
 

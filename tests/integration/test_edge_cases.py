@@ -386,5 +386,83 @@ class EdgeCaseTest(KeypoolTestCase):
         self.assertEqual(self.worker_pids(), [worker])
 
 
+    # --- 8. a socket curl closes while still connecting ---
+
+    @staticmethod
+    def sockets_to_port(port, state):
+        """Local TCP sockets (any process) talking to 127.0.0.1:port in a /proc/net/tcp state."""
+        want = "0100007F:%04X" % port
+        with open("/proc/net/tcp") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+        return [r for r in rows if r[2] == want and r[3] == state]
+
+    @staticmethod
+    def loopback_host_name():
+        """A name other than localhost (which curl resolves by itself) that /etc/hosts maps to
+        127.0.0.1, so that curl has to ask its resolver thread; None when there is none."""
+        try:
+            with open("/etc/hosts") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            fields = line.split("#", 1)[0].split()
+            if len(fields) >= 2 and fields[0] == "127.0.0.1":
+                for name in fields[1:]:
+                    if name != "localhost" and not name.endswith(".localhost"):
+                        return name
+        return None
+
+    def test_a_client_leaving_while_the_upstream_connect_hangs_does_not_break_the_worker(self):
+        # curl 7.88 closes a socket that is still connecting without telling the close callback;
+        # the number then comes back as the resolver's socketpair for a host name. The worker
+        # must keep serving (it once answered 500 "could not start the upstream transfer" to
+        # everything after, and never finished a graceful stop).
+        host = self.loopback_host_name()
+        if host is None:
+            self.skipTest("no name but localhost maps to 127.0.0.1 in /etc/hosts")
+        hole = socket.socket()
+        self.addCleanup(hole.close)
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        hole_port = hole.getsockname()[1]
+        fillers = []
+        for _ in range(4):              # a full accept queue: further connects hang in SYN_SENT
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", hole_port))
+            fillers.append(c)
+            self.addCleanup(c.close)
+        self.secret = fake_secret()
+        other = fake_secret()
+        self.sim = self.start_sim()
+        self.kp = self.start_keypool(
+            self.sim, settings={"workers": 1, "connect_timeout": 30},
+            providers=[{"name": "hole", "base_url": f"http://127.0.0.1:{hole_port}/v1"},
+                       {"name": "named", "base_url": f"http://{host}:{self.sim.port}/api/v1"}],
+            pools=[{"name": "holepool", "model": "m/hole", "keys": [other], "provider": "hole"},
+                   {"name": POOL, "model": MODEL, "keys": [self.secret], "provider": "named"}])
+        worker = self.only_worker()
+        before = len(self.sockets_to_port(hole_port, "02"))
+
+        client = socket.socket(socket.AF_UNIX)
+        client.connect(self.kp.socket_path)
+        body = json.dumps({"model": "m/hole", "messages": []}).encode()
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: k\r\nContent-Type: "
+                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        wait_for(lambda: len(self.sockets_to_port(hole_port, "02")) > before,
+                 what="the worker's connect to the unanswering upstream")
+        client.close()
+        wait_for(lambda: len(self.sockets_to_port(hole_port, "02")) == before,
+                 what="curl to drop the connect of the request whose client left")
+
+        for _ in range(3):
+            status, _, body = self.kp.chat(POOL)
+            self.assertEqual(status, 200, body)
+        self.assertEqual(self.worker_pids(), [worker])
+        self.kp.stop()
+        self.assertEqual(self.kp.returncode, 0, self.kp.stderr()[-2000:])
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
