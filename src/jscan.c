@@ -315,85 +315,66 @@ struct wanted {
         const char *const *names;
         size_t lens[JSCAN_MAX_NAMES];
         size_t n;
+        bool in_order;          /* names distinct, and members likely in their order */
 };
 
-static int match_name(const struct wanted *w, const unsigned char *name, size_t len, bool escaped) {
+static inline bool name_is(const struct wanted *w, size_t i, const unsigned char *name, size_t len,
+                           bool escaped) {
+        if (escaped)
+                return body_eq(name, name + len, w->names[i]);
+        return len == w->lens[i] && (len == 0 || (name[0] == (unsigned char) w->names[i][0] &&
+                                                  memcmp(name, w->names[i], len) == 0));
+}
+
+/* *hint is where the search begins when w->in_order: a document its own program wrote has the
+ * members in the order asked for, so the one after the last match is nearly always the next. */
+static int match_name(const struct wanted *w, const unsigned char *name, size_t len, bool escaped,
+                      size_t *hint) {
+        if (w->in_order && *hint < w->n && name_is(w, *hint, name, len, escaped))
+                return (int) (*hint)++;
         for (size_t i = 0; i < w->n; i++)
-                if (escaped ? body_eq(name, name + len, w->names[i])
-                            : len == w->lens[i] && memcmp(name, w->names[i], len) == 0)
+                if (name_is(w, i, name, len, escaped)) {
+                        *hint = i + 1;
                         return (int) i;
+                }
         return -1;
 }
 
 #define IS_OBJECT(stack, level) ((stack)[((level) - 1) / 64] >> (((level) - 1) % 64) & 1)
+/* A word of the stack is written whole when its first level is pushed, so the stack needs no
+ * clearing first: most values never leave its first word. */
 #define PUSH(stack, level, obj)                                                                        \
         do {                                                                                           \
-                uint64_t _bit = UINT64_C(1) << (((level) - 1) % 64);                                   \
-                if (obj)                                                                               \
-                        (stack)[((level) - 1) / 64] |= _bit;                                           \
-                else                                                                                   \
-                        (stack)[((level) - 1) / 64] &= ~_bit;                                          \
+                unsigned _bit = ((level) - 1) % 64;                                                    \
+                uint64_t *_word = &(stack)[((level) - 1) / 64];                                        \
+                uint64_t _kept = _bit == 0 ? 0 : *_word & ((UINT64_C(1) << _bit) - 1);                 \
+                *_word = _kept | (uint64_t) !!(obj) << _bit;                                           \
         } while (0)
 
-/* The one pass: validates s[0..len) as a JSON object and notes the last top-level member of each
- * wanted name in found[]. A state machine over "expect a member name", "expect a value" and "a
- * value ended" with the open containers' kinds in a bit stack; `level` counts open containers,
- * so the value being read sits at jansson's depth level + 1. */
-static int scan_object(const char *s, size_t len, const struct wanted *w, struct jscan_value *found) {
-        const unsigned char *p = (const unsigned char *) s, *end = p + len, *name, *value = NULL;
-        uint64_t objects[JSCAN_MAX_DEPTH / 64] = {};    /* PUSH updates words in place */
-        unsigned level;
-        int member = -1;
+/* Does the number [p, end) (valid syntax) stay within what jansson reads? An integer (no fraction,
+ * no exponent) must fit an int64_t; anything else must not overflow a double. */
+static bool number_fits_jansson(const unsigned char *p, const unsigned char *end) {
+        const unsigned char *digits = p + (*p == '-');
+        size_t n = (size_t) (end - digits);
+        double x;
+
+        for (const unsigned char *q = digits; q < end; q++)
+                if (*q == '.' || (*q | 0x20) == 'e')
+                        return jscan_double(&(struct jscan_value) { JSCAN_NUMBER, (const char *) p,
+                                                                    (size_t) (end - p) },
+                                            &x) == 0;
+        /* No leading zeros in JSON: the digit count says most of it. */
+        if (n != 19)
+                return n < 19;
+        return memcmp(digits, *p == '-' ? "9223372036854775808" : "9223372036854775807", 19) <= 0;
+}
+
+/* A string, number or literal at *pp, moving *pp past it. */
+static inline int scan_scalar(const unsigned char **pp, const unsigned char *end, unsigned flags) {
+        const unsigned char *p = *pp, *start = p;
         bool escaped;
 
-        p = skip_ws(p, end);
-        if (p == end || *p != '{')
-                return -EINVAL;
-        level = 1;
-        PUSH(objects, level, true);
-        p = skip_ws(p + 1, end);
-        if (p < end && *p == '}') {
-                p++;
-                level = 0;
-                goto after_value;
-        }
-
-expect_name:
-        if (p == end || *p != '"')
-                return -EINVAL;
-        name = ++p;
-        escaped = false;
-        if (scan_string(&p, end, &escaped) < 0)
-                return -EINVAL;
-        if (level == 1)
-                member = match_name(w, name, (size_t) (p - 1 - name), escaped);
-        p = skip_ws(p, end);
-        if (p == end || *p != ':')
-                return -EINVAL;
-        p = skip_ws(p + 1, end);
-
-expect_value:
-        if (p == end || level >= JSCAN_MAX_DEPTH)
-                return -EINVAL;
-        if (level == 1)
-                value = p;
         switch (*p) {
-        case '{':
-        case '[': {
-                bool obj = *p == '{';
-
-                level++;
-                PUSH(objects, level, obj);
-                p = skip_ws(p + 1, end);
-                if (p < end && *p == (obj ? '}' : ']')) {
-                        p++;
-                        level--;
-                        goto after_value;
-                }
-                if (obj)
-                        goto expect_name;
-                goto expect_value;
-        }
         case '"':
                 p++;
                 if (scan_string(&p, end, &escaped) < 0)
@@ -418,13 +399,71 @@ expect_value:
         case '0' ... '9':
                 if (scan_number(&p, end) < 0)
                         return -EINVAL;
+                if ((flags & JSCAN_JANSSON_NUMBERS) && !number_fits_jansson(start, p))
+                        return -EINVAL;
                 break;
         default:
                 return -EINVAL;
         }
+        *pp = p;
+        return 0;
+}
+
+/* The one pass over one value at *pp (no white space before it): validates it, moves *pp just
+ * past it, and when it is an object notes the last member of each wanted name in found[]. A
+ * state machine over "expect a member name", "expect a value" and "a value ended" with the open
+ * containers' kinds in a bit stack; `level` counts open containers, so the value being read sits
+ * at depth level + 1 counting the value itself as depth 1. */
+static int scan_container(const unsigned char **pp, const unsigned char *end, unsigned flags,
+                          const struct wanted *w, struct jscan_value *found) {
+        const unsigned char *p = *pp, *name, *value = NULL;
+        uint64_t objects[JSCAN_MAX_DEPTH / 64];         /* PUSH starts each word afresh */
+        unsigned level = 0;
+        size_t hint = 0;
+        int member = -1;
+        bool escaped;
+
+        goto expect_value;
+
+expect_name:
+        if (p == end || *p != '"')
+                return -EINVAL;
+        name = ++p;
+        escaped = false;
+        if (scan_string(&p, end, &escaped) < 0)
+                return -EINVAL;
+        if (level == 1)
+                member = match_name(w, name, (size_t) (p - 1 - name), escaped, &hint);
+        p = skip_ws(p, end);
+        if (p == end || *p != ':')
+                return -EINVAL;
+        p = skip_ws(p + 1, end);
+
+expect_value:
+        if (p == end || level >= JSCAN_MAX_DEPTH)
+                return -EINVAL;
+        if (level == 1)
+                value = p;
+        if (*p == '{' || *p == '[') {
+                bool obj = *p == '{';
+
+                level++;
+                PUSH(objects, level, obj);
+                p = skip_ws(p + 1, end);
+                if (p < end && *p == (obj ? '}' : ']')) {
+                        p++;
+                        level--;
+                        goto after_value;
+                }
+                if (obj)
+                        goto expect_name;
+                goto expect_value;
+        }
+        if (scan_scalar(&p, end, flags) < 0)
+                return -EINVAL;
 
 after_value:
-        /* A value ended inside the container at `level` (0: it was the top object itself). */
+        /* A value ended inside the container at `level` (0: it was the outermost value). */
         if (level == 1 && member >= 0) {
                 found[member] = (struct jscan_value) {
                         .type = type_of(*value),
@@ -433,9 +472,11 @@ after_value:
                 };
                 member = -1;
         }
+        if (level == 0) {
+                *pp = p;
+                return 0;
+        }
         p = skip_ws(p, end);
-        if (level == 0)
-                return p == end ? 0 : -EINVAL;
         if (p == end)
                 return -EINVAL;
         if (*p == ',') {
@@ -451,13 +492,38 @@ after_value:
         goto after_value;
 }
 
-static int find_members(const char *s, size_t len, const char *const *names, size_t n_names,
-                        struct jscan_value *ret) {
+static const struct wanted no_names = { .n = 0 };
+
+/* One value of any kind at *pp: scalars (most values) without the container machinery. */
+static int scan_value(const unsigned char **pp, const unsigned char *end) {
+        if (*pp == end)
+                return -EINVAL;
+        if (**pp == '{' || **pp == '[')
+                return scan_container(pp, end, 0, &no_names, NULL);
+        return scan_scalar(pp, end, 0);
+}
+
+/* s[0..len) as a JSON object with white space around it. */
+static int scan_object(const char *s, size_t len, unsigned flags, const struct wanted *w,
+                       struct jscan_value *found) {
+        const unsigned char *p = (const unsigned char *) s, *end = p + len;
+
+        p = skip_ws(p, end);
+        if (p == end || *p != '{')
+                return -EINVAL;
+        if (scan_container(&p, end, flags, w, found) < 0)
+                return -EINVAL;
+        return skip_ws(p, end) == end ? 0 : -EINVAL;
+}
+
+static int find_members(const char *s, size_t len, unsigned flags, const char *const *names,
+                        size_t n_names, struct jscan_value *ret) {
         struct jscan_value found[JSCAN_MAX_NAMES];
         struct wanted w = { .names = names, .n = n_names };
         int r;
 
-        if (!s || n_names > JSCAN_MAX_NAMES || (n_names > 0 && (!names || !ret)))
+        if (!s || n_names > JSCAN_MAX_NAMES || (n_names > 0 && (!names || !ret)) ||
+            (flags & ~JSCAN_JANSSON_NUMBERS))
                 return -EINVAL;
         for (size_t i = 0; i < n_names; i++) {
                 if (!names[i])
@@ -465,7 +531,7 @@ static int find_members(const char *s, size_t len, const char *const *names, siz
                 w.lens[i] = strlen(names[i]);
                 found[i] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
         }
-        r = scan_object(s, len, &w, found);
+        r = scan_object(s, len, flags, &w, found);
         if (r < 0)
                 return r;
         if (n_names > 0)
@@ -475,11 +541,16 @@ static int find_members(const char *s, size_t len, const char *const *names, siz
 
 int jscan_object_members(const char *s, size_t len, const char *const *names, size_t n_names,
                          struct jscan_value *ret) {
-        return find_members(s, len, names, n_names, ret);
+        return find_members(s, len, 0, names, n_names, ret);
 }
 
 int jscan_object_member(const char *s, size_t len, const char *name, struct jscan_value *ret) {
-        return find_members(s, len, &name, 1, ret);
+        return find_members(s, len, 0, &name, 1, ret);
+}
+
+int jscan_document(const char *s, size_t len, unsigned flags, const char *const *names,
+                   size_t n_names, struct jscan_value *ret) {
+        return find_members(s, len, flags, names, n_names, ret);
 }
 
 /* An object jscan returned is valid already; scanning it again costs little next to the document
@@ -488,11 +559,124 @@ int jscan_members(const struct jscan_value *obj, const char *const *names, size_
                   struct jscan_value *ret) {
         if (!obj || obj->type != JSCAN_OBJECT)
                 return -EINVAL;
-        return find_members(obj->text, obj->len, names, n_names, ret);
+        return find_members(obj->text, obj->len, 0, names, n_names, ret);
 }
 
 int jscan_member(const struct jscan_value *obj, const char *name, struct jscan_value *ret) {
         return jscan_members(obj, &name, 1, ret);
+}
+
+enum {
+        ITER_FIRST = 0,         /* nothing returned yet: no comma before the next element */
+        ITER_MORE,
+        ITER_END,
+        ITER_BROKEN,
+};
+
+int jscan_iter_init(const struct jscan_value *v, struct jscan_iter *ret) {
+        bool obj;
+
+        if (!v || (v->type != JSCAN_OBJECT && v->type != JSCAN_ARRAY) || !v->text || v->len < 2 ||
+            !ret)
+                return -EINVAL;
+        obj = v->type == JSCAN_OBJECT;
+        if (v->text[0] != (obj ? '{' : '[') || v->text[v->len - 1] != (obj ? '}' : ']'))
+                return -EINVAL;
+        *ret = (struct jscan_iter) {
+                .pos = v->text + 1,
+                .end = v->text + v->len - 1,
+                .object = obj,
+                .state = ITER_FIRST,
+        };
+        return 0;
+}
+
+/* Each element is validated as it is stepped over, so a hand-made value cannot lead the iterator
+ * astray, and the container's closing bracket bounds every look: nothing past it is read. When w
+ * asks for members, an object element's are noted in found[] in that same step. */
+static int next(struct jscan_iter *it, const struct wanted *w, struct jscan_value *found,
+                struct jscan_value *ret_name, struct jscan_value *ret_value) {
+        const unsigned char *p, *end, *name = NULL, *value;
+        size_t name_len = 0;
+
+        if (it->state == ITER_END)
+                return 0;
+        p = (const unsigned char *) it->pos;
+        end = (const unsigned char *) it->end;
+        p = skip_ws(p, end);
+        if (p == end) {
+                it->state = ITER_END;
+                return 0;
+        }
+        if (it->state == ITER_MORE) {
+                if (*p != ',')
+                        goto broken;
+                p = skip_ws(p + 1, end);
+        }
+        if (it->object) {
+                bool escaped = false;
+
+                if (p == end || *p != '"')
+                        goto broken;
+                name = p++;
+                if (scan_string(&p, end, &escaped) < 0)
+                        goto broken;
+                name_len = (size_t) (p - name);
+                p = skip_ws(p, end);
+                if (p == end || *p != ':')
+                        goto broken;
+                p = skip_ws(p + 1, end);
+        }
+        value = p;
+        if (w->n > 0 && p < end && *p == '{') {
+                if (scan_container(&p, end, 0, w, found) < 0)
+                        goto broken;
+        } else if (scan_value(&p, end) < 0)
+                goto broken;
+
+        it->pos = (const char *) p;
+        it->state = ITER_MORE;
+        if (ret_name)
+                *ret_name = name ? (struct jscan_value) { JSCAN_STRING, (const char *) name, name_len }
+                                 : (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+        if (ret_value)
+                *ret_value = (struct jscan_value) {
+                        .type = type_of(*value),
+                        .text = (const char *) value,
+                        .len = (size_t) (p - value),
+                };
+        return 1;
+
+broken:
+        it->state = ITER_BROKEN;
+        return -EINVAL;
+}
+
+int jscan_next(struct jscan_iter *it, struct jscan_value *ret_name, struct jscan_value *ret_value) {
+        if (!it || it->state == ITER_BROKEN || !it->pos || !it->end)
+                return -EINVAL;
+        return next(it, &no_names, NULL, ret_name, ret_value);
+}
+
+int jscan_next_members(struct jscan_iter *it, const char *const *names, size_t n_names,
+                       struct jscan_value *ret_members, struct jscan_value *ret_value) {
+        struct jscan_value found[JSCAN_MAX_NAMES];
+        struct wanted w = { .names = names, .n = n_names, .in_order = true };
+        int r;
+
+        if (!it || it->state == ITER_BROKEN || !it->pos || !it->end || n_names > JSCAN_MAX_NAMES ||
+            (n_names > 0 && (!names || !ret_members)))
+                return -EINVAL;
+        for (size_t i = 0; i < n_names; i++) {
+                if (!names[i])
+                        return -EINVAL;
+                w.lens[i] = strlen(names[i]);
+                found[i] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+        }
+        r = next(it, &w, found, NULL, ret_value);
+        if (r > 0 && n_names > 0)
+                memcpy(ret_members, found, n_names * sizeof(*ret_members));
+        return r;
 }
 
 static bool is_string(const struct jscan_value *v) {

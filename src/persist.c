@@ -26,6 +26,7 @@
 
 #include <jansson.h>
 
+#include "keypool/jscan.h"
 #include "keypool/persist.h"
 #include "keypool/verdict.h"
 
@@ -412,10 +413,11 @@ static int fail(char *err, size_t errlen, const char *fmt, ...) {
         return -EINVAL;
 }
 
-/* A document key: where it goes and what it says. */
+/* A document key: where it goes and what it says. Its strings are copied out of the text: a
+ * fixed-size record per key, no allocation per key. */
 struct doc_key {
-        const char *pool;               /* NULL: match by id alone */
-        const char *id;
+        char pool[KEYTABLE_NAME_MAX + 1];       /* "": match by id alone */
+        char id[KEYID_ID_LEN + 1];
         struct keytable_key_state st;
         bool valid;
         bool applied;
@@ -426,78 +428,242 @@ struct table_row {
         char id[KEYID_ID_LEN + 1];
         char pool_name[KEYTABLE_NAME_MAX + 1];
         unsigned pool, position;
+        uint32_t next;                  /* the next row in its bucket of the id index */
         bool exact;                     /* claimed by a document key naming its pool */
         bool taken;                     /* given a state by some document key */
 };
 
-/* A field that must be absent, null or a string; ret is NULL unless it is a string. */
-static bool opt_string(json_t *obj, const char *name, const char **ret) {
-        json_t *v = json_object_get(obj, name);
+#define NO_ROW UINT32_MAX
 
-        *ret = NULL;
-        if (!v || json_is_null(v))
-                return true;
-        if (!json_is_string(v))
+/* The rows by id: buckets of row indexes, chained through table_row.next. A key's rows are found
+ * in a step or two where a sort of 10,000 rows and a binary search per key took milliseconds, at
+ * start, before READY; the order of one id's rows never mattered, every one is handled alike. */
+struct row_index {
+        uint32_t *buckets;
+        size_t mask;
+};
+
+/* FNV-1a: ids are fingerprints already, any mixing will do. */
+static size_t id_hash(const char *id) {
+        uint64_t h = UINT64_C(0xcbf29ce484222325);
+
+        for (; *id; id++)
+                h = (h ^ (unsigned char) *id) * UINT64_C(0x100000001b3);
+        return (size_t) (h ^ h >> 32);
+}
+
+/* Names of the values this file reads (states, reasons, classes, kinds) are all shorter. */
+#define NAME_BUF 32
+
+static bool absent(const struct jscan_value *v) {
+        return v->type == JSCAN_NONE || v->type == JSCAN_NULL;
+}
+
+/* A field that must be absent, null or a string, decoded into buf: *ret_set false when absent
+ * or null. -ENOBUFS when the string does not fit, which callers read as "no name of ours" or "too
+ * long" as the field requires; -EINVAL when it is not a string. */
+static int opt_string(const struct jscan_value *v, char *buf, size_t size, bool *ret_set) {
+        int r;
+
+        if (absent(v)) {
+                *ret_set = false;
+                return 0;
+        }
+        r = jscan_string(v, buf, size, NULL);
+        if (r < 0)
+                return r;
+        *ret_set = true;
+        return 0;
+}
+
+/* A name field (state, reason, class, event): false when present and not a string, or a string
+ * that is none of the names. */
+static bool opt_name(const struct jscan_value *v, int (*from_name)(const char *, int *), int *ret) {
+        char buf[NAME_BUF];
+        bool set;
+
+        if (opt_string(v, buf, sizeof buf, &set) < 0)
                 return false;
-        *ret = json_string_value(v);
+        return !set || from_name(buf, ret) >= 0;
+}
+
+/* An RFC 3339 time field: false when present and not a string, or not a time. The text may be of
+ * any length (a fraction has no limit), so a long one gets a buffer of its own. */
+static bool opt_time(const struct jscan_value *v, bool *ret_set, int64_t *ret_ms) {
+        char small[64], *buf = small;
+        bool set;
+        int r;
+
+        r = opt_string(v, small, sizeof small, &set);
+        if (r == -ENOBUFS) {
+                buf = malloc(v->len);   /* decoding never lengthens; the quotes leave room */
+                if (!buf)
+                        return false;
+                r = opt_string(v, buf, v->len, &set);
+        }
+        if (r == 0 && set)
+                r = parse_time(buf, ret_ms);
+        if (buf != small)
+                free(buf);
+        if (r < 0)
+                return false;
+        *ret_set = set;
         return true;
 }
 
-/* A count: absent (0) or a non-negative integer. */
-static bool opt_count(json_t *obj, const char *name, uint64_t *ret) {
-        json_t *v = json_object_get(obj, name);
+/* An integer in [0, max]: absent or null leaves *ret alone. jansson read counts as int64, and
+ * refused the document for a larger integer; jscan_document refuses it the same way, so max
+ * stays within INT64_MAX here too. */
+static bool opt_uint(const struct jscan_value *v, uint64_t max, uint64_t *ret) {
+        uint64_t x;
 
-        *ret = 0;
-        if (!v || json_is_null(v))
+        if (absent(v))
                 return true;
-        if (!json_is_integer(v) || json_integer_value(v) < 0)
+        if (jscan_uint(v, &x) < 0 || x > max || x > (uint64_t) INT64_MAX)
                 return false;
-        *ret = (uint64_t) json_integer_value(v);
+        *ret = x;
         return true;
 }
 
-static bool parse_key(json_t *j, int64_t now_mono, int64_t now_wall, struct doc_key *ret) {
-        const char *state, *reason, *until, *last_class, *last_used;
+/* A number written as an integer, without fraction or exponent (what json_is_integer took), in
+ * int64_t. -EINVAL for anything else, a real number included. */
+static int int64_value(const struct jscan_value *v, int64_t *ret) {
+        bool negative;
+        uint64_t x;
+        int r;
+
+        if (v->type != JSCAN_NUMBER || v->len == 0)
+                return -EINVAL;
+        negative = v->text[0] == '-';
+        r = jscan_uint(&(struct jscan_value) { JSCAN_NUMBER, v->text + negative, v->len - negative },
+                       &x);
+        if (r < 0)
+                return r;
+        if (x > (uint64_t) INT64_MAX + negative)
+                return -ERANGE;
+        *ret = negative ? (int64_t) (0 - x) : (int64_t) x;
+        return 0;
+}
+
+/* The from_name functions with the signature opt_name takes. */
+static int state_name(const char *s, int *ret) {
+        enum key_state v;
+        int r = state_from_name(s, &v);
+
+        if (r >= 0)
+                *ret = (int) v;
+        return r;
+}
+
+static int reason_name(const char *s, int *ret) {
+        enum key_reason v;
+        int r = reason_from_name(s, &v);
+
+        if (r >= 0)
+                *ret = (int) v;
+        return r;
+}
+
+static int class_name(const char *s, int *ret) {
+        enum verdict_class v;
+        int r = class_from_name(s, &v);
+
+        if (r >= 0)
+                *ret = (int) v;
+        return r;
+}
+
+static int kind_name(const char *s, int *ret) {
+        enum history_kind v;
+        int r = kind_from_name(s, &v);
+
+        if (r >= 0)
+                *ret = (int) v;
+        return r;
+}
+
+enum {
+        K_POOL,
+        K_ID,
+        K_STATE,
+        K_REASON,
+        K_COOLDOWN_UNTIL,
+        K_REQUESTS,
+        K_SUCCESSES,
+        K_RATE_LIMITED,
+        K_FAILURES,
+        K_CONSECUTIVE_FAILURES,
+        K_TOKENS_IN,
+        K_TOKENS_OUT,
+        K_LAST_STATUS,
+        K_LAST_CLASS,
+        K_LAST_USED,
+        _K_MAX,
+};
+
+static const char *const key_fields[_K_MAX] = {
+        [K_POOL] = "pool",
+        [K_ID] = "id",
+        [K_STATE] = "state",
+        [K_REASON] = "reason",
+        [K_COOLDOWN_UNTIL] = "cooldown_until",
+        [K_REQUESTS] = "requests",
+        [K_SUCCESSES] = "successes",
+        [K_RATE_LIMITED] = "rate_limited",
+        [K_FAILURES] = "failures",
+        [K_CONSECUTIVE_FAILURES] = "consecutive_failures",
+        [K_TOKENS_IN] = "tokens_in",
+        [K_TOKENS_OUT] = "tokens_out",
+        [K_LAST_STATUS] = "last_status",
+        [K_LAST_CLASS] = "last_class",
+        [K_LAST_USED] = "last_used",
+};
+
+/* One element of "keys". Any field of the wrong kind makes the whole key unusable (ignored and
+ * counted), except "pool", which then only stops the key being matched by pool. Members of
+ * other names are a later version's and ignored; of two members of one name the last counts. */
+static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K_MAX],
+                      int64_t now_mono, int64_t now_wall, struct doc_key *ret) {
         struct keytable_key_state st = { .reason = KEY_REASON_NONE, .last_class = VERDICT_NONE };
-        uint64_t consecutive;
-        json_t *status;
-        int64_t wall;
+        int state = KEY_STATE_INVALID, reason = KEY_REASON_NONE, last_class = VERDICT_NONE;
+        uint64_t consecutive = 0, status = 0;
+        bool set, until_set = false, used_set = false;
+        int64_t until = 0, used = 0;
 
-        *ret = (struct doc_key) { .valid = false };
-        if (!json_is_object(j))
+        ret->valid = false;
+        ret->applied = false;
+        if (j->type != JSCAN_OBJECT)
                 return false;
-        if (!opt_string(j, "id", &ret->id) || !ret->id || ret->id[0] == '\0' ||
-            strlen(ret->id) > KEYID_ID_LEN)
+        if (opt_string(&f[K_ID], ret->id, sizeof ret->id, &set) < 0 || !set || ret->id[0] == '\0')
                 return false;
-        if (!opt_string(j, "pool", &ret->pool) || (ret->pool && ret->pool[0] == '\0'))
-                ret->pool = NULL;
-        if (!opt_string(j, "state", &state) || !state || state_from_name(state, &st.state) < 0)
+        /* A pool name longer than any pool can have matches no pool: as good as none. */
+        if (opt_string(&f[K_POOL], ret->pool, sizeof ret->pool, &set) < 0 || !set)
+                ret->pool[0] = '\0';
+        if (absent(&f[K_STATE]) || !opt_name(&f[K_STATE], state_name, &state) ||
+            !opt_name(&f[K_REASON], reason_name, &reason) ||
+            !opt_name(&f[K_LAST_CLASS], class_name, &last_class))
                 return false;
-        if (!opt_string(j, "reason", &reason) || (reason && reason_from_name(reason, &st.reason) < 0))
+        st.state = (enum key_state) state;
+        st.reason = (enum key_reason) reason;
+        st.last_class = (enum verdict_class) last_class;
+        /* The deadline must be a string or null whatever the state, but is read only for a
+         * cooling key. */
+        if ((!absent(&f[K_COOLDOWN_UNTIL]) && f[K_COOLDOWN_UNTIL].type != JSCAN_STRING) ||
+            !opt_time(&f[K_LAST_USED], &used_set, &used))
                 return false;
-        if (!opt_string(j, "cooldown_until", &until) || !opt_string(j, "last_class", &last_class) ||
-            !opt_string(j, "last_used", &last_used))
-                return false;
-        if (!opt_count(j, "requests", &st.requests) || !opt_count(j, "successes", &st.successes) ||
-            !opt_count(j, "rate_limited", &st.rate_limited) ||
-            !opt_count(j, "failures", &st.failures) || !opt_count(j, "tokens_in", &st.tokens_in) ||
-            !opt_count(j, "tokens_out", &st.tokens_out) ||
-            !opt_count(j, "consecutive_failures", &consecutive) || consecutive > UINT_MAX)
+        if (!opt_uint(&f[K_REQUESTS], UINT64_MAX, &st.requests) ||
+            !opt_uint(&f[K_SUCCESSES], UINT64_MAX, &st.successes) ||
+            !opt_uint(&f[K_RATE_LIMITED], UINT64_MAX, &st.rate_limited) ||
+            !opt_uint(&f[K_FAILURES], UINT64_MAX, &st.failures) ||
+            !opt_uint(&f[K_TOKENS_IN], UINT64_MAX, &st.tokens_in) ||
+            !opt_uint(&f[K_TOKENS_OUT], UINT64_MAX, &st.tokens_out) ||
+            !opt_uint(&f[K_CONSECUTIVE_FAILURES], UINT_MAX, &consecutive) ||
+            !opt_uint(&f[K_LAST_STATUS], 999, &status))
                 return false;
         st.consecutive_failures = (unsigned) consecutive;
-        status = json_object_get(j, "last_status");
-        if (status && !json_is_null(status)) {
-                if (!json_is_integer(status) || json_integer_value(status) < 0 ||
-                    json_integer_value(status) > 999)
-                        return false;
-                st.last_status = (int) json_integer_value(status);
-        }
-        if (last_class && class_from_name(last_class, &st.last_class) < 0)
-                return false;
-        if (last_used) {
-                if (parse_time(last_used, &wall) < 0)
-                        return false;
-                st.last_used_ms = wall_to_mono(wall, now_mono, now_wall);
+        st.last_status = (int) status;
+        if (used_set) {
+                st.last_used_ms = wall_to_mono(used, now_mono, now_wall);
                 /* Before this boot's clock began: kept as "never" rather than as a time the
                  * monotonic clock cannot say. A time ahead of now is a clock gone backwards. */
                 if (st.last_used_ms <= 0)
@@ -512,11 +678,11 @@ static bool parse_key(json_t *j, int64_t now_mono, int64_t now_wall, struct doc_
                 st.reason = KEY_REASON_NONE;
                 break;
         case KEY_COOLING:
-                if (!until || parse_time(until, &wall) < 0)
+                if (!opt_time(&f[K_COOLDOWN_UNTIL], &until_set, &until) || !until_set)
                         return false;
                 if (st.reason == KEY_REASON_NONE)
                         st.reason = KEY_REASON_RATE_LIMITED;
-                st.cooldown_until_ms = wall_to_mono(wall, now_mono, now_wall);
+                st.cooldown_until_ms = wall_to_mono(until, now_mono, now_wall);
                 /* Over while keypool was down: ready, a new run of failures begins. */
                 if (st.cooldown_until_ms <= now_mono || st.cooldown_until_ms <= 0) {
                         st.state = KEY_READY;
@@ -537,65 +703,75 @@ static bool parse_key(json_t *j, int64_t now_mono, int64_t now_wall, struct doc_
         return true;
 }
 
-static bool parse_event(json_t *j, struct keytable_event *ret) {
-        const char *when, *pool, *kind, *from, *to, *reason;
-        struct keytable_event e = { .kind = HISTORY_NONE, .reason = KEY_REASON_NONE };
-        json_t *status, *cooldown;
+enum {
+        E_TIME,
+        E_EVENT,
+        E_POOL,
+        E_FROM,
+        E_TO,
+        E_REASON,
+        E_STATUS,
+        E_COOLDOWN_S,
+        _E_MAX,
+};
 
-        if (!json_is_object(j))
+static const char *const event_fields[_E_MAX] = {
+        [E_TIME] = "time",
+        [E_EVENT] = "event",
+        [E_POOL] = "pool",
+        [E_FROM] = "from",
+        [E_TO] = "to",
+        [E_REASON] = "reason",
+        [E_STATUS] = "status",
+        [E_COOLDOWN_S] = "cooldown_s",
+};
+
+static bool parse_event(const struct jscan_value *j, const struct jscan_value f[_E_MAX],
+                        struct keytable_event *ret) {
+        struct keytable_event e = { .kind = HISTORY_NONE, .reason = KEY_REASON_NONE };
+        int kind = HISTORY_NONE, reason = KEY_REASON_NONE;
+        uint64_t status = 0;
+        bool set;
+
+        if (j->type != JSCAN_OBJECT)
                 return false;
-        if (!opt_string(j, "time", &when) || !when || parse_time(when, &e.wall_ms) < 0)
+        if (!opt_time(&f[E_TIME], &set, &e.wall_ms) || !set)
                 return false;
-        if (!opt_string(j, "event", &kind) || !kind || kind_from_name(kind, &e.kind) < 0)
+        if (absent(&f[E_EVENT]) || !opt_name(&f[E_EVENT], kind_name, &kind))
                 return false;
-        if (!opt_string(j, "pool", &pool) || (pool && strlen(pool) > KEYTABLE_NAME_MAX))
+        e.kind = (enum history_kind) kind;
+        /* Too long for the record is too long for the table: such an event is skipped. */
+        if (opt_string(&f[E_POOL], e.pool, sizeof e.pool, &set) < 0 ||
+            opt_string(&f[E_FROM], e.key_from, sizeof e.key_from, &set) < 0 ||
+            opt_string(&f[E_TO], e.key_to, sizeof e.key_to, &set) < 0)
                 return false;
-        if (!opt_string(j, "from", &from) || (from && strlen(from) > KEYID_ID_LEN) ||
-            !opt_string(j, "to", &to) || (to && strlen(to) > KEYID_ID_LEN))
+        if (!opt_name(&f[E_REASON], reason_name, &reason))
                 return false;
-        if (!opt_string(j, "reason", &reason) || (reason && reason_from_name(reason, &e.reason) < 0))
+        e.reason = (enum key_reason) reason;
+        if (!opt_uint(&f[E_STATUS], 999, &status))
                 return false;
-        status = json_object_get(j, "status");
-        if (status && !json_is_null(status)) {
-                if (!json_is_integer(status) || json_integer_value(status) < 0 ||
-                    json_integer_value(status) > 999)
-                        return false;
-                e.status = (int) json_integer_value(status);
-        }
-        cooldown = json_object_get(j, "cooldown_s");
-        if (cooldown && !json_is_null(cooldown)) {
+        e.status = (int) status;
+        if (!absent(&f[E_COOLDOWN_S])) {
                 double s;
 
-                if (!json_is_number(cooldown))
+                if (jscan_double(&f[E_COOLDOWN_S], &s) < 0)
                         return false;
-                s = json_number_value(cooldown);
                 /* Up to a year: anything longer is not a rest anybody gave. */
                 if (!(s >= 0 && s <= 366.0 * 86400))
                         return false;
                 e.cooldown_ms = (int64_t) (s * 1000 + 0.5);
         }
-        if (pool)
-                strcpy(e.pool, pool);
-        if (from)
-                strcpy(e.key_from, from);
-        if (to)
-                strcpy(e.key_to, to);
         *ret = e;
         return true;
 }
 
-static int row_compare(const void *a, const void *b) {
-        const struct table_row *x = a, *y = b;
-
-        return strcmp(x->id, y->id);
-}
-
-/* The current bank's rows, sorted by id. */
+/* The current bank's rows, and an index of them by id. */
 static int read_rows(struct keytable *t, int64_t now_mono, struct table_row **ret_rows,
-                     size_t *ret_n) {
+                     size_t *ret_n, struct row_index *ret_index) {
         unsigned n_pools = keytable_n_pools(t);
         struct table_row *rows = NULL;
-        size_t n = 0;
+        struct row_index index;
+        size_t n = 0, size;
 
         for (unsigned p = 0; p < n_pools; p++) {
                 struct keytable_pool_view info;
@@ -626,47 +802,49 @@ static int read_rows(struct keytable *t, int64_t now_mono, struct table_row **re
                 }
                 free(keys);
         }
-        if (n > 0)
-                qsort(rows, n, sizeof *rows, row_compare);
+        if (n >= NO_ROW) {
+                free(rows);
+                return -E2BIG;
+        }
+        /* At most half full. */
+        for (size = 16; size < 2 * n; size *= 2)
+                ;
+        index = (struct row_index) { .buckets = malloc(size * sizeof *index.buckets), .mask = size - 1 };
+        if (!index.buckets) {
+                free(rows);
+                return -ENOMEM;
+        }
+        memset(index.buckets, 0xff, size * sizeof *index.buckets);
+        for (size_t i = 0; i < n; i++) {
+                uint32_t *head = &index.buckets[id_hash(rows[i].id) & index.mask];
+
+                rows[i].next = *head;
+                *head = (uint32_t) i;
+        }
         *ret_rows = rows;
         *ret_n = n;
+        *ret_index = index;
         return 0;
-}
-
-/* The first of the rows with id, and how many there are. */
-static size_t rows_with_id(const struct table_row *rows, size_t n, const char *id, size_t *ret_first) {
-        size_t lo = 0, hi = n, end;
-
-        while (lo < hi) {
-                size_t mid = lo + (hi - lo) / 2;
-
-                if (strcmp(rows[mid].id, id) < 0)
-                        lo = mid + 1;
-                else
-                        hi = mid;
-        }
-        for (end = lo; end < n && strcmp(rows[end].id, id) == 0; end++)
-                ;
-        *ret_first = lo;
-        return end - lo;
 }
 
 /* Keys matched by pool and id first, so a key that is in several pools gets each pool's own
  * state; a document key whose pool is gone (renamed, or the key moved) then gives its state to
  * the rows of its id that no document key named exactly. */
 static int apply_keys(struct keytable *t, struct doc_key *doc, size_t n_doc, struct table_row *rows,
-                      size_t n_rows, unsigned bank, int64_t now_mono) {
+                      const struct row_index *index, unsigned bank, int64_t now_mono) {
         for (int pass = 0; pass < 2; pass++)
                 for (size_t i = 0; i < n_doc; i++) {
                         struct doc_key *d = &doc[i];
-                        size_t first, n;
+                        uint32_t r;
 
-                        if (!d->valid || d->applied || (pass == 0 && !d->pool))
+                        if (!d->valid || d->applied || (pass == 0 && !d->pool[0]))
                                 continue;
-                        n = rows_with_id(rows, n_rows, d->id, &first);
-                        for (size_t r = first; r < first + n; r++) {
+                        r = index->buckets[id_hash(d->id) & index->mask];
+                        for (; r != NO_ROW; r = rows[r].next) {
                                 struct table_row *row = &rows[r];
 
+                                if (strcmp(row->id, d->id) != 0)
+                                        continue;
                                 if (pass == 0 && strcmp(row->pool_name, d->pool) != 0)
                                         continue;
                                 if (row->taken || (pass == 1 && row->exact))
@@ -686,21 +864,36 @@ static int apply_keys(struct keytable *t, struct doc_key *doc, size_t n_doc, str
         return 0;
 }
 
-static int apply_history(struct keytable *t, json_t *history, unsigned *ret_events) {
+static int apply_history(struct keytable *t, const struct jscan_value *history,
+                         unsigned *ret_events) {
         struct keytable_event probe, *events;
-        size_t n = json_array_size(history), kept = 0, start;
+        size_t n = 0, kept = 0, start;
         unsigned cap = keytable_history_capacity(t), added = 0;
+        struct jscan_value e, f[_E_MAX];
+        struct jscan_iter it;
 
         *ret_events = 0;
+        if (history->type != JSCAN_ARRAY || cap == 0)
+                return 0;
         /* Only into an empty ring: importing the same document twice must not show every event
          * twice. */
-        if (n == 0 || cap == 0 || keytable_history_read(t, &probe, 1) > 0)
+        if (keytable_history_read(t, &probe, 1) > 0)
+                return 0;
+        if (jscan_iter_init(history, &it) < 0)
+                return -EINVAL;
+        while (jscan_next(&it, NULL, &e) > 0)
+                n++;
+        if (n == 0)
                 return 0;
         events = calloc(n, sizeof *events);
         if (!events)
                 return -ENOMEM;
-        for (size_t i = 0; i < n; i++)
-                if (parse_event(json_array_get(history, i), &events[kept]))
+        if (jscan_iter_init(history, &it) < 0) {
+                free(events);
+                return -EINVAL;
+        }
+        while (kept < n && jscan_next_members(&it, event_fields, _E_MAX, f, &e) > 0)
+                if (parse_event(&e, f, &events[kept]))
                         kept++;
         /* The ring would overwrite the older ones anyway. */
         start = kept > cap ? kept - cap : 0;
@@ -711,21 +904,52 @@ static int apply_history(struct keytable *t, json_t *history, unsigned *ret_even
         return 0;
 }
 
-int persist_import(struct keytable *t, const char *json, size_t len, int64_t now_mono_ms,
-                   int64_t now_wall_ms, struct persist_report *ret, char *err, size_t errlen) {
-        struct persist_report report = { 0 };
-        json_t *root, *format, *version, *keys, *history;
-        struct table_row *rows = NULL;
+/* Every element of "keys", read before anything is applied. */
+static int parse_keys(const struct jscan_value *keys, int64_t now_mono, int64_t now_wall,
+                      struct doc_key **ret_doc, size_t *ret_n) {
         struct doc_key *doc = NULL;
-        size_t n_doc, n_rows = 0;
-        json_error_t je;
-        unsigned bank;
+        size_t n = 0, size = 0;
+        struct jscan_value k, f[_K_MAX];
+        struct jscan_iter it;
         int r;
 
-        if (!t || (!json && len > 0))
-                return fail(err, errlen, "no document");
+        if (keys->type == JSCAN_ARRAY) {
+                if (jscan_iter_init(keys, &it) < 0)
+                        return -EINVAL;
+                /* Each key's fields are found in the step that steps over it: one scan per key. */
+                while ((r = jscan_next_members(&it, key_fields, _K_MAX, f, &k)) > 0) {
+                        if (n == size) {
+                                /* Doubling, so 10,000 keys cost a dozen reallocations. */
+                                size_t grown_size = size ? size * 2 : 64;
+                                struct doc_key *grown = reallocarray(doc, grown_size, sizeof *doc);
 
-        root = json_loadb(json ? json : "", len, 0, &je);
+                                if (!grown) {
+                                        free(doc);
+                                        return -ENOMEM;
+                                }
+                                doc = grown;
+                                size = grown_size;
+                        }
+                        (void) parse_key(&k, f, now_mono, now_wall, &doc[n++]);
+                }
+                if (r < 0) {
+                        free(doc);
+                        return -EINVAL;
+                }
+        }
+        *ret_doc = doc;
+        *ret_n = n;
+        return 0;
+}
+
+/* Why jansson refuses a text jscan_document refused, in jansson's own words: the error path
+ * only, so the reasons read as they always have. */
+static int refuse_unreadable(const char *json, size_t len, char *err, size_t errlen) {
+        json_error_t je;
+        json_t *root;
+        bool object;
+
+        root = json_loadb(json, len, 0, &je);
         if (!root) {
                 /* jansson quotes the text near the error, and a document that is not ours may
                  * hold anything, a secret too: say where, not what. */
@@ -736,53 +960,76 @@ int persist_import(struct keytable *t, const char *json, size_t len, int64_t now
                 return fail(err, errlen, "not JSON: %s (line %d, column %d)", je.text, je.line,
                             je.column);
         }
-        if (!json_is_object(root)) {
-                r = fail(err, errlen, "not a keypool state document (not a JSON object)");
-                goto out;
-        }
-        format = json_object_get(root, "format");
-        if (!json_is_string(format) || strcmp(json_string_value(format), PERSIST_FORMAT) != 0) {
-                r = fail(err, errlen, "not a keypool state document (format is not \"%s\")",
-                         PERSIST_FORMAT);
-                goto out;
-        }
-        version = json_object_get(root, "version");
-        if (!json_is_integer(version)) {
-                r = fail(err, errlen, "no version number");
-                goto out;
-        }
-        if (json_integer_value(version) != PERSIST_VERSION) {
-                r = fail(err, errlen, "version %" JSON_INTEGER_FORMAT " is not supported (only %d is)",
-                         json_integer_value(version), PERSIST_VERSION);
-                goto out;
-        }
-        keys = json_object_get(root, "keys");
-        if (keys && !json_is_null(keys) && !json_is_array(keys)) {
-                r = fail(err, errlen, "\"keys\" is not an array");
-                goto out;
-        }
-        history = json_object_get(root, "history");
-        if (history && !json_is_null(history) && !json_is_array(history)) {
-                r = fail(err, errlen, "\"history\" is not an array");
-                goto out;
-        }
+        object = json_is_object(root);
+        json_decref(root);
+        if (!object)
+                return fail(err, errlen, "not a keypool state document (not a JSON object)");
+        /* jansson's lexer drops a raw NUL byte right after a number or literal; jscan refuses
+         * every raw NUL, as RFC 8259 does, and a state file never holds one. */
+        return fail(err, errlen, "not JSON: a NUL byte in the text");
+}
+
+enum {
+        D_FORMAT,
+        D_VERSION,
+        D_KEYS,
+        D_HISTORY,
+        _D_MAX,
+};
+
+static const char *const document_fields[_D_MAX] = {
+        [D_FORMAT] = "format",
+        [D_VERSION] = "version",
+        [D_KEYS] = "keys",
+        [D_HISTORY] = "history",
+};
+
+int persist_import(struct keytable *t, const char *json, size_t len, int64_t now_mono_ms,
+                   int64_t now_wall_ms, struct persist_report *ret, char *err, size_t errlen) {
+        struct persist_report report = { 0 };
+        struct jscan_value top[_D_MAX];
+        struct table_row *rows = NULL;
+        struct row_index index = { .buckets = NULL };
+        struct doc_key *doc = NULL;
+        size_t n_doc = 0, n_rows = 0;
+        int64_t version;
+        unsigned bank;
+        int r;
+
+        if (!t || (!json && len > 0))
+                return fail(err, errlen, "no document");
+        if (!json)
+                json = "";
+
+        /* One validating pass with jansson's number limits, so that exactly the documents
+         * jansson refused are refused, and no tree: a state file of 10,000 keys is read at start,
+         * before READY. */
+        if (jscan_document(json, len, JSCAN_JANSSON_NUMBERS, document_fields, _D_MAX, top) < 0)
+                return refuse_unreadable(json, len, err, errlen);
+        if (!jscan_string_eq(&top[D_FORMAT], PERSIST_FORMAT))
+                return fail(err, errlen, "not a keypool state document (format is not \"%s\")",
+                            PERSIST_FORMAT);
+        if (int64_value(&top[D_VERSION], &version) < 0)
+                return fail(err, errlen, "no version number");
+        if (version != PERSIST_VERSION)
+                return fail(err, errlen, "version %" PRId64 " is not supported (only %d is)", version,
+                            PERSIST_VERSION);
+        if (!absent(&top[D_KEYS]) && top[D_KEYS].type != JSCAN_ARRAY)
+                return fail(err, errlen, "\"keys\" is not an array");
+        if (!absent(&top[D_HISTORY]) && top[D_HISTORY].type != JSCAN_ARRAY)
+                return fail(err, errlen, "\"history\" is not an array");
 
         /* Everything is read before anything is applied: a document that fails for want of
          * memory changes nothing. */
-        n_doc = json_array_size(keys);
-        doc = calloc(n_doc + 1, sizeof *doc);
-        if (!doc) {
-                r = -ENOMEM;
-                goto out;
-        }
-        for (size_t i = 0; i < n_doc; i++)
-                (void) parse_key(json_array_get(keys, i), now_mono_ms, now_wall_ms, &doc[i]);
+        r = parse_keys(&top[D_KEYS], now_mono_ms, now_wall_ms, &doc, &n_doc);
+        if (r < 0)
+                return r;
 
         bank = keytable_bank_current(t);
-        r = read_rows(t, now_mono_ms, &rows, &n_rows);
+        r = read_rows(t, now_mono_ms, &rows, &n_rows, &index);
         if (r < 0)
                 goto out;
-        r = apply_keys(t, doc, n_doc, rows, n_rows, bank, now_mono_ms);
+        r = apply_keys(t, doc, n_doc, rows, &index, bank, now_mono_ms);
         if (r < 0)
                 goto out;
         for (size_t i = 0; i < n_doc; i++) {
@@ -791,16 +1038,16 @@ int persist_import(struct keytable *t, const char *json, size_t len, int64_t now
                 else
                         report.ignored++;
         }
-        r = apply_history(t, history, &report.events);
+        r = apply_history(t, &top[D_HISTORY], &report.events);
         if (r < 0)
                 goto out;
         if (ret)
                 *ret = report;
         r = 0;
 out:
+        free(index.buckets);
         free(rows);
         free(doc);
-        json_decref(root);
         return r;
 }
 

@@ -47,6 +47,18 @@ int jscan_object_member(const char *s, size_t len, const char *name, struct jsca
 int jscan_object_members(const char *s, size_t len, const char *const *names, size_t n_names,
                          struct jscan_value *ret);
 
+/* What jscan_document can check beyond the rules every function here applies. */
+#define JSCAN_JANSSON_NUMBERS 0x1u      /* refuse every number jansson refuses: an integer (no
+                                         * fraction, no exponent) outside int64_t, a real whose
+                                         * magnitude overflows a double */
+
+/* jscan_object_members with flags: a whole document validated in the one pass, with jansson's
+ * number limits on request, so that the text is refused exactly when json_loadb(…, 0, …) refuses
+ * it or reads something other than an object (a raw NUL byte aside, as above). n_names may be 0:
+ * validation alone. -EINVAL for unknown flags too. */
+int jscan_document(const char *s, size_t len, unsigned flags, const char *const *names,
+                   size_t n_names, struct jscan_value *ret);
+
 /* Members of an object value jscan returned (so already valid). -EINVAL when obj is not an
  * object; ret->type JSCAN_NONE when the member is absent. */
 int jscan_member(const struct jscan_value *obj, const char *name, struct jscan_value *ret);
@@ -70,3 +82,34 @@ int jscan_uint(const struct jscan_value *v, uint64_t *ret);
  * (jansson refuses such a document: "real number overflow"); underflow gives 0 or a subnormal.
  * -EINVAL when v is not a number. */
 int jscan_double(const struct jscan_value *v, double *ret);
+
+/* Walking the elements of an array value or the members of an object value jscan returned, in
+ * the order of the text, duplicates included (jscan_member keeps the last one; a walk sees them
+ * all). Nothing is allocated; the iterator is only meaningful while the text lives. */
+struct jscan_iter {
+        const char *pos;        /* where the next element, or the comma before it, begins */
+        const char *end;        /* the container's closing bracket */
+        bool object;
+        int state;
+};
+
+/* -EINVAL when v is not an object or array value. */
+int jscan_iter_init(const struct jscan_value *v, struct jscan_iter *ret);
+
+/* The next element: returns 1 and writes ret_value and ret_name (a member's name as a
+ * JSCAN_STRING value, quotes included, for jscan_string/jscan_string_eq; JSCAN_NONE in an
+ * array); either may be NULL. Returns 0 after the last one (and again on every later call), or
+ * -EINVAL when the text turns out not to be valid JSON (a hand-made value; again on every later
+ * call), leaving both untouched. Each element is validated as it is stepped over. */
+int jscan_next(struct jscan_iter *it, struct jscan_value *ret_name, struct jscan_value *ret_value);
+
+/* jscan_next for a walk over objects, the elements of "keys" say: when the next element is an
+ * object, ret_members[i] is its member names[i] (JSCAN_NONE when absent; the last one of a
+ * duplicated name), found in the same step that validates it, so no second scan of the element
+ * as with jscan_members. For an element that is not an object every ret_members[i] is JSCAN_NONE
+ * (ret_value says what it is). Up to JSCAN_MAX_NAMES names, distinct (a name given twice is
+ * found at one of its places), fastest in the order the members are usually written in; returns
+ * as jscan_next, and writes
+ * ret_members and ret_value (may be NULL) only when it returns 1. */
+int jscan_next_members(struct jscan_iter *it, const char *const *names, size_t n_names,
+                       struct jscan_value *ret_members, struct jscan_value *ret_value);

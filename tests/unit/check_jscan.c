@@ -78,6 +78,79 @@ static void assert_same_member(const char *s, size_t len, json_t *root, const ch
         json_decref(got);
 }
 
+static bool is_ws(char c) {
+        return c == ' ' || c == '\t' || c == '\r' || c == '\n';
+}
+
+/* Walks an object jscan accepted (the text trimmed of its white space) and its arrays, and holds
+ * each step against jansson's tree: every name walked is one of jansson's, every array has
+ * jansson's elements in jansson's order. */
+static void assert_walk_matches(const char *s, size_t len, json_t *root, const char *what) {
+        struct jscan_value top = { JSCAN_OBJECT, s, len }, name, value;
+        struct jscan_iter it;
+        size_t walked = 0;
+        int r;
+
+        while (top.len > 0 && is_ws(top.text[0]))
+                top.text++, top.len--;
+        while (top.len > 0 && is_ws(top.text[top.len - 1]))
+                top.len--;
+        ck_assert_int_eq(jscan_iter_init(&top, &it), 0);
+        while ((r = jscan_next(&it, &name, &value)) > 0) {
+                char key[4096];
+                json_t *want;
+
+                walked++;
+                ck_assert_int_eq(name.type, JSCAN_STRING);
+                if (jscan_string(&name, key, sizeof key, NULL) < 0)
+                        continue;
+                want = json_object_get(root, key);
+                ck_assert_msg(want != NULL, "%s: walked a member '%s' jansson does not have", what, key);
+                if (value.type == JSCAN_ARRAY) {
+                        /* Held element by element against this very array as jansson reads it
+                         * (a duplicate name's earlier array is not in jansson's tree). */
+                        json_t *array = json_loadb(value.text, value.len, JSON_DECODE_ANY, NULL);
+                        struct jscan_value el, no_name;
+                        struct jscan_iter ai;
+                        size_t i = 0;
+
+                        ck_assert_msg(json_is_array(array), "%s: array span is not an array", what);
+                        ck_assert_int_eq(jscan_iter_init(&value, &ai), 0);
+                        while (jscan_next(&ai, &no_name, &el) > 0) {
+                                json_t *got = json_loadb(el.text, el.len, JSON_DECODE_ANY, NULL);
+
+                                ck_assert_int_eq(no_name.type, JSCAN_NONE);
+                                ck_assert_msg(got && json_equal(got, json_array_get(array, i)),
+                                              "%s: element %zu '%.*s' is not jansson's", what, i,
+                                              (int) el.len, el.text);
+                                json_decref(got);
+                                i++;
+                        }
+                        ck_assert_uint_eq(i, json_array_size(array));
+                        ck_assert_int_eq(jscan_next(&ai, NULL, NULL), 0);
+                        json_decref(array);
+                }
+        }
+        ck_assert_msg(r == 0, "%s: the walk failed with %d", what, r);
+        ck_assert_uint_ge(walked, json_object_size(root));
+}
+
+/* jscan_document with jansson's number limits: refuses exactly what jansson refuses or reads as
+ * something other than an object, overflowing numbers included; raw NUL bytes as ever aside. */
+static void compare_document_with_jansson(const char *s, size_t len, json_t *root, const char *what) {
+        bool accepted = root && json_is_object(root);
+        int r = jscan_document(s, len, JSCAN_JANSSON_NUMBERS, NULL, 0, NULL);
+
+        if (accepted && memchr(s, 0, len)) {
+                ck_assert_int_eq(r, -EINVAL);
+                return;
+        }
+        ck_assert_msg((r == 0) == accepted, "%s: jansson %s, jscan_document returned %d for '%.*s'",
+                      what, accepted ? "accepts" : "refuses", r, (int) (len > 200 ? 200 : len), s);
+        if (r == 0)
+                assert_walk_matches(s, len, root, what);
+}
+
 /* Compares jscan with jansson on one text: accept/refuse, the member "model", and (when
  * accepted) every top-level name jansson saw. Returns whether it was compared at all. */
 static bool compare_with_jansson(const char *s, size_t len, const char *what) {
@@ -87,6 +160,8 @@ static bool compare_with_jansson(const char *s, size_t len, const char *what) {
         bool accepted = root && json_is_object(root);
         const char *key;
         int r;
+
+        compare_document_with_jansson(s, len, root, what);
 
         if (!root && jansson_overflow(&e)) {
                 skipped_overflow++;
@@ -675,6 +750,202 @@ START_TEST(test_double_keeps_long_mantissas_exact_at_the_rounding_edge) {
 }
 END_TEST
 
+/* ---- whole documents and walks ------------------------------------------------------------ */
+
+START_TEST(test_document_with_jansson_numbers_refuses_what_jansson_refuses_at_the_int64_edges) {
+        static const struct {
+                const char *doc;
+                int r;
+        } cases[] = {
+                { "{\"n\":9223372036854775807}", 0 },
+                { "{\"n\":-9223372036854775808}", 0 },
+                { "{\"n\":9223372036854775808}", -EINVAL },
+                { "{\"n\":-9223372036854775809}", -EINVAL },
+                { "{\"n\":[1,{\"m\":10000000000000000000}]}", -EINVAL },
+                { "{\"n\":1.7976931348623157e308}", 0 },
+                { "{\"n\":1e309}", -EINVAL },
+                { "{\"n\":-1e-400}", 0 },
+                { "{\"n\":-0}", 0 },
+        };
+        static const char *const names[] = { "n" };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                struct jscan_value v = { .type = _JSCAN_TYPE_MAX };
+                size_t len = strlen(cases[i].doc);
+                json_t *root = json_loadb(cases[i].doc, len, 0, NULL);
+
+                ck_assert_msg((root != NULL) == (cases[i].r == 0), "jansson disagrees with case %zu", i);
+                json_decref(root);
+                ck_assert_int_eq(jscan_document(cases[i].doc, len, JSCAN_JANSSON_NUMBERS, names, 1, &v),
+                                 cases[i].r);
+                if (cases[i].r == 0)
+                        ck_assert_int_eq(v.type, JSCAN_NUMBER);
+                else
+                        ck_assert_int_eq(v.type, _JSCAN_TYPE_MAX);
+                /* Without the flag, numbers are syntax only, as everywhere else. */
+                ck_assert_int_eq(jscan_document(cases[i].doc, len, 0, names, 1, &v), 0);
+        }
+        ck_assert_int_eq(jscan_document("{}", 2, 0x80, NULL, 0, NULL), -EINVAL);
+        ck_assert_int_eq(jscan_document("[]", 2, 0, NULL, 0, NULL), -EINVAL);
+}
+END_TEST
+
+START_TEST(test_walk_yields_every_member_in_order_duplicates_included_then_zero) {
+        static const char doc[] = "{ \"a\" : 1 , \"b\":[true,{\"x\":null}], \"a\":\"two\", \"c\\u0041\":{} }";
+        static const char *const want_names[] = { "a", "b", "a", "cA" };
+        static const char *const want_values[] = { "1", "[true,{\"x\":null}]", "\"two\"", "{}" };
+        struct jscan_value top, name, value;
+        struct jscan_iter it;
+        size_t i = 0;
+
+        ck_assert_int_eq(jscan_document(doc, strlen(doc), 0, NULL, 0, NULL), 0);
+        top = (struct jscan_value) { JSCAN_OBJECT, doc, strlen(doc) };
+        ck_assert_int_eq(jscan_iter_init(&top, &it), 0);
+        while (jscan_next(&it, &name, &value) > 0) {
+                ck_assert_uint_lt(i, N(want_names));
+                ck_assert(jscan_string_eq(&name, want_names[i]));
+                ck_assert_uint_eq(value.len, strlen(want_values[i]));
+                ck_assert(memcmp(value.text, want_values[i], value.len) == 0);
+                i++;
+        }
+        ck_assert_uint_eq(i, N(want_names));
+        ck_assert_int_eq(jscan_next(&it, &name, &value), 0);
+        ck_assert_int_eq(jscan_next(&it, NULL, NULL), 0);
+}
+END_TEST
+
+START_TEST(test_walk_over_an_array_gives_elements_of_every_type_and_no_names) {
+        static const char doc[] = "[ \"s\\n\", -1.5e3, {\"k\":[1]}, [], true, false, null ]";
+        static const enum jscan_type want[] = { JSCAN_STRING, JSCAN_NUMBER, JSCAN_OBJECT, JSCAN_ARRAY,
+                                                JSCAN_TRUE, JSCAN_FALSE, JSCAN_NULL };
+        struct jscan_value arr = { JSCAN_ARRAY, doc, strlen(doc) }, name, value;
+        struct jscan_iter it;
+        size_t i = 0;
+
+        ck_assert_int_eq(jscan_iter_init(&arr, &it), 0);
+        while (jscan_next(&it, &name, &value) > 0) {
+                ck_assert_uint_lt(i, N(want));
+                ck_assert_int_eq(value.type, want[i]);
+                ck_assert_int_eq(name.type, JSCAN_NONE);
+                ck_assert_ptr_null(name.text);
+                i++;
+        }
+        ck_assert_uint_eq(i, N(want));
+
+        for (size_t k = 0; k < 2; k++) {
+                static const char *const empty[] = { "[]", "[ \n ]" };
+
+                arr = (struct jscan_value) { JSCAN_ARRAY, empty[k], strlen(empty[k]) };
+                ck_assert_int_eq(jscan_iter_init(&arr, &it), 0);
+                ck_assert_int_eq(jscan_next(&it, NULL, NULL), 0);
+        }
+}
+END_TEST
+
+START_TEST(test_walk_over_a_hand_made_broken_value_is_einval_and_stays_so_leaving_ret_alone) {
+        static const struct {
+                enum jscan_type type;
+                const char *text;
+                unsigned good;          /* elements before the break */
+        } cases[] = {
+                { JSCAN_ARRAY, "[1,]", 1 },
+                { JSCAN_ARRAY, "[,1]", 0 },
+                { JSCAN_ARRAY, "[1 2]", 1 },
+                { JSCAN_ARRAY, "[1]]", 1 },
+                { JSCAN_ARRAY, "[\"abc]", 0 },
+                { JSCAN_ARRAY, "[{\"a\":1]", 0 },
+                { JSCAN_ARRAY, "[01]", 1 },     /* "0", then no comma */
+                { JSCAN_OBJECT, "{\"a\":1,}", 1 },
+                { JSCAN_OBJECT, "{\"a\" 1}", 0 },
+                { JSCAN_OBJECT, "{1:1}", 0 },
+                { JSCAN_OBJECT, "{\"a\":}", 0 },
+        };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                struct jscan_value v = { cases[i].type, cases[i].text, strlen(cases[i].text) };
+                struct jscan_value name, value;
+                struct jscan_iter it;
+                unsigned n = 0;
+                int r;
+
+                ck_assert_int_eq(jscan_iter_init(&v, &it), 0);
+                while ((r = jscan_next(&it, &name, &value)) > 0)
+                        n++;
+                ck_assert_msg(r == -EINVAL && n == cases[i].good, "case %zu: %d after %u elements", i, r, n);
+                value.type = _JSCAN_TYPE_MAX;
+                ck_assert_int_eq(jscan_next(&it, &name, &value), -EINVAL);
+                ck_assert_int_eq(value.type, _JSCAN_TYPE_MAX);
+        }
+}
+END_TEST
+
+START_TEST(test_iter_init_refuses_what_is_not_a_container) {
+        struct jscan_value bad[] = {
+                { JSCAN_STRING, "\"x\"", 3 },
+                { JSCAN_OBJECT, "[]", 2 },
+                { JSCAN_ARRAY, "{}", 2 },
+                { JSCAN_ARRAY, "[", 1 },
+                { JSCAN_ARRAY, NULL, 0 },
+                { JSCAN_NONE, NULL, 0 },
+        };
+        struct jscan_iter it;
+
+        for (size_t i = 0; i < N(bad); i++)
+                ck_assert_int_eq(jscan_iter_init(&bad[i], &it), -EINVAL);
+        ck_assert_int_eq(jscan_iter_init(NULL, &it), -EINVAL);
+        ck_assert_int_eq(jscan_next(NULL, NULL, NULL), -EINVAL);
+}
+END_TEST
+
+START_TEST(test_next_members_finds_fields_of_each_object_element_in_any_order) {
+        static const char doc[] =
+                "[{\"id\":\"a\",\"n\":1,\"extra\":{\"id\":\"inner\"}},"
+                "{\"n\":2,\"id\":\"b\",\"id\":\"b2\"},"
+                "\"not an object\","
+                "{},"
+                "{\"i\\u0064\":\"c\"}]";
+        static const char *const names[] = { "id", "n" };
+        static const char *const want_id[] = { "a", "b2", NULL, NULL, "c" };
+        static const char *const want_n[] = { "1", "2", NULL, NULL, NULL };
+        struct jscan_value arr = { JSCAN_ARRAY, doc, strlen(doc) }, f[2], value;
+        struct jscan_iter it;
+        size_t i = 0;
+        int r;
+
+        ck_assert_int_eq(jscan_iter_init(&arr, &it), 0);
+        while ((r = jscan_next_members(&it, names, N(names), f, &value)) > 0) {
+                ck_assert_uint_lt(i, N(want_id));
+                ck_assert_int_eq(value.type, i == 2 ? JSCAN_STRING : JSCAN_OBJECT);
+                if (want_id[i])
+                        ck_assert(jscan_string_eq(&f[0], want_id[i]));
+                else
+                        ck_assert_int_eq(f[0].type, JSCAN_NONE);
+                if (want_n[i])
+                        ck_assert(f[1].len == 1 && f[1].text[0] == want_n[i][0]);
+                else
+                        ck_assert_int_eq(f[1].type, JSCAN_NONE);
+                i++;
+        }
+        ck_assert_int_eq(r, 0);
+        ck_assert_uint_eq(i, N(want_id));
+}
+END_TEST
+
+START_TEST(test_next_members_on_a_broken_element_is_einval_and_leaves_ret_alone) {
+        static const char doc[] = "[{\"id\":\"a\"},{\"id\":\"b\",}]";
+        static const char *const names[] = { "id" };
+        struct jscan_value arr = { JSCAN_ARRAY, doc, strlen(doc) }, f[1], value;
+        struct jscan_iter it;
+
+        ck_assert_int_eq(jscan_iter_init(&arr, &it), 0);
+        ck_assert_int_eq(jscan_next_members(&it, names, 1, f, &value), 1);
+        ck_assert(jscan_string_eq(&f[0], "a"));
+        ck_assert_int_eq(jscan_next_members(&it, names, 1, f, &value), -EINVAL);
+        ck_assert(jscan_string_eq(&f[0], "a"));
+        ck_assert_int_eq(jscan_next_members(&it, names, JSCAN_MAX_NAMES + 1, f, &value), -EINVAL);
+}
+END_TEST
+
 static Suite *jscan_suite(void) {
         Suite *s = suite_create("jscan");
         TCase *tc = tcase_create("core");
@@ -698,6 +969,13 @@ static Suite *jscan_suite(void) {
         tcase_add_test(tc, test_uint_takes_plain_non_negative_integers_only);
         tcase_add_test(tc, test_double_rounds_like_strtod_and_refuses_overflow_like_jansson);
         tcase_add_test(tc, test_double_keeps_long_mantissas_exact_at_the_rounding_edge);
+        tcase_add_test(tc, test_document_with_jansson_numbers_refuses_what_jansson_refuses_at_the_int64_edges);
+        tcase_add_test(tc, test_walk_yields_every_member_in_order_duplicates_included_then_zero);
+        tcase_add_test(tc, test_walk_over_an_array_gives_elements_of_every_type_and_no_names);
+        tcase_add_test(tc, test_walk_over_a_hand_made_broken_value_is_einval_and_stays_so_leaving_ret_alone);
+        tcase_add_test(tc, test_iter_init_refuses_what_is_not_a_container);
+        tcase_add_test(tc, test_next_members_finds_fields_of_each_object_element_in_any_order);
+        tcase_add_test(tc, test_next_members_on_a_broken_element_is_einval_and_leaves_ret_alone);
         suite_add_tcase(s, tc);
         return s;
 }

@@ -387,6 +387,59 @@ START_TEST(test_unknown_and_broken_keys_are_ignored_and_counted)
 }
 END_TEST
 
+START_TEST(test_a_number_jansson_cannot_hold_anywhere_refuses_the_document_as_before)
+{
+        static const char *const docs[] = {
+                "{\"format\":\"keypool-state\",\"version\":1,\"future\":[9223372036854775808],\"keys\":[]}",
+                "{\"format\":\"keypool-state\",\"version\":1,\"keys\":[{\"id\":\"x\",\"requests\":-9223372036854775809}]}",
+                "{\"format\":\"keypool-state\",\"version\":1,\"keys\":[],\"history\":[{\"cooldown_s\":1e400}]}",
+        };
+        struct fixture f;
+
+        fixture_setup_at(&f, 1000);
+        for (unsigned i = 0; i < sizeof docs / sizeof docs[0]; i++) {
+                char err[256] = "";
+
+                ck_assert_int_eq(import(&f, docs[i], 1000, WALL0, NULL, err, sizeof err), -EINVAL);
+                ck_assert_msg(strstr(err, "not JSON") != NULL, "document %u: '%s'", i, err);
+        }
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_escaped_text_duplicates_and_odd_but_valid_fields_read_as_jansson_read_them)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct persist_report rep;
+        char doc[2048], err[256] = "";
+
+        fixture_setup_at(&f, 1000);
+        /* key 0: escaped pool, id and state, the last "requests" counts, a fraction of any length;
+         * key 1: a deadline that is no time, on a ready key, which never reads it;
+         * key 2: the largest count jansson held, and -0. */
+        snprintf(doc, sizeof doc,
+                 "{\"format\":\"keypool-st\\u0061te\",\"version\":1,\"keys\":["
+                 "{\"pool\":\"open\\u0072outer\",\"id\":\"%.3s\\u00%02x%s\",\"st\\u0061te\":\"dis\\u0061bled\","
+                 "\"requests\":1,\"requests\":5,\"last_used\":\"1970-01-01T00:00:00.0000000000000000000000000000000000000000000000000000000000000000001Z\"},"
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"cooldown_until\":\"whenever\",\"requests\":7},"
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"tokens_in\":9223372036854775807,"
+                 "\"tokens_out\":-0,\"last_status\":-0}]}",
+                 f.id[0], (unsigned char) f.id[0][3], f.id[0] + 4, f.id[1], f.id[2]);
+        ck_assert_msg(import(&f, doc, 1000, WALL0, &rep, err, sizeof err) == 0, "refused: %s", err);
+        ck_assert_uint_eq(rep.imported, 3);
+        ck_assert_uint_eq(rep.ignored, 0);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_DISABLED);
+        ck_assert_uint_eq(v[0].requests, 5);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+        ck_assert_uint_eq(v[1].requests, 7);
+        ck_assert_uint_eq(v[2].tokens_in, UINT64_C(9223372036854775807));
+        ck_assert_uint_eq(v[2].tokens_out, 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
 START_TEST(test_keys_match_by_pool_and_id_else_by_id_alone)
 {
         struct fixture f;
@@ -675,6 +728,8 @@ static Suite *persist_suite(void) {
         tcase_add_test(tc, test_the_document_has_the_envelope_and_rfc3339_utc_times);
         tcase_add_test(tc, test_corrupt_foreign_and_other_version_documents_are_refused_with_a_reason);
         tcase_add_test(tc, test_unknown_and_broken_keys_are_ignored_and_counted);
+        tcase_add_test(tc, test_a_number_jansson_cannot_hold_anywhere_refuses_the_document_as_before);
+        tcase_add_test(tc, test_escaped_text_duplicates_and_odd_but_valid_fields_read_as_jansson_read_them);
         tcase_add_test(tc, test_keys_match_by_pool_and_id_else_by_id_alone);
         tcase_add_test(tc, test_times_are_read_as_rfc3339_and_impossible_dates_are_skipped);
         tcase_add_test(tc, test_a_rest_beyond_year_9999_is_written_as_the_last_second_and_still_rests);
