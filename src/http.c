@@ -828,20 +828,31 @@ static void peer_stopped_sending(struct http_conn *c) {
         conn_update_events(c);
 }
 
+/* One recv: the byte count, 0 at end of input, or -1 when nothing is there now (or the
+ * connection was closed on an error). */
+static ssize_t conn_recv(struct http_conn *c, char *data, size_t size) {
+        for (;;) {
+                ssize_t n = recv(c->fd, data, size, MSG_DONTWAIT);
+
+                if (n >= 0)
+                        return n;
+                if (errno == EINTR)
+                        continue;
+                if (errno != EAGAIN)
+                        conn_close(c);
+                return -1;
+        }
+}
+
 /* Bytes that arrive while a request is served wait in pending for their turn. */
 static void conn_read_ahead(struct http_conn *c) {
         char data[READ_CHUNK];
 
         while (!c->dead && !c->half_closed && buf_pending(&c->pending) < PENDING_MAX) {
-                ssize_t n = recv(c->fd, data, sizeof data, MSG_DONTWAIT);
+                ssize_t n = conn_recv(c, data, sizeof data);
 
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno != EAGAIN)
-                                conn_close(c);
+                if (n < 0)
                         return;
-                }
                 if (n == 0) {
                         peer_stopped_sending(c);
                         return;
@@ -859,15 +870,10 @@ static void conn_read(struct http_conn *c) {
         char data[READ_CHUNK];
 
         for (int rounds = 0; rounds < 16 && !c->dead && c->phase == PHASE_READING; rounds++) {
-                ssize_t n = recv(c->fd, data, sizeof data, MSG_DONTWAIT);
+                ssize_t n = conn_recv(c, data, sizeof data);
 
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        if (errno != EAGAIN)
-                                conn_close(c);
+                if (n < 0)
                         return;
-                }
                 if (n == 0) {
                         /* EOF: a client that half-closes after a complete request is served;
                          * one that hangs up mid-request is simply gone. */
