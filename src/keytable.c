@@ -1667,6 +1667,9 @@ static void key_put(const struct keytable *t, unsigned p, uint32_t k, enum kt_pl
                     int64_t at_ms) {
         struct kt_pool *pool = &t->pools[p];
 
+        /* Taking the key out found the index out of order: it is rebuilt, not followed. */
+        if (!pool->index_valid)
+                return;
         t->links[k].place = place;
         switch (place) {
         case KT_LISTED:

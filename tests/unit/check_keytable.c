@@ -3618,7 +3618,10 @@ START_TEST(test_choices_stay_right_after_workers_die_in_the_middle_of_index_upda
 
                 /* What the child did to the LRU order is its own: make every key ready again,
                  * past every rest, then learn the order from one round, which must take each key
-                 * exactly once. */
+                 * exactly once. The model's own leases go back first: that round needs a free
+                 * lease in slot 0 for every acquire. */
+                while (m.n_leases > 0)
+                        keytable_release(m.t, &m.lease[--m.n_leases], NULL, m.now, NULL);
                 model_read(&m, 0, v);
                 for (unsigned i = 0; i < n_keys; i++) {
                         ck_assert_int_eq(keytable_enable(m.t, m.first[0] + i, m.now, NULL), 0);
@@ -3640,8 +3643,22 @@ START_TEST(test_choices_stay_right_after_workers_die_in_the_middle_of_index_upda
                         m.use_seq[l.key] = ++m.seq[0];
                         keytable_release(m.t, &l, NULL, m.now, NULL);
                 }
-                for (unsigned i = 0; i < 300; i++)
-                        model_step(&m);
+                /* The next rounds go in the same order: least recently used first, whatever
+                 * the dead worker left half-done in the index. (A longer random run against
+                 * the model would compare with a reference that cannot know everything the
+                 * child changed, such as its account-wide suspicion of the pool; the scribbled
+                 * index test above does that comparison after a death at a known point.) */
+                for (unsigned again = 0; again < 2; again++)
+                        for (unsigned i = 0; i < n_keys; i++) {
+                                struct keytable_lease l;
+
+                                m.now++;
+                                ck_assert_int_eq(keytable_acquire(m.t, m.slot[0], m.pool[0], m.now,
+                                                                  KEYTABLE_NO_KEY, &l, NULL, NULL), 0);
+                                ck_assert_msg(l.key == order[i], "round %u: key %u out of LRU order "
+                                              "(expected %u)", round, l.key, order[i]);
+                                keytable_release(m.t, &l, NULL, m.now, NULL);
+                        }
         }
         keytable_destroy(m.t);
 }
