@@ -39,6 +39,8 @@
 #define MAX_SSE_EVENT           (64 * 1024)     /* an SSE event longer than this is not inspected */
 #define MAX_ANSWER_HEADERS      128
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
+#define SPARE_REQUESTS          64              /* finished request records kept for new ones */
+#define SPARE_BUFFER_MAX        (64 * 1024)     /* … with answer buffers no larger than this */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
 
@@ -72,7 +74,7 @@ struct proxy_request {
         const struct config_pool *cpool;
         const struct config_provider *provider;
         unsigned first_key;             /* the pool's first row in the table */
-        char *url;                      /* upstream URL */
+        char *url;                      /* upstream URL, in the headers block */
         char *body;                     /* forwarded body: the client's, or rewritten */
         size_t body_len;
         bool own_body;
@@ -100,8 +102,10 @@ struct proxy_request {
         /* the current attempt's answer */
         enum answer_mode mode;
         int status;
-        char *answer_headers[MAX_ANSWER_HEADERS];
+        size_t answer_header_off[MAX_ANSWER_HEADERS]; /* each line's start in answer_text */
         size_t n_answer_headers;
+        char *answer_text;              /* the answer's header lines, NUL-terminated, one buffer */
+        size_t answer_text_len, answer_text_cap;
         char *answer_body;              /* MODE_BUFFER: the body; MODE_STREAM: a copy for usage */
         size_t answer_len, answer_cap;
         bool sse;                       /* text/event-stream */
@@ -118,6 +122,7 @@ struct proxy_request {
         bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
         bool pressure;                  /* the client's output buffer is full */
         bool paused;                    /* the transfer is paused on pressure */
+        struct proxy_request *next_spare;
 };
 
 static void attempt(struct proxy_request *pr);
@@ -302,13 +307,25 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
 
 /* --- the request's life ------------------------------------------------------------------ */
 
+/* One of the answer's header lines. */
+static const char *answer_line(const struct proxy_request *pr, size_t i) {
+        return pr->answer_text + pr->answer_header_off[i];
+}
+
+/* Empties a buffer, keeping its memory unless it grew large. */
+static void buffer_clear(char **buf, size_t *len, size_t *cap) {
+        if (*cap > SPARE_BUFFER_MAX) {
+                free(*buf);
+                *buf = NULL;
+                *cap = 0;
+        }
+        *len = 0;
+}
+
 static void answer_reset(struct proxy_request *pr) {
-        for (size_t i = 0; i < pr->n_answer_headers; i++)
-                free(pr->answer_headers[i]);
         pr->n_answer_headers = 0;
-        free(pr->answer_body);
-        pr->answer_body = NULL;
-        pr->answer_len = pr->answer_cap = 0;
+        buffer_clear(&pr->answer_text, &pr->answer_text_len, &pr->answer_text_cap);
+        buffer_clear(&pr->answer_body, &pr->answer_len, &pr->answer_cap);
         free(pr->event);
         pr->event = NULL;
         pr->event_len = pr->event_cap = 0;
@@ -343,6 +360,41 @@ static void queue_remove(struct proxy_request *pr) {
         pr->step = STEP_NEW;
 }
 
+/* A zeroed request record: a finished one with its answer buffers, or a new one. */
+static struct proxy_request *request_get(struct proxy_context *p) {
+        struct proxy_request *pr = p->spare_requests;
+        char *text, *body;
+        size_t text_cap, body_cap;
+
+        if (!pr)
+                return calloc(1, sizeof *pr);
+        p->spare_requests = pr->next_spare;
+        p->n_spare_requests--;
+        text = pr->answer_text;
+        text_cap = pr->answer_text_cap;
+        body = pr->answer_body;
+        body_cap = pr->answer_cap;
+        *pr = (struct proxy_request) {
+                .answer_text = text, .answer_text_cap = text_cap,
+                .answer_body = body, .answer_cap = body_cap,
+        };
+        return pr;
+}
+
+static void request_put(struct proxy_request *pr) {
+        struct proxy_context *p = pr->ctx;
+
+        if (p->n_spare_requests < SPARE_REQUESTS) {
+                pr->next_spare = p->spare_requests;
+                p->spare_requests = pr;
+                p->n_spare_requests++;
+                return;
+        }
+        free(pr->answer_text);
+        free(pr->answer_body);
+        free(pr);
+}
+
 static void request_free(struct proxy_request *pr) {
         queue_remove(pr);
         sd_event_source_disable_unref(pr->timer);
@@ -353,16 +405,15 @@ static void request_free(struct proxy_request *pr) {
         answer_reset(pr);
         if (pr->own_body)
                 free(pr->body);
-        free(pr->url);
         pr->ctx->active--;
-        free(pr);
+        request_put(pr);
 }
 
 /* The current answer's status and headers as policy reads them (pointing into pr; no body). */
 static void answer_view(const struct proxy_request *pr, struct answer_header *ah, struct upstream_answer *ret) {
         *ret = (struct upstream_answer) { .status = pr->status, .headers = ah };
         for (size_t i = 0; i < pr->n_answer_headers; i++) {
-                const char *line = pr->answer_headers[i], *colon = strchr(line, ':');
+                const char *line = answer_line(pr, i), *colon = strchr(line, ':');
                 const char *value;
 
                 if (!colon)
@@ -438,7 +489,7 @@ static size_t answer_headers(struct proxy_request *pr, struct http_header *h, si
         size_t n = 0, used = 0;
 
         for (size_t i = 0; i < pr->n_answer_headers && n + 3 < max; i++) {
-                const char *line = pr->answer_headers[i];
+                const char *line = answer_line(pr, i);
                 const char *colon = strchr(line, ':');
                 size_t len;
 
@@ -586,18 +637,20 @@ static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *user
                         return len;
                 pr->mode = pr->status >= 200 && pr->status < 300 ? MODE_STREAM : MODE_BUFFER;
                 for (size_t i = 0; i < pr->n_answer_headers; i++)
-                        if (header_is(pr->answer_headers[i], "Content-Type") &&
-                            strcasestr(pr->answer_headers[i], "text/event-stream"))
+                        if (header_is(answer_line(pr, i), "Content-Type") &&
+                            strcasestr(answer_line(pr, i), "text/event-stream"))
                                 pr->sse = true;
                 pr->holding = pr->mode == MODE_STREAM && pr->sse;
                 return len;
         }
         if (pr->n_answer_headers < MAX_ANSWER_HEADERS) {
-                char *line = strndup(data, trimmed);
+                size_t off = pr->answer_text_len;
 
-                if (!line)
+                /* buf_add ends the text with a NUL, kept as the line's end. */
+                if (buf_add(&pr->answer_text, &pr->answer_text_len, &pr->answer_text_cap, data, trimmed) < 0)
                         return 0;
-                pr->answer_headers[pr->n_answer_headers++] = line;
+                pr->answer_text_len++;
+                pr->answer_header_off[pr->n_answer_headers++] = off;
         }
         return len;
 }
@@ -1401,6 +1454,7 @@ static bool forwarded(const struct config_provider *prov, const struct http_fiel
 static int build_request_headers(struct proxy_request *pr, const struct http_request *req) {
         static const char content_type[] = "Content-Type: application/json", expect[] = "Expect:";
         const struct config_provider *prov = pr->provider;
+        const char *rest = req->url + strlen("/v1/");
         size_t n = 1 + prov->n_headers + 2, text = AUTH_LINE_MAX + sizeof content_type + sizeof expect;
         bool has_content_type = false;
         struct curl_slist *nodes;
@@ -1409,6 +1463,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
 
         for (unsigned i = 0; i < prov->n_headers; i++)
                 text += strlen(prov->headers[i]) + 1;
+        text += strlen(prov->base_url) + 1 + strlen(rest) + 1;
         for (size_t i = 0; i < req->n_fields; i++)
                 if (forwarded(prov, &req->fields[i])) {
                         n++;
@@ -1446,6 +1501,10 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
                 t += sizeof content_type;
         }
         nodes[k++].data = strcpy(t, expect);
+        t += sizeof expect;
+        /* The upstream URL: the provider's base and the client's path after /v1/. */
+        pr->url = t;
+        stpcpy(stpcpy(stpcpy(t, prov->base_url), "/"), rest);
         for (size_t i = 0; i < k; i++)
                 nodes[i].next = i + 1 < k ? &nodes[i + 1] : NULL;
         pr->headers = nodes;
@@ -1468,7 +1527,6 @@ static int64_t max_wait_ms(const struct proxy_context *p, const struct http_requ
 
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req) {
         struct proxy_request *pr;
-        const char *rest;
 
         if (strcmp(req->method, "POST") != 0) {
                 http_conn_respond_error(c, 405, "invalid_request_error", "method_not_allowed",
@@ -1476,7 +1534,7 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
                                         "only POST is proxied");
                 return;
         }
-        pr = calloc(1, sizeof *pr);
+        pr = request_get(p);
         if (!pr) {
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
                 return;
@@ -1495,10 +1553,7 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
                 request_free(pr);
                 return;
         }
-        rest = req->url + strlen("/v1/");
-        if (asprintf(&pr->url, "%s/%s", pr->provider->base_url, rest) < 0 ||
-            build_request_headers(pr, req) < 0) {
-                pr->url = NULL;
+        if (build_request_headers(pr, req) < 0) {
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
                 request_free(pr);
                 return;
@@ -1540,6 +1595,15 @@ void proxy_done(struct proxy_context *p) {
         p->queues = NULL;
         while (p->n_spare > 0)
                 curl_easy_cleanup(p->spare[--p->n_spare]);
+        while (p->spare_requests) {
+                struct proxy_request *pr = p->spare_requests;
+
+                p->spare_requests = pr->next_spare;
+                free(pr->answer_text);
+                free(pr->answer_body);
+                free(pr);
+        }
+        p->n_spare_requests = 0;
         p->kick = sd_event_source_disable_unref(p->kick);
         p->probe_timer = sd_event_source_disable_unref(p->probe_timer);
 }

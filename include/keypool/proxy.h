@@ -40,6 +40,8 @@ struct proxy_context {
         unsigned probes;                /* probes in flight */
         CURL *spare[PROXY_SPARE_HANDLES]; /* finished transfers' handles, set up for the next */
         unsigned n_spare;
+        struct proxy_request *spare_requests; /* finished requests' records, for the next */
+        unsigned n_spare_requests;
 };
 
 /* Sets up queues, timers and the probe schedule for a worker's event loop. */
