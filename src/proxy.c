@@ -80,6 +80,7 @@ struct proxy_request {
         bool own_body;
         struct curl_slist *headers;     /* every request header, in one block built once: the
                                          * auth line's node first (its text is auth) */
+        size_t headers_size;            /* bytes allocated for the block */
         char *auth;                     /* AUTH_LINE_MAX bytes, the current key's line; wiped
                                          * when an attempt ends */
         char request_id[24];
@@ -363,8 +364,9 @@ static void queue_remove(struct proxy_request *pr) {
 /* A zeroed request record: a finished one with its answer buffers, or a new one. */
 static struct proxy_request *request_get(struct proxy_context *p) {
         struct proxy_request *pr = p->spare_requests;
+        struct curl_slist *headers;
         char *text, *body;
-        size_t text_cap, body_cap;
+        size_t text_cap, body_cap, headers_size;
 
         if (!pr)
                 return calloc(1, sizeof *pr);
@@ -374,9 +376,12 @@ static struct proxy_request *request_get(struct proxy_context *p) {
         text_cap = pr->answer_text_cap;
         body = pr->answer_body;
         body_cap = pr->answer_cap;
+        headers = pr->headers;
+        headers_size = pr->headers_size;
         *pr = (struct proxy_request) {
                 .answer_text = text, .answer_text_cap = text_cap,
                 .answer_body = body, .answer_cap = body_cap,
+                .headers = headers, .headers_size = headers_size,
         };
         return pr;
 }
@@ -390,6 +395,7 @@ static void request_put(struct proxy_request *pr) {
                 p->n_spare_requests++;
                 return;
         }
+        free(pr->headers);
         free(pr->answer_text);
         free(pr->answer_body);
         free(pr);
@@ -401,7 +407,6 @@ static void request_free(struct proxy_request *pr) {
         if (pr->easy)
                 curl_easy_cleanup(pr->easy);
         wipe_auth(pr);
-        free(pr->headers);
         answer_reset(pr);
         if (pr->own_body)
                 free(pr->body);
@@ -1469,9 +1474,17 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
                         n++;
                         text += strlen(req->fields[i].name) + 2 + strlen(req->fields[i].value) + 1;
                 }
-        nodes = malloc(n * sizeof *nodes + text);
-        if (!nodes)
-                return -ENOMEM;
+        /* A recycled record's block is used again when it is large enough. */
+        if (pr->headers_size < n * sizeof *nodes + text) {
+                free(pr->headers);
+                pr->headers = NULL;
+                pr->headers_size = 0;
+                nodes = malloc(n * sizeof *nodes + text);
+                if (!nodes)
+                        return -ENOMEM;
+                pr->headers_size = n * sizeof *nodes + text;
+        } else
+                nodes = pr->headers;
         t = (char *) (nodes + n);
 
         pr->auth = t;
@@ -1599,6 +1612,7 @@ void proxy_done(struct proxy_context *p) {
                 struct proxy_request *pr = p->spare_requests;
 
                 p->spare_requests = pr->next_spare;
+                free(pr->headers);
                 free(pr->answer_text);
                 free(pr->answer_body);
                 free(pr);
