@@ -606,6 +606,13 @@ static void load_state(struct supervisor *s) {
         }
         r = persist_import(s->table, text, len, clock_mono_ms(), clock_wall_ms(), &report, err, sizeof err);
         free(text);
+        /* Out of memory, or the table moved under the import: nothing is wrong with the file,
+         * and it is kept for the next start. */
+        if (r == -ENOMEM || r == -EAGAIN) {
+                log_warning("cannot restore the state file %s now: %s; starting fresh, the file is kept",
+                            path, strerror(-r));
+                return;
+        }
         if (r < 0) {
                 if (persist_move_aside(path, clock_wall_ms(), &aside) >= 0)
                         log_warning("state file %s is not usable (%s): moved aside to %s; starting fresh",
