@@ -10,9 +10,7 @@
 #define _GNU_SOURCE             /* asprintf */
 #endif
 #include <errno.h>
-#include <fcntl.h>
 #include <getopt.h>
-#include <libgen.h>
 #include <poll.h>
 #include <limits.h>
 #include <signal.h>
@@ -21,7 +19,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
@@ -31,6 +28,7 @@
 
 #include "keypool/conf.h"
 #include "keypool/ctl.h"
+#include "keypool/persist.h"
 
 enum {
         EXIT_OK = 0,
@@ -342,61 +340,6 @@ static int get_and_show(struct ctl *c, const char *what, const char *path, ctl_w
 
 /* --- files -------------------------------------------------------------------------------- */
 
-/* Replaces path with data in one step: a reader (or a crash) sees the old file or the new one,
- * never half of it. The state carries no secret, but its counters and history are still the
- * operator's business, hence 0600. */
-static int write_atomically(const char *path, const char *data, size_t size) {
-        char *tmp = NULL, *dir_copy = NULL;
-        size_t done = 0;
-        int fd, dfd, r = 0;
-
-        tmp = text_printf("%s.XXXXXX", path);
-        if (!tmp)
-                return -ENOMEM;
-        fd = mkstemp(tmp);
-        if (fd < 0) {
-                r = -errno;
-                free(tmp);
-                return r;
-        }
-        if (fchmod(fd, 0600) < 0)
-                r = -errno;
-        while (r == 0 && done < size) {
-                ssize_t n = write(fd, data + done, size - done);
-
-                if (n < 0 && errno == EINTR)
-                        continue;
-                if (n < 0)
-                        r = -errno;
-                else
-                        done += (size_t) n;
-        }
-        if (r == 0 && fsync(fd) < 0)
-                r = -errno;
-        if (close(fd) < 0 && r == 0)
-                r = -errno;
-        if (r == 0 && rename(tmp, path) < 0)
-                r = -errno;
-        if (r < 0) {
-                unlink(tmp);
-                free(tmp);
-                return r;
-        }
-        free(tmp);
-
-        /* The rename itself lives in the directory: without this a power cut may undo it. */
-        dir_copy = strdup(path);
-        if (dir_copy) {
-                dfd = open(dirname(dir_copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-                if (dfd >= 0) {
-                        (void) fsync(dfd);
-                        close(dfd);
-                }
-                free(dir_copy);
-        }
-        return 0;
-}
-
 /* The whole of path ("-": stdin) as a NUL-terminated buffer. */
 static int read_all(const char *path, char **ret, size_t *ret_size) {
         FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "re");
@@ -573,7 +516,9 @@ static int cmd_export(struct ctl *c, char **args) {
                 ret = print_json(c, &r);
                 goto finish;
         }
-        ret = write_atomically(file, r.body, r.size);
+        /* Atomically and 0600, as the daemon saves its own state: a reader (or a crash) sees the
+         * old file or the new one, and the counters and history are the operator's business. */
+        ret = persist_save(file, r.body ? r.body : "");
         if (ret < 0) {
                 complain("export: cannot write %s: %s", file, strerror(-ret));
                 ret = EXIT_FAILED;
