@@ -63,7 +63,6 @@ enum conn_phase {
 struct http_conn {
         int fd;
         struct http_poller *poller;
-        sd_event *event;
         uint32_t events;                /* what fd is registered for */
         sd_event_source *timer;
         bool kick_due;                  /* in the poller's kick list: continue pipelining,
@@ -597,7 +596,7 @@ static void arm_timer(struct http_conn *c) {
         uint64_t now;
         int enabled = SD_EVENT_OFF;
 
-        if (sd_event_now(c->event, CLOCK_MONOTONIC, &now) < 0)
+        if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) < 0)
                 return;
         c->deadline_usec = now + c->limits->timeout_usec;
         if (sd_event_source_get_enabled(c->timer, &enabled) >= 0 && enabled != SD_EVENT_OFF)
@@ -803,7 +802,7 @@ static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         struct http_conn *c = userdata;
         uint64_t now;
 
-        if (sd_event_now(c->event, CLOCK_MONOTONIC, &now) >= 0 && now < c->deadline_usec) {
+        if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) >= 0 && now < c->deadline_usec) {
                 if (sd_event_source_set_time(c->timer, c->deadline_usec) >= 0)
                         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
                 return 0;
@@ -925,7 +924,6 @@ int http_conn_new(struct http_poller *p, int fd, const struct http_limits *limit
                 return -ENOMEM;
         c->fd = -1;
         c->poller = p;
-        c->event = p->event;
         c->limits = limits;
         c->handler = h;
         c->userdata = userdata;

@@ -381,20 +381,16 @@ static inline int scan_scalar(const unsigned char **pp, const unsigned char *end
                         return -EINVAL;
                 break;
         case 't':
-                if (end - p < 4 || memcmp(p, "true", 4) != 0)
-                        return -EINVAL;
-                p += 4;
-                break;
         case 'f':
-                if (end - p < 5 || memcmp(p, "false", 5) != 0)
+        case 'n': {
+                const char *word = *p == 't' ? "true" : *p == 'f' ? "false" : "null";
+                size_t n = strlen(word);
+
+                if ((size_t) (end - p) < n || memcmp(p, word, n) != 0)
                         return -EINVAL;
-                p += 5;
+                p += n;
                 break;
-        case 'n':
-                if (end - p < 4 || memcmp(p, "null", 4) != 0)
-                        return -EINVAL;
-                p += 4;
-                break;
+        }
         case '-':
         case '0' ... '9':
                 if (scan_number(&p, end) < 0)
