@@ -55,306 +55,11 @@
 #include <unistd.h>
 
 #include "keypool/keytable.h"
-
-#define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 5u
-#define KT_BANKS   2u
-#define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
-
-/* Keys rate limited within this long of each other look like one account- or IP-wide limit. */
-#define KT_ACCOUNT_WINDOW_MS 1000
-
-/* GCRA works in µs: a whole minute split rpm ways stays exact enough for any rpm. */
-#define KT_MINUTE_US INT64_C(60000000)
-
-#define KT_HISTORY_DEFAULT 1024u
-
-#define KT_NIL UINT32_MAX                          /* no key: an end of the list, not in the heap */
+#include "keytable_internal.h"
 
 const int64_t keytable_latency_bounds_ms[KEYTABLE_LATENCY_BUCKETS] = {
         50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, INT64_MAX,
 };
-
-/* Read field by field with atomic loads: written once before the first fork, perhaps again on
- * reload, and a reader mixing two versions of it gets two sane policies' fields. */
-struct kt_policy {
-        uint32_t cooldown_scope_key;
-        uint32_t transient_threshold;
-        uint32_t probe_auth;
-        int64_t transient_cooldown_ms;
-        int64_t probe_interval_ms;
-};
-
-struct kt_header {
-        uint64_t magic;
-        uint32_t version;
-        uint32_t max_pools, max_keys, n_slots, leases_per_slot;    /* rows per bank */
-        uint32_t bank;                          /* atomic: the current bank */
-        uint32_t fill;                          /* the bank add_pool/add_key write into: the
-                                                 * current one, or the other during a reload */
-        uint32_t n_pools[KT_BANKS], n_keys[KT_BANKS];   /* atomic: any process may look */
-        uint64_t size;
-        uint64_t off_pools, off_keys, off_slots, off_leases, off_history, off_links, off_due;
-        int64_t created_ms;
-        uint64_t repairs;                       /* atomic: bumped under pool locks too */
-        struct kt_policy policy;
-        uint32_t config_generation;             /* atomic */
-        uint32_t history_size;                  /* ring entries */
-        /* Entries ever appended: the one number that says where the ring's head is and how
-         * full it is, so an append commits with a single store. Entry n (1-based) lives at
-         * (n - 1) % history_size. */
-        uint64_t history_seq;
-        uint32_t history_dirty;                 /* an append is between its first write and
-                                                 * its commit */
-        pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy,
-                                                 * history */
-};
-
-struct kt_pool {
-        pthread_mutex_t lock;
-        char name[KEYTABLE_NAME_MAX + 1];
-        char model[KEYTABLE_MODEL_MAX + 1];
-        uint32_t first_key, n_keys;             /* table-wide rows, within the pool's bank */
-        uint64_t use_seq;                       /* bumped per acquire: the LRU clock */
-        int64_t account_limit_until_ms;         /* atomic: readers may look without the lock */
-        uint32_t dirty;
-        /* Observations, added to with atomics and no lock: a worker that dies mid-add loses
-         * at most its own one. */
-        uint64_t rotations;
-        uint64_t latency_buckets[KEYTABLE_LATENCY_BUCKETS];
-        uint64_t latency_sum_ms;                /* the count is the buckets' sum, so the two
-                                                 * always agree */
-        /* The choice index, trusted only while index_valid (see the top of this file): */
-        uint32_t index_valid;
-        uint32_t head, tail;                    /* the list of keys that can serve, KT_NIL: none */
-        uint32_t n_due;                         /* heap entries, in the pool's range of due[] */
-        uint32_t n_full;                        /* keys that serve once a request comes back */
-        /* No key on the list or full, when its rpm counts, was let in later than this: a
-         * request timed before it (another worker's clock read a moment earlier) must look at
-         * the rows, as the index only moves forward in time. */
-        int64_t gcra_since_ms;
-} __attribute__((aligned(KT_ALIGN)));
-
-/* state, reason and last_class are stored as plain integers: a dead writer may leave any value
- * in them, and repair has to be able to look at it without trusting it to be an enum member. */
-struct kt_key {
-        char id[KEYID_ID_LEN + 1];
-        char masked[KEYID_MASK_MAX + 1];
-        uint32_t pool;                          /* table-wide pool row, in the key's bank */
-        uint32_t state, reason;
-        uint32_t dirty;
-        uint32_t in_flight, consecutive_failures;
-        int32_t last_status;
-        uint32_t last_class;
-        int64_t cooldown_until_ms, last_used_ms;
-        uint64_t use_seq;                       /* pool's use_seq at last acquire; 0 = never */
-        uint64_t requests, successes, rate_limited, failures, tokens_in, tokens_out;
-        uint32_t max_concurrent, rpm;           /* 0: no limit */
-        int64_t tat_us;                         /* GCRA theoretical arrival time, 0 = never */
-        int64_t cooling_since_ms;               /* entered its current rate-limit cooldown */
-        int64_t next_probe_ms;                  /* disabled and probed: when next; else 0 */
-        int64_t figures_ms;
-        struct rate_figures figures;
-        uint32_t twin;                          /* atomic: next row with this id; itself if none */
-        uint64_t by_class[_VERDICT_MAX];
-        char last_error[KEYTABLE_ERROR_MAX + 1];
-};
-
-/* Where a key stands in its pool's choice index. */
-enum kt_place {
-        KT_NOWHERE = 0,                         /* disabled (or a row being repaired) */
-        KT_LISTED,                              /* can serve now */
-        KT_DUE,                                 /* can serve from its heap entry's time on */
-        KT_FULL,                                /* can serve once one of its requests is back */
-};
-
-/* A key's links in the choice index, apart from its row so walking the index stays within a few
- * cache lines. Indexed by table-wide key row. */
-struct kt_link {
-        uint64_t use_seq;                       /* on the list: the row's, so a walk reads no row */
-        uint32_t prev, next;                    /* on the list: table-wide rows or KT_NIL */
-        uint32_t heap_at;                       /* in the heap: its place there */
-        uint32_t place;                         /* enum kt_place */
-};
-
-/* A heap entry: a pool's heap lives in due[first_key, first_key + n_keys), so it never needs
- * more room than the pool has keys. */
-struct kt_due {
-        int64_t at_ms;
-        uint32_t key;
-        uint32_t unused;
-};
-
-/* A history entry as stored: kind and reason as plain integers, for the same reason as a key
- * row's state. seq is written last, and 0 while the entry is being written, so an entry whose
- * seq is not the one its place in the ring calls for is no entry. */
-struct kt_event {
-        uint64_t seq;
-        int64_t wall_ms;
-        int64_t cooldown_ms;
-        uint32_t kind, reason;
-        int32_t status;
-        char pool[KEYTABLE_NAME_MAX + 1];
-        char key_from[KEYID_ID_LEN + 1];
-        char key_to[KEYID_ID_LEN + 1];
-};
-
-/* Written by the owning worker with atomic stores and no lock; claimed and freed under the
- * header lock, with stage written last on claim so a reader never sees a half-claimed slot. */
-struct kt_slot {
-        uint32_t stage;
-        uint32_t generation;
-        uint32_t bank;                          /* current when claimed; its acquires use it */
-        int32_t pid;
-        uint32_t lease_hint;                    /* where the next free-lease search starts */
-        uint32_t waiters;                       /* requests the owner has waiting for a key */
-        int64_t started_ms, heartbeat_ms;
-        uint64_t requests;
-} __attribute__((aligned(KT_ALIGN)));
-
-struct keytable {
-        void *base;
-        size_t size;
-        struct kt_header *hdr;
-        struct kt_pool *pools;
-        struct kt_key *keys;
-        struct kt_slot *slots;
-        uint32_t *leases;
-        struct kt_event *history;
-        struct kt_link *links;
-        struct kt_due *due;
-        unsigned max_pools, max_keys, n_slots, leases_per_slot;    /* per bank */
-        unsigned history_size;
-        /* Process-local, used by keytable_add_key only (the coordinator's): per bank, open
-         * addressing from an id to the first row of that bank carrying it (row + 1; 0 empty),
-         * so finding a key's twins, or its row in the current bank, costs no scan. A bank's
-         * index is emptied when the bank is (re)filled. */
-        uint32_t *id_index[KT_BANKS];
-        size_t id_index_mask;
-};
-
-/* --- small helpers ------------------------------------------------------------------------- */
-
-#define LOAD(p)     __atomic_load_n((p), __ATOMIC_ACQUIRE)
-#define STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
-
-/* A process can be killed between any two instructions, so the dirty marker must really be
- * written before the row and cleared after it, in program order: the compiler may not move the
- * row's stores across it. Other processes see the row only through the mutex. */
-static void mark(uint32_t *marker, uint32_t v) {
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        __atomic_store_n(marker, v, __ATOMIC_RELAXED);
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-}
-
-static unsigned bank_current(const struct keytable *t) {
-        return LOAD(&t->hdr->bank) & 1u;
-}
-
-static unsigned bank_fill(const struct keytable *t) {
-        return LOAD(&t->hdr->fill) & 1u;
-}
-
-static unsigned slot_bank(const struct keytable *t, unsigned slot) {
-        return LOAD(&t->slots[slot].bank) & 1u;
-}
-
-static unsigned bank_n_pools(const struct keytable *t, unsigned b) {
-        unsigned n = LOAD(&t->hdr->n_pools[b]);
-
-        return n < t->max_pools ? n : t->max_pools;
-}
-
-static unsigned bank_n_keys(const struct keytable *t, unsigned b) {
-        unsigned n = LOAD(&t->hdr->n_keys[b]);
-
-        return n < t->max_keys ? n : t->max_keys;
-}
-
-static unsigned bank_first_pool(const struct keytable *t, unsigned b) {
-        return b * t->max_pools;
-}
-
-static unsigned bank_first_key(const struct keytable *t, unsigned b) {
-        return b * t->max_keys;
-}
-
-/* Is p a pool row that exists in its bank? */
-static bool pool_row_valid(const struct keytable *t, unsigned p) {
-        return p < KT_BANKS * t->max_pools && p % t->max_pools < bank_n_pools(t, p / t->max_pools);
-}
-
-/* Is k a key row that exists in its bank, and does its pool row exist in the same bank? */
-static bool key_row_valid(const struct keytable *t, unsigned k) {
-        unsigned b, p;
-
-        if (k >= KT_BANKS * t->max_keys)
-                return false;
-        b = k / t->max_keys;
-        if (k % t->max_keys >= bank_n_keys(t, b))
-                return false;
-        p = t->keys[k].pool;
-        return pool_row_valid(t, p) && p / t->max_pools == b;
-}
-
-static uint32_t *slot_leases(const struct keytable *t, unsigned slot) {
-        return t->leases + (size_t) slot * t->leases_per_slot;
-}
-
-static bool key_state_valid(uint32_t s) {
-        return s > KEY_STATE_INVALID && s < _KEY_STATE_MAX;
-}
-
-static int64_t add_sat(int64_t a, int64_t b) {
-        int64_t r;
-
-        if (__builtin_add_overflow(a, b, &r))
-                return b > 0 ? INT64_MAX : INT64_MIN;
-        return r;
-}
-
-static int64_t ms_to_us(int64_t ms) {
-        int64_t r;
-
-        if (__builtin_mul_overflow(ms, INT64_C(1000), &r))
-                return ms > 0 ? INT64_MAX : INT64_MIN;
-        return r;
-}
-
-static void policy_load(const struct keytable *t, struct keytable_policy *ret) {
-        const struct kt_policy *p = &t->hdr->policy;
-
-        *ret = (struct keytable_policy) {
-                .cooldown_scope_key = LOAD(&p->cooldown_scope_key) != 0,
-                .transient_threshold = LOAD(&p->transient_threshold),
-                .transient_cooldown_ms = LOAD(&p->transient_cooldown_ms),
-                .probe_interval_ms = LOAD(&p->probe_interval_ms),
-                .probe_auth = LOAD(&p->probe_auth) != 0,
-        };
-}
-
-/* When a key disabled for reason is probed next, or 0 when it is left to the operator. */
-static int64_t probe_time(const struct keytable_policy *pol, uint32_t reason, int64_t now_ms) {
-        if (pol->probe_interval_ms <= 0)
-                return 0;
-        if (reason == KEY_REASON_QUOTA || (reason == KEY_REASON_AUTH && pol->probe_auth))
-                return add_sat(now_ms, pol->probe_interval_ms);
-        return 0;
-}
-
-/* Pool row p's key range, clamped to the keys that exist in its bank. */
-static void pool_range(const struct keytable *t, unsigned p, unsigned *ret_first, unsigned *ret_end) {
-        const struct kt_pool *pool = &t->pools[p];
-        unsigned b = p / t->max_pools, lo = bank_first_key(t, b), hi = lo + bank_n_keys(t, b),
-                 first = pool->first_key, end;
-
-        /* Written once per fill: out of the bank means a broken row, which owns no keys. */
-        if (first < lo || first > hi)
-                first = hi;
-        end = pool->n_keys > hi - first ? hi : first + pool->n_keys;
-        *ret_first = first;
-        *ret_end = end;
-}
 
 /* --- locking and repair -------------------------------------------------------------------- */
 
@@ -367,15 +72,15 @@ typedef void (*repair_fn)(const struct keytable *t, unsigned arg);
 static void pool_repair(const struct keytable *t, unsigned p) {
         struct kt_pool *pool = &t->pools[p];
         unsigned first, end, n_leases = t->n_slots * t->leases_per_slot, b = p / t->max_pools,
-                 lo = bank_first_key(t, b), hi = lo + bank_n_keys(t, b);
+                 lo = kt_bank_first_key(t, b), hi = lo + kt_bank_n_keys(t, b);
         uint64_t max_seq = pool->use_seq;
 
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         for (unsigned k = first; k < end; k++) {
                 struct kt_key *key = &t->keys[k];
 
-                if (key->dirty || !key_state_valid(key->state)) {
-                        if (!key_state_valid(key->state) ||
+                if (key->dirty || !kt_key_state_valid(key->state)) {
+                        if (!kt_key_state_valid(key->state) ||
                             (key->state == KEY_COOLING && key->cooldown_until_ms <= 0)) {
                                 key->state = KEY_READY;
                                 key->reason = KEY_REASON_NONE;
@@ -404,23 +109,23 @@ static void pool_repair(const struct keytable *t, unsigned p) {
                         key->dirty = 0;
                 }
                 /* Written outside any dirty mark, but a link out of the bank is no link. */
-                if (LOAD(&key->twin) < lo || LOAD(&key->twin) >= hi)
-                        STORE(&key->twin, k);
+                if (KT_LOAD(&key->twin) < lo || KT_LOAD(&key->twin) >= hi)
+                        KT_STORE(&key->twin, k);
                 key->in_flight = 0;
                 if (key->use_seq > max_seq)
                         max_seq = key->use_seq;
         }
 
         for (unsigned i = 0; i < n_leases; i++) {
-                uint32_t v = LOAD(&t->leases[i]);
+                uint32_t v = KT_LOAD(&t->leases[i]);
 
                 if (v != 0 && v - 1 >= first && v - 1 < end)
                         t->keys[v - 1].in_flight++;
         }
 
         pool->use_seq = max_seq;
-        if (LOAD(&pool->account_limit_until_ms) < 0)
-                STORE(&pool->account_limit_until_ms, 0);
+        if (KT_LOAD(&pool->account_limit_until_ms) < 0)
+                KT_STORE(&pool->account_limit_until_ms, 0);
         /* The dead owner may have been half-way through moving a key in the index, and the
          * counts above moved under it: the next acquire rebuilds it from the repaired rows. */
         pool->index_valid = 0;
@@ -448,9 +153,9 @@ static void header_repair(const struct keytable *t, unsigned unused) {
                         h->n_keys[b] = t->max_keys;
         }
         if (h->bank >= KT_BANKS)
-                STORE(&h->bank, 0);
+                KT_STORE(&h->bank, 0);
         if (h->fill >= KT_BANKS)
-                STORE(&h->fill, h->bank);
+                KT_STORE(&h->fill, h->bank);
         for (unsigned s = 0; s < t->n_slots; s++)
                 if (t->slots[s].stage >= _WORKER_STAGE_MAX)
                         /* Still held by someone as far as we know: the coordinator frees it
@@ -461,12 +166,8 @@ static void header_repair(const struct keytable *t, unsigned unused) {
 /* The one place abandoned locks are handled. Any other error means this process already holds
  * the lock (EDEADLK) or a lock was released unrepaired (ENOTRECOVERABLE, which this module never
  * does): a broken invariant, not a condition to recover from. */
-static void lock_robust(const struct keytable *t, pthread_mutex_t *m, repair_fn repair,
-                        unsigned arg) {
-        int r = pthread_mutex_lock(m);
-
-        if (r == 0)
-                return;
+static void lock_abandoned(const struct keytable *t, pthread_mutex_t *m, int r, repair_fn repair,
+                           unsigned arg) {
         if (r != EOWNERDEAD)
                 abort();
         repair(t, arg);
@@ -475,25 +176,12 @@ static void lock_robust(const struct keytable *t, pthread_mutex_t *m, repair_fn 
         __atomic_add_fetch(&t->hdr->repairs, 1, __ATOMIC_RELAXED);
 }
 
-static void unlock(pthread_mutex_t *m) {
-        if (pthread_mutex_unlock(m) != 0)
-                abort();
+void kt_header_lock_abandoned(const struct keytable *t, int r) {
+        lock_abandoned(t, &t->hdr->lock, r, header_repair, 0);
 }
 
-static void header_lock(const struct keytable *t) {
-        lock_robust(t, &t->hdr->lock, header_repair, 0);
-}
-
-static void header_unlock(const struct keytable *t) {
-        unlock(&t->hdr->lock);
-}
-
-static void pool_lock(const struct keytable *t, unsigned p) {
-        lock_robust(t, &t->pools[p].lock, pool_repair, p);
-}
-
-static void pool_unlock(const struct keytable *t, unsigned p) {
-        unlock(&t->pools[p].lock);
+void kt_pool_lock_abandoned(const struct keytable *t, unsigned p, int r) {
+        lock_abandoned(t, &t->pools[p].lock, r, pool_repair, p);
 }
 
 /* --- creation ------------------------------------------------------------------------------ */
@@ -709,16 +397,16 @@ void keytable_destroy(struct keytable *t) {
 
 /* Sets dst's observation counters to src's, or to zero when src is NULL. */
 static void pool_counters_copy(struct kt_pool *dst, const struct kt_pool *src) {
-        STORE(&dst->rotations, src ? LOAD(&src->rotations) : 0);
+        KT_STORE(&dst->rotations, src ? KT_LOAD(&src->rotations) : 0);
         for (unsigned i = 0; i < KEYTABLE_LATENCY_BUCKETS; i++)
-                STORE(&dst->latency_buckets[i], src ? LOAD(&src->latency_buckets[i]) : 0);
-        STORE(&dst->latency_sum_ms, src ? LOAD(&src->latency_sum_ms) : 0);
+                KT_STORE(&dst->latency_buckets[i], src ? KT_LOAD(&src->latency_buckets[i]) : 0);
+        KT_STORE(&dst->latency_sum_ms, src ? KT_LOAD(&src->latency_sum_ms) : 0);
 }
 
 /* The current bank's pool row named name, or UINT_MAX. Names do not change while the bank is
  * current, so no lock is needed to compare them. */
 static unsigned current_pool_named(const struct keytable *t, unsigned cur, const char *name) {
-        unsigned p0 = bank_first_pool(t, cur), n = bank_n_pools(t, cur);
+        unsigned p0 = kt_bank_first_pool(t, cur), n = kt_bank_n_pools(t, cur);
 
         for (unsigned p = p0; p < p0 + n; p++)
                 if (strncmp(t->pools[p].name, name, sizeof t->pools[p].name) == 0)
@@ -738,43 +426,43 @@ int keytable_add_pool(struct keytable *t, const char *name, const char *model, u
         if (strlen(name) > KEYTABLE_NAME_MAX || strlen(model) > KEYTABLE_MODEL_MAX)
                 return -ENAMETOOLONG;
 
-        header_lock(t);
-        b = bank_fill(t);
-        n = bank_n_pools(t, b);
+        kt_header_lock(t);
+        b = kt_bank_fill(t);
+        n = kt_bank_n_pools(t, b);
         if (n >= t->max_pools) {
-                header_unlock(t);
+                kt_header_unlock(t);
                 return -ENOSPC;
         }
-        p = bank_first_pool(t, b) + n;
+        p = kt_bank_first_pool(t, b) + n;
         /* A reload does not forget that the account looked limited a moment ago. */
-        if (b != bank_current(t)) {
-                q = current_pool_named(t, bank_current(t), name);
+        if (b != kt_bank_current(t)) {
+                q = current_pool_named(t, kt_bank_current(t), name);
                 if (q != UINT_MAX)
-                        account_until = LOAD(&t->pools[q].account_limit_until_ms);
+                        account_until = KT_LOAD(&t->pools[q].account_limit_until_ms);
         }
 
         /* No worker can see this row yet, but its lock may have been left abandoned by a dead
          * worker of the generation that used this bank last: taking it the usual way repairs
          * it (the bank is empty now, so there is nothing to recount) and leaves it consistent
          * for the generation to come. */
-        pool_lock(t, p);
+        kt_pool_lock(t, p);
         pool = &t->pools[p];
         memset(pool->name, 0, sizeof pool->name);
         memset(pool->model, 0, sizeof pool->model);
         strcpy(pool->name, name);
         strcpy(pool->model, model);
-        pool->first_key = bank_first_key(t, b) + bank_n_keys(t, b);
+        pool->first_key = kt_bank_first_key(t, b) + kt_bank_n_keys(t, b);
         pool->n_keys = 0;
         pool->use_seq = 0;
         pool->index_valid = 0;
-        STORE(&pool->account_limit_until_ms, account_until > 0 ? account_until : 0);
+        KT_STORE(&pool->account_limit_until_ms, account_until > 0 ? account_until : 0);
         /* What a generation before last counted here; the current pool's figures come over at
          * commit. */
         pool_counters_copy(pool, NULL);
         pool->dirty = 0;
-        pool_unlock(t, p);
-        STORE(&t->hdr->n_pools[b], n + 1);
-        header_unlock(t);
+        kt_pool_unlock(t, p);
+        KT_STORE(&t->hdr->n_pools[b], n + 1);
+        kt_header_unlock(t);
 
         if (ret_pool)
                 *ret_pool = n;
@@ -814,13 +502,13 @@ static int key_lock(const struct keytable *t, unsigned key, unsigned *ret_pool,
                     unsigned *ret_position) {
         unsigned p, first, end;
 
-        if (!t || !key_row_valid(t, key))
+        if (!t || !kt_key_row_valid(t, key))
                 return -EINVAL;
         p = t->keys[key].pool;
-        pool_lock(t, p);
-        pool_range(t, p, &first, &end);
+        kt_pool_lock(t, p);
+        kt_pool_range(t, p, &first, &end);
         if (key < first || key >= end) {
-                pool_unlock(t, p);
+                kt_pool_unlock(t, p);
                 return -EINVAL;
         }
         *ret_pool = p;
@@ -834,20 +522,20 @@ static int key_lock(const struct keytable *t, unsigned key, unsigned *ret_pool,
  * when the id is new. Ids, names and twin links do not change while a bank is current. */
 static unsigned carry_source(const struct keytable *t, unsigned cur, const char *id,
                              const char *pool_name) {
-        unsigned lo = bank_first_key(t, cur), hi = lo + bank_n_keys(t, cur), head, row;
+        unsigned lo = kt_bank_first_key(t, cur), hi = lo + kt_bank_n_keys(t, cur), head, row;
         uint32_t e = *id_index_slot(t, cur, id);
 
         if (e == 0 || e - 1 < lo || e - 1 >= hi)
                 return KEYTABLE_NO_KEY;
         head = row = e - 1;
         /* A circle holds one row per pool at most: the bound only matters if it was broken. */
-        for (unsigned step = 0; step < bank_n_pools(t, cur); step++) {
+        for (unsigned step = 0; step < kt_bank_n_pools(t, cur); step++) {
                 unsigned p = t->keys[row].pool;
 
-                if (pool_row_valid(t, p) &&
+                if (kt_pool_row_valid(t, p) &&
                     strncmp(t->pools[p].name, pool_name, sizeof t->pools[p].name) == 0)
                         return row;
-                row = LOAD(&t->keys[row].twin);
+                row = KT_LOAD(&t->keys[row].twin);
                 if (row == head || row < lo || row >= hi)
                         break;
         }
@@ -864,7 +552,7 @@ static int key_copy(const struct keytable *t, unsigned k, struct kt_key *ret) {
         if (r < 0)
                 return r;
         *ret = t->keys[k];
-        pool_unlock(t, p);
+        kt_pool_unlock(t, p);
         return 0;
 }
 
@@ -872,7 +560,7 @@ static int key_copy(const struct keytable *t, unsigned k, struct kt_key *ret) {
  * in-flight count (the old row keeps the leases, and they are returned there), nor its limits
  * (the new configuration's are set on the new row), nor its links. */
 static void key_carry(struct kt_key *key, const struct kt_key *src) {
-        key->state = key_state_valid(src->state) ? src->state : KEY_READY;
+        key->state = kt_key_state_valid(src->state) ? src->state : KEY_READY;
         key->reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE;
         key->cooldown_until_ms = src->cooldown_until_ms;
         key->cooling_since_ms = src->cooling_since_ms;
@@ -915,31 +603,31 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
         if (strlen(id) > KEYID_ID_LEN || strlen(masked) > KEYID_MASK_MAX)
                 return -ENAMETOOLONG;
 
-        header_lock(t);
-        b = bank_fill(t);
+        kt_header_lock(t);
+        b = kt_bank_fill(t);
         /* Keys of a pool must stay contiguous, so only the newest pool can grow. */
-        if (pool + 1 != bank_n_pools(t, b)) {
-                header_unlock(t);
+        if (pool + 1 != kt_bank_n_pools(t, b)) {
+                kt_header_unlock(t);
                 return -EINVAL;
         }
-        if (bank_n_keys(t, b) >= t->max_keys) {
-                header_unlock(t);
+        if (kt_bank_n_keys(t, b) >= t->max_keys) {
+                kt_header_unlock(t);
                 return -ENOSPC;
         }
-        p = bank_first_pool(t, b) + pool;
-        lo = bank_first_key(t, b);
-        k = lo + bank_n_keys(t, b);
+        p = kt_bank_first_pool(t, b) + pool;
+        lo = kt_bank_first_key(t, b);
+        k = lo + kt_bank_n_keys(t, b);
         entry = id_index_slot(t, b, id);
         if (*entry != 0) {
                 unsigned row = *entry - 1;
 
                 /* A twin in its own pool would have its pool locked twice when cooled. */
-                for (unsigned step = 0; step <= bank_n_pools(t, b); step++) {
+                for (unsigned step = 0; step <= kt_bank_n_pools(t, b); step++) {
                         if (t->keys[row].pool == p) {
-                                header_unlock(t);
+                                kt_header_unlock(t);
                                 return -EEXIST;
                         }
-                        row = LOAD(&t->keys[row].twin);
+                        row = KT_LOAD(&t->keys[row].twin);
                         if (row == *entry - 1 || row < lo || row >= k)
                                 break;
                 }
@@ -947,13 +635,13 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
 
         /* One pool lock at a time: the old row is copied under its own lock, and written to the
          * new bank only once that lock is let go. */
-        if (b != bank_current(t)) {
-                unsigned src = carry_source(t, bank_current(t), id, t->pools[p].name);
+        if (b != kt_bank_current(t)) {
+                unsigned src = carry_source(t, kt_bank_current(t), id, t->pools[p].name);
 
                 carry = src != KEYTABLE_NO_KEY && key_copy(t, src, &carried) == 0;
         }
 
-        pool_lock(t, p);
+        kt_pool_lock(t, p);
         key = &t->keys[k];
         memset(key, 0, sizeof *key);
         strcpy(key->id, id);
@@ -971,22 +659,22 @@ int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const ch
                         t->pools[p].use_seq = key->use_seq;
         }
         if (*entry == 0) {
-                STORE(&key->twin, k);
+                KT_STORE(&key->twin, k);
                 *entry = k + 1;
         } else {
                 struct kt_key *first = &t->keys[*entry - 1];
 
                 /* The new row points into the circle before the circle points at it, so a
                  * walker already going round never steps off. */
-                STORE(&key->twin, LOAD(&first->twin));
-                STORE(&first->twin, k);
+                KT_STORE(&key->twin, KT_LOAD(&first->twin));
+                KT_STORE(&first->twin, k);
         }
-        STORE(&t->hdr->n_keys[b], k - lo + 1);
+        KT_STORE(&t->hdr->n_keys[b], k - lo + 1);
         t->pools[p].n_keys++;
         /* Built by the first acquire, from all the rows at once. */
         t->pools[p].index_valid = 0;
-        pool_unlock(t, p);
-        header_unlock(t);
+        kt_pool_unlock(t, p);
+        kt_header_unlock(t);
 
         if (ret_key)
                 *ret_key = k;
@@ -1003,13 +691,13 @@ int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concu
                 return r;
         row = &t->keys[key];
         /* The arrival time stays: a lower rpm then only stretches the wait already earned. */
-        mark(&row->dirty, 1);
+        kt_mark(&row->dirty, 1);
         row->max_concurrent = max_concurrent;
         row->rpm = rpm;
-        mark(&row->dirty, 0);
+        kt_mark(&row->dirty, 0);
         /* Limits change with the configuration, not per request: a rebuild is cheap enough. */
         t->pools[p].index_valid = 0;
-        pool_unlock(t, p);
+        kt_pool_unlock(t, p);
         return 0;
 }
 
@@ -1021,19 +709,19 @@ int keytable_bank_begin(struct keytable *t) {
         if (!t)
                 return -EINVAL;
 
-        header_lock(t);
-        target = bank_current(t) ^ 1u;
+        kt_header_lock(t);
+        target = kt_bank_current(t) ^ 1u;
         /* Slots are claimed and freed under this lock, so none can start using the bank while
          * it is being emptied; one that still uses it may hold its rows or leases on them. */
         for (unsigned s = 0; s < t->n_slots; s++)
-                if (LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && slot_bank(t, s) == target) {
-                        header_unlock(t);
+                if (KT_LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && kt_slot_bank(t, s) == target) {
+                        kt_header_unlock(t);
                         return -EBUSY;
                 }
-        STORE(&t->hdr->n_pools[target], 0);
-        STORE(&t->hdr->n_keys[target], 0);
-        STORE(&t->hdr->fill, target);
-        header_unlock(t);
+        KT_STORE(&t->hdr->n_pools[target], 0);
+        KT_STORE(&t->hdr->n_keys[target], 0);
+        KT_STORE(&t->hdr->fill, target);
+        kt_header_unlock(t);
 
         id_index_clear(t, target);
         return 0;
@@ -1045,26 +733,26 @@ int keytable_bank_commit(struct keytable *t) {
         if (!t)
                 return -EINVAL;
 
-        header_lock(t);
-        fill = bank_fill(t);
-        if (fill == bank_current(t)) {
-                header_unlock(t);
+        kt_header_lock(t);
+        fill = kt_bank_fill(t);
+        if (fill == kt_bank_current(t)) {
+                kt_header_unlock(t);
                 return -EINVAL;
         }
         /* Counters carry on from the pool of the same name, copied as late as possible: what
          * the old generation adds while it drains is not seen any more, but nothing a reader
          * saw before the switch goes backwards after it by more than that. */
-        for (unsigned i = 0; i < bank_n_pools(t, fill); i++) {
-                unsigned p = bank_first_pool(t, fill) + i,
-                         q = current_pool_named(t, bank_current(t), t->pools[p].name);
+        for (unsigned i = 0; i < kt_bank_n_pools(t, fill); i++) {
+                unsigned p = kt_bank_first_pool(t, fill) + i,
+                         q = current_pool_named(t, kt_bank_current(t), t->pools[p].name);
 
                 if (q != UINT_MAX)
                         pool_counters_copy(&t->pools[p], &t->pools[q]);
         }
         /* One store: a reader sees the old bank or the new one, each whole, since every row of
          * the new bank was written before it. */
-        STORE(&t->hdr->bank, fill);
-        header_unlock(t);
+        KT_STORE(&t->hdr->bank, fill);
+        kt_header_unlock(t);
         return 0;
 }
 
@@ -1074,22 +762,22 @@ void keytable_bank_abort(struct keytable *t) {
         if (!t)
                 return;
 
-        header_lock(t);
-        fill = bank_fill(t);
-        cur = bank_current(t);
+        kt_header_lock(t);
+        fill = kt_bank_fill(t);
+        cur = kt_bank_current(t);
         if (fill != cur) {
-                STORE(&t->hdr->fill, cur);
-                STORE(&t->hdr->n_pools[fill], 0);
-                STORE(&t->hdr->n_keys[fill], 0);
+                KT_STORE(&t->hdr->fill, cur);
+                KT_STORE(&t->hdr->n_pools[fill], 0);
+                KT_STORE(&t->hdr->n_keys[fill], 0);
         }
-        header_unlock(t);
+        kt_header_unlock(t);
 
         if (fill != cur)
                 id_index_clear(t, fill);
 }
 
 unsigned keytable_bank_current(const struct keytable *t) {
-        return t ? bank_current(t) : 0;
+        return t ? kt_bank_current(t) : 0;
 }
 
 void keytable_set_policy(struct keytable *t, const struct keytable_policy *p) {
@@ -1098,13 +786,13 @@ void keytable_set_policy(struct keytable *t, const struct keytable_policy *p) {
         if (!t || !p)
                 return;
         dst = &t->hdr->policy;
-        header_lock(t);
-        STORE(&dst->cooldown_scope_key, p->cooldown_scope_key ? 1u : 0u);
-        STORE(&dst->transient_threshold, p->transient_threshold);
-        STORE(&dst->transient_cooldown_ms, p->transient_cooldown_ms);
-        STORE(&dst->probe_interval_ms, p->probe_interval_ms);
-        STORE(&dst->probe_auth, p->probe_auth ? 1u : 0u);
-        header_unlock(t);
+        kt_header_lock(t);
+        KT_STORE(&dst->cooldown_scope_key, p->cooldown_scope_key ? 1u : 0u);
+        KT_STORE(&dst->transient_threshold, p->transient_threshold);
+        KT_STORE(&dst->transient_cooldown_ms, p->transient_cooldown_ms);
+        KT_STORE(&dst->probe_interval_ms, p->probe_interval_ms);
+        KT_STORE(&dst->probe_auth, p->probe_auth ? 1u : 0u);
+        kt_header_unlock(t);
 }
 
 /* --- worker slots -------------------------------------------------------------------------- */
@@ -1113,45 +801,45 @@ int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms,
         if (!t)
                 return -EINVAL;
 
-        header_lock(t);
+        kt_header_lock(t);
         for (unsigned s = 0; s < t->n_slots; s++) {
                 struct kt_slot *slot = &t->slots[s];
 
-                if (LOAD(&slot->stage) != WORKER_STAGE_FREE)
+                if (KT_LOAD(&slot->stage) != WORKER_STAGE_FREE)
                         continue;
-                STORE(&slot->generation, generation);
+                KT_STORE(&slot->generation, generation);
                 /* Workers are forked after a commit, so the new generation gets the new bank. */
-                STORE(&slot->bank, bank_current(t));
-                STORE(&slot->pid, 0);
-                STORE(&slot->lease_hint, 0);
-                STORE(&slot->waiters, 0);
-                STORE(&slot->started_ms, now_ms);
-                STORE(&slot->heartbeat_ms, now_ms);
-                STORE(&slot->requests, 0);
-                STORE(&slot->stage, WORKER_STAGE_STARTING);
-                header_unlock(t);
+                KT_STORE(&slot->bank, kt_bank_current(t));
+                KT_STORE(&slot->pid, 0);
+                KT_STORE(&slot->lease_hint, 0);
+                KT_STORE(&slot->waiters, 0);
+                KT_STORE(&slot->started_ms, now_ms);
+                KT_STORE(&slot->heartbeat_ms, now_ms);
+                KT_STORE(&slot->requests, 0);
+                KT_STORE(&slot->stage, WORKER_STAGE_STARTING);
+                kt_header_unlock(t);
                 if (ret_slot)
                         *ret_slot = s;
                 return 0;
         }
-        header_unlock(t);
+        kt_header_unlock(t);
         return -EBUSY;
 }
 
 void keytable_slot_set_pid(struct keytable *t, unsigned slot, pid_t pid) {
         if (t && slot < t->n_slots)
-                STORE(&t->slots[slot].pid, (int32_t) pid);
+                KT_STORE(&t->slots[slot].pid, (int32_t) pid);
 }
 
 void keytable_slot_set_stage(struct keytable *t, unsigned slot, enum worker_stage stage) {
         /* FREE is for keytable_slot_release alone: only it returns the slot's leases. */
         if (t && slot < t->n_slots && stage > WORKER_STAGE_FREE && stage < _WORKER_STAGE_MAX)
-                STORE(&t->slots[slot].stage, (uint32_t) stage);
+                KT_STORE(&t->slots[slot].stage, (uint32_t) stage);
 }
 
 void keytable_slot_heartbeat(struct keytable *t, unsigned slot, int64_t now_ms) {
         if (t && slot < t->n_slots)
-                STORE(&t->slots[slot].heartbeat_ms, now_ms);
+                KT_STORE(&t->slots[slot].heartbeat_ms, now_ms);
 }
 
 void keytable_slot_count_request(struct keytable *t, unsigned slot) {
@@ -1170,54 +858,54 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
          * slot's leases in it. If the dead worker held that lock, locking it repairs the pool
          * first (recounting from these very leases), and the decrements below then apply to a
          * true count. The bank cannot be refilled under us: the slot is not FREE yet. */
-        leases = slot_leases(t, slot);
+        leases = kt_slot_leases(t, slot);
         for (unsigned i = 0; i < t->leases_per_slot; i++) {
-                uint32_t v = LOAD(&leases[i]);
+                uint32_t v = KT_LOAD(&leases[i]);
                 unsigned p;
 
                 if (v == 0)
                         continue;
-                if (!key_row_valid(t, v - 1)) {
+                if (!kt_key_row_valid(t, v - 1)) {
                         /* Names no key: nothing was ever counted for it. */
-                        STORE(&leases[i], 0);
+                        KT_STORE(&leases[i], 0);
                         continue;
                 }
                 p = t->keys[v - 1].pool;
 
-                pool_lock(t, p);
-                mark(&t->pools[p].dirty, 1);
+                kt_pool_lock(t, p);
+                kt_mark(&t->pools[p].dirty, 1);
                 for (unsigned j = i; j < t->leases_per_slot; j++) {
-                        uint32_t w = LOAD(&leases[j]);
+                        uint32_t w = KT_LOAD(&leases[j]);
                         struct kt_key *key;
 
-                        if (w == 0 || !key_row_valid(t, w - 1) || t->keys[w - 1].pool != p)
+                        if (w == 0 || !kt_key_row_valid(t, w - 1) || t->keys[w - 1].pool != p)
                                 continue;
                         key = &t->keys[w - 1];
                         if (key->in_flight > 0)
                                 key->in_flight--;
-                        STORE(&leases[j], 0);
+                        KT_STORE(&leases[j], 0);
                 }
                 /* Keys that were full may serve again: a worker death is rare enough for a
                  * rebuild. */
                 t->pools[p].index_valid = 0;
-                mark(&t->pools[p].dirty, 0);
-                pool_unlock(t, p);
+                kt_mark(&t->pools[p].dirty, 0);
+                kt_pool_unlock(t, p);
         }
 
-        header_lock(t);
-        STORE(&t->slots[slot].pid, 0);
-        STORE(&t->slots[slot].waiters, 0);
-        STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
-        header_unlock(t);
+        kt_header_lock(t);
+        KT_STORE(&t->slots[slot].pid, 0);
+        KT_STORE(&t->slots[slot].waiters, 0);
+        KT_STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
+        kt_header_unlock(t);
 }
 
 unsigned keytable_slot_bank(const struct keytable *t, unsigned slot) {
-        return t && slot < t->n_slots ? slot_bank(t, slot) : 0;
+        return t && slot < t->n_slots ? kt_slot_bank(t, slot) : 0;
 }
 
 void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n) {
         if (t && slot < t->n_slots)
-                STORE(&t->slots[slot].waiters, (uint32_t) n);
+                KT_STORE(&t->slots[slot].waiters, (uint32_t) n);
 }
 
 unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max) {
@@ -1227,7 +915,7 @@ unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slo
                 return 0;
         /* No lock: a slot freed meanwhile costs its reader one needless wake-up at most. */
         for (unsigned s = 0; s < t->n_slots && n < max; s++)
-                if (LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && LOAD(&t->slots[s].waiters) > 0)
+                if (KT_LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && KT_LOAD(&t->slots[s].waiters) > 0)
                         ret_slots[n++] = s;
         return n;
 }
@@ -1240,10 +928,10 @@ static unsigned slot_pool_row(const struct keytable *t, unsigned slot, unsigned 
 
         if (!t || slot >= t->n_slots)
                 return UINT_MAX;
-        b = slot_bank(t, slot);
-        if (pool >= bank_n_pools(t, b))
+        b = kt_slot_bank(t, slot);
+        if (pool >= kt_bank_n_pools(t, b))
                 return UINT_MAX;
-        return bank_first_pool(t, b) + pool;
+        return kt_bank_first_pool(t, b) + pool;
 }
 
 void keytable_observe_latency(struct keytable *t, unsigned slot, unsigned pool, int64_t ms) {
@@ -1283,10 +971,10 @@ void keytable_history_add(struct keytable *t, const struct keytable_event *e) {
         if (!t || !e)
                 return;
 
-        header_lock(t);
+        kt_header_lock(t);
         seq = t->hdr->history_seq;
         slot = &t->history[seq % t->history_size];
-        mark(&t->hdr->history_dirty, 1);
+        kt_mark(&t->hdr->history_dirty, 1);
         slot->seq = 0;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         slot->wall_ms = e->wall_ms;
@@ -1301,9 +989,9 @@ void keytable_history_add(struct keytable *t, const struct keytable_event *e) {
         slot->seq = seq + 1;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         /* The commit. */
-        STORE(&t->hdr->history_seq, seq + 1);
-        mark(&t->hdr->history_dirty, 0);
-        header_unlock(t);
+        KT_STORE(&t->hdr->history_seq, seq + 1);
+        kt_mark(&t->hdr->history_dirty, 0);
+        kt_header_unlock(t);
 }
 
 unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, unsigned max) {
@@ -1313,7 +1001,7 @@ unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, u
         if (!t || !ret || max == 0)
                 return 0;
 
-        header_lock(t);
+        kt_header_lock(t);
         seq = t->hdr->history_seq;
         first = seq > t->history_size ? seq - t->history_size + 1 : 1;
         if (seq >= first && seq - first + 1 > max)
@@ -1338,7 +1026,7 @@ unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, u
                 memcpy(e->key_to, src->key_to, sizeof e->key_to - 1);
                 n++;
         }
-        header_unlock(t);
+        kt_header_unlock(t);
         return n;
 }
 
@@ -1350,23 +1038,23 @@ unsigned keytable_history_capacity(const struct keytable *t) {
 
 void keytable_set_config_generation(struct keytable *t, unsigned generation) {
         if (t)
-                STORE(&t->hdr->config_generation, (uint32_t) generation);
+                KT_STORE(&t->hdr->config_generation, (uint32_t) generation);
 }
 
 unsigned keytable_config_generation(const struct keytable *t) {
-        return t ? LOAD(&t->hdr->config_generation) : 0;
+        return t ? KT_LOAD(&t->hdr->config_generation) : 0;
 }
 
 /* --- acquire and release ------------------------------------------------------------------- */
 
 static int slot_find_free_lease(const struct keytable *t, unsigned slot, unsigned *ret_index) {
-        const uint32_t *leases = slot_leases(t, slot);
-        unsigned n = t->leases_per_slot, hint = LOAD(&t->slots[slot].lease_hint) % n;
+        const uint32_t *leases = kt_slot_leases(t, slot);
+        unsigned n = t->leases_per_slot, hint = KT_LOAD(&t->slots[slot].lease_hint) % n;
 
         for (unsigned i = 0; i < n; i++) {
                 unsigned j = hint + i < n ? hint + i : hint + i - n;
 
-                if (LOAD(&leases[j]) == 0) {
+                if (KT_LOAD(&leases[j]) == 0) {
                         *ret_index = j;
                         return 0;
                 }
@@ -1380,7 +1068,7 @@ static void key_recover_if_due(struct kt_key *key, unsigned k, int64_t now_ms,
                                struct keytable_change *change) {
         if (key->state != KEY_COOLING || key->cooldown_until_ms > now_ms)
                 return;
-        mark(&key->dirty, 1);
+        kt_mark(&key->dirty, 1);
         key->state = KEY_READY;
         key->reason = KEY_REASON_NONE;
         key->cooldown_until_ms = 0;
@@ -1388,7 +1076,7 @@ static void key_recover_if_due(struct kt_key *key, unsigned k, int64_t now_ms,
         /* A rest ends the run of failures that may have caused it: cooling the key again for
          * failures takes a whole new run. */
         key->consecutive_failures = 0;
-        mark(&key->dirty, 0);
+        kt_mark(&key->dirty, 0);
         if (change && !change->changed)
                 *change = (struct keytable_change) {
                         .changed = true,
@@ -1414,7 +1102,7 @@ static bool gcra_allows(const struct kt_key *key, int64_t now_ms, int64_t *ret_a
         if (key->rpm == 0)
                 return true;
         tol_us = KT_MINUTE_US - gcra_interval_us(key);
-        if (key->tat_us <= add_sat(ms_to_us(now_ms), tol_us))
+        if (key->tat_us <= kt_add_sat(kt_ms_to_us(now_ms), tol_us))
                 return true;
         earliest_us = key->tat_us - tol_us;
         /* Rounded up: at the ms given the request really passes. */
@@ -1423,11 +1111,11 @@ static bool gcra_allows(const struct kt_key *key, int64_t now_ms, int64_t *ret_a
 }
 
 static void gcra_take(struct kt_key *key, int64_t now_ms) {
-        int64_t now_us = ms_to_us(now_ms);
+        int64_t now_us = kt_ms_to_us(now_ms);
 
         if (key->rpm == 0)
                 return;
-        key->tat_us = add_sat(key->tat_us > now_us ? key->tat_us : now_us, gcra_interval_us(key));
+        key->tat_us = kt_add_sat(key->tat_us > now_us ? key->tat_us : now_us, gcra_interval_us(key));
 }
 
 static void earliest(int64_t *at, int64_t candidate) {
@@ -1478,7 +1166,7 @@ static void index_note_rate(struct kt_pool *pool, const struct kt_key *key) {
 
         if (key->rpm == 0)
                 return;
-        from_us = add_sat(key->tat_us, -(KT_MINUTE_US - gcra_interval_us(key)));
+        from_us = kt_add_sat(key->tat_us, -(KT_MINUTE_US - gcra_interval_us(key)));
         from_ms = from_us / 1000 + (from_us % 1000 > 0);
         if (from_ms > pool->gcra_since_ms)
                 pool->gcra_since_ms = from_ms;
@@ -1533,7 +1221,7 @@ static void list_insert(const struct keytable *t, unsigned p, uint32_t k) {
         unsigned first, end;
 
         t->links[k].use_seq = seq;
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         for (unsigned steps = 0; steps <= end - first; steps++) {
                 if (back == KT_NIL || listed_before(t, back, seq, k)) {
                         list_link_after(t, pool, k, back);
@@ -1599,7 +1287,7 @@ static void heap_down(const struct keytable *t, struct kt_due *h, uint32_t n, ui
 static struct kt_due *pool_heap(const struct keytable *t, unsigned p, unsigned *ret_room) {
         unsigned first, end;
 
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         *ret_room = end - first;
         return t->due + first;
 }
@@ -1762,7 +1450,7 @@ static void index_rebuild(const struct keytable *t, unsigned p, int64_t now_ms) 
         struct kt_due *h;
         int64_t at = 0;
 
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         h = t->due + first;
         pool->index_valid = 0;
         pool->head = pool->tail = KT_NIL;
@@ -1821,7 +1509,7 @@ static void index_run_due(const struct keytable *t, unsigned p, int64_t now_ms,
         unsigned first, end;
         struct kt_due *h;
 
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         h = t->due + first;
         /* Each entry moves once: bounded even if a row and its entry disagree. */
         for (uint32_t guard = pool->n_due; guard > 0; guard--) {
@@ -1878,7 +1566,7 @@ static unsigned choose_by_scan(const struct keytable *t, unsigned p, int64_t now
         bool avoided_can_serve = false;
         int64_t at;
 
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         for (unsigned k = first; k < end; k++) {
                 struct kt_key *key = &t->keys[k];
                 struct keytable_change c = { .changed = false };
@@ -1931,26 +1619,26 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         if (!t || !ret_lease || slot >= t->n_slots)
                 return -EINVAL;
         /* A lease on a FREE slot would never be returned by keytable_slot_release. */
-        if (LOAD(&t->slots[slot].stage) == WORKER_STAGE_FREE)
+        if (KT_LOAD(&t->slots[slot].stage) == WORKER_STAGE_FREE)
                 return -EINVAL;
-        b = slot_bank(t, slot);
-        if (pool >= bank_n_pools(t, b))
+        b = kt_slot_bank(t, slot);
+        if (pool >= kt_bank_n_pools(t, b))
                 return -EINVAL;
-        gp = bank_first_pool(t, b) + pool;
+        gp = kt_bank_first_pool(t, b) + pool;
 
-        pool_lock(t, gp);
+        kt_pool_lock(t, gp);
         p = &t->pools[gp];
 
         /* Only this slot's owner fills its leases, so a free entry found now stays free. Looked
          * up before anything is touched, so a full slot changes nothing. */
         r = slot_find_free_lease(t, slot, &index);
         if (r < 0) {
-                pool_unlock(t, gp);
+                kt_pool_unlock(t, gp);
                 return r;
         }
 
-        mark(&p->dirty, 1);
-        pool_range(t, gp, &first, &end);
+        kt_mark(&p->dirty, 1);
+        kt_pool_range(t, gp, &first, &end);
         if (!p->index_valid)
                 index_rebuild(t, gp, now_ms);
         index_run_due(t, gp, now_ms, &change);
@@ -1970,8 +1658,8 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         if (change.changed)
                 change.key_position = change.key - first;
         if (best == UINT_MAX) {
-                mark(&p->dirty, 0);
-                pool_unlock(t, gp);
+                kt_mark(&p->dirty, 0);
+                kt_pool_unlock(t, gp);
                 if (ret_wait)
                         *ret_wait = wait;
                 /* A key may have come back and still be unable to serve (out of rpm, full):
@@ -1982,15 +1670,15 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
         }
 
         key = &t->keys[best];
-        mark(&key->dirty, 1);
+        kt_mark(&key->dirty, 1);
         /* Lease first, count second: a recount after a death in between finds the truth. */
-        STORE(&slot_leases(t, slot)[index], best + 1);
+        KT_STORE(&kt_slot_leases(t, slot)[index], best + 1);
         key->in_flight++;
         key->requests++;
         key->use_seq = ++p->use_seq;
         key->last_used_ms = now_ms;
         gcra_take(key, now_ms);
-        mark(&key->dirty, 0);
+        kt_mark(&key->dirty, 0);
         index_requeue(t, gp, best, now_ms);
         /* In a big pool the next key to go is a row no one has touched for a whole round: start
          * fetching it now, while this request is out, rather than in the next one's lock. */
@@ -2001,9 +1689,9 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
                         __builtin_prefetch(row + off, 1);
                 __builtin_prefetch(&t->links[p->head], 1);
         }
-        STORE(&t->slots[slot].lease_hint, index + 1 < t->leases_per_slot ? index + 1 : 0);
-        mark(&p->dirty, 0);
-        pool_unlock(t, gp);
+        KT_STORE(&t->slots[slot].lease_hint, index + 1 < t->leases_per_slot ? index + 1 : 0);
+        kt_mark(&p->dirty, 0);
+        kt_pool_unlock(t, gp);
 
         *ret_lease = (struct keytable_lease) {
                 .pool = pool,
@@ -2080,7 +1768,7 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
         case VERDICT_RATE_LIMITED:
                 key->rate_limited++;
                 rest = o->rest_ms < 1 ? 1 : o->rest_ms;
-                if (key_cool(key, KEY_REASON_RATE_LIMITED, add_sat(now_ms, rest), now_ms))
+                if (key_cool(key, KEY_REASON_RATE_LIMITED, kt_add_sat(now_ms, rest), now_ms))
                         report(change, k, from, key);
                 break;
 
@@ -2093,7 +1781,7 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
                 key->reason = o->cls == VERDICT_AUTH ? KEY_REASON_AUTH : KEY_REASON_QUOTA;
                 key->cooldown_until_ms = 0;
                 key->cooling_since_ms = 0;
-                key->next_probe_ms = probe_time(pol, key->reason, now_ms);
+                key->next_probe_ms = kt_probe_time(pol, key->reason, now_ms);
                 report(change, k, from, key);
                 break;
 
@@ -2103,7 +1791,7 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
                 /* The answer said the key has nothing left until then: rest it as for a rate
                  * limit (without counting one) rather than spend the next request on a 429. */
                 if (o->rest_ms > 0 &&
-                    key_cool(key, KEY_REASON_RATE_LIMITED, add_sat(now_ms, o->rest_ms), now_ms))
+                    key_cool(key, KEY_REASON_RATE_LIMITED, kt_add_sat(now_ms, o->rest_ms), now_ms))
                         report(change, k, from, key);
                 break;
 
@@ -2116,7 +1804,7 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
                 if (pol->transient_threshold > 0 && from == KEY_READY &&
                     key->consecutive_failures >= pol->transient_threshold) {
                         rest = pol->transient_cooldown_ms < 1 ? 1 : pol->transient_cooldown_ms;
-                        if (key_cool(key, KEY_REASON_TRANSIENT, add_sat(now_ms, rest), now_ms))
+                        if (key_cool(key, KEY_REASON_TRANSIENT, kt_add_sat(now_ms, rest), now_ms))
                                 report(change, k, from, key);
                 }
                 break;
@@ -2159,12 +1847,12 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
  * limit on the account or the address, not on the keys. Caller holds the pool lock. */
 static bool pool_limited_at_once(const struct keytable *t, unsigned p, int64_t now_ms,
                                  int64_t *ret_until_ms) {
-        int64_t until = 0, lo = add_sat(now_ms, -KT_ACCOUNT_WINDOW_MS),
-                hi = add_sat(now_ms, KT_ACCOUNT_WINDOW_MS);
+        int64_t until = 0, lo = kt_add_sat(now_ms, -KT_ACCOUNT_WINDOW_MS),
+                hi = kt_add_sat(now_ms, KT_ACCOUNT_WINDOW_MS);
         const struct kt_pool *pool = &t->pools[p];
         unsigned first, end, n = 0;
 
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         /* The index answers at once in the usual case, a pool where something can serve: a
          * key that can (listed, full) is ready, and so is the first entry of the heap if it is
          * due (a key back within its rpm, or one whose rest is over). */
@@ -2197,8 +1885,8 @@ static bool pool_limited_at_once(const struct keytable *t, unsigned p, int64_t n
  * changed. */
 static unsigned twins_cool(struct keytable *t, unsigned k, unsigned pool, int64_t until_ms,
                            int64_t now_ms) {
-        unsigned b = k / t->max_keys, n = 0, cur = k, lo = bank_first_key(t, b),
-                 hi = lo + bank_n_keys(t, b), n_pools = bank_n_pools(t, b);
+        unsigned b = k / t->max_keys, n = 0, cur = k, lo = kt_bank_first_key(t, b),
+                 hi = lo + kt_bank_n_keys(t, b), n_pools = kt_bank_n_pools(t, b);
         char id[KEYID_ID_LEN + 1];
 
         /* Ids never change once written; copied so the check below compares with a string. */
@@ -2207,31 +1895,31 @@ static unsigned twins_cool(struct keytable *t, unsigned k, unsigned pool, int64_
 
         /* A circle holds one row per pool at most: the bound only matters if it was broken. */
         for (unsigned step = 0; step < n_pools; step++) {
-                unsigned next = LOAD(&t->keys[cur].twin), q, first, end;
+                unsigned next = KT_LOAD(&t->keys[cur].twin), q, first, end;
                 struct kt_key *twin;
 
                 if (next == k || next == cur || next < lo || next >= hi)
                         break;
                 cur = next;
                 q = t->keys[next].pool;
-                if (!pool_row_valid(t, q) || q / t->max_pools != b || q == pool)
+                if (!kt_pool_row_valid(t, q) || q / t->max_pools != b || q == pool)
                         continue;
 
-                pool_lock(t, q);
-                pool_range(t, q, &first, &end);
+                kt_pool_lock(t, q);
+                kt_pool_range(t, q, &first, &end);
                 twin = &t->keys[next];
                 if (next >= first && next < end &&
                     strncmp(twin->id, id, sizeof twin->id) == 0) {
-                        mark(&t->pools[q].dirty, 1);
+                        kt_mark(&t->pools[q].dirty, 1);
                         key_recover_if_due(twin, next, now_ms, NULL);
-                        mark(&twin->dirty, 1);
+                        kt_mark(&twin->dirty, 1);
                         if (key_cool(twin, KEY_REASON_RATE_LIMITED, until_ms, now_ms))
                                 n++;
-                        mark(&twin->dirty, 0);
+                        kt_mark(&twin->dirty, 0);
                         index_update(t, q, next, now_ms);
-                        mark(&t->pools[q].dirty, 0);
+                        kt_mark(&t->pools[q].dirty, 0);
                 }
-                pool_unlock(t, q);
+                kt_pool_unlock(t, q);
         }
         return n;
 }
@@ -2253,35 +1941,35 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
         if (!t || !lease || lease->slot >= t->n_slots || lease->index >= t->leases_per_slot)
                 return;
         /* The slot's bank is the one its leases were taken in, whatever is current now. */
-        b = slot_bank(t, lease->slot);
-        if (lease->pool >= bank_n_pools(t, b))
+        b = kt_slot_bank(t, lease->slot);
+        if (lease->pool >= kt_bank_n_pools(t, b))
                 return;
-        gp = bank_first_pool(t, b) + lease->pool;
+        gp = kt_bank_first_pool(t, b) + lease->pool;
 
-        policy_load(t, &pol);
-        pool_lock(t, gp);
+        kt_policy_load(t, &pol);
+        kt_pool_lock(t, gp);
         p = &t->pools[gp];
-        pool_range(t, gp, &first, &end);
-        entry = &slot_leases(t, lease->slot)[lease->index];
+        kt_pool_range(t, gp, &first, &end);
+        entry = &kt_slot_leases(t, lease->slot)[lease->index];
         /* A lease released twice, or already returned by keytable_slot_release, must not take
          * a second request off the count. */
-        if (lease->key < first || lease->key >= end || LOAD(entry) != lease->key + 1) {
-                pool_unlock(t, gp);
+        if (lease->key < first || lease->key >= end || KT_LOAD(entry) != lease->key + 1) {
+                kt_pool_unlock(t, gp);
                 return;
         }
 
         key = &t->keys[lease->key];
-        mark(&p->dirty, 1);
+        kt_mark(&p->dirty, 1);
         key_recover_if_due(key, lease->key, now_ms, &change);
         was_full = key->max_concurrent > 0 && key->in_flight >= key->max_concurrent;
-        mark(&key->dirty, 1);
+        kt_mark(&key->dirty, 1);
         if (o)
                 key_record(key, lease->key, o, &pol, now_ms, &change);
         /* Count first, lease second: the mirror of acquire. */
         if (key->in_flight > 0)
                 key->in_flight--;
-        STORE(entry, 0);
-        mark(&key->dirty, 0);
+        KT_STORE(entry, 0);
+        kt_mark(&key->dirty, 0);
         /* Before the account check below, which reads the index. */
         index_update(t, gp, lease->key, now_ms);
 
@@ -2292,8 +1980,8 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                 /* A success proves the account serves: only real rate limits suspect it. */
                 if (o->cls == VERDICT_RATE_LIMITED &&
                     pool_limited_at_once(t, gp, now_ms, &account_until)) {
-                        if (account_until > LOAD(&p->account_limit_until_ms))
-                                STORE(&p->account_limit_until_ms, account_until);
+                        if (account_until > KT_LOAD(&p->account_limit_until_ms))
+                                KT_STORE(&p->account_limit_until_ms, account_until);
                         change.account_limit_suspected = true;
                 }
         }
@@ -2303,8 +1991,8 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
         /* Waiters for a full key must hear of this release even when the key now rests: the
          * rest has an end they can wait for, which they could not see while it was full. */
         change.freed_capacity = was_full;
-        mark(&p->dirty, 0);
-        pool_unlock(t, gp);
+        kt_mark(&p->dirty, 0);
+        kt_pool_unlock(t, gp);
 
         if (cool_twins)
                 change.twins_cooled = twins_cool(t, lease->key, gp, until, now_ms);
@@ -2320,19 +2008,19 @@ unsigned keytable_recover_due(struct keytable *t, int64_t now_ms, unsigned *ret_
 
         if (!t || (max > 0 && (!ret_pools || !ret_positions)))
                 return 0;
-        b = bank_current(t);
-        for (unsigned i = 0; i < bank_n_pools(t, b) && n < max; i++) {
-                unsigned first, end, p = bank_first_pool(t, b) + i;
+        b = kt_bank_current(t);
+        for (unsigned i = 0; i < kt_bank_n_pools(t, b) && n < max; i++) {
+                unsigned first, end, p = kt_bank_first_pool(t, b) + i;
 
-                pool_lock(t, p);
-                pool_range(t, p, &first, &end);
+                kt_pool_lock(t, p);
+                kt_pool_range(t, p, &first, &end);
                 /* Every cooling key is in the heap: none is due while its first entry is not. */
                 if (t->pools[p].index_valid && t->pools[p].n_due <= end - first &&
                     (t->pools[p].n_due == 0 || t->due[first].at_ms > now_ms)) {
-                        pool_unlock(t, p);
+                        kt_pool_unlock(t, p);
                         continue;
                 }
-                mark(&t->pools[p].dirty, 1);
+                kt_mark(&t->pools[p].dirty, 1);
                 for (unsigned k = first; k < end && n < max; k++) {
                         struct keytable_change change = { .changed = false };
 
@@ -2344,8 +2032,8 @@ unsigned keytable_recover_due(struct keytable *t, int64_t now_ms, unsigned *ret_
                         ret_positions[n] = k - first;
                         n++;
                 }
-                mark(&t->pools[p].dirty, 0);
-                pool_unlock(t, p);
+                kt_mark(&t->pools[p].dirty, 0);
+                kt_pool_unlock(t, p);
         }
         return n;
 }
@@ -2356,7 +2044,7 @@ int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, 
 
         if (!t)
                 return -EINVAL;
-        policy_load(t, &pol);
+        kt_policy_load(t, &pol);
         /* Without an interval a claim could not move the probe ahead, and every worker would
          * probe the same key at once. */
         if (pol.probe_interval_ms <= 0)
@@ -2364,12 +2052,12 @@ int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, 
 
         /* Only the current bank: an older generation's rows go away with it, and its keys that
          * live on were carried over with their probe times. */
-        b = bank_current(t);
-        for (unsigned i = 0; i < bank_n_pools(t, b); i++) {
-                unsigned first, end, p = bank_first_pool(t, b) + i;
+        b = kt_bank_current(t);
+        for (unsigned i = 0; i < kt_bank_n_pools(t, b); i++) {
+                unsigned first, end, p = kt_bank_first_pool(t, b) + i;
 
-                pool_lock(t, p);
-                pool_range(t, p, &first, &end);
+                kt_pool_lock(t, p);
+                kt_pool_range(t, p, &first, &end);
                 for (unsigned k = first; k < end; k++) {
                         struct kt_key *key = &t->keys[k];
 
@@ -2379,15 +2067,15 @@ int keytable_probe_claim(struct keytable *t, int64_t now_ms, unsigned *ret_key, 
                         if (key->reason != KEY_REASON_QUOTA &&
                             !(key->reason == KEY_REASON_AUTH && pol.probe_auth))
                                 continue;
-                        key->next_probe_ms = add_sat(now_ms, pol.probe_interval_ms);
-                        pool_unlock(t, p);
+                        key->next_probe_ms = kt_add_sat(now_ms, pol.probe_interval_ms);
+                        kt_pool_unlock(t, p);
                         if (ret_key)
                                 *ret_key = k;
                         if (ret_pool)
                                 *ret_pool = i;
                         return 0;
                 }
-                pool_unlock(t, p);
+                kt_pool_unlock(t, p);
         }
         return -ENOENT;
 }
@@ -2405,18 +2093,18 @@ int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms,
                 return r;
         row = &t->keys[key];
         from = row->state;
-        mark(&t->pools[p].dirty, 1);
-        mark(&row->dirty, 1);
+        kt_mark(&t->pools[p].dirty, 1);
+        kt_mark(&row->dirty, 1);
         row->state = KEY_READY;
         row->reason = KEY_REASON_NONE;
         row->consecutive_failures = 0;
         row->next_probe_ms = 0;
         row->cooldown_until_ms = 0;
         row->cooling_since_ms = 0;
-        mark(&row->dirty, 0);
+        kt_mark(&row->dirty, 0);
         index_update(t, p, key, now_ms);
-        mark(&t->pools[p].dirty, 0);
-        pool_unlock(t, p);
+        kt_mark(&t->pools[p].dirty, 0);
+        kt_pool_unlock(t, p);
 
         change.key_position = position;
         if (from != KEY_READY)
@@ -2444,25 +2132,25 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
 
         if (!t || reason <= KEY_REASON_NONE || reason >= _KEY_REASON_MAX)
                 return -EINVAL;
-        policy_load(t, &pol);
+        kt_policy_load(t, &pol);
         r = key_lock(t, key, &p, &position);
         if (r < 0)
                 return r;
         row = &t->keys[key];
         from = row->state;
         from_reason = row->reason;
-        mark(&t->pools[p].dirty, 1);
-        mark(&row->dirty, 1);
+        kt_mark(&t->pools[p].dirty, 1);
+        kt_mark(&row->dirty, 1);
         row->state = KEY_DISABLED;
         row->reason = reason;
         row->cooldown_until_ms = 0;
         row->cooling_since_ms = 0;
         /* A key the operator took out stays out until the operator says otherwise. */
-        row->next_probe_ms = probe_time(&pol, reason, now_ms);
-        mark(&row->dirty, 0);
+        row->next_probe_ms = kt_probe_time(&pol, reason, now_ms);
+        kt_mark(&row->dirty, 0);
         index_update(t, p, key, now_ms);
-        mark(&t->pools[p].dirty, 0);
-        pool_unlock(t, p);
+        kt_mark(&t->pools[p].dirty, 0);
+        kt_pool_unlock(t, p);
 
         change.key_position = position;
         if (from != KEY_DISABLED || from_reason != (uint32_t) reason)
@@ -2483,7 +2171,7 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
 
 /* Can a key really be in st? Only what the writers of this module produce is let in. */
 static bool key_state_possible(const struct keytable_key_state *st) {
-        if (!key_state_valid((uint32_t) st->state) || (unsigned) st->reason >= _KEY_REASON_MAX ||
+        if (!kt_key_state_valid((uint32_t) st->state) || (unsigned) st->reason >= _KEY_REASON_MAX ||
             (unsigned) st->last_class >= _VERDICT_MAX)
                 return false;
         if (st->last_status < 0 || st->last_status > 999 || st->last_used_ms < 0)
@@ -2508,28 +2196,28 @@ int keytable_restore_key(struct keytable *t, unsigned pool, unsigned position,
 
         if (!t || !st || !key_state_possible(st))
                 return -EINVAL;
-        b = bank_current(t);
-        if (pool >= bank_n_pools(t, b))
+        b = kt_bank_current(t);
+        if (pool >= kt_bank_n_pools(t, b))
                 return -EINVAL;
-        p = bank_first_pool(t, b) + pool;
-        policy_load(t, &pol);
+        p = kt_bank_first_pool(t, b) + pool;
+        kt_policy_load(t, &pol);
 
-        pool_lock(t, p);
-        pool_range(t, p, &first, &end);
+        kt_pool_lock(t, p);
+        kt_pool_range(t, p, &first, &end);
         if (position >= end - first) {
-                pool_unlock(t, p);
+                kt_pool_unlock(t, p);
                 return -EINVAL;
         }
         key = &t->keys[first + position];
-        mark(&t->pools[p].dirty, 1);
-        mark(&key->dirty, 1);
+        kt_mark(&t->pools[p].dirty, 1);
+        kt_mark(&key->dirty, 1);
         key->state = st->state;
         key->reason = st->reason;
         key->cooldown_until_ms = st->state == KEY_COOLING ? st->cooldown_until_ms : 0;
         /* When the rest began is not known: a restored key never makes a later rate limit look
          * account-wide. */
         key->cooling_since_ms = 0;
-        key->next_probe_ms = st->state == KEY_DISABLED ? probe_time(&pol, st->reason, now_ms) : 0;
+        key->next_probe_ms = st->state == KEY_DISABLED ? kt_probe_time(&pol, st->reason, now_ms) : 0;
         key->consecutive_failures = st->consecutive_failures;
         key->requests = st->requests;
         key->successes = st->successes;
@@ -2540,23 +2228,23 @@ int keytable_restore_key(struct keytable *t, unsigned pool, unsigned position,
         key->last_status = st->last_status;
         key->last_class = st->last_class;
         key->last_used_ms = st->last_used_ms;
-        mark(&key->dirty, 0);
+        kt_mark(&key->dirty, 0);
         /* A rest that ended while keypool was down ends as any other does. */
         key_recover_if_due(key, first + position, now_ms, NULL);
         index_update(t, p, first + position, now_ms);
-        mark(&t->pools[p].dirty, 0);
-        pool_unlock(t, p);
+        kt_mark(&t->pools[p].dirty, 0);
+        kt_pool_unlock(t, p);
         return 0;
 }
 
 /* --- readers ------------------------------------------------------------------------------- */
 
 unsigned keytable_n_pools(const struct keytable *t) {
-        return t ? bank_n_pools(t, bank_current(t)) : 0;
+        return t ? kt_bank_n_pools(t, kt_bank_current(t)) : 0;
 }
 
 unsigned keytable_n_keys(const struct keytable *t) {
-        return t ? bank_n_keys(t, bank_current(t)) : 0;
+        return t ? kt_bank_n_keys(t, kt_bank_current(t)) : 0;
 }
 
 unsigned keytable_n_slots(const struct keytable *t) {
@@ -2579,16 +2267,16 @@ static void pool_view_locked(const struct keytable *t, unsigned p, struct keytab
         *ret = (struct keytable_pool_view) {};
         memcpy(ret->name, pool->name, sizeof ret->name - 1);
         memcpy(ret->model, pool->model, sizeof ret->model - 1);
-        pool_range(t, p, &first, &end);
+        kt_pool_range(t, p, &first, &end);
         ret->first_key = first;
         ret->n_keys = end - first;
-        ret->account_limit_until_ms = LOAD(&pool->account_limit_until_ms);
-        ret->rotations = LOAD(&pool->rotations);
+        ret->account_limit_until_ms = KT_LOAD(&pool->account_limit_until_ms);
+        ret->rotations = KT_LOAD(&pool->rotations);
         for (unsigned i = 0; i < KEYTABLE_LATENCY_BUCKETS; i++) {
-                ret->latency_buckets[i] = LOAD(&pool->latency_buckets[i]);
+                ret->latency_buckets[i] = KT_LOAD(&pool->latency_buckets[i]);
                 ret->latency_count += ret->latency_buckets[i];
         }
-        ret->latency_sum_ms = LOAD(&pool->latency_sum_ms);
+        ret->latency_sum_ms = KT_LOAD(&pool->latency_sum_ms);
 }
 
 static int bank_pool_info(const struct keytable *t, unsigned b, unsigned pool,
@@ -2596,12 +2284,12 @@ static int bank_pool_info(const struct keytable *t, unsigned b, unsigned pool,
         struct keytable_pool_view v;
         unsigned p;
 
-        if (pool >= bank_n_pools(t, b))
+        if (pool >= kt_bank_n_pools(t, b))
                 return -EINVAL;
-        p = bank_first_pool(t, b) + pool;
-        pool_lock(t, p);
+        p = kt_bank_first_pool(t, b) + pool;
+        kt_pool_lock(t, p);
         pool_view_locked(t, p, &v);
-        pool_unlock(t, p);
+        kt_pool_unlock(t, p);
         *ret = v;
         return 0;
 }
@@ -2609,14 +2297,14 @@ static int bank_pool_info(const struct keytable *t, unsigned b, unsigned pool,
 int keytable_pool_info(const struct keytable *t, unsigned pool, struct keytable_pool_view *ret) {
         if (!t || !ret)
                 return -EINVAL;
-        return bank_pool_info(t, bank_current(t), pool, ret);
+        return bank_pool_info(t, kt_bank_current(t), pool, ret);
 }
 
 int keytable_slot_pool_info(const struct keytable *t, unsigned slot, unsigned pool,
                             struct keytable_pool_view *ret) {
         if (!t || !ret || slot >= t->n_slots)
                 return -EINVAL;
-        return bank_pool_info(t, slot_bank(t, slot), pool, ret);
+        return bank_pool_info(t, kt_slot_bank(t, slot), pool, ret);
 }
 
 /* Copies the current bank's pool, view and keys, under its lock; the number of keys, or
@@ -2625,16 +2313,16 @@ static int pool_read(struct keytable *t, unsigned pool, int64_t now_ms,
                      struct keytable_pool_view *ret_info, struct keytable_key_view *ret_keys,
                      unsigned max) {
         struct keytable_pool_view info;
-        unsigned b = bank_current(t), first, end, p;
+        unsigned b = kt_bank_current(t), first, end, p;
 
-        if (pool >= bank_n_pools(t, b))
+        if (pool >= kt_bank_n_pools(t, b))
                 return -EINVAL;
-        p = bank_first_pool(t, b) + pool;
+        p = kt_bank_first_pool(t, b) + pool;
 
-        pool_lock(t, p);
-        pool_range(t, p, &first, &end);
+        kt_pool_lock(t, p);
+        kt_pool_range(t, p, &first, &end);
         if (end - first > max) {
-                pool_unlock(t, p);
+                kt_pool_unlock(t, p);
                 return -ENOBUFS;
         }
         pool_view_locked(t, p, &info);
@@ -2670,7 +2358,7 @@ static int pool_read(struct keytable *t, unsigned pool, int64_t now_ms,
                 memcpy(v->by_class, key->by_class, sizeof v->by_class);
                 memcpy(v->last_error, key->last_error, sizeof v->last_error - 1);
         }
-        pool_unlock(t, p);
+        kt_pool_unlock(t, p);
 
         /* A cooldown that has run out is over, whether or not an acquire has noticed yet. */
         for (unsigned i = 0; i < end - first; i++) {
@@ -2714,11 +2402,11 @@ unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, 
         if (!t || !ret)
                 return 0;
 
-        header_lock(t);
+        kt_header_lock(t);
         for (unsigned s = 0; s < t->n_slots && n < max; s++) {
                 const struct kt_slot *slot = &t->slots[s];
-                const uint32_t *leases = slot_leases(t, s);
-                uint32_t stage = LOAD(&slot->stage);
+                const uint32_t *leases = kt_slot_leases(t, s);
+                uint32_t stage = KT_LOAD(&slot->stage);
                 unsigned in_flight = 0;
 
                 if (stage == WORKER_STAGE_FREE)
@@ -2726,22 +2414,22 @@ unsigned keytable_workers(struct keytable *t, struct keytable_worker_view *ret, 
                 /* Counted from the leases themselves, so a dead worker's requests show until its
                  * slot is released. */
                 for (unsigned i = 0; i < t->leases_per_slot; i++)
-                        if (LOAD(&leases[i]) != 0)
+                        if (KT_LOAD(&leases[i]) != 0)
                                 in_flight++;
                 ret[n++] = (struct keytable_worker_view) {
                         .slot = s,
-                        .pid = LOAD(&slot->pid),
-                        .generation = LOAD(&slot->generation),
-                        .bank = LOAD(&slot->bank) & 1u,
+                        .pid = KT_LOAD(&slot->pid),
+                        .generation = KT_LOAD(&slot->generation),
+                        .bank = KT_LOAD(&slot->bank) & 1u,
                         .stage = stage,
-                        .started_ms = LOAD(&slot->started_ms),
-                        .heartbeat_ms = LOAD(&slot->heartbeat_ms),
-                        .requests = LOAD(&slot->requests),
+                        .started_ms = KT_LOAD(&slot->started_ms),
+                        .heartbeat_ms = KT_LOAD(&slot->heartbeat_ms),
+                        .requests = KT_LOAD(&slot->requests),
                         .in_flight = in_flight,
-                        .waiters = LOAD(&slot->waiters),
+                        .waiters = KT_LOAD(&slot->waiters),
                 };
         }
-        header_unlock(t);
+        kt_header_unlock(t);
         return n;
 }
 
@@ -2810,19 +2498,19 @@ int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned k
         if (!t || key >= KT_BANKS * t->max_keys)
                 return -EINVAL;
         b = key / t->max_keys;
-        if (pool >= bank_n_pools(t, b))
+        if (pool >= kt_bank_n_pools(t, b))
                 return -EINVAL;
-        gp = bank_first_pool(t, b) + pool;
+        gp = kt_bank_first_pool(t, b) + pool;
 
-        pool_lock(t, gp);
+        kt_pool_lock(t, gp);
         p = &t->pools[gp];
-        pool_range(t, gp, &first, &end);
+        kt_pool_range(t, gp, &first, &end);
         if (key < first || key >= end) {
-                pool_unlock(t, gp);
+                kt_pool_unlock(t, gp);
                 return -EINVAL;
         }
-        mark(&p->dirty, 1);
-        mark(&t->keys[key].dirty, 1);
+        kt_mark(&p->dirty, 1);
+        kt_mark(&t->keys[key].dirty, 1);
         t->keys[key].state = 77;
         t->keys[key].in_flight += 5;
         /* Every field a writer touches may be left half-done, the new ones too. */
@@ -2831,8 +2519,8 @@ int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned k
         t->keys[key].cooling_since_ms = -5;
         t->keys[key].figures_ms = -3;
         memset(t->keys[key].last_error, 'x', sizeof t->keys[key].last_error);
-        STORE(&t->keys[key].twin, UINT32_MAX - 7);
-        STORE(&p->account_limit_until_ms, -9);
+        KT_STORE(&t->keys[key].twin, UINT32_MAX - 7);
+        KT_STORE(&p->account_limit_until_ms, -9);
         /* … and the choice index half-way through a move. */
         t->links[key].prev = UINT32_MAX - 3;
         t->links[key].next = key;
