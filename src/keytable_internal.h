@@ -350,3 +350,90 @@ static inline void kt_pool_lock(const struct keytable *t, unsigned p) {
 static inline void kt_pool_unlock(const struct keytable *t, unsigned p) {
         kt_unlock(&t->pools[p].lock);
 }
+
+/* --- key rows: rests and rates (used by the index and by acquire/release) ------------------- */
+
+/* Ends a cooldown that has run out. The caller holds the pool lock and has marked the pool, but
+ * not the row. */
+static inline void kt_key_recover_if_due(struct kt_key *key, unsigned k, int64_t now_ms,
+                                         struct keytable_change *change) {
+        if (key->state != KEY_COOLING || key->cooldown_until_ms > now_ms)
+                return;
+        kt_mark(&key->dirty, 1);
+        key->state = KEY_READY;
+        key->reason = KEY_REASON_NONE;
+        key->cooldown_until_ms = 0;
+        key->cooling_since_ms = 0;
+        /* A rest ends the run of failures that may have caused it: cooling the key again for
+         * failures takes a whole new run. */
+        key->consecutive_failures = 0;
+        kt_mark(&key->dirty, 0);
+        if (change && !change->changed)
+                *change = (struct keytable_change) {
+                        .changed = true,
+                        .key = k,
+                        .from = KEY_COOLING,
+                        .to = KEY_READY,
+                        .reason = KEY_REASON_NONE,
+                };
+}
+
+/* GCRA with emission interval T = a minute / rpm and burst tolerance a minute - T: up to rpm
+ * requests pass at once, then one every T, and one timestamp per key is all it keeps. False with
+ * the earliest ms a request passes when none may now. */
+static inline int64_t kt_gcra_interval_us(const struct kt_key *key) {
+        int64_t t_us = KT_MINUTE_US / key->rpm;
+
+        return t_us > 0 ? t_us : 1;
+}
+
+static inline bool kt_gcra_allows(const struct kt_key *key, int64_t now_ms, int64_t *ret_at_ms) {
+        int64_t tol_us, earliest_us;
+
+        if (key->rpm == 0)
+                return true;
+        tol_us = KT_MINUTE_US - kt_gcra_interval_us(key);
+        if (key->tat_us <= kt_add_sat(kt_ms_to_us(now_ms), tol_us))
+                return true;
+        earliest_us = key->tat_us - tol_us;
+        /* Rounded up: at the ms given the request really passes. */
+        *ret_at_ms = earliest_us / 1000 + (earliest_us % 1000 > 0);
+        return false;
+}
+
+static inline void kt_gcra_take(struct kt_key *key, int64_t now_ms) {
+        int64_t now_us = kt_ms_to_us(now_ms);
+
+        if (key->rpm == 0)
+                return;
+        key->tat_us = kt_add_sat(key->tat_us > now_us ? key->tat_us : now_us, kt_gcra_interval_us(key));
+}
+
+/* --- the choice index (keytable_index.c) ----------------------------------------------------
+ *
+ * All under the pool's lock, with the pool marked dirty; p is a table-wide pool row and k a
+ * table-wide key row of it. */
+
+/* The next kt_index_choose rebuilds the pool's index from its rows. */
+static inline void kt_index_stale(const struct keytable *t, unsigned p) {
+        t->pools[p].index_valid = 0;
+}
+
+/* Builds pool p's index from its rows as they stand at now_ms: O(n log n). */
+void kt_index_rebuild(const struct keytable *t, unsigned p, int64_t now_ms);
+/* The key acquire takes at now_ms, or UINT_MAX with wait filled (retry time, busy). Ends the rests
+ * that are over on the way: the earliest such row is reported in change. wait starts zeroed. */
+unsigned kt_index_choose(const struct keytable *t, unsigned p, int64_t now_ms, unsigned avoid_key,
+                         struct keytable_wait *wait, struct keytable_change *change);
+/* The same choice from the rows alone, O(n), with no trust in the index: the fallback, and the
+ * rule the index stands for. */
+unsigned kt_index_scan(const struct keytable *t, unsigned p, int64_t now_ms, unsigned avoid_key,
+                       struct keytable_wait *wait, struct keytable_change *change);
+/* After acquire took k (its use_seq bumped): k goes to the tail if it still serves. */
+void kt_index_taken(const struct keytable *t, unsigned p, uint32_t k, int64_t now_ms);
+/* After a change to row k (its state, rest, in-flight count): moves it to where it now belongs. */
+void kt_index_update(const struct keytable *t, unsigned p, uint32_t k, int64_t now_ms);
+/* True when the index is trusted and no rest or rpm wait of the pool is over at now_ms. */
+bool kt_index_none_due(const struct keytable *t, unsigned p, int64_t now_ms);
+/* True when the index is trusted and says some key of the pool is ready at now_ms. */
+bool kt_index_some_key_serves(const struct keytable *t, unsigned p, int64_t now_ms);
