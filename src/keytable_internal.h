@@ -351,6 +351,12 @@ static inline void kt_pool_unlock(const struct keytable *t, unsigned p) {
         kt_unlock(&t->pools[p].lock);
 }
 
+/* --- key rows -------------------------------------------------------------------------------- */
+
+/* Locks the pool of key (a table-wide row, either bank) and checks the key is in it; -EINVAL
+ * (nothing locked) if not. ret_position (may be NULL): the key's place in its pool. */
+int kt_key_lock(const struct keytable *t, unsigned key, unsigned *ret_pool, unsigned *ret_position);
+
 /* --- key rows: rests and rates (used by the index and by acquire/release) ------------------- */
 
 /* Ends a cooldown that has run out. The caller holds the pool lock and has marked the pool, but
