@@ -779,211 +779,6 @@ void keytable_set_policy(struct keytable *t, const struct keytable_policy *p) {
         kt_header_unlock(t);
 }
 
-/* --- worker slots -------------------------------------------------------------------------- */
-
-int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms, unsigned *ret_slot) {
-        if (!t)
-                return -EINVAL;
-
-        kt_header_lock(t);
-        for (unsigned s = 0; s < t->n_slots; s++) {
-                struct kt_slot *slot = &t->slots[s];
-
-                if (KT_LOAD(&slot->stage) != WORKER_STAGE_FREE)
-                        continue;
-                KT_STORE(&slot->generation, generation);
-                /* Workers are forked after a commit, so the new generation gets the new bank. */
-                KT_STORE(&slot->bank, kt_bank_current(t));
-                KT_STORE(&slot->pid, 0);
-                KT_STORE(&slot->lease_hint, 0);
-                KT_STORE(&slot->waiters, 0);
-                KT_STORE(&slot->started_ms, now_ms);
-                KT_STORE(&slot->heartbeat_ms, now_ms);
-                KT_STORE(&slot->requests, 0);
-                KT_STORE(&slot->stage, WORKER_STAGE_STARTING);
-                kt_header_unlock(t);
-                if (ret_slot)
-                        *ret_slot = s;
-                return 0;
-        }
-        kt_header_unlock(t);
-        return -EBUSY;
-}
-
-void keytable_slot_set_pid(struct keytable *t, unsigned slot, pid_t pid) {
-        if (t && slot < t->n_slots)
-                KT_STORE(&t->slots[slot].pid, (int32_t) pid);
-}
-
-void keytable_slot_set_stage(struct keytable *t, unsigned slot, enum worker_stage stage) {
-        /* FREE is for keytable_slot_release alone: only it returns the slot's leases. */
-        if (t && slot < t->n_slots && stage > WORKER_STAGE_FREE && stage < _WORKER_STAGE_MAX)
-                KT_STORE(&t->slots[slot].stage, (uint32_t) stage);
-}
-
-void keytable_slot_heartbeat(struct keytable *t, unsigned slot, int64_t now_ms) {
-        if (t && slot < t->n_slots)
-                KT_STORE(&t->slots[slot].heartbeat_ms, now_ms);
-}
-
-void keytable_slot_count_request(struct keytable *t, unsigned slot) {
-        if (t && slot < t->n_slots)
-                __atomic_add_fetch(&t->slots[slot].requests, 1, __ATOMIC_RELAXED);
-}
-
-void keytable_slot_release(struct keytable *t, unsigned slot) {
-        uint32_t *leases;
-
-        if (!t || slot >= t->n_slots)
-                return;
-
-        /* The owner is gone, so this slot's leases change only here. Each lease names its pool
-         * (and so its bank) through its key; take that pool's lock once and return all of the
-         * slot's leases in it. If the dead worker held that lock, locking it repairs the pool
-         * first (recounting from these very leases), and the decrements below then apply to a
-         * true count. The bank cannot be refilled under us: the slot is not FREE yet. */
-        leases = kt_slot_leases(t, slot);
-        for (unsigned i = 0; i < t->leases_per_slot; i++) {
-                uint32_t v = KT_LOAD(&leases[i]);
-                unsigned p;
-
-                if (v == 0)
-                        continue;
-                if (!kt_key_row_valid(t, v - 1)) {
-                        /* Names no key: nothing was ever counted for it. */
-                        KT_STORE(&leases[i], 0);
-                        continue;
-                }
-                p = t->keys[v - 1].pool;
-
-                kt_pool_lock(t, p);
-                kt_mark(&t->pools[p].dirty, 1);
-                for (unsigned j = i; j < t->leases_per_slot; j++) {
-                        uint32_t w = KT_LOAD(&leases[j]);
-                        struct kt_key *key;
-
-                        if (w == 0 || !kt_key_row_valid(t, w - 1) || t->keys[w - 1].pool != p)
-                                continue;
-                        key = &t->keys[w - 1];
-                        if (key->in_flight > 0)
-                                key->in_flight--;
-                        KT_STORE(&leases[j], 0);
-                }
-                /* Keys that were full may serve again: a worker death is rare enough for a
-                 * rebuild. */
-                kt_index_stale(t, p);
-                kt_mark(&t->pools[p].dirty, 0);
-                kt_pool_unlock(t, p);
-        }
-
-        kt_header_lock(t);
-        KT_STORE(&t->slots[slot].pid, 0);
-        KT_STORE(&t->slots[slot].waiters, 0);
-        KT_STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
-        kt_header_unlock(t);
-}
-
-unsigned keytable_slot_bank(const struct keytable *t, unsigned slot) {
-        return t && slot < t->n_slots ? kt_slot_bank(t, slot) : 0;
-}
-
-void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n) {
-        if (t && slot < t->n_slots)
-                KT_STORE(&t->slots[slot].waiters, (uint32_t) n);
-}
-
-unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max) {
-        unsigned n = 0;
-
-        if (!t || !ret_slots)
-                return 0;
-        /* No lock: a slot freed meanwhile costs its reader one needless wake-up at most. */
-        for (unsigned s = 0; s < t->n_slots && n < max; s++)
-                if (KT_LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && KT_LOAD(&t->slots[s].waiters) > 0)
-                        ret_slots[n++] = s;
-        return n;
-}
-
-/* --- history ------------------------------------------------------------------------------- */
-
-static void copy_field(char *dst, size_t size, const char *src) {
-        size_t n = src ? strnlen(src, size - 1) : 0;
-
-        if (n > 0)
-                memcpy(dst, src, n);
-        memset(dst + n, 0, size - n);
-}
-
-void keytable_history_add(struct keytable *t, const struct keytable_event *e) {
-        struct kt_event *slot;
-        uint64_t seq;
-
-        if (!t || !e)
-                return;
-
-        kt_header_lock(t);
-        seq = t->hdr->history_seq;
-        slot = &t->history[seq % t->history_size];
-        kt_mark(&t->hdr->history_dirty, 1);
-        slot->seq = 0;
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        slot->wall_ms = e->wall_ms;
-        slot->cooldown_ms = e->cooldown_ms;
-        slot->kind = (uint32_t) e->kind;
-        slot->reason = (uint32_t) e->reason;
-        slot->status = e->status;
-        copy_field(slot->pool, sizeof slot->pool, e->pool);
-        copy_field(slot->key_from, sizeof slot->key_from, e->key_from);
-        copy_field(slot->key_to, sizeof slot->key_to, e->key_to);
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        slot->seq = seq + 1;
-        __atomic_signal_fence(__ATOMIC_SEQ_CST);
-        /* The commit. */
-        KT_STORE(&t->hdr->history_seq, seq + 1);
-        kt_mark(&t->hdr->history_dirty, 0);
-        kt_header_unlock(t);
-}
-
-unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, unsigned max) {
-        uint64_t seq, first;
-        unsigned n = 0;
-
-        if (!t || !ret || max == 0)
-                return 0;
-
-        kt_header_lock(t);
-        seq = t->hdr->history_seq;
-        first = seq > t->history_size ? seq - t->history_size + 1 : 1;
-        if (seq >= first && seq - first + 1 > max)
-                first = seq - max + 1;
-        for (uint64_t s = first; s <= seq; s++) {
-                const struct kt_event *src = &t->history[(s - 1) % t->history_size];
-                struct keytable_event *e = &ret[n];
-
-                /* Lost to a repair, or never there. */
-                if (src->seq != s || src->kind == HISTORY_NONE || src->kind >= _HISTORY_MAX)
-                        continue;
-                *e = (struct keytable_event) {
-                        .seq = s,
-                        .wall_ms = src->wall_ms,
-                        .kind = src->kind,
-                        .status = src->status,
-                        .reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE,
-                        .cooldown_ms = src->cooldown_ms,
-                };
-                memcpy(e->pool, src->pool, sizeof e->pool - 1);
-                memcpy(e->key_from, src->key_from, sizeof e->key_from - 1);
-                memcpy(e->key_to, src->key_to, sizeof e->key_to - 1);
-                n++;
-        }
-        kt_header_unlock(t);
-        return n;
-}
-
-unsigned keytable_history_capacity(const struct keytable *t) {
-        return t ? t->history_size : 0;
-}
-
 /* --- configuration generation -------------------------------------------------------------- */
 
 void keytable_set_config_generation(struct keytable *t, unsigned generation) {
@@ -993,6 +788,51 @@ void keytable_set_config_generation(struct keytable *t, unsigned generation) {
 
 unsigned keytable_config_generation(const struct keytable *t) {
         return t ? KT_LOAD(&t->hdr->config_generation) : 0;
+}
+
+/* --- tests only ---------------------------------------------------------------------------- */
+
+int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned key) {
+        struct kt_pool *p;
+        unsigned first, end, b, gp;
+
+        if (!t || key >= KT_BANKS * t->max_keys)
+                return -EINVAL;
+        b = key / t->max_keys;
+        if (pool >= kt_bank_n_pools(t, b))
+                return -EINVAL;
+        gp = kt_bank_first_pool(t, b) + pool;
+
+        kt_pool_lock(t, gp);
+        p = &t->pools[gp];
+        kt_pool_range(t, gp, &first, &end);
+        if (key < first || key >= end) {
+                kt_pool_unlock(t, gp);
+                return -EINVAL;
+        }
+        kt_mark(&p->dirty, 1);
+        kt_mark(&t->keys[key].dirty, 1);
+        t->keys[key].state = 77;
+        t->keys[key].in_flight += 5;
+        /* Every field a writer touches may be left half-done, the new ones too. */
+        t->keys[key].tat_us = INT64_MAX;
+        t->keys[key].next_probe_ms = 1;
+        t->keys[key].cooling_since_ms = -5;
+        t->keys[key].figures_ms = -3;
+        memset(t->keys[key].last_error, 'x', sizeof t->keys[key].last_error);
+        KT_STORE(&t->keys[key].twin, UINT32_MAX - 7);
+        KT_STORE(&p->account_limit_until_ms, -9);
+        /* … and the choice index half-way through a move. */
+        t->links[key].prev = UINT32_MAX - 3;
+        t->links[key].next = key;
+        t->links[key].place = KT_DUE;
+        t->links[key].heap_at = UINT32_MAX - 1;
+        p->head = key;
+        p->tail = UINT32_MAX - 2;
+        p->n_due = UINT32_MAX;
+        p->n_full = 3;
+        p->gcra_since_ms = INT64_MAX;
+        return 0;
 }
 
 /* --- readers ------------------------------------------------------------------------------- */
@@ -1245,51 +1085,6 @@ const char *keytable_history_kind_name(enum history_kind k) {
         if ((unsigned) k >= _HISTORY_MAX)
                 return NULL;
         return names[k];
-}
-
-/* --- tests only ---------------------------------------------------------------------------- */
-
-int keytable_test_die_holding_lock(struct keytable *t, unsigned pool, unsigned key) {
-        struct kt_pool *p;
-        unsigned first, end, b, gp;
-
-        if (!t || key >= KT_BANKS * t->max_keys)
-                return -EINVAL;
-        b = key / t->max_keys;
-        if (pool >= kt_bank_n_pools(t, b))
-                return -EINVAL;
-        gp = kt_bank_first_pool(t, b) + pool;
-
-        kt_pool_lock(t, gp);
-        p = &t->pools[gp];
-        kt_pool_range(t, gp, &first, &end);
-        if (key < first || key >= end) {
-                kt_pool_unlock(t, gp);
-                return -EINVAL;
-        }
-        kt_mark(&p->dirty, 1);
-        kt_mark(&t->keys[key].dirty, 1);
-        t->keys[key].state = 77;
-        t->keys[key].in_flight += 5;
-        /* Every field a writer touches may be left half-done, the new ones too. */
-        t->keys[key].tat_us = INT64_MAX;
-        t->keys[key].next_probe_ms = 1;
-        t->keys[key].cooling_since_ms = -5;
-        t->keys[key].figures_ms = -3;
-        memset(t->keys[key].last_error, 'x', sizeof t->keys[key].last_error);
-        KT_STORE(&t->keys[key].twin, UINT32_MAX - 7);
-        KT_STORE(&p->account_limit_until_ms, -9);
-        /* … and the choice index half-way through a move. */
-        t->links[key].prev = UINT32_MAX - 3;
-        t->links[key].next = key;
-        t->links[key].place = KT_DUE;
-        t->links[key].heap_at = UINT32_MAX - 1;
-        p->head = key;
-        p->tail = UINT32_MAX - 2;
-        p->n_due = UINT32_MAX;
-        p->n_full = 3;
-        p->gcra_since_ms = INT64_MAX;
-        return 0;
 }
 
 int keytable_pool_read_alloc(struct keytable *t, unsigned pool, int64_t now_ms,
