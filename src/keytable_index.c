@@ -390,7 +390,7 @@ void kt_index_rebuild(const struct keytable *t, unsigned p, int64_t now_ms) {
         pool->index_valid = 1;
 }
 
-/* Keeps the recovery of the earliest row: the one the scan of every row reported. */
+/* Keeps the recovery of the earliest row: the one the scan of every row reports. */
 static void change_merge(struct keytable_change *change, const struct keytable_change *c) {
         if (c->changed && (!change->changed || c->key < change->key))
                 *change = *c;

@@ -242,7 +242,8 @@ static inline unsigned kt_bank_first_key(const struct keytable *t, unsigned b) {
 
 /* Is p a pool row that exists in its bank? */
 static inline bool kt_pool_row_valid(const struct keytable *t, unsigned p) {
-        return p < KT_BANKS * t->max_pools && p % t->max_pools < kt_bank_n_pools(t, p / t->max_pools);
+        return p < KT_BANKS * t->max_pools &&
+               p % t->max_pools < kt_bank_n_pools(t, p / t->max_pools);
 }
 
 /* Is k a key row that exists in its bank, and does its pool row exist in the same bank? */
@@ -295,7 +296,8 @@ static inline void kt_policy_load(const struct keytable *t, struct keytable_poli
 }
 
 /* When a key disabled for reason is probed next, or 0 when it is left to the operator. */
-static inline int64_t kt_probe_time(const struct keytable_policy *pol, uint32_t reason, int64_t now_ms) {
+static inline int64_t kt_probe_time(const struct keytable_policy *pol, uint32_t reason,
+                                    int64_t now_ms) {
         if (pol->probe_interval_ms <= 0)
                 return 0;
         if (reason == KEY_REASON_QUOTA || (reason == KEY_REASON_AUTH && pol->probe_auth))
@@ -304,7 +306,8 @@ static inline int64_t kt_probe_time(const struct keytable_policy *pol, uint32_t 
 }
 
 /* Pool row p's key range, clamped to the keys that exist in its bank. */
-static inline void kt_pool_range(const struct keytable *t, unsigned p, unsigned *ret_first, unsigned *ret_end) {
+static inline void kt_pool_range(const struct keytable *t, unsigned p, unsigned *ret_first,
+                                 unsigned *ret_end) {
         const struct kt_pool *pool = &t->pools[p];
         unsigned b = p / t->max_pools, lo = kt_bank_first_key(t, b), hi = lo + kt_bank_n_keys(t, b),
                  first = pool->first_key, end;
@@ -412,7 +415,8 @@ static inline void kt_gcra_take(struct kt_key *key, int64_t now_ms) {
 
         if (key->rpm == 0)
                 return;
-        key->tat_us = kt_add_sat(key->tat_us > now_us ? key->tat_us : now_us, kt_gcra_interval_us(key));
+        key->tat_us = kt_add_sat(key->tat_us > now_us ? key->tat_us : now_us,
+                                 kt_gcra_interval_us(key));
 }
 
 /* --- the choice index (keytable_index.c) ----------------------------------------------------

@@ -620,7 +620,8 @@ int keytable_restore_key(struct keytable *t, unsigned pool, unsigned position,
         /* When the rest began is not known: a restored key never makes a later rate limit look
          * account-wide. */
         key->cooling_since_ms = 0;
-        key->next_probe_ms = st->state == KEY_DISABLED ? kt_probe_time(&pol, st->reason, now_ms) : 0;
+        key->next_probe_ms =
+                st->state == KEY_DISABLED ? kt_probe_time(&pol, st->reason, now_ms) : 0;
         key->consecutive_failures = st->consecutive_failures;
         key->requests = st->requests;
         key->successes = st->successes;

@@ -138,7 +138,8 @@ unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slo
                 return 0;
         /* No lock: a slot freed meanwhile costs its reader one needless wake-up at most. */
         for (unsigned s = 0; s < t->n_slots && n < max; s++)
-                if (KT_LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE && KT_LOAD(&t->slots[s].waiters) > 0)
+                if (KT_LOAD(&t->slots[s].stage) != WORKER_STAGE_FREE &&
+                    KT_LOAD(&t->slots[s].waiters) > 0)
                         ret_slots[n++] = s;
         return n;
 }
