@@ -392,7 +392,6 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
         }
         change.key = lease->key;
         change.key_position = lease->key - first;
-        /* A slot freed on a key that has just gone to rest frees nothing anyone can use. */
         /* Waiters for a full key must hear of this release even when the key now rests: the
          * rest has an end they can wait for, which they could not see while it was full. */
         change.freed_capacity = was_full;
