@@ -270,6 +270,11 @@ void loader_parse_env_file(struct loader *l, const config_setting_t *root) {
                                 "line; is a quote left open?)");
                 return;
         }
+        if (r == -EBADFD) {
+                loader_diag_add(l, s ? loader_setting_file(l, s) : l->path,
+                                s ? config_setting_source_line(s) : 0, "env_file %s: not a regular file", ef);
+                return;
+        }
         if (r < 0) {
                 loader_diag_add(l, s ? loader_setting_file(l, s) : l->path,
                                 s ? config_setting_source_line(s) : 0, "env_file %s: %s", ef, strerror(-r));

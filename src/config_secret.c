@@ -15,15 +15,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 
 #include <libconfig.h>
 
 #include "keypool/conf.h"
+#include "keypool/fileio.h"
 
 #include "config_internal.h"
 
-#define CONFIG_SECRET_MAX 4096          /* far above any provider's key; bounds file: reads */
+#define CONFIG_SECRET_MAX 4096          /* far above any provider's key */
+#define CONFIG_KEY_FILE_MAX 65536       /* bounds file: and cred: reads: a key file holds one key */
 
 /* Why a resolved secret cannot be used, or NULL when it can. Never quotes the secret. */
 const char *loader_secret_problem(const char *s) {
@@ -44,50 +45,33 @@ const char *loader_secret_problem(const char *s) {
         return NULL;
 }
 
-/* Reads the first line of path, without its line end. 0, or -errno; -EFBIG when it is longer
- * than any secret may be. */
+/* Reads the first line of path, without its line end. 0, or -errno: -EMSGSIZE when the line is
+ * longer than any secret may be, -EFBIG when the file is larger than a key file can sensibly be,
+ * -EBADMSG when the line holds a NUL (it would silently cut the key short). What follows the
+ * first line is ignored, as it always was. */
 static int read_first_line(const char *path, char **ret) {
-        char buf[CONFIG_SECRET_MAX + 2];
-        size_t n = 0;
-        struct stat st;
-        FILE *f;
-        int c, r = 0;
+        char *data, *nl;
+        size_t len, n;
+        int r;
 
-        f = fopen(path, "re");
-        if (!f)
-                return -errno;
-        if (fstat(fileno(f), &st) < 0)
-                r = -errno;
-        else if (S_ISDIR(st.st_mode))
-                r = -EISDIR;
-        if (r < 0) {
-                fclose(f);
+        r = fileio_read(path, CONFIG_KEY_FILE_MAX, &data, &len);
+        if (r < 0)
                 return r;
-        }
-
-        while ((c = getc(f)) != EOF && c != '\n') {
-                if (n == sizeof(buf) - 1) {
-                        r = -EFBIG;
-                        break;
-                }
-                buf[n++] = (char) c;
-        }
-        if (r == 0 && ferror(f))
-                r = -EIO;
-        fclose(f);
-
-        if (n > 0 && buf[n - 1] == '\r')
-                n--;
-        buf[n] = '\0';
-
-        if (r == 0 && memchr(buf, '\0', n))
-                r = -EBADMSG;           /* a NUL would silently cut the key short */
-        if (r == 0) {
-                *ret = strdup(buf);
-                if (!*ret)
+        nl = memchr(data, '\n', len);
+        n = nl ? (size_t) (nl - data) : len;
+        /* One byte over the limit still reaches secret_problem, which says how long a key may be. */
+        if (n > CONFIG_SECRET_MAX + 1)
+                r = -EMSGSIZE;
+        else {
+                if (n > 0 && data[n - 1] == '\r')
+                        n--;
+                if (memchr(data, '\0', n))
+                        r = -EBADMSG;
+                else if (!(*ret = strndup(data, n)))
                         r = -ENOMEM;
         }
-        explicit_bzero(buf, sizeof(buf));
+        explicit_bzero(data, len);
+        free(data);
         return r;
 }
 
@@ -164,9 +148,19 @@ char *loader_resolve_key(struct loader *l, const char *who, unsigned pos, const 
                         l->oom = true;
                         return NULL;
                 }
-                if (r == -EFBIG) {
+                if (r == -EMSGSIZE) {
                         loader_diag_add(l, file, line, "%s key %u: %s: the first line is longer than "
                                         "%d bytes", who, pos, label, CONFIG_SECRET_MAX);
+                        return NULL;
+                }
+                if (r == -EFBIG) {
+                        loader_diag_add(l, file, line, "%s key %u: %s: larger than %d bytes (a key "
+                                        "file holds one key)", who, pos, label, CONFIG_KEY_FILE_MAX);
+                        return NULL;
+                }
+                if (r == -EBADFD) {
+                        loader_diag_add(l, file, line, "%s key %u: %s: not a regular file", who, pos,
+                                        label);
                         return NULL;
                 }
                 if (r == -EBADMSG) {

@@ -26,6 +26,7 @@
 
 #include <jansson.h>
 
+#include "keypool/fileio.h"
 #include "keypool/jscan.h"
 #include "keypool/persist.h"
 #include "keypool/verdict.h"
@@ -1127,82 +1128,14 @@ int persist_save(const char *path, const char *text) {
 }
 
 int persist_read(const char *path, char **ret_text, size_t *ret_len) {
-        size_t len = 0, size;
-        struct stat st;
-        char *buf;
-        int fd, r;
+        int r;
 
         if (!path || !ret_text)
                 return -EINVAL;
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return -errno;
-        if (fstat(fd, &st) < 0) {
-                r = -errno;
-                goto fail_fd;
-        }
-        if (!S_ISREG(st.st_mode)) {
-                r = -EINVAL;
-                goto fail_fd;
-        }
-        if ((uint64_t) st.st_size > PERSIST_READ_MAX) {
-                r = -EFBIG;
-                goto fail_fd;
-        }
-        /* Sized from fstat, but the file may grow meanwhile: read to the end, up to the limit. */
-        size = (size_t) st.st_size + 1;
-        buf = malloc(size);
-        if (!buf) {
-                r = -ENOMEM;
-                goto fail_fd;
-        }
-        for (;;) {
-                ssize_t k;
-
-                if (len + 1 >= size) {
-                        char *grown;
-
-                        /* Full at the limit and not at the end: one byte too many. */
-                        if (size >= PERSIST_READ_MAX + 2) {
-                                free(buf);
-                                r = -EFBIG;
-                                goto fail_fd;
-                        }
-                        size = size * 2 > PERSIST_READ_MAX + 2 ? PERSIST_READ_MAX + 2 : size * 2;
-                        grown = realloc(buf, size);
-                        if (!grown) {
-                                free(buf);
-                                r = -ENOMEM;
-                                goto fail_fd;
-                        }
-                        buf = grown;
-                }
-                k = read(fd, buf + len, size - len - 1);
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        r = -errno;
-                        free(buf);
-                        goto fail_fd;
-                }
-                if (k == 0)
-                        break;
-                len += (size_t) k;
-        }
-        (void) close(fd);
-        if (len > PERSIST_READ_MAX) {
-                free(buf);
-                return -EFBIG;
-        }
-        /* NUL-terminated for callers that want a string; len does not count it. */
-        buf[len] = '\0';
-        *ret_text = buf;
-        if (ret_len)
-                *ret_len = len;
-        return 0;
-
-fail_fd:
-        (void) close(fd);
+        r = fileio_read(path, PERSIST_READ_MAX, ret_text, ret_len);
+        /* Anything but a regular file is as unusable as a corrupt one. */
+        if (r == -EISDIR || r == -EBADFD)
+                return -EINVAL;
         return r;
 }
 
