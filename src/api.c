@@ -8,7 +8,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -18,6 +17,7 @@
 #include "keypool/log.h"
 #include "keypool/persist.h"
 #include "keypool/proxy.h"
+#include "keypool/timeutil.h"
 
 #define HISTORY_DEFAULT_LIMIT 100
 
@@ -36,25 +36,11 @@ static int64_t ceil_seconds(int64_t ms) {
         return ms <= 0 ? 0 : (ms + 999) / 1000;
 }
 
-/* "2026-11-28T10:20:00Z" (or with milliseconds) for a wall-clock time. */
-static void rfc3339(int64_t wall_ms, bool millis, char *buf, size_t size) {
-        time_t secs = (time_t) (wall_ms / 1000);
-        struct tm tm;
-        size_t n;
-
-        gmtime_r(&secs, &tm);
-        n = strftime(buf, size, "%Y-%m-%dT%H:%M:%S", &tm);
-        if (millis)
-                snprintf(buf + n, size - n, ".%03dZ", (int) (wall_ms % 1000));
-        else
-                snprintf(buf + n, size - n, "Z");
-}
-
 /* A monotonic table time as wall-clock RFC 3339. */
 static json_t *json_mono_time(int64_t mono_ms, int64_t now_mono, int64_t now_wall) {
-        char buf[40];
+        char buf[TIMEUTIL_RFC3339_MAX];
 
-        rfc3339(now_wall + (mono_ms - now_mono), false, buf, sizeof buf);
+        timeutil_format_rfc3339(now_wall + (mono_ms - now_mono), false, buf);
         return json_string(buf);
 }
 
@@ -305,14 +291,14 @@ char *api_history_json(const struct api_context *a, unsigned limit, const char *
                 first = i;
         }
         for (unsigned i = matched ? first : n; i < n; i++) {
-                char when[40];
+                char when[TIMEUTIL_RFC3339_MAX];
                 json_t *e;
 
                 if ((pool && strcmp(ev[i].pool, pool) != 0) ||
                     (key && strcmp(ev[i].key_from, key) != 0 && strcmp(ev[i].key_to, key) != 0))
                         continue;
                 e = json_object();
-                rfc3339(ev[i].wall_ms, true, when, sizeof when);
+                timeutil_format_rfc3339(ev[i].wall_ms, true, when);
                 json_object_set_new(e, "time", json_string(when));
                 json_object_set_new(e, "pool", json_string(ev[i].pool));
                 json_object_set_new(e, "event", json_string(keytable_history_kind_name(ev[i].kind)));

@@ -7,17 +7,16 @@
  * freed.
  */
 #include <errno.h>
-#include <fcntl.h>
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "keypool/envfile.h"
+#include "keypool/fileio.h"
 
-/* Far beyond any real env file; stops a wrong path (a log, a device) from eating memory. */
-#define ENVFILE_MAX_SIZE (16u * 1024 * 1024)
+/* Far beyond any real env file; stops a wrong path (a log) from eating memory. One byte under
+ * 16 MiB: the largest file the reader has always taken. */
+#define ENVFILE_MAX_SIZE (16u * 1024 * 1024 - 1)
 
 struct buf {
         char *data;
@@ -412,73 +411,18 @@ int envfile_parse(const char *text, size_t len, struct envfile *ret, unsigned *r
 }
 
 int envfile_load(const char *path, struct envfile *ret, unsigned *ret_err_line) {
-        struct buf b = {};
-        struct stat st;
-        int fd, r;
+        char *data;
+        size_t len;
+        int r;
 
         if (!path || !ret)
                 return -EINVAL;
 
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return -errno;
-        if (fstat(fd, &st) < 0) {
-                r = -errno;
-                close(fd);
+        r = fileio_read(path, ENVFILE_MAX_SIZE, &data, &len);
+        if (r < 0)
                 return r;
-        }
-        if (S_ISDIR(st.st_mode)) {
-                close(fd);
-                return -EISDIR;
-        }
-
-        b.cap = S_ISREG(st.st_mode) && st.st_size > 0 && (size_t) st.st_size < ENVFILE_MAX_SIZE
-                ? (size_t) st.st_size + 1 : 4096;
-        b.data = malloc(b.cap);
-        if (!b.data) {
-                close(fd);
-                return -ENOMEM;
-        }
-
-        for (;;) {
-                ssize_t n;
-
-                if (b.len == b.cap) {
-                        size_t cap = b.cap * 2;
-                        char *m;
-
-                        if (b.cap >= ENVFILE_MAX_SIZE) {
-                                r = -EFBIG;
-                                goto finish;
-                        }
-                        m = malloc(cap);
-                        if (!m) {
-                                r = -ENOMEM;
-                                goto finish;
-                        }
-                        memcpy(m, b.data, b.len);
-                        wipe_free(b.data, b.cap);
-                        b.data = m;
-                        b.cap = cap;
-                }
-
-                n = read(fd, b.data + b.len, b.cap - b.len);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        r = -errno;
-                        goto finish;
-                }
-                if (n == 0)
-                        break;
-                b.len += (size_t) n;
-        }
-
-        r = envfile_parse(b.data, b.len, ret, ret_err_line);
-
-finish:
-        close(fd);
-        wipe_free(b.data, b.cap);
+        r = envfile_parse(data, len, ret, ret_err_line);
+        wipe_free(data, len + 1);
         return r;
 }
 

@@ -26,8 +26,10 @@
 
 #include <jansson.h>
 
+#include "keypool/fileio.h"
 #include "keypool/jscan.h"
 #include "keypool/persist.h"
+#include "keypool/timeutil.h"
 #include "keypool/verdict.h"
 
 #define PERSIST_FORMAT   "keypool-state"
@@ -35,12 +37,6 @@
 #define PERSIST_READ_MAX ((size_t) 64 << 20)
 
 /* --- time ---------------------------------------------------------------------------------- */
-
-static int64_t floor_div(int64_t a, int64_t b) {
-        int64_t q = a / b;
-
-        return (a % b != 0 && (a < 0) != (b < 0)) ? q - 1 : q;
-}
 
 static int64_t add_sat(int64_t a, int64_t b) {
         int64_t r;
@@ -68,128 +64,17 @@ static int64_t wall_to_mono(int64_t wall, int64_t now_mono, int64_t now_wall) {
         return add_sat(now_mono, sub_sat(wall, now_wall));
 }
 
-/* Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm): plain
- * arithmetic, so no timegm, no TZ, no locale. */
-static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
-        int64_t era, yoe, doy, doe;
-
-        y -= m <= 2;
-        era = floor_div(y, 400);
-        yoe = y - era * 400;
-        doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
-        doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        return era * 146097 + doe - 719468;
-}
-
-static void civil_from_days(int64_t z, int64_t *ret_y, unsigned *ret_m, unsigned *ret_d) {
-        int64_t era, doe, yoe, y, doy, mp;
-
-        z += 719468;
-        era = floor_div(z, 146097);
-        doe = z - era * 146097;
-        yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-        y = yoe + era * 400;
-        doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        mp = (5 * doy + 2) / 153;
-        *ret_d = (unsigned) (doy - (153 * mp + 2) / 5 + 1);
-        *ret_m = (unsigned) (mp < 10 ? mp + 3 : mp - 9);
-        *ret_y = y + (*ret_m <= 2);
-}
-
-/* The range RFC 3339 can write: years 0000 to 9999. */
-#define WALL_MIN_MS (days_from_civil(0, 1, 1) * 86400000)
-#define WALL_MAX_MS (days_from_civil(10000, 1, 1) * 86400000 - 1)
-
-#define TIME_MAX 32
-
-/* "2026-11-28T10:20:00Z", or with_ms "2026-11-28T10:20:00.123Z". Out-of-range times are clamped
- * to the years RFC 3339 can write. */
-static void format_time(int64_t wall_ms, bool with_ms, char buf[TIME_MAX]) {
-        int64_t days, ms_of_day, y;
-        unsigned m, d, hh, mm, ss, ms;
-
-        if (wall_ms < WALL_MIN_MS)
-                wall_ms = WALL_MIN_MS;
-        if (wall_ms > WALL_MAX_MS)
-                wall_ms = WALL_MAX_MS;
-        days = floor_div(wall_ms, 86400000);
-        ms_of_day = wall_ms - days * 86400000;
-        civil_from_days(days, &y, &m, &d);
-        hh = (unsigned) (ms_of_day / 3600000);
-        mm = (unsigned) (ms_of_day / 60000 % 60);
-        ss = (unsigned) (ms_of_day / 1000 % 60);
-        ms = (unsigned) (ms_of_day % 1000);
-        if (with_ms)
-                snprintf(buf, TIME_MAX, "%04" PRId64 "-%02u-%02uT%02u:%02u:%02u.%03uZ", y, m, d, hh,
-                         mm, ss, ms);
-        else
-                snprintf(buf, TIME_MAX, "%04" PRId64 "-%02u-%02uT%02u:%02u:%02uZ", y, m, d, hh, mm,
-                         ss);
-}
-
-static bool digits(const char *s, unsigned n, unsigned *ret) {
-        unsigned v = 0;
-
-        for (unsigned i = 0; i < n; i++) {
-                if (s[i] < '0' || s[i] > '9')
-                        return false;
-                v = v * 10 + (unsigned) (s[i] - '0');
-        }
-        *ret = v;
-        return true;
-}
-
-static bool leap_year(unsigned y) {
-        return (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-}
-
 /* Reads an RFC 3339 date-time ("2026-11-28T10:20:00Z", fractions and offsets allowed) as ms
- * since the epoch. */
+ * since the epoch. Year 0000 is what a clamped time was saved as; a leap second is the last
+ * moment of its minute as far as a deadline cares. */
 static int parse_time(const char *s, int64_t *ret_ms) {
-        static const unsigned month_days[12] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
-        unsigned y, mo, d, h, mi, sec, ms = 0, oh, om;
-        int64_t offset_ms = 0, t;
-        const char *p;
+        struct timeutil_civil c;
 
-        if (strlen(s) < 20 || !digits(s, 4, &y) || s[4] != '-' || !digits(s + 5, 2, &mo) ||
-            s[7] != '-' || !digits(s + 8, 2, &d) || (s[10] != 'T' && s[10] != 't' && s[10] != ' ') ||
-            !digits(s + 11, 2, &h) || s[13] != ':' || !digits(s + 14, 2, &mi) || s[16] != ':' ||
-            !digits(s + 17, 2, &sec))
+        if (timeutil_parse_rfc3339(s, strlen(s), &c) < 0)
                 return -EINVAL;
-        if (mo < 1 || mo > 12 || d < 1 ||
-            d > month_days[mo - 1] + (mo == 2 && leap_year(y)) || h > 23 || mi > 59 || sec > 60)
-                return -EINVAL;
-        /* A leap second is the last moment of its minute as far as a deadline cares. */
-        if (sec == 60)
-                sec = 59;
-        p = s + 19;
-        if (*p == '.') {
-                unsigned n = 0;
-
-                for (p++; *p >= '0' && *p <= '9'; p++, n++)
-                        if (n < 3)
-                                ms = ms * 10 + (unsigned) (*p - '0');
-                if (n == 0)
-                        return -EINVAL;
-                for (; n < 3; n++)
-                        ms *= 10;
-        }
-        if (*p == 'Z' || *p == 'z') {
-                p++;
-        } else if (*p == '+' || *p == '-') {
-                if (!digits(p + 1, 2, &oh) || p[3] != ':' || !digits(p + 4, 2, &om) || oh > 23 ||
-                    om > 59)
-                        return -EINVAL;
-                offset_ms = ((int64_t) oh * 60 + om) * 60000 * (*p == '-' ? -1 : 1);
-                p += 6;
-        } else
-                return -EINVAL;
-        if (*p != '\0')
-                return -EINVAL;
-
-        t = days_from_civil(y, mo, d) * 86400000 +
-            ((int64_t) h * 3600 + (int64_t) mi * 60 + sec) * 1000 + ms;
-        *ret_ms = t - offset_ms;
+        if (c.second == 60)
+                c.second = 59;
+        *ret_ms = timeutil_civil_to_ms(&c);
         return 0;
 }
 
@@ -242,9 +127,9 @@ static json_t *count(uint64_t v) {
 }
 
 static json_t *time_json(int64_t wall_ms, bool with_ms) {
-        char buf[TIME_MAX];
+        char buf[TIMEUTIL_RFC3339_MAX];
 
-        format_time(wall_ms, with_ms, buf);
+        timeutil_format_rfc3339(wall_ms, with_ms, buf);
         return json_string(buf);
 }
 
@@ -259,7 +144,7 @@ static json_t *key_to_json(const char *pool, const struct keytable_key_view *v, 
 
                 /* Whole seconds, rounded up: a key rests a moment longer after a restart rather
                  * than spend a request on a 429. */
-                until = time_json(floor_div(wall, 1000) * 1000 + (wall % 1000 != 0) * 1000,
+                until = time_json(timeutil_floor_div(wall, 1000) * 1000 + (wall % 1000 != 0) * 1000,
                                      false);
         }
         if (v->last_used_ms > 0)
@@ -368,7 +253,7 @@ static int export_history(FILE *f, struct keytable *t) {
 }
 
 char *persist_export(struct keytable *t, int64_t now_mono_ms, int64_t now_wall_ms) {
-        char saved_at[TIME_MAX], *buf = NULL;
+        char saved_at[TIMEUTIL_RFC3339_MAX], *buf = NULL;
         size_t size = 0;
         FILE *f;
         int r;
@@ -378,7 +263,7 @@ char *persist_export(struct keytable *t, int64_t now_mono_ms, int64_t now_wall_m
         f = open_memstream(&buf, &size);
         if (!f)
                 return NULL;
-        format_time(now_wall_ms, false, saved_at);
+        timeutil_format_rfc3339(now_wall_ms, false, saved_at);
         r = fprintf(f, "{\"format\":\"%s\",\"version\":%d,\"saved_at\":\"%s\",\n\"keys\":[",
                     PERSIST_FORMAT, PERSIST_VERSION, saved_at) < 0 ? -EIO : 0;
         if (r == 0)
@@ -1127,82 +1012,14 @@ int persist_save(const char *path, const char *text) {
 }
 
 int persist_read(const char *path, char **ret_text, size_t *ret_len) {
-        size_t len = 0, size;
-        struct stat st;
-        char *buf;
-        int fd, r;
+        int r;
 
         if (!path || !ret_text)
                 return -EINVAL;
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
-        if (fd < 0)
-                return -errno;
-        if (fstat(fd, &st) < 0) {
-                r = -errno;
-                goto fail_fd;
-        }
-        if (!S_ISREG(st.st_mode)) {
-                r = -EINVAL;
-                goto fail_fd;
-        }
-        if ((uint64_t) st.st_size > PERSIST_READ_MAX) {
-                r = -EFBIG;
-                goto fail_fd;
-        }
-        /* Sized from fstat, but the file may grow meanwhile: read to the end, up to the limit. */
-        size = (size_t) st.st_size + 1;
-        buf = malloc(size);
-        if (!buf) {
-                r = -ENOMEM;
-                goto fail_fd;
-        }
-        for (;;) {
-                ssize_t k;
-
-                if (len + 1 >= size) {
-                        char *grown;
-
-                        /* Full at the limit and not at the end: one byte too many. */
-                        if (size >= PERSIST_READ_MAX + 2) {
-                                free(buf);
-                                r = -EFBIG;
-                                goto fail_fd;
-                        }
-                        size = size * 2 > PERSIST_READ_MAX + 2 ? PERSIST_READ_MAX + 2 : size * 2;
-                        grown = realloc(buf, size);
-                        if (!grown) {
-                                free(buf);
-                                r = -ENOMEM;
-                                goto fail_fd;
-                        }
-                        buf = grown;
-                }
-                k = read(fd, buf + len, size - len - 1);
-                if (k < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        r = -errno;
-                        free(buf);
-                        goto fail_fd;
-                }
-                if (k == 0)
-                        break;
-                len += (size_t) k;
-        }
-        (void) close(fd);
-        if (len > PERSIST_READ_MAX) {
-                free(buf);
-                return -EFBIG;
-        }
-        /* NUL-terminated for callers that want a string; len does not count it. */
-        buf[len] = '\0';
-        *ret_text = buf;
-        if (ret_len)
-                *ret_len = len;
-        return 0;
-
-fail_fd:
-        (void) close(fd);
+        r = fileio_read(path, PERSIST_READ_MAX, ret_text, ret_len);
+        /* Anything but a regular file is as unusable as a corrupt one. */
+        if (r == -EISDIR || r == -EBADFD)
+                return -EINVAL;
         return r;
 }
 
@@ -1211,7 +1028,7 @@ int persist_move_aside(const char *path, int64_t now_wall_ms, char **ret_path) {
 
         if (!path || !path[0])
                 return -EINVAL;
-        if (asprintf(&aside, "%s.corrupt-%" PRId64, path, floor_div(now_wall_ms, 1000)) < 0)
+        if (asprintf(&aside, "%s.corrupt-%" PRId64, path, timeutil_floor_div(now_wall_ms, 1000)) < 0)
                 return -ENOMEM;
         if (rename(path, aside) < 0) {
                 int r = -errno;

@@ -18,6 +18,7 @@
 
 #include "keypool/jscan.h"
 #include "keypool/policy.h"
+#include "keypool/timeutil.h"
 
 #define MSEC_PER_SEC    INT64_C(1000)
 #define MSEC_PER_MINUTE (60 * MSEC_PER_SEC)
@@ -342,32 +343,6 @@ static int parse_number_ms(const char *s, size_t len, int64_t unit_ns, int64_t *
         return 0;
 }
 
-/* Reads exactly min..max digits at *pos. */
-static int parse_uint_digits(const char *s, size_t len, size_t *pos, int min, int max, int *ret) {
-        size_t i = *pos;
-        int v = 0, n = 0;
-
-        while (i < len && is_digit(s[i]) && n < max) {
-                v = v * 10 + (s[i] - '0');
-                n++;
-                i++;
-        }
-        if (n < min || (i < len && is_digit(s[i])))
-                return -EINVAL;
-
-        *pos = i;
-        *ret = v;
-        return 0;
-}
-
-static bool eat(const char *s, size_t len, size_t *pos, char c) {
-        if (*pos < len && s[*pos] == c) {
-                (*pos)++;
-                return true;
-        }
-        return false;
-}
-
 static size_t skip_ows(const char *s, size_t len, size_t pos) {
         while (pos < len && is_ows(s[pos]))
                 pos++;
@@ -376,70 +351,11 @@ static size_t skip_ows(const char *s, size_t len, size_t pos) {
 
 /* ---- calendar --------------------------------------------------------------------------- */
 
-static int64_t floor_div(int64_t a, int64_t b) {
-        int64_t q = a / b;
-
-        return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
-}
-
-/* Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil): pure
- * arithmetic, so no timegm, no TZ environment, no locale. */
-static int64_t days_from_civil(int64_t y, int m, int d) {
-        int64_t era, yoe, doy, doe;
-
-        y -= m <= 2;
-        era = (y >= 0 ? y : y - 399) / 400;
-        yoe = y - era * 400;
-        doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
-        doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        return era * 146097 + doe - 719468;
-}
-
-static void civil_from_days(int64_t z, int64_t *ret_y, int *ret_m, int *ret_d) {
-        int64_t era, doe, yoe, y, doy, mp;
-        int m;
-
-        z += 719468;
-        era = (z >= 0 ? z : z - 146096) / 146097;
-        doe = z - era * 146097;
-        yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-        y = yoe + era * 400;
-        doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        mp = (5 * doy + 2) / 153;
-        m = (int) (mp < 10 ? mp + 3 : mp - 9);
-
-        *ret_d = (int) (doy - (153 * mp + 2) / 5 + 1);
-        *ret_m = m;
-        *ret_y = y + (m <= 2);
-}
-
-/* 0 = Sunday; 1970-01-01 was a Thursday. */
-static int weekday_from_days(int64_t z) {
-        return (int) (z >= -4 ? (z + 4) % 7 : (z + 5) % 7 + 6);
-}
-
-static int days_in_month(int64_t y, int m) {
-        static const int dim[12] = { 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31 };
-        bool leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-
-        return m == 2 && leap ? 29 : dim[m - 1];
-}
-
-static bool civil_valid(int64_t y, int mon, int d, int h, int mi, int sec) {
-        /* sec 60 is a leap second; it lands on the next minute's first, close enough for a rest. */
-        return y >= 1 && y <= 9999 && mon >= 1 && mon <= 12 && d >= 1 && d <= days_in_month(y, mon) &&
-               h >= 0 && h <= 23 && mi >= 0 && mi <= 59 && sec >= 0 && sec <= 60;
-}
-
-static int64_t civil_to_epoch_ms(int64_t y, int mon, int d, int h, int mi, int sec) {
-        return (days_from_civil(y, mon, d) * 86400 + h * 3600 + mi * 60 + sec) * MSEC_PER_SEC;
-}
-
 /* The day number of the n-th Sunday of a month. */
 static int64_t nth_sunday(int64_t y, int m, int n) {
-        int64_t first = days_from_civil(y, m, 1);
+        int64_t first = timeutil_days_from_civil(y, m, 1);
 
-        return first + (7 - weekday_from_days(first)) % 7 + 7 * (n - 1);
+        return first + (7 - timeutil_weekday_from_days(first)) % 7 + 7 * (n - 1);
 }
 
 /* US daylight saving time (since 2007): from the second Sunday of March, 02:00 PST (10:00 UTC),
@@ -450,7 +366,7 @@ static int64_t pacific_offset_at(int64_t utc_ms) {
         int m, d;
 
         /* The UTC year is right even around New Year: no DST is in force in December or January. */
-        civil_from_days(floor_div(utc_ms, MSEC_PER_DAY), &y, &m, &d);
+        timeutil_civil_from_days(timeutil_floor_div(utc_ms, MSEC_PER_DAY), &y, &m, &d);
         start = nth_sunday(y, 3, 2) * MSEC_PER_DAY + 10 * MSEC_PER_HOUR;
         end = nth_sunday(y, 11, 1) * MSEC_PER_DAY + 9 * MSEC_PER_HOUR;
         return utc_ms >= start && utc_ms < end ? -7 * MSEC_PER_HOUR : -8 * MSEC_PER_HOUR;
@@ -462,7 +378,7 @@ static int64_t pacific_offset_at_midnight(int64_t day) {
         int64_t y;
         int m, d;
 
-        civil_from_days(day, &y, &m, &d);
+        timeutil_civil_from_days(day, &y, &m, &d);
         return day > nth_sunday(y, 3, 2) && day <= nth_sunday(y, 11, 1) ? -7 * MSEC_PER_HOUR
                                                                         : -8 * MSEC_PER_HOUR;
 }
@@ -472,7 +388,7 @@ static int next_pacific_midnight(int64_t now_ms, int64_t *ret_ms) {
 
         if (now_ms < 0 || now_ms > POLICY_MAX_SANE_EPOCH_MS)
                 return -ERANGE;
-        local_day = floor_div(now_ms + pacific_offset_at(now_ms), MSEC_PER_DAY);
+        local_day = timeutil_floor_div(now_ms + pacific_offset_at(now_ms), MSEC_PER_DAY);
         next = local_day + 1;
 
         *ret_ms = next * MSEC_PER_DAY - pacific_offset_at_midnight(next);
@@ -481,158 +397,15 @@ static int next_pacific_midnight(int64_t now_ms, int64_t *ret_ms) {
 
 /* ---- timestamps ------------------------------------------------------------------------- */
 
-static int month_from_name(const char *s, size_t len) {
-        static const char *const names[12] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",
-                                               "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
-
-        for (int i = 0; i < 12; i++)
-                if (eq_ci(s, len, names[i]))
-                        return i + 1;
-        return -1;
-}
-
-static bool is_weekday_name(const char *s, size_t len) {
-        static const char *const names[] = { "Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat",
-                                             "Sunday", "Monday", "Tuesday", "Wednesday",
-                                             "Thursday", "Friday", "Saturday" };
-
-        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-                if (eq_ci(s, len, names[i]))
-                        return true;
-        return false;
-}
-
-static int read_word(const char *s, size_t len, size_t *pos, const char **ret, size_t *ret_len) {
-        size_t i = *pos;
-
-        while (i < len && is_alpha(s[i]))
-                i++;
-        if (i == *pos)
-                return -EINVAL;
-        *ret = s + *pos;
-        *ret_len = i - *pos;
-        *pos = i;
-        return 0;
-}
-
-static int read_time_of_day(const char *s, size_t len, size_t *pos, int *h, int *mi, int *sec) {
-        if (parse_uint_digits(s, len, pos, 2, 2, h) < 0 || !eat(s, len, pos, ':') ||
-            parse_uint_digits(s, len, pos, 2, 2, mi) < 0 || !eat(s, len, pos, ':') ||
-            parse_uint_digits(s, len, pos, 2, 2, sec) < 0)
-                return -EINVAL;
-        return 0;
-}
-
-/* RFC 9110 §5.6.7: recipients accept all three forms, and read a two-digit year that would be
- * more than 50 years ahead as the most recent past year with those digits.
- *   IMF-fixdate  Sun, 06 Nov 1994 08:49:37 GMT
- *   RFC 850      Sunday, 06-Nov-94 08:49:37 GMT
- *   asctime      Sun Nov  6 08:49:37 1994 */
-static int parse_http_date(const char *s, size_t len, int64_t now_ms, int64_t *ret_ms) {
-        const char *w;
-        size_t pos = 0, wl;
-        int64_t year;
-        int mon, day, y, h, mi, sec;
-
-        if (read_word(s, len, &pos, &w, &wl) < 0 || !is_weekday_name(w, wl))
-                return -EINVAL;
-
-        if (eat(s, len, &pos, ',')) {
-                pos = skip_ows(s, len, pos);
-                if (parse_uint_digits(s, len, &pos, 1, 2, &day) < 0)
-                        return -EINVAL;
-                if (eat(s, len, &pos, ' ')) {
-                        if (read_word(s, len, &pos, &w, &wl) < 0 || !eat(s, len, &pos, ' ') ||
-                            parse_uint_digits(s, len, &pos, 4, 4, &y) < 0)
-                                return -EINVAL;
-                        year = y;
-                } else if (eat(s, len, &pos, '-')) {
-                        int64_t cur_year;
-                        int cm, cd;
-
-                        if (read_word(s, len, &pos, &w, &wl) < 0 || !eat(s, len, &pos, '-') ||
-                            parse_uint_digits(s, len, &pos, 2, 2, &y) < 0)
-                                return -EINVAL;
-                        if (now_ms < 0 || now_ms > POLICY_MAX_SANE_EPOCH_MS)
-                                return -EINVAL;
-                        civil_from_days(floor_div(now_ms, MSEC_PER_DAY), &cur_year, &cm, &cd);
-                        year = cur_year - cur_year % 100 + y;
-                        if (year > cur_year + 50)
-                                year -= 100;
-                } else
-                        return -EINVAL;
-                mon = month_from_name(w, wl);
-                if (!eat(s, len, &pos, ' ') || read_time_of_day(s, len, &pos, &h, &mi, &sec) < 0 ||
-                    !eat(s, len, &pos, ' ') || read_word(s, len, &pos, &w, &wl) < 0 ||
-                    !(eq_ci(w, wl, "GMT") || eq_ci(w, wl, "UTC")))
-                        return -EINVAL;
-        } else if (eat(s, len, &pos, ' ')) {
-                if (read_word(s, len, &pos, &w, &wl) < 0)
-                        return -EINVAL;
-                mon = month_from_name(w, wl);
-                pos = skip_ows(s, len, pos);
-                if (parse_uint_digits(s, len, &pos, 1, 2, &day) < 0 || !eat(s, len, &pos, ' ') ||
-                    read_time_of_day(s, len, &pos, &h, &mi, &sec) < 0 || !eat(s, len, &pos, ' ') ||
-                    parse_uint_digits(s, len, &pos, 4, 4, &y) < 0)
-                        return -EINVAL;
-                year = y;
-        } else
-                return -EINVAL;
-
-        if (pos != len || !civil_valid(year, mon, day, h, mi, sec))
-                return -EINVAL;
-
-        *ret_ms = civil_to_epoch_ms(year, mon, day, h, mi, sec);
-        return 0;
-}
-
 /* RFC 3339, as in Anthropic's reset headers: 2026-08-21T12:40:59Z, 2026-08-21T12:40:59.250Z,
- * 2026-08-21T05:40:59-07:00. */
+ * 2026-08-21T05:40:59-07:00. Year 0000 is no year a provider means. */
 static int parse_rfc3339(const char *s, size_t len, int64_t *ret_ms) {
-        size_t pos = 0;
-        int y, mon, day, h, mi, sec, frac_ms = 0;
-        int64_t ms, offset_ms = 0;
+        struct timeutil_civil c;
 
         trim(&s, &len);
-        if (parse_uint_digits(s, len, &pos, 4, 4, &y) < 0 || !eat(s, len, &pos, '-') ||
-            parse_uint_digits(s, len, &pos, 2, 2, &mon) < 0 || !eat(s, len, &pos, '-') ||
-            parse_uint_digits(s, len, &pos, 2, 2, &day) < 0)
+        if (timeutil_parse_rfc3339(s, len, &c) < 0 || c.year < 1)
                 return -EINVAL;
-        if (!(eat(s, len, &pos, 'T') || eat(s, len, &pos, 't') || eat(s, len, &pos, ' ')))
-                return -EINVAL;
-        if (read_time_of_day(s, len, &pos, &h, &mi, &sec) < 0)
-                return -EINVAL;
-        if (eat(s, len, &pos, '.')) {
-                int n = 0;
-
-                while (pos < len && is_digit(s[pos])) {
-                        if (n < 3)
-                                frac_ms = frac_ms * 10 + (s[pos] - '0');
-                        n++;
-                        pos++;
-                }
-                if (n == 0)
-                        return -EINVAL;
-                for (; n < 3; n++)
-                        frac_ms *= 10;
-        }
-        if (eat(s, len, &pos, 'Z') || eat(s, len, &pos, 'z'))
-                offset_ms = 0;
-        else if (pos < len && (s[pos] == '+' || s[pos] == '-')) {
-                int sign = s[pos] == '-' ? -1 : 1, oh, om;
-
-                pos++;
-                if (parse_uint_digits(s, len, &pos, 2, 2, &oh) < 0 || !eat(s, len, &pos, ':') ||
-                    parse_uint_digits(s, len, &pos, 2, 2, &om) < 0 || oh > 23 || om > 59)
-                        return -EINVAL;
-                offset_ms = sign * (oh * MSEC_PER_HOUR + om * MSEC_PER_MINUTE);
-        } else
-                return -EINVAL;
-        if (pos != len || !civil_valid(y, mon, day, h, mi, sec))
-                return -EINVAL;
-
-        ms = civil_to_epoch_ms(y, mon, day, h, mi, sec) + frac_ms;
-        *ret_ms = ms - offset_ms;
+        *ret_ms = timeutil_civil_to_ms(&c);
         return 0;
 }
 
@@ -661,7 +434,7 @@ int policy_parse_retry_after(const char *value, size_t len, int64_t now_ms, int6
                 if (r < 0)
                         return -EINVAL;
         } else {
-                r = parse_http_date(value, len, now_ms, &when);
+                r = timeutil_parse_http_date(value, len, now_ms, &when);
                 if (r < 0 || until(when, now_ms, &ms) < 0)
                         return -EINVAL;
         }

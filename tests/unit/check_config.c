@@ -460,6 +460,14 @@ START_TEST(test_no_pools_at_all_is_an_error)
 }
 END_TEST
 
+START_TEST(test_an_env_file_that_is_not_a_regular_file_is_refused)
+{
+        load_fails(PROVIDERS "env_file = \"/dev/null\";\n"
+                   "pools = ( { name = \"P\"; model = \"m\"; keys = [ \"sk-test-fake-0001\" ]; } );\n");
+        expect("keypool.conf", 2, "env_file /dev/null: not a regular file");
+}
+END_TEST
+
 START_TEST(test_diag_may_be_null)
 {
         write_file("keypool.conf", "workers = 0;\n");
@@ -607,6 +615,39 @@ START_TEST(test_file_reference_failures_name_the_file_not_the_key)
         expect("keypool.conf", 5, "pool 'P' key 3: file ");
         expect("keypool.conf", 6, "pool 'P' key 4: file ");
         expect("keypool.conf", 6, "contains whitespace or control characters");
+        ck_assert_uint_eq(diag.n, 4);
+        expect_secret_absent("sk-test-fake");
+}
+END_TEST
+
+START_TEST(test_file_references_bound_the_line_and_the_file_and_refuse_devices)
+{
+        static char text[80 * 1024];
+        size_t n;
+
+        /* A first line one byte past the limit is still read, and rejected as too long a key;
+         * a longer one is not read at all. */
+        memset(text, 'k', 4097);
+        text[4097] = '\0';
+        write_file("just-over", text);
+        memset(text, 'k', 5000);
+        text[5000] = '\0';
+        write_file("long-line", text);
+        /* A key file holds one key: a file of 64 KiB or more is a wrong path. */
+        n = (size_t) snprintf(text, sizeof(text), "sk-test-fake-huge\n");
+        memset(text + n, '#', 70000);
+        text[n + 70000] = '\0';
+        write_file("huge", text);
+        load_fails(PROVIDERS
+                   "pools = ( { name = \"P\"; model = \"m\";\n"
+                   "  keys = [ \"file:just-over\",\n"
+                   "           \"file:long-line\",\n"
+                   "           \"file:huge\",\n"
+                   "           \"file:/dev/null\" ]; } );\n");
+        expect("keypool.conf", 3, "the key is longer than 4096 bytes");
+        expect("keypool.conf", 4, "the first line is longer than 4096 bytes");
+        expect("keypool.conf", 5, "larger than 65536 bytes (a key file holds one key)");
+        expect("keypool.conf", 6, "pool 'P' key 4: file /dev/null: not a regular file");
         ck_assert_uint_eq(diag.n, 4);
         expect_secret_absent("sk-test-fake");
 }
@@ -1732,11 +1773,13 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_name_and_model_length_limits);
         tcase_add_test(tc, test_every_problem_is_reported_in_one_pass_in_file_order);
         tcase_add_test(tc, test_no_pools_at_all_is_an_error);
+        tcase_add_test(tc, test_an_env_file_that_is_not_a_regular_file_is_refused);
         tcase_add_test(tc, test_diag_may_be_null);
         tcase_add_test(tc, test_same_key_twice_in_a_pool_names_both_positions);
         tcase_add_test(tc, test_env_references_resolve_and_report_unset_variables);
         tcase_add_test(tc, test_file_references_read_the_first_line_only);
         tcase_add_test(tc, test_file_reference_failures_name_the_file_not_the_key);
+        tcase_add_test(tc, test_file_references_bound_the_line_and_the_file_and_refuse_devices);
         tcase_add_test(tc, test_cred_references_read_from_the_credentials_directory);
         tcase_add_test(tc, test_no_message_ever_contains_a_secret);
         tcase_add_test(tc, test_env_file_pools_follow_the_config_pools);
