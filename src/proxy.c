@@ -189,9 +189,9 @@ static bool is_dropped_answer_header(const char *name, size_t len) {
 }
 
 static const char *key_id(const struct proxy_request *pr, unsigned key) {
-        if (key < pr->first_key || key - pr->first_key >= pr->cpool->n_keys)
-                return "?";
-        return pr->cpool->keys[key - pr->first_key].id;
+        const struct config_key *k = config_pool_key(pr->cpool, pr->first_key, key);
+
+        return k ? k->id : "?";
 }
 
 static struct log_fields fields(const struct proxy_request *pr, unsigned key) {
@@ -1033,7 +1033,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         pr->step = STEP_RUNNING;
         pr->attempt_started_ms = clock_mono_ms();
         note_rotation(pr, pr->lease.key);
-        secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
+        secret = config_pool_key(pr->cpool, pr->first_key, pr->lease.key)->secret;
 
         auth_line(prov, secret, pr->auth, AUTH_LINE_MAX);
 
@@ -1147,6 +1147,7 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
         struct probe *pb = userdata;
         struct proxy_context *p = pb->ctx;
         const struct config_pool *cp = &p->config->pools[pb->pool];
+        const struct config_key *k;
         struct keytable_pool_view info;
         struct log_fields f = LOG_FIELDS_NONE;
         long status = 0;
@@ -1155,9 +1156,9 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
         f.pool = cp->name;
         /* The probe was started on this worker's own bank (start_probe checks): a reload since
          * then does not move the key's row. */
-        if (keytable_slot_pool_info(p->table, p->slot, pb->pool, &info) >= 0 && pb->key >= info.first_key &&
-            pb->key - info.first_key < cp->n_keys)
-                f.key = cp->keys[pb->key - info.first_key].id;
+        if (keytable_slot_pool_info(p->table, p->slot, pb->pool, &info) >= 0 &&
+            (k = config_pool_key(cp, info.first_key, pb->key)))
+                f.key = k->id;
         f.status = (int) status;
         if (res == CURLE_OK && status >= 200 && status < 300) {
                 struct keytable_change change = {};
@@ -1184,6 +1185,7 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
 static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         const struct config_pool *cp;
         const struct config_provider *prov;
+        const struct config_key *k;
         struct keytable_pool_view info;
         struct probe *pb;
         char auth[AUTH_LINE_MAX];
@@ -1195,10 +1197,10 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
                 return -EINVAL;
         cp = &p->config->pools[pool];
         prov = &p->config->providers[cp->provider];
-        if (keytable_slot_pool_info(p->table, p->slot, pool, &info) < 0 || key < info.first_key ||
-            key - info.first_key >= cp->n_keys)
+        if (keytable_slot_pool_info(p->table, p->slot, pool, &info) < 0 ||
+            !(k = config_pool_key(cp, info.first_key, key)))
                 return -EINVAL;
-        secret = cp->keys[key - info.first_key].secret;
+        secret = k->secret;
         pb = calloc(1, sizeof *pb);
         if (!pb)
                 return -ENOMEM;
