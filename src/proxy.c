@@ -28,19 +28,15 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include "keypool/answer.h"
 #include "keypool/clock.h"
 #include "keypool/jscan.h"
 #include "keypool/log.h"
 #include "keypool/proxy.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
-#define MAX_BUFFERED_ERROR      (1024 * 1024)   /* larger error bodies are relayed unjudged */
-#define MAX_USAGE_COPY          (1024 * 1024)   /* success bodies kept this far to count tokens */
-#define MAX_SSE_EVENT           (64 * 1024)     /* an SSE event longer than this is not inspected */
-#define MAX_ANSWER_HEADERS      128
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
-#define SPARE_BUFFER_MAX        (64 * 1024)     /* … with answer buffers no larger than this */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
 
@@ -50,13 +46,6 @@ enum step {
         STEP_RUNNING,
         STEP_BACKOFF,
         _STEP_MAX,
-};
-
-enum answer_mode {
-        MODE_HEADERS = 1,       /* status and headers still arriving */
-        MODE_STREAM,            /* a success: relay as it comes */
-        MODE_BUFFER,            /* an error: keep it to judge it */
-        _MODE_MAX,
 };
 
 struct proxy_queue {
@@ -100,24 +89,7 @@ struct proxy_request {
         int64_t attempt_started_ms;
         const char *transport_error;    /* curl's word for an attempt that got no answer */
 
-        /* the current attempt's answer */
-        enum answer_mode mode;
-        int status;
-        size_t answer_header_off[MAX_ANSWER_HEADERS]; /* each line's start in answer_text */
-        size_t n_answer_headers;
-        char *answer_text;              /* the answer's header lines, NUL-terminated, one buffer */
-        size_t answer_text_len, answer_text_cap;
-        char *answer_body;              /* MODE_BUFFER: the body; MODE_STREAM: a copy for usage */
-        size_t answer_len, answer_cap;
-        bool sse;                       /* text/event-stream */
-        bool holding;                   /* the first SSE event is not yet complete */
-        size_t held;                    /* bytes of answer_body not yet sent to the client */
-        char *event;                    /* the SSE event being received */
-        size_t event_len, event_cap;
-        bool event_overflow;
-        int stream_error_status;        /* an SSE error event seen inside the stream */
-        char *stream_error;             /* … its payload */
-        uint64_t tokens_in, tokens_out;
+        struct answer answer;           /* the current attempt's */
         bool in_curl;                   /* inside a curl callback */
         bool aborted;                   /* the client went away */
         bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
@@ -130,31 +102,6 @@ static void attempt(struct proxy_request *pr);
 static void serve_queue(struct proxy_context *p, unsigned pool);
 
 /* --- small helpers ------------------------------------------------------------------------ */
-
-static int buf_add(char **buf, size_t *len, size_t *cap, const void *data, size_t n) {
-        if (*len + n + 1 > *cap) {
-                size_t c = *cap ? *cap : 4096;
-                char *p;
-
-                while (c < *len + n + 1)
-                        c *= 2;
-                p = realloc(*buf, c);
-                if (!p)
-                        return -ENOMEM;
-                *buf = p;
-                *cap = c;
-        }
-        memcpy(*buf + *len, data, n);
-        *len += n;
-        (*buf)[*len] = 0;
-        return 0;
-}
-
-static bool header_is(const char *line, const char *name) {
-        size_t n = strlen(name);
-
-        return strncasecmp(line, name, n) == 0 && line[n] == ':';
-}
 
 /* Headers that belong to one connection, that keypool sets itself, or that would carry the
  * client's own credentials upstream. */
@@ -170,20 +117,6 @@ static bool is_dropped_request_header(const char *name) {
         /* Every client header passes here twice per request: a first letter settles most. */
         for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
                 if ((name[0] | 0x20) == (dropped[i][0] | 0x20) && strcasecmp(name, dropped[i]) == 0)
-                        return true;
-        return false;
-}
-
-static bool is_dropped_answer_header(const char *name, size_t len) {
-        static const char *const dropped[] = {
-                "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade",
-                "Content-Length", "Trailer", "TE",
-        };
-
-        if (len >= 10 && strncasecmp(name, "X-Keypool-", 10) == 0)
-                return true;
-        for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
-                if (strlen(dropped[i]) == len && strncasecmp(name, dropped[i], len) == 0)
                         return true;
         return false;
 }
@@ -275,7 +208,7 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
                        const struct verdict *v) {
         struct log_fields f = fields(pr, c->key);
 
-        f.status = pr->status;
+        f.status = pr->answer.status;
         if (c->account_limit_suspected)
                 log_event(LOG_WARNING, "cooldown", &f,
                           "every key of pool %s was rate limited within a second: an account- or "
@@ -283,10 +216,10 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
         if (!c->changed)
                 return;
         if (c->to == KEY_COOLING)
-                history(pr, HISTORY_COOLDOWN, c->key, KEYTABLE_NO_KEY, pr->status, c->reason,
+                history(pr, HISTORY_COOLDOWN, c->key, KEYTABLE_NO_KEY, pr->answer.status, c->reason,
                         c->until_ms - clock_mono_ms());
         else if (c->to == KEY_DISABLED)
-                history(pr, HISTORY_DISABLE, c->key, KEYTABLE_NO_KEY, pr->status, c->reason, 0);
+                history(pr, HISTORY_DISABLE, c->key, KEYTABLE_NO_KEY, pr->answer.status, c->reason, 0);
         else if (c->to == KEY_READY && c->from == KEY_COOLING)
                 history(pr, HISTORY_RECOVER, c->key, KEYTABLE_NO_KEY, 0, KEY_REASON_NONE, 0);
         if (c->to == KEY_COOLING) {
@@ -300,46 +233,13 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
                           c->twins_cooled ? " (also in the other pools holding it)" : "");
         } else if (c->to == KEY_DISABLED) {
                 log_event(LOG_ERR, "disable", &f, "key disabled: %s (status %d)",
-                          keytable_reason_name(c->reason), pr->status);
+                          keytable_reason_name(c->reason), pr->answer.status);
         } else if (c->to == KEY_READY && c->from == KEY_COOLING) {
                 log_event(LOG_INFO, "recover", &f, "key is ready again");
         }
 }
 
 /* --- the request's life ------------------------------------------------------------------ */
-
-/* One of the answer's header lines. */
-static const char *answer_line(const struct proxy_request *pr, size_t i) {
-        return pr->answer_text + pr->answer_header_off[i];
-}
-
-/* Empties a buffer, keeping its memory unless it grew large. */
-static void buffer_clear(char **buf, size_t *len, size_t *cap) {
-        if (*cap > SPARE_BUFFER_MAX) {
-                free(*buf);
-                *buf = NULL;
-                *cap = 0;
-        }
-        *len = 0;
-}
-
-static void answer_reset(struct proxy_request *pr) {
-        pr->n_answer_headers = 0;
-        buffer_clear(&pr->answer_text, &pr->answer_text_len, &pr->answer_text_cap);
-        buffer_clear(&pr->answer_body, &pr->answer_len, &pr->answer_cap);
-        free(pr->event);
-        pr->event = NULL;
-        pr->event_len = pr->event_cap = 0;
-        pr->event_overflow = false;
-        free(pr->stream_error);
-        pr->stream_error = NULL;
-        pr->stream_error_status = 0;
-        pr->status = 0;
-        pr->mode = MODE_HEADERS;
-        pr->sse = pr->holding = pr->retry_from_stream = false;
-        pr->held = 0;
-        pr->tokens_in = pr->tokens_out = 0;
-}
 
 static void queue_remove(struct proxy_request *pr) {
         struct proxy_context *p = pr->ctx;
@@ -361,7 +261,7 @@ static void queue_remove(struct proxy_request *pr) {
         pr->step = STEP_NEW;
 }
 
-/* A zeroed request record: a finished one with its answer buffers, or a new one. */
+/* A zeroed request record: a finished one with its buffers, or a new one. */
 static struct proxy_request *request_get(struct proxy_context *p) {
         struct proxy_request *pr = p->spare_requests;
         struct curl_slist *headers;
@@ -372,15 +272,14 @@ static struct proxy_request *request_get(struct proxy_context *p) {
                 return calloc(1, sizeof *pr);
         p->spare_requests = pr->next_spare;
         p->n_spare_requests--;
-        text = pr->answer_text;
-        text_cap = pr->answer_text_cap;
-        body = pr->answer_body;
-        body_cap = pr->answer_cap;
+        text = pr->answer.text;
+        text_cap = pr->answer.text_cap;
+        body = pr->answer.body;
+        body_cap = pr->answer.body_cap;
         headers = pr->headers;
         headers_size = pr->headers_size;
         *pr = (struct proxy_request) {
-                .answer_text = text, .answer_text_cap = text_cap,
-                .answer_body = body, .answer_cap = body_cap,
+                .answer = { .text = text, .text_cap = text_cap, .body = body, .body_cap = body_cap },
                 .headers = headers, .headers_size = headers_size,
         };
         return pr;
@@ -396,8 +295,7 @@ static void request_put(struct proxy_request *pr) {
                 return;
         }
         free(pr->headers);
-        free(pr->answer_text);
-        free(pr->answer_body);
+        answer_free(&pr->answer);
         free(pr);
 }
 
@@ -407,32 +305,15 @@ static void request_free(struct proxy_request *pr) {
         if (pr->easy)
                 curl_easy_cleanup(pr->easy);
         wipe_auth(pr);
-        answer_reset(pr);
+        answer_reset(&pr->answer);
         if (pr->own_body)
                 free(pr->body);
         pr->ctx->active--;
         request_put(pr);
 }
 
-/* The current answer's status and headers as policy reads them (pointing into pr; no body). */
-static void answer_view(const struct proxy_request *pr, struct answer_header *ah, struct upstream_answer *ret) {
-        *ret = (struct upstream_answer) { .status = pr->status, .headers = ah };
-        for (size_t i = 0; i < pr->n_answer_headers; i++) {
-                const char *line = answer_line(pr, i), *colon = strchr(line, ':');
-                const char *value;
-
-                if (!colon)
-                        continue;
-                value = colon + 1 + strspn(colon + 1, " \t");
-                ah[ret->n_headers++] = (struct answer_header) {
-                        .name = line, .name_len = (size_t) (colon - line),
-                        .value = value, .value_len = strlen(value),
-                };
-        }
-}
-
 static void release(struct proxy_request *pr, const struct verdict *v) {
-        struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->status,
+        struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->answer.status,
                                       .figures = RATE_FIGURES_UNKNOWN };
         struct keytable_change change = {};
         char error[KEYTABLE_ERROR_MAX + 1] = "";
@@ -445,20 +326,18 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
         if (v && v->cls != VERDICT_OK && v->cls != VERDICT_NONE) {
                 if (pr->transport_error)
                         snprintf(error, sizeof error, "%s", pr->transport_error);
-                else if (pr->stream_error)
-                        policy_error_summary(pr->stream_error, strlen(pr->stream_error), error, sizeof error);
                 else
-                        policy_error_summary(pr->answer_body, pr->answer_len, error, sizeof error);
+                        answer_error_summary(&pr->answer, error, sizeof error);
                 if (error[0])
                         o.error = error;
         }
-        o.tokens_in = pr->tokens_in;
-        o.tokens_out = pr->tokens_out;
-        if (pr->n_answer_headers > 0) {
-                struct answer_header ah[MAX_ANSWER_HEADERS];
+        o.tokens_in = pr->answer.tokens_in;
+        o.tokens_out = pr->answer.tokens_out;
+        if (pr->answer.n_headers > 0) {
+                struct answer_header ah[ANSWER_MAX_HEADERS];
                 struct upstream_answer a;
 
-                answer_view(pr, ah, &a);
+                answer_view(&pr->answer, ah, &a);
                 policy_read_figures(&a, clock_wall_ms(), &o.figures);
         }
         keytable_release(pr->ctx->table, &pr->lease, &o, clock_mono_ms(), &change);
@@ -491,30 +370,13 @@ static size_t keypool_headers(struct proxy_request *pr, struct http_header *h, c
 /* The upstream's end-to-end headers plus keypool's; the strings point into pr and names. */
 static size_t answer_headers(struct proxy_request *pr, struct http_header *h, size_t max,
                              char *names, size_t names_size, char *attempts, size_t attempts_size) {
-        size_t n = 0, used = 0;
+        size_t n = answer_client_headers(&pr->answer, h, max - 3, names, names_size);
 
-        for (size_t i = 0; i < pr->n_answer_headers && n + 3 < max; i++) {
-                const char *line = answer_line(pr, i);
-                const char *colon = strchr(line, ':');
-                size_t len;
-
-                if (!colon || colon == line)
-                        continue;
-                len = (size_t) (colon - line);
-                if (is_dropped_answer_header(line, len) || used + len + 1 > names_size)
-                        continue;
-                memcpy(names + used, line, len);
-                names[used + len] = 0;
-                h[n].name = names + used;
-                used += len + 1;
-                h[n].value = colon + 1 + strspn(colon + 1, " \t");
-                n++;
-        }
         return n + keypool_headers(pr, h + n, attempts, attempts_size);
 }
 
 static void respond_buffered(struct proxy_request *pr) {
-        struct http_header h[MAX_ANSWER_HEADERS + 3];
+        struct http_header h[ANSWER_MAX_HEADERS + 3];
         char names[8192], attempts[16];
         struct http_conn *c;
         size_t n;
@@ -522,16 +384,16 @@ static void respond_buffered(struct proxy_request *pr) {
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
         c = detach(pr);
         if (c)
-                http_conn_respond(c, pr->status, h, n, pr->answer_body ? pr->answer_body : "", pr->answer_len);
+                http_conn_respond(c, pr->answer.status, h, n, pr->answer.body ? pr->answer.body : "", pr->answer.body_len);
 }
 
 static int begin_stream(struct proxy_request *pr) {
-        struct http_header h[MAX_ANSWER_HEADERS + 3];
+        struct http_header h[ANSWER_MAX_HEADERS + 3];
         char names[8192], attempts[16];
         size_t n;
 
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
-        return http_conn_stream_begin(pr->conn, pr->status, h, n);
+        return http_conn_stream_begin(pr->conn, pr->answer.status, h, n);
 }
 
 /* keypool's own error for this request, then the request is done. */
@@ -559,104 +421,14 @@ static void fail(struct proxy_request *pr, int status, const char *code, int64_t
         request_free(pr);
 }
 
-/* --- streams ------------------------------------------------------------------------------ */
-
-/* One complete SSE event of a relayed stream: count its usage, note an error in it. */
-static void inspect_event(struct proxy_request *pr, const char *ev, size_t len) {
-        const char *data;
-        size_t data_len;
-        uint64_t in, out;
-        int status;
-
-        if (policy_sse_error(ev, len, &status, &data, &data_len) == 1) {
-                if (!pr->stream_error_status) {
-                        pr->stream_error_status = status;
-                        pr->stream_error = strndup(data, data_len);
-                }
-                return;
-        }
-        if (memmem(ev, len, "sage", 4)) {
-                const char *d = memmem(ev, len, "data:", 5);
-
-                if (d && policy_usage(d + 5, len - (size_t) (d + 5 - ev), &in, &out) == 0) {
-                        /* Providers repeat running totals; the last figures are the request's. */
-                        pr->tokens_in = in > pr->tokens_in ? in : pr->tokens_in;
-                        pr->tokens_out = out > pr->tokens_out ? out : pr->tokens_out;
-                }
-        }
-}
-
-/* Splits streamed bytes into SSE events. Returns the number of bytes that end the first complete
- * event seen in this call (0 when none ended here). */
-static size_t scan_events(struct proxy_request *pr, const char *data, size_t len) {
-        size_t first_end = 0;
-
-        for (size_t i = 0; i < len; i++) {
-                char ch = data[i];
-
-                if (!pr->event_overflow) {
-                        if (pr->event_len + 1 >= MAX_SSE_EVENT)
-                                pr->event_overflow = true;
-                        else if (buf_add(&pr->event, &pr->event_len, &pr->event_cap, &ch, 1) < 0)
-                                pr->event_overflow = true;
-                }
-                if (ch != '\n')
-                        continue;
-                /* A blank line ends the event: "\n\n" or "\n\r\n". */
-                if (pr->event_len >= 2 && (pr->event[pr->event_len - 2] == '\n' ||
-                    (pr->event_len >= 3 && pr->event[pr->event_len - 2] == '\r' && pr->event[pr->event_len - 3] == '\n'))) {
-                        if (!pr->event_overflow)
-                                inspect_event(pr, pr->event, pr->event_len);
-                        pr->event_len = 0;
-                        pr->event_overflow = false;
-                        if (!first_end)
-                                first_end = i + 1;
-                }
-        }
-        return first_end;
-}
-
 /* --- curl callbacks ---------------------------------------------------------------------- */
 
 static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *userdata) {
         struct proxy_request *pr = userdata;
-        size_t len = size * nmemb, trimmed = len;
+        size_t len = size * nmemb;
 
-        if (pr->aborted)
+        if (pr->aborted || answer_add_header_line(&pr->answer, data, len) < 0)
                 return 0;
-        while (trimmed > 0 && (data[trimmed - 1] == '\n' || data[trimmed - 1] == '\r'))
-                trimmed--;
-
-        if (trimmed >= 5 && strncmp(data, "HTTP/", 5) == 0) {
-                /* A status line starts a new answer (after 100 Continue, say). */
-                const char *sp = memchr(data, ' ', trimmed);
-
-                answer_reset(pr);
-                pr->status = sp ? atoi(sp + 1) : 0;
-                return len;
-        }
-        if (trimmed == 0) {
-                /* End of headers: decide how the body is handled. Informational answers are
-                 * followed by the real one. */
-                if (pr->status >= 100 && pr->status < 200)
-                        return len;
-                pr->mode = pr->status >= 200 && pr->status < 300 ? MODE_STREAM : MODE_BUFFER;
-                for (size_t i = 0; i < pr->n_answer_headers; i++)
-                        if (header_is(answer_line(pr, i), "Content-Type") &&
-                            strcasestr(answer_line(pr, i), "text/event-stream"))
-                                pr->sse = true;
-                pr->holding = pr->mode == MODE_STREAM && pr->sse;
-                return len;
-        }
-        if (pr->n_answer_headers < MAX_ANSWER_HEADERS) {
-                size_t off = pr->answer_text_len;
-
-                /* buf_add ends the text with a NUL, kept as the line's end. */
-                if (buf_add(&pr->answer_text, &pr->answer_text_len, &pr->answer_text_cap, data, trimmed) < 0)
-                        return 0;
-                pr->answer_text_len++;
-                pr->answer_header_off[pr->n_answer_headers++] = off;
-        }
         return len;
 }
 
@@ -668,9 +440,9 @@ static int relay(struct proxy_request *pr, const char *data, size_t len) {
         pr->in_curl = true;
         if (!http_conn_stream_started(pr->conn))
                 r = begin_stream(pr);
-        if (r >= 0 && pr->held > 0 && !pr->aborted) {
-                r = http_conn_stream_write(pr->conn, pr->answer_body + pr->answer_len - pr->held, pr->held);
-                pr->held = 0;
+        if (r >= 0 && pr->answer.held > 0 && !pr->aborted) {
+                r = http_conn_stream_write(pr->conn, pr->answer.body + pr->answer.body_len - pr->answer.held, pr->answer.held);
+                pr->answer.held = 0;
         }
         if (r >= 0 && len > 0 && !pr->aborted)
                 r = http_conn_stream_write(pr->conn, data, len);
@@ -688,12 +460,12 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
         if (pr->aborted)
                 return 0;
 
-        if (pr->mode == MODE_BUFFER) {
-                if (pr->answer_len + len <= MAX_BUFFERED_ERROR)
-                        return buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len) < 0 ? 0 : len;
+        if (pr->answer.mode == ANSWER_BUFFER) {
+                if (pr->answer.body_len + len <= ANSWER_MAX_BUFFERED)
+                        return answer_append(&pr->answer, data, len) < 0 ? 0 : len;
                 /* Too large to be an error worth judging: relay what we have and the rest. */
-                pr->mode = MODE_STREAM;
-                pr->held = pr->answer_len;
+                pr->answer.mode = ANSWER_STREAM;
+                pr->answer.held = pr->answer.body_len;
         }
 
         if (pr->pressure) {
@@ -701,17 +473,17 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
                 return CURL_WRITEFUNC_PAUSE;
         }
 
-        if (pr->holding) {
+        if (pr->answer.holding) {
                 size_t end;
 
-                if (buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len) < 0)
+                if (answer_append(&pr->answer, data, len) < 0)
                         return 0;
-                pr->held += len;
-                end = scan_events(pr, data, len);
-                if (!end && pr->held < MAX_SSE_EVENT)
+                pr->answer.held += len;
+                end = answer_scan_events(&pr->answer, data, len);
+                if (!end && pr->answer.held < ANSWER_MAX_SSE_EVENT)
                         return len;             /* the first event is not complete yet */
-                pr->holding = false;
-                if (pr->stream_error_status) {
+                pr->answer.holding = false;
+                if (pr->answer.stream_error_status) {
                         /* The stream opened with an error: nothing reached the client, so it
                          * is judged and retried like any error answer. */
                         pr->retry_from_stream = true;
@@ -719,10 +491,10 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
                 }
                 r = relay(pr, NULL, 0);
         } else {
-                if (pr->sse)
-                        scan_events(pr, data, len);
-                else if (pr->answer_len + len <= MAX_USAGE_COPY)
-                        buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len);
+                if (pr->answer.sse)
+                        answer_scan_events(&pr->answer, data, len);
+                else if (pr->answer.body_len + len <= ANSWER_MAX_USAGE_COPY)
+                        answer_append(&pr->answer, data, len);
                 r = relay(pr, data, len);
         }
         if (r < 0)
@@ -776,19 +548,7 @@ static void easy_put(struct proxy_context *p, CURL *easy) {
 }
 
 static void judge(struct proxy_request *pr, struct verdict *ret) {
-        struct answer_header ah[MAX_ANSWER_HEADERS];
-        struct upstream_answer a;
-
-        answer_view(pr, ah, &a);
-        if (pr->stream_error_status) {
-                a.status = pr->stream_error_status;
-                a.body = pr->stream_error;
-                a.body_len = pr->stream_error ? strlen(pr->stream_error) : 0;
-        } else {
-                a.body = pr->answer_body;
-                a.body_len = pr->answer_len;
-        }
-        policy_classify(&a, &pr->ctx->policy, clock_wall_ms(), ret);
+        answer_classify(&pr->answer, &pr->ctx->policy, clock_wall_ms(), ret);
 }
 
 static int on_backoff_done(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -820,9 +580,9 @@ static bool schedule_retry(struct proxy_request *pr, const struct verdict *v) {
         {
                 struct log_fields f = fields(pr, pr->last_key);
 
-                f.status = pr->status;
+                f.status = pr->answer.status;
                 log_event(LOG_INFO, "retry", &f, "transient failure (%s): retry %u in %lld ms",
-                          pr->status ? "upstream error status" : "no answer", pr->transient_failures,
+                          pr->answer.status ? "upstream error status" : "no answer", pr->transient_failures,
                           (long long) delay);
         }
         return true;
@@ -862,7 +622,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                         return;
                 }
                 pr->transient_failures++;
-                answer_reset(pr);
+                answer_reset(&pr->answer);
                 if (schedule_retry(pr, &v))
                         return;
                 fail(pr, timeout ? 504 : 502, timeout ? "upstream_timeout" : "upstream_unreachable", 0,
@@ -871,27 +631,21 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 return;
         }
 
-        if (pr->mode == MODE_STREAM && !pr->retry_from_stream) {
+        if (pr->answer.mode == ANSWER_STREAM && !pr->retry_from_stream) {
                 /* A success: judge the key by any error event the stream carried, and count
                  * the tokens the answer reported. */
-                if (pr->stream_error_status)
+                if (pr->answer.stream_error_status)
                         judge(pr, &v);
                 else {
-                        uint64_t in, out;
-
                         judge(pr, &v);
-                        if (!pr->sse && pr->answer_len > 0 &&
-                            policy_usage(pr->answer_body, pr->answer_len, &in, &out) == 0) {
-                                pr->tokens_in = in;
-                                pr->tokens_out = out;
-                        }
+                        answer_count_usage(&pr->answer);
                 }
                 if (!pr->conn) {
                         release(pr, &v);
                         request_free(pr);
                         return;
                 }
-                if (!started && pr->held > 0)
+                if (!started && pr->answer.held > 0)
                         relay(pr, NULL, 0);
                 if (pr->conn && http_conn_stream_started(pr->conn)) {
                         release(pr, &v);
@@ -911,14 +665,14 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         case VERDICT_QUOTA: {
                 struct log_fields f = fields(pr, pr->lease.key);
 
-                f.status = pr->stream_error_status ? pr->stream_error_status : pr->status;
+                f.status = pr->answer.stream_error_status ? pr->answer.stream_error_status : pr->answer.status;
                 release(pr, &v);
                 if (pr->attempts < MAX_ATTEMPTS) {
                         pr->rotated_from = pr->lease.key;
                         pr->rotated_status = f.status;
                         log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
                                   f.status, verdict_class_name(v.cls));
-                        answer_reset(pr);
+                        answer_reset(&pr->answer);
                         attempt(pr);
                         return;
                 }
@@ -928,7 +682,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 release(pr, &v);
                 pr->transient_failures++;
                 if (schedule_retry(pr, &v)) {
-                        answer_reset(pr);
+                        answer_reset(&pr->answer);
                         return;
                 }
                 break;
@@ -938,7 +692,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         }
         if (pr->retry_from_stream) {
                 /* The held stream goes to the client as the upstream sent it. */
-                pr->mode = MODE_STREAM;
+                pr->answer.mode = ANSWER_STREAM;
                 relay(pr, NULL, 0);
                 if (pr->conn)
                         http_conn_stream_end(detach(pr));
@@ -1448,7 +1202,7 @@ static bool forwarded(const struct config_provider *prov, const struct http_fiel
                 return false;
         /* The provider's configured headers win over the client's. */
         for (unsigned k = 0; k < prov->n_headers; k++)
-                if (header_is(prov->headers[k], f->name))
+                if (answer_header_is(prov->headers[k], f->name))
                         return false;
         return true;
 }
@@ -1557,7 +1311,7 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         pr->ctx = p;
         p->active++;
         pr->step = STEP_NEW;
-        pr->mode = MODE_HEADERS;
+        pr->answer.mode = ANSWER_HEADERS;
         pr->last_key = KEYTABLE_NO_KEY;
         pr->rotated_from = KEYTABLE_NO_KEY;
         pr->lease.key = KEYTABLE_NO_KEY;
@@ -1615,8 +1369,7 @@ void proxy_done(struct proxy_context *p) {
 
                 p->spare_requests = pr->next_spare;
                 free(pr->headers);
-                free(pr->answer_text);
-                free(pr->answer_body);
+                answer_free(&pr->answer);
                 free(pr);
         }
         p->n_spare_requests = 0;
