@@ -1,24 +1,30 @@
 /* proxy.c — serving POST /v1/… through a pool's keys.
  *
- * One struct proxy_request lives from the client's complete request until the answer is
- * complete or the client is gone. It is always in exactly one of these steps:
+ * Owns the worker's proxy_context (per-pool wait queues, spare request records and curl
+ * handles, the probe schedule) and every struct proxy_request, which lives from the client's
+ * complete request until the answer is complete or the client is gone. A request is always in
+ * exactly one step:
  *
+ *   NEW       routed (or between attempts), about to try for a key
  *   WAITING   queued on its pool for a key (first come, first served), with a deadline
- *   RUNNING   an upstream attempt with a lease on one key
+ *   RUNNING   an upstream attempt with a lease on one key and a curl handle
  *   BACKOFF   between a transient failure and the next attempt
+ *   DONE      finished, owning nothing
  *
- * Each attempt's lease is returned with the attempt's outcome before anything else happens, so
- * the shared table always knows what is in flight.
+ * Invariants: only set_step() changes the step, and it releases what the new step does not own
+ * (queue link, timer, lease, curl handle); proxy_decide() alone says what an attempt's end
+ * means; request_finish() alone answers the client at the end and recycles the record. Each
+ * attempt's lease is returned with the attempt's outcome before anything else happens, so the
+ * shared table always knows what is in flight.
  *
- * Answers are sorted as soon as their headers arrive: a success is relayed as it arrives (streams
- * chunk by chunk) — except that the first event of an SSE stream is held until it is complete,
- * because providers report errors as an event after "200 OK", and until the client has seen a
- * byte such an error can still be retried with another key. Anything else is buffered (error
- * bodies are small) so that policy can judge it.
+ * Answers are sorted as soon as their headers arrive (answer.c): a success is relayed as it
+ * arrives — except that the first event of an SSE stream is held until it is complete, because
+ * providers report errors as an event after "200 OK", and until the client has seen a byte such
+ * an error can still be retried with another key. Anything else is buffered to be judged.
  *
  * curl forbids removing a transfer from inside its own callbacks, and a client can vanish from
  * inside one (a failed write): such an abort is only marked there, the callback fails the
- * transfer, and the done callback cleans up.
+ * transfer, and the done callback finishes the request.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -32,6 +38,7 @@
 #include "keypool/clock.h"
 #include "keypool/jscan.h"
 #include "keypool/log.h"
+#include "keypool/policy.h"
 #include "keypool/proxy.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
@@ -45,7 +52,26 @@ enum step {
         STEP_WAITING,
         STEP_RUNNING,
         STEP_BACKOFF,
+        STEP_DONE,
         _STEP_MAX,
+};
+
+#define PROXY_SPARE_HANDLES     32
+
+struct proxy_context {
+        struct proxy_params w;          /* what the worker lent */
+        struct policy_config policy;
+        unsigned active;                /* requests being served (waiting ones included) */
+        unsigned waiting;               /* requests queued for a key */
+        uint64_t next_request_id;
+        struct proxy_queue *queues;     /* one per pool */
+        sd_event_source *kick;          /* deferred: serve the queues */
+        sd_event_source *probe_timer;
+        unsigned probes;                /* probes in flight */
+        CURL *spare[PROXY_SPARE_HANDLES]; /* finished transfers' handles, set up for the next */
+        unsigned n_spare;
+        struct proxy_request *spare_requests; /* finished requests' records, for the next */
+        unsigned n_spare_requests;
 };
 
 struct proxy_queue {
@@ -100,6 +126,7 @@ struct proxy_request {
 
 static void attempt(struct proxy_request *pr);
 static void serve_queue(struct proxy_context *p, unsigned pool);
+static void release(struct proxy_request *pr, const struct verdict *v);
 
 /* --- small helpers ------------------------------------------------------------------------ */
 
@@ -148,7 +175,7 @@ static void history(const struct proxy_request *pr, enum history_kind kind, unsi
                 snprintf(ev.key_from, sizeof ev.key_from, "%s", key_id(pr, from));
         if (to != KEYTABLE_NO_KEY)
                 snprintf(ev.key_to, sizeof ev.key_to, "%s", key_id(pr, to));
-        keytable_history_add(pr->ctx->table, &ev);
+        keytable_history_add(pr->ctx->w.table, &ev);
 }
 
 /* A rotation is one event once the key that takes over is known (KEYTABLE_NO_KEY: none could). */
@@ -156,7 +183,7 @@ static void note_rotation(struct proxy_request *pr, unsigned to) {
         if (pr->rotated_from == KEYTABLE_NO_KEY)
                 return;
         history(pr, HISTORY_ROTATE, pr->rotated_from, to, pr->rotated_status, KEY_REASON_NONE, 0);
-        keytable_count_rotation(pr->ctx->table, pr->ctx->slot, pr->pool);
+        keytable_count_rotation(pr->ctx->w.table, pr->ctx->w.slot, pr->pool);
         pr->rotated_from = KEYTABLE_NO_KEY;
 }
 
@@ -193,14 +220,14 @@ static void wake_waiters(struct proxy_context *p) {
         unsigned slots[256], n;
         uint64_t one = 1;
 
-        n = keytable_slots_with_waiters(p->table, slots, sizeof slots / sizeof slots[0]);
+        n = keytable_slots_with_waiters(p->w.table, slots, sizeof slots / sizeof slots[0]);
         for (unsigned i = 0; i < n; i++) {
-                if (slots[i] == p->slot) {
+                if (slots[i] == p->w.slot) {
                         sd_event_source_set_enabled(p->kick, SD_EVENT_ONESHOT);
                         continue;
                 }
-                if (slots[i] < p->n_wake_fds && p->wake_fds[slots[i]] >= 0)
-                        (void) !write(p->wake_fds[slots[i]], &one, sizeof one);
+                if (slots[i] < p->w.n_wake_fds && p->w.wake_fds[slots[i]] >= 0)
+                        (void) !write(p->w.wake_fds[slots[i]], &one, sizeof one);
         }
 }
 
@@ -241,12 +268,10 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
 
 /* --- the request's life ------------------------------------------------------------------ */
 
-static void queue_remove(struct proxy_request *pr) {
+static void queue_unlink(struct proxy_request *pr) {
         struct proxy_context *p = pr->ctx;
         struct proxy_queue *q = &p->queues[pr->pool];
 
-        if (pr->step != STEP_WAITING)
-                return;
         if (pr->queue_prev)
                 pr->queue_prev->queue_next = pr->queue_next;
         else
@@ -257,8 +282,26 @@ static void queue_remove(struct proxy_request *pr) {
                 q->tail = pr->queue_prev;
         pr->queue_next = pr->queue_prev = NULL;
         p->waiting--;
-        keytable_slot_set_waiters(p->table, p->slot, p->waiting);
-        pr->step = STEP_NEW;
+        keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
+}
+
+/* The request's one transition. What the new step does not own is let go of here: the queue
+ * link belongs to WAITING, the timer to WAITING or BACKOFF (each step arms its own after this),
+ * the lease and the curl handle to RUNNING. A lease still held here had no outcome (the client
+ * left, or the transfer never started); a handle still held is a transfer cancelled. */
+static void set_step(struct proxy_request *pr, enum step step) {
+        if (pr->step == STEP_WAITING)
+                queue_unlink(pr);
+        pr->timer = sd_event_source_disable_unref(pr->timer);
+        if (step != STEP_RUNNING) {
+                if (pr->easy) {
+                        upstream_cancel(pr->ctx->w.upstream, pr->easy);
+                        curl_easy_cleanup(pr->easy);
+                        pr->easy = NULL;
+                }
+                release(pr, NULL);
+        }
+        pr->step = step;
 }
 
 /* A zeroed request record: a finished one with its buffers, or a new one. */
@@ -299,19 +342,6 @@ static void request_put(struct proxy_request *pr) {
         free(pr);
 }
 
-static void request_free(struct proxy_request *pr) {
-        queue_remove(pr);
-        sd_event_source_disable_unref(pr->timer);
-        if (pr->easy)
-                curl_easy_cleanup(pr->easy);
-        wipe_auth(pr);
-        answer_reset(&pr->answer);
-        if (pr->own_body)
-                free(pr->body);
-        pr->ctx->active--;
-        request_put(pr);
-}
-
 static void release(struct proxy_request *pr, const struct verdict *v) {
         struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->answer.status,
                                       .figures = RATE_FIGURES_UNKNOWN };
@@ -340,7 +370,7 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
                 answer_view(&pr->answer, ah, &a);
                 policy_read_figures(&a, clock_wall_ms(), &o.figures);
         }
-        keytable_release(pr->ctx->table, &pr->lease, &o, clock_mono_ms(), &change);
+        keytable_release(pr->ctx->w.table, &pr->lease, &o, clock_mono_ms(), &change);
         pr->leased = false;
         pr->last_key = pr->lease.key;
         log_change(pr, &change, v);
@@ -396,9 +426,8 @@ static int begin_stream(struct proxy_request *pr) {
         return http_conn_stream_begin(pr->conn, pr->answer.status, h, n);
 }
 
-/* keypool's own error for this request, then the request is done. */
-static void fail(struct proxy_request *pr, int status, const char *code, int64_t retry_after_s,
-                 const char *message) {
+/* keypool's own error for this request. */
+static void respond_error(struct proxy_request *pr, const struct proxy_decision *d) {
         struct http_header h[4];
         char retry[24], attempts[16];
         size_t n = 0;
@@ -411,14 +440,67 @@ static void fail(struct proxy_request *pr, int status, const char *code, int64_t
                 n = keypool_headers(pr, h, attempts, sizeof attempts);
         else
                 h[n++] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
-        if (retry_after_s > 0) {
-                snprintf(retry, sizeof retry, "%lld", (long long) retry_after_s);
+        if (d->retry_after_s > 0) {
+                snprintf(retry, sizeof retry, "%lld", (long long) d->retry_after_s);
                 h[n++] = (struct http_header) { "Retry-After", retry };
         }
         c = detach(pr);
         if (c)
-                http_conn_respond_error(c, status, "keypool_error", code, h, n, "%s", message);
-        request_free(pr);
+                http_conn_respond_error(c, d->status, "keypool_error", d->code, h, n, "%s", d->message);
+}
+
+static int relay(struct proxy_request *pr, const char *data, size_t len);
+
+/* A relayed answer ends: what is still held goes out first; a success that never started a
+ * stream (an empty body) is answered whole. */
+static void end_stream(struct proxy_request *pr) {
+        if (pr->conn && !http_conn_stream_started(pr->conn) && pr->answer.held > 0)
+                relay(pr, NULL, 0);
+        if (pr->conn && http_conn_stream_started(pr->conn))
+                http_conn_stream_end(detach(pr));
+        else
+                respond_buffered(pr);
+}
+
+/* Ends the request: set_step lets go of what it still holds, the client gets the ending d
+ * names, and the record is recycled. The only place a request record is given up. */
+static void request_finish(struct proxy_request *pr, const struct proxy_decision *d) {
+        set_step(pr, STEP_DONE);
+        switch (d->next) {
+        case PROXY_NEXT_STREAM_END:
+                end_stream(pr);
+                break;
+        case PROXY_NEXT_ANSWER:
+                respond_buffered(pr);
+                break;
+        case PROXY_NEXT_CUT:
+                http_conn_abort(detach(pr));
+                break;
+        case PROXY_NEXT_FAIL:
+                respond_error(pr, d);
+                break;
+        default:
+                detach(pr);
+                break;
+        }
+        wipe_auth(pr);
+        answer_reset(&pr->answer);
+        if (pr->own_body)
+                free(pr->body);
+        pr->ctx->active--;
+        request_put(pr);
+}
+
+static void fail(struct proxy_request *pr, int status, const char *code, int64_t retry_after_s,
+                 const char *message) {
+        request_finish(pr, &(struct proxy_decision) {
+                .next = PROXY_NEXT_FAIL, .status = status, .code = code, .message = message,
+                .retry_after_s = retry_after_s,
+        });
+}
+
+static void drop(struct proxy_request *pr) {
+        request_finish(pr, &(struct proxy_decision) { .next = PROXY_NEXT_DROP });
 }
 
 /* --- curl callbacks ---------------------------------------------------------------------- */
@@ -511,7 +593,7 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
  * Handles come back from on_done, whatever the transfer's result (curl resets a handle's
  * transfer state when the next one starts); a cancelled one (client gone) is freed instead. */
 static CURL *easy_get(struct proxy_context *p) {
-        const struct config *cfg = p->config;
+        const struct config *cfg = p->w.config;
         CURL *easy;
 
         if (p->n_spare > 0)
@@ -554,160 +636,183 @@ static void judge(struct proxy_request *pr, struct verdict *ret) {
 static int on_backoff_done(sd_event_source *s, uint64_t usec, void *userdata) {
         struct proxy_request *pr = userdata;
 
-        pr->timer = sd_event_source_disable_unref(pr->timer);
-        pr->step = STEP_NEW;
+        set_step(pr, STEP_NEW);
         attempt(pr);
         return 0;
 }
 
-/* A transient failure before the client saw a byte: retry after a backoff, on another key
- * when one is ready, while attempts remain. Returns false when no retry is left. */
-static bool schedule_retry(struct proxy_request *pr, const struct verdict *v) {
-        const struct config_retry *rc = &pr->ctx->config->retry;
-        uint32_t random = 0;
-        int64_t delay;
+static bool retry_allowed(const struct proxy_attempt_end *a, const struct proxy_limits *l) {
+        return a->transient_failures < l->max_transient && a->attempts < l->max_attempts;
+}
 
-        if (pr->transient_failures >= rc->max_attempts || pr->attempts >= MAX_ATTEMPTS)
-                return false;
-        (void) !getrandom(&random, sizeof random, GRND_NONBLOCK);
-        delay = policy_backoff_ms(pr->transient_failures - 1, rc->backoff_initial_ms, rc->backoff_max_ms, random);
-        if (v && v->retry_after_ms > delay)
-                delay = v->retry_after_ms < (int64_t) rc->backoff_max_ms ? v->retry_after_ms : rc->backoff_max_ms;
-        if (sd_event_add_time_relative(pr->ctx->event, &pr->timer, CLOCK_MONOTONIC, (uint64_t) delay * 1000, 1000,
-                                       on_backoff_done, pr) < 0)
-                return false;
-        pr->step = STEP_BACKOFF;
-        {
-                struct log_fields f = fields(pr, pr->last_key);
-
-                f.status = pr->answer.status;
-                log_event(LOG_INFO, "retry", &f, "transient failure (%s): retry %u in %lld ms",
-                          pr->answer.status ? "upstream error status" : "no answer", pr->transient_failures,
-                          (long long) delay);
+/* A transient failure before the client saw a byte is retried after a backoff (on another key
+ * when one is ready) while attempts remain; the provider's retry hint may lengthen the wait, up
+ * to the cap. */
+static void decide_retry(const struct proxy_attempt_end *a, const struct proxy_limits *l,
+                         enum proxy_next otherwise, struct proxy_decision *d) {
+        if (!retry_allowed(a, l)) {
+                d->next = otherwise;
+                return;
         }
-        return true;
+        d->next = PROXY_NEXT_RETRY;
+        d->otherwise = otherwise;
+        d->delay_ms = policy_backoff_ms(a->transient_failures - 1, l->backoff_initial_ms, l->backoff_max_ms,
+                                        a->random);
+        if (a->retry_after_ms > d->delay_ms)
+                d->delay_ms = a->retry_after_ms < (int64_t) l->backoff_max_ms ? a->retry_after_ms
+                                                                               : l->backoff_max_ms;
+}
+
+void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
+                  struct proxy_decision *ret) {
+        struct proxy_decision d = {};
+        enum proxy_next end;
+
+        if (a->client_gone) {
+                d.next = PROXY_NEXT_DROP;
+        } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT) {
+                bool timeout = a->result == PROXY_RESULT_TIMEOUT;
+
+                d.status = timeout ? 504 : 502;
+                d.code = timeout ? "upstream_timeout" : "upstream_unreachable";
+                d.message = timeout ? "the upstream did not answer in time"
+                                    : "the upstream could not be reached or closed the connection";
+                /* Bytes have reached the client: the only honest end is a cut. */
+                if (a->bytes_sent)
+                        d.next = PROXY_NEXT_CUT;
+                else
+                        decide_retry(a, l, PROXY_NEXT_FAIL, &d);
+        } else if (a->result == PROXY_RESULT_STREAM) {
+                /* A success: whatever error event the stream carried is only recorded. */
+                d.next = PROXY_NEXT_STREAM_END;
+        } else {
+                /* A held first event goes to the client as the upstream sent it. */
+                end = a->result == PROXY_RESULT_HELD_ERROR ? PROXY_NEXT_STREAM_END : PROXY_NEXT_ANSWER;
+                switch (a->cls) {
+                case VERDICT_RATE_LIMITED:
+                case VERDICT_AUTH:
+                case VERDICT_QUOTA:
+                        d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
+                        break;
+                case VERDICT_TRANSIENT:
+                        decide_retry(a, l, end, &d);
+                        break;
+                default:
+                        d.next = end;
+                        break;
+                }
+        }
+        *ret = d;
+}
+
+/* The key must rest or is dead: the request moves to the next key at once. */
+static void rotate(struct proxy_request *pr, enum verdict_class cls) {
+        struct log_fields f = fields(pr, pr->lease.key);
+
+        f.status = pr->answer.stream_error_status ? pr->answer.stream_error_status : pr->answer.status;
+        pr->rotated_from = pr->lease.key;
+        pr->rotated_status = f.status;
+        log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
+                  f.status, verdict_class_name(cls));
+        answer_reset(&pr->answer);
+        set_step(pr, STEP_NEW);
+        attempt(pr);
+}
+
+/* Waits delay_ms before the next attempt. 0, or -errno when no timer could be armed. */
+static int backoff(struct proxy_request *pr, int64_t delay_ms, bool no_answer) {
+        struct log_fields f = fields(pr, pr->last_key);
+        int r;
+
+        set_step(pr, STEP_BACKOFF);
+        r = sd_event_add_time_relative(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC, (uint64_t) delay_ms * 1000,
+                                       1000, on_backoff_done, pr);
+        if (r < 0)
+                return r;
+        f.status = no_answer ? 0 : pr->answer.status;
+        log_event(LOG_INFO, "retry", &f, "transient failure (%s): retry %u in %lld ms",
+                  f.status ? "upstream error status" : "no answer", pr->transient_failures,
+                  (long long) delay_ms);
+        answer_reset(&pr->answer);
+        return 0;
 }
 
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
+        const struct config_retry *rc = &pr->ctx->w.config->retry;
+        const struct proxy_limits limits = {
+                .max_attempts = MAX_ATTEMPTS, .max_transient = rc->max_attempts,
+                .backoff_initial_ms = rc->backoff_initial_ms, .backoff_max_ms = rc->backoff_max_ms,
+        };
+        struct proxy_attempt_end a = {};
+        struct proxy_decision d;
         struct verdict v = {};
-        bool started;
 
+        /* The client left inside a callback: the attempt's outcome is not the key's doing. */
         if (pr->aborted) {
-                release(pr, NULL);
-                request_free(pr);
+                drop(pr);
                 return;
         }
-        keytable_observe_latency(pr->ctx->table, pr->ctx->slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
-        started = pr->conn && http_conn_stream_started(pr->conn);
+        keytable_observe_latency(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
+        a.bytes_sent = pr->conn && http_conn_stream_started(pr->conn);
         easy_put(pr->ctx, pr->easy);
         pr->easy = NULL;
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
         if (res != CURLE_OK && !pr->retry_from_stream) {
-                bool timeout = res == CURLE_OPERATION_TIMEDOUT;
-                struct log_fields f = fields(pr, pr->lease.key);
-
+                a.result = res == CURLE_OPERATION_TIMEDOUT ? PROXY_RESULT_TIMEOUT : PROXY_RESULT_NO_ANSWER;
                 v.cls = VERDICT_TRANSIENT;
                 pr->transport_error = curl_easy_strerror(res);
-                release(pr, &v);
-                pr->transport_error = NULL;
-                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
-                          curl_easy_strerror(res));
-                if (started) {
-                        /* Bytes have reached the client: the only honest end is a cut. */
-                        http_conn_abort(detach(pr));
-                        request_free(pr);
-                        return;
-                }
-                pr->transient_failures++;
-                answer_reset(&pr->answer);
-                if (schedule_retry(pr, &v))
-                        return;
-                fail(pr, timeout ? 504 : 502, timeout ? "upstream_timeout" : "upstream_unreachable", 0,
-                     timeout ? "the upstream did not answer in time"
-                             : "the upstream could not be reached or closed the connection");
-                return;
-        }
-
-        if (pr->answer.mode == ANSWER_STREAM && !pr->retry_from_stream) {
-                /* A success: judge the key by any error event the stream carried, and count
-                 * the tokens the answer reported. */
-                if (pr->answer.stream_error_status)
-                        judge(pr, &v);
-                else {
-                        judge(pr, &v);
+        } else {
+                a.result = pr->retry_from_stream ? PROXY_RESULT_HELD_ERROR
+                         : pr->answer.mode == ANSWER_STREAM ? PROXY_RESULT_STREAM : PROXY_RESULT_ANSWER;
+                judge(pr, &v);
+                /* A success: count the tokens it reported. */
+                if (a.result == PROXY_RESULT_STREAM && !pr->answer.stream_error_status)
                         answer_count_usage(&pr->answer);
-                }
-                if (!pr->conn) {
-                        release(pr, &v);
-                        request_free(pr);
-                        return;
-                }
-                if (!started && pr->answer.held > 0)
-                        relay(pr, NULL, 0);
-                if (pr->conn && http_conn_stream_started(pr->conn)) {
-                        release(pr, &v);
-                        http_conn_stream_end(detach(pr));
-                } else {
-                        release(pr, &v);
-                        respond_buffered(pr);   /* a success with an empty body */
-                }
-                request_free(pr);
-                return;
         }
-
-        judge(pr, &v);
-        switch (v.cls) {
-        case VERDICT_RATE_LIMITED:
-        case VERDICT_AUTH:
-        case VERDICT_QUOTA: {
+        release(pr, &v);
+        pr->transport_error = NULL;
+        if (res != CURLE_OK && !pr->retry_from_stream) {
                 struct log_fields f = fields(pr, pr->lease.key);
 
-                f.status = pr->answer.stream_error_status ? pr->answer.stream_error_status : pr->answer.status;
-                release(pr, &v);
-                if (pr->attempts < MAX_ATTEMPTS) {
-                        pr->rotated_from = pr->lease.key;
-                        pr->rotated_status = f.status;
-                        log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
-                                  f.status, verdict_class_name(v.cls));
-                        answer_reset(&pr->answer);
-                        attempt(pr);
-                        return;
-                }
-                break;
+                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
+                          curl_easy_strerror(res));
         }
-        case VERDICT_TRANSIENT:
-                release(pr, &v);
+        if (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM) {
                 pr->transient_failures++;
-                if (schedule_retry(pr, &v)) {
-                        answer_reset(&pr->answer);
-                        return;
+                /* Only a retry needs randomness: no syscall on the way of a success. */
+                (void) !getrandom(&a.random, sizeof a.random, GRND_NONBLOCK);
+        }
+        a.cls = v.cls;
+        a.retry_after_ms = v.retry_after_ms;
+        a.client_gone = !pr->conn;
+        a.attempts = pr->attempts;
+        a.transient_failures = pr->transient_failures;
+
+        proxy_decide(&a, &limits, &d);
+        switch (d.next) {
+        case PROXY_NEXT_ROTATE:
+                rotate(pr, v.cls);
+                break;
+        case PROXY_NEXT_RETRY:
+                if (backoff(pr, d.delay_ms, a.result == PROXY_RESULT_NO_ANSWER || a.result == PROXY_RESULT_TIMEOUT) < 0) {
+                        d.next = d.otherwise;
+                        request_finish(pr, &d);
                 }
                 break;
         default:
-                release(pr, &v);
+                request_finish(pr, &d);
                 break;
         }
-        if (pr->retry_from_stream) {
-                /* The held stream goes to the client as the upstream sent it. */
-                pr->answer.mode = ANSWER_STREAM;
-                relay(pr, NULL, 0);
-                if (pr->conn)
-                        http_conn_stream_end(detach(pr));
-                request_free(pr);
-                return;
-        }
-        respond_buffered(pr);
-        request_free(pr);
 }
 
 static void enqueue(struct proxy_request *pr) {
         struct proxy_context *p = pr->ctx;
         struct proxy_queue *q = &p->queues[pr->pool];
 
-        pr->step = STEP_WAITING;
+        set_step(pr, STEP_WAITING);
         pr->queue_next = NULL;
         pr->queue_prev = q->tail;
         if (q->tail)
@@ -716,7 +821,7 @@ static void enqueue(struct proxy_request *pr) {
                 q->head = pr;
         q->tail = pr;
         p->waiting++;
-        keytable_slot_set_waiters(p->table, p->slot, p->waiting);
+        keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
 }
 
 static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
@@ -736,7 +841,7 @@ static void wait_or_fail(struct proxy_request *pr, const struct keytable_wait *w
 
         if ((w->retry_at_ms > 0 && w->retry_at_ms <= pr->deadline_ms) || (w->busy && now < pr->deadline_ms)) {
                 enqueue(pr);
-                if (sd_event_add_time(pr->ctx->event, &pr->timer, CLOCK_MONOTONIC,
+                if (sd_event_add_time(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC,
                                       (uint64_t) pr->deadline_ms * 1000, 1000, on_wait_deadline, pr) < 0) {
                         fail(pr, 500, "internal_error", 0, "cannot wait for a key");
                         return;
@@ -768,7 +873,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         int r;
 
         *ret_wait = (struct keytable_wait) {};
-        r = keytable_acquire(p->table, p->slot, pr->pool, clock_mono_ms(), pr->last_key,
+        r = keytable_acquire(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
                              &pr->lease, ret_wait, &change);
         if (change.changed)
                 log_change(pr, &change, NULL);
@@ -780,11 +885,9 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         }
 
         /* It has a key: out of the queue, and its waiting deadline no longer applies. */
-        queue_remove(pr);
-        pr->timer = sd_event_source_disable_unref(pr->timer);
+        set_step(pr, STEP_RUNNING);
         pr->leased = true;
         pr->attempts++;
-        pr->step = STEP_RUNNING;
         pr->attempt_started_ms = clock_mono_ms();
         note_rotation(pr, pr->lease.key);
         secret = config_pool_key(pr->cpool, pr->first_key, pr->lease.key)->secret;
@@ -793,7 +896,6 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
 
         pr->easy = easy_get(p);
         if (!pr->easy) {
-                release(pr, NULL);
                 fail(pr, 500, "internal_error", 0, "out of memory");
                 return 1;
         }
@@ -804,11 +906,9 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
 
-        r = upstream_start(p->upstream, pr->easy, on_done, pr);
-        if (r < 0) {
-                release(pr, NULL);
+        r = upstream_start(p->w.upstream, pr->easy, on_done, pr);
+        if (r < 0)
                 fail(pr, 500, "internal_error", 0, "could not start the upstream transfer");
-        }
         return 1;
 }
 
@@ -839,8 +939,7 @@ static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
         struct keytable_wait w = {};
         int64_t now = clock_mono_ms();
 
-        pr->timer = sd_event_source_disable_unref(pr->timer);
-        queue_remove(pr);
+        set_step(pr, STEP_NEW);
         /* One last look, then the honest answer. */
         if (try_start(pr, &w) == 1)
                 return 0;
@@ -878,7 +977,7 @@ static int on_kick(sd_event_source *s, void *userdata) {
 }
 
 void proxy_wake(struct proxy_context *p) {
-        for (unsigned i = 0; i < p->config->n_pools; i++)
+        for (unsigned i = 0; i < p->w.config->n_pools; i++)
                 if (p->queues[i].head)
                         serve_queue(p, i);
 }
@@ -900,7 +999,7 @@ static size_t discard(char *data, size_t size, size_t nmemb, void *userdata) {
 static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
         struct probe *pb = userdata;
         struct proxy_context *p = pb->ctx;
-        const struct config_pool *cp = &p->config->pools[pb->pool];
+        const struct config_pool *cp = &p->w.config->pools[pb->pool];
         const struct config_key *k;
         struct keytable_pool_view info;
         struct log_fields f = LOG_FIELDS_NONE;
@@ -910,14 +1009,14 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
         f.pool = cp->name;
         /* The probe was started on this worker's own bank (start_probe checks): a reload since
          * then does not move the key's row. */
-        if (keytable_slot_pool_info(p->table, p->slot, pb->pool, &info) >= 0 &&
+        if (keytable_slot_pool_info(p->w.table, p->w.slot, pb->pool, &info) >= 0 &&
             (k = config_pool_key(cp, info.first_key, pb->key)))
                 f.key = k->id;
         f.status = (int) status;
         if (res == CURLE_OK && status >= 200 && status < 300) {
                 struct keytable_change change = {};
 
-                keytable_enable(p->table, pb->key, clock_mono_ms(), &change);
+                keytable_enable(p->w.table, pb->key, clock_mono_ms(), &change);
                 log_event(LOG_NOTICE, "probe", &f, "probe succeeded");
                 if (change.changed) {
                         log_event(LOG_NOTICE, "enable", &f, "key enabled again after a successful probe");
@@ -945,13 +1044,13 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         char auth[AUTH_LINE_MAX];
         const char *secret;
 
-        if (keytable_slot_bank(p->table, p->slot) != keytable_bank_current(p->table))
+        if (keytable_slot_bank(p->w.table, p->w.slot) != keytable_bank_current(p->w.table))
                 return -EAGAIN;
-        if (pool >= p->config->n_pools)
+        if (pool >= p->w.config->n_pools)
                 return -EINVAL;
-        cp = &p->config->pools[pool];
-        prov = &p->config->providers[cp->provider];
-        if (keytable_slot_pool_info(p->table, p->slot, pool, &info) < 0 ||
+        cp = &p->w.config->pools[pool];
+        prov = &p->w.config->providers[cp->provider];
+        if (keytable_slot_pool_info(p->w.table, p->w.slot, pool, &info) < 0 ||
             !(k = config_pool_key(cp, info.first_key, key)))
                 return -EINVAL;
         secret = k->secret;
@@ -976,11 +1075,11 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         curl_easy_setopt(pb->easy, CURLOPT_HTTPHEADER, pb->headers);
         curl_easy_setopt(pb->easy, CURLOPT_WRITEFUNCTION, discard);
         curl_easy_setopt(pb->easy, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(pb->easy, CURLOPT_CONNECTTIMEOUT, (long) p->config->connect_timeout);
+        curl_easy_setopt(pb->easy, CURLOPT_CONNECTTIMEOUT, (long) p->w.config->connect_timeout);
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-        if (upstream_start(p->upstream, pb->easy, on_probe_done, pb) < 0)
+        if (upstream_start(p->w.upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;
         return 0;
@@ -1003,8 +1102,8 @@ static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
         /* Probes concern the current configuration: a draining generation leaves them to the new
          * one. A handful per tick: probes are rare by design. */
-        for (int i = 0; i < 8 && keytable_slot_bank(p->table, p->slot) == keytable_bank_current(p->table) &&
-                        keytable_probe_claim(p->table, clock_mono_ms(), &key, &pool) == 0; i++)
+        for (int i = 0; i < 8 && keytable_slot_bank(p->w.table, p->w.slot) == keytable_bank_current(p->w.table) &&
+                        keytable_probe_claim(p->w.table, clock_mono_ms(), &key, &pool) == 0; i++)
                 start_probe(p, key, pool);
         sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -1017,14 +1116,12 @@ void proxy_on_abort(struct http_conn *c, void *request_data) {
 
         pr->aborted = true;
         pr->conn = NULL;
-        /* Inside a curl callback or on_done's own relay: whoever is on the stack frees. */
+        /* Inside a curl callback or on_done's own relay: whoever is on the stack finishes. */
         if (pr->in_curl)
                 return;
-        if (pr->step == STEP_RUNNING && pr->easy)
-                upstream_cancel(pr->ctx->upstream, pr->easy);
-        /* Waiting, backing off, or a cancelled transfer: nothing more will happen for it. */
-        release(pr, NULL);
-        request_free(pr);
+        /* Waiting, backing off, or running (the transfer is cancelled): nothing more will
+         * happen for it. */
+        drop(pr);
 }
 
 void proxy_on_drain(struct http_conn *c, void *request_data) {
@@ -1033,14 +1130,11 @@ void proxy_on_drain(struct http_conn *c, void *request_data) {
         pr->pressure = false;
         if (pr->paused && !pr->in_curl && pr->easy) {
                 pr->paused = false;
-                upstream_resume(pr->ctx->upstream, pr->easy);
+                upstream_resume(pr->ctx->w.upstream, pr->easy);
                 /* Resuming delivers buffered data at once; if the client vanished meanwhile, curl
                  * stops watching the transfer's socket: end it here. */
-                if (pr->aborted) {
-                        upstream_cancel(pr->ctx->upstream, pr->easy);
-                        release(pr, NULL);
-                        request_free(pr);
-                }
+                if (pr->aborted)
+                        drop(pr);
         }
 }
 
@@ -1079,39 +1173,36 @@ static size_t json_quote(const char *s, char *buf) {
         return n + 1;
 }
 
-/* The body with its top-level "model" set to the pool's model id: the value replaced where
- * it stands (model, the member jansson would keep), or a member added first. Nothing else
- * changes, not even spacing. 0, or -ENOMEM. */
-static int rewrite_model(struct proxy_request *pr, const struct http_request *req,
-                         const struct jscan_value *model) {
-        size_t qlen = json_quote(pr->cpool->model, NULL), start, end, ins, extra = 0;
+int proxy_rewrite_model(const char *body, size_t body_len, const struct jscan_value *model,
+                        const char *model_id, char **ret, size_t *ret_len) {
+        size_t qlen = json_quote(model_id, NULL), start, end, ins, extra = 0, len;
         bool comma = false;
         char *text;
 
         if (model->type != JSCAN_NONE) {
-                start = (size_t) (model->text - req->body);
+                start = (size_t) (model->text - body);
                 end = start + model->len;
                 ins = 0;
         } else {
                 /* Validated as an object: the first non-blank byte is its brace. */
-                start = end = strspn(req->body, " \t\r\n") + 1;
-                comma = req->body[start + strspn(req->body + start, " \t\r\n")] != '}';
+                start = end = strspn(body, " \t\r\n") + 1;
+                comma = body[start + strspn(body + start, " \t\r\n")] != '}';
                 ins = strlen("\"model\":");
                 extra = comma;
         }
-        text = malloc(req->body_len - (end - start) + ins + qlen + extra + 1);
+        len = body_len - (end - start) + ins + qlen + extra;
+        text = malloc(len + 1);
         if (!text)
                 return -ENOMEM;
-        memcpy(text, req->body, start);
+        memcpy(text, body, start);
         memcpy(text + start, "\"model\":", ins);
-        json_quote(pr->cpool->model, text + start + ins);
+        json_quote(model_id, text + start + ins);
         if (comma)
                 text[start + ins + qlen] = ',';
-        memcpy(text + start + ins + qlen + extra, req->body + end, req->body_len - end);
-        pr->body_len = req->body_len - (end - start) + ins + qlen + extra;
-        text[pr->body_len] = 0;
-        pr->body = text;
-        pr->own_body = true;
+        memcpy(text + start + ins + qlen + extra, body + end, body_len - end);
+        text[len] = 0;
+        *ret = text;
+        *ret_len = len;
         return 0;
 }
 
@@ -1122,7 +1213,7 @@ static int rewrite_model(struct proxy_request *pr, const struct http_request *re
  * The body is read once, by jscan: validated as a JSON object and its "model" found, with no
  * tree built and nothing allocated unless the model must be rewritten. */
 static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req) {
-        const struct config *cfg = pr->ctx->config;
+        const struct config *cfg = pr->ctx->w.config;
         const char *header = http_request_header(req, "X-Keypool-Pool");
         struct keytable_pool_view info;
         struct jscan_value model;
@@ -1173,7 +1264,7 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         pr->cpool = &cfg->pools[pool];
         pr->provider = &cfg->providers[pr->cpool->provider];
         /* This worker's generation may be draining on the previous bank after a reload. */
-        if (keytable_slot_pool_info(pr->ctx->table, pr->ctx->slot, pr->pool, &info) < 0) {
+        if (keytable_slot_pool_info(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, &info) < 0) {
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                         "the key table does not know pool %s", pr->cpool->name);
                 return -1;
@@ -1184,11 +1275,13 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
          * (or named no model at all). */
         if (!model_name || (strcmp(model_name, pr->cpool->model) != 0 && !header &&
                             strcmp(model_name, pr->cpool->name) == 0)) {
-                if (rewrite_model(pr, req, &model) < 0) {
+                if (proxy_rewrite_model(req->body, req->body_len, &model, pr->cpool->model, &pr->body,
+                                        &pr->body_len) < 0) {
                         http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                                 "out of memory");
                         return -1;
                 }
+                pr->own_body = true;
         } else {
                 pr->body = req->body;
                 pr->body_len = req->body_len;
@@ -1196,13 +1289,12 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         return 0;
 }
 
-/* A client header that goes upstream as it is. */
-static bool forwarded(const struct config_provider *prov, const struct http_field *f) {
-        if (is_dropped_request_header(f->name))
+bool proxy_forwards_header(const struct config_provider *prov, const char *name) {
+        if (is_dropped_request_header(name))
                 return false;
         /* The provider's configured headers win over the client's. */
         for (unsigned k = 0; k < prov->n_headers; k++)
-                if (answer_header_is(prov->headers[k], f->name))
+                if (answer_header_is(prov->headers[k], name))
                         return false;
         return true;
 }
@@ -1226,7 +1318,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
                 text += strlen(prov->headers[i]) + 1;
         text += strlen(prov->base_url) + 1 + strlen(rest) + 1;
         for (size_t i = 0; i < req->n_fields; i++)
-                if (forwarded(prov, &req->fields[i])) {
+                if (proxy_forwards_header(prov, req->fields[i].name)) {
                         n++;
                         text += strlen(req->fields[i].name) + 2 + strlen(req->fields[i].value) + 1;
                 }
@@ -1254,7 +1346,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         for (size_t i = 0; i < req->n_fields; i++) {
                 const struct http_field *f = &req->fields[i];
 
-                if (!forwarded(prov, f))
+                if (!proxy_forwards_header(prov, f->name))
                         continue;
                 if (strcasecmp(f->name, "Content-Type") == 0)
                         has_content_type = true;
@@ -1291,7 +1383,7 @@ static int64_t max_wait_ms(const struct proxy_context *p, const struct http_requ
                 if (end != h && *end == 0 && s >= 0 && s <= MAX_WAIT_CAP_S)
                         return (int64_t) (s * 1000);
         }
-        return (int64_t) p->config->max_wait * 1000;
+        return (int64_t) p->w.config->max_wait * 1000;
 }
 
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req) {
@@ -1310,21 +1402,22 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         }
         pr->ctx = p;
         p->active++;
-        pr->step = STEP_NEW;
+        set_step(pr, STEP_NEW);
         pr->answer.mode = ANSWER_HEADERS;
         pr->last_key = KEYTABLE_NO_KEY;
         pr->rotated_from = KEYTABLE_NO_KEY;
         pr->lease.key = KEYTABLE_NO_KEY;
-        snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->slot,
+        snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->w.slot,
                  (unsigned long long) ++p->next_request_id);
 
+        /* Until the request is attached to c, failures answer c themselves. */
         if (route(pr, c, req) < 0) {
-                request_free(pr);
+                drop(pr);
                 return;
         }
         if (build_request_headers(pr, req) < 0) {
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
-                request_free(pr);
+                drop(pr);
                 return;
         }
         pr->deadline_ms = clock_mono_ms() + max_wait_ms(p, req);
@@ -1333,35 +1426,63 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         attempt(pr);
 }
 
-int proxy_init(struct proxy_context *p) {
+int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
+        const struct config *cfg = params->config;
+        struct proxy_context *p;
         int r;
 
-        p->queues = calloc(p->config->n_pools ? p->config->n_pools : 1, sizeof *p->queues);
-        if (!p->queues)
+        p = calloc(1, sizeof *p);
+        if (!p)
                 return -ENOMEM;
-        for (unsigned i = 0; i < p->config->n_pools; i++) {
+        *p = (struct proxy_context) {
+                .w = *params,
+                .policy = {
+                        .recovery_ms = (int64_t) cfg->recovery_time * 1000,
+                        .max_cooldown_ms = (int64_t) cfg->max_cooldown * 1000,
+                        .phrases = (const char *const *) cfg->rate_limit_phrases,
+                        .n_phrases = cfg->n_rate_limit_phrases,
+                },
+        };
+        p->queues = calloc(cfg->n_pools ? cfg->n_pools : 1, sizeof *p->queues);
+        if (!p->queues) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        for (unsigned i = 0; i < cfg->n_pools; i++) {
                 p->queues[i].ctx = p;
                 p->queues[i].pool = i;
-                r = sd_event_add_time(p->event, &p->queues[i].timer, CLOCK_MONOTONIC, 0, 1000, on_queue_timer,
+                r = sd_event_add_time(p->w.event, &p->queues[i].timer, CLOCK_MONOTONIC, 0, 1000, on_queue_timer,
                                       &p->queues[i]);
                 if (r < 0)
-                        return r;
+                        goto fail;
                 sd_event_source_set_enabled(p->queues[i].timer, SD_EVENT_OFF);
         }
-        r = sd_event_add_defer(p->event, &p->kick, on_kick, p);
+        r = sd_event_add_defer(p->w.event, &p->kick, on_kick, p);
         if (r < 0)
-                return r;
+                goto fail;
         sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
-        return sd_event_add_time_relative(p->event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
-                                          on_probe_timer, p);
+        r = sd_event_add_time_relative(p->w.event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
+                                       on_probe_timer, p);
+        if (r < 0)
+                goto fail;
+        *ret = p;
+        return 0;
+fail:
+        proxy_free(p);
+        return r;
 }
 
-void proxy_done(struct proxy_context *p) {
+unsigned proxy_active(const struct proxy_context *p) {
+        return p->active;
+}
+
+struct proxy_context *proxy_free(struct proxy_context *p) {
+        if (!p)
+                return NULL;
         if (p->queues)
-                for (unsigned i = 0; i < p->config->n_pools; i++)
+                for (unsigned i = 0; i < p->w.config->n_pools; i++)
                         sd_event_source_disable_unref(p->queues[i].timer);
         free(p->queues);
-        p->queues = NULL;
         while (p->n_spare > 0)
                 curl_easy_cleanup(p->spare[--p->n_spare]);
         while (p->spare_requests) {
@@ -1372,7 +1493,8 @@ void proxy_done(struct proxy_context *p) {
                 answer_free(&pr->answer);
                 free(pr);
         }
-        p->n_spare_requests = 0;
-        p->kick = sd_event_source_disable_unref(p->kick);
-        p->probe_timer = sd_event_source_disable_unref(p->probe_timer);
+        sd_event_source_disable_unref(p->kick);
+        sd_event_source_disable_unref(p->probe_timer);
+        free(p);
+        return NULL;
 }
