@@ -1580,3 +1580,9 @@ int config_find_pool(const struct config *c, const char *s, size_t len) {
                         return (int) i;
         return -1;
 }
+
+const struct config_key *config_pool_key(const struct config_pool *p, unsigned first_key, unsigned key) {
+        if (!p || key < first_key || key - first_key >= p->n_keys)
+                return NULL;
+        return &p->keys[key - first_key];
+}

@@ -1,24 +1,30 @@
 /* proxy.c — serving POST /v1/… through a pool's keys.
  *
- * One struct proxy_request lives from the client's complete request until the answer is
- * complete or the client is gone. It is always in exactly one of these steps:
+ * Owns the worker's proxy_context (per-pool wait queues, spare request records and curl
+ * handles, the probe schedule) and every struct proxy_request, which lives from the client's
+ * complete request until the answer is complete or the client is gone. A request is always in
+ * exactly one step:
  *
+ *   NEW       routed (or between attempts), about to try for a key
  *   WAITING   queued on its pool for a key (first come, first served), with a deadline
- *   RUNNING   an upstream attempt with a lease on one key
+ *   RUNNING   an upstream attempt with a lease on one key and a curl handle
  *   BACKOFF   between a transient failure and the next attempt
+ *   DONE      finished, owning nothing
  *
- * Each attempt's lease is returned with the attempt's outcome before anything else happens, so
- * the shared table always knows what is in flight.
+ * Invariants: only set_step() changes the step, and it releases what the new step does not own
+ * (queue link, timer, lease, curl handle); proxy_decide() alone says what an attempt's end
+ * means; request_finish() alone answers the client at the end and recycles the record. Each
+ * attempt's lease is returned with the attempt's outcome before anything else happens, so the
+ * shared table always knows what is in flight.
  *
- * Answers are sorted as soon as their headers arrive: a success is relayed as it arrives (streams
- * chunk by chunk) — except that the first event of an SSE stream is held until it is complete,
- * because providers report errors as an event after "200 OK", and until the client has seen a
- * byte such an error can still be retried with another key. Anything else is buffered (error
- * bodies are small) so that policy can judge it.
+ * Answers are sorted as soon as their headers arrive (answer.c): a success is relayed as it
+ * arrives — except that the first event of an SSE stream is held until it is complete, because
+ * providers report errors as an event after "200 OK", and until the client has seen a byte such
+ * an error can still be retried with another key. Anything else is buffered to be judged.
  *
  * curl forbids removing a transfer from inside its own callbacks, and a client can vanish from
  * inside one (a failed write): such an abort is only marked there, the callback fails the
- * transfer, and the done callback cleans up.
+ * transfer, and the done callback finishes the request.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -28,19 +34,16 @@
 #include <sys/random.h>
 #include <unistd.h>
 
+#include "keypool/answer.h"
 #include "keypool/clock.h"
 #include "keypool/jscan.h"
 #include "keypool/log.h"
+#include "keypool/policy.h"
 #include "keypool/proxy.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
-#define MAX_BUFFERED_ERROR      (1024 * 1024)   /* larger error bodies are relayed unjudged */
-#define MAX_USAGE_COPY          (1024 * 1024)   /* success bodies kept this far to count tokens */
-#define MAX_SSE_EVENT           (64 * 1024)     /* an SSE event longer than this is not inspected */
-#define MAX_ANSWER_HEADERS      128
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
-#define SPARE_BUFFER_MAX        (64 * 1024)     /* … with answer buffers no larger than this */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
 
@@ -49,14 +52,26 @@ enum step {
         STEP_WAITING,
         STEP_RUNNING,
         STEP_BACKOFF,
+        STEP_DONE,
         _STEP_MAX,
 };
 
-enum answer_mode {
-        MODE_HEADERS = 1,       /* status and headers still arriving */
-        MODE_STREAM,            /* a success: relay as it comes */
-        MODE_BUFFER,            /* an error: keep it to judge it */
-        _MODE_MAX,
+#define PROXY_SPARE_HANDLES     32
+
+struct proxy_context {
+        struct proxy_params w;          /* what the worker lent */
+        struct policy_config policy;
+        unsigned active;                /* requests being served (waiting ones included) */
+        unsigned waiting;               /* requests queued for a key */
+        uint64_t next_request_id;
+        struct proxy_queue *queues;     /* one per pool */
+        sd_event_source *kick;          /* deferred: serve the queues */
+        sd_event_source *probe_timer;
+        unsigned probes;                /* probes in flight */
+        CURL *spare[PROXY_SPARE_HANDLES]; /* finished transfers' handles, set up for the next */
+        unsigned n_spare;
+        struct proxy_request *spare_requests; /* finished requests' records, for the next */
+        unsigned n_spare_requests;
 };
 
 struct proxy_queue {
@@ -100,24 +115,7 @@ struct proxy_request {
         int64_t attempt_started_ms;
         const char *transport_error;    /* curl's word for an attempt that got no answer */
 
-        /* the current attempt's answer */
-        enum answer_mode mode;
-        int status;
-        size_t answer_header_off[MAX_ANSWER_HEADERS]; /* each line's start in answer_text */
-        size_t n_answer_headers;
-        char *answer_text;              /* the answer's header lines, NUL-terminated, one buffer */
-        size_t answer_text_len, answer_text_cap;
-        char *answer_body;              /* MODE_BUFFER: the body; MODE_STREAM: a copy for usage */
-        size_t answer_len, answer_cap;
-        bool sse;                       /* text/event-stream */
-        bool holding;                   /* the first SSE event is not yet complete */
-        size_t held;                    /* bytes of answer_body not yet sent to the client */
-        char *event;                    /* the SSE event being received */
-        size_t event_len, event_cap;
-        bool event_overflow;
-        int stream_error_status;        /* an SSE error event seen inside the stream */
-        char *stream_error;             /* … its payload */
-        uint64_t tokens_in, tokens_out;
+        struct answer answer;           /* the current attempt's */
         bool in_curl;                   /* inside a curl callback */
         bool aborted;                   /* the client went away */
         bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
@@ -128,33 +126,9 @@ struct proxy_request {
 
 static void attempt(struct proxy_request *pr);
 static void serve_queue(struct proxy_context *p, unsigned pool);
+static void release(struct proxy_request *pr, const struct verdict *v);
 
 /* --- small helpers ------------------------------------------------------------------------ */
-
-static int buf_add(char **buf, size_t *len, size_t *cap, const void *data, size_t n) {
-        if (*len + n + 1 > *cap) {
-                size_t c = *cap ? *cap : 4096;
-                char *p;
-
-                while (c < *len + n + 1)
-                        c *= 2;
-                p = realloc(*buf, c);
-                if (!p)
-                        return -ENOMEM;
-                *buf = p;
-                *cap = c;
-        }
-        memcpy(*buf + *len, data, n);
-        *len += n;
-        (*buf)[*len] = 0;
-        return 0;
-}
-
-static bool header_is(const char *line, const char *name) {
-        size_t n = strlen(name);
-
-        return strncasecmp(line, name, n) == 0 && line[n] == ':';
-}
 
 /* Headers that belong to one connection, that keypool sets itself, or that would carry the
  * client's own credentials upstream. */
@@ -174,24 +148,10 @@ static bool is_dropped_request_header(const char *name) {
         return false;
 }
 
-static bool is_dropped_answer_header(const char *name, size_t len) {
-        static const char *const dropped[] = {
-                "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade",
-                "Content-Length", "Trailer", "TE",
-        };
-
-        if (len >= 10 && strncasecmp(name, "X-Keypool-", 10) == 0)
-                return true;
-        for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
-                if (strlen(dropped[i]) == len && strncasecmp(name, dropped[i], len) == 0)
-                        return true;
-        return false;
-}
-
 static const char *key_id(const struct proxy_request *pr, unsigned key) {
-        if (key < pr->first_key || key - pr->first_key >= pr->cpool->n_keys)
-                return "?";
-        return pr->cpool->keys[key - pr->first_key].id;
+        const struct config_key *k = config_pool_key(pr->cpool, pr->first_key, key);
+
+        return k ? k->id : "?";
 }
 
 static struct log_fields fields(const struct proxy_request *pr, unsigned key) {
@@ -215,7 +175,7 @@ static void history(const struct proxy_request *pr, enum history_kind kind, unsi
                 snprintf(ev.key_from, sizeof ev.key_from, "%s", key_id(pr, from));
         if (to != KEYTABLE_NO_KEY)
                 snprintf(ev.key_to, sizeof ev.key_to, "%s", key_id(pr, to));
-        keytable_history_add(pr->ctx->table, &ev);
+        keytable_history_add(pr->ctx->w.table, &ev);
 }
 
 /* A rotation is one event once the key that takes over is known (KEYTABLE_NO_KEY: none could). */
@@ -223,7 +183,7 @@ static void note_rotation(struct proxy_request *pr, unsigned to) {
         if (pr->rotated_from == KEYTABLE_NO_KEY)
                 return;
         history(pr, HISTORY_ROTATE, pr->rotated_from, to, pr->rotated_status, KEY_REASON_NONE, 0);
-        keytable_count_rotation(pr->ctx->table, pr->ctx->slot, pr->pool);
+        keytable_count_rotation(pr->ctx->w.table, pr->ctx->w.slot, pr->pool);
         pr->rotated_from = KEYTABLE_NO_KEY;
 }
 
@@ -260,14 +220,14 @@ static void wake_waiters(struct proxy_context *p) {
         unsigned slots[256], n;
         uint64_t one = 1;
 
-        n = keytable_slots_with_waiters(p->table, slots, sizeof slots / sizeof slots[0]);
+        n = keytable_slots_with_waiters(p->w.table, slots, sizeof slots / sizeof slots[0]);
         for (unsigned i = 0; i < n; i++) {
-                if (slots[i] == p->slot) {
+                if (slots[i] == p->w.slot) {
                         sd_event_source_set_enabled(p->kick, SD_EVENT_ONESHOT);
                         continue;
                 }
-                if (slots[i] < p->n_wake_fds && p->wake_fds[slots[i]] >= 0)
-                        (void) !write(p->wake_fds[slots[i]], &one, sizeof one);
+                if (slots[i] < p->w.n_wake_fds && p->w.wake_fds[slots[i]] >= 0)
+                        (void) !write(p->w.wake_fds[slots[i]], &one, sizeof one);
         }
 }
 
@@ -275,7 +235,7 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
                        const struct verdict *v) {
         struct log_fields f = fields(pr, c->key);
 
-        f.status = pr->status;
+        f.status = pr->answer.status;
         if (c->account_limit_suspected)
                 log_event(LOG_WARNING, "cooldown", &f,
                           "every key of pool %s was rate limited within a second: an account- or "
@@ -283,10 +243,10 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
         if (!c->changed)
                 return;
         if (c->to == KEY_COOLING)
-                history(pr, HISTORY_COOLDOWN, c->key, KEYTABLE_NO_KEY, pr->status, c->reason,
+                history(pr, HISTORY_COOLDOWN, c->key, KEYTABLE_NO_KEY, pr->answer.status, c->reason,
                         c->until_ms - clock_mono_ms());
         else if (c->to == KEY_DISABLED)
-                history(pr, HISTORY_DISABLE, c->key, KEYTABLE_NO_KEY, pr->status, c->reason, 0);
+                history(pr, HISTORY_DISABLE, c->key, KEYTABLE_NO_KEY, pr->answer.status, c->reason, 0);
         else if (c->to == KEY_READY && c->from == KEY_COOLING)
                 history(pr, HISTORY_RECOVER, c->key, KEYTABLE_NO_KEY, 0, KEY_REASON_NONE, 0);
         if (c->to == KEY_COOLING) {
@@ -300,7 +260,7 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
                           c->twins_cooled ? " (also in the other pools holding it)" : "");
         } else if (c->to == KEY_DISABLED) {
                 log_event(LOG_ERR, "disable", &f, "key disabled: %s (status %d)",
-                          keytable_reason_name(c->reason), pr->status);
+                          keytable_reason_name(c->reason), pr->answer.status);
         } else if (c->to == KEY_READY && c->from == KEY_COOLING) {
                 log_event(LOG_INFO, "recover", &f, "key is ready again");
         }
@@ -308,45 +268,10 @@ static void log_change(const struct proxy_request *pr, const struct keytable_cha
 
 /* --- the request's life ------------------------------------------------------------------ */
 
-/* One of the answer's header lines. */
-static const char *answer_line(const struct proxy_request *pr, size_t i) {
-        return pr->answer_text + pr->answer_header_off[i];
-}
-
-/* Empties a buffer, keeping its memory unless it grew large. */
-static void buffer_clear(char **buf, size_t *len, size_t *cap) {
-        if (*cap > SPARE_BUFFER_MAX) {
-                free(*buf);
-                *buf = NULL;
-                *cap = 0;
-        }
-        *len = 0;
-}
-
-static void answer_reset(struct proxy_request *pr) {
-        pr->n_answer_headers = 0;
-        buffer_clear(&pr->answer_text, &pr->answer_text_len, &pr->answer_text_cap);
-        buffer_clear(&pr->answer_body, &pr->answer_len, &pr->answer_cap);
-        free(pr->event);
-        pr->event = NULL;
-        pr->event_len = pr->event_cap = 0;
-        pr->event_overflow = false;
-        free(pr->stream_error);
-        pr->stream_error = NULL;
-        pr->stream_error_status = 0;
-        pr->status = 0;
-        pr->mode = MODE_HEADERS;
-        pr->sse = pr->holding = pr->retry_from_stream = false;
-        pr->held = 0;
-        pr->tokens_in = pr->tokens_out = 0;
-}
-
-static void queue_remove(struct proxy_request *pr) {
+static void queue_unlink(struct proxy_request *pr) {
         struct proxy_context *p = pr->ctx;
         struct proxy_queue *q = &p->queues[pr->pool];
 
-        if (pr->step != STEP_WAITING)
-                return;
         if (pr->queue_prev)
                 pr->queue_prev->queue_next = pr->queue_next;
         else
@@ -357,11 +282,29 @@ static void queue_remove(struct proxy_request *pr) {
                 q->tail = pr->queue_prev;
         pr->queue_next = pr->queue_prev = NULL;
         p->waiting--;
-        keytable_slot_set_waiters(p->table, p->slot, p->waiting);
-        pr->step = STEP_NEW;
+        keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
 }
 
-/* A zeroed request record: a finished one with its answer buffers, or a new one. */
+/* The request's one transition. What the new step does not own is let go of here: the queue
+ * link belongs to WAITING, the timer to WAITING or BACKOFF (each step arms its own after this),
+ * the lease and the curl handle to RUNNING. A lease still held here had no outcome (the client
+ * left, or the transfer never started); a handle still held is a transfer cancelled. */
+static void set_step(struct proxy_request *pr, enum step step) {
+        if (pr->step == STEP_WAITING)
+                queue_unlink(pr);
+        pr->timer = sd_event_source_disable_unref(pr->timer);
+        if (step != STEP_RUNNING) {
+                if (pr->easy) {
+                        upstream_cancel(pr->ctx->w.upstream, pr->easy);
+                        curl_easy_cleanup(pr->easy);
+                        pr->easy = NULL;
+                }
+                release(pr, NULL);
+        }
+        pr->step = step;
+}
+
+/* A zeroed request record: a finished one with its buffers, or a new one. */
 static struct proxy_request *request_get(struct proxy_context *p) {
         struct proxy_request *pr = p->spare_requests;
         struct curl_slist *headers;
@@ -372,15 +315,14 @@ static struct proxy_request *request_get(struct proxy_context *p) {
                 return calloc(1, sizeof *pr);
         p->spare_requests = pr->next_spare;
         p->n_spare_requests--;
-        text = pr->answer_text;
-        text_cap = pr->answer_text_cap;
-        body = pr->answer_body;
-        body_cap = pr->answer_cap;
+        text = pr->answer.text;
+        text_cap = pr->answer.text_cap;
+        body = pr->answer.body;
+        body_cap = pr->answer.body_cap;
         headers = pr->headers;
         headers_size = pr->headers_size;
         *pr = (struct proxy_request) {
-                .answer_text = text, .answer_text_cap = text_cap,
-                .answer_body = body, .answer_cap = body_cap,
+                .answer = { .text = text, .text_cap = text_cap, .body = body, .body_cap = body_cap },
                 .headers = headers, .headers_size = headers_size,
         };
         return pr;
@@ -396,43 +338,12 @@ static void request_put(struct proxy_request *pr) {
                 return;
         }
         free(pr->headers);
-        free(pr->answer_text);
-        free(pr->answer_body);
+        answer_free(&pr->answer);
         free(pr);
 }
 
-static void request_free(struct proxy_request *pr) {
-        queue_remove(pr);
-        sd_event_source_disable_unref(pr->timer);
-        if (pr->easy)
-                curl_easy_cleanup(pr->easy);
-        wipe_auth(pr);
-        answer_reset(pr);
-        if (pr->own_body)
-                free(pr->body);
-        pr->ctx->active--;
-        request_put(pr);
-}
-
-/* The current answer's status and headers as policy reads them (pointing into pr; no body). */
-static void answer_view(const struct proxy_request *pr, struct answer_header *ah, struct upstream_answer *ret) {
-        *ret = (struct upstream_answer) { .status = pr->status, .headers = ah };
-        for (size_t i = 0; i < pr->n_answer_headers; i++) {
-                const char *line = answer_line(pr, i), *colon = strchr(line, ':');
-                const char *value;
-
-                if (!colon)
-                        continue;
-                value = colon + 1 + strspn(colon + 1, " \t");
-                ah[ret->n_headers++] = (struct answer_header) {
-                        .name = line, .name_len = (size_t) (colon - line),
-                        .value = value, .value_len = strlen(value),
-                };
-        }
-}
-
 static void release(struct proxy_request *pr, const struct verdict *v) {
-        struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->status,
+        struct keytable_outcome o = { .cls = v ? v->cls : VERDICT_NONE, .status = pr->answer.status,
                                       .figures = RATE_FIGURES_UNKNOWN };
         struct keytable_change change = {};
         char error[KEYTABLE_ERROR_MAX + 1] = "";
@@ -445,23 +356,21 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
         if (v && v->cls != VERDICT_OK && v->cls != VERDICT_NONE) {
                 if (pr->transport_error)
                         snprintf(error, sizeof error, "%s", pr->transport_error);
-                else if (pr->stream_error)
-                        policy_error_summary(pr->stream_error, strlen(pr->stream_error), error, sizeof error);
                 else
-                        policy_error_summary(pr->answer_body, pr->answer_len, error, sizeof error);
+                        answer_error_summary(&pr->answer, error, sizeof error);
                 if (error[0])
                         o.error = error;
         }
-        o.tokens_in = pr->tokens_in;
-        o.tokens_out = pr->tokens_out;
-        if (pr->n_answer_headers > 0) {
-                struct answer_header ah[MAX_ANSWER_HEADERS];
+        o.tokens_in = pr->answer.tokens_in;
+        o.tokens_out = pr->answer.tokens_out;
+        if (pr->answer.n_headers > 0) {
+                struct answer_header ah[ANSWER_MAX_HEADERS];
                 struct upstream_answer a;
 
-                answer_view(pr, ah, &a);
+                answer_view(&pr->answer, ah, &a);
                 policy_read_figures(&a, clock_wall_ms(), &o.figures);
         }
-        keytable_release(pr->ctx->table, &pr->lease, &o, clock_mono_ms(), &change);
+        keytable_release(pr->ctx->w.table, &pr->lease, &o, clock_mono_ms(), &change);
         pr->leased = false;
         pr->last_key = pr->lease.key;
         log_change(pr, &change, v);
@@ -491,30 +400,13 @@ static size_t keypool_headers(struct proxy_request *pr, struct http_header *h, c
 /* The upstream's end-to-end headers plus keypool's; the strings point into pr and names. */
 static size_t answer_headers(struct proxy_request *pr, struct http_header *h, size_t max,
                              char *names, size_t names_size, char *attempts, size_t attempts_size) {
-        size_t n = 0, used = 0;
+        size_t n = answer_client_headers(&pr->answer, h, max - 3, names, names_size);
 
-        for (size_t i = 0; i < pr->n_answer_headers && n + 3 < max; i++) {
-                const char *line = answer_line(pr, i);
-                const char *colon = strchr(line, ':');
-                size_t len;
-
-                if (!colon || colon == line)
-                        continue;
-                len = (size_t) (colon - line);
-                if (is_dropped_answer_header(line, len) || used + len + 1 > names_size)
-                        continue;
-                memcpy(names + used, line, len);
-                names[used + len] = 0;
-                h[n].name = names + used;
-                used += len + 1;
-                h[n].value = colon + 1 + strspn(colon + 1, " \t");
-                n++;
-        }
         return n + keypool_headers(pr, h + n, attempts, attempts_size);
 }
 
 static void respond_buffered(struct proxy_request *pr) {
-        struct http_header h[MAX_ANSWER_HEADERS + 3];
+        struct http_header h[ANSWER_MAX_HEADERS + 3];
         char names[8192], attempts[16];
         struct http_conn *c;
         size_t n;
@@ -522,21 +414,20 @@ static void respond_buffered(struct proxy_request *pr) {
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
         c = detach(pr);
         if (c)
-                http_conn_respond(c, pr->status, h, n, pr->answer_body ? pr->answer_body : "", pr->answer_len);
+                http_conn_respond(c, pr->answer.status, h, n, pr->answer.body ? pr->answer.body : "", pr->answer.body_len);
 }
 
 static int begin_stream(struct proxy_request *pr) {
-        struct http_header h[MAX_ANSWER_HEADERS + 3];
+        struct http_header h[ANSWER_MAX_HEADERS + 3];
         char names[8192], attempts[16];
         size_t n;
 
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
-        return http_conn_stream_begin(pr->conn, pr->status, h, n);
+        return http_conn_stream_begin(pr->conn, pr->answer.status, h, n);
 }
 
-/* keypool's own error for this request, then the request is done. */
-static void fail(struct proxy_request *pr, int status, const char *code, int64_t retry_after_s,
-                 const char *message) {
+/* keypool's own error for this request. */
+static void respond_error(struct proxy_request *pr, const struct proxy_decision *d) {
         struct http_header h[4];
         char retry[24], attempts[16];
         size_t n = 0;
@@ -549,114 +440,77 @@ static void fail(struct proxy_request *pr, int status, const char *code, int64_t
                 n = keypool_headers(pr, h, attempts, sizeof attempts);
         else
                 h[n++] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
-        if (retry_after_s > 0) {
-                snprintf(retry, sizeof retry, "%lld", (long long) retry_after_s);
+        if (d->retry_after_s > 0) {
+                snprintf(retry, sizeof retry, "%lld", (long long) d->retry_after_s);
                 h[n++] = (struct http_header) { "Retry-After", retry };
         }
         c = detach(pr);
         if (c)
-                http_conn_respond_error(c, status, "keypool_error", code, h, n, "%s", message);
-        request_free(pr);
+                http_conn_respond_error(c, d->status, "keypool_error", d->code, h, n, "%s", d->message);
 }
 
-/* --- streams ------------------------------------------------------------------------------ */
+static int relay(struct proxy_request *pr, const char *data, size_t len);
 
-/* One complete SSE event of a relayed stream: count its usage, note an error in it. */
-static void inspect_event(struct proxy_request *pr, const char *ev, size_t len) {
-        const char *data;
-        size_t data_len;
-        uint64_t in, out;
-        int status;
-
-        if (policy_sse_error(ev, len, &status, &data, &data_len) == 1) {
-                if (!pr->stream_error_status) {
-                        pr->stream_error_status = status;
-                        pr->stream_error = strndup(data, data_len);
-                }
-                return;
-        }
-        if (memmem(ev, len, "sage", 4)) {
-                const char *d = memmem(ev, len, "data:", 5);
-
-                if (d && policy_usage(d + 5, len - (size_t) (d + 5 - ev), &in, &out) == 0) {
-                        /* Providers repeat running totals; the last figures are the request's. */
-                        pr->tokens_in = in > pr->tokens_in ? in : pr->tokens_in;
-                        pr->tokens_out = out > pr->tokens_out ? out : pr->tokens_out;
-                }
-        }
+/* A relayed answer ends: what is still held goes out first; a success that never started a
+ * stream (an empty body) is answered whole. */
+static void end_stream(struct proxy_request *pr) {
+        if (pr->conn && !http_conn_stream_started(pr->conn) && pr->answer.held > 0)
+                relay(pr, NULL, 0);
+        if (pr->conn && http_conn_stream_started(pr->conn))
+                http_conn_stream_end(detach(pr));
+        else
+                respond_buffered(pr);
 }
 
-/* Splits streamed bytes into SSE events. Returns the number of bytes that end the first complete
- * event seen in this call (0 when none ended here). */
-static size_t scan_events(struct proxy_request *pr, const char *data, size_t len) {
-        size_t first_end = 0;
-
-        for (size_t i = 0; i < len; i++) {
-                char ch = data[i];
-
-                if (!pr->event_overflow) {
-                        if (pr->event_len + 1 >= MAX_SSE_EVENT)
-                                pr->event_overflow = true;
-                        else if (buf_add(&pr->event, &pr->event_len, &pr->event_cap, &ch, 1) < 0)
-                                pr->event_overflow = true;
-                }
-                if (ch != '\n')
-                        continue;
-                /* A blank line ends the event: "\n\n" or "\n\r\n". */
-                if (pr->event_len >= 2 && (pr->event[pr->event_len - 2] == '\n' ||
-                    (pr->event_len >= 3 && pr->event[pr->event_len - 2] == '\r' && pr->event[pr->event_len - 3] == '\n'))) {
-                        if (!pr->event_overflow)
-                                inspect_event(pr, pr->event, pr->event_len);
-                        pr->event_len = 0;
-                        pr->event_overflow = false;
-                        if (!first_end)
-                                first_end = i + 1;
-                }
+/* Ends the request: set_step lets go of what it still holds, the client gets the ending d
+ * names, and the record is recycled. The only place a request record is given up. */
+static void request_finish(struct proxy_request *pr, const struct proxy_decision *d) {
+        set_step(pr, STEP_DONE);
+        switch (d->next) {
+        case PROXY_NEXT_STREAM_END:
+                end_stream(pr);
+                break;
+        case PROXY_NEXT_ANSWER:
+                respond_buffered(pr);
+                break;
+        case PROXY_NEXT_CUT:
+                http_conn_abort(detach(pr));
+                break;
+        case PROXY_NEXT_FAIL:
+                respond_error(pr, d);
+                break;
+        default:
+                detach(pr);
+                break;
         }
-        return first_end;
+        wipe_auth(pr);
+        answer_reset(&pr->answer);
+        if (pr->own_body)
+                free(pr->body);
+        pr->ctx->active--;
+        request_put(pr);
+}
+
+static void fail(struct proxy_request *pr, int status, const char *code, int64_t retry_after_s,
+                 const char *message) {
+        request_finish(pr, &(struct proxy_decision) {
+                .next = PROXY_NEXT_FAIL, .status = status, .code = code, .message = message,
+                .retry_after_s = retry_after_s,
+        });
+}
+
+static void drop(struct proxy_request *pr) {
+        request_finish(pr, &(struct proxy_decision) { .next = PROXY_NEXT_DROP });
 }
 
 /* --- curl callbacks ---------------------------------------------------------------------- */
 
 static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *userdata) {
         struct proxy_request *pr = userdata;
-        size_t len = size * nmemb, trimmed = len;
+        size_t len = size * nmemb;
 
-        if (pr->aborted)
+        if (pr->aborted || answer_add_header_line(&pr->answer, data, len) < 0)
                 return 0;
-        while (trimmed > 0 && (data[trimmed - 1] == '\n' || data[trimmed - 1] == '\r'))
-                trimmed--;
-
-        if (trimmed >= 5 && strncmp(data, "HTTP/", 5) == 0) {
-                /* A status line starts a new answer (after 100 Continue, say). */
-                const char *sp = memchr(data, ' ', trimmed);
-
-                answer_reset(pr);
-                pr->status = sp ? atoi(sp + 1) : 0;
-                return len;
-        }
-        if (trimmed == 0) {
-                /* End of headers: decide how the body is handled. Informational answers are
-                 * followed by the real one. */
-                if (pr->status >= 100 && pr->status < 200)
-                        return len;
-                pr->mode = pr->status >= 200 && pr->status < 300 ? MODE_STREAM : MODE_BUFFER;
-                for (size_t i = 0; i < pr->n_answer_headers; i++)
-                        if (header_is(answer_line(pr, i), "Content-Type") &&
-                            strcasestr(answer_line(pr, i), "text/event-stream"))
-                                pr->sse = true;
-                pr->holding = pr->mode == MODE_STREAM && pr->sse;
-                return len;
-        }
-        if (pr->n_answer_headers < MAX_ANSWER_HEADERS) {
-                size_t off = pr->answer_text_len;
-
-                /* buf_add ends the text with a NUL, kept as the line's end. */
-                if (buf_add(&pr->answer_text, &pr->answer_text_len, &pr->answer_text_cap, data, trimmed) < 0)
-                        return 0;
-                pr->answer_text_len++;
-                pr->answer_header_off[pr->n_answer_headers++] = off;
-        }
         return len;
 }
 
@@ -668,9 +522,9 @@ static int relay(struct proxy_request *pr, const char *data, size_t len) {
         pr->in_curl = true;
         if (!http_conn_stream_started(pr->conn))
                 r = begin_stream(pr);
-        if (r >= 0 && pr->held > 0 && !pr->aborted) {
-                r = http_conn_stream_write(pr->conn, pr->answer_body + pr->answer_len - pr->held, pr->held);
-                pr->held = 0;
+        if (r >= 0 && pr->answer.held > 0 && !pr->aborted) {
+                r = http_conn_stream_write(pr->conn, pr->answer.body + pr->answer.body_len - pr->answer.held, pr->answer.held);
+                pr->answer.held = 0;
         }
         if (r >= 0 && len > 0 && !pr->aborted)
                 r = http_conn_stream_write(pr->conn, data, len);
@@ -688,12 +542,12 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
         if (pr->aborted)
                 return 0;
 
-        if (pr->mode == MODE_BUFFER) {
-                if (pr->answer_len + len <= MAX_BUFFERED_ERROR)
-                        return buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len) < 0 ? 0 : len;
+        if (pr->answer.mode == ANSWER_BUFFER) {
+                if (pr->answer.body_len + len <= ANSWER_MAX_BUFFERED)
+                        return answer_append(&pr->answer, data, len) < 0 ? 0 : len;
                 /* Too large to be an error worth judging: relay what we have and the rest. */
-                pr->mode = MODE_STREAM;
-                pr->held = pr->answer_len;
+                pr->answer.mode = ANSWER_STREAM;
+                pr->answer.held = pr->answer.body_len;
         }
 
         if (pr->pressure) {
@@ -701,17 +555,17 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
                 return CURL_WRITEFUNC_PAUSE;
         }
 
-        if (pr->holding) {
+        if (pr->answer.holding) {
                 size_t end;
 
-                if (buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len) < 0)
+                if (answer_append(&pr->answer, data, len) < 0)
                         return 0;
-                pr->held += len;
-                end = scan_events(pr, data, len);
-                if (!end && pr->held < MAX_SSE_EVENT)
+                pr->answer.held += len;
+                end = answer_scan_events(&pr->answer, data, len);
+                if (!end && pr->answer.held < ANSWER_MAX_SSE_EVENT)
                         return len;             /* the first event is not complete yet */
-                pr->holding = false;
-                if (pr->stream_error_status) {
+                pr->answer.holding = false;
+                if (pr->answer.stream_error_status) {
                         /* The stream opened with an error: nothing reached the client, so it
                          * is judged and retried like any error answer. */
                         pr->retry_from_stream = true;
@@ -719,10 +573,10 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
                 }
                 r = relay(pr, NULL, 0);
         } else {
-                if (pr->sse)
-                        scan_events(pr, data, len);
-                else if (pr->answer_len + len <= MAX_USAGE_COPY)
-                        buf_add(&pr->answer_body, &pr->answer_len, &pr->answer_cap, data, len);
+                if (pr->answer.sse)
+                        answer_scan_events(&pr->answer, data, len);
+                else if (pr->answer.body_len + len <= ANSWER_MAX_USAGE_COPY)
+                        answer_append(&pr->answer, data, len);
                 r = relay(pr, data, len);
         }
         if (r < 0)
@@ -739,7 +593,7 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
  * Handles come back from on_done, whatever the transfer's result (curl resets a handle's
  * transfer state when the next one starts); a cancelled one (client gone) is freed instead. */
 static CURL *easy_get(struct proxy_context *p) {
-        const struct config *cfg = p->config;
+        const struct config *cfg = p->w.config;
         CURL *easy;
 
         if (p->n_spare > 0)
@@ -776,184 +630,189 @@ static void easy_put(struct proxy_context *p, CURL *easy) {
 }
 
 static void judge(struct proxy_request *pr, struct verdict *ret) {
-        struct answer_header ah[MAX_ANSWER_HEADERS];
-        struct upstream_answer a;
-
-        answer_view(pr, ah, &a);
-        if (pr->stream_error_status) {
-                a.status = pr->stream_error_status;
-                a.body = pr->stream_error;
-                a.body_len = pr->stream_error ? strlen(pr->stream_error) : 0;
-        } else {
-                a.body = pr->answer_body;
-                a.body_len = pr->answer_len;
-        }
-        policy_classify(&a, &pr->ctx->policy, clock_wall_ms(), ret);
+        answer_classify(&pr->answer, &pr->ctx->policy, clock_wall_ms(), ret);
 }
 
 static int on_backoff_done(sd_event_source *s, uint64_t usec, void *userdata) {
         struct proxy_request *pr = userdata;
 
-        pr->timer = sd_event_source_disable_unref(pr->timer);
-        pr->step = STEP_NEW;
+        set_step(pr, STEP_NEW);
         attempt(pr);
         return 0;
 }
 
-/* A transient failure before the client saw a byte: retry after a backoff, on another key
- * when one is ready, while attempts remain. Returns false when no retry is left. */
-static bool schedule_retry(struct proxy_request *pr, const struct verdict *v) {
-        const struct config_retry *rc = &pr->ctx->config->retry;
-        uint32_t random = 0;
-        int64_t delay;
+static bool retry_allowed(const struct proxy_attempt_end *a, const struct proxy_limits *l) {
+        return a->transient_failures < l->max_transient && a->attempts < l->max_attempts;
+}
 
-        if (pr->transient_failures >= rc->max_attempts || pr->attempts >= MAX_ATTEMPTS)
-                return false;
-        (void) !getrandom(&random, sizeof random, GRND_NONBLOCK);
-        delay = policy_backoff_ms(pr->transient_failures - 1, rc->backoff_initial_ms, rc->backoff_max_ms, random);
-        if (v && v->retry_after_ms > delay)
-                delay = v->retry_after_ms < (int64_t) rc->backoff_max_ms ? v->retry_after_ms : rc->backoff_max_ms;
-        if (sd_event_add_time_relative(pr->ctx->event, &pr->timer, CLOCK_MONOTONIC, (uint64_t) delay * 1000, 1000,
-                                       on_backoff_done, pr) < 0)
-                return false;
-        pr->step = STEP_BACKOFF;
-        {
-                struct log_fields f = fields(pr, pr->last_key);
-
-                f.status = pr->status;
-                log_event(LOG_INFO, "retry", &f, "transient failure (%s): retry %u in %lld ms",
-                          pr->status ? "upstream error status" : "no answer", pr->transient_failures,
-                          (long long) delay);
+/* A transient failure before the client saw a byte is retried after a backoff (on another key
+ * when one is ready) while attempts remain; the provider's retry hint may lengthen the wait, up
+ * to the cap. */
+static void decide_retry(const struct proxy_attempt_end *a, const struct proxy_limits *l,
+                         enum proxy_next otherwise, struct proxy_decision *d) {
+        if (!retry_allowed(a, l)) {
+                d->next = otherwise;
+                return;
         }
-        return true;
+        d->next = PROXY_NEXT_RETRY;
+        d->otherwise = otherwise;
+        d->delay_ms = policy_backoff_ms(a->transient_failures - 1, l->backoff_initial_ms, l->backoff_max_ms,
+                                        a->random);
+        if (a->retry_after_ms > d->delay_ms)
+                d->delay_ms = a->retry_after_ms < (int64_t) l->backoff_max_ms ? a->retry_after_ms
+                                                                               : l->backoff_max_ms;
+}
+
+void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
+                  struct proxy_decision *ret) {
+        struct proxy_decision d = {};
+        enum proxy_next end;
+
+        if (a->client_gone) {
+                d.next = PROXY_NEXT_DROP;
+        } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT) {
+                bool timeout = a->result == PROXY_RESULT_TIMEOUT;
+
+                d.status = timeout ? 504 : 502;
+                d.code = timeout ? "upstream_timeout" : "upstream_unreachable";
+                d.message = timeout ? "the upstream did not answer in time"
+                                    : "the upstream could not be reached or closed the connection";
+                /* Bytes have reached the client: the only honest end is a cut. */
+                if (a->bytes_sent)
+                        d.next = PROXY_NEXT_CUT;
+                else
+                        decide_retry(a, l, PROXY_NEXT_FAIL, &d);
+        } else if (a->result == PROXY_RESULT_STREAM) {
+                /* A success: whatever error event the stream carried is only recorded. */
+                d.next = PROXY_NEXT_STREAM_END;
+        } else {
+                /* A held first event goes to the client as the upstream sent it. */
+                end = a->result == PROXY_RESULT_HELD_ERROR ? PROXY_NEXT_STREAM_END : PROXY_NEXT_ANSWER;
+                switch (a->cls) {
+                case VERDICT_RATE_LIMITED:
+                case VERDICT_AUTH:
+                case VERDICT_QUOTA:
+                        d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
+                        break;
+                case VERDICT_TRANSIENT:
+                        decide_retry(a, l, end, &d);
+                        break;
+                default:
+                        d.next = end;
+                        break;
+                }
+        }
+        *ret = d;
+}
+
+/* The key must rest or is dead: the request moves to the next key at once. */
+static void rotate(struct proxy_request *pr, enum verdict_class cls) {
+        struct log_fields f = fields(pr, pr->lease.key);
+
+        f.status = pr->answer.stream_error_status ? pr->answer.stream_error_status : pr->answer.status;
+        pr->rotated_from = pr->lease.key;
+        pr->rotated_status = f.status;
+        log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
+                  f.status, verdict_class_name(cls));
+        answer_reset(&pr->answer);
+        set_step(pr, STEP_NEW);
+        attempt(pr);
+}
+
+/* Waits delay_ms before the next attempt. 0, or -errno when no timer could be armed. */
+static int backoff(struct proxy_request *pr, int64_t delay_ms, bool no_answer) {
+        struct log_fields f = fields(pr, pr->last_key);
+        int r;
+
+        set_step(pr, STEP_BACKOFF);
+        r = sd_event_add_time_relative(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC, (uint64_t) delay_ms * 1000,
+                                       1000, on_backoff_done, pr);
+        if (r < 0)
+                return r;
+        f.status = no_answer ? 0 : pr->answer.status;
+        log_event(LOG_INFO, "retry", &f, "transient failure (%s): retry %u in %lld ms",
+                  f.status ? "upstream error status" : "no answer", pr->transient_failures,
+                  (long long) delay_ms);
+        answer_reset(&pr->answer);
+        return 0;
 }
 
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
+        const struct config_retry *rc = &pr->ctx->w.config->retry;
+        const struct proxy_limits limits = {
+                .max_attempts = MAX_ATTEMPTS, .max_transient = rc->max_attempts,
+                .backoff_initial_ms = rc->backoff_initial_ms, .backoff_max_ms = rc->backoff_max_ms,
+        };
+        struct proxy_attempt_end a = {};
+        struct proxy_decision d;
         struct verdict v = {};
-        bool started;
 
+        /* The client left inside a callback: the attempt's outcome is not the key's doing. */
         if (pr->aborted) {
-                release(pr, NULL);
-                request_free(pr);
+                drop(pr);
                 return;
         }
-        keytable_observe_latency(pr->ctx->table, pr->ctx->slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
-        started = pr->conn && http_conn_stream_started(pr->conn);
+        keytable_observe_latency(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
+        a.bytes_sent = pr->conn && http_conn_stream_started(pr->conn);
         easy_put(pr->ctx, pr->easy);
         pr->easy = NULL;
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
         if (res != CURLE_OK && !pr->retry_from_stream) {
-                bool timeout = res == CURLE_OPERATION_TIMEDOUT;
-                struct log_fields f = fields(pr, pr->lease.key);
-
+                a.result = res == CURLE_OPERATION_TIMEDOUT ? PROXY_RESULT_TIMEOUT : PROXY_RESULT_NO_ANSWER;
                 v.cls = VERDICT_TRANSIENT;
                 pr->transport_error = curl_easy_strerror(res);
-                release(pr, &v);
-                pr->transport_error = NULL;
-                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
-                          curl_easy_strerror(res));
-                if (started) {
-                        /* Bytes have reached the client: the only honest end is a cut. */
-                        http_conn_abort(detach(pr));
-                        request_free(pr);
-                        return;
-                }
-                pr->transient_failures++;
-                answer_reset(pr);
-                if (schedule_retry(pr, &v))
-                        return;
-                fail(pr, timeout ? 504 : 502, timeout ? "upstream_timeout" : "upstream_unreachable", 0,
-                     timeout ? "the upstream did not answer in time"
-                             : "the upstream could not be reached or closed the connection");
-                return;
+        } else {
+                a.result = pr->retry_from_stream ? PROXY_RESULT_HELD_ERROR
+                         : pr->answer.mode == ANSWER_STREAM ? PROXY_RESULT_STREAM : PROXY_RESULT_ANSWER;
+                judge(pr, &v);
+                /* A success: count the tokens it reported. */
+                if (a.result == PROXY_RESULT_STREAM && !pr->answer.stream_error_status)
+                        answer_count_usage(&pr->answer);
         }
-
-        if (pr->mode == MODE_STREAM && !pr->retry_from_stream) {
-                /* A success: judge the key by any error event the stream carried, and count
-                 * the tokens the answer reported. */
-                if (pr->stream_error_status)
-                        judge(pr, &v);
-                else {
-                        uint64_t in, out;
-
-                        judge(pr, &v);
-                        if (!pr->sse && pr->answer_len > 0 &&
-                            policy_usage(pr->answer_body, pr->answer_len, &in, &out) == 0) {
-                                pr->tokens_in = in;
-                                pr->tokens_out = out;
-                        }
-                }
-                if (!pr->conn) {
-                        release(pr, &v);
-                        request_free(pr);
-                        return;
-                }
-                if (!started && pr->held > 0)
-                        relay(pr, NULL, 0);
-                if (pr->conn && http_conn_stream_started(pr->conn)) {
-                        release(pr, &v);
-                        http_conn_stream_end(detach(pr));
-                } else {
-                        release(pr, &v);
-                        respond_buffered(pr);   /* a success with an empty body */
-                }
-                request_free(pr);
-                return;
-        }
-
-        judge(pr, &v);
-        switch (v.cls) {
-        case VERDICT_RATE_LIMITED:
-        case VERDICT_AUTH:
-        case VERDICT_QUOTA: {
+        release(pr, &v);
+        pr->transport_error = NULL;
+        if (res != CURLE_OK && !pr->retry_from_stream) {
                 struct log_fields f = fields(pr, pr->lease.key);
 
-                f.status = pr->stream_error_status ? pr->stream_error_status : pr->status;
-                release(pr, &v);
-                if (pr->attempts < MAX_ATTEMPTS) {
-                        pr->rotated_from = pr->lease.key;
-                        pr->rotated_status = f.status;
-                        log_event(LOG_NOTICE, "rotate", &f, "answer %d (%s): moving the request to the next key",
-                                  f.status, verdict_class_name(v.cls));
-                        answer_reset(pr);
-                        attempt(pr);
-                        return;
-                }
-                break;
+                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
+                          curl_easy_strerror(res));
         }
-        case VERDICT_TRANSIENT:
-                release(pr, &v);
+        if (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM) {
                 pr->transient_failures++;
-                if (schedule_retry(pr, &v)) {
-                        answer_reset(pr);
-                        return;
+                /* Only a retry needs randomness: no syscall on the way of a success. */
+                (void) !getrandom(&a.random, sizeof a.random, GRND_NONBLOCK);
+        }
+        a.cls = v.cls;
+        a.retry_after_ms = v.retry_after_ms;
+        a.client_gone = !pr->conn;
+        a.attempts = pr->attempts;
+        a.transient_failures = pr->transient_failures;
+
+        proxy_decide(&a, &limits, &d);
+        switch (d.next) {
+        case PROXY_NEXT_ROTATE:
+                rotate(pr, v.cls);
+                break;
+        case PROXY_NEXT_RETRY:
+                if (backoff(pr, d.delay_ms, a.result == PROXY_RESULT_NO_ANSWER || a.result == PROXY_RESULT_TIMEOUT) < 0) {
+                        d.next = d.otherwise;
+                        request_finish(pr, &d);
                 }
                 break;
         default:
-                release(pr, &v);
+                request_finish(pr, &d);
                 break;
         }
-        if (pr->retry_from_stream) {
-                /* The held stream goes to the client as the upstream sent it. */
-                pr->mode = MODE_STREAM;
-                relay(pr, NULL, 0);
-                if (pr->conn)
-                        http_conn_stream_end(detach(pr));
-                request_free(pr);
-                return;
-        }
-        respond_buffered(pr);
-        request_free(pr);
 }
 
 static void enqueue(struct proxy_request *pr) {
         struct proxy_context *p = pr->ctx;
         struct proxy_queue *q = &p->queues[pr->pool];
 
-        pr->step = STEP_WAITING;
+        set_step(pr, STEP_WAITING);
         pr->queue_next = NULL;
         pr->queue_prev = q->tail;
         if (q->tail)
@@ -962,7 +821,7 @@ static void enqueue(struct proxy_request *pr) {
                 q->head = pr;
         q->tail = pr;
         p->waiting++;
-        keytable_slot_set_waiters(p->table, p->slot, p->waiting);
+        keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
 }
 
 static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
@@ -982,7 +841,7 @@ static void wait_or_fail(struct proxy_request *pr, const struct keytable_wait *w
 
         if ((w->retry_at_ms > 0 && w->retry_at_ms <= pr->deadline_ms) || (w->busy && now < pr->deadline_ms)) {
                 enqueue(pr);
-                if (sd_event_add_time(pr->ctx->event, &pr->timer, CLOCK_MONOTONIC,
+                if (sd_event_add_time(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC,
                                       (uint64_t) pr->deadline_ms * 1000, 1000, on_wait_deadline, pr) < 0) {
                         fail(pr, 500, "internal_error", 0, "cannot wait for a key");
                         return;
@@ -1014,7 +873,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         int r;
 
         *ret_wait = (struct keytable_wait) {};
-        r = keytable_acquire(p->table, p->slot, pr->pool, clock_mono_ms(), pr->last_key,
+        r = keytable_acquire(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
                              &pr->lease, ret_wait, &change);
         if (change.changed)
                 log_change(pr, &change, NULL);
@@ -1026,20 +885,17 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         }
 
         /* It has a key: out of the queue, and its waiting deadline no longer applies. */
-        queue_remove(pr);
-        pr->timer = sd_event_source_disable_unref(pr->timer);
+        set_step(pr, STEP_RUNNING);
         pr->leased = true;
         pr->attempts++;
-        pr->step = STEP_RUNNING;
         pr->attempt_started_ms = clock_mono_ms();
         note_rotation(pr, pr->lease.key);
-        secret = pr->cpool->keys[pr->lease.key - pr->first_key].secret;
+        secret = config_pool_key(pr->cpool, pr->first_key, pr->lease.key)->secret;
 
         auth_line(prov, secret, pr->auth, AUTH_LINE_MAX);
 
         pr->easy = easy_get(p);
         if (!pr->easy) {
-                release(pr, NULL);
                 fail(pr, 500, "internal_error", 0, "out of memory");
                 return 1;
         }
@@ -1050,11 +906,9 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
 
-        r = upstream_start(p->upstream, pr->easy, on_done, pr);
-        if (r < 0) {
-                release(pr, NULL);
+        r = upstream_start(p->w.upstream, pr->easy, on_done, pr);
+        if (r < 0)
                 fail(pr, 500, "internal_error", 0, "could not start the upstream transfer");
-        }
         return 1;
 }
 
@@ -1085,8 +939,7 @@ static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
         struct keytable_wait w = {};
         int64_t now = clock_mono_ms();
 
-        pr->timer = sd_event_source_disable_unref(pr->timer);
-        queue_remove(pr);
+        set_step(pr, STEP_NEW);
         /* One last look, then the honest answer. */
         if (try_start(pr, &w) == 1)
                 return 0;
@@ -1124,7 +977,7 @@ static int on_kick(sd_event_source *s, void *userdata) {
 }
 
 void proxy_wake(struct proxy_context *p) {
-        for (unsigned i = 0; i < p->config->n_pools; i++)
+        for (unsigned i = 0; i < p->w.config->n_pools; i++)
                 if (p->queues[i].head)
                         serve_queue(p, i);
 }
@@ -1146,7 +999,8 @@ static size_t discard(char *data, size_t size, size_t nmemb, void *userdata) {
 static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
         struct probe *pb = userdata;
         struct proxy_context *p = pb->ctx;
-        const struct config_pool *cp = &p->config->pools[pb->pool];
+        const struct config_pool *cp = &p->w.config->pools[pb->pool];
+        const struct config_key *k;
         struct keytable_pool_view info;
         struct log_fields f = LOG_FIELDS_NONE;
         long status = 0;
@@ -1155,14 +1009,14 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
         f.pool = cp->name;
         /* The probe was started on this worker's own bank (start_probe checks): a reload since
          * then does not move the key's row. */
-        if (keytable_slot_pool_info(p->table, p->slot, pb->pool, &info) >= 0 && pb->key >= info.first_key &&
-            pb->key - info.first_key < cp->n_keys)
-                f.key = cp->keys[pb->key - info.first_key].id;
+        if (keytable_slot_pool_info(p->w.table, p->w.slot, pb->pool, &info) >= 0 &&
+            (k = config_pool_key(cp, info.first_key, pb->key)))
+                f.key = k->id;
         f.status = (int) status;
         if (res == CURLE_OK && status >= 200 && status < 300) {
                 struct keytable_change change = {};
 
-                keytable_enable(p->table, pb->key, clock_mono_ms(), &change);
+                keytable_enable(p->w.table, pb->key, clock_mono_ms(), &change);
                 log_event(LOG_NOTICE, "probe", &f, "probe succeeded");
                 if (change.changed) {
                         log_event(LOG_NOTICE, "enable", &f, "key enabled again after a successful probe");
@@ -1184,21 +1038,22 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
 static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         const struct config_pool *cp;
         const struct config_provider *prov;
+        const struct config_key *k;
         struct keytable_pool_view info;
         struct probe *pb;
         char auth[AUTH_LINE_MAX];
         const char *secret;
 
-        if (keytable_slot_bank(p->table, p->slot) != keytable_bank_current(p->table))
+        if (keytable_slot_bank(p->w.table, p->w.slot) != keytable_bank_current(p->w.table))
                 return -EAGAIN;
-        if (pool >= p->config->n_pools)
+        if (pool >= p->w.config->n_pools)
                 return -EINVAL;
-        cp = &p->config->pools[pool];
-        prov = &p->config->providers[cp->provider];
-        if (keytable_slot_pool_info(p->table, p->slot, pool, &info) < 0 || key < info.first_key ||
-            key - info.first_key >= cp->n_keys)
+        cp = &p->w.config->pools[pool];
+        prov = &p->w.config->providers[cp->provider];
+        if (keytable_slot_pool_info(p->w.table, p->w.slot, pool, &info) < 0 ||
+            !(k = config_pool_key(cp, info.first_key, key)))
                 return -EINVAL;
-        secret = cp->keys[key - info.first_key].secret;
+        secret = k->secret;
         pb = calloc(1, sizeof *pb);
         if (!pb)
                 return -ENOMEM;
@@ -1220,11 +1075,11 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         curl_easy_setopt(pb->easy, CURLOPT_HTTPHEADER, pb->headers);
         curl_easy_setopt(pb->easy, CURLOPT_WRITEFUNCTION, discard);
         curl_easy_setopt(pb->easy, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(pb->easy, CURLOPT_CONNECTTIMEOUT, (long) p->config->connect_timeout);
+        curl_easy_setopt(pb->easy, CURLOPT_CONNECTTIMEOUT, (long) p->w.config->connect_timeout);
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-        if (upstream_start(p->upstream, pb->easy, on_probe_done, pb) < 0)
+        if (upstream_start(p->w.upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;
         return 0;
@@ -1247,8 +1102,8 @@ static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 
         /* Probes concern the current configuration: a draining generation leaves them to the new
          * one. A handful per tick: probes are rare by design. */
-        for (int i = 0; i < 8 && keytable_slot_bank(p->table, p->slot) == keytable_bank_current(p->table) &&
-                        keytable_probe_claim(p->table, clock_mono_ms(), &key, &pool) == 0; i++)
+        for (int i = 0; i < 8 && keytable_slot_bank(p->w.table, p->w.slot) == keytable_bank_current(p->w.table) &&
+                        keytable_probe_claim(p->w.table, clock_mono_ms(), &key, &pool) == 0; i++)
                 start_probe(p, key, pool);
         sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
@@ -1261,14 +1116,12 @@ void proxy_on_abort(struct http_conn *c, void *request_data) {
 
         pr->aborted = true;
         pr->conn = NULL;
-        /* Inside a curl callback or on_done's own relay: whoever is on the stack frees. */
+        /* Inside a curl callback or on_done's own relay: whoever is on the stack finishes. */
         if (pr->in_curl)
                 return;
-        if (pr->step == STEP_RUNNING && pr->easy)
-                upstream_cancel(pr->ctx->upstream, pr->easy);
-        /* Waiting, backing off, or a cancelled transfer: nothing more will happen for it. */
-        release(pr, NULL);
-        request_free(pr);
+        /* Waiting, backing off, or running (the transfer is cancelled): nothing more will
+         * happen for it. */
+        drop(pr);
 }
 
 void proxy_on_drain(struct http_conn *c, void *request_data) {
@@ -1277,14 +1130,11 @@ void proxy_on_drain(struct http_conn *c, void *request_data) {
         pr->pressure = false;
         if (pr->paused && !pr->in_curl && pr->easy) {
                 pr->paused = false;
-                upstream_resume(pr->ctx->upstream, pr->easy);
+                upstream_resume(pr->ctx->w.upstream, pr->easy);
                 /* Resuming delivers buffered data at once; if the client vanished meanwhile, curl
                  * stops watching the transfer's socket: end it here. */
-                if (pr->aborted) {
-                        upstream_cancel(pr->ctx->upstream, pr->easy);
-                        release(pr, NULL);
-                        request_free(pr);
-                }
+                if (pr->aborted)
+                        drop(pr);
         }
 }
 
@@ -1323,39 +1173,36 @@ static size_t json_quote(const char *s, char *buf) {
         return n + 1;
 }
 
-/* The body with its top-level "model" set to the pool's model id: the value replaced where
- * it stands (model, the member jansson would keep), or a member added first. Nothing else
- * changes, not even spacing. 0, or -ENOMEM. */
-static int rewrite_model(struct proxy_request *pr, const struct http_request *req,
-                         const struct jscan_value *model) {
-        size_t qlen = json_quote(pr->cpool->model, NULL), start, end, ins, extra = 0;
+int proxy_rewrite_model(const char *body, size_t body_len, const struct jscan_value *model,
+                        const char *model_id, char **ret, size_t *ret_len) {
+        size_t qlen = json_quote(model_id, NULL), start, end, ins, extra = 0, len;
         bool comma = false;
         char *text;
 
         if (model->type != JSCAN_NONE) {
-                start = (size_t) (model->text - req->body);
+                start = (size_t) (model->text - body);
                 end = start + model->len;
                 ins = 0;
         } else {
                 /* Validated as an object: the first non-blank byte is its brace. */
-                start = end = strspn(req->body, " \t\r\n") + 1;
-                comma = req->body[start + strspn(req->body + start, " \t\r\n")] != '}';
+                start = end = strspn(body, " \t\r\n") + 1;
+                comma = body[start + strspn(body + start, " \t\r\n")] != '}';
                 ins = strlen("\"model\":");
                 extra = comma;
         }
-        text = malloc(req->body_len - (end - start) + ins + qlen + extra + 1);
+        len = body_len - (end - start) + ins + qlen + extra;
+        text = malloc(len + 1);
         if (!text)
                 return -ENOMEM;
-        memcpy(text, req->body, start);
+        memcpy(text, body, start);
         memcpy(text + start, "\"model\":", ins);
-        json_quote(pr->cpool->model, text + start + ins);
+        json_quote(model_id, text + start + ins);
         if (comma)
                 text[start + ins + qlen] = ',';
-        memcpy(text + start + ins + qlen + extra, req->body + end, req->body_len - end);
-        pr->body_len = req->body_len - (end - start) + ins + qlen + extra;
-        text[pr->body_len] = 0;
-        pr->body = text;
-        pr->own_body = true;
+        memcpy(text + start + ins + qlen + extra, body + end, body_len - end);
+        text[len] = 0;
+        *ret = text;
+        *ret_len = len;
         return 0;
 }
 
@@ -1366,7 +1213,7 @@ static int rewrite_model(struct proxy_request *pr, const struct http_request *re
  * The body is read once, by jscan: validated as a JSON object and its "model" found, with no
  * tree built and nothing allocated unless the model must be rewritten. */
 static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req) {
-        const struct config *cfg = pr->ctx->config;
+        const struct config *cfg = pr->ctx->w.config;
         const char *header = http_request_header(req, "X-Keypool-Pool");
         struct keytable_pool_view info;
         struct jscan_value model;
@@ -1417,7 +1264,7 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         pr->cpool = &cfg->pools[pool];
         pr->provider = &cfg->providers[pr->cpool->provider];
         /* This worker's generation may be draining on the previous bank after a reload. */
-        if (keytable_slot_pool_info(pr->ctx->table, pr->ctx->slot, pr->pool, &info) < 0) {
+        if (keytable_slot_pool_info(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, &info) < 0) {
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                         "the key table does not know pool %s", pr->cpool->name);
                 return -1;
@@ -1428,11 +1275,13 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
          * (or named no model at all). */
         if (!model_name || (strcmp(model_name, pr->cpool->model) != 0 && !header &&
                             strcmp(model_name, pr->cpool->name) == 0)) {
-                if (rewrite_model(pr, req, &model) < 0) {
+                if (proxy_rewrite_model(req->body, req->body_len, &model, pr->cpool->model, &pr->body,
+                                        &pr->body_len) < 0) {
                         http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0,
                                                 "out of memory");
                         return -1;
                 }
+                pr->own_body = true;
         } else {
                 pr->body = req->body;
                 pr->body_len = req->body_len;
@@ -1440,13 +1289,12 @@ static int route(struct proxy_request *pr, struct http_conn *c, const struct htt
         return 0;
 }
 
-/* A client header that goes upstream as it is. */
-static bool forwarded(const struct config_provider *prov, const struct http_field *f) {
-        if (is_dropped_request_header(f->name))
+bool proxy_forwards_header(const struct config_provider *prov, const char *name) {
+        if (is_dropped_request_header(name))
                 return false;
         /* The provider's configured headers win over the client's. */
         for (unsigned k = 0; k < prov->n_headers; k++)
-                if (header_is(prov->headers[k], f->name))
+                if (answer_header_is(prov->headers[k], name))
                         return false;
         return true;
 }
@@ -1470,7 +1318,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
                 text += strlen(prov->headers[i]) + 1;
         text += strlen(prov->base_url) + 1 + strlen(rest) + 1;
         for (size_t i = 0; i < req->n_fields; i++)
-                if (forwarded(prov, &req->fields[i])) {
+                if (proxy_forwards_header(prov, req->fields[i].name)) {
                         n++;
                         text += strlen(req->fields[i].name) + 2 + strlen(req->fields[i].value) + 1;
                 }
@@ -1498,7 +1346,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         for (size_t i = 0; i < req->n_fields; i++) {
                 const struct http_field *f = &req->fields[i];
 
-                if (!forwarded(prov, f))
+                if (!proxy_forwards_header(prov, f->name))
                         continue;
                 if (strcasecmp(f->name, "Content-Type") == 0)
                         has_content_type = true;
@@ -1535,7 +1383,7 @@ static int64_t max_wait_ms(const struct proxy_context *p, const struct http_requ
                 if (end != h && *end == 0 && s >= 0 && s <= MAX_WAIT_CAP_S)
                         return (int64_t) (s * 1000);
         }
-        return (int64_t) p->config->max_wait * 1000;
+        return (int64_t) p->w.config->max_wait * 1000;
 }
 
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req) {
@@ -1554,21 +1402,22 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         }
         pr->ctx = p;
         p->active++;
-        pr->step = STEP_NEW;
-        pr->mode = MODE_HEADERS;
+        set_step(pr, STEP_NEW);
+        pr->answer.mode = ANSWER_HEADERS;
         pr->last_key = KEYTABLE_NO_KEY;
         pr->rotated_from = KEYTABLE_NO_KEY;
         pr->lease.key = KEYTABLE_NO_KEY;
-        snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->slot,
+        snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->w.slot,
                  (unsigned long long) ++p->next_request_id);
 
+        /* Until the request is attached to c, failures answer c themselves. */
         if (route(pr, c, req) < 0) {
-                request_free(pr);
+                drop(pr);
                 return;
         }
         if (build_request_headers(pr, req) < 0) {
                 http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
-                request_free(pr);
+                drop(pr);
                 return;
         }
         pr->deadline_ms = clock_mono_ms() + max_wait_ms(p, req);
@@ -1577,35 +1426,63 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         attempt(pr);
 }
 
-int proxy_init(struct proxy_context *p) {
+int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
+        const struct config *cfg = params->config;
+        struct proxy_context *p;
         int r;
 
-        p->queues = calloc(p->config->n_pools ? p->config->n_pools : 1, sizeof *p->queues);
-        if (!p->queues)
+        p = calloc(1, sizeof *p);
+        if (!p)
                 return -ENOMEM;
-        for (unsigned i = 0; i < p->config->n_pools; i++) {
+        *p = (struct proxy_context) {
+                .w = *params,
+                .policy = {
+                        .recovery_ms = (int64_t) cfg->recovery_time * 1000,
+                        .max_cooldown_ms = (int64_t) cfg->max_cooldown * 1000,
+                        .phrases = (const char *const *) cfg->rate_limit_phrases,
+                        .n_phrases = cfg->n_rate_limit_phrases,
+                },
+        };
+        p->queues = calloc(cfg->n_pools ? cfg->n_pools : 1, sizeof *p->queues);
+        if (!p->queues) {
+                r = -ENOMEM;
+                goto fail;
+        }
+        for (unsigned i = 0; i < cfg->n_pools; i++) {
                 p->queues[i].ctx = p;
                 p->queues[i].pool = i;
-                r = sd_event_add_time(p->event, &p->queues[i].timer, CLOCK_MONOTONIC, 0, 1000, on_queue_timer,
+                r = sd_event_add_time(p->w.event, &p->queues[i].timer, CLOCK_MONOTONIC, 0, 1000, on_queue_timer,
                                       &p->queues[i]);
                 if (r < 0)
-                        return r;
+                        goto fail;
                 sd_event_source_set_enabled(p->queues[i].timer, SD_EVENT_OFF);
         }
-        r = sd_event_add_defer(p->event, &p->kick, on_kick, p);
+        r = sd_event_add_defer(p->w.event, &p->kick, on_kick, p);
         if (r < 0)
-                return r;
+                goto fail;
         sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
-        return sd_event_add_time_relative(p->event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
-                                          on_probe_timer, p);
+        r = sd_event_add_time_relative(p->w.event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
+                                       on_probe_timer, p);
+        if (r < 0)
+                goto fail;
+        *ret = p;
+        return 0;
+fail:
+        proxy_free(p);
+        return r;
 }
 
-void proxy_done(struct proxy_context *p) {
+unsigned proxy_active(const struct proxy_context *p) {
+        return p->active;
+}
+
+struct proxy_context *proxy_free(struct proxy_context *p) {
+        if (!p)
+                return NULL;
         if (p->queues)
-                for (unsigned i = 0; i < p->config->n_pools; i++)
+                for (unsigned i = 0; i < p->w.config->n_pools; i++)
                         sd_event_source_disable_unref(p->queues[i].timer);
         free(p->queues);
-        p->queues = NULL;
         while (p->n_spare > 0)
                 curl_easy_cleanup(p->spare[--p->n_spare]);
         while (p->spare_requests) {
@@ -1613,11 +1490,11 @@ void proxy_done(struct proxy_context *p) {
 
                 p->spare_requests = pr->next_spare;
                 free(pr->headers);
-                free(pr->answer_text);
-                free(pr->answer_body);
+                answer_free(&pr->answer);
                 free(pr);
         }
-        p->n_spare_requests = 0;
-        p->kick = sd_event_source_disable_unref(p->kick);
-        p->probe_timer = sd_event_source_disable_unref(p->probe_timer);
+        sd_event_source_disable_unref(p->kick);
+        sd_event_source_disable_unref(p->probe_timer);
+        free(p);
+        return NULL;
 }

@@ -3,7 +3,8 @@
  * A worker pulls jobs — client connections — from the listening socket it shares with its
  * siblings (non-blocking accept: whoever wakes first takes the connection) and serves all of them
  * from one sd-event loop; every upstream call is a transfer on the worker's curl multi handle, so
- * a slow upstream never holds up another client.
+ * a slow upstream never holds up another client. The proxy it creates is opaque: the worker
+ * lends it the loop, the table and the multi handle, and asks it only through proxy.h.
  */
 #include <errno.h>
 #include <signal.h>
@@ -45,7 +46,7 @@ struct worker {
         sd_event_source *heartbeat;
         struct upstream *upstream;
         struct http_poller *poller;     /* every client connection's socket */
-        struct proxy_context proxy;
+        struct proxy_context *proxy;
         struct api_context api;
         struct http_limits limits;
         struct client *clients;
@@ -95,7 +96,7 @@ static void on_request(struct http_conn *c, struct http_request *req, void *user
         if (api_handle(&w->api, c, req, admin))
                 return;
         if (strncmp(req->url, "/v1/", 4) == 0) {
-                proxy_handle(&w->proxy, c, req);
+                proxy_handle(w->proxy, c, req);
                 return;
         }
         http_conn_respond_error(c, 404, "invalid_request_error", "not_found", NULL, 0,
@@ -103,7 +104,7 @@ static void on_request(struct http_conn *c, struct http_request *req, void *user
 }
 
 static void maybe_finish_draining(struct worker *w) {
-        if (w->draining && w->n_clients == 0 && w->proxy.active == 0)
+        if (w->draining && w->n_clients == 0 && proxy_active(w->proxy) == 0)
                 sd_event_exit(w->event, 0);
 }
 
@@ -243,7 +244,7 @@ static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata)
         uint64_t n;
 
         (void) !read(fd, &n, sizeof n);
-        proxy_wake(&w->proxy);
+        proxy_wake(w->proxy);
         return 0;
 }
 
@@ -300,30 +301,23 @@ int worker_run(const struct worker_params *wp) {
                 .max_body = wp->config->max_body,
                 .timeout_usec = (uint64_t) wp->config->client_timeout * 1000000,
         };
-        w.api = (struct api_context) {
-                .config = wp->config, .table = wp->table, .proxy = &w.proxy,
-                .coordinator_pid = wp->coordinator_pid,
-        };
-        w.proxy = (struct proxy_context) {
-                .config = wp->config,
-                .table = wp->table,
-                .upstream = w.upstream,
-                .event = w.event,
-                .slot = wp->slot,
-                .wake_fds = wp->wake_fds,
-                .n_wake_fds = wp->n_wake_fds,
-                .policy = {
-                        .recovery_ms = (int64_t) wp->config->recovery_time * 1000,
-                        .max_cooldown_ms = (int64_t) wp->config->max_cooldown * 1000,
-                        .phrases = (const char *const *) wp->config->rate_limit_phrases,
-                        .n_phrases = wp->config->n_rate_limit_phrases,
-                },
-        };
-        r = proxy_init(&w.proxy);
+        r = proxy_new(&(struct proxy_params) {
+                        .config = wp->config,
+                        .table = wp->table,
+                        .upstream = w.upstream,
+                        .event = w.event,
+                        .slot = wp->slot,
+                        .wake_fds = wp->wake_fds,
+                        .n_wake_fds = wp->n_wake_fds,
+                }, &w.proxy);
         if (r < 0) {
                 log_error("worker: cannot set up the proxy: %s", strerror(-r));
                 return 1;
         }
+        w.api = (struct api_context) {
+                .config = wp->config, .table = wp->table, .proxy = w.proxy,
+                .coordinator_pid = wp->coordinator_pid,
+        };
 
         keytable_slot_heartbeat(wp->table, wp->slot, clock_mono_ms());
         keytable_slot_set_stage(wp->table, wp->slot, WORKER_STAGE_SERVING);

@@ -125,3 +125,7 @@ void config_diag_clear(struct config_diag *d);
 
 /* Index of the pool whose name or model id equals s[0..len), or -1. Names win over model ids. */
 int config_find_pool(const struct config *c, const char *s, size_t len);
+
+/* The key at table row key of pool p, whose first row is first_key; NULL when key is not one of
+ * the pool's rows. */
+const struct config_key *config_pool_key(const struct config_pool *p, unsigned first_key, unsigned key);

@@ -5,24 +5,26 @@
  * for one to recover), the upstream transfer, judging the answer (policy) and moving to the next
  * key when it says this key must rest or is dead, retrying transient failures with backoff,
  * relaying the answer (streamed as it arrives), and recording the outcome on the key. It also
- * probes disabled keys whose probe is due.
+ * probes disabled keys whose probe is due. The worker sees only an opaque proxy_context.
  */
 #pragma once
+
+#include <stdbool.h>
+#include <stdint.h>
 
 #include <systemd/sd-event.h>
 
 #include "keypool/conf.h"
 #include "keypool/http.h"
+#include "keypool/jscan.h"
 #include "keypool/keytable.h"
-#include "keypool/policy.h"
 #include "keypool/upstream.h"
+#include "keypool/verdict.h"
 
-struct proxy_request;
-struct proxy_queue;
+struct proxy_context;
 
-#define PROXY_SPARE_HANDLES 32
-
-struct proxy_context {
+/* What a worker lends its proxy; everything must outlive the proxy_context. */
+struct proxy_params {
         const struct config *config;
         struct keytable *table;
         struct upstream *upstream;
@@ -30,23 +32,15 @@ struct proxy_context {
         unsigned slot;                  /* this worker's slot in the table */
         const int *wake_fds;            /* one eventfd per slot: wakes that slot's waiters */
         unsigned n_wake_fds;
-        struct policy_config policy;
-        unsigned active;                /* requests being served (waiting ones included) */
-        unsigned waiting;               /* requests queued for a key */
-        uint64_t next_request_id;
-        struct proxy_queue *queues;     /* one per pool */
-        sd_event_source *kick;          /* deferred: serve the queues */
-        sd_event_source *probe_timer;
-        unsigned probes;                /* probes in flight */
-        CURL *spare[PROXY_SPARE_HANDLES]; /* finished transfers' handles, set up for the next */
-        unsigned n_spare;
-        struct proxy_request *spare_requests; /* finished requests' records, for the next */
-        unsigned n_spare_requests;
 };
 
-/* Sets up queues, timers and the probe schedule for a worker's event loop. */
-int proxy_init(struct proxy_context *p);
-void proxy_done(struct proxy_context *p);
+/* Sets up queues, timers and the probe schedule on params->event. 0, or -errno. */
+int proxy_new(const struct proxy_params *params, struct proxy_context **ret);
+/* Frees p and what it keeps for reuse; requests still in flight must be gone. Returns NULL. */
+struct proxy_context *proxy_free(struct proxy_context *p);
+
+/* Requests being served, waiting ones included (a draining worker exits at 0). */
+unsigned proxy_active(const struct proxy_context *p);
 
 /* Serves one POST /v1/… request on c. Always answers, now or later. */
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req);
@@ -61,3 +55,70 @@ void proxy_wake(struct proxy_context *p);
 /* http_handler hooks for connections whose active request is a proxied one. */
 void proxy_on_abort(struct http_conn *c, void *request_data);
 void proxy_on_drain(struct http_conn *c, void *request_data);
+
+/* --- what an attempt's end means ----------------------------------------------------------
+ * A pure function of the attempt's outcome, so that every case is pinned down by a unit test;
+ * the proxy carries the decision out in one place. */
+
+enum proxy_result {
+        PROXY_RESULT_ANSWER = 1,        /* a complete non-success answer, kept whole to judge */
+        PROXY_RESULT_STREAM,            /* a success, relayed as it arrived */
+        PROXY_RESULT_HELD_ERROR,        /* an SSE stream whose first event was an error; held */
+        PROXY_RESULT_NO_ANSWER,         /* the transfer failed (connect, reset, …) */
+        PROXY_RESULT_TIMEOUT,           /* … or ran out of time */
+        _PROXY_RESULT_MAX,
+};
+
+struct proxy_attempt_end {
+        enum proxy_result result;
+        enum verdict_class cls;         /* the verdict (TRANSIENT when there was no answer) */
+        int64_t retry_after_ms;         /* the verdict's retry hint, 0 when none */
+        bool client_gone;
+        bool bytes_sent;                /* the client has already seen bytes of this answer */
+        unsigned attempts;              /* attempts made, this one included */
+        unsigned transient_failures;    /* transient failures so far, this one included */
+        uint32_t random;                /* any value: the backoff's jitter */
+};
+
+struct proxy_limits {
+        unsigned max_attempts;          /* attempts per request, rotations and retries together */
+        unsigned max_transient;         /* transient failures a request may retry after */
+        unsigned backoff_initial_ms;
+        unsigned backoff_max_ms;
+};
+
+enum proxy_next {
+        PROXY_NEXT_ROTATE = 1,          /* another key, at once */
+        PROXY_NEXT_RETRY,               /* again after delay_ms (another key when one is ready) */
+        PROXY_NEXT_STREAM_END,          /* the relayed answer ends (held bytes go first) */
+        PROXY_NEXT_ANSWER,              /* the kept answer goes to the client as it came */
+        PROXY_NEXT_CUT,                 /* bytes already went out: close the connection */
+        PROXY_NEXT_FAIL,                /* keypool's own error answer: status, code, message */
+        PROXY_NEXT_DROP,                /* nothing (more) to send: the client is gone */
+        _PROXY_NEXT_MAX,
+};
+
+struct proxy_decision {
+        enum proxy_next next;
+        enum proxy_next otherwise;      /* RETRY: what to do when the retry cannot be scheduled */
+        int64_t delay_ms;               /* RETRY */
+        int status;                     /* FAIL (next or otherwise) */
+        const char *code;
+        const char *message;
+        int64_t retry_after_s;          /* FAIL: a Retry-After for the client, 0 for none */
+};
+
+void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
+                  struct proxy_decision *ret);
+
+/* --- the request as it goes upstream (pure) ---------------------------------------------- */
+
+/* The body with its top-level "model" (as jscan found it in body, or JSCAN_NONE) set to
+ * model_id: the value replaced where it stands, or a member added first. Nothing else changes,
+ * not even spacing. On success *ret is a new NUL-terminated text of *ret_len bytes; -ENOMEM. */
+int proxy_rewrite_model(const char *body, size_t body_len, const struct jscan_value *model,
+                        const char *model_id, char **ret, size_t *ret_len);
+
+/* Does a client header go upstream as it is? Not when it belongs to one connection, is one
+ * keypool sets itself, could carry the client's own credentials, or is one of prov's headers. */
+bool proxy_forwards_header(const struct config_provider *prov, const char *name);

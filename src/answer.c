@@ -1,0 +1,260 @@
+/* answer.c — one upstream attempt's answer, as it arrives.
+ *
+ * Owns the answer's status, header lines, body and SSE scanning state (struct answer); see
+ * answer.h. No I/O, no clock of its own, no curl: the proxy feeds it bytes and reads facts.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "keypool/answer.h"
+
+#define SPARE_BUFFER_MAX        (64 * 1024)     /* buffers kept across attempts up to this size */
+
+static int buf_add(char **buf, size_t *len, size_t *cap, const void *data, size_t n) {
+        if (*len + n + 1 > *cap) {
+                size_t c = *cap ? *cap : 4096;
+                char *p;
+
+                while (c < *len + n + 1)
+                        c *= 2;
+                p = realloc(*buf, c);
+                if (!p)
+                        return -ENOMEM;
+                *buf = p;
+                *cap = c;
+        }
+        memcpy(*buf + *len, data, n);
+        *len += n;
+        (*buf)[*len] = 0;
+        return 0;
+}
+
+/* Empties a buffer, keeping its memory unless it grew large. */
+static void buffer_clear(char **buf, size_t *len, size_t *cap) {
+        if (*cap > SPARE_BUFFER_MAX) {
+                free(*buf);
+                *buf = NULL;
+                *cap = 0;
+        }
+        *len = 0;
+}
+
+bool answer_header_is(const char *line, const char *name) {
+        size_t n = strlen(name);
+
+        return strncasecmp(line, name, n) == 0 && line[n] == ':';
+}
+
+static bool is_dropped_answer_header(const char *name, size_t len) {
+        static const char *const dropped[] = {
+                "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade",
+                "Content-Length", "Trailer", "TE",
+        };
+
+        if (len >= 10 && strncasecmp(name, "X-Keypool-", 10) == 0)
+                return true;
+        for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
+                if (strlen(dropped[i]) == len && strncasecmp(name, dropped[i], len) == 0)
+                        return true;
+        return false;
+}
+
+void answer_reset(struct answer *a) {
+        a->n_headers = 0;
+        buffer_clear(&a->text, &a->text_len, &a->text_cap);
+        buffer_clear(&a->body, &a->body_len, &a->body_cap);
+        free(a->event);
+        a->event = NULL;
+        a->event_len = a->event_cap = 0;
+        a->event_overflow = false;
+        free(a->stream_error);
+        a->stream_error = NULL;
+        a->stream_error_status = 0;
+        a->status = 0;
+        a->mode = ANSWER_HEADERS;
+        a->sse = a->holding = false;
+        a->held = 0;
+        a->tokens_in = a->tokens_out = 0;
+}
+
+void answer_free(struct answer *a) {
+        free(a->text);
+        free(a->body);
+        free(a->event);
+        free(a->stream_error);
+        *a = (struct answer) {};
+}
+
+const char *answer_line(const struct answer *a, size_t i) {
+        return a->text + a->header_off[i];
+}
+
+int answer_add_header_line(struct answer *a, const char *data, size_t len) {
+        size_t trimmed = len, off;
+
+        while (trimmed > 0 && (data[trimmed - 1] == '\n' || data[trimmed - 1] == '\r'))
+                trimmed--;
+
+        if (trimmed >= 5 && strncmp(data, "HTTP/", 5) == 0) {
+                /* A status line starts a new answer (after 100 Continue, say). */
+                const char *sp = memchr(data, ' ', trimmed);
+
+                answer_reset(a);
+                a->status = sp ? atoi(sp + 1) : 0;
+                return 0;
+        }
+        if (trimmed == 0) {
+                /* End of headers: decide how the body is handled. Informational answers are
+                 * followed by the real one. */
+                if (a->status >= 100 && a->status < 200)
+                        return 0;
+                a->mode = a->status >= 200 && a->status < 300 ? ANSWER_STREAM : ANSWER_BUFFER;
+                for (size_t i = 0; i < a->n_headers; i++)
+                        if (answer_header_is(answer_line(a, i), "Content-Type") &&
+                            strcasestr(answer_line(a, i), "text/event-stream"))
+                                a->sse = true;
+                a->holding = a->mode == ANSWER_STREAM && a->sse;
+                return 0;
+        }
+        if (a->n_headers >= ANSWER_MAX_HEADERS)
+                return 0;
+        off = a->text_len;
+        /* buf_add ends the text with a NUL, kept as the line's end. */
+        if (buf_add(&a->text, &a->text_len, &a->text_cap, data, trimmed) < 0)
+                return -ENOMEM;
+        a->text_len++;
+        a->header_off[a->n_headers++] = off;
+        return 0;
+}
+
+int answer_append(struct answer *a, const void *data, size_t len) {
+        return buf_add(&a->body, &a->body_len, &a->body_cap, data, len);
+}
+
+/* One complete SSE event of a relayed stream: count its usage, note an error in it. */
+static void inspect_event(struct answer *a, const char *ev, size_t len) {
+        const char *data;
+        size_t data_len;
+        uint64_t in, out;
+        int status;
+
+        if (policy_sse_error(ev, len, &status, &data, &data_len) == 1) {
+                if (!a->stream_error_status) {
+                        a->stream_error_status = status;
+                        a->stream_error = strndup(data, data_len);
+                }
+                return;
+        }
+        if (memmem(ev, len, "sage", 4)) {
+                const char *d = memmem(ev, len, "data:", 5);
+
+                if (d && policy_usage(d + 5, len - (size_t) (d + 5 - ev), &in, &out) == 0) {
+                        /* Providers repeat running totals; the last figures are the request's. */
+                        a->tokens_in = in > a->tokens_in ? in : a->tokens_in;
+                        a->tokens_out = out > a->tokens_out ? out : a->tokens_out;
+                }
+        }
+}
+
+size_t answer_scan_events(struct answer *a, const char *data, size_t len) {
+        size_t first_end = 0;
+
+        for (size_t i = 0; i < len; i++) {
+                char ch = data[i];
+
+                if (!a->event_overflow) {
+                        if (a->event_len + 1 >= ANSWER_MAX_SSE_EVENT)
+                                a->event_overflow = true;
+                        else if (buf_add(&a->event, &a->event_len, &a->event_cap, &ch, 1) < 0)
+                                a->event_overflow = true;
+                }
+                if (ch != '\n')
+                        continue;
+                /* A blank line ends the event: "\n\n" or "\n\r\n". */
+                if (a->event_len >= 2 && (a->event[a->event_len - 2] == '\n' ||
+                    (a->event_len >= 3 && a->event[a->event_len - 2] == '\r' && a->event[a->event_len - 3] == '\n'))) {
+                        if (!a->event_overflow)
+                                inspect_event(a, a->event, a->event_len);
+                        a->event_len = 0;
+                        a->event_overflow = false;
+                        if (!first_end)
+                                first_end = i + 1;
+                }
+        }
+        return first_end;
+}
+
+void answer_view(const struct answer *a, struct answer_header *ah, struct upstream_answer *ret) {
+        *ret = (struct upstream_answer) { .status = a->status, .headers = ah };
+        for (size_t i = 0; i < a->n_headers; i++) {
+                const char *line = answer_line(a, i), *colon = strchr(line, ':');
+                const char *value;
+
+                if (!colon)
+                        continue;
+                value = colon + 1 + strspn(colon + 1, " \t");
+                ah[ret->n_headers++] = (struct answer_header) {
+                        .name = line, .name_len = (size_t) (colon - line),
+                        .value = value, .value_len = strlen(value),
+                };
+        }
+}
+
+void answer_classify(const struct answer *a, const struct policy_config *pc, int64_t now_ms,
+                     struct verdict *ret) {
+        struct answer_header ah[ANSWER_MAX_HEADERS];
+        struct upstream_answer u;
+
+        answer_view(a, ah, &u);
+        if (a->stream_error_status) {
+                u.status = a->stream_error_status;
+                u.body = a->stream_error;
+                u.body_len = a->stream_error ? strlen(a->stream_error) : 0;
+        } else {
+                u.body = a->body;
+                u.body_len = a->body_len;
+        }
+        policy_classify(&u, pc, now_ms, ret);
+}
+
+void answer_count_usage(struct answer *a) {
+        uint64_t in, out;
+
+        if (!a->sse && a->body_len > 0 && policy_usage(a->body, a->body_len, &in, &out) == 0) {
+                a->tokens_in = in;
+                a->tokens_out = out;
+        }
+}
+
+void answer_error_summary(const struct answer *a, char *ret, size_t size) {
+        if (a->stream_error)
+                policy_error_summary(a->stream_error, strlen(a->stream_error), ret, size);
+        else
+                policy_error_summary(a->body, a->body_len, ret, size);
+}
+
+size_t answer_client_headers(const struct answer *a, struct http_header *h, size_t max, char *names,
+                             size_t names_size) {
+        size_t n = 0, used = 0;
+
+        for (size_t i = 0; i < a->n_headers && n < max; i++) {
+                const char *line = answer_line(a, i);
+                const char *colon = strchr(line, ':');
+                size_t len;
+
+                if (!colon || colon == line)
+                        continue;
+                len = (size_t) (colon - line);
+                if (is_dropped_answer_header(line, len) || used + len + 1 > names_size)
+                        continue;
+                memcpy(names + used, line, len);
+                names[used + len] = 0;
+                h[n].name = names + used;
+                used += len + 1;
+                h[n].value = colon + 1 + strspn(colon + 1, " \t");
+                n++;
+        }
+        return n;
+}

@@ -1,0 +1,545 @@
+/* check_proxy.c — unit tests of the proxied request's pure logic.
+ *
+ * What an attempt's end means (proxy_decide, table-driven: one row per case, read as "outcome,
+ * verdict, attempts, bytes sent → next step"), how an answer is taken in as it arrives (answer.c:
+ * modes, held SSE events, error events, usage, the headers relayed to the client), the request
+ * as it goes upstream (model rewrite, header filtering), and the pool-key accessor. No daemon,
+ * no sockets, no clock.
+ */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <check.h>
+
+#include "keypool/answer.h"
+#include "keypool/conf.h"
+#include "keypool/proxy.h"
+
+#define N(arr) (sizeof(arr) / sizeof((arr)[0]))
+
+static const struct proxy_limits limits = {
+        .max_attempts = 32, .max_transient = 5, .backoff_initial_ms = 1000, .backoff_max_ms = 10000,
+};
+
+static const char *next_name(enum proxy_next n) {
+        switch (n) {
+        case PROXY_NEXT_ROTATE: return "rotate";
+        case PROXY_NEXT_RETRY: return "retry";
+        case PROXY_NEXT_STREAM_END: return "stream_end";
+        case PROXY_NEXT_ANSWER: return "answer";
+        case PROXY_NEXT_CUT: return "cut";
+        case PROXY_NEXT_FAIL: return "fail";
+        case PROXY_NEXT_DROP: return "drop";
+        default: return "?";
+        }
+}
+
+/* --- proxy_decide ------------------------------------------------------------------------- */
+
+struct decide_row {
+        const char *what;
+        enum proxy_result result;
+        enum verdict_class cls;
+        unsigned attempts, transient_failures;
+        bool bytes_sent, client_gone;
+        int64_t retry_after_ms;
+        enum proxy_next next;
+        enum proxy_next otherwise;      /* RETRY rows only */
+        int status;                     /* FAIL, or RETRY otherwise FAIL */
+        const char *code;
+        int64_t delay_min, delay_max;   /* RETRY rows only */
+};
+
+static void check_row(const struct decide_row *row) {
+        struct proxy_attempt_end a = {
+                .result = row->result, .cls = row->cls, .retry_after_ms = row->retry_after_ms,
+                .client_gone = row->client_gone, .bytes_sent = row->bytes_sent,
+                .attempts = row->attempts, .transient_failures = row->transient_failures,
+                .random = 0x12345678,
+        };
+        struct proxy_decision d;
+
+        proxy_decide(&a, &limits, &d);
+        ck_assert_msg(d.next == row->next, "%s: expected %s, got %s", row->what, next_name(row->next),
+                      next_name(d.next));
+        if (row->next == PROXY_NEXT_RETRY) {
+                ck_assert_msg(d.otherwise == row->otherwise, "%s: expected otherwise %s, got %s", row->what,
+                              next_name(row->otherwise), next_name(d.otherwise));
+                ck_assert_msg(d.delay_ms >= row->delay_min && d.delay_ms <= row->delay_max,
+                              "%s: expected a delay in [%lld, %lld] ms, got %lld", row->what,
+                              (long long) row->delay_min, (long long) row->delay_max, (long long) d.delay_ms);
+        }
+        if (row->status) {
+                ck_assert_msg(d.status == row->status, "%s: expected status %d, got %d", row->what,
+                              row->status, d.status);
+                ck_assert_msg(d.code && strcmp(d.code, row->code) == 0, "%s: expected code %s, got %s",
+                              row->what, row->code, d.code ? d.code : "(null)");
+                ck_assert_msg(d.message && d.message[0], "%s: a failure says why", row->what);
+        }
+}
+
+static void check_rows(const struct decide_row *rows, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                check_row(&rows[i]);
+}
+
+START_TEST(test_rate_limited_attempt_rotates_to_next_key) {
+        static const struct decide_row rows[] = {
+                { "429 answer, first attempt", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 1, 0, .next = PROXY_NEXT_ROTATE },
+                { "429 answer, 31st attempt", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 31, 0, .next = PROXY_NEXT_ROTATE },
+                { "429 error event held at a stream's start", PROXY_RESULT_HELD_ERROR, VERDICT_RATE_LIMITED, 1, 0,
+                  .next = PROXY_NEXT_ROTATE },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_dead_key_attempt_rotates_to_next_key) {
+        static const struct decide_row rows[] = {
+                { "401 answer", PROXY_RESULT_ANSWER, VERDICT_AUTH, 1, 0, .next = PROXY_NEXT_ROTATE },
+                { "402 quota answer", PROXY_RESULT_ANSWER, VERDICT_QUOTA, 2, 1, .next = PROXY_NEXT_ROTATE },
+                { "quota error event held", PROXY_RESULT_HELD_ERROR, VERDICT_QUOTA, 1, 0, .next = PROXY_NEXT_ROTATE },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_rotation_stops_at_the_attempt_limit_and_relays_the_last_answer) {
+        static const struct decide_row rows[] = {
+                { "429 answer at the limit", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 32, 0, .next = PROXY_NEXT_ANSWER },
+                { "401 answer past the limit", PROXY_RESULT_ANSWER, VERDICT_AUTH, 33, 0, .next = PROXY_NEXT_ANSWER },
+                { "held 429 event at the limit", PROXY_RESULT_HELD_ERROR, VERDICT_RATE_LIMITED, 32, 0,
+                  .next = PROXY_NEXT_STREAM_END },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_transient_answer_is_retried_after_a_backoff) {
+        static const struct decide_row rows[] = {
+                { "503, first failure", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 1, 1, .next = PROXY_NEXT_RETRY,
+                  .otherwise = PROXY_NEXT_ANSWER, .delay_min = 900, .delay_max = 1100 },
+                { "503, second failure waits twice as long", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 2, 2,
+                  .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_ANSWER, .delay_min = 1800, .delay_max = 2200 },
+                { "502 event held at a stream's start", PROXY_RESULT_HELD_ERROR, VERDICT_TRANSIENT, 1, 1,
+                  .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_STREAM_END, .delay_min = 900, .delay_max = 1100 },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_provider_retry_hint_lengthens_the_backoff_up_to_the_cap) {
+        static const struct decide_row rows[] = {
+                { "Retry-After 3 s", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 1, 1, .retry_after_ms = 3000,
+                  .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_ANSWER, .delay_min = 3000, .delay_max = 3000 },
+                { "Retry-After 60 s is capped", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 1, 1, .retry_after_ms = 60000,
+                  .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_ANSWER, .delay_min = 10000, .delay_max = 10000 },
+                { "a hint shorter than the backoff is ignored", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .retry_after_ms = 10, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_ANSWER,
+                  .delay_min = 900, .delay_max = 1100 },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_transient_answer_is_relayed_once_retries_run_out) {
+        static const struct decide_row rows[] = {
+                { "503 after max transient failures", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 5, 5,
+                  .next = PROXY_NEXT_ANSWER },
+                { "503 at the attempt limit", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 32, 1, .next = PROXY_NEXT_ANSWER },
+                { "held 502 event after max transient failures", PROXY_RESULT_HELD_ERROR, VERDICT_TRANSIENT, 5, 5,
+                  .next = PROXY_NEXT_STREAM_END },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_unreachable_upstream_is_retried_then_answered_502) {
+        static const struct decide_row rows[] = {
+                { "connection refused, first failure", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_unreachable", .delay_min = 900, .delay_max = 1100 },
+                { "connection refused, retries exhausted", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 5, 5,
+                  .next = PROXY_NEXT_FAIL, .status = 502, .code = "upstream_unreachable" },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_upstream_timeout_is_retried_then_answered_504) {
+        static const struct decide_row rows[] = {
+                { "timeout, first failure", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 1, 1, .next = PROXY_NEXT_RETRY,
+                  .otherwise = PROXY_NEXT_FAIL, .status = 504, .code = "upstream_timeout",
+                  .delay_min = 900, .delay_max = 1100 },
+                { "timeout, retries exhausted", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 5, 5,
+                  .next = PROXY_NEXT_FAIL, .status = 504, .code = "upstream_timeout" },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_transfer_failure_after_bytes_reached_the_client_cuts_the_connection) {
+        static const struct decide_row rows[] = {
+                { "reset mid-stream", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 1, 1, .bytes_sent = true,
+                  .next = PROXY_NEXT_CUT },
+                { "timeout mid-stream", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 1, 1, .bytes_sent = true,
+                  .next = PROXY_NEXT_CUT },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_relayed_success_ends_the_stream_whatever_it_carried) {
+        static const struct decide_row rows[] = {
+                { "200 relayed", PROXY_RESULT_STREAM, VERDICT_OK, 1, 0, .bytes_sent = true, .next = PROXY_NEXT_STREAM_END },
+                { "200 with an empty body", PROXY_RESULT_STREAM, VERDICT_OK, 1, 0, .next = PROXY_NEXT_STREAM_END },
+                { "429 event in mid-stream", PROXY_RESULT_STREAM, VERDICT_RATE_LIMITED, 1, 0, .bytes_sent = true,
+                  .next = PROXY_NEXT_STREAM_END },
+                { "502 event in mid-stream", PROXY_RESULT_STREAM, VERDICT_TRANSIENT, 1, 0, .bytes_sent = true,
+                  .next = PROXY_NEXT_STREAM_END },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_caller_error_is_relayed_as_it_came) {
+        static const struct decide_row rows[] = {
+                { "400 answer", PROXY_RESULT_ANSWER, VERDICT_CALLER, 1, 0, .next = PROXY_NEXT_ANSWER },
+                { "304 answer", PROXY_RESULT_ANSWER, VERDICT_OK, 1, 0, .next = PROXY_NEXT_ANSWER },
+                { "400 event held at a stream's start", PROXY_RESULT_HELD_ERROR, VERDICT_CALLER, 1, 0,
+                  .next = PROXY_NEXT_STREAM_END },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_gone_client_gets_nothing_more_whatever_the_outcome) {
+        static const struct decide_row rows[] = {
+                { "success", PROXY_RESULT_STREAM, VERDICT_OK, 1, 0, .client_gone = true, .next = PROXY_NEXT_DROP },
+                { "429", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 1, 0, .client_gone = true, .next = PROXY_NEXT_DROP },
+                { "no answer", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 1, 1, .client_gone = true,
+                  .next = PROXY_NEXT_DROP },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+/* --- answer ------------------------------------------------------------------------------- */
+
+static void feed_headers(struct answer *a, const char *const *lines, size_t n) {
+        for (size_t i = 0; i < n; i++)
+                ck_assert_int_eq(answer_add_header_line(a, lines[i], strlen(lines[i])), 0);
+}
+
+START_TEST(test_success_answer_is_relayed_as_it_arrives) {
+        static const char *const lines[] = { "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n", "\r\n" };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_int_eq(a.status, 200);
+        ck_assert_int_eq(a.mode, ANSWER_STREAM);
+        ck_assert_msg(!a.sse && !a.holding, "a JSON success is not held");
+        ck_assert_uint_eq(a.n_headers, 1);
+        ck_assert_str_eq(answer_line(&a, 0), "Content-Type: application/json");
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_error_answer_is_kept_whole_to_be_judged) {
+        static const char *const lines[] = { "HTTP/2 429 \r\n", "retry-after: 7\r\n", "\r\n" };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_int_eq(a.status, 429);
+        ck_assert_int_eq(a.mode, ANSWER_BUFFER);
+        ck_assert_int_eq(answer_append(&a, "{\"error\":", 9), 0);
+        ck_assert_int_eq(answer_append(&a, "\"slow down\"}", 12), 0);
+        ck_assert_str_eq(a.body, "{\"error\":\"slow down\"}");
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_informational_answer_is_replaced_by_the_final_one) {
+        static const char *const lines[] = {
+                "HTTP/1.1 100 Continue\r\n", "\r\n",
+                "HTTP/1.1 200 OK\r\n", "Content-Type: text/event-stream; charset=utf-8\r\n", "\r\n",
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, 2);
+        ck_assert_int_eq(a.mode, ANSWER_HEADERS);
+        feed_headers(&a, lines + 2, 3);
+        ck_assert_int_eq(a.status, 200);
+        ck_assert_int_eq(a.mode, ANSWER_STREAM);
+        ck_assert_msg(a.sse && a.holding, "an event-stream success holds its first event");
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_first_complete_event_ends_where_its_blank_line_ends) {
+        static const char chunk1[] = "data: {\"a\":1}\n", chunk2[] = "\ndata: {\"b\":2}\r\n\r\n";
+        struct answer a = { .mode = ANSWER_STREAM, .sse = true };
+
+        ck_assert_uint_eq(answer_scan_events(&a, chunk1, strlen(chunk1)), 0);
+        ck_assert_uint_eq(answer_scan_events(&a, chunk2, strlen(chunk2)), 1);
+        ck_assert_int_eq(a.stream_error_status, 0);
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_error_event_in_a_stream_is_noted_once) {
+        static const char events[] =
+                "data: {\"error\":{\"code\":429,\"message\":\"Rate limit exceeded\"}}\n\n"
+                "data: {\"error\":{\"code\":502,\"message\":\"Bad Gateway\"}}\n\n";
+        struct answer a = { .mode = ANSWER_STREAM, .sse = true, .status = 200 };
+        struct policy_config pc = { .recovery_ms = 900000, .max_cooldown_ms = 86400000 };
+        struct verdict v;
+
+        answer_scan_events(&a, events, strlen(events));
+        ck_assert_int_eq(a.stream_error_status, 429);
+        ck_assert_ptr_nonnull(a.stream_error);
+        /* The event wins over the 200 the stream opened with. */
+        answer_classify(&a, &pc, INT64_C(1787313600000), &v);
+        ck_assert_int_eq(v.cls, VERDICT_RATE_LIMITED);
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_stream_usage_keeps_the_last_running_totals) {
+        static const char events[] =
+                "data: {\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":1}}\n\n"
+                "data: {\"usage\":{\"prompt_tokens\":10,\"completion_tokens\":7}}\n\n";
+        struct answer a = { .mode = ANSWER_STREAM, .sse = true };
+
+        answer_scan_events(&a, events, strlen(events));
+        ck_assert_uint_eq(a.tokens_in, 10);
+        ck_assert_uint_eq(a.tokens_out, 7);
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_oversized_event_is_not_inspected) {
+        struct answer a = { .mode = ANSWER_STREAM, .sse = true };
+        size_t big = ANSWER_MAX_SSE_EVENT + 100;
+        char *ev = malloc(big + 2);
+        static const char head[] = "data: {\"error\":{\"code\":429,\"message\":\"";
+
+        ck_assert_ptr_nonnull(ev);
+        memset(ev, 'x', big);
+        memcpy(ev, head, strlen(head));
+        ev[big] = '\n';
+        ev[big + 1] = '\n';
+        answer_scan_events(&a, ev, big + 2);
+        ck_assert_msg(a.stream_error_status == 0, "an event cut at the size limit is not judged");
+        free(ev);
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_non_sse_success_counts_tokens_from_its_body) {
+        static const char body[] = "{\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34}}";
+        struct answer a = { .mode = ANSWER_STREAM };
+
+        ck_assert_int_eq(answer_append(&a, body, strlen(body)), 0);
+        answer_count_usage(&a);
+        ck_assert_uint_eq(a.tokens_in, 12);
+        ck_assert_uint_eq(a.tokens_out, 34);
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_client_gets_end_to_end_headers_only) {
+        static const char *const lines[] = {
+                "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n", "Connection: keep-alive\r\n",
+                "Transfer-Encoding: chunked\r\n", "content-length: 12\r\n", "X-Keypool-Key: forged\r\n",
+                "x-request-id:   abc\r\n", ": no name\r\n", "\r\n",
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+        struct http_header h[8];
+        char names[256];
+        size_t n;
+
+        feed_headers(&a, lines, N(lines));
+        n = answer_client_headers(&a, h, N(h), names, sizeof names);
+        ck_assert_uint_eq(n, 2);
+        ck_assert_str_eq(h[0].name, "Content-Type");
+        ck_assert_str_eq(h[0].value, "application/json");
+        ck_assert_str_eq(h[1].name, "x-request-id");
+        ck_assert_str_eq(h[1].value, "abc");
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_new_status_line_starts_a_new_answer) {
+        static const char *const lines[] = {
+                "HTTP/1.1 503 Busy\r\n", "Retry-After: 1\r\n", "HTTP/1.1 200 OK\r\n", "\r\n",
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_int_eq(a.status, 200);
+        ck_assert_uint_eq(a.n_headers, 0);
+        ck_assert_int_eq(a.mode, ANSWER_STREAM);
+        answer_free(&a);
+}
+END_TEST
+
+START_TEST(test_reset_empties_the_answer_but_keeps_small_buffers) {
+        static const char *const lines[] = { "HTTP/1.1 503 Busy\r\n", "Retry-After: 1\r\n", "\r\n" };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_int_eq(answer_append(&a, "busy", 4), 0);
+        answer_reset(&a);
+        ck_assert_int_eq(a.mode, ANSWER_HEADERS);
+        ck_assert_int_eq(a.status, 0);
+        ck_assert_uint_eq(a.n_headers, 0);
+        ck_assert_uint_eq(a.body_len, 0);
+        ck_assert_msg(a.body != NULL, "a small body buffer is kept for the next attempt");
+        answer_free(&a);
+}
+END_TEST
+
+/* --- the request as it goes upstream ----------------------------------------------------- */
+
+static void check_rewrite(const char *body, const char *model_id, const char *expected) {
+        struct jscan_value model;
+        char *text = NULL;
+        size_t len = 0;
+
+        ck_assert_int_eq(jscan_object_member(body, strlen(body), "model", &model), 0);
+        ck_assert_int_eq(proxy_rewrite_model(body, strlen(body), &model, model_id, &text, &len), 0);
+        ck_assert_str_eq(text, expected);
+        ck_assert_uint_eq(len, strlen(expected));
+        free(text);
+}
+
+START_TEST(test_pool_name_given_as_model_is_replaced_where_it_stands) {
+        check_rewrite("{ \"model\" : \"fast\" ,\n  \"messages\": [] }", "gpt-4o-mini",
+                      "{ \"model\" : \"gpt-4o-mini\" ,\n  \"messages\": [] }");
+        check_rewrite("{\"messages\":[{\"role\":\"user\"}],\"model\":\"fast\"}", "m",
+                      "{\"messages\":[{\"role\":\"user\"}],\"model\":\"m\"}");
+}
+END_TEST
+
+START_TEST(test_missing_model_is_added_as_the_first_member) {
+        check_rewrite("  {\"messages\":[]}", "m", "  {\"model\":\"m\",\"messages\":[]}");
+        check_rewrite("{ }", "m", "{\"model\":\"m\" }");
+}
+END_TEST
+
+START_TEST(test_model_id_is_written_as_a_json_string) {
+        check_rewrite("{\"model\":null}", "a\"b\\c\n", "{\"model\":\"a\\\"b\\\\c\\u000a\"}");
+}
+END_TEST
+
+START_TEST(test_client_credentials_and_hop_headers_never_go_upstream) {
+        static const char *const dropped[] = {
+                "Authorization", "authorization", "x-api-key", "X-Goog-Api-Key", "Proxy-Authorization",
+                "Host", "Connection", "transfer-encoding", "TE", "Content-Length", "Expect",
+                "Accept-Encoding", "X-Keypool-Pool", "x-keypool-max-wait",
+        };
+        struct config_provider prov = { .name = "p" };
+
+        for (size_t i = 0; i < N(dropped); i++)
+                ck_assert_msg(!proxy_forwards_header(&prov, dropped[i]), "%s must not be forwarded", dropped[i]);
+}
+END_TEST
+
+START_TEST(test_other_client_headers_go_upstream_unless_the_provider_sets_them) {
+        static const char *const kept[] = { "Content-Type", "anthropic-version", "OpenAI-Beta", "Tea", "X-Title" };
+        char *headers[] = { "HTTP-Referer: https://example.invalid", "X-Title: keypool" };
+        struct config_provider prov = { .name = "p", .headers = headers, .n_headers = 2 };
+
+        for (size_t i = 0; i < N(kept) - 1; i++)
+                ck_assert_msg(proxy_forwards_header(&prov, kept[i]), "%s must be forwarded", kept[i]);
+        ck_assert_msg(!proxy_forwards_header(&prov, "x-title"), "the provider's X-Title wins");
+        ck_assert_msg(!proxy_forwards_header(&prov, "http-referer"), "the provider's HTTP-Referer wins");
+}
+END_TEST
+
+/* --- config_pool_key ---------------------------------------------------------------------- */
+
+START_TEST(test_pool_key_is_found_by_its_table_row) {
+        struct config_key keys[3] = { { .id = "k0" }, { .id = "k1" }, { .id = "k2" } };
+        struct config_pool pool = { .name = "p", .keys = keys, .n_keys = 3 };
+
+        ck_assert_ptr_eq(config_pool_key(&pool, 10, 10), &keys[0]);
+        ck_assert_ptr_eq(config_pool_key(&pool, 10, 12), &keys[2]);
+        ck_assert_ptr_null(config_pool_key(&pool, 10, 9));
+        ck_assert_ptr_null(config_pool_key(&pool, 10, 13));
+        ck_assert_ptr_null(config_pool_key(NULL, 0, 0));
+}
+END_TEST
+
+static Suite *proxy_suite(void) {
+        Suite *s = suite_create("proxy");
+        TCase *tc;
+
+        tc = tcase_create("decide");
+        tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
+        tcase_add_test(tc, test_dead_key_attempt_rotates_to_next_key);
+        tcase_add_test(tc, test_rotation_stops_at_the_attempt_limit_and_relays_the_last_answer);
+        tcase_add_test(tc, test_transient_answer_is_retried_after_a_backoff);
+        tcase_add_test(tc, test_provider_retry_hint_lengthens_the_backoff_up_to_the_cap);
+        tcase_add_test(tc, test_transient_answer_is_relayed_once_retries_run_out);
+        tcase_add_test(tc, test_unreachable_upstream_is_retried_then_answered_502);
+        tcase_add_test(tc, test_upstream_timeout_is_retried_then_answered_504);
+        tcase_add_test(tc, test_transfer_failure_after_bytes_reached_the_client_cuts_the_connection);
+        tcase_add_test(tc, test_relayed_success_ends_the_stream_whatever_it_carried);
+        tcase_add_test(tc, test_caller_error_is_relayed_as_it_came);
+        tcase_add_test(tc, test_gone_client_gets_nothing_more_whatever_the_outcome);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("answer");
+        tcase_add_test(tc, test_success_answer_is_relayed_as_it_arrives);
+        tcase_add_test(tc, test_error_answer_is_kept_whole_to_be_judged);
+        tcase_add_test(tc, test_informational_answer_is_replaced_by_the_final_one);
+        tcase_add_test(tc, test_first_complete_event_ends_where_its_blank_line_ends);
+        tcase_add_test(tc, test_error_event_in_a_stream_is_noted_once);
+        tcase_add_test(tc, test_stream_usage_keeps_the_last_running_totals);
+        tcase_add_test(tc, test_oversized_event_is_not_inspected);
+        tcase_add_test(tc, test_non_sse_success_counts_tokens_from_its_body);
+        tcase_add_test(tc, test_client_gets_end_to_end_headers_only);
+        tcase_add_test(tc, test_new_status_line_starts_a_new_answer);
+        tcase_add_test(tc, test_reset_empties_the_answer_but_keeps_small_buffers);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("upstream_request");
+        tcase_add_test(tc, test_pool_name_given_as_model_is_replaced_where_it_stands);
+        tcase_add_test(tc, test_missing_model_is_added_as_the_first_member);
+        tcase_add_test(tc, test_model_id_is_written_as_a_json_string);
+        tcase_add_test(tc, test_client_credentials_and_hop_headers_never_go_upstream);
+        tcase_add_test(tc, test_other_client_headers_go_upstream_unless_the_provider_sets_them);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("config");
+        tcase_add_test(tc, test_pool_key_is_found_by_its_table_row);
+        suite_add_tcase(s, tc);
+
+        return s;
+}
+
+int main(void) {
+        SRunner *sr = srunner_create(proxy_suite());
+        int failed;
+
+        srunner_run_all(sr, CK_NORMAL);
+        failed = srunner_ntests_failed(sr);
+        srunner_free(sr);
+        return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
