@@ -14,15 +14,14 @@
 #include <strings.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
 #include <systemd/sd-event.h>
 
 #include "keypool/http.h"
+#include "loop_wait.h"
 
-#define WAIT_USEC       (10 * 1000000ULL)       /* bound on any wait for a condition */
 #define MAX_SEEN        16
 
 enum answer_mode {
@@ -59,34 +58,6 @@ static struct harness {
         size_t in_len, in_cap;
         bool client_eof;
 } H;
-
-static uint64_t now_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
-}
-
-/* Runs the loop until cond holds; fails the test if it does not within WAIT_USEC. */
-#define RUN_UNTIL(cond) do {                                                                    \
-                uint64_t end_ = now_usec() + WAIT_USEC;                                         \
-                while (!(cond)) {                                                               \
-                        ck_assert_msg(now_usec() < end_, "timed out waiting for: %s", #cond);   \
-                        ck_assert_int_ge(sd_event_run(H.event, 50000), 0);                      \
-                }                                                                               \
-        } while (0)
-
-/* Runs the loop until nothing is ready: every byte the client wrote has been handled. */
-static void run_idle(void) {
-        for (int i = 0; i < 10000; i++) {
-                int r = sd_event_run(H.event, 0);
-
-                ck_assert_int_ge(r, 0);
-                if (r == 0)
-                        return;
-        }
-        ck_abort_msg("the loop never went idle");
-}
 
 /* --- the handler ------------------------------------------------------------------------- */
 
@@ -239,7 +210,7 @@ static void assert_refused(const char *request, const char *status_line, const c
         json_t *j;
 
         client_send(request);
-        RUN_UNTIL(H.client_eof && H.closed);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
         ck_assert_uint_eq(H.n_seen, 0);
         j = received_error(status_line);
         ck_assert_str_eq(error_field(j, "code"), code);
@@ -251,7 +222,7 @@ static void assert_refused(const char *request, const char *status_line, const c
 static void hold_request(const char *request) {
         H.mode = ANSWER_LATER;
         client_send(request);
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
 }
 
 /* Begins a streamed answer to a held request and writes more than the client's socket and the
@@ -308,7 +279,7 @@ static void start(void) {
 static void teardown(void) {
         if (H.conn) {
                 http_conn_abort(H.conn);
-                run_idle();
+                run_idle(H.event);
         }
         ck_assert_ptr_null(H.conn);
         sd_event_source_disable_unref(H.client_source);
@@ -338,7 +309,7 @@ START_TEST(test_request_line_reaches_the_handler_as_method_url_and_version)
 {
         start();
         client_send("DELETE /v1/things/7?force=1 HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
         ck_assert_str_eq(H.seen[0].method, "DELETE");
         ck_assert_str_eq(H.seen[0].url, "/v1/things/7?force=1");
         ck_assert_uint_eq(H.seen[0].major, 1);
@@ -352,7 +323,7 @@ START_TEST(test_header_values_are_trimmed_and_names_keep_their_spelling)
 {
         start();
         client_send("GET / HTTP/1.1\r\nHost: x\r\nX-Padded:   spaced value \t \r\nx-lower: v\r\n\r\n");
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
         ck_assert_uint_eq(H.seen[0].n_fields, 3);
         ck_assert_str_eq(H.seen[0].names[1], "X-Padded");
         ck_assert_str_eq(H.seen[0].values[1], "spaced value");
@@ -374,7 +345,7 @@ START_TEST(test_many_headers_all_reach_the_handler_intact)
                 n += (size_t) snprintf(req + n, sizeof req - n, "X-H%d: value-%d\r\n", i, i * 7);
         snprintf(req + n, sizeof req - n, "\r\n");
         client_send(req);
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
         ck_assert_uint_eq(H.seen[0].n_fields, 40);
         for (int i = 0; i < 40; i++) {
                 char name[16], value[32];
@@ -408,7 +379,7 @@ START_TEST(test_request_arriving_a_byte_at_a_time_is_parsed_whole)
         start();
         for (const char *p = req; *p; p++) {
                 client_send_bytes(p, 1);
-                run_idle();
+                run_idle(H.event);
                 ck_assert_uint_eq(H.n_seen, p[1] ? 0 : 1);
         }
         ck_assert_str_eq(H.seen[0].body, "hello");
@@ -436,7 +407,7 @@ START_TEST(test_headers_of_exactly_the_limit_are_accepted)
         start();
         snprintf(req, sizeof req, "GET / HTTP/1.1\r\nHost: x\r\nX-Fill: %0*d\r\n\r\n", 256 - 1 - 4 - 1 - 6, 0);
         client_send(req);
-        RUN_UNTIL(H.n_seen == 1 && H.in_len > 0);
+        RUN_UNTIL(H.event, H.n_seen == 1 && H.in_len > 0);
         ck_assert_ptr_nonnull(strstr(H.in, "HTTP/1.1 200 OK\r\n"));
 }
 END_TEST
@@ -450,7 +421,7 @@ START_TEST(test_header_limit_counts_headers_sent_in_many_small_writes)
         client_send("GET / HTTP/1.1\r\n");
         for (int i = 0; i < 40 && !H.client_eof; i++) {
                 client_send("X-Some-Header: some value\r\n");
-                run_idle();
+                run_idle(H.event);
         }
         ck_assert(H.client_eof);
         ck_assert_uint_eq(H.n_seen, 0);
@@ -476,7 +447,7 @@ START_TEST(test_body_of_exactly_the_limit_is_accepted)
         body[64] = 0;
         snprintf(req, sizeof req, "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 64\r\n\r\n%s", body);
         client_send(req);
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
         ck_assert_uint_eq(H.seen[0].body_len, 64);
         ck_assert_str_eq(H.seen[0].body, body);
 }
@@ -496,7 +467,7 @@ START_TEST(test_chunked_body_is_joined_and_its_trailer_fields_kept)
         start();
         client_send("POST /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                     "5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum:  abc \r\nX-Last: z\r\n\r\n");
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
         ck_assert_uint_eq(H.seen[0].body_len, 11);
         ck_assert_str_eq(H.seen[0].body, "hello world");
         ck_assert_str_eq(seen_header(&H.seen[0], "Transfer-Encoding"), "chunked");
@@ -516,11 +487,11 @@ START_TEST(test_expect_100_continue_gets_the_interim_answer_before_the_body_is_s
 {
         start();
         client_send("POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n");
-        RUN_UNTIL(H.in_len >= 25);
+        RUN_UNTIL(H.event, H.in_len >= 25);
         assert_received("HTTP/1.1 100 Continue\r\n\r\n");
         ck_assert_uint_eq(H.n_seen, 0);
         client_send("hello");
-        RUN_UNTIL(H.n_seen == 1);
+        RUN_UNTIL(H.event, H.n_seen == 1);
         ck_assert_str_eq(H.seen[0].body, "hello");
 }
 END_TEST
@@ -537,7 +508,7 @@ START_TEST(test_pipelined_requests_in_one_write_are_answered_in_order)
                     "POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
                     "GET /3 HTTP/1.1\r\nHost: x\r\n\r\n");
         ck_assert_int_ge(asprintf(&want, "%s%s%s", a1, a2, a3), 0);
-        RUN_UNTIL(H.in_len >= strlen(want));
+        RUN_UNTIL(H.event, H.in_len >= strlen(want));
         assert_received(want);
         ck_assert_uint_eq(H.n_seen, 3);
         ck_assert_str_eq(H.seen[1].body, "abc");
@@ -554,15 +525,15 @@ START_TEST(test_pipelined_request_waits_until_the_answer_before_it_is_sent)
         start();
         H.mode = ANSWER_LATER;
         client_send("GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n");
-        run_idle();
+        run_idle(H.event);
         ck_assert_uint_eq(H.n_seen, 1);
         ck_assert(http_conn_busy(H.conn));
 
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "one", 3), 0);
-        RUN_UNTIL(H.n_seen == 2);
+        RUN_UNTIL(H.event, H.n_seen == 2);
         ck_assert_str_eq(H.seen[1].url, "/second");
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "two", 3), 0);
-        RUN_UNTIL(H.in_len > 0 && strstr(H.in, "two"));
+        RUN_UNTIL(H.event, H.in_len > 0 && strstr(H.in, "two"));
         ck_assert_msg(strstr(H.in, "one") < strstr(H.in, "two"), "answers out of order: %s", H.in);
 }
 END_TEST
@@ -573,13 +544,13 @@ START_TEST(test_keep_alive_connection_serves_a_later_request)
 
         start();
         client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.in_len >= strlen(a1));
-        run_idle();
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        run_idle(H.event);
         ck_assert(!H.closed);
         ck_assert(!http_conn_busy(H.conn));
         client_send("GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
         ck_assert_int_ge(asprintf(&want, "%s%s", a1, a2), 0);
-        RUN_UNTIL(H.in_len >= strlen(want));
+        RUN_UNTIL(H.event, H.in_len >= strlen(want));
         assert_received(want);
         free(a1);
         free(a2);
@@ -593,7 +564,7 @@ START_TEST(test_connection_close_is_answered_and_later_pipelined_requests_droppe
 
         start();
         client_send("GET /only HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /never HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.client_eof && H.closed);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
         assert_received(a1);
         ck_assert_uint_eq(H.n_seen, 1);
         ck_assert(!H.seen[0].keep_alive);
@@ -607,7 +578,7 @@ START_TEST(test_http10_request_is_answered_with_connection_close_and_closed)
 
         start();
         client_send("GET /old HTTP/1.0\r\n\r\n");
-        RUN_UNTIL(H.client_eof && H.closed);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
         assert_received(a1);
         ck_assert_uint_eq(H.seen[0].major, 1);
         ck_assert_uint_eq(H.seen[0].minor, 0);
@@ -622,11 +593,11 @@ START_TEST(test_http10_request_asking_for_keep_alive_stays_open)
 
         start();
         client_send("GET /k HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-        RUN_UNTIL(H.in_len >= strlen(a1));
-        run_idle();
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        run_idle(H.event);
         ck_assert(!H.closed);
         client_send("GET /l HTTP/1.0\r\n\r\n");
-        RUN_UNTIL(H.client_eof);
+        RUN_UNTIL(H.event, H.client_eof);
         ck_assert_int_ge(asprintf(&want, "%s%s", a1, a2), 0);
         assert_received(want);
         free(a1);
@@ -643,13 +614,13 @@ START_TEST(test_half_closed_unix_client_still_gets_its_answer)
         H.mode = ANSWER_LATER;
         client_send("POST /h HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi");
         ck_assert_int_eq(shutdown(H.client, SHUT_WR), 0);
-        RUN_UNTIL(H.n_seen == 1);
-        run_idle();
+        RUN_UNTIL(H.event, H.n_seen == 1);
+        run_idle(H.event);
         ck_assert_uint_eq(H.n_aborts, 0);
         ck_assert(!H.closed);
 
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "bye", 3), 0);
-        RUN_UNTIL(H.client_eof && H.closed);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
         assert_received("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbye");
         ck_assert_uint_eq(H.n_aborts, 0);
 }
@@ -660,7 +631,7 @@ START_TEST(test_half_closed_tcp_client_is_taken_as_gone_and_its_request_aborted)
         open_conn(true);
         hold_request("GET /t HTTP/1.1\r\nHost: x\r\n\r\n");
         ck_assert_int_eq(shutdown(H.client, SHUT_WR), 0);
-        RUN_UNTIL(H.closed);
+        RUN_UNTIL(H.event, H.closed);
         ck_assert_uint_eq(H.n_aborts, 1);
         ck_assert_ptr_eq(H.aborted_data, &H.request_marker);
 }
@@ -674,7 +645,7 @@ START_TEST(test_client_leaving_while_its_request_is_served_aborts_the_request)
         H.client = -1;
         sd_event_source_disable_unref(H.client_source);
         H.client_source = NULL;
-        RUN_UNTIL(H.closed);
+        RUN_UNTIL(H.event, H.closed);
         ck_assert_uint_eq(H.n_aborts, 1);
         ck_assert_ptr_eq(H.aborted_data, &H.request_marker);
 }
@@ -684,10 +655,10 @@ START_TEST(test_client_hanging_up_mid_request_closes_without_calling_the_handler
 {
         start();
         client_send("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf");
-        run_idle();
+        run_idle(H.event);
         ck_assert(http_conn_busy(H.conn));
         ck_assert_int_eq(shutdown(H.client, SHUT_WR), 0);
-        RUN_UNTIL(H.closed);
+        RUN_UNTIL(H.event, H.closed);
         ck_assert_uint_eq(H.n_seen, 0);
         ck_assert_uint_eq(H.n_aborts, 0);
 }
@@ -698,7 +669,7 @@ START_TEST(test_handler_aborting_closes_at_once_without_on_abort)
         start();
         H.mode = ANSWER_ABORT;
         client_send("GET /x HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.client_eof && H.closed);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
         ck_assert_uint_eq(H.n_seen, 1);
         ck_assert_uint_eq(H.in_len, 0);
         ck_assert_uint_eq(H.n_aborts, 0);
@@ -714,7 +685,7 @@ START_TEST(test_respond_writes_status_line_given_headers_connection_and_content_
         ck_assert_int_eq(http_conn_respond(H.conn, 404, (const struct http_header[]) {
                                                    { "Content-Type", "text/plain" }, { "X-Keypool-Key", "kp-0000000000" } },
                                            2, "nope", 4), 0);
-        RUN_UNTIL(H.in_len >= 4 && strstr(H.in, "nope"));
+        RUN_UNTIL(H.event, H.in_len >= 4 && strstr(H.in, "nope"));
         assert_received("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nX-Keypool-Key: kp-0000000000\r\n"
                         "Connection: keep-alive\r\nContent-Length: 4\r\n\r\nnope");
         ck_assert(!http_conn_busy(H.conn));
@@ -730,7 +701,7 @@ START_TEST(test_respond_error_writes_the_openai_error_shape_in_plain_ascii)
         ck_assert_int_eq(http_conn_respond_error(H.conn, 503, "keypool_error", "no_key_available",
                                                  (const struct http_header[]) { { "Retry-After", "7" } }, 1,
                                                  "pool %s: \xc3\xa9\n%d", "fast", 3), 0);
-        RUN_UNTIL(strstr(H.in ? H.in : "", "}}"));
+        RUN_UNTIL(H.event, strstr(H.in ? H.in : "", "}}"));
         j = received_error("HTTP/1.1 503 Service Unavailable\r\n");
         ck_assert_ptr_nonnull(strstr(H.in, "Retry-After: 7\r\n"));
         ck_assert_str_eq(error_field(j, "message"), "pool fast: ???3");
@@ -765,9 +736,9 @@ START_TEST(test_stream_to_http11_client_is_chunked_and_ends_with_the_zero_chunk)
         ck_assert_int_eq(http_conn_stream_write(H.conn, "", 0), 0);    /* no empty chunk: it would end the body */
         ck_assert_int_eq(http_conn_stream_write(H.conn, "abcdefghijklmnopqrstuvwxyz", 26), 0);
         ck_assert_int_eq(http_conn_stream_end(H.conn), 0);
-        RUN_UNTIL(H.in_len >= strlen(want));
+        RUN_UNTIL(H.event, H.in_len >= strlen(want));
         assert_received(want);
-        run_idle();
+        run_idle(H.event);
         ck_assert(!H.closed);
 }
 END_TEST
@@ -784,10 +755,10 @@ START_TEST(test_streamed_output_waits_for_the_loop_and_keeps_its_order)
         /* Nothing leaves before the loop runs the kick. */
         ck_assert_int_eq(recv(H.client, &c, 1, MSG_DONTWAIT | MSG_PEEK), -1);
         ck_assert_int_eq(errno, EAGAIN);
-        RUN_UNTIL(H.in_len > 0 && strstr(H.in, "1\r\nb\r\n"));
+        RUN_UNTIL(H.event, H.in_len > 0 && strstr(H.in, "1\r\nb\r\n"));
         ck_assert_ptr_nonnull(strstr(H.in, "\r\n\r\n1\r\na\r\n1\r\nb\r\n"));
         ck_assert_int_eq(http_conn_stream_end(H.conn), 0);
-        RUN_UNTIL(strstr(H.in, "0\r\n\r\n"));
+        RUN_UNTIL(H.event, strstr(H.in, "0\r\n\r\n"));
 }
 END_TEST
 
@@ -798,7 +769,7 @@ START_TEST(test_stream_to_http10_client_is_ended_by_closing)
         ck_assert_int_eq(http_conn_stream_begin(H.conn, 200, NULL, 0), 0);
         ck_assert_int_eq(http_conn_stream_write(H.conn, "data: 1\n\n", 9), 0);
         ck_assert_int_eq(http_conn_stream_end(H.conn), 0);
-        RUN_UNTIL(H.client_eof && H.closed);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
         assert_received("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\ndata: 1\n\n");
 }
 END_TEST
@@ -808,13 +779,13 @@ START_TEST(test_stream_write_reports_pressure_and_on_drain_follows_when_the_clie
         start();
         hold_request("GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
         stream_past_high_water();
-        run_idle();
+        run_idle(H.event);
         ck_assert_uint_eq(H.n_drains, 0);
 
         client_reads(true);
-        RUN_UNTIL(H.n_drains == 1);
+        RUN_UNTIL(H.event, H.n_drains == 1);
         ck_assert_int_eq(http_conn_stream_end(H.conn), 0);
-        RUN_UNTIL(H.in_len >= 5 && memcmp(H.in + H.in_len - 5, "0\r\n\r\n", 5) == 0);
+        RUN_UNTIL(H.event, H.in_len >= 5 && memcmp(H.in + H.in_len - 5, "0\r\n\r\n", 5) == 0);
         ck_assert_ptr_nonnull(strstr(H.in, "\r\n\r\n200000\r\nzzz"));
 }
 END_TEST
@@ -823,13 +794,13 @@ END_TEST
 
 START_TEST(test_silent_client_is_closed_after_the_idle_timeout)
 {
-        uint64_t t0 = now_usec();
+        uint64_t t0 = loop_now_usec();
 
         H.limits.timeout_usec = 100 * 1000;
         start();
-        RUN_UNTIL(H.closed);
-        ck_assert_uint_ge(now_usec() - t0, H.limits.timeout_usec);
-        RUN_UNTIL(H.client_eof);
+        RUN_UNTIL(H.event, H.closed);
+        ck_assert_uint_ge(loop_now_usec() - t0, H.limits.timeout_usec);
+        RUN_UNTIL(H.event, H.client_eof);
         ck_assert_uint_eq(H.in_len, 0);
 }
 END_TEST
@@ -842,10 +813,10 @@ START_TEST(test_keep_alive_connection_is_closed_after_the_idle_timeout_following
         H.limits.timeout_usec = 100 * 1000;
         start();
         client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.in_len >= strlen(a1));
-        t0 = now_usec();
-        RUN_UNTIL(H.closed);
-        ck_assert_uint_ge(now_usec() - t0, H.limits.timeout_usec / 2);
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        t0 = loop_now_usec();
+        RUN_UNTIL(H.event, H.closed);
+        ck_assert_uint_ge(loop_now_usec() - t0, H.limits.timeout_usec / 2);
         assert_received(a1);
         free(a1);
 }
@@ -859,12 +830,12 @@ START_TEST(test_slow_handler_is_not_timed_out_while_the_client_waits)
         start();
         hold_request("GET /slow HTTP/1.1\r\nHost: x\r\n\r\n");
         /* Wait three timeouts on the loop itself. */
-        t0 = now_usec();
-        while (now_usec() - t0 < 3 * H.limits.timeout_usec)
+        t0 = loop_now_usec();
+        while (loop_now_usec() - t0 < 3 * H.limits.timeout_usec)
                 ck_assert_int_ge(sd_event_run(H.event, H.limits.timeout_usec), 0);
         ck_assert(!H.closed);
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "late", 4), 0);
-        RUN_UNTIL(H.in_len > 0 && strstr(H.in, "late"));
+        RUN_UNTIL(H.event, H.in_len > 0 && strstr(H.in, "late"));
 }
 END_TEST
 
@@ -874,7 +845,7 @@ START_TEST(test_client_that_stops_reading_is_closed_after_the_timeout_and_its_re
         start();
         hold_request("GET /big HTTP/1.1\r\nHost: x\r\n\r\n");
         stream_past_high_water();
-        RUN_UNTIL(H.closed);
+        RUN_UNTIL(H.event, H.closed);
         ck_assert_uint_eq(H.n_aborts, 1);
         ck_assert_ptr_eq(H.aborted_data, &H.request_marker);
 }
@@ -886,10 +857,10 @@ START_TEST(test_shutdown_closes_an_idle_keep_alive_connection_at_once)
 
         start();
         client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.in_len >= strlen(a1));
-        run_idle();
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        run_idle(H.event);
         http_conn_shutdown(H.conn);
-        RUN_UNTIL(H.closed && H.client_eof);
+        RUN_UNTIL(H.event, H.closed && H.client_eof);
         assert_received(a1);
         free(a1);
 }
@@ -900,10 +871,10 @@ START_TEST(test_shutdown_lets_the_request_being_served_finish_with_connection_cl
         start();
         hold_request("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
         http_conn_shutdown(H.conn);
-        run_idle();
+        run_idle(H.event);
         ck_assert(!H.closed);
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "ok", 2), 0);
-        RUN_UNTIL(H.closed && H.client_eof);
+        RUN_UNTIL(H.event, H.closed && H.client_eof);
         assert_received("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
 }
 END_TEST
@@ -914,10 +885,10 @@ START_TEST(test_shutdown_still_serves_a_fresh_connections_first_request)
 
         start();
         http_conn_shutdown(H.conn);
-        run_idle();
+        run_idle(H.event);
         ck_assert(!H.closed);
         client_send("GET /first HTTP/1.1\r\nHost: x\r\n\r\n");
-        RUN_UNTIL(H.closed && H.client_eof);
+        RUN_UNTIL(H.event, H.closed && H.client_eof);
         assert_received(a1);
         free(a1);
 }
