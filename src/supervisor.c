@@ -16,17 +16,11 @@
  * through keytable's short critical sections.
  */
 #include <errno.h>
-#include <fcntl.h>
-#include <grp.h>
-#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,6 +29,7 @@
 
 #include "keypool/clock.h"
 #include "keypool/keytable.h"
+#include "keypool/listen.h"
 #include "keypool/log.h"
 #include "keypool/notify.h"
 #include "keypool/persist.h"
@@ -101,10 +96,7 @@ struct supervisor {
         enum supervisor_state state;
         sd_event *event;
         struct keytable *table;
-        int listen_fd;
-        int tcp_fd;                     /* http_listen, or -1 */
-        bool own_socket;                /* we created the socket file and remove it at exit */
-        char *socket_path;              /* the file we created */
+        struct listen_sockets sockets;
         int *wake_fds;                  /* one eventfd per worker slot, shared by all workers */
         unsigned n_wake_fds;
         pid_t pid;
@@ -298,8 +290,8 @@ static int spawn(struct child *c) {
                         .table = s->table,
                         .slot = slot,
                         .generation = g->number,
-                        .listen_fd = s->listen_fd,
-                        .tcp_listen_fd = s->tcp_fd,
+                        .listen_fd = s->sockets.unix_fd,
+                        .tcp_listen_fd = s->sockets.tcp_fd,
                         .wake_fds = s->wake_fds,
                         .n_wake_fds = s->n_wake_fds,
                         .coordinator_event_fd = sd_event_get_fd(s->event),
@@ -729,18 +721,7 @@ static void begin_stop(struct supervisor *s, int sig) {
         notify_stopping(&s->notify, "stopping");
         /* Stop taking clients at once: the socket file goes, and the listening sockets close
          * as soon as the workers have dropped their copies. */
-        if (s->own_socket) {
-                unlink(s->socket_path);
-                s->own_socket = false;
-        }
-        if (s->listen_fd >= 0) {
-                close(s->listen_fd);
-                s->listen_fd = -1;
-        }
-        if (s->tcp_fd >= 0) {
-                close(s->tcp_fd);
-                s->tcp_fd = -1;
-        }
+        listen_close(&s->sockets);
         s->stop_signal = sig;
         for (unsigned i = 0; i < s->current->n_children; i++)
                 s->current->children[i].respawn_timer =
@@ -773,195 +754,85 @@ static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, vo
         return 0;
 }
 
-/* --- the listening socket ---------------------------------------------------------------- */
+/* --- the listening sockets ------------------------------------------------------------- */
 
-static int make_parent_dir(const char *path) {
-        char *dir = strdup(path), *slash;
-        int r = 0;
+/* cfg's socket settings as listen takes them. The text was checked by config_load already; a
+ * group that has gone since is only a warning, as a failed chown is. */
+static int listen_spec_of(const struct config *cfg, struct listen_spec *ret) {
+        struct listen_spec spec = { .path = cfg->socket_path, .mode = (mode_t) cfg->socket_mode };
+        int r;
 
-        if (!dir)
-                return -ENOMEM;
-        slash = strrchr(dir, '/');
-        if (slash && slash != dir) {
-                *slash = 0;
-                for (char *p = dir + 1; *p; p++) {
-                        if (*p != '/')
-                                continue;
-                        *p = 0;
-                        if (mkdir(dir, 0755) < 0 && errno != EEXIST)
-                                r = -errno;
-                        *p = '/';
+        if (cfg->socket_group) {
+                r = listen_parse_group(cfg->socket_group, &spec.group);
+                if (r < 0)
+                        log_warning("cannot give %s to group %s: %s", cfg->socket_path, cfg->socket_group,
+                                    strerror(-r));
+                spec.set_group = r >= 0;
+        }
+        if (cfg->http_listen) {
+                r = listen_parse_tcp(cfg->http_listen, &spec);
+                if (r < 0) {
+                        log_error("http_listen %s: %s", cfg->http_listen, strerror(-r));
+                        return r;
                 }
-                if (r == 0 && mkdir(dir, 0755) < 0 && errno != EEXIST)
-                        r = -errno;
         }
-        free(dir);
-        return r;
-}
-
-/* Is something accepting connections on path right now? */
-static bool socket_answers(const struct sockaddr_un *sa) {
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        bool answers;
-
-        if (fd < 0)
-                return false;
-        answers = connect(fd, (const struct sockaddr *) sa, sizeof *sa) == 0;
-        close(fd);
-        return answers;
-}
-
-static void free_names(char **names) {
-        for (size_t i = 0; names && names[i]; i++)
-                free(names[i]);
-        free(names);
-}
-
-/* Socket activation: the socket named "keypool", else the first one passed. Returns 1 when a
- * socket was passed (and taken), 0 when none, negative on error. */
-static int inherit_listener(struct supervisor *s) {
-        char **names = NULL;
-        int n, fd = SD_LISTEN_FDS_START, r;
-
-        n = sd_listen_fds_with_names(1, &names);
-        if (n <= 0) {
-                free_names(names);
-                return n;
-        }
-        for (int i = 0; names && i < n; i++)
-                if (names[i] && strcmp(names[i], "keypool") == 0) {
-                        fd = SD_LISTEN_FDS_START + i;
-                        break;
-                }
-        free_names(names);
-
-        r = sd_is_socket(fd, AF_UNSPEC, SOCK_STREAM, 1);
-        if (r <= 0) {
-                log_error("the socket passed by the service manager (fd %d) is not a listening stream socket", fd);
-                return r < 0 ? r : -ENOTSOCK;
-        }
-        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
-                return -errno;
-        /* Any other passed fds are of no use to us. */
-        for (int i = 0; i < n; i++)
-                if (SD_LISTEN_FDS_START + i != fd)
-                        close(SD_LISTEN_FDS_START + i);
-        s->listen_fd = fd;
-        s->own_socket = false;
-        log_info("serving the socket passed by the service manager (fd %d)", fd);
-        return 1;
-}
-
-/* http_listen = "HOST:PORT" ("[v6]:PORT" for IPv6): the same API over TCP. */
-static int open_tcp_listener(struct supervisor *s, const struct config *cfg) {
-        struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
-        struct addrinfo *ai = NULL;
-        char host[256], *port;
-        int fd, r, one = 1;
-
-        if (!cfg->http_listen)
-                return 0;
-        snprintf(host, sizeof host, "%s", cfg->http_listen);
-        port = strrchr(host, ':');
-        if (!port)
-                return -EINVAL;
-        *port++ = 0;
-        if (host[0] == '[') {
-                memmove(host, host + 1, strlen(host));
-                host[strcspn(host, "]")] = 0;
-        }
-        r = getaddrinfo(host, port, &hints, &ai);
-        if (r != 0) {
-                log_error("http_listen %s: %s", cfg->http_listen, gai_strerror(r));
-                return -EINVAL;
-        }
-        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-            bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, SOMAXCONN) < 0) {
-                r = -errno;
-                log_error("cannot listen on %s: %s", cfg->http_listen, strerror(-r));
-                if (fd >= 0)
-                        close(fd);
-                freeaddrinfo(ai);
-                return r;
-        }
-        freeaddrinfo(ai);
-        s->tcp_fd = fd;
-        log_info("also serving the API over TCP on %s", cfg->http_listen);
+        *ret = spec;
         return 0;
 }
 
-static int socket_group(const char *name, gid_t *ret) {
-        char buf[4096], *end;
-        struct group grp, *found = NULL;
-        unsigned long n = strtoul(name, &end, 10);
-
-        if (*name && !*end) {
-                *ret = (gid_t) n;
-                return 0;
-        }
-        if (getgrnam_r(name, &grp, buf, sizeof buf, &found) != 0 || !found)
-                return -ENOENT;
-        *ret = found->gr_gid;
-        return 0;
-}
-
-static int open_listener(struct supervisor *s, const struct config *cfg) {
+/* One message for what listen_open could not do, with the setting it concerns. */
+static void log_listen_failure(const struct config *cfg, enum listen_step failed, int r) {
         const char *path = cfg->socket_path;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        struct stat st;
-        mode_t old_umask;
-        int fd, r;
 
-        r = inherit_listener(s);
-        if (r != 0)
-                return r < 0 ? r : 0;
-
-        if (strlen(path) >= sizeof sa.sun_path) {
+        switch (failed) {
+        case LISTEN_STEP_INHERIT:
+                log_error("the socket passed by the service manager is not a listening stream socket: %s",
+                          strerror(-r));
+                break;
+        case LISTEN_STEP_PATH:
                 log_error("socket path %s is too long", path);
-                return -ENAMETOOLONG;
-        }
-        strcpy(sa.sun_path, path);
-        r = make_parent_dir(path);
-        if (r < 0) {
+                break;
+        case LISTEN_STEP_DIRECTORY:
                 log_error("cannot create the directory of %s: %s", path, strerror(-r));
-                return r;
-        }
-        if (lstat(path, &st) == 0) {
-                if (!S_ISSOCK(st.st_mode)) {
-                        log_error("%s exists and is not a socket: refusing to replace it", path);
-                        return -EEXIST;
-                }
-                if (socket_answers(&sa)) {
-                        log_error("another server answers on %s: refusing to start", path);
-                        return -EADDRINUSE;
-                }
-                /* A stale socket file from a process that is gone. */
-                unlink(path);
-        }
-
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        /* Bind under a tight umask so the socket is never briefly open to everyone. */
-        old_umask = umask(0177);
-        r = bind(fd, (struct sockaddr *) &sa, sizeof sa);
-        umask(old_umask);
-        if (r >= 0 && cfg->socket_group) {
-                gid_t gid;
-
-                if (socket_group(cfg->socket_group, &gid) < 0 || chown(path, (uid_t) -1, gid) < 0)
-                        log_warning("cannot give %s to group %s: %s", path, cfg->socket_group, strerror(errno));
-        }
-        if (r < 0 || chmod(path, cfg->socket_mode) < 0 || listen(fd, SOMAXCONN) < 0) {
-                r = -errno;
+                break;
+        case LISTEN_STEP_NOT_A_SOCKET:
+                log_error("%s exists and is not a socket: refusing to replace it", path);
+                break;
+        case LISTEN_STEP_IN_USE:
+                log_error("another server answers on %s: refusing to start", path);
+                break;
+        case LISTEN_STEP_TCP_ADDRESS:
+                log_error("http_listen %s: %s", cfg->http_listen, strerror(-r));
+                break;
+        case LISTEN_STEP_TCP:
+                log_error("cannot listen on %s: %s", cfg->http_listen, strerror(-r));
+                break;
+        default:
                 log_error("cannot listen on %s: %s", path, strerror(-r));
-                close(fd);
+                break;
+        }
+}
+
+static int open_listeners(struct supervisor *s, const struct config *cfg) {
+        struct listen_spec spec;
+        enum listen_step failed = LISTEN_STEP_UNIX;
+        int r;
+
+        r = listen_spec_of(cfg, &spec);
+        if (r < 0)
+                return r;
+        r = listen_open(&spec, &s->sockets, &failed);
+        if (r < 0) {
+                log_listen_failure(cfg, failed, r);
                 return r;
         }
-        s->listen_fd = fd;
-        s->own_socket = true;
-        s->socket_path = strdup(path);
+        if (s->sockets.group_error < 0)
+                log_warning("cannot give %s to group %s: %s", cfg->socket_path, cfg->socket_group,
+                            strerror(-s->sockets.group_error));
+        if (s->sockets.inherited)
+                log_info("serving the socket passed by the service manager (fd %d)", s->sockets.unix_fd);
+        if (s->sockets.tcp_fd >= 0)
+                log_info("also serving the API over TCP on %s", cfg->http_listen);
         return 0;
 }
 
@@ -977,8 +848,7 @@ int supervisor_run(struct config *cfg) {
                 config_free(cfg);
                 return 1;
         }
-        s->listen_fd = -1;
-        s->tcp_fd = -1;
+        s->sockets = (struct listen_sockets) { .unix_fd = -1, .tcp_fd = -1 };
         s->pid = getpid();
         notify_init(&s->notify);
         s->current = new_generation(s, cfg);
@@ -1015,7 +885,7 @@ int supervisor_run(struct config *cfg) {
                 log_error("cannot set up the event loop: %s", strerror(-r));
                 goto finish;
         }
-        if (build_table(s, cfg) < 0 || open_listener(s, cfg) < 0 || open_tcp_listener(s, cfg) < 0)
+        if (build_table(s, cfg) < 0 || open_listeners(s, cfg) < 0)
                 goto finish;
         keytable_set_config_generation(s->table, s->current->number);
         load_state(s);
@@ -1025,7 +895,7 @@ int supervisor_run(struct config *cfg) {
                 log_warning("cannot schedule state snapshots");
         if (spawn_generation(s->current) < 0)
                 goto finish;
-        log_info("listening on %s", s->own_socket ? cfg->socket_path : "the socket passed by the service manager");
+        log_info("listening on %s", !s->sockets.inherited ? cfg->socket_path : "the socket passed by the service manager");
         wait_until_serving(s);
 
         r = sd_event_loop(s->event);
@@ -1050,13 +920,7 @@ finish:
         sd_event_source_disable_unref(s->ready_poll);
         sd_event_source_disable_unref(s->stop_timer);
         sd_event_source_disable_unref(s->state_timer);
-        if (s->tcp_fd >= 0)
-                close(s->tcp_fd);
-        if (s->listen_fd >= 0)
-                close(s->listen_fd);
-        if (s->own_socket)
-                unlink(s->socket_path);
-        free(s->socket_path);
+        listen_close(&s->sockets);
         for (unsigned i = 0; i < s->n_wake_fds; i++)
                 if (s->wake_fds[i] >= 0)
                         close(s->wake_fds[i]);
