@@ -1,9 +1,13 @@
 /* supervisor.c — the coordinator: keypoold's main process.
  *
- * One state machine, advanced by signals, worker exits and a periodic tick, each transition
- * logged:
+ * One state machine:
  *
  *   starting → running ⇄ reloading → running … → stopping → stopped
+ *
+ * Event handlers (signals, worker exits, respawn delays, the tick, the ready poll, the stop
+ * deadline) only record what happened on the supervisor and call advance(), the one function
+ * that acts on those facts and changes the state, logging each transition once. Which state
+ * follows is supervisor_next_state's pure decision.
  *
  * Workers belong to a generation: the configuration they were forked with and the bank of the
  * shared table that holds its pools. A reload builds the new configuration and its bank beside the
@@ -52,22 +56,18 @@
 #define READY_POLL_ACCURACY_USEC 100ULL
 #define TICK_USEC               (1000ULL * 1000)
 
-enum supervisor_state {
-        STATE_STARTING = 1,
-        STATE_RUNNING,
-        STATE_RELOADING,
-        STATE_STOPPING,
-        STATE_STOPPED,
-        _STATE_MAX,
+static const char *const state_names[_SUPERVISOR_STATE_MAX] = {
+        [0] = "none",
+        [SUPERVISOR_STARTING] = "starting",
+        [SUPERVISOR_RUNNING] = "running",
+        [SUPERVISOR_RELOADING] = "reloading",
+        [SUPERVISOR_STOPPING] = "stopping",
+        [SUPERVISOR_STOPPED] = "stopped",
 };
 
-static const char *const state_names[_STATE_MAX] = {
-        [STATE_STARTING] = "starting",
-        [STATE_RUNNING] = "running",
-        [STATE_RELOADING] = "reloading",
-        [STATE_STOPPING] = "stopping",
-        [STATE_STOPPED] = "stopped",
-};
+const char *supervisor_state_to_string(enum supervisor_state state) {
+        return (unsigned) state < _SUPERVISOR_STATE_MAX ? state_names[state] : "?";
+}
 
 struct generation;
 
@@ -79,6 +79,10 @@ struct child {
         int64_t started_ms;
         unsigned crashes;               /* quick deaths in a row */
         bool killed_wedged;             /* we killed it for a stale heartbeat */
+        /* Facts for advance(): */
+        bool exited;                    /* its process exited, having lived lived_ms */
+        int64_t lived_ms;
+        bool respawn_due;               /* its back-off delay has passed */
         sd_event_source *exit_source;
         sd_event_source *respawn_timer;
 };
@@ -88,6 +92,7 @@ struct generation {
         unsigned number;
         struct config *config;          /* owned */
         bool draining;                  /* told to stop; not respawned */
+        bool serving;                   /* every worker has accepted once (a fact for advance) */
         struct child children[MAX_WORKERS];
         unsigned n_children;
 };
@@ -109,18 +114,16 @@ struct supervisor {
         unsigned ready_polls;           /* polls since wait_until_serving */
         sd_event_source *stop_timer;
         sd_event_source *state_timer;
-        int stop_signal;
+        /* Facts the event handlers record for advance(), which alone acts on them: */
+        int stop_signal;                /* the stop asked for, or 0 */
+        int stop_acted;                 /* the stop the workers were told of, or 0 */
+        bool stop_deadline_passed;
+        bool reload_requested;
 };
 
 static int spawn(struct child *c);
+static void advance(struct supervisor *s);
 static void status_line(struct supervisor *s, int64_t now, char *line, size_t size);
-
-static void set_state(struct supervisor *s, enum supervisor_state next) {
-        if (s->state == next)
-                return;
-        log_info("coordinator: %s → %s", s->state ? state_names[s->state] : "none", state_names[next]);
-        s->state = next;
-}
 
 static unsigned live_children(const struct generation *g) {
         unsigned n = 0;
@@ -161,17 +164,8 @@ static void signal_generation(struct generation *g, int sig) {
                         kill(g->children[i].pid, sig);
 }
 
-static void maybe_stopped(struct supervisor *s) {
-        if (s->state == STATE_STOPPING && live_children(s->current) == 0 && live_children(s->old) == 0) {
-                set_state(s, STATE_STOPPED);
-                sd_event_exit(s->event, 0);
-        }
-}
-
 /* The old generation has drained: its configuration and bank can go. */
-static void maybe_retire_old(struct supervisor *s) {
-        if (!s->old || live_children(s->old) > 0)
-                return;
+static void retire_old(struct supervisor *s) {
         log_event(LOG_INFO, "reload", NULL, "generation %u has drained and exited", s->old->number);
         free_generation(s->old);
         s->old = NULL;
@@ -179,24 +173,33 @@ static void maybe_retire_old(struct supervisor *s) {
 
 /* --- workers ----------------------------------------------------------------------------- */
 
+uint64_t supervisor_respawn_delay_ms(unsigned crashes) {
+        uint64_t delay_ms;
+
+        if (crashes == 0)
+                return 0;
+        delay_ms = (uint64_t) RESPAWN_MIN_DELAY_MS << (crashes > 8 ? 8 : crashes - 1);
+        return delay_ms > RESPAWN_MAX_DELAY_MS ? RESPAWN_MAX_DELAY_MS : delay_ms;
+}
+
+unsigned supervisor_crashes_after_exit(unsigned crashes, int64_t lived_ms, bool killed_wedged) {
+        /* A wedged worker killed on purpose is not a crash of its own making. */
+        return lived_ms < QUICK_DEATH_MS && !killed_wedged ? crashes + 1 : 0;
+}
+
 static int on_respawn_due(sd_event_source *src, uint64_t usec, void *userdata) {
         struct child *c = userdata;
 
         c->respawn_timer = sd_event_source_disable_unref(c->respawn_timer);
-        if (!c->gen->draining && c->gen->owner->state != STATE_STOPPING)
-                spawn(c);
+        c->respawn_due = true;
+        advance(c->gen->owner);
         return 0;
 }
 
 static void schedule_respawn(struct child *c) {
         struct supervisor *s = c->gen->owner;
-        uint64_t delay_ms = 0;
+        uint64_t delay_ms = supervisor_respawn_delay_ms(c->crashes);
 
-        if (c->crashes > 0) {
-                delay_ms = RESPAWN_MIN_DELAY_MS << (c->crashes > 8 ? 8 : c->crashes - 1);
-                if (delay_ms > RESPAWN_MAX_DELAY_MS)
-                        delay_ms = RESPAWN_MAX_DELAY_MS;
-        }
         if (delay_ms == 0) {
                 spawn(c);
                 return;
@@ -213,7 +216,7 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
         struct supervisor *s = g->owner;
         struct log_fields f = LOG_FIELDS_NONE;
         int64_t lived = clock_mono_ms() - c->started_ms;
-        bool expected = s->state == STATE_STOPPING || g->draining;
+        bool expected = s->state == SUPERVISOR_STOPPING || g->draining;
 
         /* sd-event reaped the process already; the table kept what it held until now. Its
          * leases may have held keys other workers' requests wait for: wake them all. */
@@ -235,20 +238,10 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
                           "worker %u of generation %u killed by signal %s%s", c->position, g->number,
                           strsignal(si->si_status), c->killed_wedged ? " (its heartbeat had stopped)" : "");
         c->pid = 0;
-
-        if (s->state == STATE_STOPPING) {
-                maybe_stopped(s);
-                return 0;
-        }
-        if (g->draining || g != s->current) {
-                /* A generation being replaced is not kept alive: its place is the new one's. */
-                maybe_retire_old(s);
-                return 0;
-        }
-        /* A wedged worker killed on purpose is not a crash of its own making. */
-        c->crashes = lived < QUICK_DEATH_MS && !c->killed_wedged ? c->crashes + 1 : 0;
-        c->killed_wedged = false;
-        schedule_respawn(c);
+        c->exited = true;
+        c->lived_ms = lived;
+        /* c and its generation may be gone after this. */
+        advance(s);
         return 0;
 }
 
@@ -339,9 +332,8 @@ static bool generation_serving(struct supervisor *s, const struct generation *g)
 
 static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
         struct supervisor *s = userdata;
-        char status[256];
 
-        if (s->state != STATE_STARTING && s->state != STATE_RELOADING) {
+        if (s->state != SUPERVISOR_STARTING && s->state != SUPERVISOR_RELOADING) {
                 s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
                 return 0;
         }
@@ -351,19 +343,8 @@ static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
                 return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
         }
         s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
-
-        if (s->state == STATE_RELOADING && s->old) {
-                /* The new generation accepts: the old one stops accepting and drains. */
-                s->old->draining = true;
-                signal_generation(s->old, SIGTERM);
-                log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
-                          s->current->number, s->old->number);
-        }
-        set_state(s, STATE_RUNNING);
-        status_line(s, clock_mono_ms(), status, sizeof status);
-        notify_ready(&s->notify, status);
-        log_event(LOG_INFO, "ready", NULL, "ready: %s", status);
-        maybe_retire_old(s);
+        s->current->serving = true;
+        advance(s);
         return 0;
 }
 
@@ -474,18 +455,21 @@ static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
         int64_t now = clock_mono_ms();
         uint64_t period = TICK_USEC;
         bool healthy;
+        int r;
 
-        if (s->state == STATE_RUNNING)
+        if (s->state == SUPERVISOR_RUNNING)
                 note_recoveries(s, now);
 
-        healthy = check_workers(s, now) && (s->state == STATE_RUNNING || s->state == STATE_RELOADING);
-        if (s->state != STATE_STOPPING)
+        healthy = check_workers(s, now) && (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING);
+        if (s->state != SUPERVISOR_STOPPING)
                 update_status(s, now);
         notify_tick(&s->notify, now, healthy);
         if (s->notify.watchdog_usec > 0 && s->notify.watchdog_usec / 4 < period)
                 period = s->notify.watchdog_usec / 4;
         sd_event_source_set_time_relative(src, period);
-        return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+        r = sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+        advance(s);
+        return r;
 }
 
 /* --- the table --------------------------------------------------------------------------- */
@@ -688,11 +672,9 @@ static void reload(struct supervisor *s) {
         keytable_bank_commit(s->table);
         keytable_set_config_generation(s->table, g->number);
         s->reload_failed = false;
+        /* The newest generation does not serve yet: advance() takes it from here. */
         s->old = s->current;
         s->current = g;
-        set_state(s, STATE_RELOADING);
-        spawn_generation(g);
-        wait_until_serving(s);
 }
 
 /* --- stopping ---------------------------------------------------------------------------- */
@@ -700,29 +682,32 @@ static void reload(struct supervisor *s) {
 static int on_stop_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
         struct supervisor *s = userdata;
 
-        if (live_children(s->current) + live_children(s->old) > 0) {
-                log_warning("workers did not stop in time: killing them");
-                signal_generation(s->current, SIGKILL);
-                signal_generation(s->old, SIGKILL);
-        }
+        s->stop_deadline_passed = true;
+        advance(s);
         return 0;
 }
 
-static void begin_stop(struct supervisor *s, int sig) {
-        uint64_t deadline = sig == SIGTERM ? (uint64_t) s->current->config->shutdown_timeout * 1000000
-                          : sig == SIGINT ? STOP_FAST_USEC : STOP_IMMEDIATE_USEC;
+bool supervisor_stop_takes_over(int stopping, int sig) {
+        return !stopping || (sig != SIGTERM && sig != stopping);
+}
 
-        /* A harder signal while stopping escalates; the same or a softer one changes nothing. */
-        if (s->state == STATE_STOPPING && (sig == SIGTERM || sig == s->stop_signal))
-                return;
+uint64_t supervisor_stop_deadline_usec(int sig, unsigned shutdown_timeout_sec) {
+        return sig == SIGTERM ? (uint64_t) shutdown_timeout_sec * 1000000
+             : sig == SIGINT ? STOP_FAST_USEC : STOP_IMMEDIATE_USEC;
+}
+
+static void announce_stop(struct supervisor *s) {
+        int sig = s->stop_signal;
+
         log_event(LOG_NOTICE, "shutdown", NULL, "%s: %s shutdown", strsignal(sig),
                   sig == SIGTERM ? "graceful" : sig == SIGINT ? "fast" : "immediate");
-        set_state(s, STATE_STOPPING);
-        notify_stopping(&s->notify, "stopping");
-        /* Stop taking clients at once: the socket file goes, and the listening sockets close
-         * as soon as the workers have dropped their copies. */
-        listen_close(&s->sockets);
-        s->stop_signal = sig;
+}
+
+/* Tells every worker to stop as stop_signal asks, and gives them until its deadline. */
+static void stop_workers(struct supervisor *s) {
+        int sig = s->stop_signal;
+
+        s->stop_acted = sig;
         for (unsigned i = 0; i < s->current->n_children; i++)
                 s->current->children[i].respawn_timer =
                         sd_event_source_disable_unref(s->current->children[i].respawn_timer);
@@ -730,28 +715,177 @@ static void begin_stop(struct supervisor *s, int sig) {
         signal_generation(s->current, sig);
         signal_generation(s->old, sig);
         s->stop_timer = sd_event_source_disable_unref(s->stop_timer);
-        sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC, deadline, 1000, on_stop_deadline, s);
-        maybe_stopped(s);
+        sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC,
+                                   supervisor_stop_deadline_usec(sig, s->current->config->shutdown_timeout),
+                                   1000, on_stop_deadline, s);
 }
 
 static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
         struct supervisor *s = userdata;
+        int sig = (int) si->ssi_signo;
 
-        switch (si->ssi_signo) {
+        switch (sig) {
         case SIGTERM:
         case SIGINT:
         case SIGQUIT:
-                begin_stop(s, (int) si->ssi_signo);
+                if (supervisor_stop_takes_over(s->stop_signal, sig))
+                        s->stop_signal = sig;
                 break;
         case SIGHUP:
-                if (s->state == STATE_RUNNING)
+                s->reload_requested = true;
+                break;
+        }
+        advance(s);
+        return 0;
+}
+
+/* --- the state machine ------------------------------------------------------------------- */
+
+enum supervisor_state supervisor_next_state(const struct supervisor_facts *f) {
+        if (!f->state)
+                return SUPERVISOR_STARTING;
+        switch (f->state) {
+        case SUPERVISOR_STARTING:
+        case SUPERVISOR_RELOADING:
+                if (f->stop_signal)
+                        return SUPERVISOR_STOPPING;
+                return f->current_serving ? SUPERVISOR_RUNNING : f->state;
+        case SUPERVISOR_RUNNING:
+                if (f->stop_signal)
+                        return SUPERVISOR_STOPPING;
+                /* A reload put a generation in place that has yet to accept. */
+                return f->current_serving ? SUPERVISOR_RUNNING : SUPERVISOR_RELOADING;
+        case SUPERVISOR_STOPPING:
+                return f->live_workers == 0 ? SUPERVISOR_STOPPED : SUPERVISOR_STOPPING;
+        default:
+                return f->state;
+        }
+}
+
+static void set_state(struct supervisor *s, enum supervisor_state next) {
+        log_info("coordinator: %s → %s", supervisor_state_to_string(s->state), supervisor_state_to_string(next));
+        s->state = next;
+}
+
+/* The transition into next, with what must happen on the way. */
+static void enter(struct supervisor *s, enum supervisor_state next) {
+        char status[256];
+
+        switch (next) {
+        case SUPERVISOR_RUNNING:
+                if (s->state == SUPERVISOR_RELOADING && s->old) {
+                        /* The new generation accepts: the old one stops accepting and drains. */
+                        s->old->draining = true;
+                        signal_generation(s->old, SIGTERM);
+                        log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
+                                  s->current->number, s->old->number);
+                }
+                set_state(s, next);
+                status_line(s, clock_mono_ms(), status, sizeof status);
+                notify_ready(&s->notify, status);
+                log_event(LOG_INFO, "ready", NULL, "ready: %s", status);
+                break;
+        case SUPERVISOR_RELOADING:
+                set_state(s, next);
+                spawn_generation(s->current);
+                wait_until_serving(s);
+                break;
+        case SUPERVISOR_STOPPING:
+                announce_stop(s);
+                set_state(s, next);
+                notify_stopping(&s->notify, "stopping");
+                /* Stop taking clients at once: the socket file goes, and the listening sockets
+                 * close as soon as the workers have dropped their copies. */
+                listen_close(&s->sockets);
+                stop_workers(s);
+                break;
+        case SUPERVISOR_STOPPED:
+                set_state(s, next);
+                sd_event_exit(s->event, 0);
+                break;
+        default:
+                set_state(s, next);
+                break;
+        }
+}
+
+/* Worker exits and due respawns: a position of the generation that serves gets a process again,
+ * after a delay when it keeps dying; a generation being replaced is not kept alive. */
+static void tend_workers(struct supervisor *s) {
+        struct generation *gens[2] = { s->current, s->old };
+        bool stopping = s->state == SUPERVISOR_STOPPING || s->state == SUPERVISOR_STOPPED;
+
+        for (unsigned g = 0; g < 2; g++)
+                for (unsigned i = 0; gens[g] && i < gens[g]->n_children; i++) {
+                        struct child *c = &gens[g]->children[i];
+
+                        if (c->exited) {
+                                c->exited = false;
+                                if (!stopping && gens[g] == s->current && !gens[g]->draining) {
+                                        c->crashes = supervisor_crashes_after_exit(c->crashes, c->lived_ms,
+                                                                                   c->killed_wedged);
+                                        c->killed_wedged = false;
+                                        schedule_respawn(c);
+                                }
+                        }
+                        if (c->respawn_due) {
+                                c->respawn_due = false;
+                                if (!stopping && !gens[g]->draining)
+                                        spawn(c);
+                        }
+                }
+}
+
+/* The one place the coordinator's state changes (PostgreSQL's PostmasterStateMachine is the
+ * model): every event handler records what happened on the supervisor and calls this, which
+ * acts on it, moves through as many states as the facts allow, logging each transition once,
+ * and then tidies up what the new state leaves behind. */
+static void advance(struct supervisor *s) {
+        struct supervisor_facts f;
+        enum supervisor_state next;
+
+        if (s->reload_requested) {
+                s->reload_requested = false;
+                if (s->state == SUPERVISOR_RUNNING)
                         reload(s);
                 else
                         log_event(LOG_WARNING, "reload_failed", NULL, "SIGHUP while %s: ignored",
-                                  state_names[s->state]);
-                break;
+                                  supervisor_state_to_string(s->state));
         }
-        return 0;
+        tend_workers(s);
+        if (s->state == SUPERVISOR_STOPPING && s->stop_signal != s->stop_acted) {
+                /* A harder signal while stopping: say so and tell the workers. */
+                announce_stop(s);
+                notify_stopping(&s->notify, "stopping");
+                stop_workers(s);
+        }
+        if (s->stop_deadline_passed) {
+                s->stop_deadline_passed = false;
+                if (live_children(s->current) + live_children(s->old) > 0) {
+                        log_warning("workers did not stop in time: killing them");
+                        signal_generation(s->current, SIGKILL);
+                        signal_generation(s->old, SIGKILL);
+                }
+        }
+
+        for (;;) {
+                f = (struct supervisor_facts) {
+                        .state = s->state,
+                        .stop_signal = s->stop_signal,
+                        .current_serving = s->current->serving,
+                        .live_workers = live_children(s->current) + live_children(s->old),
+                };
+                next = supervisor_next_state(&f);
+                if (next == s->state)
+                        break;
+                enter(s, next);
+        }
+
+        /* The old generation has drained (or died) once it has no process left; while stopping,
+         * both generations go together at the end. */
+        if (s->old && live_children(s->old) == 0 &&
+            (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING))
+                retire_old(s);
 }
 
 /* --- the listening sockets ------------------------------------------------------------- */
@@ -857,7 +991,7 @@ int supervisor_run(struct config *cfg) {
                 free(s);
                 return 1;
         }
-        set_state(s, STATE_STARTING);
+        advance(s);
         log_event(LOG_INFO, "startup", NULL, "keypoold %s starting: %u pools, %u keys, %u workers",
                   PACKAGE_VERSION, cfg->n_pools, cfg->n_keys, s->current->n_children);
 
@@ -903,7 +1037,7 @@ int supervisor_run(struct config *cfg) {
         save_state(s);
 
 finish:
-        if (s->state != STATE_STOPPED) {
+        if (s->state != SUPERVISOR_STOPPED) {
                 /* Failed while starting: take down what did start. */
                 struct generation *gens[2] = { s->current, s->old };
 
