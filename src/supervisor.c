@@ -1,9 +1,13 @@
 /* supervisor.c — the coordinator: keypoold's main process.
  *
- * One state machine, advanced by signals, worker exits and a periodic tick, each transition
- * logged:
+ * One state machine:
  *
  *   starting → running ⇄ reloading → running … → stopping → stopped
+ *
+ * Event handlers (signals, worker exits, respawn delays, the tick, the ready poll, the stop
+ * deadline) only record what happened on the supervisor and call advance(), the one function
+ * that acts on those facts and changes the state, logging each transition once. Which state
+ * follows is supervisor_next_state's pure decision.
  *
  * Workers belong to a generation: the configuration they were forked with and the bank of the
  * shared table that holds its pools. A reload builds the new configuration and its bank beside the
@@ -16,17 +20,11 @@
  * through keytable's short critical sections.
  */
 #include <errno.h>
-#include <fcntl.h>
-#include <grp.h>
-#include <netdb.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,6 +33,7 @@
 
 #include "keypool/clock.h"
 #include "keypool/keytable.h"
+#include "keypool/listen.h"
 #include "keypool/log.h"
 #include "keypool/notify.h"
 #include "keypool/persist.h"
@@ -57,22 +56,18 @@
 #define READY_POLL_ACCURACY_USEC 100ULL
 #define TICK_USEC               (1000ULL * 1000)
 
-enum supervisor_state {
-        STATE_STARTING = 1,
-        STATE_RUNNING,
-        STATE_RELOADING,
-        STATE_STOPPING,
-        STATE_STOPPED,
-        _STATE_MAX,
+static const char *const state_names[_SUPERVISOR_STATE_MAX] = {
+        [0] = "none",
+        [SUPERVISOR_STARTING] = "starting",
+        [SUPERVISOR_RUNNING] = "running",
+        [SUPERVISOR_RELOADING] = "reloading",
+        [SUPERVISOR_STOPPING] = "stopping",
+        [SUPERVISOR_STOPPED] = "stopped",
 };
 
-static const char *const state_names[_STATE_MAX] = {
-        [STATE_STARTING] = "starting",
-        [STATE_RUNNING] = "running",
-        [STATE_RELOADING] = "reloading",
-        [STATE_STOPPING] = "stopping",
-        [STATE_STOPPED] = "stopped",
-};
+const char *supervisor_state_to_string(enum supervisor_state state) {
+        return (unsigned) state < _SUPERVISOR_STATE_MAX ? state_names[state] : "?";
+}
 
 struct generation;
 
@@ -84,6 +79,10 @@ struct child {
         int64_t started_ms;
         unsigned crashes;               /* quick deaths in a row */
         bool killed_wedged;             /* we killed it for a stale heartbeat */
+        /* Facts for advance(): */
+        bool exited;                    /* its process exited, having lived lived_ms */
+        int64_t lived_ms;
+        bool respawn_due;               /* its back-off delay has passed */
         sd_event_source *exit_source;
         sd_event_source *respawn_timer;
 };
@@ -93,6 +92,7 @@ struct generation {
         unsigned number;
         struct config *config;          /* owned */
         bool draining;                  /* told to stop; not respawned */
+        bool serving;                   /* every worker has accepted once (a fact for advance) */
         struct child children[MAX_WORKERS];
         unsigned n_children;
 };
@@ -101,10 +101,7 @@ struct supervisor {
         enum supervisor_state state;
         sd_event *event;
         struct keytable *table;
-        int listen_fd;
-        int tcp_fd;                     /* http_listen, or -1 */
-        bool own_socket;                /* we created the socket file and remove it at exit */
-        char *socket_path;              /* the file we created */
+        struct listen_sockets sockets;
         int *wake_fds;                  /* one eventfd per worker slot, shared by all workers */
         unsigned n_wake_fds;
         pid_t pid;
@@ -117,18 +114,16 @@ struct supervisor {
         unsigned ready_polls;           /* polls since wait_until_serving */
         sd_event_source *stop_timer;
         sd_event_source *state_timer;
-        int stop_signal;
+        /* Facts the event handlers record for advance(), which alone acts on them: */
+        int stop_signal;                /* the stop asked for, or 0 */
+        int stop_acted;                 /* the stop the workers were told of, or 0 */
+        bool stop_deadline_passed;
+        bool reload_requested;
 };
 
 static int spawn(struct child *c);
+static void advance(struct supervisor *s);
 static void status_line(struct supervisor *s, int64_t now, char *line, size_t size);
-
-static void set_state(struct supervisor *s, enum supervisor_state next) {
-        if (s->state == next)
-                return;
-        log_info("coordinator: %s → %s", s->state ? state_names[s->state] : "none", state_names[next]);
-        s->state = next;
-}
 
 static unsigned live_children(const struct generation *g) {
         unsigned n = 0;
@@ -169,17 +164,8 @@ static void signal_generation(struct generation *g, int sig) {
                         kill(g->children[i].pid, sig);
 }
 
-static void maybe_stopped(struct supervisor *s) {
-        if (s->state == STATE_STOPPING && live_children(s->current) == 0 && live_children(s->old) == 0) {
-                set_state(s, STATE_STOPPED);
-                sd_event_exit(s->event, 0);
-        }
-}
-
 /* The old generation has drained: its configuration and bank can go. */
-static void maybe_retire_old(struct supervisor *s) {
-        if (!s->old || live_children(s->old) > 0)
-                return;
+static void retire_old(struct supervisor *s) {
         log_event(LOG_INFO, "reload", NULL, "generation %u has drained and exited", s->old->number);
         free_generation(s->old);
         s->old = NULL;
@@ -187,24 +173,33 @@ static void maybe_retire_old(struct supervisor *s) {
 
 /* --- workers ----------------------------------------------------------------------------- */
 
+uint64_t supervisor_respawn_delay_ms(unsigned crashes) {
+        uint64_t delay_ms;
+
+        if (crashes == 0)
+                return 0;
+        delay_ms = (uint64_t) RESPAWN_MIN_DELAY_MS << (crashes > 8 ? 8 : crashes - 1);
+        return delay_ms > RESPAWN_MAX_DELAY_MS ? RESPAWN_MAX_DELAY_MS : delay_ms;
+}
+
+unsigned supervisor_crashes_after_exit(unsigned crashes, int64_t lived_ms, bool killed_wedged) {
+        /* A wedged worker killed on purpose is not a crash of its own making. */
+        return lived_ms < QUICK_DEATH_MS && !killed_wedged ? crashes + 1 : 0;
+}
+
 static int on_respawn_due(sd_event_source *src, uint64_t usec, void *userdata) {
         struct child *c = userdata;
 
         c->respawn_timer = sd_event_source_disable_unref(c->respawn_timer);
-        if (!c->gen->draining && c->gen->owner->state != STATE_STOPPING)
-                spawn(c);
+        c->respawn_due = true;
+        advance(c->gen->owner);
         return 0;
 }
 
 static void schedule_respawn(struct child *c) {
         struct supervisor *s = c->gen->owner;
-        uint64_t delay_ms = 0;
+        uint64_t delay_ms = supervisor_respawn_delay_ms(c->crashes);
 
-        if (c->crashes > 0) {
-                delay_ms = RESPAWN_MIN_DELAY_MS << (c->crashes > 8 ? 8 : c->crashes - 1);
-                if (delay_ms > RESPAWN_MAX_DELAY_MS)
-                        delay_ms = RESPAWN_MAX_DELAY_MS;
-        }
         if (delay_ms == 0) {
                 spawn(c);
                 return;
@@ -221,7 +216,7 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
         struct supervisor *s = g->owner;
         struct log_fields f = LOG_FIELDS_NONE;
         int64_t lived = clock_mono_ms() - c->started_ms;
-        bool expected = s->state == STATE_STOPPING || g->draining;
+        bool expected = s->state == SUPERVISOR_STOPPING || g->draining;
 
         /* sd-event reaped the process already; the table kept what it held until now. Its
          * leases may have held keys other workers' requests wait for: wake them all. */
@@ -243,20 +238,10 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
                           "worker %u of generation %u killed by signal %s%s", c->position, g->number,
                           strsignal(si->si_status), c->killed_wedged ? " (its heartbeat had stopped)" : "");
         c->pid = 0;
-
-        if (s->state == STATE_STOPPING) {
-                maybe_stopped(s);
-                return 0;
-        }
-        if (g->draining || g != s->current) {
-                /* A generation being replaced is not kept alive: its place is the new one's. */
-                maybe_retire_old(s);
-                return 0;
-        }
-        /* A wedged worker killed on purpose is not a crash of its own making. */
-        c->crashes = lived < QUICK_DEATH_MS && !c->killed_wedged ? c->crashes + 1 : 0;
-        c->killed_wedged = false;
-        schedule_respawn(c);
+        c->exited = true;
+        c->lived_ms = lived;
+        /* c and its generation may be gone after this. */
+        advance(s);
         return 0;
 }
 
@@ -298,8 +283,8 @@ static int spawn(struct child *c) {
                         .table = s->table,
                         .slot = slot,
                         .generation = g->number,
-                        .listen_fd = s->listen_fd,
-                        .tcp_listen_fd = s->tcp_fd,
+                        .listen_fd = s->sockets.unix_fd,
+                        .tcp_listen_fd = s->sockets.tcp_fd,
                         .wake_fds = s->wake_fds,
                         .n_wake_fds = s->n_wake_fds,
                         .coordinator_event_fd = sd_event_get_fd(s->event),
@@ -347,9 +332,8 @@ static bool generation_serving(struct supervisor *s, const struct generation *g)
 
 static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
         struct supervisor *s = userdata;
-        char status[256];
 
-        if (s->state != STATE_STARTING && s->state != STATE_RELOADING) {
+        if (s->state != SUPERVISOR_STARTING && s->state != SUPERVISOR_RELOADING) {
                 s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
                 return 0;
         }
@@ -359,19 +343,8 @@ static int on_ready_poll(sd_event_source *src, uint64_t usec, void *userdata) {
                 return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
         }
         s->ready_poll = sd_event_source_disable_unref(s->ready_poll);
-
-        if (s->state == STATE_RELOADING && s->old) {
-                /* The new generation accepts: the old one stops accepting and drains. */
-                s->old->draining = true;
-                signal_generation(s->old, SIGTERM);
-                log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
-                          s->current->number, s->old->number);
-        }
-        set_state(s, STATE_RUNNING);
-        status_line(s, clock_mono_ms(), status, sizeof status);
-        notify_ready(&s->notify, status);
-        log_event(LOG_INFO, "ready", NULL, "ready: %s", status);
-        maybe_retire_old(s);
+        s->current->serving = true;
+        advance(s);
         return 0;
 }
 
@@ -482,18 +455,21 @@ static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
         int64_t now = clock_mono_ms();
         uint64_t period = TICK_USEC;
         bool healthy;
+        int r;
 
-        if (s->state == STATE_RUNNING)
+        if (s->state == SUPERVISOR_RUNNING)
                 note_recoveries(s, now);
 
-        healthy = check_workers(s, now) && (s->state == STATE_RUNNING || s->state == STATE_RELOADING);
-        if (s->state != STATE_STOPPING)
+        healthy = check_workers(s, now) && (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING);
+        if (s->state != SUPERVISOR_STOPPING)
                 update_status(s, now);
         notify_tick(&s->notify, now, healthy);
         if (s->notify.watchdog_usec > 0 && s->notify.watchdog_usec / 4 < period)
                 period = s->notify.watchdog_usec / 4;
         sd_event_source_set_time_relative(src, period);
-        return sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+        r = sd_event_source_set_enabled(src, SD_EVENT_ONESHOT);
+        advance(s);
+        return r;
 }
 
 /* --- the table --------------------------------------------------------------------------- */
@@ -696,11 +672,9 @@ static void reload(struct supervisor *s) {
         keytable_bank_commit(s->table);
         keytable_set_config_generation(s->table, g->number);
         s->reload_failed = false;
+        /* The newest generation does not serve yet: advance() takes it from here. */
         s->old = s->current;
         s->current = g;
-        set_state(s, STATE_RELOADING);
-        spawn_generation(g);
-        wait_until_serving(s);
 }
 
 /* --- stopping ---------------------------------------------------------------------------- */
@@ -708,40 +682,32 @@ static void reload(struct supervisor *s) {
 static int on_stop_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
         struct supervisor *s = userdata;
 
-        if (live_children(s->current) + live_children(s->old) > 0) {
-                log_warning("workers did not stop in time: killing them");
-                signal_generation(s->current, SIGKILL);
-                signal_generation(s->old, SIGKILL);
-        }
+        s->stop_deadline_passed = true;
+        advance(s);
         return 0;
 }
 
-static void begin_stop(struct supervisor *s, int sig) {
-        uint64_t deadline = sig == SIGTERM ? (uint64_t) s->current->config->shutdown_timeout * 1000000
-                          : sig == SIGINT ? STOP_FAST_USEC : STOP_IMMEDIATE_USEC;
+bool supervisor_stop_takes_over(int stopping, int sig) {
+        return !stopping || (sig != SIGTERM && sig != stopping);
+}
 
-        /* A harder signal while stopping escalates; the same or a softer one changes nothing. */
-        if (s->state == STATE_STOPPING && (sig == SIGTERM || sig == s->stop_signal))
-                return;
+uint64_t supervisor_stop_deadline_usec(int sig, unsigned shutdown_timeout_sec) {
+        return sig == SIGTERM ? (uint64_t) shutdown_timeout_sec * 1000000
+             : sig == SIGINT ? STOP_FAST_USEC : STOP_IMMEDIATE_USEC;
+}
+
+static void announce_stop(struct supervisor *s) {
+        int sig = s->stop_signal;
+
         log_event(LOG_NOTICE, "shutdown", NULL, "%s: %s shutdown", strsignal(sig),
                   sig == SIGTERM ? "graceful" : sig == SIGINT ? "fast" : "immediate");
-        set_state(s, STATE_STOPPING);
-        notify_stopping(&s->notify, "stopping");
-        /* Stop taking clients at once: the socket file goes, and the listening sockets close
-         * as soon as the workers have dropped their copies. */
-        if (s->own_socket) {
-                unlink(s->socket_path);
-                s->own_socket = false;
-        }
-        if (s->listen_fd >= 0) {
-                close(s->listen_fd);
-                s->listen_fd = -1;
-        }
-        if (s->tcp_fd >= 0) {
-                close(s->tcp_fd);
-                s->tcp_fd = -1;
-        }
-        s->stop_signal = sig;
+}
+
+/* Tells every worker to stop as stop_signal asks, and gives them until its deadline. */
+static void stop_workers(struct supervisor *s) {
+        int sig = s->stop_signal;
+
+        s->stop_acted = sig;
         for (unsigned i = 0; i < s->current->n_children; i++)
                 s->current->children[i].respawn_timer =
                         sd_event_source_disable_unref(s->current->children[i].respawn_timer);
@@ -749,219 +715,258 @@ static void begin_stop(struct supervisor *s, int sig) {
         signal_generation(s->current, sig);
         signal_generation(s->old, sig);
         s->stop_timer = sd_event_source_disable_unref(s->stop_timer);
-        sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC, deadline, 1000, on_stop_deadline, s);
-        maybe_stopped(s);
+        sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC,
+                                   supervisor_stop_deadline_usec(sig, s->current->config->shutdown_timeout),
+                                   1000, on_stop_deadline, s);
 }
 
 static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, void *userdata) {
         struct supervisor *s = userdata;
+        int sig = (int) si->ssi_signo;
 
-        switch (si->ssi_signo) {
+        switch (sig) {
         case SIGTERM:
         case SIGINT:
         case SIGQUIT:
-                begin_stop(s, (int) si->ssi_signo);
+                if (supervisor_stop_takes_over(s->stop_signal, sig))
+                        s->stop_signal = sig;
                 break;
         case SIGHUP:
-                if (s->state == STATE_RUNNING)
+                s->reload_requested = true;
+                break;
+        }
+        advance(s);
+        return 0;
+}
+
+/* --- the state machine ------------------------------------------------------------------- */
+
+enum supervisor_state supervisor_next_state(const struct supervisor_facts *f) {
+        if (!f->state)
+                return SUPERVISOR_STARTING;
+        switch (f->state) {
+        case SUPERVISOR_STARTING:
+        case SUPERVISOR_RELOADING:
+                if (f->stop_signal)
+                        return SUPERVISOR_STOPPING;
+                return f->current_serving ? SUPERVISOR_RUNNING : f->state;
+        case SUPERVISOR_RUNNING:
+                if (f->stop_signal)
+                        return SUPERVISOR_STOPPING;
+                /* A reload put a generation in place that has yet to accept. */
+                return f->current_serving ? SUPERVISOR_RUNNING : SUPERVISOR_RELOADING;
+        case SUPERVISOR_STOPPING:
+                return f->live_workers == 0 ? SUPERVISOR_STOPPED : SUPERVISOR_STOPPING;
+        default:
+                return f->state;
+        }
+}
+
+static void set_state(struct supervisor *s, enum supervisor_state next) {
+        log_info("coordinator: %s → %s", supervisor_state_to_string(s->state), supervisor_state_to_string(next));
+        s->state = next;
+}
+
+/* The transition into next, with what must happen on the way. */
+static void enter(struct supervisor *s, enum supervisor_state next) {
+        char status[256];
+
+        switch (next) {
+        case SUPERVISOR_RUNNING:
+                if (s->state == SUPERVISOR_RELOADING && s->old) {
+                        /* The new generation accepts: the old one stops accepting and drains. */
+                        s->old->draining = true;
+                        signal_generation(s->old, SIGTERM);
+                        log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
+                                  s->current->number, s->old->number);
+                }
+                set_state(s, next);
+                status_line(s, clock_mono_ms(), status, sizeof status);
+                notify_ready(&s->notify, status);
+                log_event(LOG_INFO, "ready", NULL, "ready: %s", status);
+                break;
+        case SUPERVISOR_RELOADING:
+                set_state(s, next);
+                spawn_generation(s->current);
+                wait_until_serving(s);
+                break;
+        case SUPERVISOR_STOPPING:
+                announce_stop(s);
+                set_state(s, next);
+                notify_stopping(&s->notify, "stopping");
+                /* Stop taking clients at once: the socket file goes, and the listening sockets
+                 * close as soon as the workers have dropped their copies. */
+                listen_close(&s->sockets);
+                stop_workers(s);
+                break;
+        case SUPERVISOR_STOPPED:
+                set_state(s, next);
+                sd_event_exit(s->event, 0);
+                break;
+        default:
+                set_state(s, next);
+                break;
+        }
+}
+
+/* Worker exits and due respawns: a position of the generation that serves gets a process again,
+ * after a delay when it keeps dying; a generation being replaced is not kept alive. */
+static void tend_workers(struct supervisor *s) {
+        struct generation *gens[2] = { s->current, s->old };
+        bool stopping = s->state == SUPERVISOR_STOPPING || s->state == SUPERVISOR_STOPPED;
+
+        for (unsigned g = 0; g < 2; g++)
+                for (unsigned i = 0; gens[g] && i < gens[g]->n_children; i++) {
+                        struct child *c = &gens[g]->children[i];
+
+                        if (c->exited) {
+                                c->exited = false;
+                                if (!stopping && gens[g] == s->current && !gens[g]->draining) {
+                                        c->crashes = supervisor_crashes_after_exit(c->crashes, c->lived_ms,
+                                                                                   c->killed_wedged);
+                                        c->killed_wedged = false;
+                                        schedule_respawn(c);
+                                }
+                        }
+                        if (c->respawn_due) {
+                                c->respawn_due = false;
+                                if (!stopping && !gens[g]->draining)
+                                        spawn(c);
+                        }
+                }
+}
+
+/* The one place the coordinator's state changes (PostgreSQL's PostmasterStateMachine is the
+ * model): every event handler records what happened on the supervisor and calls this, which
+ * acts on it, moves through as many states as the facts allow, logging each transition once,
+ * and then tidies up what the new state leaves behind. */
+static void advance(struct supervisor *s) {
+        struct supervisor_facts f;
+        enum supervisor_state next;
+
+        if (s->reload_requested) {
+                s->reload_requested = false;
+                if (s->state == SUPERVISOR_RUNNING)
                         reload(s);
                 else
                         log_event(LOG_WARNING, "reload_failed", NULL, "SIGHUP while %s: ignored",
-                                  state_names[s->state]);
+                                  supervisor_state_to_string(s->state));
+        }
+        tend_workers(s);
+        if (s->state == SUPERVISOR_STOPPING && s->stop_signal != s->stop_acted) {
+                /* A harder signal while stopping: say so and tell the workers. */
+                announce_stop(s);
+                notify_stopping(&s->notify, "stopping");
+                stop_workers(s);
+        }
+        if (s->stop_deadline_passed) {
+                s->stop_deadline_passed = false;
+                if (live_children(s->current) + live_children(s->old) > 0) {
+                        log_warning("workers did not stop in time: killing them");
+                        signal_generation(s->current, SIGKILL);
+                        signal_generation(s->old, SIGKILL);
+                }
+        }
+
+        for (;;) {
+                f = (struct supervisor_facts) {
+                        .state = s->state,
+                        .stop_signal = s->stop_signal,
+                        .current_serving = s->current->serving,
+                        .live_workers = live_children(s->current) + live_children(s->old),
+                };
+                next = supervisor_next_state(&f);
+                if (next == s->state)
+                        break;
+                enter(s, next);
+        }
+
+        /* The old generation has drained (or died) once it has no process left; while stopping,
+         * both generations go together at the end. */
+        if (s->old && live_children(s->old) == 0 &&
+            (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING))
+                retire_old(s);
+}
+
+/* --- the listening sockets ------------------------------------------------------------- */
+
+/* cfg's socket settings as listen takes them. The text was checked by config_load already; a
+ * group that has gone since is only a warning, as a failed chown is. */
+static int listen_spec_of(const struct config *cfg, struct listen_spec *ret) {
+        struct listen_spec spec = { .path = cfg->socket_path, .mode = (mode_t) cfg->socket_mode };
+        int r;
+
+        if (cfg->socket_group) {
+                r = listen_parse_group(cfg->socket_group, &spec.group);
+                if (r < 0)
+                        log_warning("cannot give %s to group %s: %s", cfg->socket_path, cfg->socket_group,
+                                    strerror(-r));
+                spec.set_group = r >= 0;
+        }
+        if (cfg->http_listen) {
+                r = listen_parse_tcp(cfg->http_listen, &spec);
+                if (r < 0) {
+                        log_error("http_listen %s: %s", cfg->http_listen, strerror(-r));
+                        return r;
+                }
+        }
+        *ret = spec;
+        return 0;
+}
+
+/* One message for what listen_open could not do, with the setting it concerns. */
+static void log_listen_failure(const struct config *cfg, enum listen_step failed, int r) {
+        const char *path = cfg->socket_path;
+
+        switch (failed) {
+        case LISTEN_STEP_INHERIT:
+                log_error("the socket passed by the service manager is not a listening stream socket: %s",
+                          strerror(-r));
+                break;
+        case LISTEN_STEP_PATH:
+                log_error("socket path %s is too long", path);
+                break;
+        case LISTEN_STEP_DIRECTORY:
+                log_error("cannot create the directory of %s: %s", path, strerror(-r));
+                break;
+        case LISTEN_STEP_NOT_A_SOCKET:
+                log_error("%s exists and is not a socket: refusing to replace it", path);
+                break;
+        case LISTEN_STEP_IN_USE:
+                log_error("another server answers on %s: refusing to start", path);
+                break;
+        case LISTEN_STEP_TCP_ADDRESS:
+                log_error("http_listen %s: %s", cfg->http_listen, strerror(-r));
+                break;
+        case LISTEN_STEP_TCP:
+                log_error("cannot listen on %s: %s", cfg->http_listen, strerror(-r));
+                break;
+        default:
+                log_error("cannot listen on %s: %s", path, strerror(-r));
                 break;
         }
-        return 0;
 }
 
-/* --- the listening socket ---------------------------------------------------------------- */
+static int open_listeners(struct supervisor *s, const struct config *cfg) {
+        struct listen_spec spec;
+        enum listen_step failed = LISTEN_STEP_UNIX;
+        int r;
 
-static int make_parent_dir(const char *path) {
-        char *dir = strdup(path), *slash;
-        int r = 0;
-
-        if (!dir)
-                return -ENOMEM;
-        slash = strrchr(dir, '/');
-        if (slash && slash != dir) {
-                *slash = 0;
-                for (char *p = dir + 1; *p; p++) {
-                        if (*p != '/')
-                                continue;
-                        *p = 0;
-                        if (mkdir(dir, 0755) < 0 && errno != EEXIST)
-                                r = -errno;
-                        *p = '/';
-                }
-                if (r == 0 && mkdir(dir, 0755) < 0 && errno != EEXIST)
-                        r = -errno;
-        }
-        free(dir);
-        return r;
-}
-
-/* Is something accepting connections on path right now? */
-static bool socket_answers(const struct sockaddr_un *sa) {
-        int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        bool answers;
-
-        if (fd < 0)
-                return false;
-        answers = connect(fd, (const struct sockaddr *) sa, sizeof *sa) == 0;
-        close(fd);
-        return answers;
-}
-
-static void free_names(char **names) {
-        for (size_t i = 0; names && names[i]; i++)
-                free(names[i]);
-        free(names);
-}
-
-/* Socket activation: the socket named "keypool", else the first one passed. Returns 1 when a
- * socket was passed (and taken), 0 when none, negative on error. */
-static int inherit_listener(struct supervisor *s) {
-        char **names = NULL;
-        int n, fd = SD_LISTEN_FDS_START, r;
-
-        n = sd_listen_fds_with_names(1, &names);
-        if (n <= 0) {
-                free_names(names);
-                return n;
-        }
-        for (int i = 0; names && i < n; i++)
-                if (names[i] && strcmp(names[i], "keypool") == 0) {
-                        fd = SD_LISTEN_FDS_START + i;
-                        break;
-                }
-        free_names(names);
-
-        r = sd_is_socket(fd, AF_UNSPEC, SOCK_STREAM, 1);
-        if (r <= 0) {
-                log_error("the socket passed by the service manager (fd %d) is not a listening stream socket", fd);
-                return r < 0 ? r : -ENOTSOCK;
-        }
-        if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0 || fcntl(fd, F_SETFD, FD_CLOEXEC) < 0)
-                return -errno;
-        /* Any other passed fds are of no use to us. */
-        for (int i = 0; i < n; i++)
-                if (SD_LISTEN_FDS_START + i != fd)
-                        close(SD_LISTEN_FDS_START + i);
-        s->listen_fd = fd;
-        s->own_socket = false;
-        log_info("serving the socket passed by the service manager (fd %d)", fd);
-        return 1;
-}
-
-/* http_listen = "HOST:PORT" ("[v6]:PORT" for IPv6): the same API over TCP. */
-static int open_tcp_listener(struct supervisor *s, const struct config *cfg) {
-        struct addrinfo hints = { .ai_socktype = SOCK_STREAM, .ai_flags = AI_PASSIVE | AI_NUMERICSERV };
-        struct addrinfo *ai = NULL;
-        char host[256], *port;
-        int fd, r, one = 1;
-
-        if (!cfg->http_listen)
-                return 0;
-        snprintf(host, sizeof host, "%s", cfg->http_listen);
-        port = strrchr(host, ':');
-        if (!port)
-                return -EINVAL;
-        *port++ = 0;
-        if (host[0] == '[') {
-                memmove(host, host + 1, strlen(host));
-                host[strcspn(host, "]")] = 0;
-        }
-        r = getaddrinfo(host, port, &hints, &ai);
-        if (r != 0) {
-                log_error("http_listen %s: %s", cfg->http_listen, gai_strerror(r));
-                return -EINVAL;
-        }
-        fd = socket(ai->ai_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0 || setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-            bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, SOMAXCONN) < 0) {
-                r = -errno;
-                log_error("cannot listen on %s: %s", cfg->http_listen, strerror(-r));
-                if (fd >= 0)
-                        close(fd);
-                freeaddrinfo(ai);
+        r = listen_spec_of(cfg, &spec);
+        if (r < 0)
                 return r;
-        }
-        freeaddrinfo(ai);
-        s->tcp_fd = fd;
-        log_info("also serving the API over TCP on %s", cfg->http_listen);
-        return 0;
-}
-
-static int socket_group(const char *name, gid_t *ret) {
-        char buf[4096], *end;
-        struct group grp, *found = NULL;
-        unsigned long n = strtoul(name, &end, 10);
-
-        if (*name && !*end) {
-                *ret = (gid_t) n;
-                return 0;
-        }
-        if (getgrnam_r(name, &grp, buf, sizeof buf, &found) != 0 || !found)
-                return -ENOENT;
-        *ret = found->gr_gid;
-        return 0;
-}
-
-static int open_listener(struct supervisor *s, const struct config *cfg) {
-        const char *path = cfg->socket_path;
-        struct sockaddr_un sa = { .sun_family = AF_UNIX };
-        struct stat st;
-        mode_t old_umask;
-        int fd, r;
-
-        r = inherit_listener(s);
-        if (r != 0)
-                return r < 0 ? r : 0;
-
-        if (strlen(path) >= sizeof sa.sun_path) {
-                log_error("socket path %s is too long", path);
-                return -ENAMETOOLONG;
-        }
-        strcpy(sa.sun_path, path);
-        r = make_parent_dir(path);
+        r = listen_open(&spec, &s->sockets, &failed);
         if (r < 0) {
-                log_error("cannot create the directory of %s: %s", path, strerror(-r));
+                log_listen_failure(cfg, failed, r);
                 return r;
         }
-        if (lstat(path, &st) == 0) {
-                if (!S_ISSOCK(st.st_mode)) {
-                        log_error("%s exists and is not a socket: refusing to replace it", path);
-                        return -EEXIST;
-                }
-                if (socket_answers(&sa)) {
-                        log_error("another server answers on %s: refusing to start", path);
-                        return -EADDRINUSE;
-                }
-                /* A stale socket file from a process that is gone. */
-                unlink(path);
-        }
-
-        fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-        if (fd < 0)
-                return -errno;
-        /* Bind under a tight umask so the socket is never briefly open to everyone. */
-        old_umask = umask(0177);
-        r = bind(fd, (struct sockaddr *) &sa, sizeof sa);
-        umask(old_umask);
-        if (r >= 0 && cfg->socket_group) {
-                gid_t gid;
-
-                if (socket_group(cfg->socket_group, &gid) < 0 || chown(path, (uid_t) -1, gid) < 0)
-                        log_warning("cannot give %s to group %s: %s", path, cfg->socket_group, strerror(errno));
-        }
-        if (r < 0 || chmod(path, cfg->socket_mode) < 0 || listen(fd, SOMAXCONN) < 0) {
-                r = -errno;
-                log_error("cannot listen on %s: %s", path, strerror(-r));
-                close(fd);
-                return r;
-        }
-        s->listen_fd = fd;
-        s->own_socket = true;
-        s->socket_path = strdup(path);
+        if (s->sockets.group_error < 0)
+                log_warning("cannot give %s to group %s: %s", cfg->socket_path, cfg->socket_group,
+                            strerror(-s->sockets.group_error));
+        if (s->sockets.inherited)
+                log_info("serving the socket passed by the service manager (fd %d)", s->sockets.unix_fd);
+        if (s->sockets.tcp_fd >= 0)
+                log_info("also serving the API over TCP on %s", cfg->http_listen);
         return 0;
 }
 
@@ -977,8 +982,7 @@ int supervisor_run(struct config *cfg) {
                 config_free(cfg);
                 return 1;
         }
-        s->listen_fd = -1;
-        s->tcp_fd = -1;
+        s->sockets = (struct listen_sockets) { .unix_fd = -1, .tcp_fd = -1 };
         s->pid = getpid();
         notify_init(&s->notify);
         s->current = new_generation(s, cfg);
@@ -987,7 +991,7 @@ int supervisor_run(struct config *cfg) {
                 free(s);
                 return 1;
         }
-        set_state(s, STATE_STARTING);
+        advance(s);
         log_event(LOG_INFO, "startup", NULL, "keypoold %s starting: %u pools, %u keys, %u workers",
                   PACKAGE_VERSION, cfg->n_pools, cfg->n_keys, s->current->n_children);
 
@@ -1015,7 +1019,7 @@ int supervisor_run(struct config *cfg) {
                 log_error("cannot set up the event loop: %s", strerror(-r));
                 goto finish;
         }
-        if (build_table(s, cfg) < 0 || open_listener(s, cfg) < 0 || open_tcp_listener(s, cfg) < 0)
+        if (build_table(s, cfg) < 0 || open_listeners(s, cfg) < 0)
                 goto finish;
         keytable_set_config_generation(s->table, s->current->number);
         load_state(s);
@@ -1025,7 +1029,7 @@ int supervisor_run(struct config *cfg) {
                 log_warning("cannot schedule state snapshots");
         if (spawn_generation(s->current) < 0)
                 goto finish;
-        log_info("listening on %s", s->own_socket ? cfg->socket_path : "the socket passed by the service manager");
+        log_info("listening on %s", !s->sockets.inherited ? cfg->socket_path : "the socket passed by the service manager");
         wait_until_serving(s);
 
         r = sd_event_loop(s->event);
@@ -1033,7 +1037,7 @@ int supervisor_run(struct config *cfg) {
         save_state(s);
 
 finish:
-        if (s->state != STATE_STOPPED) {
+        if (s->state != SUPERVISOR_STOPPED) {
                 /* Failed while starting: take down what did start. */
                 struct generation *gens[2] = { s->current, s->old };
 
@@ -1050,13 +1054,7 @@ finish:
         sd_event_source_disable_unref(s->ready_poll);
         sd_event_source_disable_unref(s->stop_timer);
         sd_event_source_disable_unref(s->state_timer);
-        if (s->tcp_fd >= 0)
-                close(s->tcp_fd);
-        if (s->listen_fd >= 0)
-                close(s->listen_fd);
-        if (s->own_socket)
-                unlink(s->socket_path);
-        free(s->socket_path);
+        listen_close(&s->sockets);
         for (unsigned i = 0; i < s->n_wake_fds; i++)
                 if (s->wake_fds[i] >= 0)
                         close(s->wake_fds[i]);
