@@ -118,7 +118,8 @@ static const char *const top_level_names[] = {
         "env_file", "max_wait", "max_cooldown", "probe_interval", "probe_auth",
         "transient_threshold", "transient_cooldown", "cooldown_scope", "rate_limit_phrases",
         "retry", "worker_timeout", "shutdown_timeout", "state_file", "state_interval",
-        "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens", NULL,
+        "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens",
+        "admin_tokens", "header_timeout", "body_min_rate", "body_budget", NULL,
 };
 
 static const char *const provider_names[] = {
@@ -917,6 +918,12 @@ static void parse_scalars(struct loader *l, const config_setting_t *root) {
                 c->max_body = (size_t) n;
         if (get_integer(l, root, "max_header", 1024, 1048576, &n))
                 c->max_header = (size_t) n;
+        if (get_integer(l, root, "header_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->header_timeout = (unsigned) n;
+        if (get_integer(l, root, "body_min_rate", 0, 1073741824, &n))
+                c->body_min_rate = (size_t) n;
+        if (get_integer(l, root, "body_budget", 65536, LLONG_MAX, &n))
+                c->body_budget = (size_t) n;
         if (get_integer(l, root, "max_wait", 0, 3600, &n))
                 c->max_wait = (unsigned) n;
         if (get_integer(l, root, "max_cooldown", 1, 604800, &n))
@@ -1328,34 +1335,35 @@ static const char *digest_problem(const char *v) {
         return NULL;
 }
 
-static void parse_client_tokens(struct loader *l, const config_setting_t *root) {
-        const config_setting_t *s = config_setting_get_member(root, "client_tokens");
-        struct config *c = l->c;
+/* client_tokens or admin_tokens (name): a list of token digests into *list, *n_list.
+ * left_out says what leaving the setting out means. */
+static void parse_tokens(struct loader *l, const config_setting_t *root, const char *name,
+                         const char *left_out, char ***list, unsigned *n_list) {
+        const config_setting_t *s = config_setting_get_member(root, name);
         int *pos, n;
 
         if (!s)
                 return;
         if (config_setting_type(s) != CONFIG_TYPE_ARRAY && config_setting_type(s) != CONFIG_TYPE_LIST) {
-                setting_error(l, s, "client_tokens must be a list of SHA-256 hex digests, "
-                              "[ \"<64 hex digits>\", ... ], not %s", type_name(config_setting_type(s)));
+                setting_error(l, s, "%s must be a list of SHA-256 hex digests, "
+                              "[ \"<64 hex digits>\", ... ], not %s", name, type_name(config_setting_type(s)));
                 return;
         }
         n = config_setting_length(s);
         /* An empty list would read like "lock it down" and mean "no token needed". */
         if (n == 0) {
-                setting_error(l, s, "client_tokens is empty: leave it out to serve TCP requests "
-                              "without a token");
+                setting_error(l, s, "%s is empty: leave it out to %s", name, left_out);
                 return;
         }
         if (n > CONFIG_TOKENS_MAX) {
-                setting_error(l, s, "client_tokens has %d entries; at most %d are allowed",
-                              n, CONFIG_TOKENS_MAX);
+                setting_error(l, s, "%s has %d entries; at most %d are allowed",
+                              name, n, CONFIG_TOKENS_MAX);
                 return;
         }
-        c->client_tokens = calloc((size_t) n, sizeof(*c->client_tokens));
+        *list = calloc((size_t) n, sizeof(**list));
         /* 1-based positions in the file of the stored digests: messages count entries as written. */
         pos = calloc((size_t) n, sizeof(*pos));
-        if (!c->client_tokens || !pos) {
+        if (!*list || !pos) {
                 free(pos);
                 l->oom = true;
                 return;
@@ -1367,13 +1375,13 @@ static void parse_client_tokens(struct loader *l, const config_setting_t *root) 
                 char *d;
 
                 if (config_setting_type(e) != CONFIG_TYPE_STRING) {
-                        setting_error(l, e, "client_tokens entry %d must be a string, not %s",
-                                      i + 1, type_name(config_setting_type(e)));
+                        setting_error(l, e, "%s entry %d must be a string, not %s",
+                                      name, i + 1, type_name(config_setting_type(e)));
                         continue;
                 }
                 problem = digest_problem(config_setting_get_string(e));
                 if (problem) {
-                        setting_error(l, e, "client_tokens entry %d %s", i + 1, problem);
+                        setting_error(l, e, "%s entry %d %s", name, i + 1, problem);
                         continue;
                 }
                 d = strdup(config_setting_get_string(e));
@@ -1384,17 +1392,17 @@ static void parse_client_tokens(struct loader *l, const config_setting_t *root) 
                 /* Stored lowercase, so the listener compares with one memcmp against its own hex. */
                 for (char *p = d; *p; p++)
                         *p = (char) tolower((unsigned char) *p);
-                for (j = 0; j < c->n_client_tokens; j++)
-                        if (strcmp(c->client_tokens[j], d) == 0)
+                for (j = 0; j < *n_list; j++)
+                        if (strcmp((*list)[j], d) == 0)
                                 break;
-                if (j < c->n_client_tokens) {
-                        setting_error(l, e, "client_tokens entry %d is the same digest as entry %d",
-                                      i + 1, pos[j]);
+                if (j < *n_list) {
+                        setting_error(l, e, "%s entry %d is the same digest as entry %d",
+                                      name, i + 1, pos[j]);
                         wipe_free(d);
                         continue;
                 }
-                pos[c->n_client_tokens] = i + 1;
-                c->client_tokens[c->n_client_tokens++] = d;
+                pos[*n_list] = i + 1;
+                (*list)[(*n_list)++] = d;
         }
         free(pos);
 }
@@ -1410,7 +1418,10 @@ static void parse_api(struct loader *l, const config_setting_t *root) {
                 c->history_size = (unsigned) n;
         parse_socket_group(l, root);
         parse_http_listen(l, root);
-        parse_client_tokens(l, root);
+        parse_tokens(l, root, "client_tokens", "serve TCP requests without a token",
+                     &l->c->client_tokens, &l->c->n_client_tokens);
+        parse_tokens(l, root, "admin_tokens", "allow no admin actions over TCP",
+                     &l->c->admin_tokens, &l->c->n_admin_tokens);
 }
 
 /* --- providers -------------------------------------------------------------------------------- */
@@ -2306,6 +2317,9 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
                 .max_connections = 8192,
                 .max_body = 16 * 1024 * 1024,
                 .max_header = 16 * 1024,
+                .header_timeout = 10,
+                .body_min_rate = 1024,
+                .body_budget = 64 * 1024 * 1024,
                 .max_wait = 30,
                 .max_cooldown = 86400,
                 .probe_interval = 3600,
@@ -2423,6 +2437,9 @@ void config_free(struct config *c) {
         for (unsigned i = 0; i < c->n_client_tokens; i++)
                 wipe_free(c->client_tokens[i]);
         free(c->client_tokens);
+        for (unsigned i = 0; i < c->n_admin_tokens; i++)
+                wipe_free(c->admin_tokens[i]);
+        free(c->admin_tokens);
 
         free(c->path);
         free(c->socket_path);
