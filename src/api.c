@@ -590,7 +590,7 @@ static bool forbidden(struct http_conn *c, bool admin) {
                 return false;
         http_conn_respond_error(c, 403, "permission_error", "forbidden", NULL, 0,
                                 "admin actions are for root and the daemon's own user "
-                                "(over TCP: a client token)");
+                                "(over TCP: a token listed in admin_tokens)");
         return true;
 }
 

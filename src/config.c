@@ -55,7 +55,8 @@ static const char *const top_level_names[] = {
         "env_file", "max_wait", "max_cooldown", "probe_interval", "probe_auth",
         "transient_threshold", "transient_cooldown", "cooldown_scope", "rate_limit_phrases",
         "retry", "worker_timeout", "shutdown_timeout", "state_file", "state_interval",
-        "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens", NULL,
+        "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens",
+        "admin_tokens", "header_timeout", "body_min_rate", "body_budget", NULL,
 };
 
 static const char *const provider_names[] = {
@@ -733,6 +734,12 @@ static void parse_scalars(struct loader *l, const config_setting_t *root) {
                 c->max_body = (size_t) n;
         if (get_integer(l, root, "max_header", 1024, 1048576, &n))
                 c->max_header = (size_t) n;
+        if (get_integer(l, root, "header_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->header_timeout = (unsigned) n;
+        if (get_integer(l, root, "body_min_rate", 0, 1073741824, &n))
+                c->body_min_rate = (size_t) n;
+        if (get_integer(l, root, "body_budget", 65536, LLONG_MAX, &n))
+                c->body_budget = (size_t) n;
         if (get_integer(l, root, "max_wait", 0, 3600, &n))
                 c->max_wait = (unsigned) n;
         if (get_integer(l, root, "max_cooldown", 1, 604800, &n))
@@ -924,7 +931,10 @@ static void parse_api(struct loader *l, const config_setting_t *root) {
                 c->history_size = (unsigned) n;
         loader_parse_socket_group(l, root);
         loader_parse_http_listen(l, root);
-        loader_parse_client_tokens(l, root);
+        loader_parse_tokens(l, root, "client_tokens", "serve TCP requests without a token",
+                            &l->c->client_tokens, &l->c->n_client_tokens);
+        loader_parse_tokens(l, root, "admin_tokens", "allow no admin actions over TCP",
+                            &l->c->admin_tokens, &l->c->n_admin_tokens);
 }
 
 /* --- providers -------------------------------------------------------------------------------- */
@@ -1430,6 +1440,9 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
                 .max_connections = 8192,
                 .max_body = 16 * 1024 * 1024,
                 .max_header = 16 * 1024,
+                .header_timeout = 10,
+                .body_min_rate = 1024,
+                .body_budget = 64 * 1024 * 1024,
                 .max_wait = 30,
                 .max_cooldown = 86400,
                 .probe_interval = 3600,
@@ -1547,6 +1560,9 @@ void config_free(struct config *c) {
         for (unsigned i = 0; i < c->n_client_tokens; i++)
                 loader_wipe_free(c->client_tokens[i]);
         free(c->client_tokens);
+        for (unsigned i = 0; i < c->n_admin_tokens; i++)
+                loader_wipe_free(c->admin_tokens[i]);
+        free(c->admin_tokens);
 
         free(c->path);
         free(c->socket_path);

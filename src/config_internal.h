@@ -116,4 +116,5 @@ void loader_parse_env_file(struct loader *l, const config_setting_t *root);
 void loader_parse_socket_mode(struct loader *l, const config_setting_t *root);
 void loader_parse_socket_group(struct loader *l, const config_setting_t *root);
 void loader_parse_http_listen(struct loader *l, const config_setting_t *root);
-void loader_parse_client_tokens(struct loader *l, const config_setting_t *root);
+void loader_parse_tokens(struct loader *l, const config_setting_t *root, const char *name,
+                         const char *left_out, char ***list, unsigned *n_list);

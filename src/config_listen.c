@@ -1,6 +1,6 @@
 /* config_listen.c — the settings of the daemon's listeners.
  *
- * Owns checking socket_mode, socket_group, http_listen, http_allow_remote and client_tokens and
+ * Owns checking socket_mode, socket_group, http_listen, http_allow_remote client_tokens and admin_tokens and
  * filling the matching struct config fields. A TCP listener off the loopback needs the operator's
  * explicit http_allow_remote; token digests are stored lowercase and never quoted in a message,
  * so a pasted token does not reach the journal.
@@ -318,35 +318,36 @@ static const char *digest_problem(const char *v) {
         return NULL;
 }
 
-void loader_parse_client_tokens(struct loader *l, const config_setting_t *root) {
-        const config_setting_t *s = config_setting_get_member(root, "client_tokens");
-        struct config *c = l->c;
+/* client_tokens or admin_tokens (name): a list of token digests into *list, *n_list.
+ * left_out says what leaving the setting out means. */
+void loader_parse_tokens(struct loader *l, const config_setting_t *root, const char *name,
+                         const char *left_out, char ***list, unsigned *n_list) {
+        const config_setting_t *s = config_setting_get_member(root, name);
         int *pos, n;
 
         if (!s)
                 return;
         if (config_setting_type(s) != CONFIG_TYPE_ARRAY && config_setting_type(s) != CONFIG_TYPE_LIST) {
-                loader_setting_error(l, s, "client_tokens must be a list of SHA-256 hex digests, "
-                                     "[ \"<64 hex digits>\", ... ], not %s",
+                loader_setting_error(l, s, "%s must be a list of SHA-256 hex digests, "
+                                     "[ \"<64 hex digits>\", ... ], not %s", name,
                                      loader_type_name(config_setting_type(s)));
                 return;
         }
         n = config_setting_length(s);
         /* An empty list would read like "lock it down" and mean "no token needed". */
         if (n == 0) {
-                loader_setting_error(l, s, "client_tokens is empty: leave it out to serve TCP requests "
-                                     "without a token");
+                loader_setting_error(l, s, "%s is empty: leave it out to %s", name, left_out);
                 return;
         }
         if (n > CONFIG_TOKENS_MAX) {
-                loader_setting_error(l, s, "client_tokens has %d entries; at most %d are allowed",
-                                     n, CONFIG_TOKENS_MAX);
+                loader_setting_error(l, s, "%s has %d entries; at most %d are allowed",
+                                     name, n, CONFIG_TOKENS_MAX);
                 return;
         }
-        c->client_tokens = calloc((size_t) n, sizeof(*c->client_tokens));
+        *list = calloc((size_t) n, sizeof(**list));
         /* 1-based positions in the file of the stored digests: messages count entries as written. */
         pos = calloc((size_t) n, sizeof(*pos));
-        if (!c->client_tokens || !pos) {
+        if (!*list || !pos) {
                 free(pos);
                 l->oom = true;
                 return;
@@ -358,13 +359,13 @@ void loader_parse_client_tokens(struct loader *l, const config_setting_t *root) 
                 char *d;
 
                 if (config_setting_type(e) != CONFIG_TYPE_STRING) {
-                        loader_setting_error(l, e, "client_tokens entry %d must be a string, not %s",
-                                             i + 1, loader_type_name(config_setting_type(e)));
+                        loader_setting_error(l, e, "%s entry %d must be a string, not %s",
+                                             name, i + 1, loader_type_name(config_setting_type(e)));
                         continue;
                 }
                 problem = digest_problem(config_setting_get_string(e));
                 if (problem) {
-                        loader_setting_error(l, e, "client_tokens entry %d %s", i + 1, problem);
+                        loader_setting_error(l, e, "%s entry %d %s", name, i + 1, problem);
                         continue;
                 }
                 d = strdup(config_setting_get_string(e));
@@ -375,17 +376,17 @@ void loader_parse_client_tokens(struct loader *l, const config_setting_t *root) 
                 /* Stored lowercase, so the listener compares with one memcmp against its own hex. */
                 for (char *p = d; *p; p++)
                         *p = (char) tolower((unsigned char) *p);
-                for (j = 0; j < c->n_client_tokens; j++)
-                        if (strcmp(c->client_tokens[j], d) == 0)
+                for (j = 0; j < *n_list; j++)
+                        if (strcmp((*list)[j], d) == 0)
                                 break;
-                if (j < c->n_client_tokens) {
-                        loader_setting_error(l, e, "client_tokens entry %d is the same digest as entry %d",
-                                             i + 1, pos[j]);
+                if (j < *n_list) {
+                        loader_setting_error(l, e, "%s entry %d is the same digest as entry %d",
+                                             name, i + 1, pos[j]);
                         loader_wipe_free(d);
                         continue;
                 }
-                pos[c->n_client_tokens] = i + 1;
-                c->client_tokens[c->n_client_tokens++] = d;
+                pos[*n_list] = i + 1;
+                (*list)[(*n_list)++] = d;
         }
         free(pos);
 }

@@ -36,6 +36,7 @@
 #define OUT_LOW_WATER   (256 * 1024)    /* on_drain fires below this */
 #define PENDING_MAX     (64 * 1024)     /* bytes read ahead while a request is being served */
 #define EVENT_BATCH     256
+#define BODY_KEEP_MAX   (1024 * 1024)   /* a body buffer larger than this is freed after use */
 
 struct http_poller {
         sd_event *event;
@@ -44,6 +45,7 @@ struct http_poller {
         sd_event_source *kick;          /* deferred: connections in kicks have work */
         struct http_conn *kicks;        /* singly linked through kick_next */
         struct http_conn **kicks_tail;
+        size_t body_bytes;              /* request bodies buffered by every connection */
 };
 
 struct buf {
@@ -87,6 +89,21 @@ struct http_conn {
         bool last_was_value;            /* header parsing: the previous callback was a value */
         bool flush_due;                 /* streamed output waits for the kick source */
         int error_status;               /* a limit tripped while parsing: answer this and close */
+        const char *error_message;      /* … and why, for a 400 */
+        bool is_head;                   /* the active request is HEAD: answers carry no body */
+
+        /* The request head as raw lines, scanned before the parser sees it: http-parser takes
+         * obs-fold (a line starting with SP/HTAB) as part of the previous value. */
+        bool scan_line_start;
+        bool scan_done;
+        unsigned scan_lines;
+
+        /* A head must be complete by head_deadline_usec (set at its first byte); a body must
+         * grow by body_min_rate × window in every window of header_timeout. */
+        uint64_t head_deadline_usec;    /* 0: no head is on its way */
+        uint64_t body_window_end_usec;  /* 0: no body is on its way */
+        size_t body_window_bytes;
+        size_t body_charged;            /* of the poller's body_bytes */
 
         uint64_t deadline_usec;         /* idle timeout; the timer may still be set earlier */
         size_t header_bytes;
@@ -104,6 +121,8 @@ static int conn_update_events(struct http_conn *c);
 static void conn_close(struct http_conn *c);
 static void kick_soon(struct http_conn *c);
 static int conn_flush(struct http_conn *c);
+static void arm_deadline(struct http_conn *c, uint64_t *deadline, uint64_t in_usec);
+static void scan_reset(struct http_conn *c);
 
 /* --- buffers ----------------------------------------------------------------------------- */
 
@@ -178,9 +197,101 @@ static void buf_free(struct buf *b) {
         *b = (struct buf) {};
 }
 
+/* --- request targets --------------------------------------------------------------------- */
+
+static int hex_digit(char ch) {
+        if (ch >= '0' && ch <= '9')
+                return ch - '0';
+        if (ch >= 'a' && ch <= 'f')
+                return ch - 'a' + 10;
+        if (ch >= 'A' && ch <= 'F')
+                return ch - 'A' + 10;
+        return -1;
+}
+
+/* Is seg[0..len) "." or ".." once %2e is read as '.'? */
+static bool dot_segment(const char *seg, size_t len) {
+        unsigned dots = 0;
+        size_t i = 0;
+
+        while (i < len) {
+                if (seg[i] == '.')
+                        i++;
+                else if (len - i >= 3 && seg[i] == '%' && seg[i + 1] == '2' && (seg[i + 2] | 0x20) == 'e')
+                        i += 3;
+                else
+                        return false;
+                if (++dots > 2)
+                        return false;
+        }
+        return dots > 0;
+}
+
+static const char *target_problem(const char *target, size_t len) {
+        size_t path_end = len;
+
+        if (len == 0 || target[0] != '/')
+                return "the request target must be a path starting with '/'";
+        for (size_t i = 0; i < len; i++) {
+                unsigned char ch = (unsigned char) target[i];
+                bool in_path = i < path_end;
+
+                if (ch <= 0x20 || ch == 0x7f)
+                        return "the request target contains a space or a control character";
+                if (ch == '#')
+                        return "the request target contains a fragment ('#')";
+                if (ch == '?' && in_path)
+                        path_end = i;
+                else if (ch == '\\' && in_path)
+                        return "the request path contains a '\\'";
+                else if (ch == '%') {
+                        int hi = i + 2 < len ? hex_digit(target[i + 1]) : -1;
+                        int lo = hi >= 0 ? hex_digit(target[i + 2]) : -1;
+                        int v = hi * 16 + lo;
+
+                        if (lo < 0)
+                                return "the request target has a '%' not followed by two hex digits";
+                        if (in_path && (v == '/' || v == '\\'))
+                                return "the request path contains an encoded '/' or '\\'";
+                        if (in_path && (v < 0x20 || v == 0x7f))
+                                return "the request path contains an encoded control character";
+                }
+        }
+        for (size_t seg = 1, i = 1; i <= path_end; i++)
+                if (i == path_end || target[i] == '/') {
+                        if (dot_segment(target + seg, i - seg))
+                                return "the request path contains a '.' or '..' segment";
+                        seg = i + 1;
+                }
+        return NULL;
+}
+
+int http_target_check(const char *target, size_t len, const char **ret_problem) {
+        const char *problem = target_problem(target, len);
+
+        if (!problem)
+                return 0;
+        if (ret_problem)
+                *ret_problem = problem;
+        return -EINVAL;
+}
+
 /* --- request parsing --------------------------------------------------------------------- */
 
+/* A connection's body bytes leave the worker's budget. */
+static void body_release(struct http_conn *c) {
+        c->poller->body_bytes -= c->body_charged;
+        c->body_charged = 0;
+}
+
 static void request_reset(struct http_conn *c) {
+        body_release(c);
+        /* A large body's buffer goes back: an idle keep-alive connection must not hold it. */
+        if (c->body.cap > BODY_KEEP_MAX)
+                buf_free(&c->body);
+        c->head_deadline_usec = 0;
+        c->body_window_end_usec = 0;
+        c->error_message = NULL;
         c->req.n_fields = 0;
         buf_reset(&c->fields_text);
         buf_reset(&c->url);
@@ -220,12 +331,30 @@ static void fields_point(struct http_conn *c) {
         }
 }
 
+/* RFC 9110 tchar: what a field name is made of. */
+static bool is_tchar(char ch) {
+        return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+                (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+static int bad_request(struct http_conn *c, const char *why) {
+        c->error_status = 400;
+        c->error_message = why;
+        return -1;
+}
+
 static int finish_field(struct http_conn *c) {
         const char *v = c->field_value.data ? c->field_value.data : "";
         size_t vlen = c->field_value.len;
 
         if (c->field_name.len == 0)
                 return 0;
+        /* http-parser takes "Authorization : x" as a field named "Authorization ", which no
+         * list of fields to drop would match: RFC 9112 says such a request is rejected. */
+        for (size_t i = 0; i < c->field_name.len; i++)
+                if (!is_tchar(c->field_name.data[i]))
+                        return bad_request(c, "a header field name contains whitespace or a "
+                                              "character outside RFC 9110's token");
         if (c->req.n_fields == c->fields_cap) {
                 size_t cap = c->fields_cap ? c->fields_cap * 2 : 16;
                 struct http_field *f = reallocarray(c->req.fields, cap, sizeof *f);
@@ -261,6 +390,8 @@ static int on_message_begin(http_parser *p) {
 
         request_reset(c);
         c->in_message = true;
+        /* A head is due header_timeout after its first byte, however steadily it trickles. */
+        arm_deadline(c, &c->head_deadline_usec, c->limits->header_timeout_usec);
         return 0;
 }
 
@@ -298,12 +429,37 @@ static int on_headers_complete(http_parser *p) {
         struct http_conn *c = p->data;
         const char *expect;
 
+        const char *problem = NULL;
+        size_t hosts = 0;
+
         if (finish_field(c) < 0)
                 return -1;
         fields_point(c);
+        if (http_target_check(c->url.data ? c->url.data : "", c->url.len, &problem) < 0)
+                return bad_request(c, problem);
+        for (size_t i = 0; i < c->req.n_fields; i++)
+                hosts += strcasecmp(c->req.fields[i].name, "Host") == 0;
+        if (p->http_major == 1 && p->http_minor >= 1 && hosts != 1)
+                return bad_request(c, hosts ? "more than one Host header field"
+                                            : "an HTTP/1.1 request without a Host header field");
         if ((p->flags & F_CONTENTLENGTH) && p->content_length > c->limits->max_body) {
                 c->error_status = 413;
                 return -1;
+        }
+        /* A declared body is reserved in the worker's budget before a byte of it is read. */
+        if (p->flags & F_CONTENTLENGTH) {
+                if (c->poller->body_bytes > c->limits->body_budget ||
+                    p->content_length > c->limits->body_budget - c->poller->body_bytes) {
+                        c->error_status = 503;
+                        return -1;
+                }
+                c->body_charged = p->content_length;
+                c->poller->body_bytes += c->body_charged;
+        }
+        c->head_deadline_usec = 0;
+        if ((p->flags & F_CHUNKED) || ((p->flags & F_CONTENTLENGTH) && p->content_length > 0)) {
+                c->body_window_bytes = 0;
+                arm_deadline(c, &c->body_window_end_usec, c->limits->header_timeout_usec);
         }
         /* Clients such as curl hold large bodies back until told to go on. */
         expect = http_request_header(&c->req, "Expect");
@@ -319,6 +475,19 @@ static int on_body(http_parser *p, const char *at, size_t len) {
                 c->error_status = 413;
                 return -1;
         }
+        /* A chunked body is charged as it comes. */
+        if (c->body.len + len > c->body_charged) {
+                size_t more = c->body.len + len - c->body_charged;
+
+                if (c->poller->body_bytes > c->limits->body_budget ||
+                    more > c->limits->body_budget - c->poller->body_bytes) {
+                        c->error_status = 503;
+                        return -1;
+                }
+                c->body_charged += more;
+                c->poller->body_bytes += more;
+        }
+        c->body_window_bytes += len;
         return buf_append(&c->body, at, len) < 0 ? -1 : 0;
 }
 
@@ -339,8 +508,12 @@ static int on_message_complete(http_parser *p) {
         c->req.keep_alive = http_should_keep_alive(p);
         c->req.major = p->http_major;
         c->req.minor = p->http_minor;
+        c->is_head = p->method == HTTP_HEAD;
         c->phase = PHASE_ACTIVE;
         c->in_message = false;
+        c->head_deadline_usec = 0;
+        c->body_window_end_usec = 0;
+        scan_reset(c);
         /* One request at a time: whatever follows waits until this one is answered. */
         http_parser_pause(p, 1);
         return 0;
@@ -422,7 +595,8 @@ static int write_head(struct http_conn *c, int status, const struct http_header 
                         r = buf_append(&c->out, "\r\n", 2);
         }
         if (r >= 0)
-                r = buf_add_str(&c->out, c->close_after ? "Connection: close\r\n" : "Connection: keep-alive\r\n");
+                r = buf_add_str(&c->out, c->close_after || (c->half_closed && buf_pending(&c->pending) == 0)
+                                ? "Connection: close\r\n" : "Connection: keep-alive\r\n");
         return r;
 }
 
@@ -458,7 +632,8 @@ int http_conn_respond(struct http_conn *c, int status, const struct http_header 
                 r = buf_add_number(&c->out, len, 10);
         if (r >= 0)
                 r = buf_append(&c->out, "\r\n\r\n", 4);
-        if (r >= 0 && len > 0)
+        /* A HEAD answer says how long the body would be, and sends none. */
+        if (r >= 0 && len > 0 && !c->is_head)
                 r = buf_append(&c->out, body, len);
         if (r < 0) {
                 conn_close(c);
@@ -527,7 +702,7 @@ int http_conn_stream_write(struct http_conn *c, const void *data, size_t len) {
 
         if (c->dead || !c->streaming)
                 return -EPIPE;
-        if (len == 0)
+        if (len == 0 || c->is_head)
                 return 0;
         if (c->chunked) {
                 r = buf_add_number(&c->out, len, 16);
@@ -560,7 +735,7 @@ int http_conn_stream_write(struct http_conn *c, const void *data, size_t len) {
 int http_conn_stream_end(struct http_conn *c) {
         if (c->dead || !c->streaming)
                 return -EPIPE;
-        if (c->chunked && buf_append(&c->out, "0\r\n\r\n", 5) < 0) {
+        if (c->chunked && !c->is_head && buf_append(&c->out, "0\r\n\r\n", 5) < 0) {
                 conn_close(c);
                 return -ENOMEM;
         }
@@ -605,6 +780,26 @@ static void arm_timer(struct http_conn *c) {
                 sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
 }
 
+/* Sets *deadline to now + in_usec and brings the timer forward to it if needed: the timer is
+ * never later than any deadline (on_timeout sets it again to the next one). */
+static void arm_deadline(struct http_conn *c, uint64_t *deadline, uint64_t in_usec) {
+        uint64_t now, at = 0;
+        int enabled = SD_EVENT_OFF;
+
+        if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) < 0)
+                return;
+        *deadline = now + in_usec;
+        if (sd_event_source_get_enabled(c->timer, &enabled) >= 0 && enabled != SD_EVENT_OFF &&
+            sd_event_source_get_time(c->timer, &at) >= 0 && at <= *deadline)
+                return;
+        if (sd_event_source_set_time(c->timer, *deadline) >= 0)
+                sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+}
+
+static uint64_t earliest(uint64_t a, uint64_t b) {
+        return a == 0 ? b : b == 0 ? a : a < b ? a : b;
+}
+
 static int conn_update_events(struct http_conn *c) {
         /* Once the peer has half-closed, RDHUP would fire for ever (level-triggered). */
         uint32_t events = c->half_closed ? 0 : EPOLLRDHUP;
@@ -619,8 +814,19 @@ static int conn_update_events(struct http_conn *c) {
                 events |= EPOLLOUT;
         /* The timeout guards a silent client and a client that stops reading; an upstream that
          * takes its time is the upstream timeout's business. */
-        if (c->phase == PHASE_READING || buf_pending(&c->out) > 0)
+        if (c->phase == PHASE_READING || buf_pending(&c->out) > 0) {
+                uint64_t at = 0;
+
                 arm_timer(c);
+                /* arm_timer leaves an enabled timer alone: it must not be past a head or body
+                 * deadline set before it was last switched off. */
+                if (sd_event_source_get_time(c->timer, &at) >= 0 &&
+                    earliest(c->head_deadline_usec, c->body_window_end_usec) != 0 &&
+                    earliest(c->head_deadline_usec, c->body_window_end_usec) < at &&
+                    sd_event_source_set_time(c->timer, earliest(c->head_deadline_usec,
+                                                                 c->body_window_end_usec)) >= 0)
+                        sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+        }
         else
                 sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
@@ -668,7 +874,19 @@ static void answer_parse_error(struct http_conn *c, int status) {
         c->error_status = status;
         c->close_after = true;
         c->phase = PHASE_ACTIVE;
-        if (status == 431)
+        c->is_head = false;
+        if (status == 408)
+                http_conn_respond_error(c, 408, "invalid_request_error", "request_timeout",
+                                        NULL, 0, "the request did not arrive in time");
+        else if (status == 503)
+                http_conn_respond_error(c, 503, "keypool_error", "body_budget_exhausted",
+                                        (const struct http_header[]) { { "Retry-After", "1" } }, 1,
+                                        "this worker holds as many request bodies as it may; "
+                                        "try again shortly");
+        else if (status == 400 && c->error_message)
+                http_conn_respond_error(c, 400, "invalid_request_error", "bad_request",
+                                        NULL, 0, "%s", c->error_message);
+        else if (status == 431)
                 http_conn_respond_error(c, 431, "invalid_request_error", "headers_too_large",
                                         NULL, 0, "request headers exceed %zu bytes", c->limits->max_header);
         else if (status == 413)
@@ -679,10 +897,45 @@ static void answer_parse_error(struct http_conn *c, int status) {
                                         NULL, 0, "malformed HTTP request");
 }
 
+static void scan_reset(struct http_conn *c) {
+        c->scan_line_start = true;
+        c->scan_done = false;
+        c->scan_lines = 0;
+}
+
+/* Looks at the raw lines of a request head for what http-parser would quietly accept: a field
+ * line that starts with SP or HTAB (obs-fold, RFC 9112 §5.2), which it joins to the previous
+ * value, so "X-A: a\r\n Authorization: …" would hide a field. Stops at the head's end. */
+static int scan_head(struct http_conn *c, const char *data, size_t len) {
+        for (size_t i = 0; i < len && !c->scan_done; i++) {
+                char ch = data[i];
+
+                if (ch == '\n') {
+                        if (c->scan_line_start && c->scan_lines > 0)
+                                c->scan_done = true;    /* the empty line ends the head */
+                        else if (!c->scan_line_start || c->scan_lines > 0)
+                                c->scan_lines++;
+                        c->scan_line_start = true;
+                        continue;
+                }
+                if (!c->scan_line_start || ch == '\r')
+                        continue;
+                if ((ch == ' ' || ch == '\t') && c->scan_lines > 0)
+                        return bad_request(c, "a header field line starts with whitespace "
+                                              "(obs-fold is not accepted)");
+                c->scan_line_start = false;
+        }
+        return 0;
+}
+
 /* Feeds bytes to the parser. Stops at a complete request and keeps the rest in pending. */
 static void conn_parse(struct http_conn *c, const char *data, size_t len) {
         size_t n;
 
+        if (scan_head(c, data, len) < 0) {
+                answer_parse_error(c, 400);
+                return;
+        }
         n = http_parser_execute(&c->parser, &parser_settings, data, len);
         if (HTTP_PARSER_ERRNO(&c->parser) == HPE_PAUSED) {
                 if (n < len && buf_append(&c->pending, data + n, len - n) < 0) {
@@ -717,7 +970,7 @@ static void dispatch(struct http_conn *c) {
 static void conn_next(struct http_conn *c) {
         struct buf rest;
 
-        if (c->close_after) {
+        if (c->close_after || (c->half_closed && buf_pending(&c->pending) == 0)) {
                 conn_close(c);
                 return;
         }
@@ -733,6 +986,8 @@ static void conn_next(struct http_conn *c) {
         buf_free(&rest);
         if (!c->dead && c->phase == PHASE_ACTIVE && !c->streaming && c->error_status == 0)
                 dispatch(c);
+        else if (!c->dead && c->phase == PHASE_READING && c->half_closed)
+                conn_close(c);          /* a request cut off by the half-close: none will follow */
 }
 
 static void conn_free(struct http_conn *c) {
@@ -798,12 +1053,41 @@ static void on_kick(struct http_conn *c) {
                 conn_next(c);
 }
 
+/* A client too slow to be worth a worker's memory and descriptor: told so if nothing is
+ * being answered, then closed. */
+static void too_slow(struct http_conn *c) {
+        if (c->phase == PHASE_READING && buf_pending(&c->out) == 0) {
+                answer_parse_error(c, 408);
+                return;
+        }
+        conn_close(c);
+}
+
 static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         struct http_conn *c = userdata;
-        uint64_t now;
+        uint64_t now, next;
 
-        if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) >= 0 && now < c->deadline_usec) {
-                if (sd_event_source_set_time(c->timer, c->deadline_usec) >= 0)
+        if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) < 0)
+                now = usec;
+        if (c->phase == PHASE_READING && c->head_deadline_usec && now >= c->head_deadline_usec) {
+                too_slow(c);
+                return 0;
+        }
+        if (c->phase == PHASE_READING && c->body_window_end_usec && now >= c->body_window_end_usec) {
+                uint64_t need = (uint64_t) c->limits->body_min_rate * c->limits->header_timeout_usec / 1000000;
+
+                if (c->body_window_bytes < need) {
+                        too_slow(c);
+                        return 0;
+                }
+                c->body_window_bytes = 0;
+                c->body_window_end_usec = now + c->limits->header_timeout_usec;
+        }
+        next = c->deadline_usec;
+        if (c->phase == PHASE_READING)
+                next = earliest(next, earliest(c->head_deadline_usec, c->body_window_end_usec));
+        if (now < next) {
+                if (sd_event_source_set_time(c->timer, next) >= 0)
                         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
                 return 0;
         }
@@ -822,8 +1106,8 @@ static void peer_stopped_sending(struct http_conn *c) {
                 conn_close(c);
                 return;
         }
+        /* Whatever it sent before is still answered (conn_next closes once pending is used). */
         c->half_closed = true;
-        c->close_after = true;
         conn_update_events(c);
 }
 
@@ -930,6 +1214,7 @@ int http_conn_new(struct http_poller *p, int fd, const struct http_limits *limit
         c->phase = PHASE_READING;
         http_parser_init(&c->parser, HTTP_REQUEST);
         c->parser.data = c;
+        scan_reset(c);
 
         r = sd_event_add_time_relative(p->event, &c->timer, CLOCK_MONOTONIC, limits->timeout_usec,
                                        0, on_timeout, c);

@@ -31,6 +31,8 @@
 
 #define ACCEPT_BATCH            64      /* connections taken per wake-up, for fairness */
 #define HEARTBEAT_USEC          (1000 * 1000)
+#define ACCEPT_PAUSE_USEC       (200 * 1000)    /* accepting rests this long when it cannot go on */
+#define ACCEPT_LOG_USEC         (10 * 1000 * 1000)      /* one line per this long about it */
 
 struct client {
         struct client *prev, *next;
@@ -44,6 +46,10 @@ struct worker {
         sd_event_source *accept_source;
         sd_event_source *tcp_accept_source;
         sd_event_source *heartbeat;
+        sd_event_source *accept_resume;         /* timer: accepting rests, see pause_accepting */
+        bool accept_paused;
+        uint64_t accept_logged_usec;            /* when the last line about it was written */
+        unsigned accept_pauses;                 /* pauses since then */
         struct upstream *upstream;
         struct http_poller *poller;     /* every client connection's socket */
         struct proxy_context *proxy;
@@ -54,24 +60,51 @@ struct worker {
         bool draining;
 };
 
-/* Does the request carry one of the configured client tokens (Authorization: Bearer …)? */
-static bool has_client_token(const struct config *cfg, const struct http_request *req) {
-        const char *auth = http_request_header(req, "Authorization");
-        char hex[65];
+static void set_accepting(struct worker *w, bool on);
+
+/* Is hex (a token's digest) one of the list? Every digest is compared in full, so timing tells
+ * nothing about which was close. */
+static bool digest_listed(const char *hex, char *const *list, unsigned n) {
         bool match = false;
 
-        if (!auth || strncasecmp(auth, "Bearer ", 7) != 0 ||
-            keyid_sha256_hex(auth + 7, strlen(auth + 7), hex) < 0)
-                return false;
-        /* Compare every digest in full, so timing tells nothing about which was close. */
-        for (unsigned i = 0; i < cfg->n_client_tokens; i++) {
+        for (unsigned i = 0; i < n; i++) {
                 unsigned char diff = 0;
 
                 for (unsigned k = 0; k < 64; k++)
-                        diff |= (unsigned char) (hex[k] ^ cfg->client_tokens[i][k]);
+                        diff |= (unsigned char) (hex[k] ^ list[i][k]);
                 match |= diff == 0;
         }
         return match;
+}
+
+/* Over TCP a token is the only credential there is: a plain one (client_tokens) uses the API and
+ * the proxy, an admin one (admin_tokens) also changes keys. Returns false after answering 401. */
+static bool tcp_authorized(struct http_conn *c, const struct config *cfg, const struct http_request *req,
+                           bool *ret_admin) {
+        static const struct http_header challenge[] = { { "WWW-Authenticate", "Bearer" } };
+        const char *auth = http_request_header(req, "Authorization");
+        const char *problem = NULL;
+        char hex[65];
+
+        *ret_admin = false;
+        if (cfg->n_client_tokens == 0 && cfg->n_admin_tokens == 0)
+                return true;
+        if (!auth)
+                problem = "this listener requires a token: send an Authorization: Bearer header "
+                          "with a token from client_tokens or admin_tokens";
+        else if (strncasecmp(auth, "Bearer ", 7) != 0)
+                problem = "the Authorization header is not a Bearer token";
+        else if (keyid_sha256_hex(auth + 7, strlen(auth + 7), hex) < 0)
+                problem = "the bearer token could not be checked";
+        else if (digest_listed(hex, cfg->admin_tokens, cfg->n_admin_tokens))
+                *ret_admin = true;
+        else if (!digest_listed(hex, cfg->client_tokens, cfg->n_client_tokens))
+                problem = "the bearer token in the Authorization header is not a configured token";
+        if (!problem)
+                return true;
+        http_conn_respond_error(c, 401, "authentication_error", "invalid_client_token",
+                                challenge, 1, "%s", problem);
+        return false;
 }
 
 static void on_request(struct http_conn *c, struct http_request *req, void *userdata) {
@@ -83,14 +116,8 @@ static void on_request(struct http_conn *c, struct http_request *req, void *user
 
         keytable_slot_count_request(w->params->table, w->params->slot);
         if (peer->tcp) {
-                /* Over TCP a client token is the only credential there is. */
-                admin = cfg->n_client_tokens > 0 && has_client_token(cfg, req);
-                if (cfg->n_client_tokens > 0 && !admin) {
-                        http_conn_respond_error(c, 401, "authentication_error", "invalid_client_token",
-                                                (const struct http_header[]) { { "WWW-Authenticate", "Bearer" } }, 1,
-                                                "a valid client token is required (Authorization: Bearer …)");
+                if (!tcp_authorized(c, cfg, req, &admin))
                         return;
-                }
         } else
                 admin = peer->have_uid && (peer->uid == 0 || peer->uid == geteuid());
         if (api_handle(&w->api, c, req, admin))
@@ -120,12 +147,58 @@ static void on_closed(struct http_conn *c, void *userdata) {
                 cl->next->prev = cl->prev;
         w->n_clients--;
         free(cl);
-        /* Below the limit again: take new connections. */
-        if (w->accept_source && !w->draining)
-                sd_event_source_set_enabled(w->accept_source, SD_EVENT_ON);
-        if (w->tcp_accept_source && !w->draining)
-                sd_event_source_set_enabled(w->tcp_accept_source, SD_EVENT_ON);
+        /* Below the limit again: take new connections (a pause ends on its own timer). */
+        if (!w->accept_paused)
+                set_accepting(w, true);
         maybe_finish_draining(w);
+}
+
+static void set_accepting(struct worker *w, bool on) {
+        if (w->draining)
+                return;
+        if (w->accept_source)
+                sd_event_source_set_enabled(w->accept_source, on ? SD_EVENT_ON : SD_EVENT_OFF);
+        if (w->tcp_accept_source)
+                sd_event_source_set_enabled(w->tcp_accept_source, on ? SD_EVENT_ON : SD_EVENT_OFF);
+}
+
+static int on_accept_resume(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct worker *w = userdata;
+
+        w->accept_paused = false;
+        set_accepting(w, true);
+        return 0;
+}
+
+/* The worker cannot take another connection now (at max_connections, or out of descriptors or
+ * memory). The listening socket stays readable while the backlog holds clients, so accepting
+ * again at once would spin and log for ever: rest a moment, as nginx does, and say so once per
+ * ACCEPT_LOG_USEC however often it happens. */
+static void pause_accepting(struct worker *w, int error) {
+        uint64_t now = 0;
+
+        set_accepting(w, false);
+        w->accept_paused = true;
+        w->accept_pauses++;
+        if (sd_event_now(w->event, CLOCK_MONOTONIC, &now) >= 0 &&
+            (w->accept_logged_usec == 0 || now - w->accept_logged_usec >= ACCEPT_LOG_USEC)) {
+                if (error)
+                        log_warning("accept failed: %s; not accepting for %u ms (%u times in the last %u s)",
+                                    strerror(error), ACCEPT_PAUSE_USEC / 1000, w->accept_pauses,
+                                    ACCEPT_LOG_USEC / 1000000);
+                else
+                        log_warning("at max_connections (%u); not accepting for %u ms (%u times in the last %u s)",
+                                    w->params->config->max_connections, ACCEPT_PAUSE_USEC / 1000,
+                                    w->accept_pauses, ACCEPT_LOG_USEC / 1000000);
+                w->accept_logged_usec = now;
+                w->accept_pauses = 0;
+        }
+        if (sd_event_source_set_time_relative(w->accept_resume, ACCEPT_PAUSE_USEC) < 0 ||
+            sd_event_source_set_enabled(w->accept_resume, SD_EVENT_ONESHOT) < 0) {
+                /* No timer, no pause: better busy than deaf. */
+                w->accept_paused = false;
+                set_accepting(w, true);
+        }
 }
 
 static const struct http_handler handler = {
@@ -161,21 +234,23 @@ static int on_accept(sd_event_source *s, int fd, uint32_t revents, void *userdat
                 int cfd;
 
                 if (w->n_clients >= w->params->config->max_connections) {
-                        sd_event_source_set_enabled(s, SD_EVENT_OFF);
+                        pause_accepting(w, 0);
                         return 0;
                 }
                 cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
                 if (cfd < 0) {
                         if (errno == EAGAIN || errno == EINTR || errno == ECONNABORTED)
                                 return 0;
-                        log_warning("accept failed: %s", strerror(errno));
+                        pause_accepting(w, errno);
                         return 0;
                 }
                 cl = calloc(1, sizeof *cl);
                 if (!cl || http_conn_new(w->poller, cfd, &w->limits, &handler, cl, &cl->conn) < 0) {
+                        /* Out of memory or descriptors (the epoll registration): same as above. */
                         free(cl);
                         close(cfd);
-                        continue;
+                        pause_accepting(w, ENOMEM);
+                        return 0;
                 }
                 set_peer(cl->conn, cfd, fd == w->params->tcp_listen_fd);
                 cl->w = w;
@@ -281,6 +356,11 @@ int worker_run(const struct worker_params *wp) {
         if (r >= 0)
                 r = sd_event_add_time_relative(w.event, &w.heartbeat, CLOCK_MONOTONIC, HEARTBEAT_USEC, 0,
                                                on_heartbeat, &w);
+        if (r >= 0)
+                r = sd_event_add_time_relative(w.event, &w.accept_resume, CLOCK_MONOTONIC,
+                                               ACCEPT_PAUSE_USEC, 0, on_accept_resume, &w);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(w.accept_resume, SD_EVENT_OFF);
         if (r >= 0 && wp->tcp_listen_fd >= 0)
                 r = sd_event_add_io(w.event, &w.tcp_accept_source, wp->tcp_listen_fd, EPOLLIN, on_accept, &w);
         if (r >= 0 && wp->slot < wp->n_wake_fds)
@@ -300,6 +380,9 @@ int worker_run(const struct worker_params *wp) {
                 .max_header = wp->config->max_header,
                 .max_body = wp->config->max_body,
                 .timeout_usec = (uint64_t) wp->config->client_timeout * 1000000,
+                .header_timeout_usec = (uint64_t) wp->config->header_timeout * 1000000,
+                .body_min_rate = wp->config->body_min_rate,
+                .body_budget = wp->config->body_budget,
         };
         r = proxy_new(&(struct proxy_params) {
                         .config = wp->config,

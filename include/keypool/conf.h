@@ -76,6 +76,9 @@ struct config {
         unsigned max_connections;               /* client connections per worker (8192) */
         size_t max_body;                        /* request body limit in bytes (16 MiB) */
         size_t max_header;                      /* request header limit in bytes (16 KiB) */
+        unsigned header_timeout;                /* s from a request's first byte to its whole head (10) */
+        size_t body_min_rate;                   /* bytes/s a body must average per header_timeout (1024) */
+        size_t body_budget;                     /* bytes of request bodies a worker buffers (64 MiB) */
         char *env_file;                         /* NULL when not set */
         unsigned max_wait;                      /* s a request may wait for a key to recover (30) */
         unsigned max_cooldown;                  /* s cap on any provider hint (86400) */
@@ -95,6 +98,8 @@ struct config {
         bool http_allow_remote;                 /* allow a non-loopback http_listen (false) */
         char **client_tokens;                   /* SHA-256 hex digests of accepted bearer tokens */
         unsigned n_client_tokens;
+        char **admin_tokens;                    /* … of tokens that may also use admin actions */
+        unsigned n_admin_tokens;
         unsigned worker_timeout;                /* s a worker's heartbeat may age before it is replaced (10) */
         unsigned shutdown_timeout;              /* s a graceful stop may take before workers are killed (30) */
 

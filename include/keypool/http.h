@@ -1,8 +1,10 @@
 /* http.h — client connections: HTTP/1.1 requests in, responses out.
  *
  * Owns one accepted client socket: reading and parsing requests with http-parser (keep-alive,
- * pipelining one request at a time), enforcing the header and body limits and the idle timeout,
- * and writing responses — whole, or streamed with chunked encoding and back-pressure. It knows
+ * pipelining one request at a time), refusing what cannot be forwarded as written (a bad target,
+ * header fields outside RFC 9112), enforcing the header and body limits, the head deadline, the
+ * minimum body rate, the worker's budget for buffered bodies and the idle timeout, and writing
+ * responses — whole, or streamed with chunked encoding and back-pressure. It knows
  * nothing of keys or upstreams: a request is handed to the handler, which answers through the
  * http_conn_respond/stream calls, possibly much later, from any event callback.
  */
@@ -48,6 +50,10 @@ struct http_limits {
         size_t max_header;              /* request line and headers together, bytes */
         size_t max_body;                /* request body, bytes */
         uint64_t timeout_usec;          /* idle client / stalled write */
+        uint64_t header_timeout_usec;   /* from a request's first byte to its complete head; also
+                                         * the window over which body_min_rate is measured */
+        size_t body_min_rate;           /* bytes/s a request body must average per window */
+        size_t body_budget;             /* request bodies one poller (worker) may buffer, bytes */
 };
 
 struct http_handler {
@@ -108,6 +114,12 @@ void http_conn_shutdown(struct http_conn *c);
 
 /* Is a request being served (from complete request to response flushed)? */
 bool http_conn_busy(const struct http_conn *c);
+
+/* Can target be sent upstream exactly as written? 0, or -EINVAL with *ret_problem saying why:
+ * origin-form only, no control characters, spaces or '#', valid percent escapes, no '.' or '..'
+ * segment in plain or percent-encoded form and no encoded '/' or '\\' in the path (libcurl and
+ * upstreams would resolve them, and a caller could leave base_url with keypool's key). */
+int http_target_check(const char *target, size_t len, const char **ret_problem);
 
 /* The value of a request header (case-insensitive name), or NULL. */
 const char *http_request_header(const struct http_request *r, const char *name);

@@ -113,10 +113,11 @@ class TcpTest(KeypoolTestCase):
             assert_api_error(self, body)
         self.assertEqual(self.kp.key(a)["state"], "ready", "a refused disable changes nothing")
 
-    def test_admin_over_tcp_with_a_token_is_allowed(self):
+    def test_admin_over_tcp_with_an_admin_token_is_allowed(self):
         a, b = fake_secret(), fake_secret()
         good = client_token()
-        self.start(a, b, tokens=[good])
+        self.start(a, b, tokens=[good],
+                   admin_tokens=[hashlib.sha256(good.encode()).hexdigest()])
         status, _, body = self.tcp("POST", f"/api/keys/{key_id(a)}/disable")
         self.assertEqual(status, 401, body)
         self.assertEqual(self.kp.key(a)["state"], "ready")
