@@ -359,6 +359,10 @@ class MetricsTest(KeypoolTestCase):
         sim = self.start_sim()
         kp = self.start_keypool(sim, pools=[{"name": "solo", "model": "m/solo", "keys": [a, b]}],
                                 settings={"workers": 3})
+        # /health answers as soon as the first worker serves; the coordinator may still be
+        # forking the others, so wait for all three before reading the figures.
+        wait_for(lambda: self.value(self.scrape(kp)[1], "keypool_workers") == 3,
+                 what="all 3 workers to be counted in /metrics")
         text, f = self.scrape(kp)
         self.check_families(f, {key_id(a), key_id(b)})
         for kid in (key_id(a), key_id(b)):
