@@ -87,9 +87,9 @@ void loader_parse_socket_mode(struct loader *l, const config_setting_t *root) {
         l->c->socket_mode = (unsigned) mode;
 }
 
-/* Whether group s (a name, or a gid in digits) exists: 0 with *ret set, or -errno when the
- * group database could not answer. */
-static int group_exists(const char *s, bool *ret) {
+/* Whether group s (a name, or a gid in digits) exists: 0 with *ret set (and *ret_gid when it
+ * does), or -errno when the group database could not answer. */
+static int group_lookup(const char *s, bool *ret, gid_t *ret_gid) {
         long hint = sysconf(_SC_GETGR_R_SIZE_MAX);
         size_t size = hint > 0 ? (size_t) hint : 1024;
         bool numeric = *s != '\0';
@@ -129,6 +129,8 @@ static int group_exists(const char *s, bool *ret) {
                 /* The manual lists these as what some systems say for "no such group". */
                 if (r == 0 || r == ENOENT || r == ESRCH || r == EBADF || r == EPERM) {
                         *ret = found != NULL;
+                        if (found)
+                                *ret_gid = numeric ? (gid_t) gid : g.gr_gid;
                         return 0;
                 }
                 return -r;
@@ -140,6 +142,7 @@ void loader_parse_socket_group(struct loader *l, const config_setting_t *root) {
         char digits[24];
         const char *v;
         bool exists = false;
+        gid_t found_gid = 0;
         int r;
 
         if (!s)
@@ -176,7 +179,7 @@ void loader_parse_socket_group(struct loader *l, const config_setting_t *root) {
                 return;
         }
 
-        r = group_exists(v, &exists);
+        r = group_lookup(v, &exists, &found_gid);
         if (r == -ENOMEM) {
                 l->oom = true;
                 return;
@@ -192,11 +195,13 @@ void loader_parse_socket_group(struct loader *l, const config_setting_t *root) {
         l->c->socket_group = strdup(v);
         if (!l->c->socket_group)
                 l->oom = true;
+        l->c->socket_gid = found_gid;
 }
 
-/* Why listen ("HOST:PORT") cannot be served, or NULL; *ret_loopback tells whether only this
- * host can reach it. */
-static const char *listen_problem(const char *listen, bool *ret_loopback) {
+/* Why listen ("HOST:PORT") cannot be served, or NULL; then *ret_loopback tells whether only this
+ * host can reach it, and ret_host (INET6_ADDRSTRLEN + 1 bytes) and *ret_port what to bind. */
+static const char *listen_problem(const char *listen, bool *ret_loopback, char *ret_host,
+                                  unsigned *ret_port) {
         char host[INET6_ADDRSTRLEN + 1];
         const char *colon, *h, *p;
         size_t n;
@@ -253,13 +258,17 @@ static const char *listen_problem(const char *listen, bool *ret_loopback) {
                                "the port (host names other than localhost are not resolved)";
                 *ret_loopback = (ntohl(a4.s_addr) >> 24) == 127;
         }
+        memcpy(ret_host, host, n + 1);
+        *ret_port = port;
         return NULL;
 }
 
 void loader_parse_http_listen(struct loader *l, const config_setting_t *root) {
         const config_setting_t *s, *allow = config_setting_get_member(root, "http_allow_remote");
+        char host[INET6_ADDRSTRLEN + 1];
         const char *v, *problem;
         bool loopback = false;
+        unsigned port = 0;
 
         loader_get_bool(l, root, "http_allow_remote", &l->c->http_allow_remote);
 
@@ -273,7 +282,7 @@ void loader_parse_http_listen(struct loader *l, const config_setting_t *root) {
                 loader_setting_error(l, s, "http_listen must not contain whitespace or control characters");
                 return;
         }
-        problem = listen_problem(v, &loopback);
+        problem = listen_problem(v, &loopback, host, &port);
         if (problem) {
                 loader_setting_error(l, s, "http_listen '%s' %s", v, problem);
                 return;
@@ -291,6 +300,9 @@ void loader_parse_http_listen(struct loader *l, const config_setting_t *root) {
         l->c->http_listen = strdup(v);
         if (!l->c->http_listen)
                 l->oom = true;
+        _Static_assert(sizeof(l->c->http_host) > INET6_ADDRSTRLEN, "http_host holds any address");
+        memcpy(l->c->http_host, host, sizeof(host));
+        l->c->http_port = port;
 }
 
 static int hex_value(char ch) {

@@ -21,44 +21,6 @@
 
 #include "keypool/listen.h"
 
-int listen_parse_tcp(const char *text, struct listen_spec *spec) {
-        char host[sizeof spec->tcp_host];
-        const char *port = strrchr(text, ':');
-        size_t n;
-
-        if (!port)
-                return -EINVAL;
-        n = (size_t) (port - text);
-        port++;
-        if (n >= sizeof host || strlen(port) >= sizeof spec->tcp_port)
-                return -ENAMETOOLONG;
-        memcpy(host, text, n);
-        host[n] = 0;
-        if (host[0] == '[') {
-                memmove(host, host + 1, n);
-                host[strcspn(host, "]")] = 0;
-        }
-        memcpy(spec->tcp_host, host, sizeof host);
-        snprintf(spec->tcp_port, sizeof spec->tcp_port, "%s", port);
-        spec->tcp = true;
-        return 0;
-}
-
-int listen_parse_group(const char *name, gid_t *ret) {
-        char buf[4096], *end;
-        struct group grp, *found = NULL;
-        unsigned long n = strtoul(name, &end, 10);
-
-        if (*name && !*end) {
-                *ret = (gid_t) n;
-                return 0;
-        }
-        if (getgrnam_r(name, &grp, buf, sizeof buf, &found) != 0 || !found)
-                return -ENOENT;
-        *ret = found->gr_gid;
-        return 0;
-}
-
 static int make_parent_dir(const char *path) {
         char *dir = strdup(path), *slash;
         int r = 0;

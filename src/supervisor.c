@@ -438,11 +438,15 @@ static void note_recoveries(struct supervisor *s, int64_t now) {
         for (unsigned i = 0; i < n; i++) {
                 struct keytable_event ev = { .wall_ms = clock_wall_ms(), .kind = HISTORY_RECOVER };
                 struct log_fields f = LOG_FIELDS_NONE;
+                const struct config_key *key;
 
-                if (pools[i] >= cfg->n_pools || positions[i] >= cfg->pools[pools[i]].n_keys)
+                if (pools[i] >= cfg->n_pools)
+                        continue;
+                key = config_pool_key(&cfg->pools[pools[i]], 0, positions[i]);
+                if (!key)
                         continue;
                 f.pool = cfg->pools[pools[i]].name;
-                f.key = cfg->pools[pools[i]].keys[positions[i]].id;
+                f.key = key->id;
                 snprintf(ev.pool, sizeof ev.pool, "%s", f.pool);
                 snprintf(ev.key_from, sizeof ev.key_from, "%s", f.key);
                 keytable_history_add(s->table, &ev);
@@ -890,28 +894,20 @@ static void advance(struct supervisor *s) {
 
 /* --- the listening sockets ------------------------------------------------------------- */
 
-/* cfg's socket settings as listen takes them. The text was checked by config_load already; a
- * group that has gone since is only a warning, as a failed chown is. */
-static int listen_spec_of(const struct config *cfg, struct listen_spec *ret) {
-        struct listen_spec spec = { .path = cfg->socket_path, .mode = (mode_t) cfg->socket_mode };
-        int r;
-
-        if (cfg->socket_group) {
-                r = listen_parse_group(cfg->socket_group, &spec.group);
-                if (r < 0)
-                        log_warning("cannot give %s to group %s: %s", cfg->socket_path, cfg->socket_group,
-                                    strerror(-r));
-                spec.set_group = r >= 0;
+/* cfg's socket settings as listen takes them: the values config_load parsed and checked, so
+ * what is opened is exactly what was checked. */
+static void listen_spec_of(const struct config *cfg, struct listen_spec *ret) {
+        *ret = (struct listen_spec) {
+                .path = cfg->socket_path,
+                .mode = (mode_t) cfg->socket_mode,
+                .set_group = cfg->socket_group != NULL,
+                .group = cfg->socket_gid,
+                .tcp = cfg->http_listen != NULL,
+        };
+        if (ret->tcp) {
+                snprintf(ret->tcp_host, sizeof(ret->tcp_host), "%s", cfg->http_host);
+                snprintf(ret->tcp_port, sizeof(ret->tcp_port), "%u", cfg->http_port);
         }
-        if (cfg->http_listen) {
-                r = listen_parse_tcp(cfg->http_listen, &spec);
-                if (r < 0) {
-                        log_error("http_listen %s: %s", cfg->http_listen, strerror(-r));
-                        return r;
-                }
-        }
-        *ret = spec;
-        return 0;
 }
 
 /* One message for what listen_open could not do, with the setting it concerns. */
@@ -952,9 +948,7 @@ static int open_listeners(struct supervisor *s, const struct config *cfg) {
         enum listen_step failed = LISTEN_STEP_UNIX;
         int r;
 
-        r = listen_spec_of(cfg, &spec);
-        if (r < 0)
-                return r;
+        listen_spec_of(cfg, &spec);
         r = listen_open(&spec, &s->sockets, &failed);
         if (r < 0) {
                 log_listen_failure(cfg, failed, r);

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <stdbool.h>
+#include <sys/types.h>
 #include <stddef.h>
 
 #include "keypool/keyid.h"
@@ -94,7 +95,10 @@ struct config {
         unsigned state_interval;                /* s between state snapshots (60) */
         unsigned history_size;                  /* rotation history entries kept (1024) */
         char *socket_group;                     /* NULL: the daemon's own group */
+        gid_t socket_gid;                       /* socket_group looked up, when it is set */
         char *http_listen;                      /* "127.0.0.1:8002", NULL: no TCP listener */
+        char http_host[64];                     /* http_listen's address, without brackets */
+        unsigned http_port;                     /* http_listen's port */
         bool http_allow_remote;                 /* allow a non-loopback http_listen (false) */
         char **client_tokens;                   /* SHA-256 hex digests of accepted bearer tokens */
         unsigned n_client_tokens;

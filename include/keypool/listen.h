@@ -14,8 +14,8 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-/* What to listen on, already parsed (listen_parse_tcp, listen_parse_group); opening re-reads no
- * setting text. */
+/* What to listen on, as config_load parsed it (conf.h: socket_gid, http_host, http_port); opening
+ * re-reads no setting text. */
 struct listen_spec {
         const char *path;               /* the UNIX socket's file */
         mode_t mode;                    /* its permission bits */
@@ -48,13 +48,6 @@ enum listen_step {
         LISTEN_STEP_TCP,                /* socket, bind or listen of the TCP socket */
         _LISTEN_STEP_MAX,
 };
-
-/* "HOST:PORT" or "[V6]:PORT" into spec's tcp fields (the brackets dropped). -EINVAL when there
- * is no port, -ENAMETOOLONG when a part does not fit. */
-int listen_parse_tcp(const char *text, struct listen_spec *spec);
-
-/* A group name or a numeric id; -ENOENT when no such group exists. */
-int listen_parse_group(const char *name, gid_t *ret);
 
 /* Opens everything spec asks for: the socket systemd passed (the one named "keypool", else the
  * first; the others are closed), else the UNIX socket at spec->path; then the TCP listener.

@@ -1525,11 +1525,14 @@ START_TEST(test_socket_group_takes_an_existing_name_or_gid)
         snprintf(text, sizeof(text), PROVIDERS ONE_POOL "socket_group = \"%s\";\n", g->gr_name);
         load_ok(text);
         ck_assert_str_eq(cfg->socket_group, g->gr_name);
+        ck_assert_uint_eq(cfg->socket_gid, 0);
 
         load_ok(PROVIDERS ONE_POOL "socket_group = \"0\";\n");
         ck_assert_str_eq(cfg->socket_group, "0");
+        ck_assert_uint_eq(cfg->socket_gid, 0);
         load_ok(PROVIDERS ONE_POOL "socket_group = 0;\n");
         ck_assert_str_eq(cfg->socket_group, "0");
+        ck_assert_uint_eq(cfg->socket_gid, 0);
 
         /* "" says the same as leaving it out: the daemon's own group. */
         load_ok(PROVIDERS ONE_POOL "socket_group = \"\";\n");
@@ -1562,17 +1565,26 @@ END_TEST
 
 START_TEST(test_http_listen_accepts_loopback_addresses)
 {
-        static const char *const ok[] = {
-                "127.0.0.1:8002", "127.9.8.7:1", "[::1]:65535", "localhost:8002",
-                "[::ffff:127.0.0.1]:80",
+        /* What is bound is parsed here, once: the address without brackets and the port. */
+        static const struct {
+                const char *text, *host;
+                unsigned port;
+        } ok[] = {
+                { "127.0.0.1:8002", "127.0.0.1", 8002 },
+                { "127.9.8.7:1", "127.9.8.7", 1 },
+                { "[::1]:65535", "::1", 65535 },
+                { "localhost:8002", "localhost", 8002 },
+                { "[::ffff:127.0.0.1]:80", "::ffff:127.0.0.1", 80 },
         };
 
         for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
                 char text[512];
 
-                snprintf(text, sizeof(text), PROVIDERS ONE_POOL "http_listen = \"%s\";\n", ok[i]);
+                snprintf(text, sizeof(text), PROVIDERS ONE_POOL "http_listen = \"%s\";\n", ok[i].text);
                 load_ok(text);
-                ck_assert_str_eq(cfg->http_listen, ok[i]);
+                ck_assert_str_eq(cfg->http_listen, ok[i].text);
+                ck_assert_str_eq(cfg->http_host, ok[i].host);
+                ck_assert_uint_eq(cfg->http_port, ok[i].port);
                 ck_assert(!cfg->http_allow_remote);
         }
 }
