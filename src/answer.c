@@ -69,6 +69,7 @@ void answer_reset(struct answer *a) {
         a->event = NULL;
         a->event_len = a->event_cap = 0;
         a->event_overflow = false;
+        a->event_tail[0] = a->event_tail[1] = 0;
         free(a->stream_error);
         a->stream_error = NULL;
         a->stream_error_status = 0;
@@ -164,24 +165,30 @@ size_t answer_scan_events(struct answer *a, const char *data, size_t len) {
         for (size_t i = 0; i < len; i++) {
                 char ch = data[i];
 
+                bool ends;
+
                 if (!a->event_overflow) {
                         if (a->event_len + 1 >= ANSWER_MAX_SSE_EVENT)
                                 a->event_overflow = true;
                         else if (buf_add(&a->event, &a->event_len, &a->event_cap, &ch, 1) < 0)
                                 a->event_overflow = true;
                 }
-                if (ch != '\n')
+                /* A blank line ends the event: "\n\n" or "\n\r\n". The tail is kept apart from
+                 * the buffer so that the end of an event too long to keep is still seen, and the
+                 * events after it are inspected again. */
+                ends = ch == '\n' && (a->event_tail[1] == '\n' ||
+                                      (a->event_tail[1] == '\r' && a->event_tail[0] == '\n'));
+                a->event_tail[0] = a->event_tail[1];
+                a->event_tail[1] = ch;
+                if (!ends)
                         continue;
-                /* A blank line ends the event: "\n\n" or "\n\r\n". */
-                if (a->event_len >= 2 && (a->event[a->event_len - 2] == '\n' ||
-                    (a->event_len >= 3 && a->event[a->event_len - 2] == '\r' && a->event[a->event_len - 3] == '\n'))) {
-                        if (!a->event_overflow)
-                                inspect_event(a, a->event, a->event_len);
-                        a->event_len = 0;
-                        a->event_overflow = false;
-                        if (!first_end)
-                                first_end = i + 1;
-                }
+                if (!a->event_overflow)
+                        inspect_event(a, a->event, a->event_len);
+                a->event_len = 0;
+                a->event_overflow = false;
+                a->event_tail[0] = a->event_tail[1] = 0;
+                if (!first_end)
+                        first_end = i + 1;
         }
         return first_end;
 }

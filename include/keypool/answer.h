@@ -42,7 +42,8 @@ struct answer {
         size_t held;                    /* bytes at the end of body not yet sent to the client */
         char *event;                    /* the SSE event being received */
         size_t event_len, event_cap;
-        bool event_overflow;
+        bool event_overflow;            /* the event outgrew the buffer: skipped, not inspected */
+        char event_tail[2];             /* the two bytes before the current one, overflow or not */
         int stream_error_status;        /* an SSE error event seen inside the stream */
         char *stream_error;             /* … its payload */
         uint64_t tokens_in, tokens_out;

@@ -350,6 +350,28 @@ START_TEST(test_oversized_event_is_not_inspected) {
 }
 END_TEST
 
+START_TEST(test_events_after_an_oversized_one_are_inspected_again) {
+        struct answer a = { .mode = ANSWER_STREAM, .sse = true };
+        size_t big = ANSWER_MAX_SSE_EVENT + 100;
+        char *ev = malloc(big + 2);
+        static const char error_event[] =
+                "data: {\"error\":{\"code\":429,\"message\":\"Rate limit exceeded\"}}\r\n\r\n";
+
+        ck_assert_ptr_nonnull(ev);
+        memset(ev, 'x', big);
+        memcpy(ev, "data: ", 6);
+        ev[big] = '\n';
+        ev[big + 1] = '\n';
+        answer_scan_events(&a, ev, big + 2);
+        answer_scan_events(&a, error_event, strlen(error_event));
+        ck_assert_msg(a.stream_error_status == 429,
+                      "expected the error event after an oversized one to be seen, got status %d",
+                      a.stream_error_status);
+        free(ev);
+        answer_free(&a);
+}
+END_TEST
+
 START_TEST(test_non_sse_success_counts_tokens_from_its_body) {
         static const char body[] = "{\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":34}}";
         struct answer a = { .mode = ANSWER_STREAM };
@@ -513,6 +535,7 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_error_event_in_a_stream_is_noted_once);
         tcase_add_test(tc, test_stream_usage_keeps_the_last_running_totals);
         tcase_add_test(tc, test_oversized_event_is_not_inspected);
+        tcase_add_test(tc, test_events_after_an_oversized_one_are_inspected_again);
         tcase_add_test(tc, test_non_sse_success_counts_tokens_from_its_body);
         tcase_add_test(tc, test_client_gets_end_to_end_headers_only);
         tcase_add_test(tc, test_new_status_line_starts_a_new_answer);
