@@ -221,16 +221,17 @@ static int shm_open_anonymous(void) {
         return -EEXIST;
 }
 
-int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct keytable **ret) {
-        size_t off = 0, off_hdr, off_pools, off_keys, off_slots, off_leases, off_history, off_links,
-               off_due, n_leases, index_size;
+/* Where everything sits in the segment: offsets from its start, and its whole size. */
+struct kt_layout {
+        size_t size, hdr, pools, keys, slots, leases, history, links, due;
         unsigned history_size;
-        struct keytable *t;
-        void *base;
-        int fd, r;
+};
 
-        if (!limits || !ret)
-                return -EINVAL;
+static int layout_compute(const struct keytable_limits *limits, struct kt_layout *ret) {
+        struct kt_layout l = {};
+        size_t n_leases, off = 0;
+        int r;
+
         if (limits->max_pools == 0 || limits->max_keys == 0 || limits->n_slots == 0 ||
             limits->leases_per_slot == 0)
                 return -EINVAL;
@@ -242,31 +243,119 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         if (__builtin_mul_overflow((size_t) limits->n_slots, (size_t) limits->leases_per_slot,
                                    &n_leases) || n_leases > UINT32_MAX)
                 return -E2BIG;
-        history_size = limits->history_size > 0 ? limits->history_size : KT_HISTORY_DEFAULT;
+        l.history_size = limits->history_size > 0 ? limits->history_size : KT_HISTORY_DEFAULT;
 
-        r = layout_add(&off, 1, sizeof(struct kt_header), &off_hdr);
+        r = layout_add(&off, 1, sizeof(struct kt_header), &l.hdr);
         if (r == 0)
                 r = layout_add(&off, (size_t) KT_BANKS * limits->max_pools, sizeof(struct kt_pool),
-                               &off_pools);
+                               &l.pools);
         if (r == 0)
                 r = layout_add(&off, (size_t) KT_BANKS * limits->max_keys, sizeof(struct kt_key),
-                               &off_keys);
+                               &l.keys);
         if (r == 0)
-                r = layout_add(&off, limits->n_slots, sizeof(struct kt_slot), &off_slots);
+                r = layout_add(&off, limits->n_slots, sizeof(struct kt_slot), &l.slots);
         if (r == 0)
-                r = layout_add(&off, n_leases, sizeof(uint32_t), &off_leases);
+                r = layout_add(&off, n_leases, sizeof(uint32_t), &l.leases);
         if (r == 0)
-                r = layout_add(&off, history_size, sizeof(struct kt_event), &off_history);
+                r = layout_add(&off, l.history_size, sizeof(struct kt_event), &l.history);
         if (r == 0)
                 r = layout_add(&off, (size_t) KT_BANKS * limits->max_keys, sizeof(struct kt_link),
-                               &off_links);
+                               &l.links);
         if (r == 0)
                 r = layout_add(&off, (size_t) KT_BANKS * limits->max_keys, sizeof(struct kt_due),
-                               &off_due);
+                               &l.due);
         if (r < 0)
                 return r;
         if (off > (size_t) INT64_MAX)
                 return -ENOMEM;
+        l.size = off;
+        *ret = l;
+        return 0;
+}
+
+/* A fresh, zero-filled shared mapping of size bytes, its memory committed. */
+static int segment_map(size_t size, void **ret) {
+        void *base;
+        int fd, r;
+
+        fd = shm_open_anonymous();
+        if (fd < 0)
+                return fd;
+        if (ftruncate(fd, (off_t) size) < 0) {
+                r = -errno;
+                goto out;
+        }
+        /* Commit the memory now: running out of /dev/shm later would be a SIGBUS in the middle
+         * of some worker's critical section instead of an error at start. */
+        r = -posix_fallocate(fd, 0, (off_t) size);
+        if (r < 0)
+                goto out;
+        base = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (base == MAP_FAILED) {
+                r = -errno;
+                goto out;
+        }
+        *ret = base;
+out:
+        (void) close(fd);
+        return r;
+}
+
+/* Points t into the mapping at base and writes the header. The segment comes zero-filled: every
+ * slot FREE, every lease free, both banks empty, bank 0 current and being filled. */
+static void segment_init(struct keytable *t, void *base, const struct kt_layout *l,
+                         const struct keytable_limits *limits, int64_t now_ms) {
+        t->base = base;
+        t->size = l->size;
+        t->hdr = (struct kt_header *) ((char *) base + l->hdr);
+        t->pools = (struct kt_pool *) ((char *) base + l->pools);
+        t->keys = (struct kt_key *) ((char *) base + l->keys);
+        t->slots = (struct kt_slot *) ((char *) base + l->slots);
+        t->leases = (uint32_t *) ((char *) base + l->leases);
+        t->history = (struct kt_event *) ((char *) base + l->history);
+        t->links = (struct kt_link *) ((char *) base + l->links);
+        t->due = (struct kt_due *) ((char *) base + l->due);
+        t->history_size = l->history_size;
+        t->max_pools = limits->max_pools;
+        t->max_keys = limits->max_keys;
+        t->n_slots = limits->n_slots;
+        t->leases_per_slot = limits->leases_per_slot;
+
+        *t->hdr = (struct kt_header) {
+                .magic = KT_MAGIC,
+                .version = KT_VERSION,
+                .max_pools = limits->max_pools,
+                .max_keys = limits->max_keys,
+                .n_slots = limits->n_slots,
+                .leases_per_slot = limits->leases_per_slot,
+                .bank = 0,
+                .fill = 0,
+                .size = l->size,
+                .off_pools = l->pools,
+                .off_keys = l->keys,
+                .off_slots = l->slots,
+                .off_leases = l->leases,
+                .off_history = l->history,
+                .off_links = l->links,
+                .off_due = l->due,
+                .history_size = l->history_size,
+                .config_generation = 1,
+                .created_ms = now_ms,
+        };
+}
+
+int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct keytable **ret) {
+        struct kt_layout layout;
+        size_t index_size;
+        struct keytable *t;
+        void *base = NULL;
+        int r;
+
+        if (!limits || !ret)
+                return -EINVAL;
+        r = layout_compute(limits, &layout);
+        if (r < 0)
+                return r;
 
         t = calloc(1, sizeof *t);
         if (!t)
@@ -283,66 +372,10 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
                 }
         }
 
-        fd = shm_open_anonymous();
-        if (fd < 0) {
-                r = fd;
+        r = segment_map(layout.size, &base);
+        if (r < 0)
                 goto fail;
-        }
-        if (ftruncate(fd, (off_t) off) < 0) {
-                r = -errno;
-                goto fail_fd;
-        }
-        /* Commit the memory now: running out of /dev/shm later would be a SIGBUS in the middle
-         * of some worker's critical section instead of an error at start. */
-        r = posix_fallocate(fd, 0, (off_t) off);
-        if (r != 0) {
-                r = -r;
-                goto fail_fd;
-        }
-        base = mmap(NULL, off, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (base == MAP_FAILED) {
-                r = -errno;
-                goto fail_fd;
-        }
-        (void) close(fd);
-
-        t->base = base;
-        t->size = off;
-        t->hdr = (struct kt_header *) ((char *) base + off_hdr);
-        t->pools = (struct kt_pool *) ((char *) base + off_pools);
-        t->keys = (struct kt_key *) ((char *) base + off_keys);
-        t->slots = (struct kt_slot *) ((char *) base + off_slots);
-        t->leases = (uint32_t *) ((char *) base + off_leases);
-        t->history = (struct kt_event *) ((char *) base + off_history);
-        t->links = (struct kt_link *) ((char *) base + off_links);
-        t->due = (struct kt_due *) ((char *) base + off_due);
-        t->history_size = history_size;
-        t->max_pools = limits->max_pools;
-        t->max_keys = limits->max_keys;
-        t->n_slots = limits->n_slots;
-        t->leases_per_slot = limits->leases_per_slot;
-
-        /* The segment comes zero-filled: every slot FREE, every lease free, both banks empty,
-         * bank 0 current and being filled. */
-        t->hdr->magic = KT_MAGIC;
-        t->hdr->version = KT_VERSION;
-        t->hdr->max_pools = limits->max_pools;
-        t->hdr->max_keys = limits->max_keys;
-        t->hdr->n_slots = limits->n_slots;
-        t->hdr->leases_per_slot = limits->leases_per_slot;
-        t->hdr->bank = 0;
-        t->hdr->fill = 0;
-        t->hdr->size = off;
-        t->hdr->off_pools = off_pools;
-        t->hdr->off_keys = off_keys;
-        t->hdr->off_slots = off_slots;
-        t->hdr->off_leases = off_leases;
-        t->hdr->off_history = off_history;
-        t->hdr->off_links = off_links;
-        t->hdr->off_due = off_due;
-        t->hdr->history_size = history_size;
-        t->hdr->config_generation = 1;
-        t->hdr->created_ms = now_ms;
+        segment_init(t, base, &layout, limits, now_ms);
 
         /* Every pool row of both banks gets its mutex once, here, and never again: a process
          * that read the current bank just before a commit may still be about to lock one. */
@@ -357,8 +390,6 @@ int keytable_create(const struct keytable_limits *limits, int64_t now_ms, struct
         *ret = t;
         return 0;
 
-fail_fd:
-        (void) close(fd);
 fail:
         for (unsigned b = 0; b < KT_BANKS; b++)
                 free(t->id_index[b]);
