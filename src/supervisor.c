@@ -966,73 +966,32 @@ static int open_listeners(struct supervisor *s, const struct config *cfg) {
 
 /* --- the whole ------------------------------------------------------------------------------ */
 
-int supervisor_run(struct config *cfg) {
-        struct supervisor *s;
+/* The signals the coordinator handles arrive through the loop, and the tick that watches the
+ * workers starts. */
+static int setup_events(struct supervisor *s) {
+        static const int handled[] = { SIGTERM, SIGINT, SIGQUIT, SIGHUP };
         sigset_t mask;
-        int r, status = 1;
-
-        s = calloc(1, sizeof *s);
-        if (!s) {
-                config_free(cfg);
-                return 1;
-        }
-        s->sockets = (struct listen_sockets) { .unix_fd = -1, .tcp_fd = -1 };
-        s->pid = getpid();
-        notify_init(&s->notify);
-        s->current = new_generation(s, cfg);
-        if (!s->current) {
-                config_free(cfg);
-                free(s);
-                return 1;
-        }
-        advance(s);
-        log_event(LOG_INFO, "startup", NULL, "keypoold %s starting: %u pools, %u keys, %u workers",
-                  PACKAGE_VERSION, cfg->n_pools, cfg->n_keys, s->current->n_children);
+        int r;
 
         sigemptyset(&mask);
-        sigaddset(&mask, SIGTERM);
-        sigaddset(&mask, SIGINT);
-        sigaddset(&mask, SIGQUIT);
-        sigaddset(&mask, SIGHUP);
+        for (size_t i = 0; i < sizeof handled / sizeof handled[0]; i++)
+                sigaddset(&mask, handled[i]);
         sigaddset(&mask, SIGCHLD);
         sigprocmask(SIG_BLOCK, &mask, NULL);
         signal(SIGPIPE, SIG_IGN);
 
         r = sd_event_new(&s->event);
-        if (r >= 0)
-                r = sd_event_add_signal(s->event, NULL, SIGTERM, on_signal, s);
-        if (r >= 0)
-                r = sd_event_add_signal(s->event, NULL, SIGINT, on_signal, s);
-        if (r >= 0)
-                r = sd_event_add_signal(s->event, NULL, SIGQUIT, on_signal, s);
-        if (r >= 0)
-                r = sd_event_add_signal(s->event, NULL, SIGHUP, on_signal, s);
+        for (size_t i = 0; r >= 0 && i < sizeof handled / sizeof handled[0]; i++)
+                r = sd_event_add_signal(s->event, NULL, handled[i], on_signal, s);
         if (r >= 0)
                 r = sd_event_add_time_relative(s->event, &s->tick, CLOCK_MONOTONIC, TICK_USEC, 1000, on_tick, s);
-        if (r < 0) {
-                log_error("cannot set up the event loop: %s", strerror(-r));
-                goto finish;
-        }
-        if (build_table(s, cfg) < 0 || open_listeners(s, cfg) < 0)
-                goto finish;
-        keytable_set_config_generation(s->table, s->current->number);
-        load_state(s);
-        if (cfg->state_file && cfg->state_file[0] &&
-            sd_event_add_time_relative(s->event, &s->state_timer, CLOCK_MONOTONIC,
-                                       (uint64_t) cfg->state_interval * 1000000, 1000000, on_state_timer, s) < 0)
-                log_warning("cannot schedule state snapshots");
-        if (spawn_generation(s->current) < 0)
-                goto finish;
-        log_info("listening on %s", !s->sockets.inherited ? cfg->socket_path : "the socket passed by the service manager");
-        wait_until_serving(s);
+        return r;
+}
 
-        r = sd_event_loop(s->event);
-        status = r < 0 ? 1 : 0;
-        save_state(s);
-
-finish:
+/* Takes down whatever is left (a start that failed half way leaves workers running) and frees
+ * everything the coordinator holds. */
+static void supervisor_free(struct supervisor *s) {
         if (s->state != SUPERVISOR_STOPPED) {
-                /* Failed while starting: take down what did start. */
                 struct generation *gens[2] = { s->current, s->old };
 
                 for (unsigned g = 0; g < 2; g++)
@@ -1055,8 +1014,56 @@ finish:
         free(s->wake_fds);
         keytable_destroy(s->table);
         sd_event_unref(s->event);
+        free(s);
+}
+
+int supervisor_run(struct config *cfg) {
+        struct supervisor *s;
+        int r, status = 1;
+
+        s = calloc(1, sizeof *s);
+        if (!s) {
+                config_free(cfg);
+                return 1;
+        }
+        s->sockets = (struct listen_sockets) { .unix_fd = -1, .tcp_fd = -1 };
+        s->pid = getpid();
+        notify_init(&s->notify);
+        s->current = new_generation(s, cfg);
+        if (!s->current) {
+                config_free(cfg);
+                free(s);
+                return 1;
+        }
+        advance(s);
+        log_event(LOG_INFO, "startup", NULL, "keypoold %s starting: %u pools, %u keys, %u workers",
+                  PACKAGE_VERSION, cfg->n_pools, cfg->n_keys, s->current->n_children);
+
+        r = setup_events(s);
+        if (r < 0) {
+                log_error("cannot set up the event loop: %s", strerror(-r));
+                goto finish;
+        }
+        if (build_table(s, cfg) < 0 || open_listeners(s, cfg) < 0)
+                goto finish;
+        keytable_set_config_generation(s->table, s->current->number);
+        load_state(s);
+        if (cfg->state_file && cfg->state_file[0] &&
+            sd_event_add_time_relative(s->event, &s->state_timer, CLOCK_MONOTONIC,
+                                       (uint64_t) cfg->state_interval * 1000000, 1000000, on_state_timer, s) < 0)
+                log_warning("cannot schedule state snapshots");
+        if (spawn_generation(s->current) < 0)
+                goto finish;
+        log_info("listening on %s", !s->sockets.inherited ? cfg->socket_path : "the socket passed by the service manager");
+        wait_until_serving(s);
+
+        r = sd_event_loop(s->event);
+        status = r < 0 ? 1 : 0;
+        save_state(s);
+
+finish:
+        supervisor_free(s);
         if (status == 0)
                 log_event(LOG_INFO, "shutdown", NULL, "keypoold stopped");
-        free(s);
         return status;
 }
