@@ -618,107 +618,122 @@ static bool key_route(const struct api_context *a, struct http_conn *c, const st
         return true;
 }
 
-bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
-        int64_t now = clock_mono_ms();
-        bool get = strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+/* --- the routes ------------------------------------------------------------------------- */
 
-        if (path_is(req->url, "/health")) {
-                bool healthy = false;
-                char *json;
+static void serve_health(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                         int64_t now) {
+        bool healthy = false;
+        char *json = api_health_json(a, now, &healthy);
 
-                if (!get) {
-                        not_allowed(c, req, "GET");
-                        return true;
-                }
-                json = api_health_json(a, now, &healthy);
-                respond_json(c, healthy ? 200 : 503, json);
+        (void) req;
+        respond_json(c, healthy ? 200 : 503, json);
+}
+
+static void serve_status(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                         int64_t now) {
+        (void) req;
+        respond_json(c, 200, api_status_json(a, now));
+}
+
+static void serve_key_status(const struct api_context *a, struct http_conn *c,
+                             const struct http_request *req, int64_t now) {
+        char *pool = query_param(req->url, "pool");
+        bool unknown = false;
+        char *json = api_key_status_json(a, now, pool, &unknown);
+
+        if (unknown)
+                http_conn_respond_error(c, 404, "invalid_request_error", "unknown_pool", NULL, 0,
+                                        "no pool is named '%.64s'", pool);
+        else
+                respond_json(c, 200, json);
+        free(pool);
+}
+
+/* ?limit= as a count of events, at most what the ring holds; false when it is not a count. */
+static bool history_limit(const struct api_context *a, const char *text, unsigned *ret) {
+        char *end;
+        unsigned long v;
+
+        if (!text)
                 return true;
-        }
-        if (path_is(req->url, "/status")) {
-                if (get)
-                        respond_json(c, 200, api_status_json(a, now));
-                else
-                        not_allowed(c, req, "GET");
-                return true;
-        }
-        if (path_is(req->url, "/api/key-status")) {
-                bool unknown = false;
-                char *pool, *json;
+        v = strtoul(text, &end, 10);
+        /* strtoul takes "-1" as a huge number: digits only. */
+        if (end == text || *end || v == 0 || text[0] < '0' || text[0] > '9')
+                return false;
+        *ret = v > keytable_history_capacity(a->table) ? keytable_history_capacity(a->table) : (unsigned) v;
+        return true;
+}
 
-                if (!get) {
-                        not_allowed(c, req, "GET");
-                        return true;
-                }
-                pool = query_param(req->url, "pool");
-                json = api_key_status_json(a, now, pool, &unknown);
-                if (unknown)
-                        http_conn_respond_error(c, 404, "invalid_request_error", "unknown_pool", NULL, 0,
-                                                "no pool is named '%.64s'", pool);
-                else
-                        respond_json(c, 200, json);
-                free(pool);
-                return true;
-        }
-        if (path_is(req->url, "/api/history")) {
-                char *limit_s, *pool, *key;
-                unsigned limit = HISTORY_DEFAULT_LIMIT;
+static void serve_history(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                          int64_t now) {
+        char *limit_s = query_param(req->url, "limit"), *pool = query_param(req->url, "pool"),
+             *key = query_param(req->url, "key");
+        unsigned limit = HISTORY_DEFAULT_LIMIT;
 
-                if (!get) {
-                        not_allowed(c, req, "GET");
-                        return true;
-                }
-                limit_s = query_param(req->url, "limit");
-                pool = query_param(req->url, "pool");
-                key = query_param(req->url, "key");
-                if (limit_s) {
-                        char *end;
-                        unsigned long v = strtoul(limit_s, &end, 10);
-
-                        /* strtoul takes "-1" as a huge number: digits only. */
-                        if (end == limit_s || *end || v == 0 || limit_s[0] < '0' || limit_s[0] > '9') {
-                                http_conn_respond_error(c, 400, "invalid_request_error", "bad_limit", NULL, 0,
-                                                        "limit must be a positive number");
-                                free(limit_s);
-                                free(pool);
-                                free(key);
-                                return true;
-                        }
-                        limit = v > keytable_history_capacity(a->table) ? keytable_history_capacity(a->table) : (unsigned) v;
-                }
+        (void) now;
+        if (history_limit(a, limit_s, &limit))
                 respond_json(c, 200, api_history_json(a, limit, pool, key));
-                free(limit_s);
-                free(pool);
-                free(key);
-                return true;
-        }
-        if (path_is(req->url, "/metrics")) {
-                static const struct http_header h[] = { { "Content-Type", "text/plain; version=0.0.4; charset=utf-8" } };
-                char *text;
+        else
+                http_conn_respond_error(c, 400, "invalid_request_error", "bad_limit", NULL, 0,
+                                        "limit must be a positive number");
+        free(limit_s);
+        free(pool);
+        free(key);
+}
 
-                if (!get) {
-                        not_allowed(c, req, "GET");
-                        return true;
-                }
-                text = api_metrics_text(a, now);
-                if (!text)
-                        http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
-                else
-                        http_conn_respond(c, 200, h, 1, text, strlen(text));
-                free(text);
-                return true;
-        }
-        if (path_is(req->url, "/api/state/export")) {
-                if (strcmp(req->method, "POST") != 0)
-                        not_allowed(c, req, "POST");
-                else if (!forbidden(c, admin))
-                        respond_json(c, 200, persist_export(a->table, now, clock_wall_ms()));
-                return true;
-        }
-        if (path_is(req->url, "/api/state/import")) {
-                if (strcmp(req->method, "POST") != 0)
-                        not_allowed(c, req, "POST");
-                else if (!forbidden(c, admin))
-                        state_import(a, c, req);
+static void serve_metrics(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                          int64_t now) {
+        static const struct http_header h[] = { { "Content-Type", "text/plain; version=0.0.4; charset=utf-8" } };
+        char *text = api_metrics_text(a, now);
+
+        (void) req;
+        if (!text)
+                http_conn_respond_error(c, 500, "keypool_error", "internal_error", NULL, 0, "out of memory");
+        else
+                http_conn_respond(c, 200, h, 1, text, strlen(text));
+        free(text);
+}
+
+static void serve_export(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                         int64_t now) {
+        (void) req;
+        respond_json(c, 200, persist_export(a->table, now, clock_wall_ms()));
+}
+
+static void serve_import(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                         int64_t now) {
+        (void) now;
+        state_import(a, c, req);
+}
+
+static const struct api_route {
+        const char *path;
+        bool post;                      /* POST only; else GET (and HEAD) */
+        bool admin;                     /* root or the socket's owner, or an admin token */
+        void (*serve)(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                      int64_t now);
+} routes[] = {
+        { "/health", false, false, serve_health },
+        { "/status", false, false, serve_status },
+        { "/api/key-status", false, false, serve_key_status },
+        { "/api/history", false, false, serve_history },
+        { "/metrics", false, false, serve_metrics },
+        { "/api/state/export", true, true, serve_export },
+        { "/api/state/import", true, true, serve_import },
+};
+
+bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
+        for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
+                const struct api_route *r = &routes[i];
+                bool method_ok = r->post ? strcmp(req->method, "POST") == 0 :
+                                 strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+
+                if (!path_is(req->url, r->path))
+                        continue;
+                if (!method_ok)
+                        not_allowed(c, req, r->post ? "POST" : "GET");
+                else if (!r->admin || !forbidden(c, admin))
+                        r->serve(a, c, req, clock_mono_ms());
                 return true;
         }
         return key_route(a, c, req, admin);
