@@ -46,7 +46,7 @@
 #define CONFIG_PHRASE_LEN_MAX 128
 #define CONFIG_PROBE_PATH_DEFAULT "/models"
 #define CONFIG_STATE_FILE_DEFAULT "/var/lib/keypool/state.json"
-#define CONFIG_STATE_PATH_MAX (PATH_MAX - 32) /* room for ".corrupt-<unix time>" and ".tmp" */
+#define CONFIG_STATE_PATH_MAX (PATH_MAX - 32) /* room for ".corrupt-<unix time>", ".tmp-<16 hex>" */
 #define CONFIG_HISTORY_MIN 16
 #define CONFIG_HISTORY_MAX 1048576
 #define CONFIG_FILE_MAX (16u << 20)     /* far beyond any keypool.conf, even with 10,000 keys */

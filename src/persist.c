@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -977,21 +978,42 @@ static int fsync_parent(const char *path) {
         return r;
 }
 
+/* Creates a temporary file next to path under a fresh random name, exclusively: nothing that is
+ * already there, a file or a symlink someone planted at a name they could guess, is ever opened
+ * and written through. Returns the descriptor and the name (malloc'ed). */
+static int create_temporary(const char *path, char **ret_name) {
+        for (int attempt = 0; attempt < 16; attempt++) {
+                uint64_t rnd;
+                char *name;
+                int fd;
+
+                if (getrandom(&rnd, sizeof rnd, 0) != (ssize_t) sizeof rnd)
+                        return errno ? -errno : -EIO;
+                if (asprintf(&name, "%s.tmp-%016" PRIx64, path, rnd) < 0)
+                        return -ENOMEM;
+                fd = open(name, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY | O_CLOEXEC | O_NOCTTY, 0600);
+                if (fd >= 0) {
+                        *ret_name = name;
+                        return fd;
+                }
+                fd = -errno;
+                free(name);
+                if (fd != -EEXIST)
+                        return fd;
+        }
+        return -EEXIST;
+}
+
 int persist_save(const char *path, const char *text) {
-        char *tmp;
+        char *tmp = NULL;
         int fd, r;
 
         if (!path || !path[0] || !text)
                 return -EINVAL;
-        if (asprintf(&tmp, "%s.tmp", path) < 0)
-                return -ENOMEM;
-        fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
-        if (fd < 0) {
-                r = -errno;
-                free(tmp);
-                return r;
-        }
-        /* A leftover temporary file may have been made with another mode. */
+        fd = create_temporary(path, &tmp);
+        if (fd < 0)
+                return fd;
+        /* The umask may have taken bits from 0600; it cannot have added any, but say it once. */
         r = fchmod(fd, 0600) < 0 ? -errno : 0;
         if (r == 0)
                 r = write_all(fd, text, strlen(text));
@@ -1000,6 +1022,7 @@ int persist_save(const char *path, const char *text) {
                 r = -errno;
         if (close(fd) < 0 && r == 0)
                 r = -errno;
+        /* rename replaces a symlink at path itself, never the file it points to. */
         if (r == 0 && rename(tmp, path) < 0)
                 r = -errno;
         if (r < 0) {

@@ -3,8 +3,8 @@
  * Owns the state document ({"format":"keypool-state","version":1,…}): every key's state,
  * cooldown (as wall-clock time, so a restart keeps the rest of it), counters and the rotation
  * history, keys named by pool and id only — never a secret. Encoding and applying are pure
- * functions of the table and two clocks; the file functions write atomically (temporary file,
- * fsync, rename) and move a corrupt file aside.
+ * functions of the table and two clocks; the file functions write atomically (an exclusively
+ * created temporary file, fsync, rename) and move a corrupt file aside.
  */
 #pragma once
 
@@ -29,8 +29,10 @@ char *persist_export(struct keytable *t, int64_t now_mono_ms, int64_t now_wall_m
 int persist_import(struct keytable *t, const char *json, size_t len, int64_t now_mono_ms,
                    int64_t now_wall_ms, struct persist_report *ret, char *err, size_t errlen);
 
-/* Writes text to path atomically: path.tmp in the same directory, fsync, rename, fsync the
- * directory. Mode 0600. */
+/* Writes text to path atomically: a temporary file created exclusively under a fresh random
+ * name in the same directory (never a file or symlink that was already there), fsync, rename,
+ * fsync the directory. Mode 0600. On failure the temporary file is removed and path is as it
+ * was. */
 int persist_save(const char *path, const char *text);
 
 /* Reads path. -ENOENT when it does not exist (normal on a first start). */

@@ -4,11 +4,14 @@
  * atomically. */
 
 #include <check.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -576,6 +579,92 @@ static char *join(const char *dir, const char *name) {
         return p;
 }
 
+/* Entries of dir other than . and .. */
+static unsigned count_entries(const char *dir) {
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        unsigned n = 0;
+
+        ck_assert_ptr_nonnull(d);
+        while ((e = readdir(d)))
+                if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+                        n++;
+        closedir(d);
+        return n;
+}
+
+START_TEST(test_save_never_writes_through_a_planted_temporary_symlink)
+{
+        static const char *const names[] = { "state.json.tmp", "state.json.new", "state.json~",
+                                             ".state.json.tmp" };
+        char *dir = temp_dir(), *path = join(dir, "state.json"), *victim = join(dir, "victim"), *text;
+        size_t len;
+
+        {
+                FILE *f = fopen(victim, "w");
+
+                ck_assert_ptr_nonnull(f);
+                fputs("the victim's own content\n", f);
+                ck_assert_int_eq(fclose(f), 0);
+        }
+        for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++) {
+                char *link = join(dir, names[i]);
+
+                ck_assert_int_eq(symlink(victim, link), 0);
+                free(link);
+        }
+
+        ck_assert_int_eq(persist_save(path, "{\"saved\":1}\n"), 0);
+
+        ck_assert_int_eq(persist_read(victim, &text, &len), 0);
+        ck_assert_str_eq(text, "the victim's own content\n");
+        free(text);
+        ck_assert_int_eq(persist_read(path, &text, &len), 0);
+        ck_assert_str_eq(text, "{\"saved\":1}\n");
+        free(text);
+        /* The victim, the links and the state file: no temporary left. */
+        ck_assert_uint_eq(count_entries(dir), 2 + sizeof names / sizeof names[0]);
+
+        for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++) {
+                char *link = join(dir, names[i]);
+
+                unlink(link);
+                free(link);
+        }
+        unlink(victim);
+        unlink(path);
+        rmdir(dir);
+        free(victim);
+        free(path);
+        free(dir);
+}
+END_TEST
+
+START_TEST(test_a_save_that_fails_while_writing_leaves_no_temporary_and_the_old_file)
+{
+        char *dir = temp_dir(), *path = join(dir, "state.json"), *text, big[4096];
+        struct rlimit small = { 1024, 1024 };
+        size_t len;
+
+        ck_assert_int_eq(persist_save(path, "{\"old\":1}"), 0);
+        memset(big, 'x', sizeof big - 1);
+        big[sizeof big - 1] = '\0';
+        /* Past RLIMIT_FSIZE write(2) fails with EFBIG instead of killing the process. */
+        signal(SIGXFSZ, SIG_IGN);
+        ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+        ck_assert_int_eq(persist_save(path, big), -EFBIG);
+
+        ck_assert_int_eq(persist_read(path, &text, &len), 0);
+        ck_assert_str_eq(text, "{\"old\":1}");
+        free(text);
+        ck_assert_uint_eq(count_entries(dir), 1);
+        unlink(path);
+        rmdir(dir);
+        free(path);
+        free(dir);
+}
+END_TEST
+
 START_TEST(test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_temporary)
 {
         char *dir = temp_dir(), *path = join(dir, "state.json"), *tmp = join(dir, "state.json.tmp"),
@@ -593,7 +682,8 @@ START_TEST(test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_tempor
         ck_assert_msg((st.st_mode & 07777) == 0600, "mode %o", st.st_mode & 07777);
         ck_assert_int_eq(access(tmp, F_OK), -1);
 
-        /* A temporary file left by a crash, readable by all: replaced, and not left so. */
+        /* A file under the old fixed temporary name, readable by all: never written through,
+         * and the state is still 0600. */
         fd = open(tmp, O_CREAT | O_WRONLY, 0644);
         ck_assert_int_ge(fd, 0);
         ck_assert_int_eq(write(fd, "junk junk junk junk junk junk", 29), 29);
@@ -605,8 +695,12 @@ START_TEST(test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_tempor
         free(text);
         ck_assert_int_eq(stat(path, &st), 0);
         ck_assert_msg((st.st_mode & 07777) == 0600, "mode %o after replacing", st.st_mode & 07777);
-        ck_assert_int_eq(access(tmp, F_OK), -1);
+        ck_assert_int_eq(persist_read(tmp, &text, &len), 0);
+        ck_assert_str_eq(text, "junk junk junk junk junk junk");
+        free(text);
+        ck_assert_uint_eq(count_entries(dir), 2);
 
+        unlink(tmp);
         unlink(path);
         rmdir(dir);
         free(tmp);
@@ -738,6 +832,8 @@ static Suite *persist_suite(void) {
         tc = tcase_create("files");
         tcase_add_test(tc, test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_temporary);
         tcase_add_test(tc, test_save_into_a_missing_directory_is_enoent_and_creates_nothing);
+        tcase_add_test(tc, test_save_never_writes_through_a_planted_temporary_symlink);
+        tcase_add_test(tc, test_a_save_that_fails_while_writing_leaves_no_temporary_and_the_old_file);
         tcase_add_test(tc, test_read_of_a_missing_file_is_enoent_and_of_a_huge_one_efbig);
         tcase_add_test(tc, test_move_aside_renames_to_corrupt_and_the_unix_time);
         tcase_add_test(tc, test_an_exported_document_saved_and_read_back_imports);
