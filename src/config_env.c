@@ -271,6 +271,12 @@ void loader_parse_env_file(struct loader *l, const config_setting_t *root) {
                                 "line; is a quote left open?)");
                 return;
         }
+        if (r == -ENOKEY && err_line > 0) {
+                loader_diag_add(l, ef, err_line, "a ${NAME} reference names a variable set neither on an "
+                                "earlier line nor in keypoold's environment (${NAME:-default} gives a "
+                                "fallback)");
+                return;
+        }
         if (r == -EBADFD || r == -EISDIR) {
                 loader_diag_add(l, s ? loader_setting_file(l, s) : l->path,
                                 s ? config_setting_source_line(s) : 0, "env_file %s: not a regular file (%s)",

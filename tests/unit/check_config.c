@@ -1899,6 +1899,19 @@ START_TEST(test_include_is_relative_to_the_config_and_keeps_its_own_line_numbers
 }
 END_TEST
 
+
+START_TEST(test_an_unresolved_reference_in_the_env_file_is_reported_at_its_line)
+{
+        unsetenv("KEYPOOL_TEST_UNSET");
+        write_file("orche.env", "PROVIDER_P_MODEL=m/p\n\nPROVIDER_P_API_KEY=${KEYPOOL_TEST_UNSET}\n");
+        load_fails(PROVIDERS "env_file = \"orche.env\";\n");
+        expect("orche.env", 3, "a ${NAME} reference names a variable set neither");
+        write_file("orche.env", "FAKE=sk-test-fake-ref1\nPROVIDER_P_MODEL=m/p\nPROVIDER_P_API_KEY=${FAKE}\n");
+        load_ok(PROVIDERS "env_file = \"orche.env\";\n");
+        ck_assert_str_eq(cfg->pools[0].keys[0].secret, "sk-test-fake-ref1");
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc = tcase_create("config");
@@ -1978,6 +1991,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_a_string_setting_over_4_kib_names_its_length_and_the_limit);
         tcase_add_test(tc, test_a_multi_megabyte_string_setting_is_refused_quickly);
         tcase_add_test(tc, test_include_is_relative_to_the_config_and_keeps_its_own_line_numbers);
+        tcase_add_test(tc, test_an_unresolved_reference_in_the_env_file_is_reported_at_its_line);
         suite_add_tcase(s, tc);
         return s;
 }
