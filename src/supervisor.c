@@ -604,7 +604,8 @@ static void load_state(struct supervisor *s) {
                 log_warning("cannot read the state file %s: %s; starting fresh", path, strerror(-r));
                 return;
         }
-        r = persist_import(s->table, text, len, clock_mono_ms(), clock_wall_ms(), &report, err, sizeof err);
+        r = persist_import(s->table, text, len, clock_mono_ms(), clock_wall_ms(),
+                           (int64_t) s->current->config->max_cooldown * 1000, &report, err, sizeof err);
         free(text);
         /* Out of memory, or the table moved under the import: nothing is wrong with the file,
          * and it is kept for the next start. */
@@ -624,6 +625,9 @@ static void load_state(struct supervisor *s) {
         }
         log_info("state restored from %s: %u keys, %u unknown, %u history events",
                  path, report.imported, report.ignored, report.events);
+        if (report.problem[0])
+                log_warning("state file %s: %u keys refused, %u rests cut to max_cooldown; first: %s",
+                            path, report.refused, report.capped, report.problem);
 }
 
 static int on_state_timer(sd_event_source *src, uint64_t usec, void *userdata) {

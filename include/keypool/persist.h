@@ -15,19 +15,26 @@
 
 struct persist_report {
         unsigned imported;              /* keys whose state was applied */
-        unsigned ignored;               /* keys the table does not hold */
+        unsigned ignored;               /* keys not applied: unknown to the table, or refused */
+        unsigned refused;               /* of those, keys whose fields made no sense */
+        unsigned capped;                /* applied keys whose rest was cut to max_cooldown */
         unsigned events;                /* history entries added */
+        char problem[200];              /* the first refused or cut key and why, or "" */
 };
 
 /* The current bank's state as a document (malloc'ed), or NULL on allocation failure. */
 char *persist_export(struct keytable *t, int64_t now_mono_ms, int64_t now_wall_ms);
 
 /* Applies a document: keys matched by pool name and id, else by id (every row with that id);
- * cooldowns already over become ready; history entries are appended (only when the table's ring is
- * empty, so a re-import does not duplicate them). -EINVAL for a document that is not JSON, not a
- * keypool state, or of another version, with a reason in err. */
+ * cooldowns already over become ready, and one longer than max_cooldown_ms (when > 0) is cut to
+ * it, as a live rest would be; a key whose state is unknown or whose counters are not whole
+ * numbers from 0 to 2^53 is refused (ignored, counted, the first one named in ret->problem);
+ * history entries are appended (only when the table's ring is empty, so a re-import does not
+ * duplicate them). -EINVAL for a document that is not JSON, not a keypool state, or of another
+ * version, with a reason in err. */
 int persist_import(struct keytable *t, const char *json, size_t len, int64_t now_mono_ms,
-                   int64_t now_wall_ms, struct persist_report *ret, char *err, size_t errlen);
+                   int64_t now_wall_ms, int64_t max_cooldown_ms, struct persist_report *ret,
+                   char *err, size_t errlen);
 
 /* Writes text to path atomically: a temporary file created exclusively under a fresh random
  * name in the same directory (never a file or symlink that was already there), fsync, rename,

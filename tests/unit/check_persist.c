@@ -23,6 +23,9 @@
 
 #define N_KEYS 3
 
+/* keypool.conf's default max_cooldown. */
+#define MAX_COOLDOWN_MS INT64_C(86400000)
+
 /* 2026-11-28T10:20:00Z */
 #define WALL0 INT64_C(1795861200000)
 
@@ -114,7 +117,7 @@ static void scenario(struct fixture *f) {
 
 static int import(struct fixture *f, const char *doc, int64_t mono, int64_t wall,
                   struct persist_report *ret, char *err, size_t errlen) {
-        return persist_import(f->t, doc, strlen(doc), mono, wall, ret, err, errlen);
+        return persist_import(f->t, doc, strlen(doc), mono, wall, MAX_COOLDOWN_MS, ret, err, errlen);
 }
 
 /* --- round trip ---------------------------------------------------------------------------- */
@@ -420,13 +423,13 @@ START_TEST(test_escaped_text_duplicates_and_odd_but_valid_fields_read_as_jansson
         fixture_setup_at(&f, 1000);
         /* key 0: escaped pool, id and state, the last "requests" counts, a fraction of any length;
          * key 1: a deadline that is no time, on a ready key, which never reads it;
-         * key 2: the largest count jansson held, and -0. */
+         * key 2: the largest count a JSON reader keeps exact (2^53), and -0. */
         snprintf(doc, sizeof doc,
                  "{\"format\":\"keypool-st\\u0061te\",\"version\":1,\"keys\":["
                  "{\"pool\":\"open\\u0072outer\",\"id\":\"%.3s\\u00%02x%s\",\"st\\u0061te\":\"dis\\u0061bled\","
                  "\"requests\":1,\"requests\":5,\"last_used\":\"1970-01-01T00:00:00.0000000000000000000000000000000000000000000000000000000000000000001Z\"},"
                  "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"cooldown_until\":\"whenever\",\"requests\":7},"
-                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"tokens_in\":9223372036854775807,"
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"tokens_in\":9007199254740992,"
                  "\"tokens_out\":-0,\"last_status\":-0}]}",
                  f.id[0], (unsigned char) f.id[0][3], f.id[0] + 4, f.id[1], f.id[2]);
         ck_assert_msg(import(&f, doc, 1000, WALL0, &rep, err, sizeof err) == 0, "refused: %s", err);
@@ -437,7 +440,7 @@ START_TEST(test_escaped_text_duplicates_and_odd_but_valid_fields_read_as_jansson
         ck_assert_uint_eq(v[0].requests, 5);
         ck_assert_int_eq(v[1].state, KEY_READY);
         ck_assert_uint_eq(v[1].requests, 7);
-        ck_assert_uint_eq(v[2].tokens_in, UINT64_C(9223372036854775807));
+        ck_assert_uint_eq(v[2].tokens_in, UINT64_C(9007199254740992));
         ck_assert_uint_eq(v[2].tokens_out, 0);
         fixture_teardown(&f);
 }
@@ -514,7 +517,7 @@ START_TEST(test_times_are_read_as_rfc3339_and_impossible_dates_are_skipped)
         snprintf(doc + at, sizeof doc - at, "]}");
 
         ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
-        ck_assert_int_eq(persist_import(t, doc, strlen(doc), 1000, WALL0, &rep, NULL, 0), 0);
+        ck_assert_int_eq(persist_import(t, doc, strlen(doc), 1000, WALL0, MAX_COOLDOWN_MS, &rep, NULL, 0), 0);
         for (size_t i = 0; i < n; i++)
                 if (times[i].wall_ms != -2)
                         kept++;
@@ -550,13 +553,91 @@ START_TEST(test_a_rest_beyond_year_9999_is_written_as_the_last_second_and_still_
         ck_assert_ptr_nonnull(doc);
         ck_assert_ptr_nonnull(strstr(doc, "\"cooldown_until\":\"9999-12-31T23:59:59Z\""));
         fixture_setup_at(&b, 1000);
-        ck_assert_int_eq(import(&b, doc, 1000, WALL0, &rep, NULL, 0), 0);
+        /* Without a limit (0) it comes back whole; under max_cooldown it is cut to it. */
+        ck_assert_int_eq(persist_import(b.t, doc, strlen(doc), 1000, WALL0, 0, &rep, NULL, 0), 0);
         snapshot(&b, 1000, v);
         ck_assert_int_eq(v[0].state, KEY_COOLING);
         ck_assert_int_gt(v[0].cooldown_until_ms, INT64_C(200000000000000));
+        fixture_teardown(&b);
+        fixture_setup_at(&b, 1000);
+        ck_assert_int_eq(import(&b, doc, 1000, WALL0, &rep, NULL, 0), 0);
+        snapshot(&b, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 1000 + MAX_COOLDOWN_MS);
+        ck_assert_uint_eq(rep.capped, 1);
         free(doc);
         fixture_teardown(&a);
         fixture_teardown(&b);
+}
+END_TEST
+
+
+/* --- imported state is held to the live limits ------------------------------------------------ */
+
+START_TEST(test_an_imported_cooldown_longer_than_max_cooldown_is_cut_to_it)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct persist_report rep;
+        char doc[2048], err[256] = "";
+
+        fixture_setup_at(&f, 1000);
+        /* Thirty days of rest, where max_cooldown allows an hour; key 1 rests 10 minutes. */
+        snprintf(doc, sizeof doc,
+                 "{\"format\":\"keypool-state\",\"version\":1,\"keys\":["
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"cooling\",\"reason\":\"rate_limited\","
+                 "\"cooldown_until\":\"2026-12-28T10:20:00Z\"},"
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"cooling\",\"reason\":\"rate_limited\","
+                 "\"cooldown_until\":\"2026-11-28T10:30:00Z\"}]}",
+                 f.id[0], f.id[1]);
+        ck_assert_msg(persist_import(f.t, doc, strlen(doc), 1000, WALL0, 3600000, &rep, err, sizeof err) == 0,
+                      "refused: %s", err);
+        ck_assert_uint_eq(rep.imported, 2);
+        ck_assert_uint_eq(rep.capped, 1);
+        ck_assert_msg(strstr(rep.problem, "cut to max_cooldown (3600 s)") && strstr(rep.problem, f.id[0]),
+                      "problem: '%s'", rep.problem);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 1000 + 3600000);
+        ck_assert_int_eq(v[1].state, KEY_COOLING);
+        ck_assert_int_eq(v[1].cooldown_until_ms, 1000 + 600000);
+        fixture_teardown(&f);
+}
+END_TEST
+
+static void expect_refused(const char *key_json, const char *needle) {
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct persist_report rep;
+        char doc[2048], err[256] = "";
+
+        fixture_setup_at(&f, 1000);
+        snprintf(doc, sizeof doc, "{\"format\":\"keypool-state\",\"version\":1,\"keys\":["
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",%s}]}", f.id[0], key_json);
+        ck_assert_msg(import(&f, doc, 1000, WALL0, &rep, err, sizeof err) == 0, "refused: %s", err);
+        ck_assert_msg(rep.imported == 0 && rep.ignored == 1 && rep.refused == 1,
+                      "%s: imported %u, ignored %u, refused %u", key_json, rep.imported, rep.ignored,
+                      rep.refused);
+        ck_assert_msg(strstr(rep.problem, needle) && strstr(rep.problem, "keys[0]") &&
+                      strstr(rep.problem, f.id[0]), "%s: problem '%s', expected '%s'", key_json,
+                      rep.problem, needle);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_READY);
+        ck_assert_uint_eq(v[0].requests, 0);
+        fixture_teardown(&f);
+}
+
+START_TEST(test_counters_out_of_range_and_unknown_states_refuse_the_key_with_a_reason)
+{
+        expect_refused("\"state\":\"ready\",\"requests\":-1", "\"requests\" is not a whole number from 0 to 2^53");
+        expect_refused("\"state\":\"ready\",\"successes\":1.5", "\"successes\" is not a whole number");
+        expect_refused("\"state\":\"ready\",\"tokens_in\":9007199254740993", "\"tokens_in\" is not a whole number");
+        expect_refused("\"state\":\"ready\",\"failures\":\"7\"", "\"failures\" is not a whole number");
+        expect_refused("\"state\":\"ready\",\"last_status\":1000", "\"last_status\" is not an HTTP status");
+        expect_refused("\"state\":\"sleeping\"", "\"state\" is not ready, cooling or disabled");
+        expect_refused("\"requests\":3", "\"state\" is not ready, cooling or disabled");
+        expect_refused("\"state\":\"disabled\",\"reason\":\"bored\"", "\"reason\" is not");
+        expect_refused("\"state\":\"cooling\"", "\"cooldown_until\" is not a time");
 }
 END_TEST
 
@@ -795,7 +876,7 @@ START_TEST(test_an_exported_document_saved_and_read_back_imports)
         ck_assert_str_eq(text, doc);
 
         fixture_setup_at(&b, 1000);
-        ck_assert_int_eq(persist_import(b.t, text, len, 1000, WALL0, &rep, NULL, 0), 0);
+        ck_assert_int_eq(persist_import(b.t, text, len, 1000, WALL0, MAX_COOLDOWN_MS, &rep, NULL, 0), 0);
         ck_assert_uint_eq(rep.imported, N_KEYS);
         snapshot(&b, 1000, v);
         ck_assert_int_eq(v[0].state, KEY_COOLING);
@@ -827,6 +908,8 @@ static Suite *persist_suite(void) {
         tcase_add_test(tc, test_keys_match_by_pool_and_id_else_by_id_alone);
         tcase_add_test(tc, test_times_are_read_as_rfc3339_and_impossible_dates_are_skipped);
         tcase_add_test(tc, test_a_rest_beyond_year_9999_is_written_as_the_last_second_and_still_rests);
+        tcase_add_test(tc, test_an_imported_cooldown_longer_than_max_cooldown_is_cut_to_it);
+        tcase_add_test(tc, test_counters_out_of_range_and_unknown_states_refuse_the_key_with_a_reason);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("files");
