@@ -540,11 +540,14 @@ static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K
         ret->valid = false;
         ret->applied = false;
         ret->capped = false;
+        ret->id[0] = '\0';
         *ret_why = "is not an object with an \"id\"";
         if (j->type != JSCAN_OBJECT)
                 return false;
-        if (opt_string(&f[K_ID], ret->id, sizeof ret->id, &set) < 0 || !set || ret->id[0] == '\0')
+        if (opt_string(&f[K_ID], ret->id, sizeof ret->id, &set) < 0 || !set || ret->id[0] == '\0') {
+                ret->id[0] = '\0';
                 return false;
+        }
         /* A pool name longer than any pool can have matches no pool: as good as none. */
         if (opt_string(&f[K_POOL], ret->pool, sizeof ret->pool, &set) < 0 || !set)
                 ret->pool[0] = '\0';
@@ -921,23 +924,33 @@ static const char *const document_fields[_D_MAX] = {
         [D_HISTORY] = "history",
 };
 
-/* The first key that was refused or cut, for the report: which element, its id, and why. */
+/* The first key that was refused, else the first that was cut, for the report: which element,
+ * its id, and why. A refusal first: it lost the key its state, a cut only shortened a rest. */
 static void report_problem(struct persist_report *report, const struct doc_key *doc, size_t n_doc,
                            int64_t max_cooldown_ms) {
         for (size_t i = 0; i < n_doc; i++) {
                 const struct doc_key *d = &doc[i];
 
-                if (!d->valid)
+                if (!d->valid) {
+                        /* The id is the document's text: shown only when it could be an id. */
+                        bool shown = d->id[0] != '\0';
+
+                        for (const char *c = d->id; *c; c++)
+                                shown = shown && *c > ' ' && *c < 0x7f;
                         snprintf(report->problem, sizeof report->problem, "keys[%zu]%s%s: %s; key ignored",
-                                 i, d->why && d->id[0] ? " " : "", d->why && d->id[0] ? d->id : "",
-                                 d->why ? d->why : "unreadable");
-                else if (d->capped && d->applied)
+                                 i, shown ? " " : "", shown ? d->id : "", d->why ? d->why : "unreadable");
+                        return;
+                }
+        }
+        for (size_t i = 0; i < n_doc; i++) {
+                const struct doc_key *d = &doc[i];
+
+                if (d->capped && d->applied) {
                         snprintf(report->problem, sizeof report->problem, "keys[%zu] %s: a rest longer "
                                  "than max_cooldown was cut to max_cooldown (%" PRId64 " s)", i, d->id,
                                  max_cooldown_ms / 1000);
-                else
-                        continue;
-                return;
+                        return;
+                }
         }
 }
 
