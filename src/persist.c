@@ -1123,15 +1123,9 @@ int persist_save(const char *path, const char *text) {
 }
 
 int persist_read(const char *path, char **ret_text, size_t *ret_len) {
-        int r;
-
         if (!path || !ret_text)
                 return -EINVAL;
-        r = fileio_read(path, PERSIST_READ_MAX, ret_text, ret_len);
-        /* Anything but a regular file is as unusable as a corrupt one. */
-        if (r == -EISDIR || r == -EBADFD)
-                return -EINVAL;
-        return r;
+        return fileio_read(path, PERSIST_READ_MAX, ret_text, ret_len);
 }
 
 int persist_move_aside(const char *path, int64_t now_wall_ms, char **ret_path) {

@@ -34,6 +34,7 @@
 #include <systemd/sd-event.h>
 
 #include "keypool/clock.h"
+#include "keypool/fileio.h"
 #include "keypool/keytable.h"
 #include "keypool/log.h"
 #include "keypool/notify.h"
@@ -600,6 +601,11 @@ static void load_state(struct supervisor *s) {
         r = persist_read(path, &text, &len);
         if (r == -ENOENT)
                 return;
+        if (r == -EISDIR || r == -EBADFD) {
+                log_warning("cannot read the state file %s: not a regular file (%s); starting fresh",
+                            path, fileio_kind(path));
+                return;
+        }
         if (r < 0) {
                 log_warning("cannot read the state file %s: %s; starting fresh", path, strerror(-r));
                 return;

@@ -42,7 +42,8 @@ int persist_import(struct keytable *t, const char *json, size_t len, int64_t now
  * was. */
 int persist_save(const char *path, const char *text);
 
-/* Reads path. -ENOENT when it does not exist (normal on a first start). */
+/* Reads path, without blocking. -ENOENT when it does not exist (normal on a first start);
+ * -EISDIR or -EBADFD when it is not a regular file (fileio_kind says what it is). */
 int persist_read(const char *path, char **ret_text, size_t *ret_len);
 
 /* Renames a bad state file to "<path>.corrupt-<unix time>" and returns the new name (malloc'ed)

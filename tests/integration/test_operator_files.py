@@ -101,6 +101,17 @@ class OperatorFilesTest(SystemdTestCase):
         self.assertNotEqual(r.returncode, 0, r.stdout + r.stderr)
         self.assertIn("orche.env: not a regular file (a FIFO)", r.stdout + r.stderr)
 
+    def test_a_fifo_as_state_file_is_reported_and_the_daemon_starts_fresh(self):
+        a = fake_secret()
+
+        def plant(kp):
+            os.mkfifo(kp.state_file, 0o600)
+        kp = self.start([{"name": "P", "model": MODEL, "keys": [a]}], before_start=plant)
+        self.assertEqual(kp.chat(MODEL)[0], 200)
+        lines = [x for x in kp.stderr().splitlines() if "not a regular file (a FIFO)" in x]
+        self.assertTrue(lines and kp.state_file in lines[0],
+                        f"no line names {kp.state_file} as a FIFO:\n{kp.stderr()}")
+
     # --- writing state --------------------------------------------------------------------------
 
     def test_a_planted_temporary_symlink_is_never_written_through(self):

@@ -826,7 +826,11 @@ START_TEST(test_read_of_a_missing_file_is_enoent_and_of_a_huge_one_efbig)
         ck_assert_str_eq(text, "");
         free(text);
 
-        ck_assert_int_eq(persist_read(dir, &text, &len), -EINVAL);
+        /* Not regular files: refused at once, saying which kind of refusal. */
+        ck_assert_int_eq(persist_read(dir, &text, &len), -EISDIR);
+        unlink(path);
+        ck_assert_int_eq(mkfifo(path, 0600), 0);
+        ck_assert_int_eq(persist_read(path, &text, &len), -EBADFD);
 
         unlink(path);
         rmdir(dir);
