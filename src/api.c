@@ -535,18 +535,23 @@ static void state_import(const struct api_context *a, struct http_conn *c, const
         char err[256] = "";
         json_t *root;
 
-        if (persist_import(a->table, req->body, req->body_len, clock_mono_ms(), clock_wall_ms(), &report,
-                           err, sizeof err) < 0) {
+        if (persist_import(a->table, req->body, req->body_len, clock_mono_ms(), clock_wall_ms(),
+                           (int64_t) a->config->max_cooldown * 1000, &report, err, sizeof err) < 0) {
                 http_conn_respond_error(c, 400, "invalid_request_error", "invalid_state", NULL, 0,
                                         "not a keypool state document: %s", err);
                 return;
         }
-        log_event(LOG_NOTICE, NULL, NULL, "state imported by an operator: %u keys, %u ignored, %u events",
-                  report.imported, report.ignored, report.events);
+        log_event(LOG_NOTICE, NULL, NULL, "state imported by an operator: %u keys, %u ignored, %u events%s%s",
+                  report.imported, report.ignored, report.events, report.problem[0] ? "; first problem: " : "",
+                  report.problem);
         root = json_object();
         json_object_set_new(root, "imported", json_integer(report.imported));
         json_object_set_new(root, "ignored", json_integer(report.ignored));
+        json_object_set_new(root, "refused", json_integer(report.refused));
+        json_object_set_new(root, "capped", json_integer(report.capped));
         json_object_set_new(root, "events", json_integer(report.events));
+        if (report.problem[0])
+                json_object_set_new(root, "problem", json_string(report.problem));
         respond_json(c, 200, dump(root));
 }
 

@@ -33,6 +33,7 @@
 
 #include "keypool/conf.h"
 #include "keypool/envfile.h"
+#include "keypool/fileio.h"
 #include "keypool/keyid.h"
 
 #include "config_internal.h"
@@ -45,9 +46,11 @@
 #define CONFIG_PHRASE_LEN_MAX 128
 #define CONFIG_PROBE_PATH_DEFAULT "/models"
 #define CONFIG_STATE_FILE_DEFAULT "/var/lib/keypool/state.json"
-#define CONFIG_STATE_PATH_MAX (PATH_MAX - 32) /* room for ".corrupt-<unix time>" and ".tmp" */
+#define CONFIG_STATE_PATH_MAX (PATH_MAX - 32) /* room for ".corrupt-<unix time>", ".tmp-<16 hex>" */
 #define CONFIG_HISTORY_MIN 16
 #define CONFIG_HISTORY_MAX 1048576
+#define CONFIG_FILE_MAX (16u << 20)     /* far beyond any keypool.conf, even with 10,000 keys */
+#define CONFIG_STRING_MAX 4096          /* names, URLs, paths, headers, tokens */
 
 static const char *const top_level_names[] = {
         "socket", "socket_mode", "workers", "recovery_time", "client_timeout", "connect_timeout",
@@ -1377,43 +1380,98 @@ static unsigned default_workers(void) {
         return n > CONFIG_WORKERS_MAX ? CONFIG_WORKERS_MAX : (unsigned) n;
 }
 
+/* Reads keypool.conf through fileio, like every other file an operator names: a FIFO or a device
+ * in its place is an error at once, never a wait, and a wrong path to a huge file costs no more
+ * than CONFIG_FILE_MAX. libconfig then parses the text in memory; @include still opens its
+ * files itself, relative to the include directory. */
 static int read_config_file(struct loader *l, config_t *cf) {
-        struct stat st;
-        FILE *f;
-        int r = 0;
+        const char *text;
+        char *data = NULL;
+        size_t len = 0;
+        const char *nul;
+        int r;
 
-        f = fopen(l->path, "re");
-        if (!f) {
-                r = -errno;
+        r = fileio_read(l->path, CONFIG_FILE_MAX, &data, &len);
+        if (r == -EBADFD || r == -EISDIR) {
+                loader_diag_add(l, l->path, 0, "not a regular file (%s)", fileio_kind(l->path));
+                return r;
+        }
+        if (r == -EFBIG) {
+                loader_diag_add(l, l->path, 0, "is larger than %u bytes: not a keypool.conf",
+                                CONFIG_FILE_MAX);
+                return r;
+        }
+        if (r < 0) {
                 loader_diag_add(l, l->path, 0, "cannot open: %s", strerror(-r));
                 return r;
         }
-        if (fstat(fileno(f), &st) < 0)
-                r = -errno;
-        else if (S_ISDIR(st.st_mode))
-                r = -EISDIR;
-        if (r < 0) {
-                loader_diag_add(l, l->path, 0, "cannot read: %s", strerror(-r));
-                fclose(f);
-                return r;
-        }
 
-        /* Our own stream rather than config_read_file: an open failure keeps its errno. */
-        if (!config_read(cf, f)) {
-                if (config_error_type(cf) == CONFIG_ERR_FILE_IO) {
-                        loader_diag_add(l, l->path, 0, "cannot read: %s", config_error_text(cf));
-                        r = -EIO;
-                } else {
-                        loader_diag_add(l, config_error_file(cf) ? config_error_file(cf) : l->path,
-                                        (unsigned) (config_error_line(cf) > 0 ? config_error_line(cf) : 0),
-                                        "%s", config_error_text(cf));
-                        r = -EINVAL;
-                }
-                fclose(f);
-                return r;
+        /* Editors on other systems write one; it is no setting, and skipping it keeps lines. */
+        text = data;
+        if (len >= 3 && memcmp(text, "\xef\xbb\xbf", 3) == 0) {
+                text += 3;
+                len -= 3;
         }
-        fclose(f);
-        return 0;
+        /* libconfig reads a string up to its NUL: whatever followed would be dropped unseen. */
+        nul = memchr(text, '\0', len);
+        if (nul) {
+                unsigned line = 1;
+
+                for (const char *p = text; p < nul; p++)
+                        line += *p == '\n';
+                loader_diag_add(l, l->path, line, "contains a NUL byte (is this a binary file?)");
+                r = -EINVAL;
+        } else if (!config_read_string(cf, text)) {
+                loader_diag_add(l, config_error_file(cf) ? config_error_file(cf) : l->path,
+                                (unsigned) (config_error_line(cf) > 0 ? config_error_line(cf) : 0),
+                                "%s", config_error_text(cf));
+                r = -EINVAL;
+        }
+        /* The text holds every literal key. */
+        explicit_bzero(data, len + (size_t) (text - data));
+        free(data);
+        return r;
+}
+
+/* Where a setting is, for messages: "state_file", "providers[0].base_url". */
+static void setting_path(const config_setting_t *s, char *buf, size_t size) {
+        const config_setting_t *parent = config_setting_parent(s);
+        const char *name = config_setting_name(s);
+        size_t n;
+
+        buf[0] = '\0';
+        if (parent && config_setting_parent(parent))
+                setting_path(parent, buf, size);
+        n = strlen(buf);
+        if (name)
+                snprintf(buf + n, size - n, "%s%s", n > 0 ? "." : "", name);
+        else
+                snprintf(buf + n, size - n, "[%d]", config_setting_index(s));
+}
+
+/* No string in keypool.conf (a name, a URL, a path, a header, a token) needs more than
+ * CONFIG_STRING_MAX bytes; one that long is a paste gone wrong, and saying so once with its length
+ * beats the confusing message each check would give it. Keys have their own limit and message,
+ * which names them by position, so their lists are left to it. */
+static void check_string_lengths(struct loader *l, const config_setting_t *s) {
+        int type = config_setting_type(s);
+
+        if (type == CONFIG_TYPE_STRING) {
+                size_t n = strlen(config_setting_get_string(s));
+                char where[256];
+
+                if (n <= CONFIG_STRING_MAX)
+                        return;
+                setting_path(s, where, sizeof(where));
+                loader_setting_error(l, s, "%s is %zu bytes; at most %u", where, n, CONFIG_STRING_MAX);
+                return;
+        }
+        if (type != CONFIG_TYPE_GROUP && type != CONFIG_TYPE_LIST && type != CONFIG_TYPE_ARRAY)
+                return;
+        if (config_setting_name(s) && strcmp(config_setting_name(s), "keys") == 0)
+                return;
+        for (int i = 0; i < config_setting_length(s); i++)
+                check_string_lengths(l, config_setting_get_elem(s, (unsigned) i));
 }
 
 int config_load(const char *path, struct config **ret, struct config_diag *diag) {
@@ -1478,6 +1536,7 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
                 goto finish;
 
         root = config_root_setting(&cf);
+        check_string_lengths(&l, root);
         check_members(&l, root, "", top_level_names);
         parse_scalars(&l, root);
         parse_retry(&l, root);

@@ -16,6 +16,7 @@
 
 #include "keypool/conf.h"
 #include "keypool/envfile.h"
+#include "keypool/fileio.h"
 
 #include "config_internal.h"
 
@@ -270,9 +271,16 @@ void loader_parse_env_file(struct loader *l, const config_setting_t *root) {
                                 "line; is a quote left open?)");
                 return;
         }
-        if (r == -EBADFD) {
+        if (r == -ENOKEY && err_line > 0) {
+                loader_diag_add(l, ef, err_line, "a ${NAME} reference names a variable set neither on an "
+                                "earlier line nor in keypoold's environment (${NAME:-default} gives a "
+                                "fallback)");
+                return;
+        }
+        if (r == -EBADFD || r == -EISDIR) {
                 loader_diag_add(l, s ? loader_setting_file(l, s) : l->path,
-                                s ? config_setting_source_line(s) : 0, "env_file %s: not a regular file", ef);
+                                s ? config_setting_source_line(s) : 0, "env_file %s: not a regular file (%s)",
+                                ef, fileio_kind(ef));
                 return;
         }
         if (r < 0) {

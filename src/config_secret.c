@@ -143,6 +143,12 @@ char *loader_resolve_key(struct loader *l, const char *who, unsigned pos, const 
                 }
 
                 r = read_first_line(path, &secret);
+                if (r == -EBADFD || r == -EISDIR) {
+                        loader_diag_add(l, file, line, "%s key %u: %s: not a regular file (%s)", who, pos,
+                                        label, fileio_kind(path));
+                        free(path);
+                        return NULL;
+                }
                 free(path);
                 if (r == -ENOMEM) {
                         l->oom = true;
@@ -156,11 +162,6 @@ char *loader_resolve_key(struct loader *l, const char *who, unsigned pos, const 
                 if (r == -EFBIG) {
                         loader_diag_add(l, file, line, "%s key %u: %s: larger than %d bytes (a key "
                                         "file holds one key)", who, pos, label, CONFIG_KEY_FILE_MAX);
-                        return NULL;
-                }
-                if (r == -EBADFD) {
-                        loader_diag_add(l, file, line, "%s key %u: %s: not a regular file", who, pos,
-                                        label);
                         return NULL;
                 }
                 if (r == -EBADMSG) {

@@ -3,7 +3,9 @@
  * Owns the parsing of NAME=value files. The files are written for `. orche.env` in a shell, so
  * the values here must be the ones a shell would see; where a line would mean something else to a
  * shell than an assignment (a command after the value, a pipe, a redirection), it is rejected
- * rather than guessed at. Values hold secrets: every buffer that held one is wiped before it is
+ * rather than guessed at. ${NAME} and ${NAME:-default} are expanded the way the dotenv loaders
+ * that write these files expand them (and a shell would), from earlier lines and then the
+ * environment. Values hold secrets: every buffer that held one is wiped before it is
  * freed.
  */
 #include <errno.h>
@@ -116,6 +118,71 @@ static size_t parse_name(struct parser *x) {
         return (size_t) (x->p - start);
 }
 
+/* The value a reference names: the file's own earlier assignment, else keypoold's environment, as
+ * a shell sourcing the file would see it. NULL when neither has it. */
+static const char *lookup(const struct parser *x, const char *name, size_t name_len) {
+        char buf[256];
+
+        for (size_t i = 0; i < x->file.n; i++) {
+                const struct envfile_entry *e = &x->file.entries[i];
+
+                if (strlen(e->name) == name_len && memcmp(e->name, name, name_len) == 0)
+                        return e->value;
+        }
+        if (name_len >= sizeof(buf))
+                return NULL;
+        memcpy(buf, name, name_len);
+        buf[name_len] = '\0';
+        return getenv(buf);
+}
+
+/* ${NAME} or ${NAME:-default} at x->p (on the '$'), appended to v. The default is literal text up
+ * to the first '}', as python-dotenv reads it; it applies when NAME is unset or empty, as in a
+ * shell. -EINVAL for anything else between the braces, -ENOKEY when NAME is set nowhere and there
+ * is no default: a key that silently became "" would only fail later, at the provider. */
+static int parse_reference(struct parser *x, struct buf *v) {
+        const char *name, *value, *def = NULL;
+        size_t name_len, def_len = 0;
+        int r;
+
+        x->p += 2;
+        name = x->p;
+        name_len = parse_name(x);
+        if (name_len == 0 || at_end(x))
+                return -EINVAL;
+        if (*x->p == ':' && x->end - x->p >= 2 && x->p[1] == '-') {
+                x->p += 2;
+                def = x->p;
+                while (!at_end(x) && *x->p != '}') {
+                        if (*x->p == '\n')
+                                return -EINVAL;
+                        x->p++;
+                }
+                def_len = (size_t) (x->p - def);
+        }
+        if (at_end(x) || *x->p != '}')
+                return -EINVAL;
+        x->p++;
+
+        value = lookup(x, name, name_len);
+        if (def && (!value || !*value)) {
+                for (size_t i = 0; i < def_len; i++)
+                        if ((r = buf_putc(v, def[i])) < 0)
+                                return r;
+                return 0;
+        }
+        if (!value)
+                return -ENOKEY;
+        for (; *value; value++)
+                if ((r = buf_putc(v, *value)) < 0)
+                        return r;
+        return 0;
+}
+
+static bool at_reference(const struct parser *x) {
+        return x->end - x->p >= 2 && x->p[0] == '$' && x->p[1] == '{';
+}
+
 static int parse_single_quoted(struct parser *x, struct buf *v) {
         int r;
 
@@ -174,6 +241,12 @@ static int parse_double_quoted(struct parser *x, struct buf *v) {
                                 return r;
                         continue;
                 }
+                if (at_reference(x)) {
+                        r = parse_reference(x, v);
+                        if (r < 0)
+                                return r;
+                        continue;
+                }
                 if (c == '\n')
                         x->line++;
                 r = buf_putc(v, c);
@@ -215,7 +288,9 @@ static int parse_value(struct parser *x, struct buf *v) {
                                 r = buf_putc(v, x->p[1]);
                                 x->p += 2;
                         }
-                } else if (is_shell_operator(c))
+                } else if (at_reference(x))
+                        r = parse_reference(x, v);
+                else if (is_shell_operator(c))
                         return -EINVAL;
                 else {
                         r = buf_putc(v, c);
@@ -397,7 +472,7 @@ int envfile_parse(const char *text, size_t len, struct envfile *ret, unsigned *r
                 r = parse_statement(&x);
                 if (r < 0) {
                         /* An unterminated quote is reported where it was opened. */
-                        if (r == -EINVAL && ret_err_line)
+                        if ((r == -EINVAL || r == -ENOKEY) && ret_err_line)
                                 *ret_err_line = at_end(&x) ? err_line : x.line;
                         envfile_free(&x.file);
                         wipe_free(n, n_len + 1);

@@ -2,7 +2,7 @@
  *
  * Owns opening and reading the files keypool reads whole (env file, state file, key files):
  * nowhere else opens them, so how they are opened and what kind of file is accepted is decided
- * here once. Never logs. Invariants: no read goes past max + 1 bytes, and a buffer that held file
+ * here once: opened without blocking, then only a regular file is read. Never logs. Invariants: no read goes past max + 1 bytes, and a buffer that held file
  * content is wiped before it is freed or replaced by a larger one (realloc could leave a copy of a
  * key behind in the heap).
  */
@@ -86,7 +86,9 @@ int fileio_read(const char *path, size_t max, char **ret_data, size_t *ret_len) 
 
         if (!path || !ret_data || max >= SIZE_MAX - 2)
                 return -EINVAL;
-        fd = open(path, O_RDONLY | O_CLOEXEC | O_NOCTTY);
+        /* O_NONBLOCK: opening a FIFO for reading otherwise waits for a writer, and a terminal
+         * or a device may wait for a carrier; the kind is checked on the descriptor, after. */
+        fd = open(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
         if (fd < 0)
                 return -errno;
         if (fstat(fd, &st) < 0)
@@ -97,6 +99,10 @@ int fileio_read(const char *path, size_t max, char **ret_data, size_t *ret_len) 
                 r = -EBADFD;            /* a FIFO or a device could block, or never end */
         else if ((uint64_t) st.st_size > max)
                 r = -EFBIG;
+        /* A regular file never blocks anyway; reading it with the flag cleared keeps a network
+         * file system from answering a read with EAGAIN. */
+        else if (fcntl(fd, F_SETFL, 0) < 0)
+                r = -errno;
         else
                 r = read_all(fd, (size_t) st.st_size, max, &data, &len);
         (void) close(fd);
@@ -106,4 +112,29 @@ int fileio_read(const char *path, size_t max, char **ret_data, size_t *ret_len) 
         if (ret_len)
                 *ret_len = len;
         return 0;
+}
+
+const char *fileio_kind(const char *path) {
+        struct stat st;
+
+        if (!path)
+                return "missing";
+        if (stat(path, &st) < 0) {
+                if (errno == ENOENT && lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+                        return "a symbolic link";
+                return errno == ENOENT || errno == ENOTDIR ? "missing" : "unreadable";
+        }
+        if (S_ISREG(st.st_mode))
+                return "a regular file";
+        if (S_ISDIR(st.st_mode))
+                return "a directory";
+        if (S_ISFIFO(st.st_mode))
+                return "a FIFO";
+        if (S_ISCHR(st.st_mode))
+                return "a character device";
+        if (S_ISBLK(st.st_mode))
+                return "a block device";
+        if (S_ISSOCK(st.st_mode))
+                return "a socket";
+        return "not a regular file";
 }

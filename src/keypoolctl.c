@@ -28,6 +28,7 @@
 
 #include "keypool/conf.h"
 #include "keypool/ctl.h"
+#include "keypool/fileio.h"
 #include "keypool/persist.h"
 
 enum {
@@ -340,15 +341,16 @@ static int get_and_show(struct ctl *c, const char *what, const char *path, ctl_w
 
 /* --- files -------------------------------------------------------------------------------- */
 
-/* The whole of path ("-": stdin) as a NUL-terminated buffer. */
+/* The whole of path ("-": stdin) as a NUL-terminated buffer. A named file is read as the daemon
+ * reads its own: without blocking, and only when it is a regular file (-EBADFD, -EISDIR). */
 static int read_all(const char *path, char **ret, size_t *ret_size) {
-        FILE *f = strcmp(path, "-") == 0 ? stdin : fopen(path, "re");
+        FILE *f = stdin;
         char *buf = NULL;
         size_t size = 0, allocated = 0;
         int r = 0;
 
-        if (!f)
-                return -errno;
+        if (strcmp(path, "-") != 0)
+                return fileio_read(path, MAX_DOCUMENT, ret, ret_size);
         for (;;) {
                 size_t n;
 
@@ -376,8 +378,6 @@ static int read_all(const char *path, char **ret, size_t *ret_size) {
                         break;
                 }
         }
-        if (f != stdin)
-                fclose(f);
         if (r < 0) {
                 free(buf);
                 return r;
@@ -544,6 +544,10 @@ static int cmd_import(struct ctl *c, char **args) {
         int ret;
 
         ret = read_all(file, &body, &size);
+        if (ret == -EBADFD || ret == -EISDIR) {
+                complain("import: cannot read %s: not a regular file (%s)", file, fileio_kind(file));
+                return EXIT_FAILED;
+        }
         if (ret < 0) {
                 complain("import: cannot read %s: %s", file, strerror(-ret));
                 return EXIT_FAILED;

@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -304,7 +305,9 @@ struct doc_key {
         char pool[KEYTABLE_NAME_MAX + 1];       /* "": match by id alone */
         char id[KEYID_ID_LEN + 1];
         struct keytable_key_state st;
+        const char *why;                /* why it is not valid, or NULL */
         bool valid;
+        bool capped;                    /* its rest was cut to max_cooldown */
         bool applied;
 };
 
@@ -504,12 +507,31 @@ static const char *const key_fields[_K_MAX] = {
         [K_LAST_USED] = "last_used",
 };
 
-/* One element of "keys". Any field of the wrong kind makes the whole key unusable (ignored and
- * counted), except "pool", which then only stops the key being matched by pool. Members of
- * other names are a later version's and ignored; of two members of one name the last counts. */
+/* A count a JSON reader keeps exact: past 2^53 a double (what most readers hold a number in)
+ * rounds, and the live counters never come near it. */
+#define COUNT_MAX (UINT64_C(1) << 53)
+
+/* One element of "keys". Any field of the wrong kind or outside what the live table can hold
+ * makes the whole key unusable: it is ignored and counted, and *ret_why says which field and why
+ * (a static string). The exception is "pool", which then only stops the key being matched by
+ * pool. Members of other names are a later version's and ignored; of two members of one name the
+ * last counts. A rest longer than max_cooldown_ms (when > 0) is cut to it, as a live one would
+ * be, and ret->capped says so. */
 static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K_MAX],
-                      int64_t now_mono, int64_t now_wall, struct doc_key *ret) {
+                      int64_t now_mono, int64_t now_wall, int64_t max_cooldown_ms,
+                      struct doc_key *ret, const char **ret_why) {
         struct keytable_key_state st = { .reason = KEY_REASON_NONE, .last_class = VERDICT_NONE };
+        const struct {
+                unsigned field;
+                uint64_t *value;
+        } counts[] = {
+                { K_REQUESTS,     &st.requests },
+                { K_SUCCESSES,    &st.successes },
+                { K_RATE_LIMITED, &st.rate_limited },
+                { K_FAILURES,     &st.failures },
+                { K_TOKENS_IN,    &st.tokens_in },
+                { K_TOKENS_OUT,   &st.tokens_out },
+        };
         int state = KEY_STATE_INVALID, reason = KEY_REASON_NONE, last_class = VERDICT_NONE;
         uint64_t consecutive = 0, status = 0;
         bool set, until_set = false, used_set = false;
@@ -517,33 +539,57 @@ static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K
 
         ret->valid = false;
         ret->applied = false;
+        ret->capped = false;
+        ret->id[0] = '\0';
+        *ret_why = "is not an object with an \"id\"";
         if (j->type != JSCAN_OBJECT)
                 return false;
-        if (opt_string(&f[K_ID], ret->id, sizeof ret->id, &set) < 0 || !set || ret->id[0] == '\0')
+        if (opt_string(&f[K_ID], ret->id, sizeof ret->id, &set) < 0 || !set || ret->id[0] == '\0') {
+                ret->id[0] = '\0';
                 return false;
+        }
         /* A pool name longer than any pool can have matches no pool: as good as none. */
         if (opt_string(&f[K_POOL], ret->pool, sizeof ret->pool, &set) < 0 || !set)
                 ret->pool[0] = '\0';
-        if (absent(&f[K_STATE]) || !opt_name(&f[K_STATE], state_name, &state) ||
-            !opt_name(&f[K_REASON], reason_name, &reason) ||
-            !opt_name(&f[K_LAST_CLASS], class_name, &last_class))
+        *ret_why = "\"state\" is not ready, cooling or disabled";
+        if (absent(&f[K_STATE]) || !opt_name(&f[K_STATE], state_name, &state))
+                return false;
+        *ret_why = "\"reason\" is not one of keypool's reasons";
+        if (!opt_name(&f[K_REASON], reason_name, &reason))
+                return false;
+        *ret_why = "\"last_class\" is not one of keypool's classes";
+        if (!opt_name(&f[K_LAST_CLASS], class_name, &last_class))
                 return false;
         st.state = (enum key_state) state;
         st.reason = (enum key_reason) reason;
         st.last_class = (enum verdict_class) last_class;
         /* The deadline must be a string or null whatever the state, but is read only for a
          * cooling key. */
-        if ((!absent(&f[K_COOLDOWN_UNTIL]) && f[K_COOLDOWN_UNTIL].type != JSCAN_STRING) ||
-            !opt_time(&f[K_LAST_USED], &used_set, &used))
+        *ret_why = "\"cooldown_until\" is not a time";
+        if (!absent(&f[K_COOLDOWN_UNTIL]) && f[K_COOLDOWN_UNTIL].type != JSCAN_STRING)
                 return false;
-        if (!opt_uint(&f[K_REQUESTS], UINT64_MAX, &st.requests) ||
-            !opt_uint(&f[K_SUCCESSES], UINT64_MAX, &st.successes) ||
-            !opt_uint(&f[K_RATE_LIMITED], UINT64_MAX, &st.rate_limited) ||
-            !opt_uint(&f[K_FAILURES], UINT64_MAX, &st.failures) ||
-            !opt_uint(&f[K_TOKENS_IN], UINT64_MAX, &st.tokens_in) ||
-            !opt_uint(&f[K_TOKENS_OUT], UINT64_MAX, &st.tokens_out) ||
-            !opt_uint(&f[K_CONSECUTIVE_FAILURES], UINT_MAX, &consecutive) ||
-            !opt_uint(&f[K_LAST_STATUS], 999, &status))
+        *ret_why = "\"last_used\" is not a time";
+        if (!opt_time(&f[K_LAST_USED], &used_set, &used))
+                return false;
+        for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++)
+                if (!opt_uint(&f[counts[i].field], COUNT_MAX, counts[i].value)) {
+                        static const char *const why[_K_MAX] = {
+                                [K_REQUESTS] = "\"requests\" is not a whole number from 0 to 2^53",
+                                [K_SUCCESSES] = "\"successes\" is not a whole number from 0 to 2^53",
+                                [K_RATE_LIMITED] = "\"rate_limited\" is not a whole number from 0 to 2^53",
+                                [K_FAILURES] = "\"failures\" is not a whole number from 0 to 2^53",
+                                [K_TOKENS_IN] = "\"tokens_in\" is not a whole number from 0 to 2^53",
+                                [K_TOKENS_OUT] = "\"tokens_out\" is not a whole number from 0 to 2^53",
+                        };
+
+                        *ret_why = why[counts[i].field];
+                        return false;
+                }
+        *ret_why = "\"consecutive_failures\" is not a whole number from 0 to 4294967295";
+        if (!opt_uint(&f[K_CONSECUTIVE_FAILURES], UINT_MAX, &consecutive))
+                return false;
+        *ret_why = "\"last_status\" is not an HTTP status (0 to 999)";
+        if (!opt_uint(&f[K_LAST_STATUS], 999, &status))
                 return false;
         st.consecutive_failures = (unsigned) consecutive;
         st.last_status = (int) status;
@@ -563,6 +609,7 @@ static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K
                 st.reason = KEY_REASON_NONE;
                 break;
         case KEY_COOLING:
+                *ret_why = "\"cooldown_until\" is not a time";
                 if (!opt_time(&f[K_COOLDOWN_UNTIL], &until_set, &until) || !until_set)
                         return false;
                 if (st.reason == KEY_REASON_NONE)
@@ -574,6 +621,11 @@ static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K
                         st.reason = KEY_REASON_NONE;
                         st.cooldown_until_ms = 0;
                         st.consecutive_failures = 0;
+                } else if (max_cooldown_ms > 0 && st.cooldown_until_ms - now_mono > max_cooldown_ms) {
+                        /* No provider hint could have made a live rest this long: a hand-edited
+                         * or foreign file must not park a key for a month. */
+                        st.cooldown_until_ms = now_mono + max_cooldown_ms;
+                        ret->capped = true;
                 }
                 break;
         case KEY_DISABLED:
@@ -581,8 +633,10 @@ static bool parse_key(const struct jscan_value *j, const struct jscan_value f[_K
                         st.reason = KEY_REASON_OPERATOR;
                 break;
         default:
+                *ret_why = "\"state\" is not ready, cooling or disabled";
                 return false;
         }
+        *ret_why = NULL;
         ret->st = st;
         ret->valid = true;
         return true;
@@ -791,7 +845,7 @@ static int apply_history(struct keytable *t, const struct jscan_value *history,
 
 /* Every element of "keys", read before anything is applied. */
 static int parse_keys(const struct jscan_value *keys, int64_t now_mono, int64_t now_wall,
-                      struct doc_key **ret_doc, size_t *ret_n) {
+                      int64_t max_cooldown_ms, struct doc_key **ret_doc, size_t *ret_n) {
         struct doc_key *doc = NULL;
         size_t n = 0, size = 0;
         struct jscan_value k, f[_K_MAX];
@@ -815,7 +869,8 @@ static int parse_keys(const struct jscan_value *keys, int64_t now_mono, int64_t 
                                 doc = grown;
                                 size = grown_size;
                         }
-                        (void) parse_key(&k, f, now_mono, now_wall, &doc[n++]);
+                        (void) parse_key(&k, f, now_mono, now_wall, max_cooldown_ms, &doc[n], &doc[n].why);
+                        n++;
                 }
                 if (r < 0) {
                         free(doc);
@@ -869,8 +924,39 @@ static const char *const document_fields[_D_MAX] = {
         [D_HISTORY] = "history",
 };
 
+/* The first key that was refused, else the first that was cut, for the report: which element,
+ * its id, and why. A refusal first: it lost the key its state, a cut only shortened a rest. */
+static void report_problem(struct persist_report *report, const struct doc_key *doc, size_t n_doc,
+                           int64_t max_cooldown_ms) {
+        for (size_t i = 0; i < n_doc; i++) {
+                const struct doc_key *d = &doc[i];
+
+                if (!d->valid) {
+                        /* The id is the document's text: shown only when it could be an id. */
+                        bool shown = d->id[0] != '\0';
+
+                        for (const char *c = d->id; *c; c++)
+                                shown = shown && *c > ' ' && *c < 0x7f;
+                        snprintf(report->problem, sizeof report->problem, "keys[%zu]%s%s: %s; key ignored",
+                                 i, shown ? " " : "", shown ? d->id : "", d->why ? d->why : "unreadable");
+                        return;
+                }
+        }
+        for (size_t i = 0; i < n_doc; i++) {
+                const struct doc_key *d = &doc[i];
+
+                if (d->capped && d->applied) {
+                        snprintf(report->problem, sizeof report->problem, "keys[%zu] %s: a rest longer "
+                                 "than max_cooldown was cut to max_cooldown (%" PRId64 " s)", i, d->id,
+                                 max_cooldown_ms / 1000);
+                        return;
+                }
+        }
+}
+
 int persist_import(struct keytable *t, const char *json, size_t len, int64_t now_mono_ms,
-                   int64_t now_wall_ms, struct persist_report *ret, char *err, size_t errlen) {
+                   int64_t now_wall_ms, int64_t max_cooldown_ms, struct persist_report *ret,
+                   char *err, size_t errlen) {
         struct persist_report report = { 0 };
         struct jscan_value top[_D_MAX];
         struct table_row *rows = NULL;
@@ -906,7 +992,7 @@ int persist_import(struct keytable *t, const char *json, size_t len, int64_t now
 
         /* Everything is read before anything is applied: a document that fails for want of
          * memory changes nothing. */
-        r = parse_keys(&top[D_KEYS], now_mono_ms, now_wall_ms, &doc, &n_doc);
+        r = parse_keys(&top[D_KEYS], now_mono_ms, now_wall_ms, max_cooldown_ms, &doc, &n_doc);
         if (r < 0)
                 return r;
 
@@ -922,7 +1008,10 @@ int persist_import(struct keytable *t, const char *json, size_t len, int64_t now
                         report.imported++;
                 else
                         report.ignored++;
+                report.refused += !doc[i].valid;
+                report.capped += doc[i].valid && doc[i].capped && doc[i].applied;
         }
+        report_problem(&report, doc, n_doc, max_cooldown_ms);
         r = apply_history(t, &top[D_HISTORY], &report.events);
         if (r < 0)
                 goto out;
@@ -977,21 +1066,42 @@ static int fsync_parent(const char *path) {
         return r;
 }
 
+/* Creates a temporary file next to path under a fresh random name, exclusively: nothing that is
+ * already there, a file or a symlink someone planted at a name they could guess, is ever opened
+ * and written through. Returns the descriptor and the name (malloc'ed). */
+static int create_temporary(const char *path, char **ret_name) {
+        for (int attempt = 0; attempt < 16; attempt++) {
+                uint64_t rnd;
+                char *name;
+                int fd;
+
+                if (getrandom(&rnd, sizeof rnd, 0) != (ssize_t) sizeof rnd)
+                        return errno ? -errno : -EIO;
+                if (asprintf(&name, "%s.tmp-%016" PRIx64, path, rnd) < 0)
+                        return -ENOMEM;
+                fd = open(name, O_CREAT | O_EXCL | O_NOFOLLOW | O_WRONLY | O_CLOEXEC | O_NOCTTY, 0600);
+                if (fd >= 0) {
+                        *ret_name = name;
+                        return fd;
+                }
+                fd = -errno;
+                free(name);
+                if (fd != -EEXIST)
+                        return fd;
+        }
+        return -EEXIST;
+}
+
 int persist_save(const char *path, const char *text) {
-        char *tmp;
+        char *tmp = NULL;
         int fd, r;
 
         if (!path || !path[0] || !text)
                 return -EINVAL;
-        if (asprintf(&tmp, "%s.tmp", path) < 0)
-                return -ENOMEM;
-        fd = open(tmp, O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
-        if (fd < 0) {
-                r = -errno;
-                free(tmp);
-                return r;
-        }
-        /* A leftover temporary file may have been made with another mode. */
+        fd = create_temporary(path, &tmp);
+        if (fd < 0)
+                return fd;
+        /* The umask may have taken bits from 0600; it cannot have added any, but say it once. */
         r = fchmod(fd, 0600) < 0 ? -errno : 0;
         if (r == 0)
                 r = write_all(fd, text, strlen(text));
@@ -1000,6 +1110,7 @@ int persist_save(const char *path, const char *text) {
                 r = -errno;
         if (close(fd) < 0 && r == 0)
                 r = -errno;
+        /* rename replaces a symlink at path itself, never the file it points to. */
         if (r == 0 && rename(tmp, path) < 0)
                 r = -errno;
         if (r < 0) {
@@ -1012,15 +1123,9 @@ int persist_save(const char *path, const char *text) {
 }
 
 int persist_read(const char *path, char **ret_text, size_t *ret_len) {
-        int r;
-
         if (!path || !ret_text)
                 return -EINVAL;
-        r = fileio_read(path, PERSIST_READ_MAX, ret_text, ret_len);
-        /* Anything but a regular file is as unusable as a corrupt one. */
-        if (r == -EISDIR || r == -EBADFD)
-                return -EINVAL;
-        return r;
+        return fileio_read(path, PERSIST_READ_MAX, ret_text, ret_len);
 }
 
 int persist_move_aside(const char *path, int64_t now_wall_ms, char **ret_path) {

@@ -32,6 +32,7 @@
 #include <systemd/sd-event.h>
 
 #include "keypool/clock.h"
+#include "keypool/fileio.h"
 #include "keypool/keytable.h"
 #include "keypool/listen.h"
 #include "keypool/log.h"
@@ -580,11 +581,17 @@ static void load_state(struct supervisor *s) {
         r = persist_read(path, &text, &len);
         if (r == -ENOENT)
                 return;
+        if (r == -EISDIR || r == -EBADFD) {
+                log_warning("cannot read the state file %s: not a regular file (%s); starting fresh",
+                            path, fileio_kind(path));
+                return;
+        }
         if (r < 0) {
                 log_warning("cannot read the state file %s: %s; starting fresh", path, strerror(-r));
                 return;
         }
-        r = persist_import(s->table, text, len, clock_mono_ms(), clock_wall_ms(), &report, err, sizeof err);
+        r = persist_import(s->table, text, len, clock_mono_ms(), clock_wall_ms(),
+                           (int64_t) s->current->config->max_cooldown * 1000, &report, err, sizeof err);
         free(text);
         /* Out of memory, or the table moved under the import: nothing is wrong with the file,
          * and it is kept for the next start. */
@@ -604,6 +611,9 @@ static void load_state(struct supervisor *s) {
         }
         log_info("state restored from %s: %u keys, %u unknown, %u history events",
                  path, report.imported, report.ignored, report.events);
+        if (report.problem[0])
+                log_warning("state file %s: %u keys refused, %u rests cut to max_cooldown; first: %s",
+                            path, report.refused, report.capped, report.problem);
 }
 
 static int on_state_timer(sd_event_source *src, uint64_t usec, void *userdata) {

@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "keypool/conf.h"
@@ -1764,6 +1765,165 @@ START_TEST(test_find_pool_matches_names_before_model_ids)
 }
 END_TEST
 
+
+/* --- operator files that are not what they should be ------------------------------------------- */
+
+static void make_fifo(const char *name) {
+        char path[PATH_MAX];
+
+        snprintf(path, sizeof(path), "%s/%s", dir, name);
+        ck_assert_int_eq(mkfifo(path, 0600), 0);
+}
+
+/* Each of these would wait for a writer for ever if the file were opened blocking. */
+START_TEST(test_a_fifo_as_keypool_conf_is_refused_at_once_naming_it)
+{
+        make_fifo("keypool.conf");
+        ck_assert_int_eq(config_load(conf_path, &cfg, &diag), -EBADFD);
+        ck_assert_ptr_null(cfg);
+        expect("keypool.conf", 0, "not a regular file (a FIFO)");
+}
+END_TEST
+
+START_TEST(test_a_directory_as_keypool_conf_is_refused_naming_it)
+{
+        char path[PATH_MAX];
+
+        snprintf(path, sizeof(path), "%s/sub.conf", dir);
+        ck_assert_int_eq(mkdir(path, 0700), 0);
+        ck_assert_int_eq(config_load(path, &cfg, &diag), -EISDIR);
+        expect("sub.conf", 0, "not a regular file (a directory)");
+}
+END_TEST
+
+START_TEST(test_a_fifo_as_env_file_is_refused_at_once_naming_it)
+{
+        make_fifo("orche.env");
+        load_fails(PROVIDERS "env_file = \"orche.env\";\n" ONE_POOL);
+        expect("keypool.conf", 2, "env_file ");
+        expect("keypool.conf", 2, "orche.env: not a regular file (a FIFO)");
+}
+END_TEST
+
+START_TEST(test_a_fifo_as_key_file_is_refused_at_once_naming_it)
+{
+        make_fifo("key");
+        load_fails(PROVIDERS "pools = ( { name = \"P\"; model = \"m\";\n keys = [ \"file:key\" ]; } );\n");
+        expect("keypool.conf", 3, "pool 'P' key 1: file ");
+        expect("keypool.conf", 3, "/key: not a regular file (a FIFO)");
+}
+END_TEST
+
+START_TEST(test_a_byte_order_mark_before_keypool_conf_is_skipped_and_lines_still_count)
+{
+        load_ok("\xef\xbb\xbf" PROVIDERS ONE_POOL);
+        ck_assert_str_eq(cfg->pools[0].name, "P");
+        load_fails("\xef\xbb\xbf" PROVIDERS "workers = ;\n" ONE_POOL);
+        expect("keypool.conf", 2, "syntax error");
+}
+END_TEST
+
+START_TEST(test_a_nul_byte_in_keypool_conf_is_an_error_at_its_line)
+{
+        char path[PATH_MAX];
+        static const char text[] = PROVIDERS ONE_POOL "# a comment\0workers = 99;\n";
+        FILE *f;
+
+        snprintf(path, sizeof(path), "%s/keypool.conf", dir);
+        f = fopen(path, "w");
+        ck_assert_ptr_nonnull(f);
+        ck_assert_uint_eq(fwrite(text, 1, sizeof(text) - 1, f), sizeof(text) - 1);
+        ck_assert_int_eq(fclose(f), 0);
+        ck_assert_int_eq(config_load(conf_path, &cfg, &diag), -EINVAL);
+        expect("keypool.conf", 3, "contains a NUL byte");
+}
+END_TEST
+
+START_TEST(test_a_keypool_conf_over_16_mib_is_refused_before_parsing)
+{
+        char path[PATH_MAX], chunk[65536];
+        FILE *f;
+
+        snprintf(path, sizeof(path), "%s/keypool.conf", dir);
+        f = fopen(path, "w");
+        ck_assert_ptr_nonnull(f);
+        fputs(PROVIDERS ONE_POOL, f);
+        memset(chunk, ' ', sizeof(chunk));
+        for (int i = 0; i < 256; i++)
+                ck_assert_uint_eq(fwrite(chunk, 1, sizeof(chunk), f), sizeof(chunk));
+        ck_assert_int_eq(fclose(f), 0);
+        ck_assert_int_eq(config_load(conf_path, &cfg, &diag), -EFBIG);
+        expect("keypool.conf", 0, "is larger than 16777216 bytes");
+}
+END_TEST
+
+START_TEST(test_a_string_setting_over_4_kib_names_its_length_and_the_limit)
+{
+        size_t n = 5000;
+        char *long_path = malloc(n + 1), *text = NULL;
+
+        memset(long_path, 'a', n);
+        long_path[n] = '\0';
+        ck_assert_int_ne(asprintf(&text, PROVIDERS ONE_POOL "state_file = \"/%s\";\n", long_path), -1);
+        load_fails(text);
+        expect("keypool.conf", 3, "state_file is 5001 bytes; at most 4096");
+        free(text);
+
+        ck_assert_int_ne(asprintf(&text, "providers = ( { name = \"openrouter\";\n base_url = \"https://x/%s\"; } );\n"
+                                  ONE_POOL, long_path), -1);
+        load_fails(text);
+        expect("keypool.conf", 2, "providers[0].base_url is 5010 bytes; at most 4096");
+        free(text);
+        free(long_path);
+}
+END_TEST
+
+START_TEST(test_a_multi_megabyte_string_setting_is_refused_quickly)
+{
+        size_t n = 8u << 20;
+        char *big = malloc(n + 1), *text = NULL;
+        time_t start = time(NULL);
+
+        memset(big, 'x', n);
+        big[n] = '\0';
+        ck_assert_int_ne(asprintf(&text, PROVIDERS ONE_POOL "socket = \"%s\";\n", big), -1);
+        load_fails(text);
+        expect("keypool.conf", 3, "socket is 8388608 bytes; at most 4096");
+        ck_assert_msg(time(NULL) - start < 10, "took %ld s", (long) (time(NULL) - start));
+        free(text);
+        free(big);
+}
+END_TEST
+
+START_TEST(test_include_is_relative_to_the_config_and_keeps_its_own_line_numbers)
+{
+        write_file("pools.inc", "\npools = ( { name = \"P\"; model = \"m/p\"; keys = [ \"sk-test-fake-p1\" ]; } );\n");
+        load_ok(PROVIDERS "@include \"pools.inc\"\n");
+        ck_assert_str_eq(cfg->pools[0].name, "P");
+        write_file("pools.inc", "\npools = ( { name = \"P\"; model = \"m/p\"; keys = [ \"sk-test-fake-p1\" ]; } );\nworkers = \"many\";\n");
+        load_fails(PROVIDERS "@include \"pools.inc\"\n");
+        /* Named as the @include line wrote it. */
+        for (size_t i = 0; i < diag.n; i++)
+                if (strstr(diag.messages[i], "pools.inc:3: workers must be"))
+                        return;
+        dump_diag();
+        ck_abort_msg("no message \"pools.inc:3: workers must be…\"");
+}
+END_TEST
+
+
+START_TEST(test_an_unresolved_reference_in_the_env_file_is_reported_at_its_line)
+{
+        unsetenv("KEYPOOL_TEST_UNSET");
+        write_file("orche.env", "PROVIDER_P_MODEL=m/p\n\nPROVIDER_P_API_KEY=${KEYPOOL_TEST_UNSET}\n");
+        load_fails(PROVIDERS "env_file = \"orche.env\";\n");
+        expect("orche.env", 3, "a ${NAME} reference names a variable set neither");
+        write_file("orche.env", "FAKE=sk-test-fake-ref1\nPROVIDER_P_MODEL=m/p\nPROVIDER_P_API_KEY=${FAKE}\n");
+        load_ok(PROVIDERS "env_file = \"orche.env\";\n");
+        ck_assert_str_eq(cfg->pools[0].keys[0].secret, "sk-test-fake-ref1");
+}
+END_TEST
+
 static Suite *config_suite(void) {
         Suite *s = suite_create("config");
         TCase *tc = tcase_create("config");
@@ -1833,6 +1993,17 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_client_token_problems_name_the_position_never_the_value);
         tcase_add_test(tc, test_client_tokens_list_itself_must_be_a_short_nonempty_list);
         tcase_add_test(tc, test_find_pool_matches_names_before_model_ids);
+        tcase_add_test(tc, test_a_fifo_as_keypool_conf_is_refused_at_once_naming_it);
+        tcase_add_test(tc, test_a_directory_as_keypool_conf_is_refused_naming_it);
+        tcase_add_test(tc, test_a_fifo_as_env_file_is_refused_at_once_naming_it);
+        tcase_add_test(tc, test_a_fifo_as_key_file_is_refused_at_once_naming_it);
+        tcase_add_test(tc, test_a_byte_order_mark_before_keypool_conf_is_skipped_and_lines_still_count);
+        tcase_add_test(tc, test_a_nul_byte_in_keypool_conf_is_an_error_at_its_line);
+        tcase_add_test(tc, test_a_keypool_conf_over_16_mib_is_refused_before_parsing);
+        tcase_add_test(tc, test_a_string_setting_over_4_kib_names_its_length_and_the_limit);
+        tcase_add_test(tc, test_a_multi_megabyte_string_setting_is_refused_quickly);
+        tcase_add_test(tc, test_include_is_relative_to_the_config_and_keeps_its_own_line_numbers);
+        tcase_add_test(tc, test_an_unresolved_reference_in_the_env_file_is_reported_at_its_line);
         suite_add_tcase(s, tc);
         return s;
 }

@@ -255,6 +255,111 @@ START_TEST(test_load_reads_a_file_and_reports_missing_ones)
 }
 END_TEST
 
+
+/* --- ${VAR} expansion, as python-dotenv and the shell do it ----------------------------------- */
+
+static int parse_status(const char *text, unsigned *ret_line) {
+        struct envfile e = { .n = 12345 };
+        int r = envfile_parse(text, strlen(text), &e, ret_line);
+
+        if (r == 0)
+                envfile_free(&e);
+        else
+                ck_assert_msg(e.n == 12345 && !e.entries, "ret was written on failure");
+        return r;
+}
+
+START_TEST(test_braced_references_expand_from_earlier_lines_in_unquoted_and_double_quoted_values)
+{
+        struct envfile e = parse_ok("BASE=https://openrouter.ai\n"
+                                    "PROVIDER_X_BASE_URL=${BASE}/api/v1\n"
+                                    "PROVIDER_Y_BASE_URL=\"${BASE}/api/v2 ${BASE}\"\n"
+                                    "KEY=sk-test-fake-1\n"
+                                    "PROVIDER_X_API_KEY=$KEY\n"
+                                    "PROVIDER_Y_API_KEY=pre${KEY}post\n");
+
+        ck_assert_str_eq(envfile_get(&e, "PROVIDER_X_BASE_URL"), "https://openrouter.ai/api/v1");
+        ck_assert_str_eq(envfile_get(&e, "PROVIDER_Y_BASE_URL"),
+                         "https://openrouter.ai/api/v2 https://openrouter.ai");
+        ck_assert_str_eq(envfile_get(&e, "PROVIDER_X_API_KEY"), "$KEY");
+        ck_assert_str_eq(envfile_get(&e, "PROVIDER_Y_API_KEY"), "presk-test-fake-1post");
+        envfile_free(&e);
+}
+END_TEST
+
+START_TEST(test_single_quoted_and_escaped_references_stay_literal)
+{
+        struct envfile e = parse_ok("A=1\nB='${A}'\nC=\"\\${A}\"\nD=\\${A}\n");
+
+        ck_assert_str_eq(envfile_get(&e, "B"), "${A}");
+        ck_assert_str_eq(envfile_get(&e, "C"), "${A}");
+        ck_assert_str_eq(envfile_get(&e, "D"), "${A}");
+        envfile_free(&e);
+}
+END_TEST
+
+START_TEST(test_references_fall_back_to_the_environment_and_the_file_comes_first)
+{
+        struct envfile e;
+
+        setenv("KEYPOOL_TEST_FROM_ENV", "from-env", 1);
+        setenv("KEYPOOL_TEST_BOTH", "env-value", 1);
+        e = parse_ok("A=${KEYPOOL_TEST_FROM_ENV}\nKEYPOOL_TEST_BOTH=file-value\nB=${KEYPOOL_TEST_BOTH}\n");
+        ck_assert_str_eq(envfile_get(&e, "A"), "from-env");
+        ck_assert_str_eq(envfile_get(&e, "B"), "file-value");
+        envfile_free(&e);
+        unsetenv("KEYPOOL_TEST_FROM_ENV");
+        unsetenv("KEYPOOL_TEST_BOTH");
+}
+END_TEST
+
+START_TEST(test_a_default_applies_when_the_variable_is_unset_or_empty)
+{
+        struct envfile e;
+
+        unsetenv("KEYPOOL_TEST_UNSET");
+        e = parse_ok("EMPTY=\nSET=x\n"
+                     "A=${KEYPOOL_TEST_UNSET:-https://default/v1}\n"
+                     "B=\"${EMPTY:-fallback value}\"\n"
+                     "C=${SET:-unused}\n"
+                     "D=${KEYPOOL_TEST_UNSET:-}\n"
+                     "E=${KEYPOOL_TEST_UNSET:-a b}\n");
+        ck_assert_str_eq(envfile_get(&e, "A"), "https://default/v1");
+        ck_assert_str_eq(envfile_get(&e, "B"), "fallback value");
+        ck_assert_str_eq(envfile_get(&e, "C"), "x");
+        ck_assert_str_eq(envfile_get(&e, "D"), "");
+        ck_assert_str_eq(envfile_get(&e, "E"), "a b");
+        envfile_free(&e);
+}
+END_TEST
+
+START_TEST(test_an_unresolved_reference_is_an_error_at_its_line)
+{
+        unsigned line = 0;
+
+        unsetenv("KEYPOOL_TEST_UNSET");
+        ck_assert_int_eq(parse_status("A=1\n\nB=${KEYPOOL_TEST_UNSET}\n", &line), -ENOKEY);
+        ck_assert_uint_eq(line, 3);
+        line = 0;
+        ck_assert_int_eq(parse_status("A=\"x\ny ${KEYPOOL_TEST_UNSET}\"\n", &line), -ENOKEY);
+        ck_assert_uint_eq(line, 2);
+        /* Later lines do not count: the file reads top to bottom, as a shell reads it. */
+        line = 0;
+        ck_assert_int_eq(parse_status("A=${LATER_IN_THE_FILE}\nLATER_IN_THE_FILE=1\n", &line), -ENOKEY);
+        ck_assert_uint_eq(line, 1);
+}
+END_TEST
+
+START_TEST(test_a_malformed_reference_is_a_syntax_error_at_its_line)
+{
+        ck_assert_uint_eq(parse_error_line("A=1\nB=${A\n"), 2);
+        ck_assert_uint_eq(parse_error_line("B=${}\n"), 1);
+        ck_assert_uint_eq(parse_error_line("B=${1A}\n"), 1);
+        ck_assert_uint_eq(parse_error_line("A=1\nB=${A:=x}\n"), 2);
+        ck_assert_uint_eq(parse_error_line("A=1\nB=\"${A:-x\"\n"), 2);
+}
+END_TEST
+
 static Suite *envfile_suite(void) {
         Suite *s = suite_create("envfile");
         TCase *tc = tcase_create("envfile");
@@ -275,6 +380,12 @@ static Suite *envfile_suite(void) {
         tcase_add_test(tc, test_lines_that_are_not_assignments_are_rejected_with_their_line);
         tcase_add_test(tc, test_nul_byte_is_a_syntax_error);
         tcase_add_test(tc, test_load_reads_a_file_and_reports_missing_ones);
+        tcase_add_test(tc, test_braced_references_expand_from_earlier_lines_in_unquoted_and_double_quoted_values);
+        tcase_add_test(tc, test_single_quoted_and_escaped_references_stay_literal);
+        tcase_add_test(tc, test_references_fall_back_to_the_environment_and_the_file_comes_first);
+        tcase_add_test(tc, test_a_default_applies_when_the_variable_is_unset_or_empty);
+        tcase_add_test(tc, test_an_unresolved_reference_is_an_error_at_its_line);
+        tcase_add_test(tc, test_a_malformed_reference_is_a_syntax_error_at_its_line);
         suite_add_tcase(s, tc);
         return s;
 }

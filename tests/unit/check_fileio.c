@@ -119,6 +119,30 @@ START_TEST(test_a_device_is_refused_as_not_a_regular_file)
 }
 END_TEST
 
+/* Opening a FIFO for reading waits for a writer: a key file replaced by one froze the coordinator
+ * on reload. Without a writer this would block for ever (and time the test out). */
+START_TEST(test_a_fifo_is_refused_at_once_without_waiting_for_a_writer)
+{
+        char *data = NULL;
+
+        ck_assert_int_eq(mkfifo(path, 0600), 0);
+        ck_assert_int_eq(fileio_read(path, 1024, &data, NULL), -EBADFD);
+        ck_assert_ptr_null(data);
+        ck_assert_str_eq(fileio_kind(path), "a FIFO");
+}
+END_TEST
+
+START_TEST(test_the_kind_of_a_refused_file_is_named)
+{
+        ck_assert_str_eq(fileio_kind("/dev/null"), "a character device");
+        ck_assert_str_eq(fileio_kind(dir), "a directory");
+        write_file("x", 1);
+        ck_assert_str_eq(fileio_kind(path), "a regular file");
+        unlink(path);
+        ck_assert_str_eq(fileio_kind(path), "missing");
+}
+END_TEST
+
 START_TEST(test_a_missing_or_unreadable_file_gives_the_errno_of_open)
 {
         char *data = NULL;
@@ -155,6 +179,8 @@ static Suite *fileio_suite(void) {
         tcase_add_test(tc, test_the_length_is_optional);
         tcase_add_test(tc, test_a_directory_is_eisdir);
         tcase_add_test(tc, test_a_device_is_refused_as_not_a_regular_file);
+        tcase_add_test(tc, test_a_fifo_is_refused_at_once_without_waiting_for_a_writer);
+        tcase_add_test(tc, test_the_kind_of_a_refused_file_is_named);
         tcase_add_test(tc, test_a_missing_or_unreadable_file_gives_the_errno_of_open);
         tcase_add_test(tc, test_bad_arguments_are_einval);
         suite_add_tcase(s, tc);

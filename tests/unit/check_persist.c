@@ -4,11 +4,14 @@
  * atomically. */
 
 #include <check.h>
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,6 +22,9 @@
 #include "keypool/persist.h"
 
 #define N_KEYS 3
+
+/* keypool.conf's default max_cooldown. */
+#define MAX_COOLDOWN_MS INT64_C(86400000)
 
 /* 2026-11-28T10:20:00Z */
 #define WALL0 INT64_C(1795861200000)
@@ -111,7 +117,7 @@ static void scenario(struct fixture *f) {
 
 static int import(struct fixture *f, const char *doc, int64_t mono, int64_t wall,
                   struct persist_report *ret, char *err, size_t errlen) {
-        return persist_import(f->t, doc, strlen(doc), mono, wall, ret, err, errlen);
+        return persist_import(f->t, doc, strlen(doc), mono, wall, MAX_COOLDOWN_MS, ret, err, errlen);
 }
 
 /* --- round trip ---------------------------------------------------------------------------- */
@@ -417,13 +423,13 @@ START_TEST(test_escaped_text_duplicates_and_odd_but_valid_fields_read_as_jansson
         fixture_setup_at(&f, 1000);
         /* key 0: escaped pool, id and state, the last "requests" counts, a fraction of any length;
          * key 1: a deadline that is no time, on a ready key, which never reads it;
-         * key 2: the largest count jansson held, and -0. */
+         * key 2: the largest count a JSON reader keeps exact (2^53), and -0. */
         snprintf(doc, sizeof doc,
                  "{\"format\":\"keypool-st\\u0061te\",\"version\":1,\"keys\":["
                  "{\"pool\":\"open\\u0072outer\",\"id\":\"%.3s\\u00%02x%s\",\"st\\u0061te\":\"dis\\u0061bled\","
                  "\"requests\":1,\"requests\":5,\"last_used\":\"1970-01-01T00:00:00.0000000000000000000000000000000000000000000000000000000000000000001Z\"},"
                  "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"cooldown_until\":\"whenever\",\"requests\":7},"
-                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"tokens_in\":9223372036854775807,"
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"ready\",\"tokens_in\":9007199254740992,"
                  "\"tokens_out\":-0,\"last_status\":-0}]}",
                  f.id[0], (unsigned char) f.id[0][3], f.id[0] + 4, f.id[1], f.id[2]);
         ck_assert_msg(import(&f, doc, 1000, WALL0, &rep, err, sizeof err) == 0, "refused: %s", err);
@@ -434,7 +440,7 @@ START_TEST(test_escaped_text_duplicates_and_odd_but_valid_fields_read_as_jansson
         ck_assert_uint_eq(v[0].requests, 5);
         ck_assert_int_eq(v[1].state, KEY_READY);
         ck_assert_uint_eq(v[1].requests, 7);
-        ck_assert_uint_eq(v[2].tokens_in, UINT64_C(9223372036854775807));
+        ck_assert_uint_eq(v[2].tokens_in, UINT64_C(9007199254740992));
         ck_assert_uint_eq(v[2].tokens_out, 0);
         fixture_teardown(&f);
 }
@@ -511,7 +517,7 @@ START_TEST(test_times_are_read_as_rfc3339_and_impossible_dates_are_skipped)
         snprintf(doc + at, sizeof doc - at, "]}");
 
         ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
-        ck_assert_int_eq(persist_import(t, doc, strlen(doc), 1000, WALL0, &rep, NULL, 0), 0);
+        ck_assert_int_eq(persist_import(t, doc, strlen(doc), 1000, WALL0, MAX_COOLDOWN_MS, &rep, NULL, 0), 0);
         for (size_t i = 0; i < n; i++)
                 if (times[i].wall_ms != -2)
                         kept++;
@@ -547,13 +553,91 @@ START_TEST(test_a_rest_beyond_year_9999_is_written_as_the_last_second_and_still_
         ck_assert_ptr_nonnull(doc);
         ck_assert_ptr_nonnull(strstr(doc, "\"cooldown_until\":\"9999-12-31T23:59:59Z\""));
         fixture_setup_at(&b, 1000);
-        ck_assert_int_eq(import(&b, doc, 1000, WALL0, &rep, NULL, 0), 0);
+        /* Without a limit (0) it comes back whole; under max_cooldown it is cut to it. */
+        ck_assert_int_eq(persist_import(b.t, doc, strlen(doc), 1000, WALL0, 0, &rep, NULL, 0), 0);
         snapshot(&b, 1000, v);
         ck_assert_int_eq(v[0].state, KEY_COOLING);
         ck_assert_int_gt(v[0].cooldown_until_ms, INT64_C(200000000000000));
+        fixture_teardown(&b);
+        fixture_setup_at(&b, 1000);
+        ck_assert_int_eq(import(&b, doc, 1000, WALL0, &rep, NULL, 0), 0);
+        snapshot(&b, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 1000 + MAX_COOLDOWN_MS);
+        ck_assert_uint_eq(rep.capped, 1);
         free(doc);
         fixture_teardown(&a);
         fixture_teardown(&b);
+}
+END_TEST
+
+
+/* --- imported state is held to the live limits ------------------------------------------------ */
+
+START_TEST(test_an_imported_cooldown_longer_than_max_cooldown_is_cut_to_it)
+{
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct persist_report rep;
+        char doc[2048], err[256] = "";
+
+        fixture_setup_at(&f, 1000);
+        /* Thirty days of rest, where max_cooldown allows an hour; key 1 rests 10 minutes. */
+        snprintf(doc, sizeof doc,
+                 "{\"format\":\"keypool-state\",\"version\":1,\"keys\":["
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"cooling\",\"reason\":\"rate_limited\","
+                 "\"cooldown_until\":\"2026-12-28T10:20:00Z\"},"
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",\"state\":\"cooling\",\"reason\":\"rate_limited\","
+                 "\"cooldown_until\":\"2026-11-28T10:30:00Z\"}]}",
+                 f.id[0], f.id[1]);
+        ck_assert_msg(persist_import(f.t, doc, strlen(doc), 1000, WALL0, 3600000, &rep, err, sizeof err) == 0,
+                      "refused: %s", err);
+        ck_assert_uint_eq(rep.imported, 2);
+        ck_assert_uint_eq(rep.capped, 1);
+        ck_assert_msg(strstr(rep.problem, "cut to max_cooldown (3600 s)") && strstr(rep.problem, f.id[0]),
+                      "problem: '%s'", rep.problem);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_COOLING);
+        ck_assert_int_eq(v[0].cooldown_until_ms, 1000 + 3600000);
+        ck_assert_int_eq(v[1].state, KEY_COOLING);
+        ck_assert_int_eq(v[1].cooldown_until_ms, 1000 + 600000);
+        fixture_teardown(&f);
+}
+END_TEST
+
+static void expect_refused(const char *key_json, const char *needle) {
+        struct fixture f;
+        struct keytable_key_view v[N_KEYS];
+        struct persist_report rep;
+        char doc[2048], err[256] = "";
+
+        fixture_setup_at(&f, 1000);
+        snprintf(doc, sizeof doc, "{\"format\":\"keypool-state\",\"version\":1,\"keys\":["
+                 "{\"pool\":\"openrouter\",\"id\":\"%s\",%s}]}", f.id[0], key_json);
+        ck_assert_msg(import(&f, doc, 1000, WALL0, &rep, err, sizeof err) == 0, "refused: %s", err);
+        ck_assert_msg(rep.imported == 0 && rep.ignored == 1 && rep.refused == 1,
+                      "%s: imported %u, ignored %u, refused %u", key_json, rep.imported, rep.ignored,
+                      rep.refused);
+        ck_assert_msg(strstr(rep.problem, needle) && strstr(rep.problem, "keys[0]") &&
+                      strstr(rep.problem, f.id[0]), "%s: problem '%s', expected '%s'", key_json,
+                      rep.problem, needle);
+        snapshot(&f, 1000, v);
+        ck_assert_int_eq(v[0].state, KEY_READY);
+        ck_assert_uint_eq(v[0].requests, 0);
+        fixture_teardown(&f);
+}
+
+START_TEST(test_counters_out_of_range_and_unknown_states_refuse_the_key_with_a_reason)
+{
+        expect_refused("\"state\":\"ready\",\"requests\":-1", "\"requests\" is not a whole number from 0 to 2^53");
+        expect_refused("\"state\":\"ready\",\"successes\":1.5", "\"successes\" is not a whole number");
+        expect_refused("\"state\":\"ready\",\"tokens_in\":9007199254740993", "\"tokens_in\" is not a whole number");
+        expect_refused("\"state\":\"ready\",\"failures\":\"7\"", "\"failures\" is not a whole number");
+        expect_refused("\"state\":\"ready\",\"last_status\":1000", "\"last_status\" is not an HTTP status");
+        expect_refused("\"state\":\"sleeping\"", "\"state\" is not ready, cooling or disabled");
+        expect_refused("\"requests\":3", "\"state\" is not ready, cooling or disabled");
+        expect_refused("\"state\":\"disabled\",\"reason\":\"bored\"", "\"reason\" is not");
+        expect_refused("\"state\":\"cooling\"", "\"cooldown_until\" is not a time");
 }
 END_TEST
 
@@ -576,6 +660,92 @@ static char *join(const char *dir, const char *name) {
         return p;
 }
 
+/* Entries of dir other than . and .. */
+static unsigned count_entries(const char *dir) {
+        DIR *d = opendir(dir);
+        struct dirent *e;
+        unsigned n = 0;
+
+        ck_assert_ptr_nonnull(d);
+        while ((e = readdir(d)))
+                if (strcmp(e->d_name, ".") != 0 && strcmp(e->d_name, "..") != 0)
+                        n++;
+        closedir(d);
+        return n;
+}
+
+START_TEST(test_save_never_writes_through_a_planted_temporary_symlink)
+{
+        static const char *const names[] = { "state.json.tmp", "state.json.new", "state.json~",
+                                             ".state.json.tmp" };
+        char *dir = temp_dir(), *path = join(dir, "state.json"), *victim = join(dir, "victim"), *text;
+        size_t len;
+
+        {
+                FILE *f = fopen(victim, "w");
+
+                ck_assert_ptr_nonnull(f);
+                fputs("the victim's own content\n", f);
+                ck_assert_int_eq(fclose(f), 0);
+        }
+        for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++) {
+                char *link = join(dir, names[i]);
+
+                ck_assert_int_eq(symlink(victim, link), 0);
+                free(link);
+        }
+
+        ck_assert_int_eq(persist_save(path, "{\"saved\":1}\n"), 0);
+
+        ck_assert_int_eq(persist_read(victim, &text, &len), 0);
+        ck_assert_str_eq(text, "the victim's own content\n");
+        free(text);
+        ck_assert_int_eq(persist_read(path, &text, &len), 0);
+        ck_assert_str_eq(text, "{\"saved\":1}\n");
+        free(text);
+        /* The victim, the links and the state file: no temporary left. */
+        ck_assert_uint_eq(count_entries(dir), 2 + sizeof names / sizeof names[0]);
+
+        for (unsigned i = 0; i < sizeof names / sizeof names[0]; i++) {
+                char *link = join(dir, names[i]);
+
+                unlink(link);
+                free(link);
+        }
+        unlink(victim);
+        unlink(path);
+        rmdir(dir);
+        free(victim);
+        free(path);
+        free(dir);
+}
+END_TEST
+
+START_TEST(test_a_save_that_fails_while_writing_leaves_no_temporary_and_the_old_file)
+{
+        char *dir = temp_dir(), *path = join(dir, "state.json"), *text, big[4096];
+        struct rlimit small = { 1024, 1024 };
+        size_t len;
+
+        ck_assert_int_eq(persist_save(path, "{\"old\":1}"), 0);
+        memset(big, 'x', sizeof big - 1);
+        big[sizeof big - 1] = '\0';
+        /* Past RLIMIT_FSIZE write(2) fails with EFBIG instead of killing the process. */
+        signal(SIGXFSZ, SIG_IGN);
+        ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &small), 0);
+        ck_assert_int_eq(persist_save(path, big), -EFBIG);
+
+        ck_assert_int_eq(persist_read(path, &text, &len), 0);
+        ck_assert_str_eq(text, "{\"old\":1}");
+        free(text);
+        ck_assert_uint_eq(count_entries(dir), 1);
+        unlink(path);
+        rmdir(dir);
+        free(path);
+        free(dir);
+}
+END_TEST
+
 START_TEST(test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_temporary)
 {
         char *dir = temp_dir(), *path = join(dir, "state.json"), *tmp = join(dir, "state.json.tmp"),
@@ -593,7 +763,8 @@ START_TEST(test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_tempor
         ck_assert_msg((st.st_mode & 07777) == 0600, "mode %o", st.st_mode & 07777);
         ck_assert_int_eq(access(tmp, F_OK), -1);
 
-        /* A temporary file left by a crash, readable by all: replaced, and not left so. */
+        /* A file under the old fixed temporary name, readable by all: never written through,
+         * and the state is still 0600. */
         fd = open(tmp, O_CREAT | O_WRONLY, 0644);
         ck_assert_int_ge(fd, 0);
         ck_assert_int_eq(write(fd, "junk junk junk junk junk junk", 29), 29);
@@ -605,8 +776,12 @@ START_TEST(test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_tempor
         free(text);
         ck_assert_int_eq(stat(path, &st), 0);
         ck_assert_msg((st.st_mode & 07777) == 0600, "mode %o after replacing", st.st_mode & 07777);
-        ck_assert_int_eq(access(tmp, F_OK), -1);
+        ck_assert_int_eq(persist_read(tmp, &text, &len), 0);
+        ck_assert_str_eq(text, "junk junk junk junk junk junk");
+        free(text);
+        ck_assert_uint_eq(count_entries(dir), 2);
 
+        unlink(tmp);
         unlink(path);
         rmdir(dir);
         free(tmp);
@@ -651,7 +826,11 @@ START_TEST(test_read_of_a_missing_file_is_enoent_and_of_a_huge_one_efbig)
         ck_assert_str_eq(text, "");
         free(text);
 
-        ck_assert_int_eq(persist_read(dir, &text, &len), -EINVAL);
+        /* Not regular files: refused at once, saying which kind of refusal. */
+        ck_assert_int_eq(persist_read(dir, &text, &len), -EISDIR);
+        unlink(path);
+        ck_assert_int_eq(mkfifo(path, 0600), 0);
+        ck_assert_int_eq(persist_read(path, &text, &len), -EBADFD);
 
         unlink(path);
         rmdir(dir);
@@ -701,7 +880,7 @@ START_TEST(test_an_exported_document_saved_and_read_back_imports)
         ck_assert_str_eq(text, doc);
 
         fixture_setup_at(&b, 1000);
-        ck_assert_int_eq(persist_import(b.t, text, len, 1000, WALL0, &rep, NULL, 0), 0);
+        ck_assert_int_eq(persist_import(b.t, text, len, 1000, WALL0, MAX_COOLDOWN_MS, &rep, NULL, 0), 0);
         ck_assert_uint_eq(rep.imported, N_KEYS);
         snapshot(&b, 1000, v);
         ck_assert_int_eq(v[0].state, KEY_COOLING);
@@ -733,11 +912,15 @@ static Suite *persist_suite(void) {
         tcase_add_test(tc, test_keys_match_by_pool_and_id_else_by_id_alone);
         tcase_add_test(tc, test_times_are_read_as_rfc3339_and_impossible_dates_are_skipped);
         tcase_add_test(tc, test_a_rest_beyond_year_9999_is_written_as_the_last_second_and_still_rests);
+        tcase_add_test(tc, test_an_imported_cooldown_longer_than_max_cooldown_is_cut_to_it);
+        tcase_add_test(tc, test_counters_out_of_range_and_unknown_states_refuse_the_key_with_a_reason);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("files");
         tcase_add_test(tc, test_save_replaces_the_file_whole_with_mode_0600_and_leaves_no_temporary);
         tcase_add_test(tc, test_save_into_a_missing_directory_is_enoent_and_creates_nothing);
+        tcase_add_test(tc, test_save_never_writes_through_a_planted_temporary_symlink);
+        tcase_add_test(tc, test_a_save_that_fails_while_writing_leaves_no_temporary_and_the_old_file);
         tcase_add_test(tc, test_read_of_a_missing_file_is_enoent_and_of_a_huge_one_efbig);
         tcase_add_test(tc, test_move_aside_renames_to_corrupt_and_the_unix_time);
         tcase_add_test(tc, test_an_exported_document_saved_and_read_back_imports);
