@@ -46,6 +46,8 @@ struct http_peer {
         unsigned uid;
 };
 
+/* Every field applies as set: 0 is not "no limit" (a header_timeout of 0 makes every head late,
+ * a body_budget of 0 refuses every body). */
 struct http_limits {
         size_t max_header;              /* request line and headers together, bytes */
         size_t max_body;                /* request body, bytes */

@@ -130,6 +130,28 @@ static const struct http_handler handler = {
         .on_closed = on_closed,
 };
 
+/* A second client of the same poller, for what its connections share (the body budget): its
+ * requests are held, never answered. */
+static struct other {
+        struct http_conn *conn;         /* NULL once on_closed ran */
+        int client;
+        size_t n_seen;
+} O;
+
+static void other_on_request(struct http_conn *c, struct http_request *r, void *userdata) {
+        O.n_seen++;
+}
+
+static void other_on_closed(struct http_conn *c, void *userdata) {
+        ck_assert_ptr_eq(c, O.conn);
+        O.conn = NULL;
+}
+
+static const struct http_handler other_handler = {
+        .on_request = other_on_request,
+        .on_closed = other_on_closed,
+};
+
 /* --- the client end ---------------------------------------------------------------------- */
 
 static int on_client_readable(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
@@ -239,6 +261,14 @@ static void stream_past_high_water(void) {
         free(big);
 }
 
+/* Is the connection serving a request? It must still be open: a test that expects it open
+ * and finds it closed (a limit it did not mean to trip) fails here, by name. */
+static bool conn_busy(void) {
+        ck_assert_msg(H.conn != NULL, "the connection was closed; the client received: %.*s",
+                      (int) H.in_len, H.in ? H.in : "");
+        return http_conn_busy(H.conn);
+}
+
 static const char *seen_header(const struct seen *s, const char *name) {
         for (size_t i = 0; i < s->n_fields; i++)
                 if (strcasecmp(s->names[i], name) == 0)
@@ -261,11 +291,30 @@ static void open_conn(bool tcp) {
         ck_assert_int_ge(sd_event_add_io(H.event, &H.client_source, H.client, EPOLLIN, on_client_readable, NULL), 0);
 }
 
+/* The second client, on its own socketpair: it sends, and reads only once it is closed. */
+static void open_other(void) {
+        int sv[2];
+
+        ck_assert_int_eq(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
+        ck_assert_int_eq(http_conn_new(H.poller, sv[0], &H.limits, &other_handler, NULL, &O.conn), 0);
+        O.client = sv[1];
+}
+
 static void setup(void) {
+        O = (struct other) { .client = -1 };
         H = (struct harness) {
                 .client = -1,
                 .mode = ANSWER_AT_ONCE,
-                .limits = { .max_header = 1024, .max_body = 64, .timeout_usec = 30 * 1000000ULL },
+                /* keypool's defaults where a test does not pin a limit down: nothing but the
+                 * limit a test sets for itself may trip while it runs. */
+                .limits = {
+                        .max_header = 1024,
+                        .max_body = 64,
+                        .timeout_usec = 30 * 1000000ULL,
+                        .header_timeout_usec = 10 * 1000000ULL,
+                        .body_min_rate = 1024,
+                        .body_budget = 64 * 1024 * 1024,
+                },
         };
         ck_assert_int_ge(sd_event_new(&H.event), 0);
         ck_assert_int_eq(http_poller_new(H.event, &H.poller), 0);
@@ -277,11 +326,15 @@ static void start(void) {
 }
 
 static void teardown(void) {
-        if (H.conn) {
+        if (O.conn)
+                http_conn_abort(O.conn);
+        if (H.conn)
                 http_conn_abort(H.conn);
-                run_idle(H.event);
-        }
+        run_idle(H.event);
         ck_assert_ptr_null(H.conn);
+        ck_assert_ptr_null(O.conn);
+        if (O.client >= 0)
+                close(O.client);
         sd_event_source_disable_unref(H.client_source);
         if (H.client >= 0)
                 close(H.client);
@@ -340,20 +393,21 @@ START_TEST(test_many_headers_all_reach_the_handler_intact)
 
         H.limits.max_header = 8192;
         start();
-        n = (size_t) snprintf(req, sizeof req, "GET / HTTP/1.1\r\n");
+        n = (size_t) snprintf(req, sizeof req, "GET / HTTP/1.1\r\nHost: x\r\n");
         for (int i = 0; i < 40; i++)
                 n += (size_t) snprintf(req + n, sizeof req - n, "X-H%d: value-%d\r\n", i, i * 7);
         snprintf(req + n, sizeof req - n, "\r\n");
         client_send(req);
         RUN_UNTIL(H.event, H.n_seen == 1);
-        ck_assert_uint_eq(H.seen[0].n_fields, 40);
+        ck_assert_uint_eq(H.seen[0].n_fields, 41);
+        ck_assert_str_eq(H.seen[0].names[0], "Host");
         for (int i = 0; i < 40; i++) {
                 char name[16], value[32];
 
                 snprintf(name, sizeof name, "X-H%d", i);
                 snprintf(value, sizeof value, "value-%d", i * 7);
-                ck_assert_str_eq(H.seen[0].names[i], name);
-                ck_assert_str_eq(H.seen[0].values[i], value);
+                ck_assert_str_eq(H.seen[0].names[i + 1], name);
+                ck_assert_str_eq(H.seen[0].values[i + 1], value);
         }
 }
 END_TEST
@@ -418,7 +472,7 @@ START_TEST(test_header_limit_counts_headers_sent_in_many_small_writes)
 
         H.limits.max_header = 256;
         start();
-        client_send("GET / HTTP/1.1\r\n");
+        client_send("GET / HTTP/1.1\r\nHost: x\r\n");
         for (int i = 0; i < 40 && !H.client_eof; i++) {
                 client_send("X-Some-Header: some value\r\n");
                 run_idle(H.event);
@@ -527,7 +581,7 @@ START_TEST(test_pipelined_request_waits_until_the_answer_before_it_is_sent)
         client_send("GET /first HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHost: x\r\n\r\n");
         run_idle(H.event);
         ck_assert_uint_eq(H.n_seen, 1);
-        ck_assert(http_conn_busy(H.conn));
+        ck_assert(conn_busy());
 
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "one", 3), 0);
         RUN_UNTIL(H.event, H.n_seen == 2);
@@ -538,23 +592,31 @@ START_TEST(test_pipelined_request_waits_until_the_answer_before_it_is_sent)
 }
 END_TEST
 
+/* The connection that answered GET /a with a1 serves GET /b next: the client receives a1, then
+ * the second answer, and nothing else. */
+static void assert_serves_b_after(const char *a1) {
+        char *a2 = expected_answer(2, "/b", false), *want;
+
+        client_send("GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+        ck_assert_int_ge(asprintf(&want, "%s%s", a1, a2), 0);
+        RUN_UNTIL(H.event, H.in_len >= strlen(want));
+        assert_received(want);
+        free(a2);
+        free(want);
+}
+
 START_TEST(test_keep_alive_connection_serves_a_later_request)
 {
-        char *a1 = expected_answer(1, "/a", false), *a2 = expected_answer(2, "/b", false), *want;
+        char *a1 = expected_answer(1, "/a", false);
 
         start();
         client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
         RUN_UNTIL(H.event, H.in_len >= strlen(a1));
         run_idle(H.event);
         ck_assert(!H.closed);
-        ck_assert(!http_conn_busy(H.conn));
-        client_send("GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
-        ck_assert_int_ge(asprintf(&want, "%s%s", a1, a2), 0);
-        RUN_UNTIL(H.event, H.in_len >= strlen(want));
-        assert_received(want);
+        ck_assert(!conn_busy());
+        assert_serves_b_after(a1);
         free(a1);
-        free(a2);
-        free(want);
 }
 END_TEST
 
@@ -626,6 +688,28 @@ START_TEST(test_half_closed_unix_client_still_gets_its_answer)
 }
 END_TEST
 
+/* nc -N and HTTP/1.0-style clients send everything, then shut down their side: every request
+ * they sent is still answered, even when the half-close is seen while the first is served. */
+START_TEST(test_requests_pipelined_before_a_half_close_are_all_answered)
+{
+        start();
+        H.mode = ANSWER_LATER;
+        client_send("GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n");
+        ck_assert_int_eq(shutdown(H.client, SHUT_WR), 0);
+        RUN_UNTIL(H.event, H.n_seen == 1);
+        run_idle(H.event);
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "one", 3), 0);
+        RUN_UNTIL(H.event, H.n_seen == 2 || H.closed);
+        ck_assert_msg(H.n_seen == 2, "the second request was dropped; the client received: %s", H.in ? H.in : "");
+        ck_assert_str_eq(H.seen[1].url, "/2");
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "two", 3), 0);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
+        assert_received("HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 3\r\n\r\none"
+                        "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\ntwo");
+        ck_assert_uint_eq(H.n_aborts, 0);
+}
+END_TEST
+
 START_TEST(test_half_closed_tcp_client_is_taken_as_gone_and_its_request_aborted)
 {
         open_conn(true);
@@ -656,7 +740,7 @@ START_TEST(test_client_hanging_up_mid_request_closes_without_calling_the_handler
         start();
         client_send("POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nhalf");
         run_idle(H.event);
-        ck_assert(http_conn_busy(H.conn));
+        ck_assert(conn_busy());
         ck_assert_int_eq(shutdown(H.client, SHUT_WR), 0);
         RUN_UNTIL(H.event, H.closed);
         ck_assert_uint_eq(H.n_seen, 0);
@@ -688,7 +772,7 @@ START_TEST(test_respond_writes_status_line_given_headers_connection_and_content_
         RUN_UNTIL(H.event, H.in_len >= 4 && strstr(H.in, "nope"));
         assert_received("HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\nX-Keypool-Key: kp-0000000000\r\n"
                         "Connection: keep-alive\r\nContent-Length: 4\r\n\r\nnope");
-        ck_assert(!http_conn_busy(H.conn));
+        ck_assert(!conn_busy());
 }
 END_TEST
 
@@ -894,6 +978,249 @@ START_TEST(test_shutdown_still_serves_a_fresh_connections_first_request)
 }
 END_TEST
 
+/* --- what RFC 9112 refuses -------------------------------------------------------------- */
+
+/* Sends a request that must be refused 400, for a reason that mentions names. */
+static void assert_refused_400(const char *request, const char *names) {
+        json_t *j;
+
+        assert_refused(request, "HTTP/1.1 400 Bad Request\r\n", "bad_request");
+        j = received_error("HTTP/1.1 400 ");
+        ck_assert_msg(strstr(error_field(j, "message"), names), "the reason must mention \"%s\": %s",
+                      names, error_field(j, "message"));
+        json_decref(j);
+}
+
+START_TEST(test_http11_request_without_host_is_answered_400)
+{
+        start();
+        assert_refused_400("GET /v1/models HTTP/1.1\r\nAccept: */*\r\n\r\n", "Host");
+}
+END_TEST
+
+START_TEST(test_http11_request_with_two_host_fields_is_answered_400)
+{
+        start();
+        assert_refused_400("GET /v1/models HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", "Host");
+}
+END_TEST
+
+/* "Authorization : x" would reach the handler as a field named "Authorization ", past any list
+ * of fields to drop. */
+START_TEST(test_whitespace_before_a_field_colon_is_answered_400)
+{
+        start();
+        assert_refused_400("GET / HTTP/1.1\r\nHost: x\r\nAuthorization : Bearer kp-test-not-a-key\r\n\r\n",
+                           "field name");
+}
+END_TEST
+
+/* http-parser would join the folded line to X-A's value, hiding the field it carries. */
+START_TEST(test_obs_fold_line_is_answered_400)
+{
+        start();
+        assert_refused_400("GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n Authorization: Bearer kp-test-not-a-key\r\n\r\n",
+                           "obs-fold");
+}
+END_TEST
+
+/* The raw head is scanned as it arrives: a fold at the start of a later write is found too. */
+START_TEST(test_obs_fold_line_starting_a_later_write_is_answered_400)
+{
+        start();
+        client_send("GET / HTTP/1.1\r\nHost: x\r\nX-A: a\r\n");
+        run_idle(H.event);
+        ck_assert(!H.closed);
+        assert_refused_400("\tAuthorization: Bearer kp-test-not-a-key\r\n\r\n", "obs-fold");
+}
+END_TEST
+
+START_TEST(test_target_that_cannot_be_forwarded_as_written_is_answered_400)
+{
+        start();
+        assert_refused_400("POST /v1/%2e%2e/admin HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                           "'..' segment");
+}
+END_TEST
+
+/* --- slow clients ------------------------------------------------------------------------ */
+
+/* The answer to a client cut off for being slow: 408, then the close. */
+static void assert_timed_out(uint64_t t0) {
+        json_t *j;
+
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
+        ck_assert_msg(loop_now_usec() - t0 >= H.limits.header_timeout_usec,
+                      "cut off after %llu us, before header_timeout",
+                      (unsigned long long) (loop_now_usec() - t0));
+        ck_assert_uint_eq(H.n_seen, 0);
+        j = received_error("HTTP/1.1 408 Request Timeout\r\n");
+        ck_assert_str_eq(error_field(j, "code"), "request_timeout");
+        ck_assert_ptr_nonnull(strstr(H.in, "Connection: close\r\n"));
+        json_decref(j);
+}
+
+/* A header line every 10 ms keeps the idle timeout (30 s) away; the head is still due
+ * header_timeout after its first byte. */
+START_TEST(test_head_trickling_past_header_timeout_is_answered_408_and_closed)
+{
+        uint64_t t0, last;
+
+        H.limits.header_timeout_usec = 200 * 1000;
+        H.limits.max_header = 64 * 1024;
+        start();
+        t0 = last = loop_now_usec();
+        client_send("GET / HTTP/1.1\r\nHost: x\r\n");
+        while (!H.client_eof) {
+                ck_assert_msg(loop_now_usec() - t0 < LOOP_WAIT_USEC, "the trickling head was never cut off");
+                if (loop_now_usec() - last >= 10 * 1000) {
+                        /* The server may already have closed: this send may fail. */
+                        (void) send(H.client, "X-Trickle: 1\r\n", 14, MSG_NOSIGNAL);
+                        last = loop_now_usec();
+                }
+                ck_assert_int_ge(sd_event_run(H.event, 10 * 1000), 0);
+        }
+        assert_timed_out(t0);
+}
+END_TEST
+
+/* The deadline runs from a request's first byte, not from the connection or the last answer. */
+START_TEST(test_keep_alive_connection_waiting_for_its_next_request_is_not_cut_by_header_timeout)
+{
+        char *a1 = expected_answer(1, "/a", false);
+        uint64_t t0;
+
+        H.limits.header_timeout_usec = 50 * 1000;
+        start();
+        client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        t0 = loop_now_usec();
+        while (loop_now_usec() - t0 < 3 * H.limits.header_timeout_usec)
+                ck_assert_int_ge(sd_event_run(H.event, H.limits.header_timeout_usec), 0);
+        ck_assert(!H.closed);
+        assert_serves_b_after(a1);
+        free(a1);
+}
+END_TEST
+
+/* 1024 bytes/s over a 200 ms window is 204 bytes: ten bytes, then silence, is too slow, long
+ * before the idle timeout (30 s). */
+START_TEST(test_body_below_body_min_rate_is_answered_408_and_closed)
+{
+        uint64_t t0;
+
+        H.limits.header_timeout_usec = 200 * 1000;
+        H.limits.body_min_rate = 1024;
+        H.limits.max_body = 4096;
+        start();
+        t0 = loop_now_usec();
+        client_send("POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n0123456789");
+        assert_timed_out(t0);
+}
+END_TEST
+
+/* --- the body budget --------------------------------------------------------------------- */
+
+static void assert_refused_for_the_budget(const char *request) {
+        assert_refused(request, "HTTP/1.1 503 Service Unavailable\r\n", "body_budget_exhausted");
+        ck_assert_ptr_nonnull(strstr(H.in, "Retry-After: 1\r\n"));
+}
+
+/* Refused by its declared length, before a byte of the body is sent. */
+START_TEST(test_declared_body_beyond_the_body_budget_is_answered_503_with_retry_after)
+{
+        H.limits.body_budget = 100;
+        H.limits.max_body = 4096;
+        start();
+        assert_refused_for_the_budget("POST /v1/x HTTP/1.1\r\nHost: x\r\nContent-Length: 101\r\n\r\n");
+}
+END_TEST
+
+START_TEST(test_chunked_body_growing_beyond_the_body_budget_is_answered_503_with_retry_after)
+{
+        H.limits.body_budget = 8;
+        H.limits.max_body = 4096;
+        start();
+        assert_refused_for_the_budget("POST /v1/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                      "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+}
+END_TEST
+
+/* One worker's budget: a body held by one connection counts against another's, and goes back
+ * when its request is answered. */
+START_TEST(test_body_budget_is_shared_by_the_connections_and_freed_by_the_answer)
+{
+        char answer[256];
+        ssize_t n;
+
+        H.limits.body_budget = 100;
+        H.limits.max_body = 4096;
+        start();
+        hold_request("POST /first HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n"
+                     "012345678901234567890123456789012345678901234567890123456789");
+
+        open_other();
+        ck_assert_int_eq(send(O.client, "POST /other HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n", 54,
+                              MSG_NOSIGNAL), 54);
+        RUN_UNTIL(H.event, O.conn == NULL);
+        ck_assert_uint_eq(O.n_seen, 0);
+        n = recv(O.client, answer, sizeof answer - 1, MSG_DONTWAIT);
+        ck_assert_int_gt(n, 0);
+        answer[n] = 0;
+        ck_assert_msg(strncmp(answer, "HTTP/1.1 503 ", 13) == 0, "wanted a 503, got %s", answer);
+        ck_assert_ptr_nonnull(strstr(answer, "Retry-After: 1\r\n"));
+
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "ok", 2), 0);
+        client_send("POST /second HTTP/1.1\r\nHost: x\r\nContent-Length: 60\r\n\r\n"
+                    "012345678901234567890123456789012345678901234567890123456789");
+        RUN_UNTIL(H.event, H.n_seen == 2);
+        ck_assert_uint_eq(H.seen[1].body_len, 60);
+}
+END_TEST
+
+/* --- HEAD -------------------------------------------------------------------------------- */
+
+/* The answer to HEAD carries the length its body would have, and no body: the pipelined request
+ * after it is answered right after the head, byte for byte. */
+START_TEST(test_head_answer_says_the_length_and_sends_no_body)
+{
+        char *a2 = expected_answer(2, "/next", false), *want;
+
+        start();
+        client_send("HEAD /abcd HTTP/1.1\r\nHost: x\r\n\r\nGET /next HTTP/1.1\r\nHost: x\r\n\r\n");
+        ck_assert_int_ge(asprintf(&want, "HTTP/1.1 200 OK\r\nX-Seq: 1\r\nConnection: keep-alive\r\n"
+                                          "Content-Length: 5\r\n\r\n%s", a2), 0);
+        RUN_UNTIL(H.event, H.n_seen == 2 && H.in_len >= strlen(want));
+        assert_received(want);
+        ck_assert_str_eq(H.seen[0].method, "HEAD");
+        free(a2);
+        free(want);
+}
+END_TEST
+
+START_TEST(test_streamed_answer_to_head_is_the_head_alone)
+{
+        const char *head = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n";
+
+        start();
+        hold_request("HEAD /s HTTP/1.1\r\nHost: x\r\n\r\n");
+        ck_assert_int_eq(http_conn_stream_begin(H.conn, 200, NULL, 0), 0);
+        ck_assert_int_eq(http_conn_stream_write(H.conn, "data: 1\n\n", 9), 0);
+        ck_assert_int_eq(http_conn_stream_end(H.conn), 0);
+        run_idle(H.event);
+        assert_received(head);
+        ck_assert(!H.closed);
+
+        /* No stray chunk: the next answer follows the head directly. */
+        client_send("GET /after HTTP/1.1\r\nHost: x\r\n\r\n");
+        RUN_UNTIL(H.event, H.n_seen == 2);
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "ok", 2), 0);
+        RUN_UNTIL(H.event, H.in_len > strlen(head) && strstr(H.in + strlen(head), "\r\n\r\nok"));
+        ck_assert_msg(strncmp(H.in + strlen(head), "HTTP/1.1 200 OK\r\n", 17) == 0,
+                      "after the HEAD answer came: %s", H.in + strlen(head));
+}
+END_TEST
+
 /* --- pure helpers ------------------------------------------------------------------------ */
 
 START_TEST(test_status_reason_names_known_codes_and_falls_back_by_class)
@@ -1002,7 +1329,9 @@ static Suite *http_suite(void) {
         TCase *parse = tcase_create("parsing"), *pipe = tcase_create("keep-alive"),
               *gone = tcase_create("client gone"), *answer = tcase_create("answers"),
               *timing = tcase_create("timeouts"), *pure = tcase_create("pure"),
-              *target = tcase_create("target");
+              *target = tcase_create("target"), *rfc = tcase_create("RFC 9112"),
+              *slow = tcase_create("slow clients"), *budget = tcase_create("body budget"),
+              *head = tcase_create("HEAD");
 
         tcase_add_checked_fixture(parse, setup, teardown);
         tcase_add_test(parse, test_request_line_reaches_the_handler_as_method_url_and_version);
@@ -1031,6 +1360,7 @@ static Suite *http_suite(void) {
 
         tcase_add_checked_fixture(gone, setup, teardown);
         tcase_add_test(gone, test_half_closed_unix_client_still_gets_its_answer);
+        tcase_add_test(gone, test_requests_pipelined_before_a_half_close_are_all_answered);
         tcase_add_test(gone, test_half_closed_tcp_client_is_taken_as_gone_and_its_request_aborted);
         tcase_add_test(gone, test_client_leaving_while_its_request_is_served_aborts_the_request);
         tcase_add_test(gone, test_client_hanging_up_mid_request_closes_without_calling_the_handler);
@@ -1056,6 +1386,32 @@ static Suite *http_suite(void) {
         tcase_add_test(timing, test_shutdown_lets_the_request_being_served_finish_with_connection_close);
         tcase_add_test(timing, test_shutdown_still_serves_a_fresh_connections_first_request);
         suite_add_tcase(s, timing);
+
+        tcase_add_checked_fixture(rfc, setup, teardown);
+        tcase_add_test(rfc, test_http11_request_without_host_is_answered_400);
+        tcase_add_test(rfc, test_http11_request_with_two_host_fields_is_answered_400);
+        tcase_add_test(rfc, test_whitespace_before_a_field_colon_is_answered_400);
+        tcase_add_test(rfc, test_obs_fold_line_is_answered_400);
+        tcase_add_test(rfc, test_obs_fold_line_starting_a_later_write_is_answered_400);
+        tcase_add_test(rfc, test_target_that_cannot_be_forwarded_as_written_is_answered_400);
+        suite_add_tcase(s, rfc);
+
+        tcase_add_checked_fixture(slow, setup, teardown);
+        tcase_add_test(slow, test_head_trickling_past_header_timeout_is_answered_408_and_closed);
+        tcase_add_test(slow, test_keep_alive_connection_waiting_for_its_next_request_is_not_cut_by_header_timeout);
+        tcase_add_test(slow, test_body_below_body_min_rate_is_answered_408_and_closed);
+        suite_add_tcase(s, slow);
+
+        tcase_add_checked_fixture(budget, setup, teardown);
+        tcase_add_test(budget, test_declared_body_beyond_the_body_budget_is_answered_503_with_retry_after);
+        tcase_add_test(budget, test_chunked_body_growing_beyond_the_body_budget_is_answered_503_with_retry_after);
+        tcase_add_test(budget, test_body_budget_is_shared_by_the_connections_and_freed_by_the_answer);
+        suite_add_tcase(s, budget);
+
+        tcase_add_checked_fixture(head, setup, teardown);
+        tcase_add_test(head, test_head_answer_says_the_length_and_sends_no_body);
+        tcase_add_test(head, test_streamed_answer_to_head_is_the_head_alone);
+        suite_add_tcase(s, head);
 
         tcase_add_test(pure, test_request_header_looks_names_up_without_regard_to_case);
         tcase_add_test(pure, test_status_reason_names_known_codes_and_falls_back_by_class);
