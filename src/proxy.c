@@ -32,6 +32,7 @@
 #include "keypool/jscan.h"
 #include "keypool/log.h"
 #include "keypool/proxy.h"
+#include "keypool/scrub.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
 #define MAX_BUFFERED_ERROR      (1024 * 1024)   /* larger error bodies are relayed unjudged */
@@ -446,9 +447,9 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
                 if (pr->transport_error)
                         snprintf(error, sizeof error, "%s", pr->transport_error);
                 else if (pr->stream_error)
-                        policy_error_summary(pr->stream_error, strlen(pr->stream_error), error, sizeof error);
+                        policy_error_summary(pr->stream_error, strlen(pr->stream_error), pr->ctx->scrub, error, sizeof error);
                 else
-                        policy_error_summary(pr->answer_body, pr->answer_len, error, sizeof error);
+                        policy_error_summary(pr->answer_body, pr->answer_len, pr->ctx->scrub, error, sizeof error);
                 if (error[0])
                         o.error = error;
         }
@@ -521,6 +522,8 @@ static void respond_buffered(struct proxy_request *pr) {
 
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
         c = detach(pr);
+        /* Providers echo what they were sent, the key included: the caller gets none of it. */
+        pr->answer_len = scrub_secrets(pr->ctx->scrub, pr->answer_body, pr->answer_len);
         if (c)
                 http_conn_respond(c, pr->status, h, n, pr->answer_body ? pr->answer_body : "", pr->answer_len);
 }
@@ -937,8 +940,10 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 break;
         }
         if (pr->retry_from_stream) {
-                /* The held stream goes to the client as the upstream sent it. */
+                /* The held stream goes to the client as the upstream sent it, secrets hidden
+                 * (nothing of it was sent yet: all of it is held). */
                 pr->mode = MODE_STREAM;
+                pr->held = pr->answer_len = scrub_secrets(pr->ctx->scrub, pr->answer_body, pr->answer_len);
                 relay(pr, NULL, 0);
                 if (pr->conn)
                         http_conn_stream_end(detach(pr));
@@ -1596,6 +1601,9 @@ int proxy_init(struct proxy_context *p) {
         if (r < 0)
                 return r;
         sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
+        r = scrub_from_config(p->config, &p->scrub);
+        if (r < 0)
+                return r;
         return sd_event_add_time_relative(p->event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
                                           on_probe_timer, p);
 }
@@ -1620,4 +1628,6 @@ void proxy_done(struct proxy_context *p) {
         p->n_spare_requests = 0;
         p->kick = sd_event_source_disable_unref(p->kick);
         p->probe_timer = sd_event_source_disable_unref(p->probe_timer);
+        scrub_free(p->scrub);
+        p->scrub = NULL;
 }

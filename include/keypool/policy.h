@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "keypool/scrub.h"
 #include "keypool/verdict.h"
 
 struct answer_header {
@@ -74,7 +75,7 @@ int policy_sse_error(const char *event, size_t len, int *ret_status, const char 
                      size_t *ret_data_len);
 
 /* A short message for people from an error answer: error.message when the body is JSON (else the
- * raw text), printable ASCII only, white space folded, every word that looks like a credential
- * (sk-…, AIza…, or a long run of letters and digits) replaced by "[redacted]", cut to size - 1
- * bytes. Never fails; "" when there is nothing to say. */
-void policy_error_summary(const char *body, size_t len, char *ret, size_t size);
+ * raw text), scrubbed with scrub_text (every configured secret of scrub, which may be NULL, and
+ * everything shaped like a credential becomes "[redacted]"), printable ASCII only, white space
+ * folded, cut to size - 1 bytes. Never fails; "" when there is nothing to say (or no memory). */
+void policy_error_summary(const char *body, size_t len, const struct scrub *scrub, char *ret, size_t size);

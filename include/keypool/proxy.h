@@ -22,6 +22,8 @@ struct proxy_queue;
 
 #define PROXY_SPARE_HANDLES 32
 
+struct scrub;
+
 struct proxy_context {
         const struct config *config;
         struct keytable *table;
@@ -42,6 +44,7 @@ struct proxy_context {
         unsigned n_spare;
         struct proxy_request *spare_requests; /* finished requests' records, for the next */
         unsigned n_spare_requests;
+        struct scrub *scrub;            /* hides the configured secrets in upstream text */
 };
 
 /* Sets up queues, timers and the probe schedule for a worker's event loop. */

@@ -2199,14 +2199,45 @@ START_TEST(test_error_summary_takes_the_message_and_redacts_credentials) {
                 "{\"error\":{\"message\":\"Incorrect API key provided:  sk-or-v1-fake0123456789abcdef.\\nCheck it\",\"code\":401}}";
         char out[96];
 
-        policy_error_summary(body, strlen(body), out, sizeof out);
+        policy_error_summary(body, strlen(body), NULL, out, sizeof out);
         ck_assert_str_eq(out, "Incorrect API key provided: [redacted]. Check it");
-        policy_error_summary("plain text AIzaFAKEFAKE", 23, out, sizeof out);
+        policy_error_summary("plain text AIzaFAKEFAKE", 23, NULL, out, sizeof out);
         ck_assert_str_eq(out, "plain text [redacted]");
-        policy_error_summary("token abcdefghij0123456789abcdefXYZ end", 39, out, 12);
+        policy_error_summary("token abcdefghij0123456789abcdefXYZ end", 39, NULL, out, 12);
         ck_assert_str_eq(out, "token [reda");
-        policy_error_summary(NULL, 0, out, sizeof out);
+        policy_error_summary(NULL, 0, NULL, out, sizeof out);
         ck_assert_str_eq(out, "");
+}
+END_TEST
+
+START_TEST(test_error_summary_hides_configured_secrets_of_any_shape_an_upstream_echoes) {
+        static const char *const secrets[] = { "fake.letters.and.dots", "FakeLettersOnly", "fakeabcdefghijklmnopqrstuvwxyzabcdefghij" };
+        static const char body[] =
+                "{\"error\":{\"message\":\"echo: fake.letters.and.dots FakeLettersOnly; "
+                "fakeabcdefghijklmnopqrstuvwxyzabcdefghij!\"}}";
+        struct scrub *s;
+        char out[256];
+
+        ck_assert_int_eq(scrub_new(&s), 0);
+        for (size_t i = 0; i < 3; i++)
+                ck_assert_int_eq(scrub_add(s, secrets[i], strlen(secrets[i])), 0);
+        ck_assert_int_eq(scrub_seal(s), 0);
+        policy_error_summary(body, strlen(body), s, out, sizeof out);
+        ck_assert_str_eq(out, "echo: [redacted] [redacted]; [redacted]!");
+        /* A cut never leaves a secret's head: it is hidden before the text is cut. */
+        policy_error_summary("x FakeLettersOnly", 17, s, out, 10);
+        ck_assert_str_eq(out, "x [redact");
+        scrub_free(s);
+}
+END_TEST
+
+START_TEST(test_error_summary_hides_an_echoed_authorization_header_whatever_the_key) {
+        static const char body[] =
+                "{\"error\":{\"message\":\"upstream said: Authorization: Bearer abc.def.ghi\"}}";
+        char out[128];
+
+        policy_error_summary(body, strlen(body), NULL, out, sizeof out);
+        ck_assert_str_eq(out, "upstream said: Authorization: Bearer [redacted]");
 }
 END_TEST
 
@@ -2217,6 +2248,8 @@ static Suite *policy_suite(void) {
         tc = tcase_create("status");
         tcase_add_test(tc, test_class_names_match_the_status_vocabulary);
         tcase_add_test(tc, test_error_summary_takes_the_message_and_redacts_credentials);
+        tcase_add_test(tc, test_error_summary_hides_configured_secrets_of_any_shape_an_upstream_echoes);
+        tcase_add_test(tc, test_error_summary_hides_an_echoed_authorization_header_whatever_the_key);
         tcase_add_test(tc, test_transport_error_is_transient_and_blames_no_key);
         tcase_add_test(tc, test_answer_without_status_is_transient);
         tcase_add_test(tc, test_success_and_redirect_are_ok_even_with_limit_words);
