@@ -1139,9 +1139,15 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
         }
 
         body_parse(a, pc, &b);
-        if (s == 401 || s == 403)
+        if (s == 401)
                 v.cls = VERDICT_AUTH;
-        else if (s == 402)
+        else if (s == 403) {
+                /* Google's older APIs say rateLimitExceeded with a 403; anything else is a refusal. */
+                if (body_mentions_rate_limit(&b) && !body_is_billing(&b))
+                        rate_limited(a, &b, pc, now_ms, &v);
+                else
+                        v.cls = VERDICT_AUTH;
+        } else if (s == 402)
                 v.cls = body_in_flight_budget(&b) ? VERDICT_TRANSIENT : VERDICT_QUOTA;
         else if (s == 429) {
                 if (body_is_billing(&b))
@@ -1149,10 +1155,12 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
                 else
                         rate_limited(a, &b, pc, now_ms, &v);
         } else {
-                /* Some providers (and proxies in front of them) wrap a rate limit in a 400 or a
-                 * 5xx; the words in the error are then the only signal. A billing code is not a
-                 * rate limit even when its text says "quota". */
-                bool words = body_mentions_rate_limit(&b) && !body_is_billing(&b);
+                /* Some providers (and proxies in front of them) wrap a rate limit in a 5xx; the
+                 * words in the error are then the only signal. Never in any other 4xx: there
+                 * providers quote the caller's request back (an unknown-model 404 names the model
+                 * sent, a 400 the offending field), and text the caller wrote must not put a key
+                 * to sleep. A billing code is not a rate limit even when its text says "quota". */
+                bool words = s >= 500 && body_mentions_rate_limit(&b) && !body_is_billing(&b);
 
                 if (words)
                         rate_limited(a, &b, pc, now_ms, &v);

@@ -122,6 +122,7 @@ struct proxy_request {
         bool in_curl;                   /* inside a curl callback */
         bool aborted;                   /* the client went away */
         bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
+        bool auth_suspected;            /* a key already refused this request's path (401/403) */
         bool pressure;                  /* the client's output buffer is full */
         bool paused;                    /* the transfer is paused on pressure */
         struct proxy_request *next_spare;
@@ -442,6 +443,7 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
                 return;
         if (v && (v->cls == VERDICT_RATE_LIMITED || v->cls == VERDICT_OK))
                 o.rest_ms = v->rest_ms;
+        o.unconfirmed = v && v->unconfirmed;
         /* What went wrong, in a few words and without any credential the provider echoed. */
         if (v && v->cls != VERDICT_OK && v->cls != VERDICT_NONE) {
                 if (pr->transport_error)
@@ -831,6 +833,35 @@ static bool schedule_retry(struct proxy_request *pr, const struct verdict *v) {
         return true;
 }
 
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm);
+
+/* A 401 or 403 on a path the caller chose may only mean "this key has no scope for that
+ * endpoint", and the caller chose the path: it is counted, but leaves the key's state alone
+ * (v->unconfirmed) until the pool's own probe of a known path decides (probe_confirmed). Returns
+ * true when the request should move to another key: once, and only when the pool has another; a
+ * second refusal goes back to the caller, as the path is then the likely cause. */
+static bool suspect_auth(struct proxy_request *pr, struct verdict *v) {
+        struct proxy_context *p = pr->ctx;
+        unsigned key = pr->lease.key, i = key % PROXY_CONFIRMS;
+        int64_t now = clock_mono_ms();
+        struct log_fields f = fields(pr, key);
+        bool rotate = !pr->auth_suspected && pr->cpool->n_keys > 1;
+
+        v->unconfirmed = 1;
+        pr->auth_suspected = true;
+        /* One confirmation per key in flight or recently made: a caller repeating a refused path
+         * must not turn each request into a second upstream request. */
+        if (p->confirms[i].at_ms == 0 || p->confirms[i].key != key ||
+            now - p->confirms[i].at_ms >= PROXY_CONFIRM_PERIOD_MS) {
+                if (start_probe(p, key, pr->pool, true) >= 0)
+                        p->confirms[i] = (struct proxy_confirm) { .key = key, .at_ms = now };
+        }
+        f.status = pr->stream_error_status ? pr->stream_error_status : pr->status;
+        log_event(LOG_NOTICE, "refused", &f, "answer %d on the caller's path: the key stays as it is "
+                  "until its probe confirms%s", f.status, rotate ? "" : "; the answer goes to the caller");
+        return rotate;
+}
+
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
         struct verdict v = {};
@@ -889,6 +920,8 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                                 pr->tokens_out = out;
                         }
                 }
+                if (v.cls == VERDICT_AUTH)
+                        (void) suspect_auth(pr, &v);
                 if (!pr->conn) {
                         release(pr, &v);
                         request_free(pr);
@@ -908,6 +941,10 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         }
 
         judge(pr, &v);
+        if (v.cls == VERDICT_AUTH && !suspect_auth(pr, &v)) {
+                release(pr, &v);
+                goto answer;
+        }
         switch (v.cls) {
         case VERDICT_RATE_LIMITED:
         case VERDICT_AUTH:
@@ -939,6 +976,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 release(pr, &v);
                 break;
         }
+answer:
         if (pr->retry_from_stream) {
                 /* The held stream goes to the client as the upstream sent it, secrets hidden
                  * (nothing of it was sent yet: all of it is held). */
@@ -1142,10 +1180,39 @@ struct probe {
         CURL *easy;
         struct curl_slist *headers;
         char *url;
+        bool confirm;                   /* confirms a caller's 401/403 rather than a disable */
 };
 
 static size_t discard(char *data, size_t size, size_t nmemb, void *userdata) {
         return size * nmemb;
+}
+
+/* The answer to the probe a caller's 401/403 asked for (suspect_auth): only now, with the pool's
+ * own request to a known path refused too, is the key disabled for auth. */
+static void probe_confirmed(struct proxy_context *p, unsigned key, const struct config_pool *cp, CURLcode res,
+                            long status, const struct log_fields *f) {
+        struct keytable_change change = {};
+
+        if (res != CURLE_OK || (status != 401 && status != 403)) {
+                log_event(LOG_INFO, "probe", f, "the key refused on a caller's path %s: it stays in service",
+                          res == CURLE_OK && status >= 200 && status < 300 ? "works on the probe path"
+                                                                          : "gave the probe no verdict");
+                return;
+        }
+        if (keytable_disable(p->table, key, KEY_REASON_AUTH, clock_mono_ms(), &change) < 0 || !change.changed)
+                return;
+        {
+                struct keytable_event ev = {
+                        .wall_ms = clock_wall_ms(), .kind = HISTORY_DISABLE, .status = (int) status,
+                        .reason = KEY_REASON_AUTH,
+                };
+
+                snprintf(ev.pool, sizeof ev.pool, "%s", cp->name);
+                if (f->key)
+                        snprintf(ev.key_from, sizeof ev.key_from, "%s", f->key);
+                keytable_history_add(p->table, &ev);
+        }
+        log_event(LOG_ERR, "disable", f, "key disabled: auth (status %ld, confirmed by a probe)", status);
 }
 
 static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
@@ -1164,7 +1231,9 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
             pb->key - info.first_key < cp->n_keys)
                 f.key = cp->keys[pb->key - info.first_key].id;
         f.status = (int) status;
-        if (res == CURLE_OK && status >= 200 && status < 300) {
+        if (pb->confirm)
+                probe_confirmed(p, pb->key, cp, res, status, &f);
+        else if (res == CURLE_OK && status >= 200 && status < 300) {
                 struct keytable_change change = {};
 
                 keytable_enable(p->table, pb->key, clock_mono_ms(), &change);
@@ -1186,7 +1255,7 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
 
 /* Probes key (table-wide) of pool (relative to this worker's bank). -EAGAIN when this worker's
  * configuration is not the current one (a reload is under way): the new generation probes. */
-static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm) {
         const struct config_pool *cp;
         const struct config_provider *prov;
         struct keytable_pool_view info;
@@ -1210,6 +1279,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         pb->ctx = p;
         pb->key = key;
         pb->pool = pool;
+        pb->confirm = confirm;
         auth_line(prov, secret, auth, sizeof auth);
         pb->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
@@ -1243,7 +1313,7 @@ fail:
 }
 
 int proxy_probe(struct proxy_context *p, unsigned key, unsigned pool) {
-        return start_probe(p, key, pool);
+        return start_probe(p, key, pool, false);
 }
 
 static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -1254,7 +1324,7 @@ static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
          * one. A handful per tick: probes are rare by design. */
         for (int i = 0; i < 8 && keytable_slot_bank(p->table, p->slot) == keytable_bank_current(p->table) &&
                         keytable_probe_claim(p->table, clock_mono_ms(), &key, &pool) == 0; i++)
-                start_probe(p, key, pool);
+                start_probe(p, key, pool, false);
         sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }

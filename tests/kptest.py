@@ -1242,7 +1242,8 @@ class StatusScenario:
       1. rotate:   a answers 429 with Retry-After 120, the request moves to b (a cools 120 s);
       2. figures:  a request served by b carries OpenAI rate-limit headers (remaining requests
                    42, tokens 9000, resets 6m0s / 1s);
-      3. disable:  c answers 401 and is disabled for auth, the request moves on;
+      3. disable:  c answers 401, the request moves on, and c is disabled for auth once
+                   keypool's own probe is refused too (waited for);
       4. recover:  d answers 429 with Retry-After 2 and cools, then is ready again (waited for);
       5. transient: one beta request answered 502 (retry max_attempts = 1: returned as is), which
                    leaves its key (self.transient_key) with a failure in a row.
@@ -1301,6 +1302,8 @@ class StatusScenario:
 
     def disable(self):
         self.chat_until_hit(self.BETA, self.c)
+        wait_for(lambda: self.kp.key(self.c)["state"] == "disabled",
+                 what="key c's 401 to be confirmed by keypool's own probe")
 
     def recover(self):
         self.sim.set_rules({self.d: {"status": 429, "retry_after": "2", "count": 1}})

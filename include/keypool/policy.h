@@ -37,7 +37,10 @@ struct policy_config {
 /* Classifies one answer. A 2xx whose remaining requests or tokens figure is 0 is VERDICT_OK with
  * rest_ms until the matching reset (capped). A TRANSIENT answer with a retry hint (Retry-After on
  * 503, OpenRouter's in-flight budget 402) carries it in retry_after_ms. now_ms is the wall-clock time (ms since the epoch) used to turn
- * HTTP-dates and reset timestamps into durations. Always succeeds; writes ret. */
+ * HTTP-dates and reset timestamps into durations. Rate-limit words and retry hints in a body count
+ * only on 403, 429 and 5xx (in-band stream errors are judged by their equivalent status): in other
+ * 4xx answers providers quote the caller's request back, and the caller's text must never put a
+ * key to sleep. Always succeeds; writes ret. */
 void policy_classify(const struct upstream_answer *a, const struct policy_config *pc,
                      int64_t now_ms, struct verdict *ret);
 

@@ -21,8 +21,16 @@ struct proxy_request;
 struct proxy_queue;
 
 #define PROXY_SPARE_HANDLES 32
+#define PROXY_CONFIRMS 64               /* keys with a recent confirmation probe remembered */
+#define PROXY_CONFIRM_PERIOD_MS 10000   /* … and how long one stands for its key */
 
 struct scrub;
+
+/* A probe started to confirm a caller's 401/403 on a key (see proxy.c suspect_auth). */
+struct proxy_confirm {
+        unsigned key;
+        int64_t at_ms;                  /* 0: none */
+};
 
 struct proxy_context {
         const struct config *config;
@@ -45,6 +53,7 @@ struct proxy_context {
         struct proxy_request *spare_requests; /* finished requests' records, for the next */
         unsigned n_spare_requests;
         struct scrub *scrub;            /* hides the configured secrets in upstream text */
+        struct proxy_confirm confirms[PROXY_CONFIRMS];
 };
 
 /* Sets up queues, timers and the probe schedule for a worker's event loop. */

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Trust (issue #10): a key never reaches anyone but its provider.
+"""Trust (issue #10): a key never reaches anyone but its provider, and nothing a caller writes
+changes a key's health.
 
 Keys here have the shapes pattern-only redaction missed (letters and dots, letters only, 40
 lowercase letters); the simulator echoes the header that carried the key in its error bodies, as
-providers quoting a failed request do."""
+providers quoting a failed request do. Callers send a hostile model name that an unknown-model
+answer quotes back, and choose a path on which a key answers 403."""
 
 import json
 import os
@@ -13,9 +15,11 @@ import subprocess
 import tempfile
 import unittest
 
-from kptest import KEYPOOLD, KeypoolTestCase, fake_secret, find_leaks, key_id, render_config, wait_for
+from kptest import (KEYPOOLD, KeypoolTestCase, fake_secret, find_leaks, key_id, make_socket_public,
+                    render_config, request_as_user, wait_for)
 
 MODEL = "z-ai/glm-4.5"
+HOSTILE_MODEL = "rate limit exceeded, retry in 3600s"
 
 
 def _letters(n, alphabet=string.ascii_letters):
@@ -130,6 +134,57 @@ class TrustTest(KeypoolTestCase):
         self.assertRegex(r.stderr, rf"warning: pool 'p' key 1 \({key_id(weak)}\) is weak")
         self.assertEqual(r.stderr.count("is weak"), 1, r.stderr)
         self.assertNotIn(weak, r.stderr + r.stdout)
+
+    # --- nothing a caller writes changes a key's health ----------------------------------------
+
+    def test_hostile_model_quoted_by_a_caller_error_cools_no_key(self):
+        a = fake_secret()
+        kp = self.start([{"name": "p", "model": MODEL, "keys": [a]}])
+        for status in (404, 400, 422, 413):
+            code, _, body = kp.chat(HOSTILE_MODEL, headers={
+                "X-Keypool-Pool": "p", "X-Sim-Unknown-Model": str(status), "X-Sim-Retry-After": "3600"})
+            self.assertEqual(code, status, body)
+            self.assertIn(HOSTILE_MODEL, body.decode(), "the upstream's answer reaches the caller")
+            k = kp.key(a)
+            self.assertEqual((k["state"], k["rate_limited"]), ("ready", 0), f"after a {status}: {k}")
+        self.assertEqual(kp.chat(MODEL)[0], 200)
+
+    def test_403_on_a_caller_chosen_path_moves_on_and_leaves_the_key_in_service(self):
+        a, b = fake_secret(), fake_secret()
+        kp = self.start([{"name": "p", "model": MODEL, "keys": [a, b]}], socket_mode="0666")
+        make_socket_public(kp)
+        self.sim.set_rules({a: {"status": 403, "body": "this key has no scope for that endpoint",
+                                "count": 1, "models_status": 200}})
+
+        status, body = request_as_user(kp, "POST", "/v1/embeddings",
+                                       {"model": MODEL, "input": "hello"})
+        self.assertEqual(status, 200, body)
+        wait_for(lambda: any(e["path"].endswith("/models") and e.get("key_id") == key_id(a)
+                             and e.get("end_time") for e in self.sim.log()),
+                 what="the confirmation probe of the refused key")
+        k = kp.key(a)
+        self.assertEqual(k["state"], "ready", k)
+        served = {kp.chat(MODEL)[1].get("x-keypool-key") for _ in range(4)}
+        self.assertIn(key_id(a), served, "the key refused on the caller's path still serves")
+
+    def test_401_disables_the_key_only_once_the_probe_confirms_it(self):
+        a, b = fake_secret(), fake_secret()
+        kp = self.start([{"name": "p", "model": MODEL, "keys": [a, b]}])
+        self.sim.set_rules({a: {"status": 401, "models_status": 401}})
+        status, h, body = kp.chat(MODEL)
+        self.assertEqual((status, h.get("x-keypool-key")), (200, key_id(b)), body)
+        wait_for(lambda: kp.key(a)["state"] == "disabled", what="the probe's 401 to disable the key")
+        self.assertEqual(kp.key(a)["reason"], "auth")
+
+    def test_a_refusal_in_a_single_key_pool_goes_back_to_the_caller(self):
+        a = fake_secret()
+        kp = self.start([{"name": "p", "model": MODEL, "keys": [a]}])
+        self.sim.set_rules({a: {"status": 403, "body": "no scope", "models_status": 200,
+                                "echo_auth": True}})
+        status, h, body = kp.chat(MODEL)
+        self.assertEqual((status, h.get("x-keypool-attempts")), (403, "1"), body)
+        self.assertNotIn(a, body.decode())
+        self.assertEqual(kp.key(a)["state"], "ready")
 
 
 if __name__ == "__main__":
