@@ -40,12 +40,15 @@
 #include "keypool/log.h"
 #include "keypool/policy.h"
 #include "keypool/proxy.h"
+#include "keypool/scrub.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
+#define CONFIRMS                64              /* keys with a recent confirmation probe remembered */
+#define CONFIRM_PERIOD_MS       10000           /* … and how long one stands for its key */
 
 enum step {
         STEP_NEW = 1,
@@ -57,6 +60,12 @@ enum step {
 };
 
 #define PROXY_SPARE_HANDLES     32
+
+/* A probe started to confirm a caller's 401/403 on a key (see confirm_refusal). */
+struct confirm {
+        unsigned key;
+        int64_t at_ms;                  /* 0: none */
+};
 
 struct proxy_context {
         struct proxy_params w;          /* what the worker lent */
@@ -72,6 +81,8 @@ struct proxy_context {
         unsigned n_spare;
         struct proxy_request *spare_requests; /* finished requests' records, for the next */
         unsigned n_spare_requests;
+        struct scrub *scrub;            /* hides the configured secrets in upstream text */
+        struct confirm confirms[CONFIRMS];
 };
 
 struct proxy_queue {
@@ -119,6 +130,7 @@ struct proxy_request {
         bool in_curl;                   /* inside a curl callback */
         bool aborted;                   /* the client went away */
         bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
+        bool auth_suspected;            /* a key already refused this request's path (401/403) */
         bool pressure;                  /* the client's output buffer is full */
         bool paused;                    /* the transfer is paused on pressure */
         struct proxy_request *next_spare;
@@ -352,12 +364,13 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
                 return;
         if (v && (v->cls == VERDICT_RATE_LIMITED || v->cls == VERDICT_OK))
                 o.rest_ms = v->rest_ms;
+        o.unconfirmed = v && v->unconfirmed;
         /* What went wrong, in a few words and without any credential the provider echoed. */
         if (v && v->cls != VERDICT_OK && v->cls != VERDICT_NONE) {
                 if (pr->transport_error)
                         snprintf(error, sizeof error, "%s", pr->transport_error);
                 else
-                        answer_error_summary(&pr->answer, error, sizeof error);
+                        answer_error_summary(&pr->answer, pr->ctx->scrub, error, sizeof error);
                 if (error[0])
                         o.error = error;
         }
@@ -413,8 +426,11 @@ static void respond_buffered(struct proxy_request *pr) {
 
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
         c = detach(pr);
-        if (c)
-                http_conn_respond(c, pr->answer.status, h, n, pr->answer.body ? pr->answer.body : "", pr->answer.body_len);
+        if (!c)
+                return;
+        /* Providers echo what they were sent, the key included: the caller gets none of it. */
+        answer_scrub_unsent(&pr->answer, pr->ctx->scrub);
+        http_conn_respond(c, pr->answer.status, h, n, pr->answer.body ? pr->answer.body : "", pr->answer.body_len);
 }
 
 static int begin_stream(struct proxy_request *pr) {
@@ -454,8 +470,12 @@ static int relay(struct proxy_request *pr, const char *data, size_t len);
 /* A relayed answer ends: what is still held goes out first; a success that never started a
  * stream (an empty body) is answered whole. */
 static void end_stream(struct proxy_request *pr) {
-        if (pr->conn && !http_conn_stream_started(pr->conn) && pr->answer.held > 0)
+        if (pr->conn && !http_conn_stream_started(pr->conn) && pr->answer.held > 0) {
+                /* Nothing of it was sent yet (an error event held at the stream's start): the
+                 * caller gets it without the secrets a provider may have echoed. */
+                answer_scrub_unsent(&pr->answer, pr->ctx->scrub);
                 relay(pr, NULL, 0);
+        }
         if (pr->conn && http_conn_stream_started(pr->conn))
                 http_conn_stream_end(detach(pr));
         else
@@ -668,6 +688,10 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
         struct proxy_decision d = {};
         enum proxy_next end;
 
+        /* A refusal of the caller's path says nothing certain about the key (it may only lack
+         * the scope for that endpoint): the pool's own probe of a known path decides, whether or
+         * not the caller is still there. */
+        d.confirm_auth = a->cls == VERDICT_AUTH && a->auth_unconfirmed;
         if (a->client_gone) {
                 d.next = PROXY_NEXT_DROP;
         } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT) {
@@ -689,8 +713,17 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
                 /* A held first event goes to the client as the upstream sent it. */
                 end = a->result == PROXY_RESULT_HELD_ERROR ? PROXY_NEXT_STREAM_END : PROXY_NEXT_ANSWER;
                 switch (a->cls) {
-                case VERDICT_RATE_LIMITED:
                 case VERDICT_AUTH:
+                        /* An unconfirmed refusal moves the request once, and only when the pool
+                         * has another key; a second refusal goes back to the caller, as the path
+                         * is then the likely cause. */
+                        if (a->auth_unconfirmed && (a->refused_before || !a->other_keys)) {
+                                d.next = end;
+                                break;
+                        }
+                        d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
+                        break;
+                case VERDICT_RATE_LIMITED:
                 case VERDICT_QUOTA:
                         d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
                         break;
@@ -737,6 +770,30 @@ static int backoff(struct proxy_request *pr, int64_t delay_ms, bool no_answer) {
         return 0;
 }
 
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm);
+
+/* The attempt's key refused the caller's path (d->confirm_auth): the refusal was counted, the
+ * key keeps its state, and the pool's own probe of a known path is asked to decide
+ * (probe_confirmed). One confirmation per key in flight or recently made: a caller repeating a
+ * refused path must not turn each request into a second upstream request. */
+static void confirm_refusal(struct proxy_request *pr, const struct proxy_decision *d) {
+        struct proxy_context *p = pr->ctx;
+        unsigned key = pr->lease.key;
+        struct confirm *c = &p->confirms[key % CONFIRMS];
+        int64_t now = clock_mono_ms();
+        struct log_fields f = fields(pr, key);
+
+        pr->auth_suspected = true;
+        if (c->at_ms == 0 || c->key != key || now - c->at_ms >= CONFIRM_PERIOD_MS) {
+                if (start_probe(p, key, pr->pool, true) >= 0)
+                        *c = (struct confirm) { .key = key, .at_ms = now };
+        }
+        f.status = pr->answer.stream_error_status ? pr->answer.stream_error_status : pr->answer.status;
+        log_event(LOG_NOTICE, "refused", &f, "answer %d on the caller's path: the key stays as it is "
+                  "until its probe confirms%s", f.status,
+                  d->next == PROXY_NEXT_ROTATE ? "" : "; the answer goes to the caller");
+}
+
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
         const struct config_retry *rc = &pr->ctx->w.config->retry;
@@ -768,6 +825,9 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 a.result = pr->retry_from_stream ? PROXY_RESULT_HELD_ERROR
                          : pr->answer.mode == ANSWER_STREAM ? PROXY_RESULT_STREAM : PROXY_RESULT_ANSWER;
                 judge(pr, &v);
+                /* Every proxied path is the caller's choice: a refusal of it is counted on the
+                 * key but disables nothing until the pool's own probe confirms it. */
+                v.unconfirmed = v.cls == VERDICT_AUTH;
                 /* A success: count the tokens it reported. */
                 if (a.result == PROXY_RESULT_STREAM && !pr->answer.stream_error_status)
                         answer_count_usage(&pr->answer);
@@ -790,8 +850,13 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         a.client_gone = !pr->conn;
         a.attempts = pr->attempts;
         a.transient_failures = pr->transient_failures;
+        a.auth_unconfirmed = v.unconfirmed;
+        a.refused_before = pr->auth_suspected;
+        a.other_keys = pr->cpool->n_keys > 1;
 
         proxy_decide(&a, &limits, &d);
+        if (d.confirm_auth)
+                confirm_refusal(pr, &d);
         switch (d.next) {
         case PROXY_NEXT_ROTATE:
                 rotate(pr, v.cls);
@@ -990,10 +1055,36 @@ struct probe {
         CURL *easy;
         struct curl_slist *headers;
         char *url;
+        bool confirm;                   /* confirms a caller's 401/403 rather than a disable */
 };
 
 static size_t discard(char *data, size_t size, size_t nmemb, void *userdata) {
         return size * nmemb;
+}
+
+/* The answer to the probe a caller's 401/403 asked for (confirm_refusal): only now, with the
+ * pool's own request to a known path refused too, is the key disabled for auth. */
+static void probe_confirmed(struct proxy_context *p, unsigned key, const struct config_pool *cp, CURLcode res,
+                            long status, const struct log_fields *f) {
+        struct keytable_change change = {};
+        struct keytable_event ev = {
+                .wall_ms = clock_wall_ms(), .kind = HISTORY_DISABLE, .status = (int) status,
+                .reason = KEY_REASON_AUTH,
+        };
+
+        if (res != CURLE_OK || (status != 401 && status != 403)) {
+                log_event(LOG_INFO, "probe", f, "the key refused on a caller's path %s: it stays in service",
+                          res == CURLE_OK && status >= 200 && status < 300 ? "works on the probe path"
+                                                                          : "gave the probe no verdict");
+                return;
+        }
+        if (keytable_disable(p->w.table, key, KEY_REASON_AUTH, clock_mono_ms(), &change) < 0 || !change.changed)
+                return;
+        snprintf(ev.pool, sizeof ev.pool, "%s", cp->name);
+        if (f->key)
+                snprintf(ev.key_from, sizeof ev.key_from, "%s", f->key);
+        keytable_history_add(p->w.table, &ev);
+        log_event(LOG_ERR, "disable", f, "key disabled: auth (status %ld, confirmed by a probe)", status);
 }
 
 static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
@@ -1013,7 +1104,9 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
             (k = config_pool_key(cp, info.first_key, pb->key)))
                 f.key = k->id;
         f.status = (int) status;
-        if (res == CURLE_OK && status >= 200 && status < 300) {
+        if (pb->confirm)
+                probe_confirmed(p, pb->key, cp, res, status, &f);
+        else if (res == CURLE_OK && status >= 200 && status < 300) {
                 struct keytable_change change = {};
 
                 keytable_enable(p->w.table, pb->key, clock_mono_ms(), &change);
@@ -1035,7 +1128,7 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
 
 /* Probes key (table-wide) of pool (relative to this worker's bank). -EAGAIN when this worker's
  * configuration is not the current one (a reload is under way): the new generation probes. */
-static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm) {
         const struct config_pool *cp;
         const struct config_provider *prov;
         const struct config_key *k;
@@ -1060,6 +1153,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         pb->ctx = p;
         pb->key = key;
         pb->pool = pool;
+        pb->confirm = confirm;
         auth_line(prov, secret, auth, sizeof auth);
         pb->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
@@ -1093,7 +1187,7 @@ fail:
 }
 
 int proxy_probe(struct proxy_context *p, unsigned key, unsigned pool) {
-        return start_probe(p, key, pool);
+        return start_probe(p, key, pool, false);
 }
 
 static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -1104,7 +1198,7 @@ static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
          * one. A handful per tick: probes are rare by design. */
         for (int i = 0; i < 8 && keytable_slot_bank(p->w.table, p->w.slot) == keytable_bank_current(p->w.table) &&
                         keytable_probe_claim(p->w.table, clock_mono_ms(), &key, &pool) == 0; i++)
-                start_probe(p, key, pool);
+                start_probe(p, key, pool, false);
         sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
@@ -1461,6 +1555,9 @@ int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
         if (r < 0)
                 goto fail;
         sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
+        r = scrub_from_config(cfg, &p->scrub);
+        if (r < 0)
+                goto fail;
         r = sd_event_add_time_relative(p->w.event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
                                        on_probe_timer, p);
         if (r < 0)
@@ -1495,6 +1592,7 @@ struct proxy_context *proxy_free(struct proxy_context *p) {
         }
         sd_event_source_disable_unref(p->kick);
         sd_event_source_disable_unref(p->probe_timer);
+        scrub_free(p->scrub);
         free(p);
         return NULL;
 }

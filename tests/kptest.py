@@ -52,11 +52,30 @@ def key_id(secret):
     return "kp-" + hashlib.sha256(secret.encode()).hexdigest()[:10]
 
 
+# The provider prefixes keypool shows in a masked key (keyid.c), longest first where one starts
+# another.
+PROVIDER_PREFIXES = ("sk-ant-api03-", "sk-ant-", "sk-or-v1-", "sk-proj-", "sk-svcacct-", "sk-",
+                     "AIza", "gsk_", "xai-", "pplx-", "nvapi-", "hf_", "r8_")
+
+
+def _mask_parts(secret):
+    """(prefix shown, number of last characters shown), or None when only the id is shown."""
+    prefix = next((p for p in PROVIDER_PREFIXES if secret.startswith(p)), "")
+    rest = len(secret) - len(prefix)
+    shown = min(4, rest // 4)
+    if rest < 24 + shown:
+        shown = rest - 24 if rest > 24 else 0
+    return (prefix, shown) if shown > 0 else None
+
+
 def masked(secret):
-    """keypool's masked form: first 15 chars, "...", last 3 (or "..." + last 3 if short)."""
-    if len(secret) >= 24:
-        return secret[:15] + "..." + secret[-3:]
-    return "..." + secret[-3:]
+    """keypool's masked form: a known provider prefix, "...", at most 4 last characters (never
+    more than a quarter of the rest, always 24 or more hidden); else the key's id."""
+    parts = _mask_parts(secret)
+    if parts is None:
+        return key_id(secret)
+    prefix, shown = parts
+    return prefix + "..." + secret[len(secret) - shown:]
 
 
 def fake_secret(tag=""):
@@ -73,10 +92,11 @@ def fake_secret(tag=""):
 def leaked_fragments(secret):
     """Pieces of secret whose presence anywhere means a leak.
 
-    The masked form legitimately shows the first 15 and the last 3 characters; any 12
+    The masked form legitimately shows a provider prefix and a few last characters; any 12
     consecutive characters from the hidden part in between are as good as the secret.
     """
-    hidden = secret[15:-3] if len(secret) >= 24 else secret
+    parts = _mask_parts(secret)
+    hidden = secret[len(parts[0]):len(secret) - parts[1]] if parts else secret
     if len(hidden) < 12:
         return [secret]
     return [hidden[i:i + 12] for i in range(len(hidden) - 11)]
@@ -1222,7 +1242,8 @@ class StatusScenario:
       1. rotate:   a answers 429 with Retry-After 120, the request moves to b (a cools 120 s);
       2. figures:  a request served by b carries OpenAI rate-limit headers (remaining requests
                    42, tokens 9000, resets 6m0s / 1s);
-      3. disable:  c answers 401 and is disabled for auth, the request moves on;
+      3. disable:  c answers 401, the request moves on, and c is disabled for auth once
+                   keypool's own probe is refused too (waited for);
       4. recover:  d answers 429 with Retry-After 2 and cools, then is ready again (waited for);
       5. transient: one beta request answered 502 (retry max_attempts = 1: returned as is), which
                    leaves its key (self.transient_key) with a failure in a row.
@@ -1281,6 +1302,8 @@ class StatusScenario:
 
     def disable(self):
         self.chat_until_hit(self.BETA, self.c)
+        wait_for(lambda: self.kp.key(self.c)["state"] == "disabled",
+                 what="key c's 401 to be confirmed by keypool's own probe")
 
     def recover(self):
         self.sim.set_rules({self.d: {"status": 429, "retry_after": "2", "count": 1}})

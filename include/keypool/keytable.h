@@ -143,6 +143,7 @@ struct keytable_outcome {
         uint64_t tokens_in, tokens_out;
         struct rate_figures figures;    /* what the answer said; RATE_FIGURES_UNKNOWN if nothing */
         const char *error;              /* a short, already sanitized error message, or NULL */
+        bool unconfirmed;               /* AUTH not yet confirmed by a probe: counted, no disable */
 };
 
 /* A state change made by a release or an acquire, to be logged outside the lock. */
@@ -289,7 +290,8 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
  * auth/quota), VERDICT_OK resets its consecutive failures (and cools it, reason rate_limited,
  * when rest_ms > 0), VERDICT_TRANSIENT counts one and cools the key for transient_cooldown_ms
  * once transient_threshold come in a row, VERDICT_CALLER and VERDICT_NONE change nothing but the
- * in-flight count. Figures other than -1 are stored. ret_change may be NULL. */
+ * in-flight count. Figures other than -1 are stored. ret_change may be NULL. An unconfirmed
+ * VERDICT_AUTH (a caller's path refused, no probe yet) is counted but disables nothing. */
 void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                       const struct keytable_outcome *o, int64_t now_ms,
                       struct keytable_change *ret_change);

@@ -75,6 +75,10 @@ struct proxy_attempt_end {
         int64_t retry_after_ms;         /* the verdict's retry hint, 0 when none */
         bool client_gone;
         bool bytes_sent;                /* the client has already seen bytes of this answer */
+        bool auth_unconfirmed;          /* AUTH on a path the caller chose: the pool's own probe
+                                         * has not confirmed that the key is refused */
+        bool refused_before;            /* an earlier attempt of this request was refused so */
+        bool other_keys;                /* the pool has another key to move to */
         unsigned attempts;              /* attempts made, this one included */
         unsigned transient_failures;    /* transient failures so far, this one included */
         uint32_t random;                /* any value: the backoff's jitter */
@@ -106,6 +110,8 @@ struct proxy_decision {
         const char *code;
         const char *message;
         int64_t retry_after_s;          /* FAIL: a Retry-After for the client, 0 for none */
+        bool confirm_auth;              /* probe the key: only a refusal of the pool's own
+                                         * request disables it (whatever next is) */
 };
 
 void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
