@@ -122,7 +122,8 @@ static const char *const top_level_names[] = {
 };
 
 static const char *const provider_names[] = {
-        "name", "base_url", "auth", "headers", "probe_path", NULL,
+        "name", "base_url", "auth", "headers", "probe_path", "ca_file", "ca_path", "proxy", "http2",
+        "tls_verify", NULL,
 };
 static const char *const pool_names[] = {
         "name", "provider", "model", "keys", "max_concurrent", "rpm", NULL,
@@ -513,6 +514,8 @@ static struct config_provider *provider_add(struct loader *l, const char *file, 
         c->providers[c->n_providers] = (struct config_provider) {
                 .auth = CONFIG_AUTH_BEARER,
                 .probe_path = strdup(CONFIG_PROBE_PATH_DEFAULT),
+                .http2 = true,
+                .tls_verify = true,
         };
         if (!c->providers[c->n_providers].probe_path) {
                 l->oom = true;
@@ -1569,6 +1572,54 @@ static const char *group_name(struct loader *l, const config_setting_t *g, const
         return name;
 }
 
+/* A file or directory setting of a provider: a readable absolute path, or the setting is wrong
+ * (found now rather than as a TLS failure on the first request). */
+static char *provider_path(struct loader *l, const config_setting_t *g, const char *what, const char *name,
+                           bool directory) {
+        const config_setting_t *s = NULL;
+        const char *v = member_string(l, g, what, name, false, &s);
+        struct stat st;
+        char *copy;
+
+        if (!v)
+                return NULL;
+        if (v[0] != '/') {
+                setting_error(l, s, "%s: %s must be an absolute path", what, name);
+                return NULL;
+        }
+        if (stat(v, &st) < 0 || (directory ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) ||
+            access(v, R_OK) < 0) {
+                setting_error(l, s, "%s: %s '%s' is not a readable %s", what, name, v,
+                              directory ? "directory" : "file");
+                return NULL;
+        }
+        copy = strdup(v);
+        if (!copy)
+                l->oom = true;
+        return copy;
+}
+
+/* How the provider is reached: trust (ca_file, ca_path, tls_verify), egress (proxy), http2. */
+static void parse_provider_transport(struct loader *l, const config_setting_t *g, const char *what,
+                                     struct config_provider *p) {
+        const config_setting_t *s = NULL;
+        const char *proxy;
+
+        p->ca_file = provider_path(l, g, what, "ca_file", false);
+        p->ca_path = provider_path(l, g, what, "ca_path", true);
+        proxy = member_string(l, g, what, "proxy", false, &s);
+        if (proxy) {
+                /* Not quoted: a proxy URL may carry a password. */
+                if (!all_graphic(proxy) || !*proxy)
+                        setting_error(l, s, "%s: proxy must be a URL such as \"http://proxy:3128\"", what);
+                else if (!(p->proxy = strdup(proxy)))
+                        l->oom = true;
+        }
+        /* Type errors carry the setting's line, which names the provider well enough. */
+        get_bool(l, g, "http2", &p->http2);
+        get_bool(l, g, "tls_verify", &p->tls_verify);
+}
+
 static void parse_provider(struct loader *l, const config_setting_t *g, unsigned index) {
         const config_setting_t *ns = NULL, *us = NULL;
         struct config_provider *p;
@@ -1635,6 +1686,8 @@ static void parse_provider(struct loader *l, const config_setting_t *g, unsigned
                                 l->oom = true;
                 }
         }
+
+        parse_provider_transport(l, g, what, p);
 }
 
 static void parse_providers(struct loader *l, const config_setting_t *root) {
@@ -2413,6 +2466,9 @@ void config_free(struct config *c) {
                         free(p->headers[h]);
                 free(p->headers);
                 free(p->probe_path);
+                free(p->ca_file);
+                free(p->ca_path);
+                wipe_free(p->proxy);
         }
         free(c->providers);
 

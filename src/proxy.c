@@ -43,6 +43,7 @@
 #define SPARE_BUFFER_MAX        (64 * 1024)     /* … with answer buffers no larger than this */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
+#define TRANSPORT_REPORT_MS     (60 * 1000)     /* a provider's TLS/DNS failure is logged this often */
 
 enum step {
         STEP_NEW = 1,
@@ -828,6 +829,41 @@ static bool schedule_retry(struct proxy_request *pr, const struct verdict *v) {
         return true;
 }
 
+/* A TLS or DNS failure is the upstream's configuration (or the network's), never a key's: the
+ * lease goes back unjudged. A certificate problem does not mend by retrying, so the caller gets
+ * 502 naming it at once; other TLS and DNS failures are retried like any transient failure.
+ * curl's full text goes to the log at most once per interval and provider, however many
+ * requests meet it. Returns false when res is some other failure. */
+static bool end_unblamed(struct proxy_request *pr, CURLcode res, bool started) {
+        enum upstream_failure kind = upstream_failure_class(res);
+        const char *text = upstream_error_text(pr->ctx->upstream);
+        struct log_fields f = fields(pr, KEYTABLE_NO_KEY);
+        char msg[320];
+
+        if (kind != UPSTREAM_FAILURE_CERTIFICATE && kind != UPSTREAM_FAILURE_TLS && kind != UPSTREAM_FAILURE_DNS)
+                return false;
+        if (!text[0])
+                text = curl_easy_strerror(res);
+        snprintf(msg, sizeof msg, "%s failure reaching upstream %s: %s",
+                 kind == UPSTREAM_FAILURE_DNS ? "DNS" : "TLS", pr->provider->name, text);
+        release(pr, NULL);
+        if (upstream_report_due(pr->ctx->upstream, pr->provider, clock_mono_ms(), TRANSPORT_REPORT_MS))
+                log_event(LOG_ERR, "upstream_error", &f, "%s (no key is blamed; reported once a minute)", msg);
+        if (started) {
+                http_conn_abort(detach(pr));
+                request_free(pr);
+                return true;
+        }
+        answer_reset(pr);
+        if (kind != UPSTREAM_FAILURE_CERTIFICATE) {
+                pr->transient_failures++;
+                if (schedule_retry(pr, NULL))
+                        return true;
+        }
+        fail(pr, 502, kind == UPSTREAM_FAILURE_DNS ? "upstream_dns_failure" : "upstream_tls_failure", 0, msg);
+        return true;
+}
+
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
         struct verdict v = {};
@@ -845,6 +881,8 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
+        if (res != CURLE_OK && !pr->retry_from_stream && end_unblamed(pr, res, started))
+                return;
         if (res != CURLE_OK && !pr->retry_from_stream) {
                 bool timeout = res == CURLE_OPERATION_TIMEDOUT;
                 struct log_fields f = fields(pr, pr->lease.key);
@@ -1049,6 +1087,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         curl_easy_setopt(pr->easy, CURLOPT_HTTPHEADER, pr->headers);
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
+        upstream_configure(p->upstream, pr->easy, prov);
 
         r = upstream_start(p->upstream, pr->easy, on_done, pr);
         if (r < 0) {
@@ -1224,6 +1263,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        upstream_configure(p->upstream, pb->easy, prov);
         if (upstream_start(p->upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;

@@ -272,7 +272,7 @@ int worker_run(const struct worker_params *wp) {
         }
         r = sd_event_new(&w.event);
         if (r >= 0)
-                r = upstream_new(w.event, &w.upstream);
+                r = upstream_new(w.event, wp->config, &w.upstream);
         if (r >= 0)
                 r = http_poller_new(w.event, &w.poller);
         if (r >= 0)

@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""HTTPS upstreams: nginx with a private CA in front of the simulator, over HTTP/1.1 and HTTP/2.
+
+Trust (ca_file, tls_verify), certificate failures that blame no key, TLS session resumption,
+HTTP/2 multiplexing and HTTP/1.1 keep-alive, cold bursts on fresh workers.
+"""
+
+import asyncio
+import json
+import os
+import re
+import time
+import unittest
+
+from kptest import (SIM_REPLY, KeypoolTestCase, fake_secret, start_https_upstream, tls_tools_missing,
+                    wait_for)
+
+MODEL = "z-ai/glm-4.5"
+
+
+async def _one(path, body, headers, timeout):
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(path, limit=1 << 20), timeout)
+    try:
+        data = json.dumps(body).encode()
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write((f"POST /v1/chat/completions HTTP/1.1\r\nHost: keypool\r\nConnection: close\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n{head}\r\n")
+                     .encode() + data)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    m = re.match(rb"HTTP/1\.1 (\d{3})", answer)
+    return (int(m.group(1)) if m else 0), answer
+
+
+def burst(kp, n, headers=None, timeout=120.0):
+    """n concurrent chat requests, each on its own connection: [(status, raw answer)]."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def run():
+        results = await asyncio.gather(*(_one(kp.socket_path, body, headers or {}, timeout)
+                                         for _ in range(n)), return_exceptions=True)
+        return [(0, repr(r).encode()) if isinstance(r, BaseException) else r for r in results]
+    return asyncio.run(run())
+
+
+class HTTPSTestCase(KeypoolTestCase):
+
+    def setUp(self):
+        missing = tls_tools_missing()
+        if missing:
+            self.skipTest(missing)
+        self.sim = self.start_sim()
+        self.keys = [fake_secret(), fake_secret()]
+
+    def https_keypool(self, up, settings=None, **provider):
+        prov = {"name": "tls", "base_url": up.base_url}
+        prov.update(provider)
+        return self.start_keypool(pools=[{"name": "GLM", "model": MODEL, "keys": self.keys,
+                                          "provider": "tls"}],
+                                  providers=[prov], settings=settings)
+
+    def assert_keys_ready(self, kp):
+        for k in self.keys:
+            self.assertEqual(kp.key(k)["state"], "ready", f"key {kp.key(k)} must not be blamed")
+
+
+class TrustTest(HTTPSTestCase):
+
+    def test_ca_file_naming_the_private_ca_serves_over_https(self):
+        up = start_https_upstream(self, self.sim)
+        kp = self.https_keypool(up, ca_file=up.ca.cert)
+        status, _, body = kp.chat(MODEL)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], SIM_REPLY)
+        self.assertEqual(up.access()[-1]["protocol"], "HTTP/2.0", "HTTP/2 is offered and nginx takes it")
+
+    def check_certificate_problem_blames_no_key(self, up, **provider):
+        kp = self.https_keypool(up, **provider)
+        for _ in range(6):      # more than transient_threshold (3) in a row
+            status, _, body = kp.chat(MODEL)
+            self.assertEqual(status, 502, body)
+            self.assertOpenAIError(body)
+            self.assertIn("TLS", json.loads(body)["error"]["message"])
+        self.assert_keys_ready(kp)
+        status, _, body = kp.request("GET", "/health")
+        self.assertEqual(status, 200, body)
+        logged = [ln for ln in kp.stderr().splitlines() if "TLS failure" in ln]
+        self.assertEqual(len(logged), 1, "curl's text is logged once per interval, not per request:\n"
+                         + "\n".join(logged))
+        self.assertEqual(self.sim.log(), [], "nothing may reach the upstream past a bad certificate")
+        return logged[0]
+
+    def test_without_ca_file_the_private_ca_is_not_trusted(self):
+        up = start_https_upstream(self, self.sim)
+        self.check_certificate_problem_blames_no_key(up)
+
+    def test_certificate_for_another_name_gets_502_and_blames_no_key(self):
+        up = start_https_upstream(self, self.sim, cert_names=("wrong.example",))
+        line = self.check_certificate_problem_blames_no_key(up, ca_file=up.ca.cert)
+        self.assertRegex(line, r"(?i)certificate|subject|name", "curl's full text is logged")
+
+    def test_certificate_from_an_unknown_ca_gets_502_and_blames_no_key(self):
+        up = start_https_upstream(self, self.sim, untrusted=True)
+        self.check_certificate_problem_blames_no_key(up, ca_file=up.ca.cert)
+
+    def test_expired_certificate_gets_502_and_blames_no_key(self):
+        up = start_https_upstream(self, self.sim, expired=True)
+        line = self.check_certificate_problem_blames_no_key(up, ca_file=up.ca.cert)
+        self.assertRegex(line, r"(?i)expired|certificate")
+
+    def test_tls_verify_false_serves_and_warns_at_start(self):
+        up = start_https_upstream(self, self.sim, cert_names=("wrong.example",))
+        kp = self.https_keypool(up, tls_verify=False)
+        status, _, body = kp.chat(MODEL)
+        self.assertEqual(status, 200, body)
+        self.assertRegex(kp.stderr(), r"tls_verify = false", "an unverified upstream is announced")
+
+
+class ConnectionTest(HTTPSTestCase):
+
+    def test_new_connections_resume_their_tls_session(self):
+        # nginx closes every connection after one request: each request is a new TLS handshake.
+        up = start_https_upstream(self, self.sim, keepalive_requests=1)
+        kp = self.https_keypool(up, ca_file=up.ca.cert, http2=False)
+        for _ in range(6):
+            status, _, body = kp.chat(MODEL)
+            self.assertEqual(status, 200, body)
+        log = wait_for(lambda: (lambda a: a if len(a) >= 6 else None)(up.access()), what="6 access log lines")
+        self.assertEqual(len({e["connection"] for e in log}), 6, f"one connection per request: {log}")
+        self.assertEqual([e["reused"] for e in log[1:]], [True] * 5,
+                         f"every connection after the first resumes the TLS session: {log}")
+
+    def test_http1_keeps_its_connection_alive(self):
+        up = start_https_upstream(self, self.sim)
+        kp = self.https_keypool(up, ca_file=up.ca.cert, http2=False)
+        for _ in range(10):
+            status, _, body = kp.chat(MODEL)
+            self.assertEqual(status, 200, body)
+        log = up.access()
+        self.assertEqual({e["protocol"] for e in log}, {"HTTP/1.1"})
+        self.assertEqual(len({e["connection"] for e in log}), 1, f"10 requests, one connection: {log}")
+
+    def test_http2_multiplexes_concurrent_requests_on_few_connections(self):
+        up = start_https_upstream(self, self.sim)
+        kp = self.https_keypool(up, ca_file=up.ca.cert)
+        results = burst(kp, 50, {"X-Sim-Delay-Ms": "300"})
+        self.assertEqual([s for s, _ in results], [200] * 50, [a[:300] for s, a in results if s != 200][:3])
+        log = up.access()
+        self.assertEqual({e["protocol"] for e in log}, {"HTTP/2.0"})
+        conns = {e["connection"] for e in log}
+        self.assertLessEqual(len(conns), 3, f"50 concurrent streams on {len(conns)} connections")
+
+    def test_cold_bursts_over_http2_on_fresh_workers_all_succeed(self):
+        up = start_https_upstream(self, self.sim)
+        for i in range(10):
+            kp = self.https_keypool(up, settings={"workers": 2}, ca_file=up.ca.cert)
+            results = burst(kp, 40)
+            bad = [a[:400] for s, a in results if s != 200]
+            self.assertEqual(bad, [], f"cold burst {i + 1}: {len(bad)} of 40 failed")
+            kp.stop()
+
+    def test_cold_burst_of_1000_with_connections_closed_every_100_requests(self):
+        up = start_https_upstream(self, self.sim, keepalive_requests=100)
+        kp = self.https_keypool(up, settings={"workers": 2, "worker_timeout": 5}, ca_file=up.ca.cert)
+        pids = kp.process_ids()
+        started = time.monotonic()
+        results = burst(kp, 1000, timeout=180)
+        took = time.monotonic() - started
+        bad = [a[:300] for s, a in results if s != 200]
+        self.assertEqual(len(bad), 0, f"{len(bad)} of 1000 failed in {took:.1f}s, e.g. {bad[:3]}")
+        self.assertEqual(kp.process_ids(), pids, "no worker may be replaced (killed as wedged)")
+        self.assertNotIn("wedged", kp.stderr())
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
