@@ -2,7 +2,8 @@
 """HTTPS upstreams: nginx with a private CA in front of the simulator, over HTTP/1.1 and HTTP/2.
 
 Trust (ca_file, tls_verify), certificate failures that blame no key, TLS session resumption,
-HTTP/2 multiplexing and HTTP/1.1 keep-alive, cold bursts on fresh workers.
+HTTP/2 multiplexing and HTTP/1.1 keep-alive, cold bursts on fresh workers, and the loop-lag
+histogram in /metrics.
 """
 
 import asyncio
@@ -172,6 +173,30 @@ class ConnectionTest(HTTPSTestCase):
         self.assertEqual(len(bad), 0, f"{len(bad)} of 1000 failed in {took:.1f}s, e.g. {bad[:3]}")
         self.assertEqual(kp.process_ids(), pids, "no worker may be replaced (killed as wedged)")
         self.assertNotIn("wedged", kp.stderr())
+
+
+class LoopLagTest(HTTPSTestCase):
+
+    def test_loop_lag_is_a_histogram_in_metrics(self):
+        up = start_https_upstream(self, self.sim, keepalive_requests=1)
+        kp = self.https_keypool(up, ca_file=up.ca.cert)
+        for _ in range(5):
+            status, _, body = kp.chat(MODEL)
+            self.assertEqual(status, 200, body)
+        status, _, body = kp.request("GET", "/metrics")
+        self.assertEqual(status, 200)
+        text = body.decode()
+        self.assertIn("# TYPE keypool_loop_lag_seconds histogram", text)
+        buckets = [(m.group(1), float(m.group(2))) for m in
+                   re.finditer(r'^keypool_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)]
+        self.assertGreater(len(buckets), 3, text)
+        self.assertEqual(buckets[-1][0], "+Inf")
+        counts = [c for _, c in buckets]
+        self.assertEqual(counts, sorted(counts), "buckets are cumulative")
+        count = float(re.search(r"^keypool_loop_lag_seconds_count (\S+)$", text, re.M).group(1))
+        self.assertEqual(count, counts[-1])
+        self.assertGreater(count, 0)
+        self.assertRegex(text, r"(?m)^keypool_loop_lag_seconds_sum \S+$")
 
 
 if __name__ == "__main__":
