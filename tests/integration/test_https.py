@@ -10,6 +10,9 @@ import asyncio
 import json
 import os
 import re
+import select
+import socket
+import threading
 import time
 import unittest
 
@@ -35,15 +38,70 @@ async def _one(path, body, headers, timeout):
     return (int(m.group(1)) if m else 0), answer
 
 
-def burst(kp, n, headers=None, timeout=120.0):
+def burst(kp, n, headers=None, timeout=120.0, stream=False):
     """n concurrent chat requests, each on its own connection: [(status, raw answer)]."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": stream}
 
     async def run():
         results = await asyncio.gather(*(_one(kp.socket_path, body, headers or {}, timeout)
                                          for _ in range(n)), return_exceptions=True)
         return [(0, repr(r).encode()) if isinstance(r, BaseException) else r for r in results]
     return asyncio.run(run())
+
+
+class ConnectProxy:
+    """A forward proxy for HTTPS on an ephemeral loopback port: CONNECT host:port, then bytes
+    both ways. targets lists every CONNECT it was asked for."""
+
+    def __init__(self):
+        self.targets = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._tunnel, args=(client,), daemon=True).start()
+
+    def _tunnel(self, client):
+        try:
+            self._relay(client)
+        except OSError:
+            pass    # either side went away: the tunnel ends
+
+    def _relay(self, client):
+        with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = client.recv(4096)
+                if not chunk:
+                    return
+                head += chunk
+            m = re.match(rb"CONNECT ([^ :]+):(\d+) ", head)
+            if not m:
+                client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            self.targets.append(f"{m.group(1).decode()}:{m.group(2).decode()}")
+            with socket.create_connection((m.group(1).decode(), int(m.group(2)))) as up:
+                client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                socks = [client, up]
+                while True:
+                    ready, _, _ = select.select(socks, [], [], 30)
+                    if not ready:
+                        return
+                    for r in ready:
+                        data = r.recv(65536)
+                        if not data:
+                            return
+                        (up if r is client else client).sendall(data)
+
+    def close(self):
+        self.server.close()
 
 
 class HTTPSTestCase(KeypoolTestCase):
@@ -55,12 +113,17 @@ class HTTPSTestCase(KeypoolTestCase):
         self.sim = self.start_sim()
         self.keys = [fake_secret(), fake_secret()]
 
-    def https_keypool(self, up, settings=None, **provider):
+    def https_keypool(self, up, settings=None, env=None, **provider):
         prov = {"name": "tls", "base_url": up.base_url}
         prov.update(provider)
         return self.start_keypool(pools=[{"name": "GLM", "model": MODEL, "keys": self.keys,
                                           "provider": "tls"}],
-                                  providers=[prov], settings=settings)
+                                  providers=[prov], settings=settings, env=env)
+
+    def start_proxy(self):
+        proxy = ConnectProxy()
+        self.addCleanup(proxy.close)
+        return proxy
 
     def assert_keys_ready(self, kp):
         for k in self.keys:
@@ -119,19 +182,74 @@ class TrustTest(HTTPSTestCase):
         self.assertRegex(kp.stderr(), r"tls_verify = false", "an unverified upstream is announced")
 
 
+class EgressTest(HTTPSTestCase):
+
+    def served_through(self, env_proxy=None, no_proxy=None, **provider):
+        """Serves one request with a fresh CONNECT proxy; the CONNECT targets it saw."""
+        up = start_https_upstream(self, self.sim)
+        proxy = self.start_proxy()
+        env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "https_proxy", "all_proxy")}
+        if env_proxy:
+            env["https_proxy"] = proxy.url
+        if no_proxy:
+            env["no_proxy"] = no_proxy
+        if provider.get("proxy") == "PROXY":
+            provider["proxy"] = proxy.url
+        kp = self.https_keypool(up, ca_file=up.ca.cert, env=env, **provider)
+        status, _, body = kp.chat(MODEL)
+        self.assertEqual(status, 200, body)
+        return proxy.targets, f"127.0.0.1:{up.port}"
+
+    def test_proxy_setting_carries_the_upstream_connection(self):
+        targets, upstream = self.served_through(proxy="PROXY")
+        self.assertEqual(targets, [upstream])
+
+    def test_https_proxy_environment_is_honoured_without_a_proxy_setting(self):
+        targets, upstream = self.served_through(env_proxy=True)
+        self.assertEqual(targets, [upstream])
+
+    def test_no_proxy_environment_bypasses_the_proxy(self):
+        targets, _ = self.served_through(env_proxy=True, no_proxy="127.0.0.1")
+        self.assertEqual(targets, [])
+
+
 class ConnectionTest(HTTPSTestCase):
 
     def test_new_connections_resume_their_tls_session(self):
-        # nginx closes every connection after one request: each request is a new TLS handshake.
+        # nginx closes every connection after one request (over HTTP/1.1, with a proper TLS
+        # close), so each request is a new handshake; the concurrent ones run on separate curl
+        # handles, which resume only through the worker's shared session cache.
         up = start_https_upstream(self, self.sim, keepalive_requests=1)
         kp = self.https_keypool(up, ca_file=up.ca.cert, http2=False)
-        for _ in range(6):
+        status, _, body = kp.chat(MODEL)
+        self.assertEqual(status, 200, body)
+        results = burst(kp, 8, {"X-Sim-Delay-Ms": "200"})
+        self.assertEqual([s for s, _ in results], [200] * 8)
+        for _ in range(3):
             status, _, body = kp.chat(MODEL)
             self.assertEqual(status, 200, body)
-        log = wait_for(lambda: (lambda a: a if len(a) >= 6 else None)(up.access()), what="6 access log lines")
-        self.assertEqual(len({e["connection"] for e in log}), 6, f"one connection per request: {log}")
-        self.assertEqual([e["reused"] for e in log[1:]], [True] * 5,
+        log = wait_for(lambda: (lambda a: a if len(a) >= 12 else None)(up.access()), what="12 access log lines")
+        self.assertEqual(len({e["connection"] for e in log}), 12, f"one connection per request: {log}")
+        self.assertEqual([e["reused"] for e in log[1:]], [True] * 11,
                          f"every connection after the first resumes the TLS session: {log}")
+
+    def test_new_connections_do_not_rebuild_the_ca_store(self):
+        # A ca_file as large as the system bundle: parsing it takes tens of ms, which must
+        # happen once per worker, not once per connection.
+        up = start_https_upstream(self, self.sim, keepalive_requests=1)
+        bundle = os.path.join(up.dir, "bundle.pem")
+        with open(bundle, "w") as out, open(up.ca.cert) as ca:
+            with open("/etc/ssl/certs/ca-certificates.crt") as system:
+                out.write(system.read())
+            out.write(ca.read())
+        kp = self.https_keypool(up, ca_file=bundle, http2=False)
+        for _ in range(20):
+            status, _, body = kp.chat(MODEL)
+            self.assertEqual(status, 200, body)
+        text = kp.request("GET", "/metrics")[2].decode()
+        buckets = dict(re.findall(r'^keypool_loop_lag_seconds_bucket\{le="([^"]+)"\} (\d+)$', text, re.M))
+        slow = int(buckets["+Inf"]) - int(buckets["0.025"])
+        self.assertLessEqual(slow, 5, f"{slow} loop steps over 25 ms for 20 new TLS connections:\n{text}")
 
     def test_http1_keeps_its_connection_alive(self):
         up = start_https_upstream(self, self.sim)
