@@ -11,13 +11,16 @@ import json
 import os
 import re
 import select
+import shutil
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 import unittest
 
-from kptest import (SIM_REPLY, KeypoolTestCase, fake_secret, start_https_upstream, tls_tools_missing,
-                    wait_for)
+from kptest import (KEYPOOLD, SIM_REPLY, KeypoolTestCase, fake_secret, render_config, start_https_upstream,
+                    tls_tools_missing, wait_for)
 
 MODEL = "z-ai/glm-4.5"
 
@@ -180,6 +183,42 @@ class TrustTest(HTTPSTestCase):
         status, _, body = kp.chat(MODEL)
         self.assertEqual(status, 200, body)
         self.assertRegex(kp.stderr(), r"tls_verify = false", "an unverified upstream is announced")
+
+
+class TransportSettingsTest(KeypoolTestCase):
+
+    def check_config(self, **provider):
+        d = tempfile.mkdtemp(prefix="kptls-")
+        self.addCleanup(shutil.rmtree, d, True)
+        prov = {"name": "tls", "base_url": "https://127.0.0.1:9/v1"}
+        prov.update(provider)
+        path = os.path.join(d, "keypool.conf")
+        with open(path, "w") as f:
+            f.write(render_config({"socket": os.path.join(d, "keypool.sock"), "providers": [prov],
+                                   "pools": [{"name": "P", "provider": "tls", "model": "m/p",
+                                              "keys": [fake_secret()]}]}))
+        return subprocess.run([KEYPOOLD, "--check-config", "-c", path], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+
+    def test_every_transport_setting_is_accepted(self):
+        r = self.check_config(ca_file="/etc/ssl/certs/ca-certificates.crt", ca_path="/etc/ssl/certs",
+                              proxy="http://127.0.0.1:3128", http2=False, tls_verify=True)
+        self.assertEqual(r.returncode, 0, r.stderr)
+
+    def test_a_ca_file_that_cannot_be_read_is_a_config_error_naming_it(self):
+        r = self.check_config(ca_file="/nonexistent/ca.pem")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("ca_file '/nonexistent/ca.pem' is not a readable file", r.stderr)
+
+    def test_ca_path_must_be_a_directory(self):
+        r = self.check_config(ca_path="/etc/ssl/certs/ca-certificates.crt")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("is not a readable directory", r.stderr)
+
+    def test_http2_must_be_a_boolean(self):
+        r = self.check_config(http2="yes")
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("http2 must be true or false", r.stderr)
 
 
 class EgressTest(HTTPSTestCase):
