@@ -29,7 +29,6 @@
  */
 #include <errno.h>
 #include <stdbool.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -306,7 +305,7 @@ static int read_default_trust(struct upstream *u) {
         return 0;
 }
 
-static void upstream_release(struct upstream *u) {
+static void free_owned(struct upstream *u) {
         if (u->share)
                 (void) curl_share_cleanup(u->share);
         free(u->default_ca_file);
@@ -333,13 +332,12 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
         if (!u)
                 return -ENOMEM;
         u->config = cfg;
-        r = cfg->n_providers ? (u->reported_ms = calloc(cfg->n_providers, sizeof *u->reported_ms)) ? 0 : -ENOMEM : 0;
-        if (r >= 0)
-                r = read_default_trust(u);
+        u->reported_ms = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->reported_ms);
+        r = u->reported_ms ? read_default_trust(u) : -ENOMEM;
         if (r >= 0)
                 r = share_new(u);
         if (r < 0) {
-                upstream_release(u);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -347,14 +345,14 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
         u->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
         if (u->epoll_fd < 0) {
                 r = -errno;
-                upstream_release(u);
+                free_owned(u);
                 free(u);
                 return r;
         }
         u->multi = curl_multi_init();
         if (!u->multi) {
                 close(u->epoll_fd);
-                upstream_release(u);
+                free_owned(u);
                 free(u);
                 return -ENOMEM;
         }
@@ -362,7 +360,7 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
         if (r < 0) {
                 curl_multi_cleanup(u->multi);
                 close(u->epoll_fd);
-                upstream_release(u);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -372,7 +370,7 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
                 sd_event_source_disable_unref(u->epoll_source);
                 curl_multi_cleanup(u->multi);
                 close(u->epoll_fd);
-                upstream_release(u);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -383,7 +381,7 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
                 sd_event_source_disable_unref(u->epoll_source);
                 curl_multi_cleanup(u->multi);
                 close(u->epoll_fd);
-                upstream_release(u);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -409,7 +407,7 @@ void upstream_free(struct upstream *u) {
         close(u->epoll_fd);
         free(u->fds);
         /* Handles still using the share (spares freed later) keep it: curl then refuses, harmless at exit. */
-        upstream_release(u);
+        free_owned(u);
         while (u->free_transfers) {
                 struct transfer *t = u->free_transfers;
 
