@@ -47,6 +47,7 @@
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
+#define TRANSPORT_REPORT_MS     (60 * 1000)     /* a provider's TLS/DNS failure is logged this often */
 #define CONFIRMS                64              /* keys with a recent confirmation probe remembered */
 #define CONFIRM_PERIOD_MS       10000           /* … and how long one stands for its key */
 
@@ -462,7 +463,8 @@ static void respond_error(struct proxy_request *pr, const struct proxy_decision 
         }
         c = detach(pr);
         if (c)
-                http_conn_respond_error(c, d->status, "keypool_error", d->code, h, n, "%s", d->message);
+                http_conn_respond_error(c, d->status, "keypool_error", d->code, h, n, "%s%s%s", d->message,
+                                        d->detail ? ": " : "", d->detail ? d->detail : "");
 }
 
 static int relay(struct proxy_request *pr, const char *data, size_t len);
@@ -683,6 +685,37 @@ static void decide_retry(const struct proxy_attempt_end *a, const struct proxy_l
                                                                                : l->backoff_max_ms;
 }
 
+/* keypool's answer to a transfer that got no answer. A TLS or DNS failure names itself (with
+ * curl's words after the message): the operator's fix is in the configuration or the network. */
+static void decide_transport_failure(const struct proxy_attempt_end *a, struct proxy_decision *d) {
+        d->status = 502;
+        if (a->result == PROXY_RESULT_TIMEOUT) {
+                d->status = 504;
+                d->code = "upstream_timeout";
+                d->message = "the upstream did not answer in time";
+                return;
+        }
+        switch (a->failure) {
+        case UPSTREAM_FAILURE_CERTIFICATE:
+                d->code = "upstream_tls_failure";
+                d->message = "TLS failure: the upstream's certificate could not be verified";
+                break;
+        case UPSTREAM_FAILURE_TLS:
+                d->code = "upstream_tls_failure";
+                d->message = "TLS failure: no secure connection to the upstream could be set up";
+                break;
+        case UPSTREAM_FAILURE_DNS:
+                d->code = "upstream_dns_failure";
+                d->message = "DNS failure: the upstream's name (or its proxy's) does not resolve";
+                break;
+        default:
+                d->code = "upstream_unreachable";
+                d->message = "the upstream could not be reached or closed the connection";
+                return;
+        }
+        d->detail = a->failure_text && a->failure_text[0] ? a->failure_text : NULL;
+}
+
 void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
                   struct proxy_decision *ret) {
         struct proxy_decision d = {};
@@ -695,15 +728,13 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
         if (a->client_gone) {
                 d.next = PROXY_NEXT_DROP;
         } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT) {
-                bool timeout = a->result == PROXY_RESULT_TIMEOUT;
-
-                d.status = timeout ? 504 : 502;
-                d.code = timeout ? "upstream_timeout" : "upstream_unreachable";
-                d.message = timeout ? "the upstream did not answer in time"
-                                    : "the upstream could not be reached or closed the connection";
-                /* Bytes have reached the client: the only honest end is a cut. */
+                decide_transport_failure(a, &d);
+                /* Bytes have reached the client: the only honest end is a cut. A certificate
+                 * problem is the configuration's and does not mend by retrying. */
                 if (a->bytes_sent)
                         d.next = PROXY_NEXT_CUT;
+                else if (a->result == PROXY_RESULT_NO_ANSWER && a->failure == UPSTREAM_FAILURE_CERTIFICATE)
+                        d.next = PROXY_NEXT_FAIL;
                 else
                         decide_retry(a, l, PROXY_NEXT_FAIL, &d);
         } else if (a->result == PROXY_RESULT_STREAM) {
@@ -772,6 +803,31 @@ static int backoff(struct proxy_request *pr, int64_t delay_ms, bool no_answer) {
 
 static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm);
 
+static bool blames_no_key(enum upstream_failure failure) {
+        return failure == UPSTREAM_FAILURE_CERTIFICATE || failure == UPSTREAM_FAILURE_TLS ||
+               failure == UPSTREAM_FAILURE_DNS;
+}
+
+/* A transfer that got no answer, in the log. A TLS or DNS failure meets every request to its
+ * provider alike: curl's full text is logged at most once per interval and provider, however
+ * many requests meet it, and names no key. */
+static void report_transport_failure(struct proxy_request *pr, const struct proxy_attempt_end *a, CURLcode res) {
+        struct log_fields f;
+
+        if (!blames_no_key(a->failure)) {
+                f = fields(pr, pr->lease.key);
+                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
+                          curl_easy_strerror(res));
+                return;
+        }
+        if (!upstream_report_due(pr->ctx->w.upstream, pr->provider, clock_mono_ms(), TRANSPORT_REPORT_MS))
+                return;
+        f = fields(pr, KEYTABLE_NO_KEY);
+        log_event(LOG_ERR, "upstream_error", &f, "%s failure reaching upstream %s: %s (no key is blamed; "
+                  "reported once a minute)", a->failure == UPSTREAM_FAILURE_DNS ? "DNS" : "TLS",
+                  pr->provider->name, a->failure_text);
+}
+
 /* The attempt's key refused the caller's path (d->confirm_auth): the refusal was counted, the
  * key keeps its state, and the pool's own probe of a known path is asked to decide
  * (probe_confirmed). One confirmation per key in flight or recently made: a caller repeating a
@@ -804,6 +860,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_attempt_end a = {};
         struct proxy_decision d;
         struct verdict v = {};
+        bool no_answer = res != CURLE_OK && !pr->retry_from_stream;
 
         /* The client left inside a callback: the attempt's outcome is not the key's doing. */
         if (pr->aborted) {
@@ -817,9 +874,15 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
-        if (res != CURLE_OK && !pr->retry_from_stream) {
+        if (no_answer) {
                 a.result = res == CURLE_OPERATION_TIMEDOUT ? PROXY_RESULT_TIMEOUT : PROXY_RESULT_NO_ANSWER;
-                v.cls = VERDICT_TRANSIENT;
+                a.failure = upstream_failure_class(res);
+                a.failure_text = upstream_error_text(pr->ctx->w.upstream);
+                if (!a.failure_text[0])
+                        a.failure_text = curl_easy_strerror(res);
+                /* A TLS or DNS failure is the upstream's configuration (or the network's), never
+                 * a key's: the lease goes back unjudged. */
+                v.cls = blames_no_key(a.failure) ? VERDICT_NONE : VERDICT_TRANSIENT;
                 pr->transport_error = curl_easy_strerror(res);
         } else {
                 a.result = pr->retry_from_stream ? PROXY_RESULT_HELD_ERROR
@@ -834,13 +897,9 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         }
         release(pr, &v);
         pr->transport_error = NULL;
-        if (res != CURLE_OK && !pr->retry_from_stream) {
-                struct log_fields f = fields(pr, pr->lease.key);
-
-                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
-                          curl_easy_strerror(res));
-        }
-        if (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM) {
+        if (no_answer)
+                report_transport_failure(pr, &a, res);
+        if (no_answer || (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM)) {
                 pr->transient_failures++;
                 /* Only a retry needs randomness: no syscall on the way of a success. */
                 (void) !getrandom(&a.random, sizeof a.random, GRND_NONBLOCK);
@@ -970,6 +1029,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         curl_easy_setopt(pr->easy, CURLOPT_HTTPHEADER, pr->headers);
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
+        upstream_configure(p->w.upstream, pr->easy, prov);
 
         r = upstream_start(p->w.upstream, pr->easy, on_done, pr);
         if (r < 0)
@@ -1173,6 +1233,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, boo
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        upstream_configure(p->w.upstream, pb->easy, prov);
         if (upstream_start(p->w.upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;

@@ -115,6 +115,17 @@ def find_leaks(secrets, text, where):
 
 # --- waiting -----------------------------------------------------------------------------------
 
+def terminate(proc, timeout):
+    """Stops proc with SIGTERM, or SIGKILL when it is still there after timeout seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def wait_for(predicate, timeout=DEADLINE, what="a condition", interval=0.05,
              ignore=()):
     """Polls predicate until it returns something truthy and returns that.
@@ -366,13 +377,7 @@ class Simulator:
         return self._call(method, "/api/v1" + path, body, hdrs)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
         self._stderr.close()
         if self.proc.stdout:
             self.proc.stdout.close()
@@ -1342,3 +1347,196 @@ def assert_api_error(tc, body, code=None):
     if code is not None:
         tc.assertEqual(err["code"], code, body)
     return err
+
+
+# --- an HTTPS upstream: nginx with a private CA -------------------------------------------------
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+OPENSSL = shutil.which("openssl")
+
+# $ssl_session_reused is "r" for a resumed session; $connection numbers nginx's connections, and
+# $connection_requests counts the requests each one carried.
+NGINX_LOG_FORMAT = "$connection $connection_requests $ssl_session_reused $server_protocol $status"
+
+
+def tls_tools_missing():
+    """Why an HTTPS upstream cannot be made here (None when it can): for skipTest."""
+    if not NGINX:
+        return "nginx is not installed (scripts/deps installs nginx-light)"
+    if not OPENSSL:
+        return "openssl is not installed (scripts/deps installs it)"
+    return None
+
+
+def _openssl(*args, cwd):
+    r = subprocess.run([OPENSSL, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed:\n{r.stderr.decode(errors='replace')}")
+
+
+class TestCA:
+    """A private certificate authority in directory d: ca.pem trusts what it signs."""
+
+    def __init__(self, d, name="keypool test CA"):
+        self.dir = d
+        self.cert = os.path.join(d, "ca.pem")
+        self.key = os.path.join(d, "ca.key")
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", self.key, "-out", self.cert, "-days", "2",
+                 "-subj", "/CN=" + name, cwd=d)
+
+    def issue(self, stem, names=("127.0.0.1", "localhost"), days=2, expired=False):
+        """A server certificate and key (stem.pem, stem.key) for names (IPs or DNS names)."""
+        key, csr, cert = (os.path.join(self.dir, stem + x) for x in (".key", ".csr", ".pem"))
+        ext = os.path.join(self.dir, stem + ".ext")
+        alt = ",".join(("IP:" if re.match(r"^[0-9.]+$", n) else "DNS:") + n for n in names)
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName={alt}\nbasicConstraints=CA:FALSE\n"
+                    "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=" + names[0], cwd=self.dir)
+        # Expired: openssl 3.0 has no -not_after, but a negative validity ends before it began.
+        validity = ["-days", "-1" if expired else str(days)]
+        _openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+                 "-CAcreateserial", "-out", cert, "-extfile", ext, *validity, cwd=self.dir)
+        return cert, key
+
+
+class HTTPSUpstream:
+    """nginx on an ephemeral loopback port, serving TLS (HTTP/1.1 and HTTP/2) with a certificate
+    from a private CA made for it, in front of a Simulator (proxy_pass, unbuffered so streams
+    flow). Everything lives in a private temp dir; stop() ends nginx and removes it.
+
+    base_url: https://127.0.0.1:<port>/api/v1 (or host= "localhost"). ca: the TestCA whose ca.pem
+    trusts the server. cert_names / expired / untrusted: make the certificate wrong on purpose
+    (untrusted: signed by a second CA that ca.pem does not know). keepalive_requests: requests
+    per connection before nginx closes it (HTTP/1.1) or sends GOAWAY (HTTP/2).
+    """
+
+    def __init__(self, sim, http2=True, keepalive_requests=1000, cert_names=("127.0.0.1", "localhost"),
+                 expired=False, untrusted=False, host="127.0.0.1"):
+        missing = tls_tools_missing()
+        if missing:
+            raise unittest.SkipTest(missing)
+        self.dir = tempfile.mkdtemp(prefix="kpnginx-")
+        self.proc = None
+        try:
+            self.ca = TestCA(self.dir)
+            signer = TestCA(tempfile.mkdtemp(dir=self.dir), "some other CA") if untrusted else self.ca
+            self.cert, self.key = signer.issue("server", cert_names, expired=expired)
+            self.access_log = os.path.join(self.dir, "access.log")
+            self.error_log = os.path.join(self.dir, "error.log")
+            self._start(sim, http2, keepalive_requests)
+        except BaseException:
+            self.stop()
+            raise
+        self.base_url = f"https://{host}:{self.port}/api/v1"
+
+    def _config(self, sim, http2, keepalive_requests):
+        d = self.dir
+        return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    log_format kp '{NGINX_LOG_FORMAT}';
+    access_log {self.access_log} kp;
+    upstream sim {{ server 127.0.0.1:{sim.port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{self.port} ssl{' http2' if http2 else ''};
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        ssl_session_cache shared:kp:1m;
+        keepalive_requests {keepalive_requests};
+        client_max_body_size 32m;
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+    def _start(self, sim, http2, keepalive_requests):
+        conf = os.path.join(self.dir, "nginx.conf")
+        for attempt in range(5):
+            self.port = free_tcp_port()
+            with open(conf, "w") as f:
+                f.write(self._config(sim, http2, keepalive_requests))
+            self._err = open(os.path.join(self.dir, "nginx.stderr"), "ab")
+            self.proc = subprocess.Popen([NGINX, "-p", self.dir, "-c", conf], stdin=subprocess.DEVNULL,
+                                         stdout=self._err, stderr=self._err)
+            end = time.monotonic() + DEADLINE
+            while time.monotonic() < end and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.05)
+            self.stop_process()
+            # Most likely someone took the port between the probe and nginx's bind: try another.
+        raise AssertionError("nginx did not start:\n" + self.stderr())
+
+    def stderr(self):
+        text = ""
+        for name in ("nginx.stderr", "error.log"):
+            try:
+                with open(os.path.join(self.dir, name), "rb") as f:
+                    text += f.read().decode(errors="replace")
+            except OSError:
+                pass
+        return text
+
+    def access(self):
+        """The access log, one dict per request: connection, requests (on that connection so
+        far), reused (TLS session resumed), protocol, status."""
+        entries = []
+        try:
+            with open(self.access_log) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 5:
+                        entries.append({"connection": int(parts[0]), "requests": int(parts[1]),
+                                        "reused": parts[2] == "r", "protocol": parts[3],
+                                        "status": int(parts[4])})
+        except FileNotFoundError:
+            pass
+        return entries
+
+    def stop_process(self):
+        if self.proc is not None:
+            terminate(self.proc, 10)
+            self._err.close()
+        self.proc = None
+
+    def stop(self):
+        self.stop_process()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_https_upstream(tc, sim, **kwargs):
+    """An HTTPSUpstream stopped at the end of TestCase tc (skipped when nginx is missing)."""
+    up = HTTPSUpstream(sim, **kwargs)
+
+    def finish():
+        if tc._test_failed():
+            err = up.stderr()
+            if err.strip():
+                sys.stderr.write(f"\n----- nginx errors ({tc.id()}) -----\n{err[-5000:]}")
+        up.stop()
+    tc.addCleanup(finish)
+    return up

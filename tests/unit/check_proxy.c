@@ -53,6 +53,8 @@ struct decide_row {
         int64_t delay_min, delay_max;   /* RETRY rows only */
         bool auth_unconfirmed, refused_before, other_keys;
         bool confirm_auth;              /* the key is to be probed */
+        enum upstream_failure failure;  /* NO_ANSWER rows: which transport failure */
+        const char *message_has;        /* FAIL: a word the message must carry */
 };
 
 static void check_row(const struct decide_row *row) {
@@ -61,7 +63,8 @@ static void check_row(const struct decide_row *row) {
                 .client_gone = row->client_gone, .bytes_sent = row->bytes_sent,
                 .attempts = row->attempts, .transient_failures = row->transient_failures,
                 .auth_unconfirmed = row->auth_unconfirmed, .refused_before = row->refused_before,
-                .other_keys = row->other_keys, .random = 0x12345678,
+                .other_keys = row->other_keys, .failure = row->failure,
+                .failure_text = row->failure ? "curl's own words" : NULL, .random = 0x12345678,
         };
         struct proxy_decision d;
 
@@ -84,6 +87,12 @@ static void check_row(const struct decide_row *row) {
                               row->what, row->code, d.code ? d.code : "(null)");
                 ck_assert_msg(d.message && d.message[0], "%s: a failure says why", row->what);
         }
+        if (row->message_has)
+                ck_assert_msg(strstr(d.message, row->message_has) != NULL, "%s: expected '%s' in '%s'", row->what,
+                              row->message_has, d.message);
+        if (row->failure && row->failure != UPSTREAM_FAILURE_OTHER && row->status)
+                ck_assert_msg(d.detail && strcmp(d.detail, "curl's own words") == 0,
+                              "%s: curl's text follows the message", row->what);
 }
 
 static void check_rows(const struct decide_row *rows, size_t n) {
@@ -238,6 +247,49 @@ START_TEST(test_gone_client_gets_nothing_more_whatever_the_outcome) {
                 { "429", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 1, 0, .client_gone = true, .next = PROXY_NEXT_DROP },
                 { "no answer", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 1, 1, .client_gone = true,
                   .next = PROXY_NEXT_DROP },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_certificate_failure_fails_at_once_naming_tls) {
+        static const struct decide_row rows[] = {
+                { "untrusted certificate", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_CERTIFICATE, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_tls_failure", .message_has = "TLS" },
+                { "certificate failure on a later attempt", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 3, 2,
+                  .failure = UPSTREAM_FAILURE_CERTIFICATE, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_tls_failure", .message_has = "certificate" },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_tls_and_dns_failures_are_retried_then_answered_502_naming_them) {
+        static const struct decide_row rows[] = {
+                { "handshake cut short, first failure", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 502, .code = "upstream_tls_failure", .message_has = "TLS",
+                  .delay_min = 900, .delay_max = 1100 },
+                { "handshake cut short, retries exhausted", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 5, 5,
+                  .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_tls_failure", .message_has = "TLS" },
+                { "name does not resolve, first failure", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_DNS, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 502, .code = "upstream_dns_failure", .message_has = "DNS",
+                  .delay_min = 900, .delay_max = 1100 },
+                { "name does not resolve, retries exhausted", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 5, 5,
+                  .failure = UPSTREAM_FAILURE_DNS, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_dns_failure", .message_has = "DNS" },
+                { "refused is still unreachable", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 5, 5,
+                  .failure = UPSTREAM_FAILURE_OTHER, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_unreachable" },
+                { "TLS failure after bytes went out", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .bytes_sent = true, .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_CUT },
+                { "certificate failure after the client left", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .client_gone = true, .failure = UPSTREAM_FAILURE_CERTIFICATE, .next = PROXY_NEXT_DROP },
         };
 
         check_rows(rows, N(rows));
@@ -609,6 +661,8 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_caller_error_is_relayed_as_it_came);
         tcase_add_test(tc, test_gone_client_gets_nothing_more_whatever_the_outcome);
         tcase_add_test(tc, test_refusal_of_the_callers_path_moves_once_and_asks_the_probe);
+        tcase_add_test(tc, test_certificate_failure_fails_at_once_naming_tls);
+        tcase_add_test(tc, test_tls_and_dns_failures_are_retried_then_answered_502_naming_them);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("answer");
