@@ -235,11 +235,25 @@ void answer_count_usage(struct answer *a) {
         }
 }
 
-void answer_error_summary(const struct answer *a, char *ret, size_t size) {
+void answer_error_summary(const struct answer *a, const struct scrub *scrub, char *ret, size_t size) {
         if (a->stream_error)
-                policy_error_summary(a->stream_error, strlen(a->stream_error), ret, size);
+                policy_error_summary(a->stream_error, strlen(a->stream_error), scrub, ret, size);
         else
-                policy_error_summary(a->body, a->body_len, ret, size);
+                policy_error_summary(a->body, a->body_len, scrub, ret, size);
+}
+
+void answer_scrub_unsent(struct answer *a, const struct scrub *scrub) {
+        size_t unsent = a->mode == ANSWER_BUFFER ? a->body_len : a->held, n;
+
+        if (unsent == 0)
+                return;
+        /* The unsent bytes are the body's last: hiding a secret never grows the text, so what
+         * follows them is only the terminating NUL. */
+        n = scrub_secrets(scrub, a->body + a->body_len - unsent, unsent);
+        a->body_len -= unsent - n;
+        a->body[a->body_len] = 0;
+        if (a->mode != ANSWER_BUFFER)
+                a->held = n;
 }
 
 size_t answer_client_headers(const struct answer *a, struct http_header *h, size_t max, char *names,

@@ -396,6 +396,23 @@ char *api_metrics_text(const struct api_context *a, int64_t now_ms) {
                         (unsigned long long) infos[p].latency_count);
         }
 
+        {
+                struct keytable_lag lag;
+                uint64_t cumulative = 0;
+
+                keytable_loop_lag(a->table, &lag);
+                family(f, "keypool_loop_lag_seconds", "histogram",
+                       "Time one step of a worker's event loop took, over all workers: what any other ready event waited.");
+                for (unsigned b = 0; b + 1 < KEYTABLE_LAG_BUCKETS; b++) {
+                        cumulative += lag.buckets[b];
+                        fprintf(f, "keypool_loop_lag_seconds_bucket{le=\"%g\"} %llu\n",
+                                (double) keytable_lag_bounds_usec[b] / 1e6, (unsigned long long) cumulative);
+                }
+                fprintf(f, "keypool_loop_lag_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long) lag.count);
+                fprintf(f, "keypool_loop_lag_seconds_sum %.6f\n", (double) lag.sum_usec / 1e6);
+                fprintf(f, "keypool_loop_lag_seconds_count %llu\n", (unsigned long long) lag.count);
+        }
+
         family(f, "keypool_tokens_total", "counter", "Tokens the provider reported, by pool, key and direction.");
         for (unsigned p = 0; p < n_pools; p++)
                 for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++) {

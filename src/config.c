@@ -63,7 +63,8 @@ static const char *const top_level_names[] = {
 };
 
 static const char *const provider_names[] = {
-        "name", "base_url", "auth", "headers", "probe_path", NULL,
+        "name", "base_url", "auth", "headers", "probe_path", "ca_file", "ca_path", "proxy", "http2",
+        "tls_verify", NULL,
 };
 static const char *const pool_names[] = {
         "name", "provider", "model", "keys", "max_concurrent", "rpm", NULL,
@@ -388,6 +389,8 @@ struct config_provider *loader_provider_add(struct loader *l, const char *file, 
         c->providers[c->n_providers] = (struct config_provider) {
                 .auth = CONFIG_AUTH_BEARER,
                 .probe_path = strdup(CONFIG_PROBE_PATH_DEFAULT),
+                .http2 = true,
+                .tls_verify = true,
         };
         if (!c->providers[c->n_providers].probe_path) {
                 l->oom = true;
@@ -1096,6 +1099,54 @@ static const char *group_name(struct loader *l, const config_setting_t *g, const
         return name;
 }
 
+/* A file or directory setting of a provider: a readable absolute path, or the setting is wrong
+ * (found now rather than as a TLS failure on the first request). */
+static char *provider_path(struct loader *l, const config_setting_t *g, const char *what, const char *name,
+                           bool directory) {
+        const config_setting_t *s = NULL;
+        const char *v = member_string(l, g, what, name, false, &s);
+        struct stat st;
+        char *copy;
+
+        if (!v)
+                return NULL;
+        if (v[0] != '/') {
+                loader_setting_error(l, s, "%s: %s must be an absolute path", what, name);
+                return NULL;
+        }
+        if (stat(v, &st) < 0 || (directory ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)) ||
+            access(v, R_OK) < 0) {
+                loader_setting_error(l, s, "%s: %s '%s' is not a readable %s", what, name, v,
+                                     directory ? "directory" : "file");
+                return NULL;
+        }
+        copy = strdup(v);
+        if (!copy)
+                l->oom = true;
+        return copy;
+}
+
+/* How the provider is reached: trust (ca_file, ca_path, tls_verify), egress (proxy), http2. */
+static void parse_provider_transport(struct loader *l, const config_setting_t *g, const char *what,
+                                     struct config_provider *p) {
+        const config_setting_t *s = NULL;
+        const char *proxy;
+
+        p->ca_file = provider_path(l, g, what, "ca_file", false);
+        p->ca_path = provider_path(l, g, what, "ca_path", true);
+        proxy = member_string(l, g, what, "proxy", false, &s);
+        if (proxy) {
+                /* Not quoted: a proxy URL may carry a password. */
+                if (!loader_all_graphic(proxy) || !*proxy)
+                        loader_setting_error(l, s, "%s: proxy must be a URL such as \"http://proxy:3128\"", what);
+                else if (!(p->proxy = strdup(proxy)))
+                        l->oom = true;
+        }
+        /* Type errors carry the setting's line, which names the provider well enough. */
+        loader_get_bool(l, g, "http2", &p->http2);
+        loader_get_bool(l, g, "tls_verify", &p->tls_verify);
+}
+
 static void parse_provider(struct loader *l, const config_setting_t *g, unsigned index) {
         const config_setting_t *ns = NULL, *us = NULL;
         struct config_provider *p;
@@ -1164,6 +1215,8 @@ static void parse_provider(struct loader *l, const config_setting_t *g, unsigned
                                 l->oom = true;
                 }
         }
+
+        parse_provider_transport(l, g, what, p);
 }
 
 static void parse_providers(struct loader *l, const config_setting_t *root) {
@@ -1583,6 +1636,10 @@ void config_wipe_secrets(struct config *c) {
                 for (unsigned k = 0; k < c->pools[p].n_keys; k++)
                         if (c->pools[p].keys[k].secret)
                                 explicit_bzero(c->pools[p].keys[k].secret, strlen(c->pools[p].keys[k].secret));
+        /* A proxy URL may carry a password. */
+        for (unsigned i = 0; i < c->n_providers; i++)
+                if (c->providers[i].proxy)
+                        explicit_bzero(c->providers[i].proxy, strlen(c->providers[i].proxy));
 }
 
 void config_free(struct config *c) {
@@ -1609,6 +1666,9 @@ void config_free(struct config *c) {
                         free(p->headers[h]);
                 free(p->headers);
                 free(p->probe_path);
+                free(p->ca_file);
+                free(p->ca_path);
+                loader_wipe_free(p->proxy);
         }
         free(c->providers);
 

@@ -6,6 +6,7 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -13,13 +14,24 @@
 #include "keypool/keyid.h"
 
 #define KEYID_HEX_DIGITS 10
-#define KEYID_MASK_HEAD  15
-#define KEYID_MASK_TAIL  3
-#define KEYID_MASK_LONG  24     /* from this length on the head is shown too */
 
-/* Below this length even the last three characters are too large a share of the secret to show:
- * a 5-character test key masked as "...bcd" would give most of it away. */
-#define KEYID_MASK_SHORT 8
+/* The masked form shows at most this many characters of what follows the prefix, never more
+ * than a quarter of it, and always hides at least KEYID_MASK_HIDDEN of it: with fewer hidden
+ * characters, the id (40 bits of the secret's hash) is enough to find the rest offline. */
+#define KEYID_MASK_SHOWN  4
+#define KEYID_MASK_HIDDEN 24
+
+/* Below these a key can be guessed from its id (see keyid_weak). */
+#define KEYID_WEAK_LENGTH   20
+#define KEYID_WEAK_DISTINCT 8
+#define KEYID_WEAK_BITS     96
+
+/* The prefixes providers put before the random part of a key: they say which provider a key is
+ * for and nothing about the key, so they may be shown. Longest first where one starts another. */
+static const char *const provider_prefixes[] = {
+        "sk-ant-api03-", "sk-ant-", "sk-or-v1-", "sk-proj-", "sk-svcacct-", "sk-", "AIza", "gsk_",
+        "xai-", "pplx-", "nvapi-", "hf_", "r8_",
+};
 
 static EVP_MD *sha256_fetched;
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
@@ -65,6 +77,18 @@ int keyid_fingerprint(const char *secret, size_t len, char ret_id[KEYID_ID_LEN +
         return 0;
 }
 
+size_t keyid_prefix_len(const char *secret, size_t len) {
+        if (!secret)
+                return 0;
+        for (size_t i = 0; i < sizeof provider_prefixes / sizeof provider_prefixes[0]; i++) {
+                size_t n = strlen(provider_prefixes[i]);
+
+                if (len >= n && memcmp(secret, provider_prefixes[i], n) == 0)
+                        return n;
+        }
+        return 0;
+}
+
 /* The masked form ends up in JSON, headers and the journal: anything but printable ASCII is
  * replaced so a stray byte can never make it invalid UTF-8 or a control sequence. */
 static char mask_char(char c) {
@@ -74,25 +98,67 @@ static char mask_char(char c) {
 }
 
 void keyid_mask(const char *secret, size_t len, char ret_masked[KEYID_MASK_MAX + 1]) {
-        size_t o = 0;
+        size_t prefix, rest, shown, o = 0;
 
         if (!ret_masked)
                 return;
         if (!secret)
                 len = 0;
-
-        if (len >= KEYID_MASK_LONG)
-                for (size_t i = 0; i < KEYID_MASK_HEAD; i++)
-                        ret_masked[o++] = mask_char(secret[i]);
-
+        prefix = keyid_prefix_len(secret, len);
+        rest = len - prefix;
+        shown = rest / 4 < KEYID_MASK_SHOWN ? rest / 4 : KEYID_MASK_SHOWN;
+        if (rest < KEYID_MASK_HIDDEN + shown)
+                shown = rest > KEYID_MASK_HIDDEN ? rest - KEYID_MASK_HIDDEN : 0;
+        if (shown == 0) {
+                /* Too short to show anything of: the id is all a person gets. */
+                if (keyid_fingerprint(secret, len, ret_masked) < 0)
+                        memcpy(ret_masked, "...", 4);
+                return;
+        }
+        for (size_t i = 0; i < prefix; i++)
+                ret_masked[o++] = mask_char(secret[i]);
         memcpy(ret_masked + o, "...", 3);
         o += 3;
-
-        if (len >= KEYID_MASK_SHORT)
-                for (size_t i = len - KEYID_MASK_TAIL; i < len; i++)
-                        ret_masked[o++] = mask_char(secret[i]);
-
+        for (size_t i = len - shown; i < len; i++)
+                ret_masked[o++] = mask_char(secret[i]);
         ret_masked[o] = '\0';
+}
+
+const char *keyid_weak(const char *secret, size_t len) {
+        bool seen[256] = { false };
+        bool lower = false, upper = false, digit = false, other = false;
+        size_t prefix, rest, distinct = 0;
+        double space = 1, bound = 1;
+        unsigned alphabet;
+
+        if (!secret)
+                len = 0;
+        prefix = keyid_prefix_len(secret, len);
+        rest = len - prefix;
+        if (rest < KEYID_WEAK_LENGTH)
+                return "fewer than 20 characters after its provider prefix: guessable from its id";
+        for (size_t i = prefix; i < len; i++) {
+                unsigned char c = (unsigned char) secret[i];
+
+                if (!seen[c])
+                        distinct++;
+                seen[c] = true;
+                lower |= c >= 'a' && c <= 'z';
+                upper |= c >= 'A' && c <= 'Z';
+                digit |= c >= '0' && c <= '9';
+                other |= !((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9'));
+        }
+        if (distinct < KEYID_WEAK_DISTINCT)
+                return "fewer than 8 different characters after its provider prefix: guessable from its id";
+        /* The number of keys of this length and alphabet, against 2^KEYID_WEAK_BITS. */
+        alphabet = (lower ? 26 : 0) + (upper ? 26 : 0) + (digit ? 10 : 0) + (other ? 4 : 0);
+        for (unsigned i = 0; i < KEYID_WEAK_BITS; i++)
+                bound *= 2;
+        for (size_t i = 0; i < rest && space < bound; i++)
+                space *= alphabet;
+        if (space < bound)
+                return "too few possible keys of its length and alphabet: guessable from its id";
+        return NULL;
 }
 
 int keyid_sha256_hex(const char *data, size_t len, char ret_hex[65]) {

@@ -12,6 +12,7 @@
 #include <sys/resource.h>
 
 #include "keypool/conf.h"
+#include "keypool/keyid.h"
 #include "keypool/log.h"
 #include "keypool/supervisor.h"
 
@@ -112,6 +113,17 @@ int main(int argc, char **argv) {
         }
         config_diag_clear(&diag);
         if (check) {
+                /* A key short or simple enough to find from its id (which is shown everywhere)
+                 * is valid, but its operator should know. */
+                for (unsigned p = 0; p < cfg->n_pools; p++)
+                        for (unsigned k = 0; k < cfg->pools[p].n_keys; k++) {
+                                const struct config_key *key = &cfg->pools[p].keys[k];
+                                const char *why = key->secret ? keyid_weak(key->secret, strlen(key->secret)) : NULL;
+
+                                if (why)
+                                        fprintf(stderr, "%s: warning: pool '%s' key %u (%s) is weak: %s\n", path,
+                                                cfg->pools[p].name, k + 1, key->id, why);
+                        }
                 printf("%s: configuration OK: %u pools, %u keys, %u providers\n",
                        path, cfg->n_pools, cfg->n_keys, cfg->n_providers);
                 config_free(cfg);

@@ -170,6 +170,8 @@ struct kt_slot {
         uint32_t waiters;                       /* requests the owner has waiting for a key */
         int64_t started_ms, heartbeat_ms;
         uint64_t requests;
+        uint64_t lag_buckets[KEYTABLE_LAG_BUCKETS];     /* never reset: see keytable_slot_observe_lag */
+        uint64_t lag_sum_usec, lag_count;
 } __attribute__((aligned(KT_ALIGN)));
 
 struct keytable {

@@ -185,7 +185,7 @@ static void key_record(struct kt_key *key, unsigned k, const struct keytable_out
         case VERDICT_AUTH:
         case VERDICT_QUOTA:
                 key->failures++;
-                if (from == KEY_DISABLED)
+                if (from == KEY_DISABLED || o->unconfirmed)
                         break;
                 key->state = KEY_DISABLED;
                 key->reason = o->cls == VERDICT_AUTH ? KEY_REASON_AUTH : KEY_REASON_QUOTA;

@@ -70,6 +70,40 @@ void keytable_slot_count_request(struct keytable *t, unsigned slot) {
                 __atomic_add_fetch(&t->slots[slot].requests, 1, __ATOMIC_RELAXED);
 }
 
+const uint64_t keytable_lag_bounds_usec[KEYTABLE_LAG_BUCKETS] = {
+        100, 250, 500, 1000, 2000, 5000, 10000, 25000, 100000, 1000000, UINT64_MAX,
+};
+
+void keytable_slot_observe_lag(struct keytable *t, unsigned slot, uint64_t usec) {
+        struct kt_slot *s;
+        unsigned i = 0;
+
+        if (!t || slot >= t->n_slots)
+                return;
+        s = &t->slots[slot];
+        while (i + 1 < KEYTABLE_LAG_BUCKETS && usec > keytable_lag_bounds_usec[i])
+                i++;
+        /* The owner alone writes; readers may see a count a step ahead of its bucket, which a
+         * scrape tolerates. */
+        __atomic_add_fetch(&s->lag_buckets[i], 1, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->lag_sum_usec, usec, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&s->lag_count, 1, __ATOMIC_RELAXED);
+}
+
+void keytable_loop_lag(const struct keytable *t, struct keytable_lag *ret) {
+        *ret = (struct keytable_lag) {};
+        for (unsigned s = 0; t && s < t->n_slots; s++) {
+                const struct kt_slot *slot = &t->slots[s];
+
+                for (unsigned i = 0; i < KEYTABLE_LAG_BUCKETS; i++)
+                        ret->buckets[i] += __atomic_load_n(&slot->lag_buckets[i], __ATOMIC_RELAXED);
+                ret->sum_usec += __atomic_load_n(&slot->lag_sum_usec, __ATOMIC_RELAXED);
+        }
+        /* The count is the buckets' total, so that +Inf and _count always agree. */
+        for (unsigned i = 0; i < KEYTABLE_LAG_BUCKETS; i++)
+                ret->count += ret->buckets[i];
+}
+
 void keytable_slot_release(struct keytable *t, unsigned slot) {
         uint32_t *leases;
 

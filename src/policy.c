@@ -912,9 +912,15 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
         }
 
         body_parse(a, pc, &b);
-        if (s == 401 || s == 403)
+        if (s == 401)
                 v.cls = VERDICT_AUTH;
-        else if (s == 402)
+        else if (s == 403) {
+                /* Google's older APIs say rateLimitExceeded with a 403; anything else is a refusal. */
+                if (body_mentions_rate_limit(&b) && !body_is_billing(&b))
+                        rate_limited(a, &b, pc, now_ms, &v);
+                else
+                        v.cls = VERDICT_AUTH;
+        } else if (s == 402)
                 v.cls = body_in_flight_budget(&b) ? VERDICT_TRANSIENT : VERDICT_QUOTA;
         else if (s == 429) {
                 if (body_is_billing(&b))
@@ -922,10 +928,12 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
                 else
                         rate_limited(a, &b, pc, now_ms, &v);
         } else {
-                /* Some providers (and proxies in front of them) wrap a rate limit in a 400 or a
-                 * 5xx; the words in the error are then the only signal. A billing code is not a
-                 * rate limit even when its text says "quota". */
-                bool words = body_mentions_rate_limit(&b) && !body_is_billing(&b);
+                /* Some providers (and proxies in front of them) wrap a rate limit in a 5xx; the
+                 * words in the error are then the only signal. Never in any other 4xx: there
+                 * providers quote the caller's request back (an unknown-model 404 names the model
+                 * sent, a 400 the offending field), and text the caller wrote must not put a key
+                 * to sleep. A billing code is not a rate limit even when its text says "quota". */
+                bool words = s >= 500 && body_mentions_rate_limit(&b) && !body_is_billing(&b);
 
                 if (words)
                         rate_limited(a, &b, pc, now_ms, &v);
@@ -1287,30 +1295,12 @@ int policy_sse_error(const char *event, size_t len, int *ret_status, const char 
 
 /* --- error summaries ----------------------------------------------------------------------- */
 
-static bool word_char(char c) {
-        return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_';
-}
-
-/* Providers sometimes echo part of the key they rejected; status output must never carry it. */
-static bool looks_like_credential(const char *w, size_t n) {
-        bool letters = false, digits = false;
-
-        if ((n >= 3 && strncmp(w, "sk-", 3) == 0) || (n >= 4 && strncmp(w, "AIza", 4) == 0))
-                return true;
-        if (n < 24)
-                return false;
-        for (size_t i = 0; i < n; i++) {
-                letters |= (w[i] >= 'A' && w[i] <= 'Z') || (w[i] >= 'a' && w[i] <= 'z');
-                digits |= w[i] >= '0' && w[i] <= '9';
-        }
-        return letters && digits;
-}
-
-void policy_error_summary(const char *body, size_t len, char *ret, size_t size) {
+void policy_error_summary(const char *body, size_t len, const struct scrub *scrub, char *ret, size_t size) {
         const char *text = body;
         size_t text_len = len, out = 0;
         json_t *root = NULL, *msg = NULL;
         bool space = false;
+        char *copy;
 
         if (!ret || size == 0)
                 return;
@@ -1328,28 +1318,19 @@ void policy_error_summary(const char *body, size_t len, char *ret, size_t size) 
                         text_len = json_string_length(msg);
                 }
         }
-        for (size_t i = 0; i < text_len && out + 1 < size; ) {
-                char c = text[i];
+        /* Scrubbed whole before it is cut and folded, so that no cut leaves part of a secret
+         * unrecognised. */
+        copy = malloc(text_len ? text_len : 1);
+        if (!copy) {
+                json_decref(root);
+                return;
+        }
+        memcpy(copy, text, text_len);
+        text_len = scrub_text(scrub, copy, text_len);
+        json_decref(root);
+        for (size_t i = 0; i < text_len && out + 1 < size; i++) {
+                char c = copy[i];
 
-                if (word_char(c)) {
-                        size_t j = i;
-
-                        while (j < text_len && word_char(text[j]))
-                                j++;
-                        if (space && out > 0 && out + 1 < size)
-                                ret[out++] = ' ';
-                        space = false;
-                        if (looks_like_credential(text + i, j - i)) {
-                                const char *r = "[redacted]";
-
-                                for (; *r && out + 1 < size; r++)
-                                        ret[out++] = *r;
-                        } else
-                                for (size_t k = i; k < j && out + 1 < size; k++)
-                                        ret[out++] = text[k];
-                        i = j;
-                        continue;
-                }
                 if (c == ' ' || c == '\t' || c == '\n' || c == '\r')
                         space = true;
                 else if (c > 0x20 && c < 0x7f) {
@@ -1359,8 +1340,8 @@ void policy_error_summary(const char *body, size_t len, char *ret, size_t size) 
                         if (out + 1 < size)
                                 ret[out++] = c;
                 }
-                i++;
         }
         ret[out] = 0;
-        json_decref(root);
+        explicit_bzero(copy, text_len);
+        free(copy);
 }

@@ -40,12 +40,16 @@
 #include "keypool/log.h"
 #include "keypool/policy.h"
 #include "keypool/proxy.h"
+#include "keypool/scrub.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
+#define TRANSPORT_REPORT_MS     (60 * 1000)     /* a provider's TLS/DNS failure is logged this often */
+#define CONFIRMS                64              /* keys with a recent confirmation probe remembered */
+#define CONFIRM_PERIOD_MS       10000           /* … and how long one stands for its key */
 
 enum step {
         STEP_NEW = 1,
@@ -57,6 +61,12 @@ enum step {
 };
 
 #define PROXY_SPARE_HANDLES     32
+
+/* A probe started to confirm a caller's 401/403 on a key (see confirm_refusal). */
+struct confirm {
+        unsigned key;
+        int64_t at_ms;                  /* 0: none */
+};
 
 struct proxy_context {
         struct proxy_params w;          /* what the worker lent */
@@ -72,6 +82,8 @@ struct proxy_context {
         unsigned n_spare;
         struct proxy_request *spare_requests; /* finished requests' records, for the next */
         unsigned n_spare_requests;
+        struct scrub *scrub;            /* hides the configured secrets in upstream text */
+        struct confirm confirms[CONFIRMS];
 };
 
 struct proxy_queue {
@@ -119,6 +131,7 @@ struct proxy_request {
         bool in_curl;                   /* inside a curl callback */
         bool aborted;                   /* the client went away */
         bool retry_from_stream;         /* the held first event was an error: judge it in on_done */
+        bool auth_suspected;            /* a key already refused this request's path (401/403) */
         bool pressure;                  /* the client's output buffer is full */
         bool paused;                    /* the transfer is paused on pressure */
         struct proxy_request *next_spare;
@@ -352,12 +365,13 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
                 return;
         if (v && (v->cls == VERDICT_RATE_LIMITED || v->cls == VERDICT_OK))
                 o.rest_ms = v->rest_ms;
+        o.unconfirmed = v && v->unconfirmed;
         /* What went wrong, in a few words and without any credential the provider echoed. */
         if (v && v->cls != VERDICT_OK && v->cls != VERDICT_NONE) {
                 if (pr->transport_error)
                         snprintf(error, sizeof error, "%s", pr->transport_error);
                 else
-                        answer_error_summary(&pr->answer, error, sizeof error);
+                        answer_error_summary(&pr->answer, pr->ctx->scrub, error, sizeof error);
                 if (error[0])
                         o.error = error;
         }
@@ -413,8 +427,11 @@ static void respond_buffered(struct proxy_request *pr) {
 
         n = answer_headers(pr, h, sizeof h / sizeof h[0], names, sizeof names, attempts, sizeof attempts);
         c = detach(pr);
-        if (c)
-                http_conn_respond(c, pr->answer.status, h, n, pr->answer.body ? pr->answer.body : "", pr->answer.body_len);
+        if (!c)
+                return;
+        /* Providers echo what they were sent, the key included: the caller gets none of it. */
+        answer_scrub_unsent(&pr->answer, pr->ctx->scrub);
+        http_conn_respond(c, pr->answer.status, h, n, pr->answer.body ? pr->answer.body : "", pr->answer.body_len);
 }
 
 static int begin_stream(struct proxy_request *pr) {
@@ -446,7 +463,8 @@ static void respond_error(struct proxy_request *pr, const struct proxy_decision 
         }
         c = detach(pr);
         if (c)
-                http_conn_respond_error(c, d->status, "keypool_error", d->code, h, n, "%s", d->message);
+                http_conn_respond_error(c, d->status, "keypool_error", d->code, h, n, "%s%s%s", d->message,
+                                        d->detail ? ": " : "", d->detail ? d->detail : "");
 }
 
 static int relay(struct proxy_request *pr, const char *data, size_t len);
@@ -454,8 +472,12 @@ static int relay(struct proxy_request *pr, const char *data, size_t len);
 /* A relayed answer ends: what is still held goes out first; a success that never started a
  * stream (an empty body) is answered whole. */
 static void end_stream(struct proxy_request *pr) {
-        if (pr->conn && !http_conn_stream_started(pr->conn) && pr->answer.held > 0)
+        if (pr->conn && !http_conn_stream_started(pr->conn) && pr->answer.held > 0) {
+                /* Nothing of it was sent yet (an error event held at the stream's start): the
+                 * caller gets it without the secrets a provider may have echoed. */
+                answer_scrub_unsent(&pr->answer, pr->ctx->scrub);
                 relay(pr, NULL, 0);
+        }
         if (pr->conn && http_conn_stream_started(pr->conn))
                 http_conn_stream_end(detach(pr));
         else
@@ -663,23 +685,56 @@ static void decide_retry(const struct proxy_attempt_end *a, const struct proxy_l
                                                                                : l->backoff_max_ms;
 }
 
+/* keypool's answer to a transfer that got no answer. A TLS or DNS failure names itself (with
+ * curl's words after the message): the operator's fix is in the configuration or the network. */
+static void decide_transport_failure(const struct proxy_attempt_end *a, struct proxy_decision *d) {
+        d->status = 502;
+        if (a->result == PROXY_RESULT_TIMEOUT) {
+                d->status = 504;
+                d->code = "upstream_timeout";
+                d->message = "the upstream did not answer in time";
+                return;
+        }
+        switch (a->failure) {
+        case UPSTREAM_FAILURE_CERTIFICATE:
+                d->code = "upstream_tls_failure";
+                d->message = "TLS failure: the upstream's certificate could not be verified";
+                break;
+        case UPSTREAM_FAILURE_TLS:
+                d->code = "upstream_tls_failure";
+                d->message = "TLS failure: no secure connection to the upstream could be set up";
+                break;
+        case UPSTREAM_FAILURE_DNS:
+                d->code = "upstream_dns_failure";
+                d->message = "DNS failure: the upstream's name (or its proxy's) does not resolve";
+                break;
+        default:
+                d->code = "upstream_unreachable";
+                d->message = "the upstream could not be reached or closed the connection";
+                return;
+        }
+        d->detail = a->failure_text && a->failure_text[0] ? a->failure_text : NULL;
+}
+
 void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
                   struct proxy_decision *ret) {
         struct proxy_decision d = {};
         enum proxy_next end;
 
+        /* A refusal of the caller's path says nothing certain about the key (it may only lack
+         * the scope for that endpoint): the pool's own probe of a known path decides, whether or
+         * not the caller is still there. */
+        d.confirm_auth = a->cls == VERDICT_AUTH && a->auth_unconfirmed;
         if (a->client_gone) {
                 d.next = PROXY_NEXT_DROP;
         } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT) {
-                bool timeout = a->result == PROXY_RESULT_TIMEOUT;
-
-                d.status = timeout ? 504 : 502;
-                d.code = timeout ? "upstream_timeout" : "upstream_unreachable";
-                d.message = timeout ? "the upstream did not answer in time"
-                                    : "the upstream could not be reached or closed the connection";
-                /* Bytes have reached the client: the only honest end is a cut. */
+                decide_transport_failure(a, &d);
+                /* Bytes have reached the client: the only honest end is a cut. A certificate
+                 * problem is the configuration's and does not mend by retrying. */
                 if (a->bytes_sent)
                         d.next = PROXY_NEXT_CUT;
+                else if (a->result == PROXY_RESULT_NO_ANSWER && a->failure == UPSTREAM_FAILURE_CERTIFICATE)
+                        d.next = PROXY_NEXT_FAIL;
                 else
                         decide_retry(a, l, PROXY_NEXT_FAIL, &d);
         } else if (a->result == PROXY_RESULT_STREAM) {
@@ -689,8 +744,17 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
                 /* A held first event goes to the client as the upstream sent it. */
                 end = a->result == PROXY_RESULT_HELD_ERROR ? PROXY_NEXT_STREAM_END : PROXY_NEXT_ANSWER;
                 switch (a->cls) {
-                case VERDICT_RATE_LIMITED:
                 case VERDICT_AUTH:
+                        /* An unconfirmed refusal moves the request once, and only when the pool
+                         * has another key; a second refusal goes back to the caller, as the path
+                         * is then the likely cause. */
+                        if (a->auth_unconfirmed && (a->refused_before || !a->other_keys)) {
+                                d.next = end;
+                                break;
+                        }
+                        d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
+                        break;
+                case VERDICT_RATE_LIMITED:
                 case VERDICT_QUOTA:
                         d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
                         break;
@@ -737,6 +801,55 @@ static int backoff(struct proxy_request *pr, int64_t delay_ms, bool no_answer) {
         return 0;
 }
 
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm);
+
+static bool blames_no_key(enum upstream_failure failure) {
+        return failure == UPSTREAM_FAILURE_CERTIFICATE || failure == UPSTREAM_FAILURE_TLS ||
+               failure == UPSTREAM_FAILURE_DNS;
+}
+
+/* A transfer that got no answer, in the log. A TLS or DNS failure meets every request to its
+ * provider alike: curl's full text is logged at most once per interval and provider, however
+ * many requests meet it, and names no key. */
+static void report_transport_failure(struct proxy_request *pr, const struct proxy_attempt_end *a, CURLcode res) {
+        struct log_fields f;
+
+        if (!blames_no_key(a->failure)) {
+                f = fields(pr, pr->lease.key);
+                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
+                          curl_easy_strerror(res));
+                return;
+        }
+        if (!upstream_report_due(pr->ctx->w.upstream, pr->provider, clock_mono_ms(), TRANSPORT_REPORT_MS))
+                return;
+        f = fields(pr, KEYTABLE_NO_KEY);
+        log_event(LOG_ERR, "upstream_error", &f, "%s failure reaching upstream %s: %s (no key is blamed; "
+                  "reported once a minute)", a->failure == UPSTREAM_FAILURE_DNS ? "DNS" : "TLS",
+                  pr->provider->name, a->failure_text);
+}
+
+/* The attempt's key refused the caller's path (d->confirm_auth): the refusal was counted, the
+ * key keeps its state, and the pool's own probe of a known path is asked to decide
+ * (probe_confirmed). One confirmation per key in flight or recently made: a caller repeating a
+ * refused path must not turn each request into a second upstream request. */
+static void confirm_refusal(struct proxy_request *pr, const struct proxy_decision *d) {
+        struct proxy_context *p = pr->ctx;
+        unsigned key = pr->lease.key;
+        struct confirm *c = &p->confirms[key % CONFIRMS];
+        int64_t now = clock_mono_ms();
+        struct log_fields f = fields(pr, key);
+
+        pr->auth_suspected = true;
+        if (c->at_ms == 0 || c->key != key || now - c->at_ms >= CONFIRM_PERIOD_MS) {
+                if (start_probe(p, key, pr->pool, true) >= 0)
+                        *c = (struct confirm) { .key = key, .at_ms = now };
+        }
+        f.status = pr->answer.stream_error_status ? pr->answer.stream_error_status : pr->answer.status;
+        log_event(LOG_NOTICE, "refused", &f, "answer %d on the caller's path: the key stays as it is "
+                  "until its probe confirms%s", f.status,
+                  d->next == PROXY_NEXT_ROTATE ? "" : "; the answer goes to the caller");
+}
+
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
         const struct config_retry *rc = &pr->ctx->w.config->retry;
@@ -747,6 +860,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_attempt_end a = {};
         struct proxy_decision d;
         struct verdict v = {};
+        bool no_answer = res != CURLE_OK && !pr->retry_from_stream;
 
         /* The client left inside a callback: the attempt's outcome is not the key's doing. */
         if (pr->aborted) {
@@ -760,27 +874,32 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
-        if (res != CURLE_OK && !pr->retry_from_stream) {
+        if (no_answer) {
                 a.result = res == CURLE_OPERATION_TIMEDOUT ? PROXY_RESULT_TIMEOUT : PROXY_RESULT_NO_ANSWER;
-                v.cls = VERDICT_TRANSIENT;
+                a.failure = upstream_failure_class(res);
+                a.failure_text = upstream_error_text(pr->ctx->w.upstream);
+                if (!a.failure_text[0])
+                        a.failure_text = curl_easy_strerror(res);
+                /* A TLS or DNS failure is the upstream's configuration (or the network's), never
+                 * a key's: the lease goes back unjudged. */
+                v.cls = blames_no_key(a.failure) ? VERDICT_NONE : VERDICT_TRANSIENT;
                 pr->transport_error = curl_easy_strerror(res);
         } else {
                 a.result = pr->retry_from_stream ? PROXY_RESULT_HELD_ERROR
                          : pr->answer.mode == ANSWER_STREAM ? PROXY_RESULT_STREAM : PROXY_RESULT_ANSWER;
                 judge(pr, &v);
+                /* Every proxied path is the caller's choice: a refusal of it is counted on the
+                 * key but disables nothing until the pool's own probe confirms it. */
+                v.unconfirmed = v.cls == VERDICT_AUTH;
                 /* A success: count the tokens it reported. */
                 if (a.result == PROXY_RESULT_STREAM && !pr->answer.stream_error_status)
                         answer_count_usage(&pr->answer);
         }
         release(pr, &v);
         pr->transport_error = NULL;
-        if (res != CURLE_OK && !pr->retry_from_stream) {
-                struct log_fields f = fields(pr, pr->lease.key);
-
-                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
-                          curl_easy_strerror(res));
-        }
-        if (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM) {
+        if (no_answer)
+                report_transport_failure(pr, &a, res);
+        if (no_answer || (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM)) {
                 pr->transient_failures++;
                 /* Only a retry needs randomness: no syscall on the way of a success. */
                 (void) !getrandom(&a.random, sizeof a.random, GRND_NONBLOCK);
@@ -790,8 +909,13 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         a.client_gone = !pr->conn;
         a.attempts = pr->attempts;
         a.transient_failures = pr->transient_failures;
+        a.auth_unconfirmed = v.unconfirmed;
+        a.refused_before = pr->auth_suspected;
+        a.other_keys = pr->cpool->n_keys > 1;
 
         proxy_decide(&a, &limits, &d);
+        if (d.confirm_auth)
+                confirm_refusal(pr, &d);
         switch (d.next) {
         case PROXY_NEXT_ROTATE:
                 rotate(pr, v.cls);
@@ -905,6 +1029,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         curl_easy_setopt(pr->easy, CURLOPT_HTTPHEADER, pr->headers);
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
+        upstream_configure(p->w.upstream, pr->easy, prov);
 
         r = upstream_start(p->w.upstream, pr->easy, on_done, pr);
         if (r < 0)
@@ -990,10 +1115,36 @@ struct probe {
         CURL *easy;
         struct curl_slist *headers;
         char *url;
+        bool confirm;                   /* confirms a caller's 401/403 rather than a disable */
 };
 
 static size_t discard(char *data, size_t size, size_t nmemb, void *userdata) {
         return size * nmemb;
+}
+
+/* The answer to the probe a caller's 401/403 asked for (confirm_refusal): only now, with the
+ * pool's own request to a known path refused too, is the key disabled for auth. */
+static void probe_confirmed(struct proxy_context *p, unsigned key, const struct config_pool *cp, CURLcode res,
+                            long status, const struct log_fields *f) {
+        struct keytable_change change = {};
+        struct keytable_event ev = {
+                .wall_ms = clock_wall_ms(), .kind = HISTORY_DISABLE, .status = (int) status,
+                .reason = KEY_REASON_AUTH,
+        };
+
+        if (res != CURLE_OK || (status != 401 && status != 403)) {
+                log_event(LOG_INFO, "probe", f, "the key refused on a caller's path %s: it stays in service",
+                          res == CURLE_OK && status >= 200 && status < 300 ? "works on the probe path"
+                                                                          : "gave the probe no verdict");
+                return;
+        }
+        if (keytable_disable(p->w.table, key, KEY_REASON_AUTH, clock_mono_ms(), &change) < 0 || !change.changed)
+                return;
+        snprintf(ev.pool, sizeof ev.pool, "%s", cp->name);
+        if (f->key)
+                snprintf(ev.key_from, sizeof ev.key_from, "%s", f->key);
+        keytable_history_add(p->w.table, &ev);
+        log_event(LOG_ERR, "disable", f, "key disabled: auth (status %ld, confirmed by a probe)", status);
 }
 
 static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
@@ -1013,7 +1164,9 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
             (k = config_pool_key(cp, info.first_key, pb->key)))
                 f.key = k->id;
         f.status = (int) status;
-        if (res == CURLE_OK && status >= 200 && status < 300) {
+        if (pb->confirm)
+                probe_confirmed(p, pb->key, cp, res, status, &f);
+        else if (res == CURLE_OK && status >= 200 && status < 300) {
                 struct keytable_change change = {};
 
                 keytable_enable(p->w.table, pb->key, clock_mono_ms(), &change);
@@ -1035,7 +1188,7 @@ static void on_probe_done(CURL *easy, CURLcode res, void *userdata) {
 
 /* Probes key (table-wide) of pool (relative to this worker's bank). -EAGAIN when this worker's
  * configuration is not the current one (a reload is under way): the new generation probes. */
-static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
+static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, bool confirm) {
         const struct config_pool *cp;
         const struct config_provider *prov;
         const struct config_key *k;
@@ -1060,6 +1213,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         pb->ctx = p;
         pb->key = key;
         pb->pool = pool;
+        pb->confirm = confirm;
         auth_line(prov, secret, auth, sizeof auth);
         pb->headers = curl_slist_append(NULL, auth);
         explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
@@ -1079,6 +1233,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool) {
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        upstream_configure(p->w.upstream, pb->easy, prov);
         if (upstream_start(p->w.upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;
@@ -1093,7 +1248,7 @@ fail:
 }
 
 int proxy_probe(struct proxy_context *p, unsigned key, unsigned pool) {
-        return start_probe(p, key, pool);
+        return start_probe(p, key, pool, false);
 }
 
 static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
@@ -1104,7 +1259,7 @@ static int on_probe_timer(sd_event_source *s, uint64_t usec, void *userdata) {
          * one. A handful per tick: probes are rare by design. */
         for (int i = 0; i < 8 && keytable_slot_bank(p->w.table, p->w.slot) == keytable_bank_current(p->w.table) &&
                         keytable_probe_claim(p->w.table, clock_mono_ms(), &key, &pool) == 0; i++)
-                start_probe(p, key, pool);
+                start_probe(p, key, pool, false);
         sd_event_source_set_time_relative(s, PROBE_PERIOD_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
@@ -1461,6 +1616,9 @@ int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
         if (r < 0)
                 goto fail;
         sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
+        r = scrub_from_config(cfg, &p->scrub);
+        if (r < 0)
+                goto fail;
         r = sd_event_add_time_relative(p->w.event, &p->probe_timer, CLOCK_MONOTONIC, PROBE_PERIOD_USEC, 0,
                                        on_probe_timer, p);
         if (r < 0)
@@ -1495,6 +1653,7 @@ struct proxy_context *proxy_free(struct proxy_context *p) {
         }
         sd_event_source_disable_unref(p->kick);
         sd_event_source_disable_unref(p->probe_timer);
+        scrub_free(p->scrub);
         free(p);
         return NULL;
 }

@@ -307,10 +307,21 @@ static int spawn(struct child *c) {
         return 0;
 }
 
+/* An upstream whose certificate is not checked can be anyone on the path, and the keys go to
+ * it: say so loudly every time a generation starts with such a provider, not just once. */
+static void warn_unverified(const struct config *cfg) {
+        for (unsigned i = 0; i < cfg->n_providers; i++)
+                if (!cfg->providers[i].tls_verify)
+                        log_warning("provider %s has tls_verify = false: its certificate and name are NOT "
+                                    "checked, so anyone on the network path can read its keys; trust its "
+                                    "CA with ca_file instead", cfg->providers[i].name);
+}
+
 /* Starts every worker of g; one that cannot start now is retried later on its own. */
 static int spawn_generation(struct generation *g) {
         int first_error = 0;
 
+        warn_unverified(g->config);
         for (unsigned i = 0; i < g->n_children; i++) {
                 int r = spawn(&g->children[i]);
 

@@ -19,6 +19,13 @@
  * say) behind our back. Each period therefore starts with one real epoll_ctl, and a table that
  * was wrong is corrected by the kernel's answer (ENOENT, EEXIST) instead of failing the transfer.
  * Other descriptors curl watches leave the set when curl stops watching them.
+ *
+ * TLS must cost a handshake and nothing more. curl caches the CA store it builds from a CA file
+ * in the multi handle (CURLOPT_CA_CACHE_TIMEOUT), but only when no CA directory is set: Debian's
+ * libcurl sets both by default, so every new connection parsed the whole system bundle again
+ * (~27 ms of a blocked loop each). The directory is therefore set only when a provider asks for
+ * one; the system bundle holds the same certificates. TLS sessions and DNS answers live in one
+ * share handle per worker, set on every transfer, so new connections resume their sessions.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -34,6 +41,7 @@ struct transfer {
         upstream_done_fn done;
         void *userdata;
         struct transfer *next_free;
+        char error[CURL_ERROR_SIZE];    /* curl's full text of what went wrong */
 };
 
 #define EVENT_BATCH 256
@@ -61,11 +69,26 @@ struct upstream {
         struct fd_state *fds;
         size_t n_fds;
         struct transfer *free_transfers; /* ended transfers' records, for the next ones */
+        CURLSH *share;                  /* TLS sessions and DNS answers of all transfers */
+        char *default_ca_file;          /* libcurl's built-in CA bundle, or NULL */
+        char *default_ca_path;          /* … its CA directory, used only without a bundle */
+        char error[CURL_ERROR_SIZE];    /* the ending transfer's text, while its done runs */
+        const struct config *config;
+        int64_t *reported_ms;           /* per provider: when a failure was last reported */
 };
 
 static void transfer_put(struct upstream *u, struct transfer *t) {
         t->next_free = u->free_transfers;
         u->free_transfers = t;
+}
+
+/* A handle goes back to its owner holding nothing of this upstream: no transfer record, no
+ * error buffer, no share. Handles are kept for reuse after their transfer (the proxy's spares),
+ * and one still attached to the share would pin it: upstream_free could not free it. */
+static void handle_detach(CURL *easy) {
+        curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+        curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, NULL);
+        curl_easy_setopt(easy, CURLOPT_SHARE, NULL);
 }
 
 static void collect_done(struct upstream *u) {
@@ -86,9 +109,12 @@ static void collect_done(struct upstream *u) {
                         upstream_done_fn done = t->done;
                         void *userdata = t->userdata;
 
+                        memcpy(u->error, t->error, sizeof u->error);
+                        u->error[sizeof u->error - 1] = 0;
                         transfer_put(u, t);
-                        curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+                        handle_detach(easy);
                         done(easy, res, userdata);
+                        u->error[0] = 0;
                 }
         }
 }
@@ -269,23 +295,72 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
         return sd_event_source_set_enabled(u->timer, SD_EVENT_ONESHOT) < 0 ? -1 : 0;
 }
 
-int upstream_new(sd_event *e, struct upstream **ret) {
+/* libcurl's built-in trust (the distribution's bundle and directory), read once: a handle that
+ * served a provider with its own ca_file must get it back for the next provider. */
+static int read_default_trust(struct upstream *u) {
+        CURL *easy = curl_easy_init();
+        char *file = NULL, *path = NULL;
+
+        if (!easy)
+                return -ENOMEM;
+        (void) curl_easy_getinfo(easy, CURLINFO_CAINFO, &file);
+        (void) curl_easy_getinfo(easy, CURLINFO_CAPATH, &path);
+        u->default_ca_file = file ? strdup(file) : NULL;
+        u->default_ca_path = path ? strdup(path) : NULL;
+        curl_easy_cleanup(easy);
+        if ((file && !u->default_ca_file) || (path && !u->default_ca_path))
+                return -ENOMEM;
+        return 0;
+}
+
+static void free_owned(struct upstream *u) {
+        if (u->share)
+                (void) curl_share_cleanup(u->share);
+        free(u->default_ca_file);
+        free(u->default_ca_path);
+        free(u->reported_ms);
+}
+
+static int share_new(struct upstream *u) {
+        u->share = curl_share_init();
+        if (!u->share)
+                return -ENOMEM;
+        /* One worker, one thread: no lock callbacks needed. */
+        if (curl_share_setopt(u->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK ||
+            curl_share_setopt(u->share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK)
+                return -EINVAL;
+        return 0;
+}
+
+int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
         struct upstream *u;
         int r;
 
         u = calloc(1, sizeof *u);
         if (!u)
                 return -ENOMEM;
+        u->config = cfg;
+        u->reported_ms = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->reported_ms);
+        r = u->reported_ms ? read_default_trust(u) : -ENOMEM;
+        if (r >= 0)
+                r = share_new(u);
+        if (r < 0) {
+                free_owned(u);
+                free(u);
+                return r;
+        }
         u->event = e;
         u->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
         if (u->epoll_fd < 0) {
                 r = -errno;
+                free_owned(u);
                 free(u);
                 return r;
         }
         u->multi = curl_multi_init();
         if (!u->multi) {
                 close(u->epoll_fd);
+                free_owned(u);
                 free(u);
                 return -ENOMEM;
         }
@@ -293,6 +368,7 @@ int upstream_new(sd_event *e, struct upstream **ret) {
         if (r < 0) {
                 curl_multi_cleanup(u->multi);
                 close(u->epoll_fd);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -302,6 +378,7 @@ int upstream_new(sd_event *e, struct upstream **ret) {
                 sd_event_source_disable_unref(u->epoll_source);
                 curl_multi_cleanup(u->multi);
                 close(u->epoll_fd);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -312,6 +389,7 @@ int upstream_new(sd_event *e, struct upstream **ret) {
                 sd_event_source_disable_unref(u->epoll_source);
                 curl_multi_cleanup(u->multi);
                 close(u->epoll_fd);
+                free_owned(u);
                 free(u);
                 return r;
         }
@@ -342,6 +420,10 @@ void upstream_free(struct upstream *u) {
                 u->free_transfers = t->next_free;
                 free(t);
         }
+        /* The share goes last: the connections the multi handle closed kept their TLS sessions
+         * in it, and no handle holds it any more once its transfer ended (handle_detach), spares
+         * kept for the next transfer included. */
+        free_owned(u);
         free(u);
 }
 
@@ -356,14 +438,17 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
                 return -ENOMEM;
         t->done = done;
         t->userdata = userdata;
+        t->error[0] = 0;
         curl_easy_setopt(easy, CURLOPT_PRIVATE, t);
+        curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, t->error);
+        curl_easy_setopt(easy, CURLOPT_SHARE, u->share);
         curl_easy_setopt(easy, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
         curl_easy_setopt(easy, CURLOPT_OPENSOCKETDATA, u);
         curl_easy_setopt(easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
         curl_easy_setopt(easy, CURLOPT_CLOSESOCKETDATA, u);
         mc = curl_multi_add_handle(u->multi, easy);
         if (mc != CURLM_OK) {
-                curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+                handle_detach(easy);
                 transfer_put(u, t);
                 return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
         }
@@ -378,7 +463,7 @@ void upstream_cancel(struct upstream *u, CURL *easy) {
         if (!t)
                 return;
         curl_multi_remove_handle(u->multi, easy);
-        curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
+        handle_detach(easy);
         transfer_put(u, t);
         u->running--;
 }
@@ -389,4 +474,72 @@ void upstream_resume(struct upstream *u, CURL *easy) {
 
 unsigned upstream_running(const struct upstream *u) {
         return u->running;
+}
+
+void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov) {
+        bool https = strncmp(prov->base_url, "https://", 8) == 0;
+        /* A provider's own trust replaces the system's. A CA directory defeats curl's store
+         * cache (see the top), and with it the system bundle would be parsed for every new
+         * connection: a directory alone then is the whole trust. Without either, the system
+         * bundle alone (its directory only when libcurl has no bundle). */
+        const char *ca_file = prov->ca_file ? prov->ca_file : prov->ca_path ? NULL : u->default_ca_file;
+        const char *ca_path = prov->ca_path ? prov->ca_path : ca_file ? NULL : u->default_ca_path;
+
+        curl_easy_setopt(easy, CURLOPT_CAINFO, ca_file);
+        curl_easy_setopt(easy, CURLOPT_CAPATH, ca_path);
+        curl_easy_setopt(easy, CURLOPT_CA_CACHE_TIMEOUT, 86400L);
+        curl_easy_setopt(easy, CURLOPT_SSL_VERIFYPEER, prov->tls_verify ? 1L : 0L);
+        curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, prov->tls_verify ? 2L : 0L);
+        /* NULL leaves https_proxy, no_proxy and friends from the environment in charge. */
+        curl_easy_setopt(easy, CURLOPT_PROXY, prov->proxy);
+        curl_easy_setopt(easy, CURLOPT_HTTP_VERSION,
+                         prov->http2 ? (long) CURL_HTTP_VERSION_2TLS : (long) CURL_HTTP_VERSION_1_1);
+        /* Over HTTP/2 a burst should wait for the connection being set up and share it rather
+         * than open one connection each. Not for plain HTTP: nothing to share there, and the
+         * wait would serialise connection setup. */
+        curl_easy_setopt(easy, CURLOPT_PIPEWAIT, prov->http2 && https ? 1L : 0L);
+}
+
+enum upstream_failure upstream_failure_class(CURLcode res) {
+        switch (res) {
+        case CURLE_OK:
+                return UPSTREAM_FAILURE_INVALID;
+        case CURLE_PEER_FAILED_VERIFICATION:
+        case CURLE_SSL_CACERT_BADFILE:
+        case CURLE_SSL_ISSUER_ERROR:
+        case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+        case CURLE_SSL_INVALIDCERTSTATUS:
+        case CURLE_SSL_CRL_BADFILE:
+        case CURLE_SSL_CERTPROBLEM:
+                return UPSTREAM_FAILURE_CERTIFICATE;
+        case CURLE_SSL_CONNECT_ERROR:
+        case CURLE_SSL_CIPHER:
+        case CURLE_SSL_ENGINE_NOTFOUND:
+        case CURLE_SSL_ENGINE_SETFAILED:
+        case CURLE_SSL_ENGINE_INITFAILED:
+        case CURLE_SSL_SHUTDOWN_FAILED:
+        case CURLE_USE_SSL_FAILED:
+                return UPSTREAM_FAILURE_TLS;
+        case CURLE_COULDNT_RESOLVE_HOST:
+        case CURLE_COULDNT_RESOLVE_PROXY:
+                return UPSTREAM_FAILURE_DNS;
+        default:
+                return UPSTREAM_FAILURE_OTHER;
+        }
+}
+
+const char *upstream_error_text(const struct upstream *u) {
+        return u->error;
+}
+
+bool upstream_report_due(struct upstream *u, const struct config_provider *prov, int64_t now_ms,
+                         int64_t interval_ms) {
+        size_t i = (size_t) (prov - u->config->providers);
+
+        if (i >= u->config->n_providers)
+                return true;
+        if (u->reported_ms[i] != 0 && now_ms - u->reported_ms[i] < interval_ms)
+                return false;
+        u->reported_ms[i] = now_ms;
+        return true;
 }

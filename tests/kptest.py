@@ -52,11 +52,30 @@ def key_id(secret):
     return "kp-" + hashlib.sha256(secret.encode()).hexdigest()[:10]
 
 
+# The provider prefixes keypool shows in a masked key (keyid.c), longest first where one starts
+# another.
+PROVIDER_PREFIXES = ("sk-ant-api03-", "sk-ant-", "sk-or-v1-", "sk-proj-", "sk-svcacct-", "sk-",
+                     "AIza", "gsk_", "xai-", "pplx-", "nvapi-", "hf_", "r8_")
+
+
+def _mask_parts(secret):
+    """(prefix shown, number of last characters shown), or None when only the id is shown."""
+    prefix = next((p for p in PROVIDER_PREFIXES if secret.startswith(p)), "")
+    rest = len(secret) - len(prefix)
+    shown = min(4, rest // 4)
+    if rest < 24 + shown:
+        shown = rest - 24 if rest > 24 else 0
+    return (prefix, shown) if shown > 0 else None
+
+
 def masked(secret):
-    """keypool's masked form: first 15 chars, "...", last 3 (or "..." + last 3 if short)."""
-    if len(secret) >= 24:
-        return secret[:15] + "..." + secret[-3:]
-    return "..." + secret[-3:]
+    """keypool's masked form: a known provider prefix, "...", at most 4 last characters (never
+    more than a quarter of the rest, always 24 or more hidden); else the key's id."""
+    parts = _mask_parts(secret)
+    if parts is None:
+        return key_id(secret)
+    prefix, shown = parts
+    return prefix + "..." + secret[len(secret) - shown:]
 
 
 def fake_secret(tag=""):
@@ -73,10 +92,11 @@ def fake_secret(tag=""):
 def leaked_fragments(secret):
     """Pieces of secret whose presence anywhere means a leak.
 
-    The masked form legitimately shows the first 15 and the last 3 characters; any 12
+    The masked form legitimately shows a provider prefix and a few last characters; any 12
     consecutive characters from the hidden part in between are as good as the secret.
     """
-    hidden = secret[15:-3] if len(secret) >= 24 else secret
+    parts = _mask_parts(secret)
+    hidden = secret[len(parts[0]):len(secret) - parts[1]] if parts else secret
     if len(hidden) < 12:
         return [secret]
     return [hidden[i:i + 12] for i in range(len(hidden) - 11)]
@@ -94,6 +114,17 @@ def find_leaks(secrets, text, where):
 
 
 # --- waiting -----------------------------------------------------------------------------------
+
+def terminate(proc, timeout):
+    """Stops proc with SIGTERM, or SIGKILL when it is still there after timeout seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
 
 def wait_for(predicate, timeout=DEADLINE, what="a condition", interval=0.05,
              ignore=()):
@@ -346,13 +377,7 @@ class Simulator:
         return self._call(method, "/api/v1" + path, body, hdrs)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, 5)
         self._stderr.close()
         if self.proc.stdout:
             self.proc.stdout.close()
@@ -1222,7 +1247,8 @@ class StatusScenario:
       1. rotate:   a answers 429 with Retry-After 120, the request moves to b (a cools 120 s);
       2. figures:  a request served by b carries OpenAI rate-limit headers (remaining requests
                    42, tokens 9000, resets 6m0s / 1s);
-      3. disable:  c answers 401 and is disabled for auth, the request moves on;
+      3. disable:  c answers 401, the request moves on, and c is disabled for auth once
+                   keypool's own probe is refused too (waited for);
       4. recover:  d answers 429 with Retry-After 2 and cools, then is ready again (waited for);
       5. transient: one beta request answered 502 (retry max_attempts = 1: returned as is), which
                    leaves its key (self.transient_key) with a failure in a row.
@@ -1281,6 +1307,8 @@ class StatusScenario:
 
     def disable(self):
         self.chat_until_hit(self.BETA, self.c)
+        wait_for(lambda: self.kp.key(self.c)["state"] == "disabled",
+                 what="key c's 401 to be confirmed by keypool's own probe")
 
     def recover(self):
         self.sim.set_rules({self.d: {"status": 429, "retry_after": "2", "count": 1}})
@@ -1319,3 +1347,196 @@ def assert_api_error(tc, body, code=None):
     if code is not None:
         tc.assertEqual(err["code"], code, body)
     return err
+
+
+# --- an HTTPS upstream: nginx with a private CA -------------------------------------------------
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
+OPENSSL = shutil.which("openssl")
+
+# $ssl_session_reused is "r" for a resumed session; $connection numbers nginx's connections, and
+# $connection_requests counts the requests each one carried.
+NGINX_LOG_FORMAT = "$connection $connection_requests $ssl_session_reused $server_protocol $status"
+
+
+def tls_tools_missing():
+    """Why an HTTPS upstream cannot be made here (None when it can): for skipTest."""
+    if not NGINX:
+        return "nginx is not installed (scripts/deps installs nginx-light)"
+    if not OPENSSL:
+        return "openssl is not installed (scripts/deps installs it)"
+    return None
+
+
+def _openssl(*args, cwd):
+    r = subprocess.run([OPENSSL, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise AssertionError(f"openssl {' '.join(args)} failed:\n{r.stderr.decode(errors='replace')}")
+
+
+class TestCA:
+    """A private certificate authority in directory d: ca.pem trusts what it signs."""
+
+    def __init__(self, d, name="keypool test CA"):
+        self.dir = d
+        self.cert = os.path.join(d, "ca.pem")
+        self.key = os.path.join(d, "ca.key")
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", self.key, "-out", self.cert, "-days", "2",
+                 "-subj", "/CN=" + name, cwd=d)
+
+    def issue(self, stem, names=("127.0.0.1", "localhost"), days=2, expired=False):
+        """A server certificate and key (stem.pem, stem.key) for names (IPs or DNS names)."""
+        key, csr, cert = (os.path.join(self.dir, stem + x) for x in (".key", ".csr", ".pem"))
+        ext = os.path.join(self.dir, stem + ".ext")
+        alt = ",".join(("IP:" if re.match(r"^[0-9.]+$", n) else "DNS:") + n for n in names)
+        with open(ext, "w") as f:
+            f.write(f"subjectAltName={alt}\nbasicConstraints=CA:FALSE\n"
+                    "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+        _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                 "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=" + names[0], cwd=self.dir)
+        # Expired: openssl 3.0 has no -not_after, but a negative validity ends before it began.
+        validity = ["-days", "-1" if expired else str(days)]
+        _openssl("x509", "-req", "-in", csr, "-CA", self.cert, "-CAkey", self.key,
+                 "-CAcreateserial", "-out", cert, "-extfile", ext, *validity, cwd=self.dir)
+        return cert, key
+
+
+class HTTPSUpstream:
+    """nginx on an ephemeral loopback port, serving TLS (HTTP/1.1 and HTTP/2) with a certificate
+    from a private CA made for it, in front of a Simulator (proxy_pass, unbuffered so streams
+    flow). Everything lives in a private temp dir; stop() ends nginx and removes it.
+
+    base_url: https://127.0.0.1:<port>/api/v1 (or host= "localhost"). ca: the TestCA whose ca.pem
+    trusts the server. cert_names / expired / untrusted: make the certificate wrong on purpose
+    (untrusted: signed by a second CA that ca.pem does not know). keepalive_requests: requests
+    per connection before nginx closes it (HTTP/1.1) or sends GOAWAY (HTTP/2).
+    """
+
+    def __init__(self, sim, http2=True, keepalive_requests=1000, cert_names=("127.0.0.1", "localhost"),
+                 expired=False, untrusted=False, host="127.0.0.1"):
+        missing = tls_tools_missing()
+        if missing:
+            raise unittest.SkipTest(missing)
+        self.dir = tempfile.mkdtemp(prefix="kpnginx-")
+        self.proc = None
+        try:
+            self.ca = TestCA(self.dir)
+            signer = TestCA(tempfile.mkdtemp(dir=self.dir), "some other CA") if untrusted else self.ca
+            self.cert, self.key = signer.issue("server", cert_names, expired=expired)
+            self.access_log = os.path.join(self.dir, "access.log")
+            self.error_log = os.path.join(self.dir, "error.log")
+            self._start(sim, http2, keepalive_requests)
+        except BaseException:
+            self.stop()
+            raise
+        self.base_url = f"https://{host}:{self.port}/api/v1"
+
+    def _config(self, sim, http2, keepalive_requests):
+        d = self.dir
+        return f"""
+daemon off;
+master_process on;
+worker_processes 1;
+user root;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    log_format kp '{NGINX_LOG_FORMAT}';
+    access_log {self.access_log} kp;
+    upstream sim {{ server 127.0.0.1:{sim.port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{self.port} ssl{' http2' if http2 else ''};
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        ssl_session_cache shared:kp:1m;
+        keepalive_requests {keepalive_requests};
+        client_max_body_size 32m;
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 300s;
+        }}
+    }}
+}}
+"""
+
+    def _start(self, sim, http2, keepalive_requests):
+        conf = os.path.join(self.dir, "nginx.conf")
+        for attempt in range(5):
+            self.port = free_tcp_port()
+            with open(conf, "w") as f:
+                f.write(self._config(sim, http2, keepalive_requests))
+            self._err = open(os.path.join(self.dir, "nginx.stderr"), "ab")
+            self.proc = subprocess.Popen([NGINX, "-p", self.dir, "-c", conf], stdin=subprocess.DEVNULL,
+                                         stdout=self._err, stderr=self._err)
+            end = time.monotonic() + DEADLINE
+            while time.monotonic() < end and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return
+                except OSError:
+                    time.sleep(0.05)
+            self.stop_process()
+            # Most likely someone took the port between the probe and nginx's bind: try another.
+        raise AssertionError("nginx did not start:\n" + self.stderr())
+
+    def stderr(self):
+        text = ""
+        for name in ("nginx.stderr", "error.log"):
+            try:
+                with open(os.path.join(self.dir, name), "rb") as f:
+                    text += f.read().decode(errors="replace")
+            except OSError:
+                pass
+        return text
+
+    def access(self):
+        """The access log, one dict per request: connection, requests (on that connection so
+        far), reused (TLS session resumed), protocol, status."""
+        entries = []
+        try:
+            with open(self.access_log) as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 5:
+                        entries.append({"connection": int(parts[0]), "requests": int(parts[1]),
+                                        "reused": parts[2] == "r", "protocol": parts[3],
+                                        "status": int(parts[4])})
+        except FileNotFoundError:
+            pass
+        return entries
+
+    def stop_process(self):
+        if self.proc is not None:
+            terminate(self.proc, 10)
+            self._err.close()
+        self.proc = None
+
+    def stop(self):
+        self.stop_process()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def start_https_upstream(tc, sim, **kwargs):
+    """An HTTPSUpstream stopped at the end of TestCase tc (skipped when nginx is missing)."""
+    up = HTTPSUpstream(sim, **kwargs)
+
+    def finish():
+        if tc._test_failed():
+            err = up.stderr()
+            if err.strip():
+                sys.stderr.write(f"\n----- nginx errors ({tc.id()}) -----\n{err[-5000:]}")
+        up.stop()
+    tc.addCleanup(finish)
+    return up

@@ -39,6 +39,10 @@ Details a test may rely on beyond the obvious:
   * X-Sim-Stream-Raw: a JSON string, sent verbatim as the body of a 200 text/event-stream answer
     framed by Content-Length and followed by the end of the connection (for stream bodies no well
     behaved provider sends, such as a first event that never ends). After the limit check.
+  * X-Sim-Echo-Auth: 1 (with X-Sim-Status) and a rule's "echo_auth": true append the header that
+    carried the key, verbatim, to the error message, as providers quoting the request do.
+    X-Sim-Unknown-Model: STATUS (4xx) answers OpenAI's model_not_found error quoting the model
+    the request named (X-Sim-Retry-After adds Retry-After to it).
   * A rule (POST /_sim/keys) beyond status/retry_after/body/headers/count/delay_ms may have:
     "stream_error": CODE — the key's stream answers open with an error event as their FIRST
     event and then end (OpenRouter style; "stream_error_style": "anthropic" sends Anthropic's
@@ -288,6 +292,11 @@ def validate_rules(body):
         if rule.get("models_body") is not None:
             b = rule["models_body"]
             clean["models_body"] = b if isinstance(b, str) else json.dumps(b)
+        echo = rule.get("echo_auth")
+        if echo is not None and not isinstance(echo, bool):
+            return None, f"{kid}: echo_auth must be true or false"
+        if echo:
+            clean["echo_auth"] = True
         drop = rule.get("drop")
         if drop is not None and not isinstance(drop, bool):
             return None, f"{kid}: drop must be true or false"
@@ -474,6 +483,14 @@ class Handler(BaseHTTPRequestHandler):
                 return key, name
         return None, None
 
+    def with_echoed_auth(self, message):
+        """message followed by the header that carried the key, exactly as received: what a
+        provider (or a proxy in front of one) does when it quotes the failed request."""
+        _, name = self.key_and_header()
+        if name is None:
+            return message
+        return f"{message} (request header {name}: {self.headers.get(name, '')})"
+
     def record(self, path, key, body, stream, raw=None):
         headers = {}
         for name, value in self.headers.items():
@@ -572,6 +589,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.success(entry, model, stream, extra)
             else:
                 msg = rule.get("body", status_message(status))
+                if rule.get("echo_auth"):
+                    msg = self.with_echoed_auth(msg)
                 self.answer(entry, status, error_body(status, msg), extra)
             return
 
@@ -634,11 +653,22 @@ class Handler(BaseHTTPRequestHandler):
                 self.end_headers()
                 self.wfile.write(data)
                 return
+        status = header_int(h.get("X-Sim-Unknown-Model"), None)
+        if status is not None and 400 <= status <= 499:
+            # OpenAI's answer to a model it does not know: the model, as the caller wrote it.
+            if h.get("X-Sim-Retry-After") is not None:
+                extra["Retry-After"] = h["X-Sim-Retry-After"]
+            self.answer(entry, status, dumps({"error": {
+                "message": f"The model `{model}` does not exist or you do not have access to it.",
+                "type": "invalid_request_error", "param": None, "code": "model_not_found"}}), extra)
+            return
         status = header_int(h.get("X-Sim-Status"), None)
         if status is not None and 200 < status <= 599:
             if h.get("X-Sim-Retry-After") is not None:
                 extra["Retry-After"] = h["X-Sim-Retry-After"]
             msg = h.get("X-Sim-Body") or status_message(status)
+            if h.get("X-Sim-Echo-Auth", "").strip() == "1":
+                msg = self.with_echoed_auth(msg)
             self.answer(entry, status, error_body(status, msg), extra)
             return
 

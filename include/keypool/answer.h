@@ -15,6 +15,7 @@
 
 #include "keypool/http.h"
 #include "keypool/policy.h"
+#include "keypool/scrub.h"
 
 #define ANSWER_MAX_HEADERS      128
 #define ANSWER_MAX_BUFFERED     (1024 * 1024)   /* larger error bodies are relayed unjudged */
@@ -79,8 +80,14 @@ void answer_classify(const struct answer *a, const struct policy_config *pc, int
 /* A relayed non-SSE success: reads the token usage from the copy kept of its body. */
 void answer_count_usage(struct answer *a);
 
-/* A few words on what went wrong, without credentials ("" when nothing can be said). */
-void answer_error_summary(const struct answer *a, char *ret, size_t size);
+/* A few words on what went wrong, without credentials: scrub's secrets (scrub may be NULL) and
+ * anything shaped like one hidden ("" when nothing can be said). */
+void answer_error_summary(const struct answer *a, const struct scrub *scrub, char *ret, size_t size);
+
+/* Hides scrub's secrets in what of the body the client has not been sent (all of a buffered
+ * answer, the held bytes of a stream): providers echo what they were sent, the key included.
+ * The body shrinks or stays as it is; held follows. */
+void answer_scrub_unsent(struct answer *a, const struct scrub *scrub);
 
 /* The end-to-end headers for the client (hop-by-hop and X-Keypool-* dropped), at most max; the
  * names are copied NUL-terminated into names, the values point into a. Returns the count. */

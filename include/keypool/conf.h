@@ -47,6 +47,11 @@ struct config_provider {
         char **headers;                         /* static extra headers, "Name: value" */
         unsigned n_headers;
         char *probe_path;                       /* GET base_url + probe_path checks a key ("/models") */
+        char *ca_file;                          /* PEM bundle trusted instead of the system's; NULL */
+        char *ca_path;                          /* c_rehash'ed directory trusted as well; NULL */
+        char *proxy;                            /* outbound proxy URL; NULL: https_proxy etc. apply */
+        bool http2;                             /* offer HTTP/2 over TLS (true) */
+        bool tls_verify;                        /* verify the upstream's certificate and name (true) */
 };
 
 struct config_pool {

@@ -71,6 +71,7 @@ struct keytable;                /* process-local handle on the mapping */
 
 #define KEYTABLE_LATENCY_BUCKETS 12      /* ≤ 0.05 0.1 0.25 0.5 1 2.5 5 10 30 60 120 s, +Inf */
 #define KEYTABLE_ERROR_MAX       95
+#define KEYTABLE_LAG_BUCKETS     11      /* ≤ 0.1 0.25 0.5 1 2 5 10 25 100 1000 ms, +Inf */
 
 enum history_kind {
         HISTORY_NONE = 0,
@@ -143,6 +144,7 @@ struct keytable_outcome {
         uint64_t tokens_in, tokens_out;
         struct rate_figures figures;    /* what the answer said; RATE_FIGURES_UNKNOWN if nothing */
         const char *error;              /* a short, already sanitized error message, or NULL */
+        bool unconfirmed;               /* AUTH not yet confirmed by a probe: counted, no disable */
 };
 
 /* A state change made by a release or an acquire, to be logged outside the lock. */
@@ -270,6 +272,19 @@ unsigned keytable_slot_bank(const struct keytable *t, unsigned slot);
 void keytable_slot_set_stage(struct keytable *t, unsigned slot, enum worker_stage stage);
 void keytable_slot_heartbeat(struct keytable *t, unsigned slot, int64_t now_ms);
 void keytable_slot_count_request(struct keytable *t, unsigned slot);
+/* One step of the worker's event loop took usec. Counts survive the slot's reuse, so the sums
+ * over all slots only grow (a Prometheus counter's rule). */
+void keytable_slot_observe_lag(struct keytable *t, unsigned slot, uint64_t usec);
+
+/* The event loops' step times summed over every slot: buckets (not cumulative, the last one
+ * +Inf), their sum in µs and count. */
+struct keytable_lag {
+        uint64_t buckets[KEYTABLE_LAG_BUCKETS];
+        uint64_t sum_usec;
+        uint64_t count;
+};
+extern const uint64_t keytable_lag_bounds_usec[KEYTABLE_LAG_BUCKETS];
+void keytable_loop_lag(const struct keytable *t, struct keytable_lag *ret);
 
 /* Picks the pool's ready key used least recently (on a tie, the earlier in the list, so the
  * primary goes first), skipping keys at their max_concurrent or rpm limit, and counts a request
@@ -289,7 +304,8 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
  * auth/quota), VERDICT_OK resets its consecutive failures (and cools it, reason rate_limited,
  * when rest_ms > 0), VERDICT_TRANSIENT counts one and cools the key for transient_cooldown_ms
  * once transient_threshold come in a row, VERDICT_CALLER and VERDICT_NONE change nothing but the
- * in-flight count. Figures other than -1 are stored. ret_change may be NULL. */
+ * in-flight count. Figures other than -1 are stored. ret_change may be NULL. An unconfirmed
+ * VERDICT_AUTH (a caller's path refused, no probe yet) is counted but disables nothing. */
 void keytable_release(struct keytable *t, const struct keytable_lease *lease,
                       const struct keytable_outcome *o, int64_t now_ms,
                       struct keytable_change *ret_change);

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "keypool/scrub.h"
 #include "keypool/verdict.h"
 
 struct answer_header {
@@ -36,7 +37,10 @@ struct policy_config {
 /* Classifies one answer. A 2xx whose remaining requests or tokens figure is 0 is VERDICT_OK with
  * rest_ms until the matching reset (capped). A TRANSIENT answer with a retry hint (Retry-After on
  * 503, OpenRouter's in-flight budget 402) carries it in retry_after_ms. now_ms is the wall-clock time (ms since the epoch) used to turn
- * HTTP-dates and reset timestamps into durations. Always succeeds; writes ret. */
+ * HTTP-dates and reset timestamps into durations. Rate-limit words and retry hints in a body count
+ * only on 403, 429 and 5xx (in-band stream errors are judged by their equivalent status): in other
+ * 4xx answers providers quote the caller's request back, and the caller's text must never put a
+ * key to sleep. Always succeeds; writes ret. */
 void policy_classify(const struct upstream_answer *a, const struct policy_config *pc,
                      int64_t now_ms, struct verdict *ret);
 
@@ -74,7 +78,7 @@ int policy_sse_error(const char *event, size_t len, int *ret_status, const char 
                      size_t *ret_data_len);
 
 /* A short message for people from an error answer: error.message when the body is JSON (else the
- * raw text), printable ASCII only, white space folded, every word that looks like a credential
- * (sk-…, AIza…, or a long run of letters and digits) replaced by "[redacted]", cut to size - 1
- * bytes. Never fails; "" when there is nothing to say. */
-void policy_error_summary(const char *body, size_t len, char *ret, size_t size);
+ * raw text), scrubbed with scrub_text (every configured secret of scrub, which may be NULL, and
+ * everything shaped like a credential becomes "[redacted]"), printable ASCII only, white space
+ * folded, cut to size - 1 bytes. Never fails; "" when there is nothing to say (or no memory). */
+void policy_error_summary(const char *body, size_t len, const struct scrub *scrub, char *ret, size_t size);

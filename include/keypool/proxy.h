@@ -64,17 +64,24 @@ enum proxy_result {
         PROXY_RESULT_ANSWER = 1,        /* a complete non-success answer, kept whole to judge */
         PROXY_RESULT_STREAM,            /* a success, relayed as it arrived */
         PROXY_RESULT_HELD_ERROR,        /* an SSE stream whose first event was an error; held */
-        PROXY_RESULT_NO_ANSWER,         /* the transfer failed (connect, reset, …) */
+        PROXY_RESULT_NO_ANSWER,         /* the transfer failed (connect, reset, TLS, DNS, …) */
         PROXY_RESULT_TIMEOUT,           /* … or ran out of time */
         _PROXY_RESULT_MAX,
 };
 
 struct proxy_attempt_end {
         enum proxy_result result;
-        enum verdict_class cls;         /* the verdict (TRANSIENT when there was no answer) */
+        enum verdict_class cls;         /* the verdict (TRANSIENT when there was no answer, NONE
+                                         * when the failure blames no key) */
+        enum upstream_failure failure;  /* NO_ANSWER: which transport failure; INVALID: none said */
+        const char *failure_text;       /* … curl's full text of it, or NULL */
         int64_t retry_after_ms;         /* the verdict's retry hint, 0 when none */
         bool client_gone;
         bool bytes_sent;                /* the client has already seen bytes of this answer */
+        bool auth_unconfirmed;          /* AUTH on a path the caller chose: the pool's own probe
+                                         * has not confirmed that the key is refused */
+        bool refused_before;            /* an earlier attempt of this request was refused so */
+        bool other_keys;                /* the pool has another key to move to */
         unsigned attempts;              /* attempts made, this one included */
         unsigned transient_failures;    /* transient failures so far, this one included */
         uint32_t random;                /* any value: the backoff's jitter */
@@ -105,7 +112,10 @@ struct proxy_decision {
         int status;                     /* FAIL (next or otherwise) */
         const char *code;
         const char *message;
+        const char *detail;             /* FAIL: what follows the message (curl's text), or NULL */
         int64_t retry_after_s;          /* FAIL: a Retry-After for the client, 0 for none */
+        bool confirm_auth;              /* probe the key: only a refusal of the pool's own
+                                         * request disables it (whatever next is) */
 };
 
 void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,

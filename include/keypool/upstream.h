@@ -3,13 +3,20 @@
  * Owns the curl multi handle (and so the worker's pool of upstream connections, reused across
  * requests) and the glue that lets curl's sockets and timer live in sd-event:
  * CURLMOPT_SOCKETFUNCTION maps to io sources, CURLMOPT_TIMERFUNCTION to one time source. Callers
- * prepare easy handles; this module runs them and reports each one's end. Created only in a
- * worker, after fork: curl state never crosses a fork.
+ * prepare easy handles; this module runs them and reports each one's end. Also owns how a
+ * transfer reaches its provider (trust, proxy, HTTP version) and the worker's shared TLS
+ * sessions and CA store, and says which failures are the upstream's transport rather than a
+ * key's. Created only in a worker, after fork: curl state never crosses a fork.
  */
 #pragma once
 
+#include <stdbool.h>
+#include <stdint.h>
+
 #include <curl/curl.h>
 #include <systemd/sd-event.h>
+
+#include "keypool/conf.h"
 
 struct upstream;
 
@@ -17,8 +24,26 @@ struct upstream;
  * been removed from the multi handle; the callee owns easy again. */
 typedef void (*upstream_done_fn)(CURL *easy, CURLcode res, void *userdata);
 
-int upstream_new(sd_event *e, struct upstream **ret);
+/* What kind of transport failure a transfer's result is. */
+enum upstream_failure {
+        UPSTREAM_FAILURE_INVALID = 0,          /* not a failure (CURLE_OK) */
+        UPSTREAM_FAILURE_CERTIFICATE,           /* untrusted, expired, wrong name: configuration */
+        UPSTREAM_FAILURE_TLS,                   /* any other TLS failure (a handshake cut short) */
+        UPSTREAM_FAILURE_DNS,                   /* the name (or the proxy's) does not resolve */
+        UPSTREAM_FAILURE_OTHER,                 /* refused, reset, timed out, bad answer, … */
+        _UPSTREAM_FAILURE_MAX,
+};
+
+/* cfg must outlive the upstream (providers are named by their place in it). */
+int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret);
+/* Frees u once no transfer runs on it (cancel the running ones first). Easy handles whose
+ * transfers ended hold nothing of u and may be cleaned up before or after. */
 void upstream_free(struct upstream *u);
+
+/* Sets how easy reaches prov: CA file and directory, certificate checks, proxy (the environment's
+ * when prov has none), HTTP/2. Call before every upstream_start: handles move between
+ * providers. */
+void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov);
 
 /* Starts a transfer. userdata goes to done and is stored as CURLOPT_PRIVATE. */
 int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *userdata);
@@ -31,3 +56,14 @@ void upstream_resume(struct upstream *u, CURL *easy);
 
 /* Transfers running now. */
 unsigned upstream_running(const struct upstream *u);
+
+/* Which failure res is; pure. */
+enum upstream_failure upstream_failure_class(CURLcode res);
+
+/* curl's full description of the failure of the transfer whose done callback is running ("" when
+ * curl said nothing more than its code). */
+const char *upstream_error_text(const struct upstream *u);
+
+/* Rate limit for reporting prov's transport failures: true at most once per interval_ms. */
+bool upstream_report_due(struct upstream *u, const struct config_provider *prov, int64_t now_ms,
+                         int64_t interval_ms);

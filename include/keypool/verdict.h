@@ -22,6 +22,8 @@ struct verdict {
                                  * said the key has nothing left (remaining 0) until then */
         int hinted;             /* 1 when rest_ms came from the provider, 0 when it is the default */
         int64_t retry_after_ms; /* TRANSIENT: the provider's retry hint, 0 when none */
+        int unconfirmed;        /* AUTH on a path the caller chose: the key keeps its state until
+                                 * the pool's own probe confirms (policy never sets it) */
 };
 
 /* The most recent rate-limit figures a provider sent for a key. -1: not sent. */

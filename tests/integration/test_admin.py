@@ -87,9 +87,11 @@ class AdminTest(KeypoolTestCase):
     def test_probe_is_scheduled_at_once_and_restores_a_key_that_works_again(self):
         a, b = fake_secret(), fake_secret()
         self.start(a, b)
-        self.sim.set_rules({a: {"status": 401, "count": 1}})
+        # A caller's 401 disables the key once keypool's own probe is refused too.
+        self.sim.set_rules({a: {"status": 401, "count": 1, "models_status": 401}})
         self.assertEqual(self.chat_ok(), key_id(b))
-        self.assertEqual(self.kp.key(a)["reason"], "auth")
+        wait_for(lambda: self.kp.key(a)["reason"] == "auth", what="the confirming probe to disable the key")
+        self.sim.set_rules({a: None})
         before = len(self.sim.requests_with(a))
         doc = self.post_json(f"/api/keys/{key_id(a)}/probe", expect=202)
         self.assertIs(doc.get("probing"), True, doc)
@@ -102,7 +104,7 @@ class AdminTest(KeypoolTestCase):
         a, b = fake_secret("invalid-"), fake_secret()
         self.start(a, b)
         self.chat_ok()
-        self.assertEqual(self.kp.key(a)["state"], "disabled")
+        wait_for(lambda: self.kp.key(a)["state"] == "disabled", what="the confirming probe to disable the key")
         before = len(self.sim.requests_with(a))
         self.post_json(f"/api/keys/{key_id(a)}/probe", expect=202)
         wait_for(lambda: len(self.sim.requests_with(a)) > before,

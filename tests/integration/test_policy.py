@@ -235,12 +235,14 @@ class PolicyTest(KeypoolTestCase):
         self.start({"P": [quota, auth, still_quota, spare]}, settings={"probe_interval": 10})
         self.sim.set_rules({
             quota: {"status": 402, "count": 1, "models_status": 200},
-            auth: {"status": 401, "count": 1, "models_status": 200},
+            auth: {"status": 401, "count": 1, "models_status": 401},
             still_quota: {"status": 402, "models_status": 402},
         })
         h = self.chat_ok("P")
         self.assertEqual((h.get("x-keypool-key"), h.get("x-keypool-attempts")),
                          (key_id(spare), "4"))
+        # A caller's 401 disables its key once keypool's own probe is refused too.
+        wait_for(lambda: self.kp.key(auth)["state"] == "disabled", what="the 401 to be confirmed")
         for s, reason in ((quota, "quota"), (auth, "auth"), (still_quota, "quota")):
             k = self.kp.key(s)
             self.assertEqual((k["state"], k["reason"]), ("disabled", reason), k)
@@ -263,8 +265,8 @@ class PolicyTest(KeypoolTestCase):
         self.assertEqual((k["state"], k["reason"]), ("disabled", "quota"), k)
         k = self.kp.key(auth)
         self.assertEqual((k["state"], k["reason"]), ("disabled", "auth"), k)
-        self.assertEqual([e["method"] for e in self.sim.requests_with(auth)], ["POST"],
-                         "an auth key is not probed without probe_auth")
+        self.assertEqual([e["method"] for e in self.sim.requests_with(auth)], ["POST", "GET"],
+                         "an auth key is probed once to confirm, and never again without probe_auth")
         self.assertFalse(self.stderr_lines("enable", auth))
 
         # The enabled key serves again (its 402 is used up).
@@ -274,9 +276,10 @@ class PolicyTest(KeypoolTestCase):
     def test_auth_key_is_probed_and_enabled_with_probe_auth(self):
         auth, spare = fake_secret(), fake_secret()
         self.start({"P": [auth, spare]}, settings={"probe_interval": 10, "probe_auth": True})
-        self.sim.set_rules({auth: {"status": 401, "count": 1, "models_status": 200}})
+        self.sim.set_rules({auth: {"status": 401, "count": 1, "models_status": 401}})
         self.assertEqual(self.chat_ok("P").get("x-keypool-key"), key_id(spare))
-        self.assertEqual(self.kp.key(auth)["reason"], "auth")
+        wait_for(lambda: self.kp.key(auth)["reason"] == "auth", what="the 401 to be confirmed by a probe")
+        self.sim.set_rules({auth: {"models_status": 200}})
         wait_for(lambda: self.kp.key(auth)["state"] == "ready", timeout=25,
                  what="the auth key to be enabled again by a probe (probe_auth = true)")
         self.assertTrue(self.stderr_lines("enable", auth))
@@ -405,7 +408,8 @@ class PolicyTest(KeypoolTestCase):
                 a, b = fake_secret(), fake_secret()
                 self.start({"P": [a, b]},
                            settings={"rate_limit_phrases": phrases} if phrases else None)
-                self.sim.set_rules({a: {"status": 400, "body": "slow down, pal", "count": 1}})
+                # Words count only where providers put them (a 5xx here), never in a caller's 400.
+                self.sim.set_rules({a: {"status": 503, "body": "slow down, pal", "count": 1}})
                 status, h, body = self.chat("P")
                 if phrases:
                     self.assertEqual(status, 200, body)
@@ -418,8 +422,9 @@ class PolicyTest(KeypoolTestCase):
                     self.assertEqual((status, h.get("x-keypool-attempts")), (400, "1"), body)
                     self.assert_ready_and_untouched(b)
                 else:
-                    self.assertEqual((status, h.get("x-keypool-attempts")), (400, "1"), body)
-                    self.assert_ready_and_untouched(a)
+                    self.assertEqual((status, h.get("x-keypool-attempts")), (200, "2"), body)
+                    k = self.kp.key(a)
+                    self.assertEqual((k["state"], k["rate_limited"]), ("ready", 0), k)
 
     # --- account-wide limits, scope ---
 

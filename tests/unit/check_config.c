@@ -181,10 +181,58 @@ START_TEST(test_full_config_sets_every_field)
         expect_key(&cfg->pools[0].keys[0], "sk-or-v1-fake0000000000000000000000000001");
         expect_key(&cfg->pools[0].keys[1], "sk-test-fake-env-key");
         expect_key(&cfg->pools[0].keys[2], "sk-test-fake-file-key");
-        ck_assert_str_eq(cfg->pools[0].keys[0].masked, "sk-or-v1-fake00...001");
+        ck_assert_str_eq(cfg->pools[0].keys[0].masked, "sk-or-v1-...0001");
         ck_assert_str_eq(cfg->pools[1].name, "LOCAL");
         ck_assert_uint_eq(cfg->pools[1].provider, 1);
         ck_assert_uint_eq(cfg->pools[1].n_keys, 1);
+}
+END_TEST
+
+START_TEST(test_provider_transport_settings_are_read_and_default_to_verified_http2)
+{
+        char text[1024];
+
+        write_file("corp-ca.pem", "-----BEGIN CERTIFICATE-----\nfake\n-----END CERTIFICATE-----\n");
+        snprintf(text, sizeof text,
+                 "providers = ( { name = \"corp\"; base_url = \"https://llm.corp.example/v1\";\n"
+                 "  ca_file = \"%s/corp-ca.pem\"; ca_path = \"%s\"; proxy = \"http://user:fakepass@proxy:3128\";\n"
+                 "  http2 = false; },\n"
+                 "  { name = \"plain\"; base_url = \"https://api.example/v1\"; } );\n"
+                 "pools = ( { name = \"P\"; provider = \"corp\"; model = \"m/p\"; keys = [ \"sk-test-fake-p1\" ]; } );\n",
+                 dir, dir);
+        load_ok(text);
+        ck_assert_ptr_nonnull(strstr(cfg->providers[0].ca_file, "/corp-ca.pem"));
+        ck_assert_str_eq(cfg->providers[0].ca_path, dir);
+        ck_assert_str_eq(cfg->providers[0].proxy, "http://user:fakepass@proxy:3128");
+        ck_assert(!cfg->providers[0].http2);
+        ck_assert(cfg->providers[0].tls_verify);
+        ck_assert_ptr_null(cfg->providers[1].ca_file);
+        ck_assert_ptr_null(cfg->providers[1].proxy);
+        ck_assert(cfg->providers[1].http2);
+        ck_assert(cfg->providers[1].tls_verify);
+}
+END_TEST
+
+START_TEST(test_provider_ca_file_must_be_an_absolute_readable_file_and_a_proxy_is_never_quoted)
+{
+        load_fails("providers = ( { name = \"p\"; base_url = \"https://a.example/v1\"; ca_file = \"ca.pem\";\n"
+                   "  proxy = \"http://user:fake pass@proxy\"; } );\n" ONE_POOL);
+        expect("keypool.conf", 1, "ca_file must be an absolute path");
+        expect("keypool.conf", 2, "proxy must be a URL");
+        expect_secret_absent("fake pass");
+        load_fails("providers = ( { name = \"p\"; base_url = \"https://a.example/v1\";\n"
+                   "  ca_path = \"/nonexistent/keypool-cas\"; } );\n" ONE_POOL);
+        expect("keypool.conf", 2, "is not a readable directory");
+}
+END_TEST
+
+START_TEST(test_wiping_secrets_also_wipes_a_providers_proxy_password)
+{
+        load_ok("providers = ( { name = \"openrouter\"; base_url = \"https://openrouter.ai/api/v1\";\n"
+                "  proxy = \"http://user:fakepass@proxy:3128\"; } );\n" ONE_POOL);
+        config_wipe_secrets(cfg);
+        ck_assert_msg(cfg->providers[0].proxy[0] == 0, "the proxy URL, password and all, is wiped");
+        ck_assert_msg(cfg->pools[0].keys[0].secret[0] == 0, "keys are wiped too");
 }
 END_TEST
 
@@ -1930,6 +1978,9 @@ static Suite *config_suite(void) {
 
         tcase_add_checked_fixture(tc, setup, teardown);
         tcase_add_test(tc, test_full_config_sets_every_field);
+        tcase_add_test(tc, test_provider_transport_settings_are_read_and_default_to_verified_http2);
+        tcase_add_test(tc, test_provider_ca_file_must_be_an_absolute_readable_file_and_a_proxy_is_never_quoted);
+        tcase_add_test(tc, test_wiping_secrets_also_wipes_a_providers_proxy_password);
         tcase_add_test(tc, test_defaults_apply_to_settings_left_out);
         tcase_add_test(tc, test_socket_mode_takes_octal_strings_and_chmod_style_integers);
         tcase_add_test(tc, test_relative_paths_are_relative_to_the_config_directory);

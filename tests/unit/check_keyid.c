@@ -78,50 +78,75 @@ START_TEST(test_null_secret_with_a_length_is_rejected)
 }
 END_TEST
 
-START_TEST(test_long_key_is_masked_as_first_15_dots_and_last_3)
+static void id_of(const char *secret, char out[KEYID_ID_LEN + 1]) {
+        ck_assert_int_eq(keyid_fingerprint(secret, strlen(secret), out), 0);
+}
+
+START_TEST(test_long_key_shows_its_provider_prefix_and_last_4)
 {
         char m[KEYID_MASK_MAX + 1];
 
         keyid_mask(FAKE_KEY, strlen(FAKE_KEY), m);
-        ck_assert_str_eq(m, "sk-or-v1-f83a7e...8a7");
-        ck_assert_uint_eq(strlen(m), KEYID_MASK_MAX);
+        ck_assert_str_eq(m, "sk-or-v1-...08a7");
 }
 END_TEST
 
-START_TEST(test_key_of_24_characters_already_shows_its_head)
+START_TEST(test_key_of_24_characters_shows_only_its_id)
 {
-        char m[KEYID_MASK_MAX + 1];
+        char m[KEYID_MASK_MAX + 1], id[KEYID_ID_LEN + 1];
 
+        /* The old form showed 18 of these 24 characters: the 6 left are found from the id in
+         * seconds. */
+        id_of("abcdefghijklmnopqrstuvwx", id);
         keyid_mask("abcdefghijklmnopqrstuvwx", 24, m);
-        ck_assert_str_eq(m, "abcdefghijklmno...vwx");
-        keyid_mask("abcdefghijklmnopqrstuvw", 23, m);
-        ck_assert_str_eq(m, "...uvw");
+        ck_assert_str_eq(m, id);
 }
 END_TEST
 
-START_TEST(test_short_key_shows_only_its_last_3)
+START_TEST(test_mask_always_hides_three_quarters_and_24_characters_after_the_prefix)
 {
-        char m[KEYID_MASK_MAX + 1];
+        char secret[121], m[KEYID_MASK_MAX + 1];
 
-        keyid_mask("test-key-1", 10, m);
-        ck_assert_str_eq(m, "...y-1");
-        keyid_mask("fake1234", 8, m);
-        ck_assert_str_eq(m, "...234");
+        for (size_t len = 0; len <= 120; len++) {
+                for (size_t i = 0; i < len; i++)
+                        secret[i] = (char) ('a' + (i * 7) % 26);
+                secret[len] = 0;
+                keyid_mask(secret, len, m);
+                if (strncmp(m, "kp-", 3) == 0)
+                        continue;       /* only the id */
+                ck_assert_msg(strncmp(m, "...", 3) == 0, "len %zu: %s", len, m);
+                size_t shown = strlen(m) - 3;
+
+                ck_assert_msg(shown <= 4 && shown * 4 <= len && len - shown >= 24, "len %zu shows %zu", len, shown);
+        }
 }
 END_TEST
 
-START_TEST(test_very_short_key_shows_nothing_of_itself)
+START_TEST(test_short_keys_show_only_their_id)
 {
-        char m[KEYID_MASK_MAX + 1];
+        static const char *const keys[] = { "test-key-1", "fake1234", "sk-or-v1-fake-short-0123456789",
+                                            "AIzaFAKEFAKEFAKEFAKEFAKEFAKE" };
+        char m[KEYID_MASK_MAX + 1], id[KEYID_ID_LEN + 1];
 
-        keyid_mask("fake123", 7, m);
-        ck_assert_str_eq(m, "...");
-        keyid_mask("ab", 2, m);
-        ck_assert_str_eq(m, "...");
-        keyid_mask("", 0, m);
-        ck_assert_str_eq(m, "...");
+        for (size_t i = 0; i < sizeof keys / sizeof keys[0]; i++) {
+                id_of(keys[i], id);
+                keyid_mask(keys[i], strlen(keys[i]), m);
+                ck_assert_str_eq(m, id);
+        }
         keyid_mask(NULL, 0, m);
-        ck_assert_str_eq(m, "...");
+        id_of("", id);
+        ck_assert_str_eq(m, id);
+}
+END_TEST
+
+START_TEST(test_letters_only_and_dotted_keys_are_masked_like_any_other)
+{
+        char m[KEYID_MASK_MAX + 1];
+
+        keyid_mask("fakeabcdefghijklmnopqrstuvwxyzabcdefghij", 40, m);
+        ck_assert_str_eq(m, "...ghij");
+        keyid_mask("fake.letters.and.dots.only.key", 30, m);
+        ck_assert_str_eq(m, "....key");
 }
 END_TEST
 
@@ -130,7 +155,7 @@ START_TEST(test_mask_uses_only_the_given_length)
         char m[KEYID_MASK_MAX + 1];
 
         keyid_mask(FAKE_KEY "TAIL", strlen(FAKE_KEY), m);
-        ck_assert_str_eq(m, "sk-or-v1-f83a7e...8a7");
+        ck_assert_str_eq(m, "sk-or-v1-...08a7");
 }
 END_TEST
 
@@ -138,8 +163,8 @@ START_TEST(test_mask_shows_bytes_that_are_not_printable_ascii_as_question_marks)
 {
         char m[KEYID_MASK_MAX + 1];
 
-        keyid_mask("fake-key\t\xc3\xa9", 11, m);
-        ck_assert_str_eq(m, "...???");
+        keyid_mask("fake-key-fake-key-fake-key-fake-key\t\xc3\xa9", 38, m);
+        ck_assert_str_eq(m, "...y???");
 }
 END_TEST
 
@@ -147,7 +172,8 @@ START_TEST(test_mask_never_exceeds_its_buffer)
 {
         char secret[101], m[KEYID_MASK_MAX + 2];
 
-        memset(secret, 'f', sizeof(secret) - 1);
+        memcpy(secret, "sk-ant-api03-", 13);
+        memset(secret + 13, 'f', sizeof(secret) - 14);
         secret[100] = '\0';
         for (size_t len = 0; len <= 100; len++) {
                 m[KEYID_MASK_MAX + 1] = 'X';
@@ -155,6 +181,29 @@ START_TEST(test_mask_never_exceeds_its_buffer)
                 ck_assert_uint_le(strlen(m), KEYID_MASK_MAX);
                 ck_assert_int_eq(m[KEYID_MASK_MAX + 1], 'X');
         }
+}
+END_TEST
+
+START_TEST(test_weak_keys_are_named_and_strong_ones_are_not)
+{
+        ck_assert_ptr_nonnull(keyid_weak("sk-or-v1-short", 14));
+        ck_assert_ptr_nonnull(keyid_weak("sk-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", 35));
+        ck_assert_ptr_nonnull(keyid_weak("12345678901234567890123", 23));
+        ck_assert_ptr_nonnull(keyid_weak(NULL, 0));
+        ck_assert_ptr_null(keyid_weak(FAKE_KEY, strlen(FAKE_KEY)));
+        ck_assert_ptr_null(keyid_weak("fakeabcdefghijklmnopqrstuvwxyzabcdefghij", 40));
+}
+END_TEST
+
+START_TEST(test_provider_prefixes_are_recognised)
+{
+        ck_assert_uint_eq(keyid_prefix_len("sk-or-v1-abc", 12), 9);
+        ck_assert_uint_eq(keyid_prefix_len("sk-ant-api03-abc", 16), 13);
+        ck_assert_uint_eq(keyid_prefix_len("sk-abc", 6), 3);
+        ck_assert_uint_eq(keyid_prefix_len("AIzaXYZ", 7), 4);
+        ck_assert_uint_eq(keyid_prefix_len("gsk_x", 5), 4);
+        ck_assert_uint_eq(keyid_prefix_len("sk", 2), 0);
+        ck_assert_uint_eq(keyid_prefix_len("task-force", 10), 0);
 }
 END_TEST
 
@@ -178,13 +227,16 @@ static Suite *keyid_suite(void) {
         tcase_add_test(tc, test_id_is_stable_and_covers_only_the_given_length);
         tcase_add_test(tc, test_different_secrets_get_different_ids);
         tcase_add_test(tc, test_null_secret_with_a_length_is_rejected);
-        tcase_add_test(tc, test_long_key_is_masked_as_first_15_dots_and_last_3);
-        tcase_add_test(tc, test_key_of_24_characters_already_shows_its_head);
-        tcase_add_test(tc, test_short_key_shows_only_its_last_3);
-        tcase_add_test(tc, test_very_short_key_shows_nothing_of_itself);
+        tcase_add_test(tc, test_long_key_shows_its_provider_prefix_and_last_4);
+        tcase_add_test(tc, test_key_of_24_characters_shows_only_its_id);
+        tcase_add_test(tc, test_mask_always_hides_three_quarters_and_24_characters_after_the_prefix);
+        tcase_add_test(tc, test_short_keys_show_only_their_id);
+        tcase_add_test(tc, test_letters_only_and_dotted_keys_are_masked_like_any_other);
         tcase_add_test(tc, test_mask_uses_only_the_given_length);
         tcase_add_test(tc, test_mask_shows_bytes_that_are_not_printable_ascii_as_question_marks);
         tcase_add_test(tc, test_mask_never_exceeds_its_buffer);
+        tcase_add_test(tc, test_weak_keys_are_named_and_strong_ones_are_not);
+        tcase_add_test(tc, test_provider_prefixes_are_recognised);
         suite_add_tcase(s, tc);
         return s;
 }

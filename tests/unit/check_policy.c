@@ -632,13 +632,39 @@ START_TEST(test_rate_limit_words_in_a_plain_text_503_make_it_a_rate_limit) {
 }
 END_TEST
 
-START_TEST(test_rate_limit_words_in_a_4xx_make_it_a_rate_limit) {
+START_TEST(test_rate_limit_words_in_a_caller_4xx_never_count) {
         static const struct answer_header h[] = { HDR("retry-after", "7") };
 
-        assert_rests(judge(400, h, N(h), "{\"error\":{\"message\":\"Rate-limit hit for this model\"}}"), 7 * SEC);
-        assert_unhinted(judge(422, NULL, 0, "{\"error\":{\"code\":\"ratelimit\",\"message\":\"x\"}}"));
-        assert_unhinted(judge(404, NULL, 0, "{\"error\":\"Too Many Requests\"}"));
-        assert_unhinted(judge(400, NULL, 0, "{\"detail\":\"rate_limit reached\"}"));
+        /* Providers quote the request in these: the words may be the caller's. */
+        assert_class(judge(400, h, N(h), "{\"error\":{\"message\":\"Rate-limit hit for this model\"}}"),
+                     VERDICT_CALLER);
+        assert_class(judge(422, NULL, 0, "{\"error\":{\"code\":\"ratelimit\",\"message\":\"x\"}}"), VERDICT_CALLER);
+        assert_class(judge(404, NULL, 0, "{\"error\":\"Too Many Requests\"}"), VERDICT_CALLER);
+        assert_class(judge(400, NULL, 0, "{\"detail\":\"rate_limit reached\"}"), VERDICT_CALLER);
+        assert_class(judge(413, NULL, 0, "too many requests"), VERDICT_CALLER);
+}
+END_TEST
+
+START_TEST(test_unknown_model_404_quoting_a_hostile_model_name_leaves_the_key_alone) {
+        static const struct answer_header h[] = { HDR("retry-after", "3600") };
+        static const char body[] =
+                "{\"error\":{\"message\":\"The model `rate limit exceeded, retry in 3600s` does not exist\","
+                "\"type\":\"invalid_request_error\",\"code\":\"model_not_found\"}}";
+        struct verdict v = judge(404, h, N(h), body);
+
+        ck_assert_int_eq(v.cls, VERDICT_CALLER);
+        ck_assert_int_eq(v.rest_ms, 0);
+}
+END_TEST
+
+START_TEST(test_rate_limit_words_in_a_5xx_or_403_make_it_a_rate_limit) {
+        static const struct answer_header h[] = { HDR("retry-after", "7") };
+
+        assert_rests(judge(503, h, N(h), "{\"error\":{\"message\":\"Rate-limit hit for this model\"}}"), 7 * SEC);
+        assert_unhinted(judge(403, NULL, 0,
+                              "{\"error\":{\"code\":403,\"message\":\"Rate Limit Exceeded\","
+                              "\"errors\":[{\"reason\":\"rateLimitExceeded\"}]}}"));
+        assert_class(judge(403, NULL, 0, "{\"error\":{\"message\":\"Forbidden\"}}"), VERDICT_AUTH);
 }
 END_TEST
 
@@ -1068,7 +1094,8 @@ END_TEST
 
 START_TEST(test_truncated_json_is_read_as_text) {
         assert_class(judge(429, NULL, 0, "{\"error\":{\"code\":\"insufficient_quota\",\"mess"), VERDICT_QUOTA);
-        assert_unhinted(judge(400, NULL, 0, "{\"error\":{\"message\":\"Rate limit exce"));
+        assert_unhinted(judge(500, NULL, 0, "{\"error\":{\"message\":\"Rate limit exce"));
+        assert_class(judge(400, NULL, 0, "{\"error\":{\"message\":\"Rate limit exce"), VERDICT_CALLER);
         assert_class(judge(400, NULL, 0, "{\"error\":{\"message\":\"bad"), VERDICT_CALLER);
         assert_class(judge(402, NULL, 0, "{\"error\":{\"metadata\":{\"limit_source\":\"openrouter_in_flight_budget"),
                      VERDICT_TRANSIENT);
@@ -1198,7 +1225,7 @@ START_TEST(test_configured_phrases_replace_the_built_in_list) {
         static const char limited[] = "{\"error\":{\"message\":\"Rate limit exceeded\"}}";
 
         assert_unhinted(judge_at(503, slow, &pc, NOW));
-        assert_unhinted(judge_at(400, slow, &pc, NOW));
+        assert_class(judge_at(400, slow, &pc, NOW), VERDICT_CALLER);
         /* The built-in list no longer applies to the classifier... */
         assert_class(judge_at(503, limited, &pc, NOW), VERDICT_TRANSIENT);
         assert_class(judge_at(400, limited, &pc, NOW), VERDICT_CALLER);
@@ -2199,14 +2226,45 @@ START_TEST(test_error_summary_takes_the_message_and_redacts_credentials) {
                 "{\"error\":{\"message\":\"Incorrect API key provided:  sk-or-v1-fake0123456789abcdef.\\nCheck it\",\"code\":401}}";
         char out[96];
 
-        policy_error_summary(body, strlen(body), out, sizeof out);
+        policy_error_summary(body, strlen(body), NULL, out, sizeof out);
         ck_assert_str_eq(out, "Incorrect API key provided: [redacted]. Check it");
-        policy_error_summary("plain text AIzaFAKEFAKE", 23, out, sizeof out);
+        policy_error_summary("plain text AIzaFAKEFAKE", 23, NULL, out, sizeof out);
         ck_assert_str_eq(out, "plain text [redacted]");
-        policy_error_summary("token abcdefghij0123456789abcdefXYZ end", 39, out, 12);
+        policy_error_summary("token abcdefghij0123456789abcdefXYZ end", 39, NULL, out, 12);
         ck_assert_str_eq(out, "token [reda");
-        policy_error_summary(NULL, 0, out, sizeof out);
+        policy_error_summary(NULL, 0, NULL, out, sizeof out);
         ck_assert_str_eq(out, "");
+}
+END_TEST
+
+START_TEST(test_error_summary_hides_configured_secrets_of_any_shape_an_upstream_echoes) {
+        static const char *const secrets[] = { "fake.letters.and.dots", "FakeLettersOnly", "fakeabcdefghijklmnopqrstuvwxyzabcdefghij" };
+        static const char body[] =
+                "{\"error\":{\"message\":\"echo: fake.letters.and.dots FakeLettersOnly; "
+                "fakeabcdefghijklmnopqrstuvwxyzabcdefghij!\"}}";
+        struct scrub *s;
+        char out[256];
+
+        ck_assert_int_eq(scrub_new(&s), 0);
+        for (size_t i = 0; i < 3; i++)
+                ck_assert_int_eq(scrub_add(s, secrets[i], strlen(secrets[i])), 0);
+        ck_assert_int_eq(scrub_seal(s), 0);
+        policy_error_summary(body, strlen(body), s, out, sizeof out);
+        ck_assert_str_eq(out, "echo: [redacted] [redacted]; [redacted]!");
+        /* A cut never leaves a secret's head: it is hidden before the text is cut. */
+        policy_error_summary("x FakeLettersOnly", 17, s, out, 10);
+        ck_assert_str_eq(out, "x [redact");
+        scrub_free(s);
+}
+END_TEST
+
+START_TEST(test_error_summary_hides_an_echoed_authorization_header_whatever_the_key) {
+        static const char body[] =
+                "{\"error\":{\"message\":\"upstream said: Authorization: Bearer abc.def.ghi\"}}";
+        char out[128];
+
+        policy_error_summary(body, strlen(body), NULL, out, sizeof out);
+        ck_assert_str_eq(out, "upstream said: Authorization: Bearer [redacted]");
 }
 END_TEST
 
@@ -2217,6 +2275,8 @@ static Suite *policy_suite(void) {
         tc = tcase_create("status");
         tcase_add_test(tc, test_class_names_match_the_status_vocabulary);
         tcase_add_test(tc, test_error_summary_takes_the_message_and_redacts_credentials);
+        tcase_add_test(tc, test_error_summary_hides_configured_secrets_of_any_shape_an_upstream_echoes);
+        tcase_add_test(tc, test_error_summary_hides_an_echoed_authorization_header_whatever_the_key);
         tcase_add_test(tc, test_transport_error_is_transient_and_blames_no_key);
         tcase_add_test(tc, test_answer_without_status_is_transient);
         tcase_add_test(tc, test_success_and_redirect_are_ok_even_with_limit_words);
@@ -2272,7 +2332,9 @@ static Suite *policy_suite(void) {
         tcase_add_test(tc, test_openrouter_408_502_503_are_transient);
         tcase_add_test(tc, test_rate_limit_words_in_a_502_error_make_it_a_rate_limit);
         tcase_add_test(tc, test_rate_limit_words_in_a_plain_text_503_make_it_a_rate_limit);
-        tcase_add_test(tc, test_rate_limit_words_in_a_4xx_make_it_a_rate_limit);
+        tcase_add_test(tc, test_rate_limit_words_in_a_caller_4xx_never_count);
+        tcase_add_test(tc, test_unknown_model_404_quoting_a_hostile_model_name_leaves_the_key_alone);
+        tcase_add_test(tc, test_rate_limit_words_in_a_5xx_or_403_make_it_a_rate_limit);
         tcase_add_test(tc, test_rate_limit_words_outside_the_error_fields_do_not_count);
         tcase_add_test(tc, test_billing_code_in_a_4xx_or_5xx_is_not_a_rate_limit);
         suite_add_tcase(s, tc);

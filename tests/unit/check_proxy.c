@@ -16,6 +16,7 @@
 #include "keypool/answer.h"
 #include "keypool/conf.h"
 #include "keypool/proxy.h"
+#include "keypool/scrub.h"
 
 #define N(arr) (sizeof(arr) / sizeof((arr)[0]))
 
@@ -50,6 +51,10 @@ struct decide_row {
         int status;                     /* FAIL, or RETRY otherwise FAIL */
         const char *code;
         int64_t delay_min, delay_max;   /* RETRY rows only */
+        bool auth_unconfirmed, refused_before, other_keys;
+        bool confirm_auth;              /* the key is to be probed */
+        enum upstream_failure failure;  /* NO_ANSWER rows: which transport failure */
+        const char *message_has;        /* FAIL: a word the message must carry */
 };
 
 static void check_row(const struct decide_row *row) {
@@ -57,13 +62,17 @@ static void check_row(const struct decide_row *row) {
                 .result = row->result, .cls = row->cls, .retry_after_ms = row->retry_after_ms,
                 .client_gone = row->client_gone, .bytes_sent = row->bytes_sent,
                 .attempts = row->attempts, .transient_failures = row->transient_failures,
-                .random = 0x12345678,
+                .auth_unconfirmed = row->auth_unconfirmed, .refused_before = row->refused_before,
+                .other_keys = row->other_keys, .failure = row->failure,
+                .failure_text = row->failure ? "curl's own words" : NULL, .random = 0x12345678,
         };
         struct proxy_decision d;
 
         proxy_decide(&a, &limits, &d);
         ck_assert_msg(d.next == row->next, "%s: expected %s, got %s", row->what, next_name(row->next),
                       next_name(d.next));
+        ck_assert_msg(d.confirm_auth == row->confirm_auth, "%s: expected %s", row->what,
+                      row->confirm_auth ? "a confirmation probe" : "no confirmation probe");
         if (row->next == PROXY_NEXT_RETRY) {
                 ck_assert_msg(d.otherwise == row->otherwise, "%s: expected otherwise %s, got %s", row->what,
                               next_name(row->otherwise), next_name(d.otherwise));
@@ -78,6 +87,12 @@ static void check_row(const struct decide_row *row) {
                               row->what, row->code, d.code ? d.code : "(null)");
                 ck_assert_msg(d.message && d.message[0], "%s: a failure says why", row->what);
         }
+        if (row->message_has)
+                ck_assert_msg(strstr(d.message, row->message_has) != NULL, "%s: expected '%s' in '%s'", row->what,
+                              row->message_has, d.message);
+        if (row->failure && row->failure != UPSTREAM_FAILURE_OTHER && row->status)
+                ck_assert_msg(d.detail && strcmp(d.detail, "curl's own words") == 0,
+                              "%s: curl's text follows the message", row->what);
 }
 
 static void check_rows(const struct decide_row *rows, size_t n) {
@@ -232,6 +247,78 @@ START_TEST(test_gone_client_gets_nothing_more_whatever_the_outcome) {
                 { "429", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 1, 0, .client_gone = true, .next = PROXY_NEXT_DROP },
                 { "no answer", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 1, 1, .client_gone = true,
                   .next = PROXY_NEXT_DROP },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_certificate_failure_fails_at_once_naming_tls) {
+        static const struct decide_row rows[] = {
+                { "untrusted certificate", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_CERTIFICATE, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_tls_failure", .message_has = "TLS" },
+                { "certificate failure on a later attempt", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 3, 2,
+                  .failure = UPSTREAM_FAILURE_CERTIFICATE, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_tls_failure", .message_has = "certificate" },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_tls_and_dns_failures_are_retried_then_answered_502_naming_them) {
+        static const struct decide_row rows[] = {
+                { "handshake cut short, first failure", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 502, .code = "upstream_tls_failure", .message_has = "TLS",
+                  .delay_min = 900, .delay_max = 1100 },
+                { "handshake cut short, retries exhausted", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 5, 5,
+                  .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_tls_failure", .message_has = "TLS" },
+                { "name does not resolve, first failure", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_DNS, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 502, .code = "upstream_dns_failure", .message_has = "DNS",
+                  .delay_min = 900, .delay_max = 1100 },
+                { "name does not resolve, retries exhausted", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 5, 5,
+                  .failure = UPSTREAM_FAILURE_DNS, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_dns_failure", .message_has = "DNS" },
+                { "refused is still unreachable", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 5, 5,
+                  .failure = UPSTREAM_FAILURE_OTHER, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_unreachable" },
+                { "TLS failure after bytes went out", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .bytes_sent = true, .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_CUT },
+                { "certificate failure after the client left", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .client_gone = true, .failure = UPSTREAM_FAILURE_CERTIFICATE, .next = PROXY_NEXT_DROP },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_refusal_of_the_callers_path_moves_once_and_asks_the_probe) {
+        static const struct decide_row rows[] = {
+                { "first 401, another key", PROXY_RESULT_ANSWER, VERDICT_AUTH, 1, 0, .auth_unconfirmed = true,
+                  .other_keys = true, .next = PROXY_NEXT_ROTATE, .confirm_auth = true },
+                { "first 403 event held, another key", PROXY_RESULT_HELD_ERROR, VERDICT_AUTH, 1, 0,
+                  .auth_unconfirmed = true, .other_keys = true, .next = PROXY_NEXT_ROTATE, .confirm_auth = true },
+                { "second refusal goes to the caller", PROXY_RESULT_ANSWER, VERDICT_AUTH, 2, 0,
+                  .auth_unconfirmed = true, .refused_before = true, .other_keys = true,
+                  .next = PROXY_NEXT_ANSWER, .confirm_auth = true },
+                { "second refusal held goes to the caller", PROXY_RESULT_HELD_ERROR, VERDICT_AUTH, 2, 0,
+                  .auth_unconfirmed = true, .refused_before = true, .other_keys = true,
+                  .next = PROXY_NEXT_STREAM_END, .confirm_auth = true },
+                { "401 in a single-key pool goes to the caller", PROXY_RESULT_ANSWER, VERDICT_AUTH, 1, 0,
+                  .auth_unconfirmed = true, .next = PROXY_NEXT_ANSWER, .confirm_auth = true },
+                { "401 at the attempt limit", PROXY_RESULT_ANSWER, VERDICT_AUTH, 32, 0, .auth_unconfirmed = true,
+                  .other_keys = true, .next = PROXY_NEXT_ANSWER, .confirm_auth = true },
+                { "401 event in mid-stream", PROXY_RESULT_STREAM, VERDICT_AUTH, 1, 0, .bytes_sent = true,
+                  .auth_unconfirmed = true, .other_keys = true, .next = PROXY_NEXT_STREAM_END,
+                  .confirm_auth = true },
+                { "401 after the client left", PROXY_RESULT_ANSWER, VERDICT_AUTH, 1, 0, .client_gone = true,
+                  .auth_unconfirmed = true, .other_keys = true, .next = PROXY_NEXT_DROP, .confirm_auth = true },
+                { "a 429 after a refusal still rotates", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 2, 0,
+                  .refused_before = true, .other_keys = true, .next = PROXY_NEXT_ROTATE },
         };
 
         check_rows(rows, N(rows));
@@ -436,6 +523,54 @@ START_TEST(test_reset_empties_the_answer_but_keeps_small_buffers) {
 }
 END_TEST
 
+static struct scrub *scrub_of(const char *secret) {
+        struct scrub *s = NULL;
+
+        ck_assert_int_eq(scrub_new(&s), 0);
+        ck_assert_int_eq(scrub_add(s, secret, strlen(secret)), 0);
+        ck_assert_int_eq(scrub_seal(s), 0);
+        return s;
+}
+
+START_TEST(test_buffered_error_answer_loses_the_echoed_key_before_it_is_relayed) {
+        static const char *const lines[] = { "HTTP/1.1 401 Unauthorized\r\n", "\r\n" };
+        static const char secret[] = "FakeKeyForScrubbingTestsOnly";
+        static const char body[] = "{\"error\":\"bad key FakeKeyForScrubbingTestsOnly\"}";
+        struct scrub *s = scrub_of(secret);
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_int_eq(a.mode, ANSWER_BUFFER);
+        ck_assert_int_eq(answer_append(&a, body, strlen(body)), 0);
+        answer_scrub_unsent(&a, s);
+        ck_assert_ptr_null(strstr(a.body, secret));
+        ck_assert_ptr_nonnull(strstr(a.body, "bad key [redacted]"));
+        ck_assert_uint_eq(a.body_len, strlen(a.body));
+        answer_free(&a);
+        scrub_free(s);
+}
+END_TEST
+
+START_TEST(test_held_error_event_loses_the_echoed_key_and_stays_held) {
+        static const char *const lines[] = { "HTTP/1.1 200 OK\r\n", "Content-Type: text/event-stream\r\n", "\r\n" };
+        static const char secret[] = "FakeKeyForScrubbingTestsOnly";
+        static const char event[] = "data: {\"error\":{\"code\":401,\"message\":\"FakeKeyForScrubbingTestsOnly\"}}\n\n";
+        struct scrub *s = scrub_of(secret);
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_msg(a.holding, "the first event is held");
+        ck_assert_int_eq(answer_append(&a, event, strlen(event)), 0);
+        a.held = a.body_len;
+        answer_scrub_unsent(&a, s);
+        ck_assert_ptr_null(strstr(a.body, secret));
+        ck_assert_uint_eq(a.held, a.body_len);
+        ck_assert_uint_eq(a.body_len, strlen(a.body));
+        answer_free(&a);
+        scrub_free(s);
+}
+END_TEST
+
 /* --- the request as it goes upstream ----------------------------------------------------- */
 
 static void check_rewrite(const char *body, const char *model_id, const char *expected) {
@@ -525,6 +660,9 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_relayed_success_ends_the_stream_whatever_it_carried);
         tcase_add_test(tc, test_caller_error_is_relayed_as_it_came);
         tcase_add_test(tc, test_gone_client_gets_nothing_more_whatever_the_outcome);
+        tcase_add_test(tc, test_refusal_of_the_callers_path_moves_once_and_asks_the_probe);
+        tcase_add_test(tc, test_certificate_failure_fails_at_once_naming_tls);
+        tcase_add_test(tc, test_tls_and_dns_failures_are_retried_then_answered_502_naming_them);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("answer");
@@ -540,6 +678,8 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_client_gets_end_to_end_headers_only);
         tcase_add_test(tc, test_new_status_line_starts_a_new_answer);
         tcase_add_test(tc, test_reset_empties_the_answer_but_keeps_small_buffers);
+        tcase_add_test(tc, test_buffered_error_answer_loses_the_echoed_key_before_it_is_relayed);
+        tcase_add_test(tc, test_held_error_event_loses_the_echoed_key_and_stays_held);
         suite_add_tcase(s, tc);
 
         tc = tcase_create("upstream_request");

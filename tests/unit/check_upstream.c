@@ -1,5 +1,6 @@
 /* check_upstream.c — the curl multi handle driven by sd-event: transfers start, end, fail,
- * pause, get cancelled, and share connections.
+ * pause, get cancelled, and share connections; and which transport failures are the upstream's
+ * configuration, not a key's.
  *
  * The upstream is a tiny HTTP/1.1 server written here, listening on 127.0.0.1 and served from the
  * same sd-event loop as the multi handle, so one thread drives both ends. What it answers depends
@@ -54,6 +55,7 @@ struct xfer {
         bool fail_in_write;             /* the first write refuses the data */
         bool abort_in_progress;         /* progress callback aborts once data came in */
         unsigned repeat;                /* done starts the same handle again until n_done reaches it */
+        char error_text[CURL_ERROR_SIZE]; /* upstream_error_text as done saw it */
 };
 
 static struct harness {
@@ -241,6 +243,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         ck_assert_msg(x->running, "done called for a transfer that is not running");
         x->running = false;
         x->res = res;
+        snprintf(x->error_text, sizeof x->error_text, "%s", upstream_error_text(H.up));
         x->n_done++;
         if (x->n_done < x->repeat)
                 xfer_start(x);
@@ -305,11 +308,14 @@ static long connects_made(const struct xfer *x) {
 
 /* --- fixture ----------------------------------------------------------------------------- */
 
+static struct config_provider providers[2] = { { .name = "first" }, { .name = "second" } };
+static const struct config config = { .providers = providers, .n_providers = 2 };
+
 static void setup(void) {
         H = (struct harness) { .listen_fd = -1 };
         ck_assert_int_eq(curl_global_init(CURL_GLOBAL_DEFAULT), CURLE_OK);
         ck_assert_int_ge(sd_event_new(&H.event), 0);
-        ck_assert_int_eq(upstream_new(H.event, &H.up), 0);
+        ck_assert_int_eq(upstream_new(H.event, &config, &H.up), 0);
         H.listen_fd = bound_socket(&H.port);
         ck_assert_int_eq(listen(H.listen_fd, 128), 0);
         ck_assert_int_ge(sd_event_add_io(H.event, &H.listen_source, H.listen_fd, EPOLLIN, on_srv_accept, NULL), 0);
@@ -443,6 +449,30 @@ START_TEST(test_connection_refused_is_reported_as_couldnt_connect)
 }
 END_TEST
 
+START_TEST(test_done_callback_reads_curls_full_text_of_the_failure)
+{
+        unsigned short port;
+        int fd = bound_socket(&port);
+        struct xfer *x = xfer_new_on(port, "/ok/x");
+
+        xfer_run(x);
+        ck_assert_int_eq(x->res, CURLE_COULDNT_CONNECT);
+        ck_assert_msg(strstr(x->error_text, "127.0.0.1") != NULL,
+                      "the text names what failed, beyond curl's code: '%s'", x->error_text);
+        ck_assert_str_eq(upstream_error_text(H.up), "");
+        close(fd);
+}
+END_TEST
+
+START_TEST(test_transport_failures_are_reported_once_per_interval_and_provider)
+{
+        ck_assert(upstream_report_due(H.up, &providers[0], 1000, 60000));
+        ck_assert(!upstream_report_due(H.up, &providers[0], 30000, 60000));
+        ck_assert_msg(upstream_report_due(H.up, &providers[1], 30000, 60000), "each provider has its own interval");
+        ck_assert(upstream_report_due(H.up, &providers[0], 61000, 60000));
+}
+END_TEST
+
 START_TEST(test_upstream_closing_mid_answer_is_reported_as_partial)
 {
         struct xfer *x = xfer_new("/truncate");
@@ -536,10 +566,65 @@ START_TEST(test_paused_transfer_waits_and_completes_after_resume)
 }
 END_TEST
 
+START_TEST(test_handle_kept_after_its_transfer_can_be_freed_after_the_upstream)
+{
+        struct xfer *x = xfer_new("/ok/kept");
+
+        /* Like the proxy's spare handles: the handle outlives the upstream, and neither the
+         * upstream's share (TLS sessions, DNS) nor anything else of it stays pinned by it. */
+        upstream_configure(H.up, x->easy, &(struct config_provider) {
+                .name = "plain", .base_url = "http://127.0.0.1", .http2 = true, .tls_verify = true,
+        });
+        xfer_run(x);
+        assert_ok_with_body(x, "/ok/kept");
+        upstream_free(H.up);
+        H.up = NULL;
+}
+END_TEST
+
+/* --- which failures blame no key (pure) ---------------------------------------------------- */
+
+START_TEST(test_certificate_problems_are_certificate_failures)
+{
+        /* Unknown CA, wrong name and expired all arrive as CURLE_PEER_FAILED_VERIFICATION. */
+        ck_assert_int_eq(upstream_failure_class(CURLE_PEER_FAILED_VERIFICATION), UPSTREAM_FAILURE_CERTIFICATE);
+        ck_assert_int_eq(upstream_failure_class(CURLE_SSL_CACERT_BADFILE), UPSTREAM_FAILURE_CERTIFICATE);
+        ck_assert_int_eq(upstream_failure_class(CURLE_SSL_PINNEDPUBKEYNOTMATCH), UPSTREAM_FAILURE_CERTIFICATE);
+}
+END_TEST
+
+START_TEST(test_a_failed_handshake_is_a_tls_failure_that_may_mend)
+{
+        ck_assert_int_eq(upstream_failure_class(CURLE_SSL_CONNECT_ERROR), UPSTREAM_FAILURE_TLS);
+}
+END_TEST
+
+START_TEST(test_unresolvable_names_are_dns_failures)
+{
+        ck_assert_int_eq(upstream_failure_class(CURLE_COULDNT_RESOLVE_HOST), UPSTREAM_FAILURE_DNS);
+        ck_assert_int_eq(upstream_failure_class(CURLE_COULDNT_RESOLVE_PROXY), UPSTREAM_FAILURE_DNS);
+}
+END_TEST
+
+START_TEST(test_refused_reset_and_timed_out_are_other_failures)
+{
+        ck_assert_int_eq(upstream_failure_class(CURLE_COULDNT_CONNECT), UPSTREAM_FAILURE_OTHER);
+        ck_assert_int_eq(upstream_failure_class(CURLE_RECV_ERROR), UPSTREAM_FAILURE_OTHER);
+        ck_assert_int_eq(upstream_failure_class(CURLE_OPERATION_TIMEDOUT), UPSTREAM_FAILURE_OTHER);
+        ck_assert_int_eq(upstream_failure_class(CURLE_HTTP2), UPSTREAM_FAILURE_OTHER);
+}
+END_TEST
+
+START_TEST(test_success_is_no_failure)
+{
+        ck_assert_int_eq(upstream_failure_class(CURLE_OK), UPSTREAM_FAILURE_INVALID);
+}
+END_TEST
+
 static Suite *upstream_suite(void) {
         Suite *s = suite_create("upstream");
         TCase *ok = tcase_create("transfers"), *bad = tcase_create("failures"),
-              *ctl = tcase_create("control");
+              *ctl = tcase_create("control"), *cls = tcase_create("failure_class");
 
         tcase_add_checked_fixture(ok, setup, teardown);
         tcase_add_test(ok, test_transfer_completes_and_done_gets_the_easy_handle_back);
@@ -552,6 +637,8 @@ static Suite *upstream_suite(void) {
 
         tcase_add_checked_fixture(bad, setup, teardown);
         tcase_add_test(bad, test_connection_refused_is_reported_as_couldnt_connect);
+        tcase_add_test(bad, test_done_callback_reads_curls_full_text_of_the_failure);
+        tcase_add_test(bad, test_transport_failures_are_reported_once_per_interval_and_provider);
         tcase_add_test(bad, test_upstream_closing_mid_answer_is_reported_as_partial);
         tcase_add_test(bad, test_silent_upstream_times_out_through_the_timer);
         tcase_add_test(bad, test_write_callback_refusing_data_ends_the_transfer_with_write_error);
@@ -562,7 +649,15 @@ static Suite *upstream_suite(void) {
         tcase_add_test(ctl, test_cancelled_transfer_never_calls_done_and_its_connection_is_dropped);
         tcase_add_test(ctl, test_cancelled_easy_handle_can_be_started_again);
         tcase_add_test(ctl, test_paused_transfer_waits_and_completes_after_resume);
+        tcase_add_test(ctl, test_handle_kept_after_its_transfer_can_be_freed_after_the_upstream);
         suite_add_tcase(s, ctl);
+
+        tcase_add_test(cls, test_certificate_problems_are_certificate_failures);
+        tcase_add_test(cls, test_a_failed_handshake_is_a_tls_failure_that_may_mend);
+        tcase_add_test(cls, test_unresolvable_names_are_dns_failures);
+        tcase_add_test(cls, test_refused_reset_and_timed_out_are_other_failures);
+        tcase_add_test(cls, test_success_is_no_failure);
+        suite_add_tcase(s, cls);
         return s;
 }
 
