@@ -1097,15 +1097,13 @@ static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-/* The peer stopped sending while a request of its is being served. Over a UNIX socket a client
- * that is gone shows as HUP, so this is a half-close (nc -N, HTTP/1.0 clients): the answer is
- * still wanted. Over TCP a FIN looks the same either way, and clients that half-close are rare:
- * treat it as gone, so an abandoned upstream call stops at once. */
+/* The peer stopped sending while a request of its is being served: a half-close (nc -N,
+ * HTTP/1.0-style clients), and every request it sent before is still answered. Over a UNIX
+ * socket a client that is gone shows as HUP instead. Over TCP a FIN looks the same whether the
+ * client waits for its answer or has gone; one that has gone is found when the answer is
+ * written (EPIPE, a reset), and until then its upstream call runs, bounded by its timeouts:
+ * that is the price of never dropping a half-closed client's requests. */
 static void peer_stopped_sending(struct http_conn *c) {
-        if (c->peer.tcp) {
-                conn_close(c);
-                return;
-        }
         /* Whatever it sent before is still answered (conn_next closes once pending is used). */
         c->half_closed = true;
         conn_update_events(c);
