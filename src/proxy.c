@@ -102,6 +102,7 @@ struct proxy_request {
         int64_t deadline_ms;            /* waiting for a key ends here */
 
         struct proxy_request *queue_next, *queue_prev;
+        uint64_t ticket;                /* its place among every worker's waiters, 0 never waited */
         sd_event_source *timer;         /* the waiting deadline, or the backoff */
 
         CURL *easy;
@@ -283,6 +284,7 @@ static void queue_unlink(struct proxy_request *pr) {
         pr->queue_next = pr->queue_prev = NULL;
         p->waiting--;
         keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
+        keytable_slot_set_wait_head(p->w.table, p->w.slot, pr->pool, q->head ? q->head->ticket : 0);
 }
 
 /* The request's one transition. What the new step does not own is let go of here: the queue
@@ -813,6 +815,8 @@ static void enqueue(struct proxy_request *pr) {
         struct proxy_queue *q = &p->queues[pr->pool];
 
         set_step(pr, STEP_WAITING);
+        /* Tickets only grow, so the queue stays in ticket order and its head is its oldest. */
+        pr->ticket = keytable_wait_ticket(p->w.table, p->w.slot, pr->pool);
         pr->queue_next = NULL;
         pr->queue_prev = q->tail;
         if (q->tail)
@@ -822,6 +826,7 @@ static void enqueue(struct proxy_request *pr) {
         q->tail = pr;
         p->waiting++;
         keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
+        keytable_slot_set_wait_head(p->w.table, p->w.slot, pr->pool, q->head->ticket);
 }
 
 static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
@@ -873,8 +878,8 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         int r;
 
         *ret_wait = (struct keytable_wait) {};
-        r = keytable_acquire(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
-                             &pr->lease, ret_wait, &change);
+        r = keytable_acquire_waiter(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
+                                    pr->ticket, &pr->lease, ret_wait, &change);
         if (change.changed)
                 log_change(pr, &change, NULL);
         if (r == -EAGAIN)
