@@ -833,6 +833,27 @@ int keytable_bank_commit(struct keytable *t) {
         return 0;
 }
 
+int keytable_bank_revert(struct keytable *t) {
+        unsigned cur, other;
+
+        if (!t)
+                return -EINVAL;
+
+        kt_header_lock(t);
+        cur = kt_bank_current(t);
+        other = cur ^ 1u;
+        if (kt_bank_fill(t) != cur || kt_bank_n_pools(t, other) == 0) {
+                kt_header_unlock(t);
+                return -EINVAL;
+        }
+        /* The other bank was not refilled since it was current: keytable_bank_begin is the
+         * only way to do that, and it would have made it the one being filled. */
+        KT_STORE(&t->hdr->fill, other);
+        KT_STORE(&t->hdr->bank, other);
+        kt_header_unlock(t);
+        return 0;
+}
+
 void keytable_bank_abort(struct keytable *t) {
         unsigned fill, cur;
 

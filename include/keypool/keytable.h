@@ -248,6 +248,10 @@ int keytable_bank_begin(struct keytable *t);
 /* The filled bank becomes current: readers switch at once, slots claimed from now on use it.
  * -EINVAL when no bank is being filled. */
 int keytable_bank_commit(struct keytable *t);
+/* Undoes the last commit: the bank current before it is current again (and being filled), for
+ * a reload whose new generation never served. Slots keep the bank they were claimed with.
+ * -EINVAL when a bank is being filled or the other bank holds no pools. */
+int keytable_bank_revert(struct keytable *t);
 /* Forgets the half-filled bank; the current bank is untouched. */
 void keytable_bank_abort(struct keytable *t);
 unsigned keytable_bank_current(const struct keytable *t);   /* 0 or 1 */
