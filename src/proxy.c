@@ -40,6 +40,7 @@
 #include "keypool/log.h"
 #include "keypool/policy.h"
 #include "keypool/proxy.h"
+#include "keypool/secmem.h"
 
 #define MAX_ATTEMPTS            32              /* rotations and retries together */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
@@ -339,7 +340,7 @@ static void request_put(struct proxy_request *pr) {
                 p->n_spare_requests++;
                 return;
         }
-        free(pr->headers);
+        (void) secmem_free(pr->headers);
         answer_free(&pr->answer);
         free(pr);
 }
@@ -1329,10 +1330,11 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
                 }
         /* A recycled record's block is used again when it is large enough. */
         if (pr->headers_size < n * sizeof *nodes + text) {
-                free(pr->headers);
+                (void) secmem_free(pr->headers);
                 pr->headers = NULL;
                 pr->headers_size = 0;
-                nodes = malloc(n * sizeof *nodes + text);
+                /* It holds the auth line: kept out of core dumps. */
+                nodes = secmem_alloc(n * sizeof *nodes + text);
                 if (!nodes)
                         return -ENOMEM;
                 pr->headers_size = n * sizeof *nodes + text;
@@ -1494,7 +1496,7 @@ struct proxy_context *proxy_free(struct proxy_context *p) {
                 struct proxy_request *pr = p->spare_requests;
 
                 p->spare_requests = pr->next_spare;
-                free(pr->headers);
+                (void) secmem_free(pr->headers);
                 answer_free(&pr->answer);
                 free(pr);
         }
