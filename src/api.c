@@ -728,6 +728,46 @@ static void serve_import(const struct api_context *a, struct http_conn *c, const
         state_import(a, c, req);
 }
 
+/* The table's consistency check: {"ok": …, "problems": […], and what was looked at}. The answer
+ * is 200 either way: a problem found is the check's result, not the request's failure. */
+char *api_check_json(const struct api_context *a) {
+        struct keytable_check_report *r = malloc(sizeof *r);
+        json_t *root, *problems, *states;
+        char *text;
+
+        if (!r || keytable_check(a->table, r) < 0) {
+                free(r);
+                return NULL;
+        }
+        root = json_object();
+        problems = json_array();
+        states = json_object();
+        for (unsigned i = 0; i < r->n_problems && i < KEYTABLE_CHECK_PROBLEMS_MAX; i++)
+                json_array_append_new(problems, json_string(r->problems[i]));
+        for (unsigned s = KEY_READY; s < _KEY_STATE_MAX; s++)
+                json_object_set_new(states, keytable_state_name(s), json_integer(r->by_state[s]));
+        json_object_set_new(root, "ok", json_boolean(r->n_problems == 0));
+        json_object_set_new(root, "n_problems", json_integer(r->n_problems));
+        json_object_set_new(root, "problems", problems);
+        json_object_set_new(root, "pools", json_integer(r->pools));
+        json_object_set_new(root, "keys", json_integer(r->keys));
+        json_object_set_new(root, "keys_by_state", states);
+        json_object_set_new(root, "in_flight", json_integer(r->in_flight));
+        json_object_set_new(root, "leases", json_integer(r->leases));
+        json_object_set_new(root, "workers", json_integer(r->workers));
+        free(r);
+        text = json_dumps(root, JSON_COMPACT);
+        json_decref(root);
+        return text;
+}
+
+static void serve_check(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                        int64_t now) {
+        (void) req;
+        (void) now;
+        respond_json(c, 200, api_check_json(a));
+}
+
 static const struct api_route {
         const char *path;
         bool post;                      /* POST only; else GET (and HEAD) */
@@ -742,6 +782,7 @@ static const struct api_route {
         { "/metrics", false, false, serve_metrics },
         { "/api/state/export", true, true, serve_export },
         { "/api/state/import", true, true, serve_import },
+        { "/api/check", false, true, serve_check },
 };
 
 bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {

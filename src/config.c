@@ -35,6 +35,7 @@
 #include "keypool/envfile.h"
 #include "keypool/fileio.h"
 #include "keypool/keyid.h"
+#include "keypool/secmem.h"
 
 #include "config_internal.h"
 
@@ -115,7 +116,8 @@ void loader_wipe_free(char *s) {
         if (!s)
                 return;
         explicit_bzero(s, strlen(s));
-        free(s);
+        if (!secmem_free(s))
+                free(s);
 }
 
 static void diag_push(struct loader *l, char *msg, const char *file, unsigned line) {
@@ -510,8 +512,15 @@ static unsigned secret_set_find(const struct loader *l, const struct config_pool
  * secret (the key is then not stored), or -1 on allocation failure. */
 static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, unsigned pos) {
         struct config_key *k;
-        uint32_t h = secret_hash(secret);
+        uint32_t h;
         unsigned dup;
+
+        secret = loader_secret_keep(secret);
+        if (!secret) {
+                l->oom = true;
+                return -1;
+        }
+        h = secret_hash(secret);
 
         /* Keys are only ever added to the newest pool: a pool without stored keys is a new one
          * (or one whose keys all failed), and the previous pool's set and capacity are stale. A

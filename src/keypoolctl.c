@@ -91,8 +91,9 @@ static void usage(FILE *out) {
                 "  export FILE            save the daemon's state (no secrets) to FILE, mode 0600 (\"-\": stdout)\n"
                 "  import FILE            load a state document written by export (\"-\": stdin)\n"
                 "  watch [--interval S]   the keys table, refreshed every S seconds (default 1) until Ctrl-C\n"
+                "  check                  the shared table's consistency check: \"ok\", or each problem (exit 1)\n"
                 "\n"
-                "disable, enable, probe, export and import are allowed to root and keypoold's own user.\n"
+                "disable, enable, probe, export, import and check are allowed to root and keypoold's own user.\n"
                 "\n"
                 "Options:\n"
                 "  -s, --socket SOCKET    the daemon's socket (default $KEYPOOL_SOCKET, else %s)\n"
@@ -452,6 +453,24 @@ static int cmd_history(struct ctl *c, char **args) {
         return ret;
 }
 
+/* The table's consistency check: exit 0 when it holds, 1 with each problem printed. */
+static int cmd_check(struct ctl *c, char **args) {
+        struct reply r = {};
+        json_t *doc = NULL;
+        int ret;
+
+        ret = request(c, "check", "GET", "/api/check", NULL, 0, &r);
+        if (ret != EXIT_OK)
+                return ret;
+        ret = show(c, &r, "check", ctl_write_check);
+        if (ret == EXIT_OK && parse_reply(&r, "check", &doc) == EXIT_OK &&
+            !json_is_true(json_object_get(doc, "ok")))
+                ret = EXIT_FAILED;
+        json_decref(doc);
+        reply_done(&r);
+        return ret;
+}
+
 /* POST /api/keys/{id}/{action}: disable, enable and probe differ only in what they print. */
 static int key_action(struct ctl *c, const char *action, const char *id, ctl_writer writer) {
         struct reply r = {};
@@ -716,6 +735,7 @@ static const struct command commands[] = {
         { "export",  1, 1, 0,                           cmd_export },
         { "import",  1, 1, 0,                           cmd_import },
         { "watch",   0, 0, OPT_INTERVAL,                cmd_watch },
+        { "check",   0, 0, 0,                           cmd_check },
 };
 
 static const struct command *find_command(const char *name) {

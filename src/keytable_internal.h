@@ -21,7 +21,7 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 5u
+#define KT_VERSION 6u
 #define KT_BANKS   2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
 
@@ -54,7 +54,8 @@ struct kt_header {
                                                  * current one, or the other during a reload */
         uint32_t n_pools[KT_BANKS], n_keys[KT_BANKS];   /* atomic: any process may look */
         uint64_t size;
-        uint64_t off_pools, off_keys, off_slots, off_leases, off_history, off_links, off_due;
+        uint64_t off_pools, off_keys, off_slots, off_leases, off_history, off_links, off_due,
+                 off_tickets;
         int64_t created_ms;
         uint64_t repairs;                       /* atomic: bumped under pool locks too */
         struct kt_policy policy;
@@ -93,6 +94,9 @@ struct kt_pool {
          * request timed before it (another worker's clock read a moment earlier) must look at
          * the rows, as the index only moves forward in time. */
         int64_t gcra_since_ms;
+        /* Waiting in arrival order across workers (keytable_fifo.c): the last ticket handed
+         * out to a waiter of this pool, taken with an atomic add and no lock. */
+        uint64_t ticket_seq;
 } __attribute__((aligned(KT_ALIGN)));
 
 /* state, reason and last_class are stored as plain integers: a dead writer may leave any value
@@ -185,6 +189,8 @@ struct keytable {
         struct kt_event *history;
         struct kt_link *links;
         struct kt_due *due;
+        uint64_t *tickets;                      /* per slot, per pool of its bank: the ticket
+                                                 * of its oldest waiter, 0 none */
         unsigned max_pools, max_keys, n_slots, leases_per_slot;    /* per bank */
         unsigned history_size;
         /* Process-local, used by keytable_add_key only (the coordinator's): per bank, open
@@ -259,6 +265,10 @@ static inline bool kt_key_row_valid(const struct keytable *t, unsigned k) {
                 return false;
         p = t->keys[k].pool;
         return kt_pool_row_valid(t, p) && p / t->max_pools == b;
+}
+
+static inline uint64_t *kt_slot_tickets(const struct keytable *t, unsigned slot) {
+        return t->tickets + (size_t) slot * t->max_pools;
 }
 
 static inline uint32_t *kt_slot_leases(const struct keytable *t, unsigned slot) {
@@ -449,3 +459,21 @@ void kt_index_update(const struct keytable *t, unsigned p, uint32_t k, int64_t n
 bool kt_index_none_due(const struct keytable *t, unsigned p, int64_t now_ms);
 /* True when the index is trusted and says some key of the pool is ready at now_ms. */
 bool kt_index_some_key_serves(const struct keytable *t, unsigned p, int64_t now_ms);
+
+/* --- waiting in arrival order (keytable_fifo.c) --------------------------------------------- */
+
+/* True when a waiter of another live worker of the same bank holds a ticket of pool p (a
+ * table-wide row) older than ticket (0: a request that never waited, younger than every
+ * ticket): the key a caller with ticket could take now is that waiter's to take first. */
+bool kt_fifo_yields(const struct keytable *t, unsigned slot, unsigned p, uint64_t ticket,
+                    int64_t now_ms);
+/* A slot's published tickets are forgotten (claim, release); the caller holds the header lock. */
+void kt_fifo_slot_clear(const struct keytable *t, unsigned slot);
+
+/* --- carrying the old generation's news (keytable.c) ---------------------------------------- */
+
+/* After a change to key row k of a bank that is no longer current (the old generation learned
+ * it while draining): the current bank's row of the same key takes the same rest or disable, so
+ * the new generation does not walk into it again. Takes the pool locks itself, one at a time.
+ * Returns the current bank's row, or KEYTABLE_NO_KEY when the key is not in it. */
+unsigned kt_carry_forward(struct keytable *t, unsigned k, int64_t now_ms);

@@ -36,6 +36,7 @@ int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms,
                 KT_STORE(&slot->pid, 0);
                 KT_STORE(&slot->lease_hint, 0);
                 KT_STORE(&slot->waiters, 0);
+                kt_fifo_slot_clear(t, s);
                 KT_STORE(&slot->started_ms, now_ms);
                 KT_STORE(&slot->heartbeat_ms, now_ms);
                 KT_STORE(&slot->requests, 0);
@@ -152,6 +153,7 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
         kt_header_lock(t);
         KT_STORE(&t->slots[slot].pid, 0);
         KT_STORE(&t->slots[slot].waiters, 0);
+        kt_fifo_slot_clear(t, slot);
         KT_STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
         kt_header_unlock(t);
 }

@@ -56,6 +56,13 @@
 #define READY_POLL_USEC         (5ULL * 1000)
 #define READY_POLL_ACCURACY_USEC 100ULL
 #define TICK_USEC               (1000ULL * 1000)
+/* A new generation that has not accepted within worker_timeout (but never less than this) of a
+ * reload is given up: a worker that cannot start (a crash loop, a stall) must not leave the
+ * coordinator reloading for ever with the old generation's drain never begun. */
+#define RELOAD_MIN_DEADLINE_MS  5000
+/* Tests only: workers of this generation stop themselves (SIGSTOP) right after the fork, before
+ * they accept: a new generation that never serves. */
+#define TEST_STALL_GENERATION_ENV "KEYPOOL_TEST_STALL_GENERATION"
 
 static const char *const state_names[_SUPERVISOR_STATE_MAX] = {
         [0] = "none",
@@ -115,11 +122,13 @@ struct supervisor {
         unsigned ready_polls;           /* polls since wait_until_serving */
         sd_event_source *stop_timer;
         sd_event_source *state_timer;
+        sd_event_source *reload_timer;  /* the newest generation's deadline to accept */
         /* Facts the event handlers record for advance(), which alone acts on them: */
         int stop_signal;                /* the stop asked for, or 0 */
         int stop_acted;                 /* the stop the workers were told of, or 0 */
         bool stop_deadline_passed;
         bool reload_requested;
+        bool reload_deadline_passed;
 };
 
 static int spawn(struct child *c);
@@ -246,6 +255,12 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
         return 0;
 }
 
+static bool test_stalls(const struct generation *g) {
+        const char *v = getenv(TEST_STALL_GENERATION_ENV);
+
+        return v && *v && strtoul(v, NULL, 10) == g->number;
+}
+
 static int spawn(struct child *c) {
         struct generation *g = c->gen;
         struct supervisor *s = g->owner;
@@ -292,6 +307,8 @@ static int spawn(struct child *c) {
                         .coordinator_pid = s->pid,
                 };
 
+                if (test_stalls(g))
+                        raise(SIGSTOP);
                 _exit(worker_run(&wp));
         }
         keytable_slot_set_pid(s->table, slot, pid);
@@ -702,6 +719,42 @@ static void reload(struct supervisor *s) {
         s->current = g;
 }
 
+static int on_reload_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+
+        s->reload_timer = sd_event_source_disable_unref(s->reload_timer);
+        s->reload_deadline_passed = true;
+        advance(s);
+        return 0;
+}
+
+static int64_t reload_deadline_ms(const struct supervisor *s) {
+        int64_t ms = (int64_t) s->current->config->worker_timeout * 1000;
+
+        return ms > RELOAD_MIN_DEADLINE_MS ? ms : RELOAD_MIN_DEADLINE_MS;
+}
+
+/* The newest generation did not accept in time: it is killed, the generation before it (which
+ * was never told to drain) stays current with its bank, and the failure is logged and shown. */
+static void abandon_reload(struct supervisor *s) {
+        struct generation *failed = s->current;
+        char status[256];
+
+        failed->draining = true;
+        signal_generation(failed, SIGKILL);
+        s->current = s->old;
+        s->old = failed;                /* reaped, then retired, as a drained generation is */
+        keytable_bank_revert(s->table);
+        keytable_set_config_generation(s->table, s->current->number);
+        s->reload_failed = true;
+        log_event(LOG_ERR, "reload_failed", NULL,
+                  "reload failed: generation %u did not serve within %lld s: killed; generation %u "
+                  "keeps serving with the running configuration", failed->number,
+                  (long long) (reload_deadline_ms(s) / 1000), s->current->number);
+        status_line(s, clock_mono_ms(), status, sizeof status);
+        notify_status(&s->notify, status, clock_mono_ms());
+}
+
 /* --- stopping ---------------------------------------------------------------------------- */
 
 static int on_stop_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
@@ -798,7 +851,8 @@ static void enter(struct supervisor *s, enum supervisor_state next) {
 
         switch (next) {
         case SUPERVISOR_RUNNING:
-                if (s->state == SUPERVISOR_RELOADING && s->old) {
+                s->reload_timer = sd_event_source_disable_unref(s->reload_timer);
+                if (s->state == SUPERVISOR_RELOADING && s->old && !s->old->draining) {
                         /* The new generation accepts: the old one stops accepting and drains. */
                         s->old->draining = true;
                         signal_generation(s->old, SIGTERM);
@@ -814,6 +868,12 @@ static void enter(struct supervisor *s, enum supervisor_state next) {
                 set_state(s, next);
                 spawn_generation(s->current);
                 wait_until_serving(s);
+                s->reload_timer = sd_event_source_disable_unref(s->reload_timer);
+                if (sd_event_add_time_relative(s->event, &s->reload_timer, CLOCK_MONOTONIC,
+                                               (uint64_t) reload_deadline_ms(s) * 1000, 100000,
+                                               on_reload_deadline, s) < 0)
+                        log_warning("cannot set the reload's deadline: a new generation that never "
+                                    "serves will not be given up");
                 break;
         case SUPERVISOR_STOPPING:
                 announce_stop(s);
@@ -876,6 +936,11 @@ static void advance(struct supervisor *s) {
                 else
                         log_event(LOG_WARNING, "reload_failed", NULL, "SIGHUP while %s: ignored",
                                   supervisor_state_to_string(s->state));
+        }
+        if (s->reload_deadline_passed) {
+                s->reload_deadline_passed = false;
+                if (s->state == SUPERVISOR_RELOADING && s->old && !s->current->serving)
+                        abandon_reload(s);
         }
         tend_workers(s);
         if (s->state == SUPERVISOR_STOPPING && s->stop_signal != s->stop_acted) {

@@ -366,6 +366,10 @@ int worker_run(const struct worker_params *wp) {
 
         /* Die with the coordinator rather than serve unsupervised. */
         prctl(PR_SET_PDEATHSIG, SIGTERM);
+        /* Inherited from the coordinator already; said again here, where the keys are used: no
+         * other user may attach to a worker or read its memory (root with CAP_SYS_PTRACE still
+         * can, and the key memory is MADV_DONTDUMP for that case). */
+        prctl(PR_SET_DUMPABLE, 0);
         if (getppid() != wp->coordinator_pid)
                 return 1;
         close_inherited_fds(wp);

@@ -33,3 +33,5 @@ char *api_status_json(const struct api_context *a, int64_t now_ms);
 char *api_key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter, bool *ret_unknown);
 char *api_history_json(const struct api_context *a, unsigned limit, const char *pool, const char *key);
 char *api_metrics_text(const struct api_context *a, int64_t now_ms);
+/* The table's consistency check (keytable_check) as JSON: "ok", "problems", and the counts. */
+char *api_check_json(const struct api_context *a);

@@ -250,6 +250,10 @@ int keytable_bank_begin(struct keytable *t);
 /* The filled bank becomes current: readers switch at once, slots claimed from now on use it.
  * -EINVAL when no bank is being filled. */
 int keytable_bank_commit(struct keytable *t);
+/* Undoes the last commit: the bank current before it is current again (and being filled), for
+ * a reload whose new generation never served. Slots keep the bank they were claimed with.
+ * -EINVAL when a bank is being filled or the other bank holds no pools. */
+int keytable_bank_revert(struct keytable *t);
 /* Forgets the half-filled bank; the current bank is untouched. */
 void keytable_bank_abort(struct keytable *t);
 unsigned keytable_bank_current(const struct keytable *t);   /* 0 or 1 */
@@ -298,6 +302,15 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
                      unsigned avoid_key, struct keytable_lease *ret_lease,
                      struct keytable_wait *ret_wait, struct keytable_change *ret_change);
 
+/* keytable_acquire for a request that waits for a key with ticket (keytable_wait_ticket; 0 for
+ * one that never waited, which keytable_acquire is). Waiting is first come, first served across
+ * workers: while a waiter of another live worker of the same bank holds an older ticket of the
+ * pool, a key that could serve is left to it and -EAGAIN comes back with ret_wait saying busy
+ * and to look again in a few ms. */
+int keytable_acquire_waiter(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
+                            unsigned avoid_key, uint64_t ticket, struct keytable_lease *ret_lease,
+                            struct keytable_wait *ret_wait, struct keytable_change *ret_change);
+
 /* Records the outcome on the key and returns the lease. VERDICT_RATE_LIMITED cools the key for
  * rest_ms (with cooldown_scope_key, every row of the same id in other pools too, each pool locked
  * in turn after this one is released), VERDICT_AUTH and VERDICT_QUOTA disable it (reason
@@ -335,6 +348,11 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
 void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n);
 /* Slots with waiters, at most max; returns how many. */
 unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max);
+/* A new ticket for a request of slot about to wait for a key of pool (relative to the slot's
+ * bank): tickets of a pool increase across all workers, so they say who came first. */
+uint64_t keytable_wait_ticket(struct keytable *t, unsigned slot, unsigned pool);
+/* Publishes the ticket of the slot's oldest waiter for pool (0: none waits). */
+void keytable_slot_set_wait_head(struct keytable *t, unsigned slot, unsigned pool, uint64_t ticket);
 
 /* --- observations (any worker; lock-free counters) ---------------------------------------- */
 
@@ -401,6 +419,32 @@ const char *keytable_state_name(enum key_state s);       /* "ready", "cooling", 
 const char *keytable_reason_name(enum key_reason r);     /* NULL for KEY_REASON_NONE */
 const char *keytable_stage_name(enum worker_stage s);
 const char *keytable_history_kind_name(enum history_kind k);    /* "rotate", "cooldown", … */
+
+/* --- consistency check (tests, keypoolctl check) ------------------------------------------ */
+
+#define KEYTABLE_CHECK_PROBLEMS_MAX 32
+#define KEYTABLE_CHECK_TEXT_MAX     160
+
+/* What keytable_check found. */
+struct keytable_check_report {
+        unsigned n_problems;            /* found; only the first KEYTABLE_CHECK_PROBLEMS_MAX are
+                                         * written out */
+        char problems[KEYTABLE_CHECK_PROBLEMS_MAX][KEYTABLE_CHECK_TEXT_MAX];
+        unsigned pools, keys;           /* rows checked, both banks */
+        unsigned by_state[_KEY_STATE_MAX];      /* the current bank's keys, by state */
+        unsigned in_flight;             /* the current bank's in-flight requests (by the rows) */
+        unsigned leases;                /* leases held, every slot */
+        unsigned workers;               /* live (non-FREE) slots */
+};
+
+/* Checks, under the locks (the header's, then each pool's in turn), that the table agrees with
+ * itself: every pool's rows lie in its bank and its range, states and reasons are possible, no
+ * dirty marker is left set (none can be while the lock is free), every key's in_flight is the
+ * number of leases naming it, FREE slots hold no lease, and a trusted choice index holds every
+ * key where its row says (the list in acquire's order, the heap in order, the counts right).
+ * Changes nothing and does no I/O. 0 with ret filled (ret->n_problems == 0: consistent), or
+ * -ENOMEM. */
+int keytable_check(struct keytable *t, struct keytable_check_report *ret);
 
 /* --- tests only ------------------------------------------------------------------------------ */
 
