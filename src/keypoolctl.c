@@ -92,6 +92,8 @@ static void usage(FILE *out) {
                 "  import FILE            load a state document written by export (\"-\": stdin)\n"
                 "  watch [--interval S]   the keys table, refreshed every S seconds (default 1) until Ctrl-C\n"
                 "  check                  the shared table's consistency check: \"ok\", or each problem (exit 1)\n"
+                "  names commands|pools|keys [POOL]\n"
+                "                         one name per line, for shell completion and scripts\n"
                 "\n"
                 "disable, enable, probe, export, import and check are allowed to root and keypoold's own user.\n"
                 "\n"
@@ -589,6 +591,43 @@ static int cmd_import(struct ctl *c, char **args) {
         return ret;
 }
 
+/* One pool name, or one key id, per line from the key-status document: what shell completion
+ * offers. Reading /api/key-status keeps it to what any client may see. */
+static int names_from_daemon(struct ctl *c, bool keys, const char *only_pool) {
+        struct reply r = {};
+        json_t *doc, *pool;
+        size_t i;
+        int ret;
+
+        ret = request(c, "names", "GET", "/api/key-status", NULL, 0, &r);
+        if (ret != EXIT_OK)
+                return ret;
+        ret = parse_reply(&r, "names", &doc);
+        reply_done(&r);
+        if (ret != EXIT_OK)
+                return ret;
+        json_array_foreach(json_object_get(doc, "pools"), i, pool) {
+                const char *name = json_string_value(json_object_get(pool, "name"));
+                json_t *key;
+                size_t j;
+
+                if (!name || (only_pool && strcmp(only_pool, name) != 0))
+                        continue;
+                if (!keys) {
+                        printf("%s\n", name);
+                        continue;
+                }
+                json_array_foreach(json_object_get(pool, "keys"), j, key) {
+                        const char *id = json_string_value(json_object_get(key, "id"));
+
+                        if (id)
+                                printf("%s\n", id);
+                }
+        }
+        json_decref(doc);
+        return EXIT_OK;
+}
+
 static void on_interrupt(int sig) {
         interrupted = 1;
 }
@@ -724,6 +763,8 @@ struct command {
         int (*run)(struct ctl *c, char **args);
 };
 
+static int cmd_names(struct ctl *c, char **args);
+
 static const struct command commands[] = {
         { "status",  0, 0, 0,                           cmd_status },
         { "health",  0, 0, 0,                           cmd_health },
@@ -736,7 +777,27 @@ static const struct command commands[] = {
         { "import",  1, 1, 0,                           cmd_import },
         { "watch",   0, 0, OPT_INTERVAL,                cmd_watch },
         { "check",   0, 0, 0,                           cmd_check },
+        { "names",   1, 2, 0,                           cmd_names },
 };
+
+/* names commands needs the table above it; the daemon is asked only for pools and keys. */
+static int cmd_names(struct ctl *c, char **args) {
+        if (strcmp(args[0], "commands") == 0) {
+                if (args[1])
+                        return usage_error("names commands takes no POOL");
+                for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+                        printf("%s\n", commands[i].name);
+                return EXIT_OK;
+        }
+        if (strcmp(args[0], "pools") == 0) {
+                if (args[1])
+                        return usage_error("names pools takes no POOL");
+                return names_from_daemon(c, false, NULL);
+        }
+        if (strcmp(args[0], "keys") == 0)
+                return names_from_daemon(c, true, args[1]);
+        return usage_error("names wants commands, pools or keys, not '%s'", args[0]);
+}
 
 static const struct command *find_command(const char *name) {
         for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
