@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,17 @@ class ClusterTest(KeypoolTestCase):
         one, two = self.start_nodes([a, b])
         A = key_id(a)
         lat = []
+        # Under load: both nodes serve a steady stream of requests meanwhile.
+        stop = threading.Event()
+        served = []
+
+        def load(kp):
+            while not stop.is_set():
+                served.append(kp.chat(MODEL)[0])
+        threads = [threading.Thread(target=load, args=(kp,)) for kp in (one, two)]
+        for t in threads:
+            t.start()
+        self.addCleanup(lambda: (stop.set(), [t.join() for t in threads]))
         for i in range(40):
             src, dst = (one, two) if i % 2 == 0 else (two, one)
             for action, want in (("disable", "disabled"), ("enable", "ready")):
@@ -132,12 +144,16 @@ class ClusterTest(KeypoolTestCase):
                 wait_for(lambda: self.state_on(dst, a) == want, timeout=10, interval=0.001,
                          what=f"{action} to reach the other node")
                 lat.append(time.monotonic() - t0)
+        stop.set()
+        for t in threads:
+            t.join()
         self.assertEqual(self.state_on(one, a), "ready")
         self.assertEqual(self.state_on(two, a), "ready")
+        self.assertEqual([s for s in served if s != 200], [], "the load was served throughout")
         lat.sort()
         p50, p99 = lat[len(lat) // 2], lat[int(len(lat) * 0.99) - 1]
         sys.stderr.write(f"\npropagation (POST on one node until GET on the other sees it), "
-                         f"{len(lat)} samples: p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
+                         f"{len(lat)} samples under load ({len(served)} requests): p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, "
                          f"max {lat[-1] * 1000:.1f} ms\n")
         self.assertLess(p99, 2.0, "generous bound on a shared machine")
         d = [e for e in two.get_json(f"/api/history?key={A}")["events"] if e["event"] == "disable"]
@@ -230,6 +246,42 @@ class ClusterTest(KeypoolTestCase):
         self.assertGreater(len(results), 10)
         self.assertEqual([s for s in results if s != 200], [], "no request failed")
         self.assertIn("degraded", one.stderr())
+
+    def test_redis_answering_garbage_is_treated_as_down(self):
+        path = os.path.join(self.redis.dir, "liar.sock")
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(16)
+        srv.settimeout(0.2)
+        done = threading.Event()
+        accepted = []
+
+        def liar():
+            while not done.is_set():
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    continue
+                accepted.append(conn)
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"*zz\r\n\x00\xff garbage\r\n")
+                except OSError:
+                    pass
+        t = threading.Thread(target=liar)
+        t.start()
+        self.addCleanup(lambda: (done.set(), t.join(), srv.close(), [c.close() for c in accepted]))
+        a = fake_secret()
+        self.sim = self.start_sim()
+        kp = self.start_keypool(self.sim, pools=[{"name": "GLM45", "model": MODEL, "keys": [a]}],
+                                settings={"cluster": {"redis": "unix:" + path, "node": "solo"}})
+        wait_for(lambda: len(accepted) >= 2, what="the node to try the liar")
+        self.assertEqual(kp.status()["cluster"], "degraded")
+        self.assertEqual(kp.get_json("/api/cluster")["state"], "degraded")
+        for _ in range(3):
+            self.assertEqual(kp.chat(MODEL)[0], 200)
+        wait_for(lambda: len(accepted) >= 4, timeout=15, what="the node to retry with backoff")
+        self.assertIn("degraded", kp.stderr())
 
     def test_killed_cluster_process_is_respawned_and_catches_up(self):
         a, b = fake_secret(), fake_secret()
