@@ -60,7 +60,7 @@ static const char *const top_level_names[] = {
         "transient_threshold", "transient_cooldown", "cooldown_scope", "rate_limit_phrases",
         "retry", "worker_timeout", "shutdown_timeout", "state_file", "state_interval",
         "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens",
-        "admin_tokens", "header_timeout", "body_min_rate", "body_budget", NULL,
+        "admin_tokens", "header_timeout", "body_min_rate", "body_budget", "cluster", NULL,
 };
 
 static const char *const provider_names[] = {
@@ -1604,6 +1604,7 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
         parse_retry(&l, root);
         parse_phrases(&l, root);
         parse_api(&l, root);
+        loader_parse_cluster(&l, root);
         parse_providers(&l, root);
         if (!l.oom)
                 parse_pools(&l, root);
@@ -1649,6 +1650,8 @@ void config_wipe_secrets(struct config *c) {
         for (unsigned i = 0; i < c->n_providers; i++)
                 if (c->providers[i].proxy)
                         explicit_bzero(c->providers[i].proxy, strlen(c->providers[i].proxy));
+        if (c->cluster && c->cluster->password)
+                explicit_bzero(c->cluster->password, strlen(c->cluster->password));
 }
 
 void config_free(struct config *c) {
@@ -1698,6 +1701,7 @@ void config_free(struct config *c) {
         free(c->state_file);
         free(c->socket_group);
         free(c->http_listen);
+        config_cluster_free(c->cluster);
         free(c);
 }
 

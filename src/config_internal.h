@@ -122,3 +122,8 @@ void loader_parse_socket_group(struct loader *l, const config_setting_t *root);
 void loader_parse_http_listen(struct loader *l, const config_setting_t *root);
 void loader_parse_tokens(struct loader *l, const config_setting_t *root, const char *name,
                          const char *left_out, char ***list, unsigned *n_list);
+
+/* --- the cluster group (config_cluster.c) ------------------------------------------------------ */
+
+void loader_parse_cluster(struct loader *l, const config_setting_t *root);
+void config_cluster_free(struct config_cluster *c);

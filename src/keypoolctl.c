@@ -44,6 +44,7 @@ enum {
         OPT_POOL = 1 << 1,
         OPT_KEY = 1 << 2,
         OPT_INTERVAL = 1 << 3,
+        OPT_CLUSTER = 1 << 4,
 };
 
 #define REQUEST_TIMEOUT_MS 30000L
@@ -59,6 +60,7 @@ struct ctl {
         unsigned limit;                 /* history -n; 0 = the daemon's default */
         const char *pool;               /* history --pool */
         const char *key;                /* history --key */
+        bool cluster;                   /* keys --cluster: counters summed over the cluster */
         double interval;                /* watch --interval, seconds */
         long timeout_ms;
         CURL *curl;
@@ -82,7 +84,8 @@ static void usage(FILE *out) {
                 "Commands:\n"
                 "  status                 the daemon, its workers, and a summary per pool\n"
                 "  health                 whether every pool has a ready key (exit 1 when degraded)\n"
-                "  keys [POOL]            every key: state, reason, cooldown left, counters\n"
+                "  keys [--cluster] [POOL] every key: state, reason, cooldown left, counters (with\n"
+                "                         --cluster: counted by every node of the cluster)\n"
                 "  history [-n N] [--pool POOL] [--key ID]\n"
                 "                         rotation events, oldest first (the daemon's last 100 by default)\n"
                 "  disable ID             take a key out of rotation until it is enabled again\n"
@@ -430,14 +433,16 @@ static int cmd_keys(struct ctl *c, char **args) {
 
         if (args[0]) {
                 pool = ctl_url_escape(args[0]);
-                path = pool ? text_printf("/api/key-status?pool=%s", pool) : NULL;
+                path = pool ? text_printf("/api/key-status?pool=%s%s", pool, c->cluster ? "&scope=cluster" : "")
+                            : NULL;
                 free(pool);
                 if (!path) {
                         complain("out of memory");
                         return EXIT_FAILED;
                 }
         }
-        ret = get_and_show(c, "keys", path ? path : "/api/key-status", ctl_write_keys);
+        ret = get_and_show(c, "keys", path ? path : c->cluster ? "/api/key-status?scope=cluster"
+                                                               : "/api/key-status", ctl_write_keys);
         free(path);
         return ret;
 }
@@ -768,7 +773,7 @@ static int cmd_names(struct ctl *c, char **args);
 static const struct command commands[] = {
         { "status",  0, 0, 0,                           cmd_status },
         { "health",  0, 0, 0,                           cmd_health },
-        { "keys",    0, 1, 0,                           cmd_keys },
+        { "keys",    0, 1, OPT_CLUSTER,                 cmd_keys },
         { "history", 0, 0, OPT_LIMIT | OPT_POOL | OPT_KEY, cmd_history },
         { "disable", 1, 1, 0,                           cmd_disable },
         { "enable",  1, 1, 0,                           cmd_enable },
@@ -812,6 +817,7 @@ static const char *option_name(unsigned opt) {
         case OPT_POOL:     return "--pool";
         case OPT_KEY:      return "--key";
         case OPT_INTERVAL: return "--interval";
+        case OPT_CLUSTER:  return "--cluster";
         }
         return "?";
 }
@@ -841,7 +847,7 @@ static int parse_interval(const char *s, double *ret) {
 }
 
 int main(int argc, char **argv) {
-        enum { ARG_JSON = 256, ARG_VERSION, ARG_POOL, ARG_KEY, ARG_INTERVAL };
+        enum { ARG_JSON = 256, ARG_VERSION, ARG_POOL, ARG_KEY, ARG_INTERVAL, ARG_CLUSTER };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
                 { "json", no_argument, NULL, ARG_JSON },
@@ -851,6 +857,7 @@ int main(int argc, char **argv) {
                 { "pool", required_argument, NULL, ARG_POOL },
                 { "key", required_argument, NULL, ARG_KEY },
                 { "interval", required_argument, NULL, ARG_INTERVAL },
+                { "cluster", no_argument, NULL, ARG_CLUSTER },
                 {}
         };
         struct ctl c = { .interval = 1.0, .timeout_ms = REQUEST_TIMEOUT_MS };
@@ -896,6 +903,10 @@ int main(int argc, char **argv) {
                                 return usage_error("--interval wants seconds between 0.1 and 3600, not '%s'", optarg);
                         given |= OPT_INTERVAL;
                         break;
+                case ARG_CLUSTER:
+                        c.cluster = true;
+                        given |= OPT_CLUSTER;
+                        break;
                 case ':':
                         return usage_error("option '%s' needs an argument", argv[optind - 1]);
                 default:
@@ -915,7 +926,7 @@ int main(int argc, char **argv) {
                 return usage_error("'%s' needs an argument", cmd->name);
         if (n_args > cmd->max_args)
                 return usage_error("'%s' does not take '%s'", cmd->name, argv[optind + 1 + cmd->max_args]);
-        for (unsigned o = OPT_LIMIT; o <= OPT_INTERVAL; o <<= 1)
+        for (unsigned o = OPT_LIMIT; o <= OPT_CLUSTER; o <<= 1)
                 if ((given & o) && !(cmd->options & o))
                         return usage_error("option %s does not apply to '%s'", option_name(o), cmd->name);
         if (!*c.socket || strlen(c.socket) >= sizeof(((struct sockaddr_un *) NULL)->sun_path))

@@ -35,6 +35,20 @@
 
 #define KT_NIL UINT32_MAX                          /* no key: an end of the list, not in the heap */
 
+/* What the cluster process (cluster.c) keeps for the readers: whether it talks to Redis, and the
+ * live nodes it last saw with what each reported. Written by the cluster process alone, under the
+ * header lock, so a reader copies one consistent picture. Zero: clustering is off. */
+struct kt_cluster {
+        uint32_t enabled;
+        uint32_t connected;
+        uint32_t live_nodes;                    /* last seen, this one included; 0 never seen */
+        uint32_t n_nodes;
+        int64_t since_wall_ms;                  /* when connected last changed */
+        uint64_t published_seq;                 /* history entries up to this one are out */
+        char node[KEYTABLE_NAME_MAX + 1];       /* this host's name */
+        struct keytable_node nodes[KEYTABLE_NODES_MAX];
+};
+
 /* Read field by field with atomic loads: written once before the first fork, perhaps again on
  * reload, and a reader mixing two versions of it gets two sane policies' fields. */
 struct kt_policy {
@@ -68,7 +82,8 @@ struct kt_header {
         uint32_t history_dirty;                 /* an append is between its first write and
                                                  * its commit */
         pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy,
-                                                 * history */
+                                                 * history, cluster */
+        struct kt_cluster cluster;
 };
 
 struct kt_pool {
@@ -122,6 +137,8 @@ struct kt_key {
         uint32_t twin;                          /* atomic: next row with this id; itself if none */
         uint64_t by_class[_VERDICT_MAX];
         char last_error[KEYTABLE_ERROR_MAX + 1];
+        struct keytable_usage others;           /* the other nodes' counters for this row, as
+                                                 * the cluster process last summed them */
 };
 
 /* Where a key stands in its pool's choice index. */
@@ -161,6 +178,7 @@ struct kt_event {
         char pool[KEYTABLE_NAME_MAX + 1];
         char key_from[KEYID_ID_LEN + 1];
         char key_to[KEYID_ID_LEN + 1];
+        char node[KEYTABLE_NAME_MAX + 1];
 };
 
 /* Written by the owning worker with atomic stores and no lock; claimed and freed under the
@@ -330,6 +348,33 @@ static inline void kt_pool_range(const struct keytable *t, unsigned p, unsigned 
         end = pool->n_keys > hi - first ? hi : first + pool->n_keys;
         *ret_first = first;
         *ret_end = end;
+}
+
+/* A stored history entry as readers get it; the caller has checked src->seq == seq and the kind. */
+static inline void kt_event_copy(const struct kt_event *src, uint64_t seq, struct keytable_event *e) {
+        *e = (struct keytable_event) {
+                .seq = seq,
+                .wall_ms = src->wall_ms,
+                .kind = src->kind,
+                .status = src->status,
+                .reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE,
+                .cooldown_ms = src->cooldown_ms,
+        };
+        __builtin_memcpy(e->pool, src->pool, sizeof e->pool - 1);
+        __builtin_memcpy(e->key_from, src->key_from, sizeof e->key_from - 1);
+        __builtin_memcpy(e->key_to, src->key_to, sizeof e->key_to - 1);
+        __builtin_memcpy(e->node, src->node, sizeof e->node - 1);
+}
+
+/* A row becomes ready, as an operator's enable makes it: no rest, no probe, no failure streak.
+ * The caller holds the pool lock and has marked the row dirty. */
+static inline void kt_key_set_ready(struct kt_key *row) {
+        row->state = KEY_READY;
+        row->reason = KEY_REASON_NONE;
+        row->consecutive_failures = 0;
+        row->next_probe_ms = 0;
+        row->cooldown_until_ms = 0;
+        row->cooling_since_ms = 0;
 }
 
 /* --- locking ------------------------------------------------------------------------------- */

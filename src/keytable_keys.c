@@ -521,12 +521,7 @@ int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms,
         from = row->state;
         kt_mark(&t->pools[p].dirty, 1);
         kt_mark(&row->dirty, 1);
-        row->state = KEY_READY;
-        row->reason = KEY_REASON_NONE;
-        row->consecutive_failures = 0;
-        row->next_probe_ms = 0;
-        row->cooldown_until_ms = 0;
-        row->cooling_since_ms = 0;
+        kt_key_set_ready(row);
         kt_mark(&row->dirty, 0);
         kt_index_update(t, p, key, now_ms);
         kt_mark(&t->pools[p].dirty, 0);

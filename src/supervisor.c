@@ -32,6 +32,7 @@
 #include <systemd/sd-event.h>
 
 #include "keypool/clock.h"
+#include "keypool/cluster.h"
 #include "keypool/fileio.h"
 #include "keypool/keytable.h"
 #include "keypool/listen.h"
@@ -105,6 +106,19 @@ struct generation {
         unsigned n_children;
 };
 
+/* The cluster process (cluster.h), when keypool.conf has cluster = { … }: supervised like a
+ * worker position of its own, outside the generations (a reload restarts it with the new
+ * configuration). */
+struct cluster_child {
+        pid_t pid;                      /* 0 when not running */
+        int64_t started_ms;
+        unsigned crashes;
+        bool exited, respawn_due;       /* facts for advance() */
+        int64_t lived_ms;
+        sd_event_source *exit_source;
+        sd_event_source *respawn_timer;
+};
+
 struct supervisor {
         enum supervisor_state state;
         sd_event *event;
@@ -129,6 +143,7 @@ struct supervisor {
         bool stop_deadline_passed;
         bool reload_requested;
         bool reload_deadline_passed;
+        struct cluster_child cluster;
 };
 
 static int spawn(struct child *c);
@@ -408,8 +423,12 @@ static void status_line(struct supervisor *s, int64_t now, char *line, size_t si
         }
         for (unsigned i = 0; i < n; i++)
                 requests += views[i].requests;
-        snprintf(line, size, "%s%u pool%s, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
+        struct keytable_cluster_view cv;
+
+        keytable_cluster_read(s->table, &cv);
+        snprintf(line, size, "%s%s%u pool%s, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
                  s->reload_failed ? "reload failed (old configuration kept); " : "",
+                 cv.enabled && !cv.connected ? "cluster: degraded; " : "",
                  pools, pools == 1 ? "" : "s", ready, keys, cooling, disabled, (unsigned long long) requests);
 }
 
@@ -792,6 +811,9 @@ static void stop_workers(struct supervisor *s) {
         /* Workers drain on SIGTERM and stop at once on SIGINT and SIGQUIT. */
         signal_generation(s->current, sig);
         signal_generation(s->old, sig);
+        s->cluster.respawn_timer = sd_event_source_disable_unref(s->cluster.respawn_timer);
+        if (s->cluster.pid > 0)
+                kill(s->cluster.pid, SIGTERM);
         s->stop_timer = sd_event_source_disable_unref(s->stop_timer);
         sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC,
                                    supervisor_stop_deadline_usec(sig, s->current->config->shutdown_timeout),
@@ -815,6 +837,111 @@ static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, vo
         }
         advance(s);
         return 0;
+}
+
+/* --- the cluster process ------------------------------------------------------------------- */
+
+static void spawn_cluster(struct supervisor *s);
+
+static int on_cluster_respawn_due(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+
+        s->cluster.respawn_timer = sd_event_source_disable_unref(s->cluster.respawn_timer);
+        s->cluster.respawn_due = true;
+        advance(s);
+        return 0;
+}
+
+static int on_cluster_exit(sd_event_source *src, const siginfo_t *si, void *userdata) {
+        struct supervisor *s = userdata;
+        struct log_fields f = LOG_FIELDS_NONE;
+        bool expected = s->state == SUPERVISOR_STOPPING;
+
+        s->cluster.exit_source = sd_event_source_disable_unref(s->cluster.exit_source);
+        f.worker = s->cluster.pid;
+        if (si->si_code == CLD_EXITED)
+                log_event(si->si_status == 0 || expected ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
+                          "cluster process exited with status %d", si->si_status);
+        else
+                log_event(expected ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
+                          "cluster process killed by signal %s", strsignal(si->si_status));
+        s->cluster.pid = 0;
+        s->cluster.exited = true;
+        s->cluster.lived_ms = clock_mono_ms() - s->cluster.started_ms;
+        advance(s);
+        return 0;
+}
+
+/* The cluster process gets the configuration of the generation that serves, and nothing of the
+ * workers' world: no listening socket, no upstream key. */
+static void spawn_cluster(struct supervisor *s) {
+        struct config *cfg = s->current->config;
+        struct log_fields f = LOG_FIELDS_NONE;
+        pid_t pid;
+
+        if (!cfg->cluster)
+                return;
+        pid = fork();
+        if (pid < 0) {
+                log_error("fork failed for the cluster process: %s", strerror(errno));
+                s->cluster.crashes++;
+                s->cluster.exited = true;
+                return;
+        }
+        if (pid == 0) {
+                struct cluster_params cp = {
+                        .config = cfg,
+                        .table = s->table,
+                        .wake_fds = s->wake_fds,
+                        .n_wake_fds = s->n_wake_fds,
+                        .coordinator_pid = s->pid,
+                };
+
+                if (s->sockets.unix_fd >= 0)
+                        close(s->sockets.unix_fd);
+                if (s->sockets.tcp_fd >= 0)
+                        close(s->sockets.tcp_fd);
+                for (unsigned p = 0; p < cfg->n_pools; p++)
+                        for (unsigned k = 0; k < cfg->pools[p].n_keys; k++)
+                                if (cfg->pools[p].keys[k].secret)
+                                        explicit_bzero(cfg->pools[p].keys[k].secret,
+                                                       strlen(cfg->pools[p].keys[k].secret));
+                if (s->old && s->old->config != cfg)
+                        config_wipe_secrets(s->old->config);
+                _exit(cluster_run(&cp));
+        }
+        s->cluster.pid = pid;
+        s->cluster.started_ms = clock_mono_ms();
+        if (sd_event_add_child(s->event, &s->cluster.exit_source, pid, WEXITED, on_cluster_exit, s) < 0)
+                log_error("cannot watch the cluster process %d", (int) pid);
+        f.worker = pid;
+        log_event(LOG_INFO, "worker_spawn", &f, "cluster process started (node %s, Redis at %s)",
+                  cfg->cluster->node, cfg->cluster->redis);
+}
+
+/* A cluster process that exited is forked again, after a growing delay when it keeps dying. */
+static void tend_cluster(struct supervisor *s) {
+        bool stopping = s->state == SUPERVISOR_STOPPING || s->state == SUPERVISOR_STOPPED;
+        uint64_t delay_ms;
+
+        if (s->cluster.exited) {
+                s->cluster.exited = false;
+                s->cluster.crashes = supervisor_crashes_after_exit(s->cluster.crashes, s->cluster.lived_ms, false);
+                delay_ms = supervisor_respawn_delay_ms(s->cluster.crashes);
+                if (stopping)
+                        return;
+                if (delay_ms == 0)
+                        s->cluster.respawn_due = true;
+                else if (!s->cluster.respawn_timer &&
+                         sd_event_add_time_relative(s->event, &s->cluster.respawn_timer, CLOCK_MONOTONIC,
+                                                    delay_ms * 1000, 1000, on_cluster_respawn_due, s) < 0)
+                        s->cluster.respawn_due = true;
+        }
+        if (s->cluster.respawn_due) {
+                s->cluster.respawn_due = false;
+                if (!stopping && s->cluster.pid == 0)
+                        spawn_cluster(s);
+        }
 }
 
 /* --- the state machine ------------------------------------------------------------------- */
@@ -858,6 +985,10 @@ static void enter(struct supervisor *s, enum supervisor_state next) {
                         signal_generation(s->old, SIGTERM);
                         log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
                                   s->current->number, s->old->number);
+                        /* It carries the old configuration's keys and limits: a new one starts
+                         * with the new. */
+                        if (s->cluster.pid > 0)
+                                kill(s->cluster.pid, SIGTERM);
                 }
                 set_state(s, next);
                 status_line(s, clock_mono_ms(), status, sizeof status);
@@ -943,6 +1074,7 @@ static void advance(struct supervisor *s) {
                         abandon_reload(s);
         }
         tend_workers(s);
+        tend_cluster(s);
         if (s->state == SUPERVISOR_STOPPING && s->stop_signal != s->stop_acted) {
                 /* A harder signal while stopping: say so and tell the workers. */
                 announce_stop(s);
@@ -956,6 +1088,8 @@ static void advance(struct supervisor *s) {
                         signal_generation(s->current, SIGKILL);
                         signal_generation(s->old, SIGKILL);
                 }
+                if (s->cluster.pid > 0)
+                        kill(s->cluster.pid, SIGKILL);
         }
 
         for (;;) {
@@ -963,7 +1097,8 @@ static void advance(struct supervisor *s) {
                         .state = s->state,
                         .stop_signal = s->stop_signal,
                         .current_serving = s->current->serving,
-                        .live_workers = live_children(s->current) + live_children(s->old),
+                        .live_workers = live_children(s->current) + live_children(s->old) +
+                                        (s->cluster.pid > 0),
                 };
                 next = supervisor_next_state(&f);
                 if (next == s->state)
@@ -1087,6 +1222,12 @@ static void supervisor_free(struct supervisor *s) {
                                         waitpid(gens[g]->children[i].pid, NULL, 0);
                                 }
         }
+        if (s->cluster.pid > 0) {
+                kill(s->cluster.pid, SIGKILL);
+                waitpid(s->cluster.pid, NULL, 0);
+        }
+        sd_event_source_disable_unref(s->cluster.exit_source);
+        sd_event_source_disable_unref(s->cluster.respawn_timer);
         free_generation(s->current);
         free_generation(s->old);
         sd_event_source_disable_unref(s->tick);
@@ -1138,8 +1279,11 @@ int supervisor_run(struct config *cfg) {
             sd_event_add_time_relative(s->event, &s->state_timer, CLOCK_MONOTONIC,
                                        (uint64_t) cfg->state_interval * 1000000, 1000000, on_state_timer, s) < 0)
                 log_warning("cannot schedule state snapshots");
+        if (cfg->cluster)
+                keytable_cluster_init(s->table, cfg->cluster->node);
         if (spawn_generation(s->current) < 0)
                 goto finish;
+        spawn_cluster(s);
         log_info("listening on %s", !s->sockets.inherited ? cfg->socket_path : "the socket passed by the service manager");
         wait_until_serving(s);
 

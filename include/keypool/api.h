@@ -27,6 +27,9 @@ struct api_context {
 bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin);
 
 /* The documents themselves (for the endpoints and for tests): malloc'ed strings, NULL on failure. */
+/* GET /api/cluster: this node, whether it talks to Redis, and the live nodes with what each last
+ * reported. {"enabled": false, "state": "off", …} on a single host. */
+char *api_cluster_json(const struct api_context *a);
 char *api_health_json(const struct api_context *a, int64_t now_ms, bool *ret_healthy);
 char *api_status_json(const struct api_context *a, int64_t now_ms);
 /* NULL with *ret_unknown set when pool_filter names no pool. */

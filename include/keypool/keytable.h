@@ -95,6 +95,8 @@ struct keytable_event {
         int status;                     /* upstream status, 0 none */
         enum key_reason reason;
         int64_t cooldown_ms;            /* the rest given, 0 none */
+        char node[KEYTABLE_NAME_MAX + 1];/* the cluster node that saw it; "" (when added): this
+                                         * one, or none when clustering is off */
 };
 
 /* A key's persistent state, for state files and import. Times are monotonic ms. */
@@ -445,6 +447,65 @@ struct keytable_check_report {
  * Changes nothing and does no I/O. 0 with ret filled (ret->n_problems == 0: consistent), or
  * -ENOMEM. */
 int keytable_check(struct keytable *t, struct keytable_check_report *ret);
+/* --- cluster (cluster.c's process; any reader) ------------------------------------------------ */
+
+#define KEYTABLE_NODES_MAX 32
+
+/* Usage counters of one key row. */
+struct keytable_usage {
+        uint64_t requests, successes, rate_limited, failures, tokens_in, tokens_out;
+};
+
+/* A live node of the cluster and what it last reported. */
+struct keytable_node {
+        char name[KEYTABLE_NAME_MAX + 1];
+        int64_t seen_wall_ms;           /* its last heartbeat, ms since the epoch */
+        uint64_t requests, tokens_in, tokens_out;
+        unsigned keys_ready, keys_cooling, keys_disabled;
+        unsigned connected;             /* it talked to Redis when it reported (always 1 for
+                                         * others: a report comes through Redis) */
+};
+
+struct keytable_cluster_view {
+        bool enabled;                   /* cluster = { … } is configured */
+        bool connected;                 /* the cluster process talks to Redis now */
+        unsigned live_nodes;            /* as last seen, this one included (1 before any) */
+        int64_t since_wall_ms;          /* when connected last changed, 0 never */
+        char node[KEYTABLE_NAME_MAX + 1];
+        unsigned n_nodes;
+        struct keytable_node nodes[KEYTABLE_NODES_MAX];
+};
+
+/* Coordinator, before the first fork: clustering is on and this host is node. */
+void keytable_cluster_init(struct keytable *t, const char *node);
+/* The cluster process: whether it talks to Redis, and how many nodes it last saw (0: keep). */
+void keytable_cluster_set_link(struct keytable *t, bool connected, unsigned live_nodes, int64_t wall_ms);
+void keytable_cluster_set_nodes(struct keytable *t, const struct keytable_node *nodes, unsigned n);
+/* A copy of what the cluster process keeps; enabled false when clustering is off. */
+void keytable_cluster_read(struct keytable *t, struct keytable_cluster_view *ret);
+
+/* The history entries the cluster process has published (its cursor survives its restarts). */
+uint64_t keytable_cluster_cursor(struct keytable *t);
+void keytable_cluster_set_cursor(struct keytable *t, uint64_t seq);
+/* The newest history seq, read without the lock. */
+uint64_t keytable_history_seq(const struct keytable *t);
+/* History entries after seq after, oldest first, at most max; *ret_lost is how many were
+ * overwritten before they could be read. */
+unsigned keytable_history_since(struct keytable *t, uint64_t after, struct keytable_event *ret,
+                                unsigned max, uint64_t *ret_lost);
+
+/* Applies a state another node saw to every row of key id (both banks): state KEY_COOLING until
+ * until_ms (monotonic, here) when that is later than the row's own rest and the row is not
+ * disabled; KEY_DISABLED with reason; KEY_READY ends a rest or a disable. No history entry is
+ * written: the caller adds one naming the node. Returns how many rows changed, and the first
+ * changed row's pool name in ret_pool (may be NULL; size KEYTABLE_NAME_MAX + 1). */
+int keytable_cluster_apply(struct keytable *t, const char *id, enum key_state state,
+                           enum key_reason reason, int64_t until_ms, int64_t now_ms, char *ret_pool);
+/* The other nodes' counters for the row of position in pool (current bank); read them back with
+ * keytable_cluster_usage (key: table-wide row). */
+int keytable_cluster_set_usage(struct keytable *t, unsigned pool, unsigned position,
+                               const struct keytable_usage *others);
+int keytable_cluster_usage(struct keytable *t, unsigned key, struct keytable_usage *ret);
 
 /* --- tests only ------------------------------------------------------------------------------ */
 
