@@ -28,6 +28,7 @@ SECTIONS = {
     "pool_names": "POOLS",
     "key_group_names": "KEY GROUPS",
     "retry_names": "RETRY",
+    "cluster_names": "CLUSTER",
 }
 # Settings other branches are adding to the parser (keypool issue #14): documented ahead.
 ANNOUNCED = {
