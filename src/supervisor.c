@@ -101,6 +101,9 @@ struct generation {
         unsigned number;
         struct config *config;          /* owned */
         bool draining;                  /* told to stop; not respawned */
+        int64_t drain_started_ms;       /* when it was told (reloads: bounded by shutdown_timeout) */
+        bool drain_overdue;             /* a fact for advance: it drains past its deadline */
+        bool drain_cut;                 /* … and was killed for it */
         bool serving;                   /* every worker has accepted once (a fact for advance) */
         struct child children[MAX_WORKERS];
         unsigned n_children;
@@ -142,6 +145,7 @@ struct supervisor {
         int stop_acted;                 /* the stop the workers were told of, or 0 */
         bool stop_deadline_passed;
         bool reload_requested;
+        bool reload_deferred;           /* a SIGHUP waits for the previous generation's drain */
         bool reload_deadline_passed;
         struct cluster_child cluster;
 };
@@ -511,6 +515,11 @@ static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
 
         if (s->state == SUPERVISOR_RUNNING)
                 note_recoveries(s, now);
+        /* A reload's drain is bounded as a graceful stop is: streams already flowing get
+         * shutdown_timeout to finish. */
+        if (s->old && s->old->draining && s->old->drain_started_ms > 0 &&
+            now - s->old->drain_started_ms > (int64_t) s->current->config->shutdown_timeout * 1000)
+                s->old->drain_overdue = true;
 
         healthy = check_workers(s, now) && (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING);
         if (s->state != SUPERVISOR_STOPPING)
@@ -982,6 +991,7 @@ static void enter(struct supervisor *s, enum supervisor_state next) {
                 if (s->state == SUPERVISOR_RELOADING && s->old && !s->old->draining) {
                         /* The new generation accepts: the old one stops accepting and drains. */
                         s->old->draining = true;
+                        s->old->drain_started_ms = clock_mono_ms();
                         signal_generation(s->old, SIGTERM);
                         log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
                                   s->current->number, s->old->number);
@@ -1060,13 +1070,28 @@ static void advance(struct supervisor *s) {
         struct supervisor_facts f;
         enum supervisor_state next;
 
-        if (s->reload_requested) {
+        if (s->reload_requested && s->state == SUPERVISOR_RUNNING && s->old) {
+                /* The previous generation still drains: this SIGHUP is kept, not refused, and
+                 * acted on once it has gone (a later event, at the latest the next tick). */
+                if (!s->reload_deferred)
+                        log_event(LOG_NOTICE, "reload", NULL, "SIGHUP: generation %u is still draining; "
+                                  "reloading once it has", s->old->number);
+                s->reload_deferred = true;
+        } else if (s->reload_requested) {
                 s->reload_requested = false;
+                s->reload_deferred = false;
                 if (s->state == SUPERVISOR_RUNNING)
                         reload(s);
                 else
                         log_event(LOG_WARNING, "reload_failed", NULL, "SIGHUP while %s: ignored",
                                   supervisor_state_to_string(s->state));
+        }
+        if (s->old && s->old->drain_overdue && !s->old->drain_cut) {
+                s->old->drain_cut = true;
+                log_event(LOG_WARNING, "reload", NULL, "generation %u still drains after shutdown_timeout "
+                          "(%u s): its workers are killed", s->old->number,
+                          s->current->config->shutdown_timeout);
+                signal_generation(s->old, SIGKILL);
         }
         if (s->reload_deadline_passed) {
                 s->reload_deadline_passed = false;
