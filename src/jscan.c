@@ -832,7 +832,8 @@ int jscan_double(const struct jscan_value *v, double *ret) {
         if (p != end)
                 return -EINVAL;
         if (digits == 0) {
-                *ret = buf[0] == '-' ? -0.0 : 0.0;
+                /* buf holds only the sign so far, if any: buf[0] is not written otherwise. */
+                *ret = n > 0 ? -0.0 : 0.0;
                 return 0;
         }
         if (dropped) {
