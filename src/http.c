@@ -1043,7 +1043,13 @@ static void conn_close(struct http_conn *c) {
 
 void http_conn_abort(struct http_conn *c) {
         c->request_data = NULL;         /* the handler is the one aborting: don't call it back */
-        conn_close(c);
+        /* A cut stream must look cut: what was already written for the client (the head, the
+         * chunks so far) goes out first, as far as the socket takes it now, so the client sees
+         * an answer that stops short instead of a connection closed with no answer at all. */
+        if (!c->dead && buf_pending(&c->out) > 0)
+                (void) conn_flush(c);
+        if (!c->dead)
+                conn_close(c);
 }
 
 void http_conn_shutdown(struct http_conn *c) {

@@ -851,6 +851,23 @@ START_TEST(test_streamed_output_waits_for_the_loop_and_keeps_its_order)
 }
 END_TEST
 
+/* A stream the handler cuts (the upstream failed after bytes reached the client) shows the
+ * client what it was sent, then the close, never the close alone. */
+START_TEST(test_an_aborted_stream_sends_what_it_had_written_before_the_close)
+{
+        start();
+        hold_request("GET /s HTTP/1.1\r\nHost: x\r\n\r\n");
+        ck_assert_int_eq(http_conn_stream_begin(H.conn, 200, NULL, 0), 0);
+        ck_assert_int_eq(http_conn_stream_write(H.conn, "data: 1\n\n", 9), 0);
+        http_conn_abort(H.conn);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
+        ck_assert_msg(strncmp(H.in, "HTTP/1.1 200 OK\r\n", 17) == 0, "no head before the close: '%s'", H.in);
+        ck_assert_ptr_nonnull(strstr(H.in, "9\r\ndata: 1\n\n\r\n"));
+        ck_assert_ptr_null(strstr(H.in, "0\r\n\r\n"));
+        ck_assert_uint_eq(H.n_aborts, 0);
+}
+END_TEST
+
 START_TEST(test_stream_to_http10_client_is_ended_by_closing)
 {
         start();
@@ -1450,6 +1467,7 @@ static Suite *http_suite(void) {
         tcase_add_test(answer, test_second_answer_to_one_request_is_refused);
         tcase_add_test(answer, test_stream_to_http11_client_is_chunked_and_ends_with_the_zero_chunk);
         tcase_add_test(answer, test_streamed_output_waits_for_the_loop_and_keeps_its_order);
+        tcase_add_test(answer, test_an_aborted_stream_sends_what_it_had_written_before_the_close);
         tcase_add_test(answer, test_stream_to_http10_client_is_ended_by_closing);
         tcase_add_test(answer, test_stream_write_reports_pressure_and_on_drain_follows_when_the_client_reads);
         suite_add_tcase(s, answer);
