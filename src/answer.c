@@ -92,6 +92,25 @@ const char *answer_line(const struct answer *a, size_t i) {
         return a->text + a->header_off[i];
 }
 
+/* The status code of a status line ("HTTP/1.1 429 Too Many Requests"), 0 when it has none.
+ * Read within len: curl's line is not NUL-terminated, and atoi would skip a line end as white
+ * space and read on past it. */
+static int status_of(const char *line, size_t len) {
+        const char *p = memchr(line, ' ', len), *end = line + len;
+        int status = 0;
+
+        if (!p)
+                return 0;
+        while (p < end && *p == ' ')
+                p++;
+        for (; p < end && *p >= '0' && *p <= '9'; p++) {
+                if (status > 99)
+                        return 0;       /* a status has three digits */
+                status = status * 10 + (*p - '0');
+        }
+        return status;
+}
+
 int answer_add_header_line(struct answer *a, const char *data, size_t len) {
         size_t trimmed = len, off;
 
@@ -100,10 +119,8 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
 
         if (trimmed >= 5 && strncmp(data, "HTTP/", 5) == 0) {
                 /* A status line starts a new answer (after 100 Continue, say). */
-                const char *sp = memchr(data, ' ', trimmed);
-
                 answer_reset(a);
-                a->status = sp ? atoi(sp + 1) : 0;
+                a->status = status_of(data, trimmed);
                 return 0;
         }
         if (trimmed == 0) {

@@ -109,7 +109,34 @@ static struct keytable_key_view *snapshot(const struct api_context *a, unsigned 
         return keytable_pool_read_alloc(a->table, pool, now_ms, ret_info, &keys) < 0 ? NULL : keys;
 }
 
+/* scope=cluster: a row's counters are this node's plus the other nodes' (as the cluster process
+ * last summed them); health stays this node's own view. */
+static void add_cluster_usage(const struct api_context *a, unsigned key, json_t *kj) {
+        static const char *const names[] = { "requests", "successes", "rate_limited", "failures",
+                                             "tokens_in", "tokens_out" };
+        struct keytable_usage u;
+        uint64_t add[6];
+
+        if (keytable_cluster_usage(a->table, key, &u) < 0)
+                return;
+        add[0] = u.requests, add[1] = u.successes, add[2] = u.rate_limited;
+        add[3] = u.failures, add[4] = u.tokens_in, add[5] = u.tokens_out;
+        for (size_t i = 0; i < 6; i++) {
+                json_int_t mine = json_integer_value(json_object_get(kj, names[i]));
+
+                json_object_set_new(kj, names[i], json_integer(mine + (json_int_t) add[i]));
+        }
+}
+
+static char *key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter,
+                             bool cluster, bool *ret_unknown);
+
 char *api_key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter, bool *ret_unknown) {
+        return key_status_json(a, now_ms, pool_filter, false, ret_unknown);
+}
+
+static char *key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter,
+                             bool cluster, bool *ret_unknown) {
         json_t *root = json_object(), *pools = json_array();
         int64_t now_wall = clock_wall_ms();
         bool found = false;
@@ -136,8 +163,13 @@ char *api_key_status_json(const struct api_context *a, int64_t now_ms, const cha
                 json_object_set_new(pj, "model", json_string(info.model));
                 /* Every key limited at once: more keys of the same account add nothing. */
                 json_object_set_new(pj, "account_limit_suspected", json_boolean(info.account_limit_until_ms > now_ms));
-                for (unsigned i = 0; i < info.n_keys; i++)
-                        json_array_append_new(kj, key_json(&keys[i], now_ms, now_wall));
+                for (unsigned i = 0; i < info.n_keys; i++) {
+                        json_t *k = key_json(&keys[i], now_ms, now_wall);
+
+                        if (cluster)
+                                add_cluster_usage(a, info.first_key + i, k);
+                        json_array_append_new(kj, k);
+                }
                 json_object_set_new(pj, "keys", kj);
                 json_array_append_new(pools, pj);
                 free(keys);
@@ -148,6 +180,55 @@ char *api_key_status_json(const struct api_context *a, int64_t now_ms, const cha
                 json_decref(root);
                 return NULL;
         }
+        return dump(root);
+}
+
+/* "cluster": "ok" | "degraded" and the node, when clustering is on. */
+static void cluster_state(const struct api_context *a, json_t *root) {
+        struct keytable_cluster_view v;
+
+        keytable_cluster_read(a->table, &v);
+        if (!v.enabled)
+                return;
+        json_object_set_new(root, "cluster", json_string(v.connected ? "ok" : "degraded"));
+        json_object_set_new(root, "node", json_string(v.node));
+        json_object_set_new(root, "live_nodes", json_integer(v.live_nodes));
+}
+
+char *api_cluster_json(const struct api_context *a) {
+        struct keytable_cluster_view *v = malloc(sizeof *v);
+        int64_t now_wall = clock_wall_ms();
+        json_t *root, *nodes;
+
+        if (!v)
+                return NULL;
+        keytable_cluster_read(a->table, v);
+        root = json_object();
+        nodes = json_array();
+        json_object_set_new(root, "enabled", json_boolean(v->enabled));
+        json_object_set_new(root, "node", v->enabled ? json_string(v->node) : json_null());
+        json_object_set_new(root, "state", json_string(!v->enabled ? "off" : v->connected ? "ok" : "degraded"));
+        json_object_set_new(root, "live_nodes", json_integer(v->enabled ? v->live_nodes : 1));
+        for (unsigned i = 0; i < v->n_nodes; i++) {
+                const struct keytable_node *n = &v->nodes[i];
+                char when[TIMEUTIL_RFC3339_MAX];
+                json_t *nj = json_object();
+
+                timeutil_format_rfc3339(n->seen_wall_ms, true, when);
+                json_object_set_new(nj, "name", json_string(n->name));
+                json_object_set_new(nj, "self", json_boolean(strcmp(n->name, v->node) == 0));
+                json_object_set_new(nj, "last_seen", json_string(when));
+                json_object_set_new(nj, "last_seen_ms_ago", json_integer(now_wall - n->seen_wall_ms));
+                json_object_set_new(nj, "requests", json_integer((json_int_t) n->requests));
+                json_object_set_new(nj, "tokens_in", json_integer((json_int_t) n->tokens_in));
+                json_object_set_new(nj, "tokens_out", json_integer((json_int_t) n->tokens_out));
+                json_object_set_new(nj, "keys_ready", json_integer(n->keys_ready));
+                json_object_set_new(nj, "keys_cooling", json_integer(n->keys_cooling));
+                json_object_set_new(nj, "keys_disabled", json_integer(n->keys_disabled));
+                json_array_append_new(nodes, nj);
+        }
+        json_object_set_new(root, "nodes", nodes);
+        free(v);
         return dump(root);
 }
 
@@ -179,6 +260,8 @@ char *api_health_json(const struct api_context *a, int64_t now_ms, bool *ret_hea
                 json_array_append_new(pools, pj);
         }
         json_object_set_new(root, "status", json_string(healthy ? "ok" : "degraded"));
+        /* A host without Redis still serves from its own table: degraded there is not unhealthy. */
+        cluster_state(a, root);
         *ret_healthy = healthy;
         return dump(root);
 }
@@ -266,6 +349,7 @@ char *api_status_json(const struct api_context *a, int64_t now_ms) {
         json_object_set_new(root, "totals", totals);
         json_object_set_new(root, "pools", pools);
         json_object_set_new(root, "repairs", json_integer((json_int_t) keytable_repairs(a->table)));
+        cluster_state(a, root);
         return dump(root);
 }
 
@@ -307,6 +391,7 @@ char *api_history_json(const struct api_context *a, unsigned limit, const char *
                 json_object_set_new(e, "status", ev[i].status ? json_integer(ev[i].status) : json_null());
                 json_object_set_new(e, "reason", json_nullable_string(keytable_reason_name(ev[i].reason)));
                 json_object_set_new(e, "cooldown_s", ev[i].cooldown_ms > 0 ? json_integer(ceil_seconds(ev[i].cooldown_ms)) : json_null());
+                json_object_set_new(e, "node", ev[i].node[0] ? json_string(ev[i].node) : json_null());
                 json_array_append_new(events, e);
         }
         free(ev);
@@ -659,10 +744,19 @@ static void serve_status(const struct api_context *a, struct http_conn *c, const
 
 static void serve_key_status(const struct api_context *a, struct http_conn *c,
                              const struct http_request *req, int64_t now) {
-        char *pool = query_param(req->url, "pool");
-        bool unknown = false;
-        char *json = api_key_status_json(a, now, pool, &unknown);
+        char *pool = query_param(req->url, "pool"), *scope = query_param(req->url, "scope");
+        bool unknown = false, cluster = scope && strcmp(scope, "cluster") == 0;
+        char *json = NULL;
 
+        if (scope && !cluster && strcmp(scope, "node") != 0) {
+                http_conn_respond_error(c, 400, "invalid_request_error", "bad_scope", NULL, 0,
+                                        "scope must be node or cluster");
+                free(pool);
+                free(scope);
+                return;
+        }
+        free(scope);
+        json = key_status_json(a, now, pool, cluster, &unknown);
         if (unknown)
                 http_conn_respond_error(c, 404, "invalid_request_error", "unknown_pool", NULL, 0,
                                         "no pool is named '%.64s'", pool);
@@ -716,6 +810,13 @@ static void serve_metrics(const struct api_context *a, struct http_conn *c, cons
         free(text);
 }
 
+static void serve_cluster(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                          int64_t now) {
+        (void) req;
+        (void) now;
+        respond_json(c, 200, api_cluster_json(a));
+}
+
 static void serve_export(const struct api_context *a, struct http_conn *c, const struct http_request *req,
                          int64_t now) {
         (void) req;
@@ -726,6 +827,46 @@ static void serve_import(const struct api_context *a, struct http_conn *c, const
                          int64_t now) {
         (void) now;
         state_import(a, c, req);
+}
+
+/* The table's consistency check: {"ok": …, "problems": […], and what was looked at}. The answer
+ * is 200 either way: a problem found is the check's result, not the request's failure. */
+char *api_check_json(const struct api_context *a) {
+        struct keytable_check_report *r = malloc(sizeof *r);
+        json_t *root, *problems, *states;
+        char *text;
+
+        if (!r || keytable_check(a->table, r) < 0) {
+                free(r);
+                return NULL;
+        }
+        root = json_object();
+        problems = json_array();
+        states = json_object();
+        for (unsigned i = 0; i < r->n_problems && i < KEYTABLE_CHECK_PROBLEMS_MAX; i++)
+                json_array_append_new(problems, json_string(r->problems[i]));
+        for (unsigned s = KEY_READY; s < _KEY_STATE_MAX; s++)
+                json_object_set_new(states, keytable_state_name(s), json_integer(r->by_state[s]));
+        json_object_set_new(root, "ok", json_boolean(r->n_problems == 0));
+        json_object_set_new(root, "n_problems", json_integer(r->n_problems));
+        json_object_set_new(root, "problems", problems);
+        json_object_set_new(root, "pools", json_integer(r->pools));
+        json_object_set_new(root, "keys", json_integer(r->keys));
+        json_object_set_new(root, "keys_by_state", states);
+        json_object_set_new(root, "in_flight", json_integer(r->in_flight));
+        json_object_set_new(root, "leases", json_integer(r->leases));
+        json_object_set_new(root, "workers", json_integer(r->workers));
+        free(r);
+        text = json_dumps(root, JSON_COMPACT);
+        json_decref(root);
+        return text;
+}
+
+static void serve_check(const struct api_context *a, struct http_conn *c, const struct http_request *req,
+                        int64_t now) {
+        (void) req;
+        (void) now;
+        respond_json(c, 200, api_check_json(a));
 }
 
 static const struct api_route {
@@ -739,9 +880,11 @@ static const struct api_route {
         { "/status", false, false, serve_status },
         { "/api/key-status", false, false, serve_key_status },
         { "/api/history", false, false, serve_history },
+        { "/api/cluster", false, false, serve_cluster },
         { "/metrics", false, false, serve_metrics },
         { "/api/state/export", true, true, serve_export },
         { "/api/state/import", true, true, serve_import },
+        { "/api/check", false, true, serve_check },
 };
 
 bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {

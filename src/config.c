@@ -35,6 +35,7 @@
 #include "keypool/envfile.h"
 #include "keypool/fileio.h"
 #include "keypool/keyid.h"
+#include "keypool/secmem.h"
 
 #include "config_internal.h"
 
@@ -60,7 +61,7 @@ static const char *const top_level_names[] = {
         "retry", "worker_timeout", "shutdown_timeout", "state_file", "state_interval",
         "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens",
         "admin_tokens", "header_timeout", "body_min_rate", "body_budget", "first_byte_timeout",
-        "idle_timeout", "request_timeout", NULL,
+        "idle_timeout", "request_timeout", "cluster", NULL,
 };
 
 static const char *const provider_names[] = {
@@ -117,7 +118,8 @@ void loader_wipe_free(char *s) {
         if (!s)
                 return;
         explicit_bzero(s, strlen(s));
-        free(s);
+        if (!secmem_free(s))
+                free(s);
 }
 
 static void diag_push(struct loader *l, char *msg, const char *file, unsigned line) {
@@ -516,8 +518,15 @@ static unsigned secret_set_find(const struct loader *l, const struct config_pool
  * secret (the key is then not stored), or -1 on allocation failure. */
 static int pool_add_key(struct loader *l, struct config_pool *p, char *secret, unsigned pos) {
         struct config_key *k;
-        uint32_t h = secret_hash(secret);
+        uint32_t h;
         unsigned dup;
+
+        secret = loader_secret_keep(secret);
+        if (!secret) {
+                l->oom = true;
+                return -1;
+        }
+        h = secret_hash(secret);
 
         /* Keys are only ever added to the newest pool: a pool without stored keys is a new one
          * (or one whose keys all failed), and the previous pool's set and capacity are stale. A
@@ -1630,6 +1639,7 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
         parse_retry(&l, root);
         parse_phrases(&l, root);
         parse_api(&l, root);
+        loader_parse_cluster(&l, root);
         parse_providers(&l, root);
         if (!l.oom)
                 parse_pools(&l, root);
@@ -1675,6 +1685,8 @@ void config_wipe_secrets(struct config *c) {
         for (unsigned i = 0; i < c->n_providers; i++)
                 if (c->providers[i].proxy)
                         explicit_bzero(c->providers[i].proxy, strlen(c->providers[i].proxy));
+        if (c->cluster && c->cluster->password)
+                explicit_bzero(c->cluster->password, strlen(c->cluster->password));
 }
 
 void config_free(struct config *c) {
@@ -1724,6 +1736,7 @@ void config_free(struct config *c) {
         free(c->state_file);
         free(c->socket_group);
         free(c->http_listen);
+        config_cluster_free(c->cluster);
         free(c);
 }
 

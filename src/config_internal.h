@@ -104,6 +104,10 @@ struct config_key *loader_add_key(struct loader *l, struct config_pool *p, const
 /* --- key references (config_secret.c) --------------------------------------------------------- */
 
 const char *loader_secret_problem(const char *s);
+/* Moves secret (heap, owned) into secret memory (keypool/secmem.h), wiping and freeing the
+ * original: the copy a struct config keeps is left out of core dumps. NULL when out of memory
+ * (the original is wiped and freed all the same). */
+char *loader_secret_keep(char *secret);
 char *loader_resolve_key(struct loader *l, const char *who, unsigned pos, const char *ref,
                          const char *file, unsigned line);
 
@@ -118,3 +122,8 @@ void loader_parse_socket_group(struct loader *l, const config_setting_t *root);
 void loader_parse_http_listen(struct loader *l, const config_setting_t *root);
 void loader_parse_tokens(struct loader *l, const config_setting_t *root, const char *name,
                          const char *left_out, char ***list, unsigned *n_list);
+
+/* --- the cluster group (config_cluster.c) ------------------------------------------------------ */
+
+void loader_parse_cluster(struct loader *l, const config_setting_t *root);
+void config_cluster_free(struct config_cluster *c);

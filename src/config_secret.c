@@ -3,7 +3,8 @@
  * Owns turning what a pool's keys list says ("env:NAME", "file:PATH", "cred:NAME" or the key
  * itself) into the secret, and deciding whether a secret is usable at all. Problems go to the
  * loader's diagnostics naming the key by pool and position; the secret text is never quoted, and
- * a buffer that held one is wiped before it is freed.
+ * a buffer that held one is wiped before it is freed. The copy a configuration keeps lives in
+ * secret memory (secmem.c: MADV_DONTDUMP), so a core dump of any keypool process leaves it out.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE             /* asprintf */
@@ -20,11 +21,23 @@
 
 #include "keypool/conf.h"
 #include "keypool/fileio.h"
+#include "keypool/secmem.h"
 
 #include "config_internal.h"
 
 #define CONFIG_SECRET_MAX 4096          /* far above any provider's key */
 #define CONFIG_KEY_FILE_MAX 65536       /* bounds file: and cred: reads: a key file holds one key */
+
+char *loader_secret_keep(char *secret) {
+        char *kept;
+
+        if (!secret)
+                return NULL;
+        kept = secmem_strndup(secret, strlen(secret));
+        explicit_bzero(secret, strlen(secret));
+        free(secret);
+        return kept;
+}
 
 /* Why a resolved secret cannot be used, or NULL when it can. Never quotes the secret. */
 const char *loader_secret_problem(const char *s) {

@@ -531,6 +531,30 @@ int ctl_write_status(FILE *out, const json_t *doc, bool colour) {
         return ferror(out) ? -EIO : 0;
 }
 
+int ctl_write_check(FILE *out, const json_t *doc, bool colour) {
+        const json_t *ok = json_object_get(doc, "ok"), *problems = json_object_get(doc, "problems"), *p;
+        const char *hue = NULL;
+        size_t i;
+
+        if (!json_is_boolean(ok) || !json_is_array(problems))
+                return -EINVAL;
+        if (json_is_true(ok)) {
+                if (colour)
+                        hue = ctl_state_colour("ready");
+                fprintf(out, "%sok%s: %lld pools, %lld keys, %lld in flight, %lld workers\n", hue ?: "",
+                        hue ? COLOUR_RESET : "", (long long) number(doc, "pools"),
+                        (long long) number(doc, "keys"), (long long) number(doc, "in_flight"),
+                        (long long) number(doc, "workers"));
+                return ferror(out) ? -EIO : 0;
+        }
+        json_array_foreach(problems, i, p)
+                fprintf(out, "%s\n", json_string_value(p) ?: "?");
+        if ((json_int_t) json_array_size(problems) < number(doc, "n_problems"))
+                fprintf(out, "… and %lld more\n",
+                        (long long) (number(doc, "n_problems") - (json_int_t) json_array_size(problems)));
+        return ferror(out) ? -EIO : 0;
+}
+
 int ctl_write_health(FILE *out, const json_t *doc, bool colour) {
         static const char *const headers[] = { "POOL", "READY", "KEYS" };
         const char *status = json_string_value(json_object_get(doc, "status"));

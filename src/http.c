@@ -80,6 +80,8 @@ struct http_conn {
         enum conn_phase phase;
         bool dead;                      /* closed; freed by the kick source */
         bool close_after;               /* Connection: close, or graceful shutdown */
+        bool said_close;                /* the last head written said Connection: close */
+        bool draining;                  /* http_conn_shutdown was called */
         bool streaming;                 /* a streamed response has begun */
         bool chunked;                   /* … and uses chunked encoding */
         bool pressure;                  /* stream_write reported the high-water mark */
@@ -106,6 +108,7 @@ struct http_conn {
         size_t body_charged;            /* of the poller's body_bytes */
 
         uint64_t deadline_usec;         /* idle timeout; the timer may still be set earlier */
+        uint64_t drain_deadline_usec;   /* draining: an idle keep-alive connection closes then */
         size_t header_bytes;
         struct http_request req;
         size_t fields_cap;
@@ -123,6 +126,7 @@ static void kick_soon(struct http_conn *c);
 static int conn_flush(struct http_conn *c);
 static void arm_deadline(struct http_conn *c, uint64_t *deadline, uint64_t in_usec);
 static void scan_reset(struct http_conn *c);
+static void conn_read(struct http_conn *c);
 
 /* --- buffers ----------------------------------------------------------------------------- */
 
@@ -390,6 +394,7 @@ static int on_message_begin(http_parser *p) {
 
         request_reset(c);
         c->in_message = true;
+        c->drain_deadline_usec = 0;     /* a request is on its way: it is served */
         /* A head is due header_timeout after its first byte, however steadily it trickles. */
         arm_deadline(c, &c->head_deadline_usec, c->limits->header_timeout_usec);
         return 0;
@@ -594,9 +599,9 @@ static int write_head(struct http_conn *c, int status, const struct http_header 
                 if (r >= 0)
                         r = buf_append(&c->out, "\r\n", 2);
         }
+        c->said_close = c->close_after || (c->half_closed && buf_pending(&c->pending) == 0);
         if (r >= 0)
-                r = buf_add_str(&c->out, c->close_after || (c->half_closed && buf_pending(&c->pending) == 0)
-                                ? "Connection: close\r\n" : "Connection: keep-alive\r\n");
+                r = buf_add_str(&c->out, c->said_close ? "Connection: close\r\n" : "Connection: keep-alive\r\n");
         return r;
 }
 
@@ -800,6 +805,11 @@ static uint64_t earliest(uint64_t a, uint64_t b) {
         return a == 0 ? b : b == 0 ? a : a < b ? a : b;
 }
 
+/* The first deadline of a connection waiting for (the rest of) a request, 0 for none. */
+static uint64_t reading_deadline(const struct http_conn *c) {
+        return earliest(earliest(c->head_deadline_usec, c->body_window_end_usec), c->drain_deadline_usec);
+}
+
 static int conn_update_events(struct http_conn *c) {
         /* Once the peer has half-closed, RDHUP would fire for ever (level-triggered). */
         uint32_t events = c->half_closed ? 0 : EPOLLRDHUP;
@@ -821,10 +831,8 @@ static int conn_update_events(struct http_conn *c) {
                 /* arm_timer leaves an enabled timer alone: it must not be past a head or body
                  * deadline set before it was last switched off. */
                 if (sd_event_source_get_time(c->timer, &at) >= 0 &&
-                    earliest(c->head_deadline_usec, c->body_window_end_usec) != 0 &&
-                    earliest(c->head_deadline_usec, c->body_window_end_usec) < at &&
-                    sd_event_source_set_time(c->timer, earliest(c->head_deadline_usec,
-                                                                 c->body_window_end_usec)) >= 0)
+                    reading_deadline(c) != 0 && reading_deadline(c) < at &&
+                    sd_event_source_set_time(c->timer, reading_deadline(c)) >= 0)
                         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
         }
         else
@@ -970,7 +978,11 @@ static void dispatch(struct http_conn *c) {
 static void conn_next(struct http_conn *c) {
         struct buf rest;
 
-        if (c->close_after || (c->half_closed && buf_pending(&c->pending) == 0)) {
+        /* A close that the answer did not announce (the connection was asked to stop after its
+         * head went out saying keep-alive) waits for the next request: the client may be
+         * sending it already, and it is answered with Connection: close. */
+        if ((c->close_after && (c->said_close || !c->draining)) ||
+            (c->half_closed && buf_pending(&c->pending) == 0)) {
                 conn_close(c);
                 return;
         }
@@ -978,8 +990,11 @@ static void conn_next(struct http_conn *c) {
         c->phase = PHASE_READING;
         http_parser_pause(&c->parser, 0);
         conn_update_events(c);
-        if (buf_pending(&c->pending) == 0)
+        if (buf_pending(&c->pending) == 0) {
+                if (c->draining)
+                        arm_deadline(c, &c->drain_deadline_usec, c->limits->drain_idle_usec);
                 return;
+        }
         rest = c->pending;
         c->pending = (struct buf) {};
         conn_parse(c, rest.data + rest.off, buf_pending(&rest));
@@ -1032,12 +1047,28 @@ void http_conn_abort(struct http_conn *c) {
 }
 
 void http_conn_shutdown(struct http_conn *c) {
+        if (c->dead || c->draining)
+                return;
+        c->draining = true;
         c->close_after = true;
-        /* An idle keep-alive connection goes now. One accepted but not yet heard from is a
-         * client whose request is on its way: it is served (with Connection: close), or dropped
-         * by the idle timeout. */
-        if (!http_conn_busy(c) && c->served)
-                conn_close(c);
+        /* An idle keep-alive connection goes once it has been quiet for drain_idle: its client
+         * may be sending the next request right now, and closing under it would lose that
+         * request (the client cannot tell "closed before reading" from "closed after"). One
+         * accepted but not yet heard from is a client whose request is on its way: it is served
+         * (with Connection: close), or dropped by the idle timeout. */
+        if (!http_conn_busy(c) && c->served && buf_pending(&c->pending) == 0)
+                arm_deadline(c, &c->drain_deadline_usec, c->limits->drain_idle_usec);
+}
+
+/* Is a request's first byte waiting in the socket? Looked at just before an idle close. */
+static bool conn_input_waiting(struct http_conn *c) {
+        char byte;
+        ssize_t n;
+
+        do
+                n = recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+        while (n < 0 && errno == EINTR);
+        return n > 0;
 }
 
 static void on_kick(struct http_conn *c) {
@@ -1069,6 +1100,17 @@ static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
 
         if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) < 0)
                 now = usec;
+        if (c->phase == PHASE_READING && c->drain_deadline_usec && now >= c->drain_deadline_usec) {
+                c->drain_deadline_usec = 0;
+                /* Bytes already there are a request to serve, not a connection to close. */
+                if (!c->in_message && !conn_input_waiting(c)) {
+                        conn_close(c);
+                        return 0;
+                }
+                conn_read(c);
+                if (c->dead)
+                        return 0;
+        }
         if (c->phase == PHASE_READING && c->head_deadline_usec && now >= c->head_deadline_usec) {
                 too_slow(c);
                 return 0;
@@ -1085,7 +1127,7 @@ static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         }
         next = c->deadline_usec;
         if (c->phase == PHASE_READING)
-                next = earliest(next, earliest(c->head_deadline_usec, c->body_window_end_usec));
+                next = earliest(next, reading_deadline(c));
         if (now < next) {
                 if (sd_event_source_set_time(c->timer, next) >= 0)
                         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
@@ -1097,15 +1139,13 @@ static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
-/* The peer stopped sending while a request of its is being served. Over a UNIX socket a client
- * that is gone shows as HUP, so this is a half-close (nc -N, HTTP/1.0 clients): the answer is
- * still wanted. Over TCP a FIN looks the same either way, and clients that half-close are rare:
- * treat it as gone, so an abandoned upstream call stops at once. */
+/* The peer stopped sending while a request of its is being served: a half-close (nc -N,
+ * HTTP/1.0-style clients), and every request it sent before is still answered. Over a UNIX
+ * socket a client that is gone shows as HUP instead. Over TCP a FIN looks the same whether the
+ * client waits for its answer or has gone; one that has gone is found when the answer is
+ * written (EPIPE, a reset), and until then its upstream call runs, bounded by its timeouts:
+ * that is the price of never dropping a half-closed client's requests. */
 static void peer_stopped_sending(struct http_conn *c) {
-        if (c->peer.tcp) {
-                conn_close(c);
-                return;
-        }
         /* Whatever it sent before is still answered (conn_next closes once pending is used). */
         c->half_closed = true;
         conn_update_events(c);

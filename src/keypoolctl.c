@@ -44,6 +44,7 @@ enum {
         OPT_POOL = 1 << 1,
         OPT_KEY = 1 << 2,
         OPT_INTERVAL = 1 << 3,
+        OPT_CLUSTER = 1 << 4,
 };
 
 #define REQUEST_TIMEOUT_MS 30000L
@@ -59,6 +60,7 @@ struct ctl {
         unsigned limit;                 /* history -n; 0 = the daemon's default */
         const char *pool;               /* history --pool */
         const char *key;                /* history --key */
+        bool cluster;                   /* keys --cluster: counters summed over the cluster */
         double interval;                /* watch --interval, seconds */
         long timeout_ms;
         CURL *curl;
@@ -82,7 +84,8 @@ static void usage(FILE *out) {
                 "Commands:\n"
                 "  status                 the daemon, its workers, and a summary per pool\n"
                 "  health                 whether every pool has a ready key (exit 1 when degraded)\n"
-                "  keys [POOL]            every key: state, reason, cooldown left, counters\n"
+                "  keys [--cluster] [POOL] every key: state, reason, cooldown left, counters (with\n"
+                "                         --cluster: counted by every node of the cluster)\n"
                 "  history [-n N] [--pool POOL] [--key ID]\n"
                 "                         rotation events, oldest first (the daemon's last 100 by default)\n"
                 "  disable ID             take a key out of rotation until it is enabled again\n"
@@ -91,8 +94,11 @@ static void usage(FILE *out) {
                 "  export FILE            save the daemon's state (no secrets) to FILE, mode 0600 (\"-\": stdout)\n"
                 "  import FILE            load a state document written by export (\"-\": stdin)\n"
                 "  watch [--interval S]   the keys table, refreshed every S seconds (default 1) until Ctrl-C\n"
+                "  check                  the shared table's consistency check: \"ok\", or each problem (exit 1)\n"
+                "  names commands|pools|keys [POOL]\n"
+                "                         one name per line, for shell completion and scripts\n"
                 "\n"
-                "disable, enable, probe, export and import are allowed to root and keypoold's own user.\n"
+                "disable, enable, probe, export, import and check are allowed to root and keypoold's own user.\n"
                 "\n"
                 "Options:\n"
                 "  -s, --socket SOCKET    the daemon's socket (default $KEYPOOL_SOCKET, else %s)\n"
@@ -427,14 +433,16 @@ static int cmd_keys(struct ctl *c, char **args) {
 
         if (args[0]) {
                 pool = ctl_url_escape(args[0]);
-                path = pool ? text_printf("/api/key-status?pool=%s", pool) : NULL;
+                path = pool ? text_printf("/api/key-status?pool=%s%s", pool, c->cluster ? "&scope=cluster" : "")
+                            : NULL;
                 free(pool);
                 if (!path) {
                         complain("out of memory");
                         return EXIT_FAILED;
                 }
         }
-        ret = get_and_show(c, "keys", path ? path : "/api/key-status", ctl_write_keys);
+        ret = get_and_show(c, "keys", path ? path : c->cluster ? "/api/key-status?scope=cluster"
+                                                               : "/api/key-status", ctl_write_keys);
         free(path);
         return ret;
 }
@@ -449,6 +457,24 @@ static int cmd_history(struct ctl *c, char **args) {
         }
         ret = get_and_show(c, "history", path, ctl_write_history);
         free(path);
+        return ret;
+}
+
+/* The table's consistency check: exit 0 when it holds, 1 with each problem printed. */
+static int cmd_check(struct ctl *c, char **args) {
+        struct reply r = {};
+        json_t *doc = NULL;
+        int ret;
+
+        ret = request(c, "check", "GET", "/api/check", NULL, 0, &r);
+        if (ret != EXIT_OK)
+                return ret;
+        ret = show(c, &r, "check", ctl_write_check);
+        if (ret == EXIT_OK && parse_reply(&r, "check", &doc) == EXIT_OK &&
+            !json_is_true(json_object_get(doc, "ok")))
+                ret = EXIT_FAILED;
+        json_decref(doc);
+        reply_done(&r);
         return ret;
 }
 
@@ -568,6 +594,43 @@ static int cmd_import(struct ctl *c, char **args) {
         ret = show(c, &r, "import", ctl_write_import);
         reply_done(&r);
         return ret;
+}
+
+/* One pool name, or one key id, per line from the key-status document: what shell completion
+ * offers. Reading /api/key-status keeps it to what any client may see. */
+static int names_from_daemon(struct ctl *c, bool keys, const char *only_pool) {
+        struct reply r = {};
+        json_t *doc, *pool;
+        size_t i;
+        int ret;
+
+        ret = request(c, "names", "GET", "/api/key-status", NULL, 0, &r);
+        if (ret != EXIT_OK)
+                return ret;
+        ret = parse_reply(&r, "names", &doc);
+        reply_done(&r);
+        if (ret != EXIT_OK)
+                return ret;
+        json_array_foreach(json_object_get(doc, "pools"), i, pool) {
+                const char *name = json_string_value(json_object_get(pool, "name"));
+                json_t *key;
+                size_t j;
+
+                if (!name || (only_pool && strcmp(only_pool, name) != 0))
+                        continue;
+                if (!keys) {
+                        printf("%s\n", name);
+                        continue;
+                }
+                json_array_foreach(json_object_get(pool, "keys"), j, key) {
+                        const char *id = json_string_value(json_object_get(key, "id"));
+
+                        if (id)
+                                printf("%s\n", id);
+                }
+        }
+        json_decref(doc);
+        return EXIT_OK;
 }
 
 static void on_interrupt(int sig) {
@@ -705,10 +768,12 @@ struct command {
         int (*run)(struct ctl *c, char **args);
 };
 
+static int cmd_names(struct ctl *c, char **args);
+
 static const struct command commands[] = {
         { "status",  0, 0, 0,                           cmd_status },
         { "health",  0, 0, 0,                           cmd_health },
-        { "keys",    0, 1, 0,                           cmd_keys },
+        { "keys",    0, 1, OPT_CLUSTER,                 cmd_keys },
         { "history", 0, 0, OPT_LIMIT | OPT_POOL | OPT_KEY, cmd_history },
         { "disable", 1, 1, 0,                           cmd_disable },
         { "enable",  1, 1, 0,                           cmd_enable },
@@ -716,7 +781,28 @@ static const struct command commands[] = {
         { "export",  1, 1, 0,                           cmd_export },
         { "import",  1, 1, 0,                           cmd_import },
         { "watch",   0, 0, OPT_INTERVAL,                cmd_watch },
+        { "check",   0, 0, 0,                           cmd_check },
+        { "names",   1, 2, 0,                           cmd_names },
 };
+
+/* names commands needs the table above it; the daemon is asked only for pools and keys. */
+static int cmd_names(struct ctl *c, char **args) {
+        if (strcmp(args[0], "commands") == 0) {
+                if (args[1])
+                        return usage_error("names commands takes no POOL");
+                for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
+                        printf("%s\n", commands[i].name);
+                return EXIT_OK;
+        }
+        if (strcmp(args[0], "pools") == 0) {
+                if (args[1])
+                        return usage_error("names pools takes no POOL");
+                return names_from_daemon(c, false, NULL);
+        }
+        if (strcmp(args[0], "keys") == 0)
+                return names_from_daemon(c, true, args[1]);
+        return usage_error("names wants commands, pools or keys, not '%s'", args[0]);
+}
 
 static const struct command *find_command(const char *name) {
         for (size_t i = 0; i < sizeof(commands) / sizeof(commands[0]); i++)
@@ -731,6 +817,7 @@ static const char *option_name(unsigned opt) {
         case OPT_POOL:     return "--pool";
         case OPT_KEY:      return "--key";
         case OPT_INTERVAL: return "--interval";
+        case OPT_CLUSTER:  return "--cluster";
         }
         return "?";
 }
@@ -760,7 +847,7 @@ static int parse_interval(const char *s, double *ret) {
 }
 
 int main(int argc, char **argv) {
-        enum { ARG_JSON = 256, ARG_VERSION, ARG_POOL, ARG_KEY, ARG_INTERVAL };
+        enum { ARG_JSON = 256, ARG_VERSION, ARG_POOL, ARG_KEY, ARG_INTERVAL, ARG_CLUSTER };
         static const struct option options[] = {
                 { "socket", required_argument, NULL, 's' },
                 { "json", no_argument, NULL, ARG_JSON },
@@ -770,6 +857,7 @@ int main(int argc, char **argv) {
                 { "pool", required_argument, NULL, ARG_POOL },
                 { "key", required_argument, NULL, ARG_KEY },
                 { "interval", required_argument, NULL, ARG_INTERVAL },
+                { "cluster", no_argument, NULL, ARG_CLUSTER },
                 {}
         };
         struct ctl c = { .interval = 1.0, .timeout_ms = REQUEST_TIMEOUT_MS };
@@ -815,6 +903,10 @@ int main(int argc, char **argv) {
                                 return usage_error("--interval wants seconds between 0.1 and 3600, not '%s'", optarg);
                         given |= OPT_INTERVAL;
                         break;
+                case ARG_CLUSTER:
+                        c.cluster = true;
+                        given |= OPT_CLUSTER;
+                        break;
                 case ':':
                         return usage_error("option '%s' needs an argument", argv[optind - 1]);
                 default:
@@ -834,7 +926,7 @@ int main(int argc, char **argv) {
                 return usage_error("'%s' needs an argument", cmd->name);
         if (n_args > cmd->max_args)
                 return usage_error("'%s' does not take '%s'", cmd->name, argv[optind + 1 + cmd->max_args]);
-        for (unsigned o = OPT_LIMIT; o <= OPT_INTERVAL; o <<= 1)
+        for (unsigned o = OPT_LIMIT; o <= OPT_CLUSTER; o <<= 1)
                 if ((given & o) && !(cmd->options & o))
                         return usage_error("option %s does not apply to '%s'", option_name(o), cmd->name);
         if (!*c.socket || strlen(c.socket) >= sizeof(((struct sockaddr_un *) NULL)->sun_path))

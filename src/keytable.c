@@ -223,7 +223,7 @@ static int shm_open_anonymous(void) {
 
 /* Where everything sits in the segment: offsets from its start, and its whole size. */
 struct kt_layout {
-        size_t size, hdr, pools, keys, slots, leases, history, links, due;
+        size_t size, hdr, pools, keys, slots, leases, history, links, due, tickets;
         unsigned history_size;
 };
 
@@ -264,6 +264,9 @@ static int layout_compute(const struct keytable_limits *limits, struct kt_layout
         if (r == 0)
                 r = layout_add(&off, (size_t) KT_BANKS * limits->max_keys, sizeof(struct kt_due),
                                &l.due);
+        if (r == 0)
+                r = layout_add(&off, (size_t) limits->n_slots * limits->max_pools, sizeof(uint64_t),
+                               &l.tickets);
         if (r < 0)
                 return r;
         if (off > (size_t) INT64_MAX)
@@ -315,6 +318,7 @@ static void segment_init(struct keytable *t, void *base, const struct kt_layout 
         t->history = (struct kt_event *) ((char *) base + l->history);
         t->links = (struct kt_link *) ((char *) base + l->links);
         t->due = (struct kt_due *) ((char *) base + l->due);
+        t->tickets = (uint64_t *) ((char *) base + l->tickets);
         t->history_size = l->history_size;
         t->max_pools = limits->max_pools;
         t->max_keys = limits->max_keys;
@@ -338,6 +342,7 @@ static void segment_init(struct keytable *t, void *base, const struct kt_layout 
                 .off_history = l->history,
                 .off_links = l->links,
                 .off_due = l->due,
+                .off_tickets = l->tickets,
                 .history_size = l->history_size,
                 .config_generation = 1,
                 .created_ms = now_ms,
@@ -466,6 +471,7 @@ int keytable_add_pool(struct keytable *t, const char *name, const char *model, u
         pool->first_key = kt_bank_first_key(t, b) + kt_bank_n_keys(t, b);
         pool->n_keys = 0;
         pool->use_seq = 0;
+        KT_STORE(&pool->ticket_seq, 0);
         kt_index_stale(t, p);
         KT_STORE(&pool->account_limit_until_ms, account_until > 0 ? account_until : 0);
         /* What a generation before last counted here; the current pool's figures come over at
@@ -598,6 +604,64 @@ static void key_carry(struct kt_key *key, const struct kt_key *src) {
                 key->reason = KEY_REASON_NONE;
                 key->cooldown_until_ms = 0;
         }
+}
+
+/* The current bank's row of id: in the pool named pool_name if there is one, else the first
+ * row with the id; KEYTABLE_NO_KEY when none. A scan, not the id index: the index is the
+ * coordinator's, and a worker's copy of it dates from its fork. Only a draining generation's
+ * rare state changes come here. */
+static unsigned current_row_of(const struct keytable *t, unsigned cur, const char *id,
+                               const char *pool_name) {
+        unsigned q = current_pool_named(t, cur, pool_name), lo = kt_bank_first_key(t, cur),
+                 hi = lo + kt_bank_n_keys(t, cur), first = lo, end = hi;
+
+        if (q != UINT_MAX)
+                kt_pool_range(t, q, &first, &end);
+        for (unsigned pass = 0; pass < 2; pass++) {
+                for (unsigned k = first; k < end; k++)
+                        if (strncmp(t->keys[k].id, id, sizeof t->keys[k].id) == 0)
+                                return k;
+                first = lo;
+                end = hi;
+        }
+        return KEYTABLE_NO_KEY;
+}
+
+unsigned kt_carry_forward(struct keytable *t, unsigned k, int64_t now_ms) {
+        unsigned cur = kt_bank_current(t), row, p;
+        struct kt_key src;
+        struct kt_key *key;
+
+        if (!kt_key_row_valid(t, k) || k / t->max_keys == cur || key_copy(t, k, &src) < 0 ||
+            !kt_pool_row_valid(t, src.pool))
+                return KEYTABLE_NO_KEY;
+        row = current_row_of(t, cur, src.id, t->pools[src.pool].name);
+        if (row == KEYTABLE_NO_KEY || kt_key_lock(t, row, &p, NULL) < 0)
+                return KEYTABLE_NO_KEY;
+        key = &t->keys[row];
+        kt_mark(&t->pools[p].dirty, 1);
+        kt_mark(&key->dirty, 1);
+        /* The stronger verdict stands, as when the new generation learns it itself: a disable
+         * over anything, a longer rest over a shorter one. */
+        if (src.state == KEY_DISABLED && key->state != KEY_DISABLED) {
+                key->state = KEY_DISABLED;
+                key->reason = src.reason < _KEY_REASON_MAX ? src.reason : KEY_REASON_OPERATOR;
+                key->cooldown_until_ms = 0;
+                key->cooling_since_ms = 0;
+                key->next_probe_ms = src.next_probe_ms;
+        } else if (src.state == KEY_COOLING && key->state != KEY_DISABLED &&
+                   src.cooldown_until_ms > now_ms &&
+                   (key->state != KEY_COOLING || key->cooldown_until_ms < src.cooldown_until_ms)) {
+                key->state = KEY_COOLING;
+                key->reason = src.reason < _KEY_REASON_MAX ? src.reason : KEY_REASON_RATE_LIMITED;
+                key->cooldown_until_ms = src.cooldown_until_ms;
+                key->cooling_since_ms = src.cooling_since_ms;
+        }
+        kt_mark(&key->dirty, 0);
+        kt_index_update(t, p, row, now_ms);
+        kt_mark(&t->pools[p].dirty, 0);
+        kt_pool_unlock(t, p);
+        return row;
 }
 
 int keytable_add_key(struct keytable *t, unsigned pool, const char *id, const char *masked,
@@ -765,6 +829,27 @@ int keytable_bank_commit(struct keytable *t) {
         /* One store: a reader sees the old bank or the new one, each whole, since every row of
          * the new bank was written before it. */
         KT_STORE(&t->hdr->bank, fill);
+        kt_header_unlock(t);
+        return 0;
+}
+
+int keytable_bank_revert(struct keytable *t) {
+        unsigned cur, other;
+
+        if (!t)
+                return -EINVAL;
+
+        kt_header_lock(t);
+        cur = kt_bank_current(t);
+        other = cur ^ 1u;
+        if (kt_bank_fill(t) != cur || kt_bank_n_pools(t, other) == 0) {
+                kt_header_unlock(t);
+                return -EINVAL;
+        }
+        /* The other bank was not refilled since it was current: keytable_bank_begin is the
+         * only way to do that, and it would have made it the one being filled. */
+        KT_STORE(&t->hdr->fill, other);
+        KT_STORE(&t->hdr->bank, other);
         kt_header_unlock(t);
         return 0;
 }

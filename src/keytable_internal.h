@@ -21,7 +21,7 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 5u
+#define KT_VERSION 6u
 #define KT_BANKS   2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
 
@@ -34,6 +34,20 @@
 #define KT_HISTORY_DEFAULT 1024u
 
 #define KT_NIL UINT32_MAX                          /* no key: an end of the list, not in the heap */
+
+/* What the cluster process (cluster.c) keeps for the readers: whether it talks to Redis, and the
+ * live nodes it last saw with what each reported. Written by the cluster process alone, under the
+ * header lock, so a reader copies one consistent picture. Zero: clustering is off. */
+struct kt_cluster {
+        uint32_t enabled;
+        uint32_t connected;
+        uint32_t live_nodes;                    /* last seen, this one included; 0 never seen */
+        uint32_t n_nodes;
+        int64_t since_wall_ms;                  /* when connected last changed */
+        uint64_t published_seq;                 /* history entries up to this one are out */
+        char node[KEYTABLE_NAME_MAX + 1];       /* this host's name */
+        struct keytable_node nodes[KEYTABLE_NODES_MAX];
+};
 
 /* Read field by field with atomic loads: written once before the first fork, perhaps again on
  * reload, and a reader mixing two versions of it gets two sane policies' fields. */
@@ -54,7 +68,8 @@ struct kt_header {
                                                  * current one, or the other during a reload */
         uint32_t n_pools[KT_BANKS], n_keys[KT_BANKS];   /* atomic: any process may look */
         uint64_t size;
-        uint64_t off_pools, off_keys, off_slots, off_leases, off_history, off_links, off_due;
+        uint64_t off_pools, off_keys, off_slots, off_leases, off_history, off_links, off_due,
+                 off_tickets;
         int64_t created_ms;
         uint64_t repairs;                       /* atomic: bumped under pool locks too */
         struct kt_policy policy;
@@ -67,7 +82,8 @@ struct kt_header {
         uint32_t history_dirty;                 /* an append is between its first write and
                                                  * its commit */
         pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy,
-                                                 * history */
+                                                 * history, cluster */
+        struct kt_cluster cluster;
 };
 
 struct kt_pool {
@@ -93,6 +109,9 @@ struct kt_pool {
          * request timed before it (another worker's clock read a moment earlier) must look at
          * the rows, as the index only moves forward in time. */
         int64_t gcra_since_ms;
+        /* Waiting in arrival order across workers (keytable_fifo.c): the last ticket handed
+         * out to a waiter of this pool, taken with an atomic add and no lock. */
+        uint64_t ticket_seq;
 } __attribute__((aligned(KT_ALIGN)));
 
 /* state, reason and last_class are stored as plain integers: a dead writer may leave any value
@@ -118,6 +137,8 @@ struct kt_key {
         uint32_t twin;                          /* atomic: next row with this id; itself if none */
         uint64_t by_class[_VERDICT_MAX];
         char last_error[KEYTABLE_ERROR_MAX + 1];
+        struct keytable_usage others;           /* the other nodes' counters for this row, as
+                                                 * the cluster process last summed them */
 };
 
 /* Where a key stands in its pool's choice index. */
@@ -157,6 +178,7 @@ struct kt_event {
         char pool[KEYTABLE_NAME_MAX + 1];
         char key_from[KEYID_ID_LEN + 1];
         char key_to[KEYID_ID_LEN + 1];
+        char node[KEYTABLE_NAME_MAX + 1];
 };
 
 /* Written by the owning worker with atomic stores and no lock; claimed and freed under the
@@ -185,6 +207,8 @@ struct keytable {
         struct kt_event *history;
         struct kt_link *links;
         struct kt_due *due;
+        uint64_t *tickets;                      /* per slot, per pool of its bank: the ticket
+                                                 * of its oldest waiter, 0 none */
         unsigned max_pools, max_keys, n_slots, leases_per_slot;    /* per bank */
         unsigned history_size;
         /* Process-local, used by keytable_add_key only (the coordinator's): per bank, open
@@ -261,6 +285,10 @@ static inline bool kt_key_row_valid(const struct keytable *t, unsigned k) {
         return kt_pool_row_valid(t, p) && p / t->max_pools == b;
 }
 
+static inline uint64_t *kt_slot_tickets(const struct keytable *t, unsigned slot) {
+        return t->tickets + (size_t) slot * t->max_pools;
+}
+
 static inline uint32_t *kt_slot_leases(const struct keytable *t, unsigned slot) {
         return t->leases + (size_t) slot * t->leases_per_slot;
 }
@@ -320,6 +348,33 @@ static inline void kt_pool_range(const struct keytable *t, unsigned p, unsigned 
         end = pool->n_keys > hi - first ? hi : first + pool->n_keys;
         *ret_first = first;
         *ret_end = end;
+}
+
+/* A stored history entry as readers get it; the caller has checked src->seq == seq and the kind. */
+static inline void kt_event_copy(const struct kt_event *src, uint64_t seq, struct keytable_event *e) {
+        *e = (struct keytable_event) {
+                .seq = seq,
+                .wall_ms = src->wall_ms,
+                .kind = src->kind,
+                .status = src->status,
+                .reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE,
+                .cooldown_ms = src->cooldown_ms,
+        };
+        __builtin_memcpy(e->pool, src->pool, sizeof e->pool - 1);
+        __builtin_memcpy(e->key_from, src->key_from, sizeof e->key_from - 1);
+        __builtin_memcpy(e->key_to, src->key_to, sizeof e->key_to - 1);
+        __builtin_memcpy(e->node, src->node, sizeof e->node - 1);
+}
+
+/* A row becomes ready, as an operator's enable makes it: no rest, no probe, no failure streak.
+ * The caller holds the pool lock and has marked the row dirty. */
+static inline void kt_key_set_ready(struct kt_key *row) {
+        row->state = KEY_READY;
+        row->reason = KEY_REASON_NONE;
+        row->consecutive_failures = 0;
+        row->next_probe_ms = 0;
+        row->cooldown_until_ms = 0;
+        row->cooling_since_ms = 0;
 }
 
 /* --- locking ------------------------------------------------------------------------------- */
@@ -449,3 +504,21 @@ void kt_index_update(const struct keytable *t, unsigned p, uint32_t k, int64_t n
 bool kt_index_none_due(const struct keytable *t, unsigned p, int64_t now_ms);
 /* True when the index is trusted and says some key of the pool is ready at now_ms. */
 bool kt_index_some_key_serves(const struct keytable *t, unsigned p, int64_t now_ms);
+
+/* --- waiting in arrival order (keytable_fifo.c) --------------------------------------------- */
+
+/* True when a waiter of another live worker of the same bank holds a ticket of pool p (a
+ * table-wide row) older than ticket (0: a request that never waited, younger than every
+ * ticket): the key a caller with ticket could take now is that waiter's to take first. */
+bool kt_fifo_yields(const struct keytable *t, unsigned slot, unsigned p, uint64_t ticket,
+                    int64_t now_ms);
+/* A slot's published tickets are forgotten (claim, release); the caller holds the header lock. */
+void kt_fifo_slot_clear(const struct keytable *t, unsigned slot);
+
+/* --- carrying the old generation's news (keytable.c) ---------------------------------------- */
+
+/* After a change to key row k of a bank that is no longer current (the old generation learned
+ * it while draining): the current bank's row of the same key takes the same rest or disable, so
+ * the new generation does not walk into it again. Takes the pool locks itself, one at a time.
+ * Returns the current bank's row, or KEYTABLE_NO_KEY when the key is not in it. */
+unsigned kt_carry_forward(struct keytable *t, unsigned k, int64_t now_ms);

@@ -39,9 +39,20 @@ static int slot_find_free_lease(const struct keytable *t, unsigned slot, unsigne
         return -ENOSPC;
 }
 
+/* A caller that yields to an older waiter of another worker looks again this soon: that
+ * waiter's worker was woken by the same event, and by then has taken its key. */
+#define KT_FIFO_RETRY_MS 20
+
 int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
                      unsigned avoid_key, struct keytable_lease *ret_lease,
                      struct keytable_wait *ret_wait, struct keytable_change *ret_change) {
+        return keytable_acquire_waiter(t, slot, pool, now_ms, avoid_key, 0, ret_lease, ret_wait,
+                                       ret_change);
+}
+
+int keytable_acquire_waiter(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
+                            unsigned avoid_key, uint64_t ticket, struct keytable_lease *ret_lease,
+                            struct keytable_wait *ret_wait, struct keytable_change *ret_change) {
         struct keytable_change change = { .changed = false };
         struct keytable_wait wait = { .retry_at_ms = 0, .busy = false };
         unsigned first, end, index, best, b, gp;
@@ -76,6 +87,11 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
 
         if (change.changed)
                 change.key_position = change.key - first;
+        if (best != UINT_MAX && kt_fifo_yields(t, slot, gp, ticket, now_ms)) {
+                best = UINT_MAX;
+                wait = (struct keytable_wait) { .retry_at_ms = now_ms + KT_FIFO_RETRY_MS,
+                                                .busy = true };
+        }
         if (best == UINT_MAX) {
                 kt_mark(&p->dirty, 0);
                 kt_pool_unlock(t, gp);
@@ -400,6 +416,14 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
 
         if (cool_twins)
                 change.twins_cooled = twins_cool(t, lease->key, gp, until, now_ms);
+        /* A generation draining after a reload learns on rows the new one no longer reads. */
+        if (change.changed && (change.to == KEY_COOLING || change.to == KEY_DISABLED) &&
+            b != kt_bank_current(t)) {
+                unsigned row = kt_carry_forward(t, lease->key, now_ms);
+
+                if (cool_twins && row != KEYTABLE_NO_KEY)
+                        (void) twins_cool(t, row, t->keys[row].pool, until, now_ms);
+        }
         if (ret_change)
                 *ret_change = change;
 }
@@ -497,12 +521,7 @@ int keytable_enable(struct keytable *t, unsigned key, int64_t now_ms,
         from = row->state;
         kt_mark(&t->pools[p].dirty, 1);
         kt_mark(&row->dirty, 1);
-        row->state = KEY_READY;
-        row->reason = KEY_REASON_NONE;
-        row->consecutive_failures = 0;
-        row->next_probe_ms = 0;
-        row->cooldown_until_ms = 0;
-        row->cooling_since_ms = 0;
+        kt_key_set_ready(row);
         kt_mark(&row->dirty, 0);
         kt_index_update(t, p, key, now_ms);
         kt_mark(&t->pools[p].dirty, 0);

@@ -36,6 +36,7 @@ int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms,
                 KT_STORE(&slot->pid, 0);
                 KT_STORE(&slot->lease_hint, 0);
                 KT_STORE(&slot->waiters, 0);
+                kt_fifo_slot_clear(t, s);
                 KT_STORE(&slot->started_ms, now_ms);
                 KT_STORE(&slot->heartbeat_ms, now_ms);
                 KT_STORE(&slot->requests, 0);
@@ -152,6 +153,7 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
         kt_header_lock(t);
         KT_STORE(&t->slots[slot].pid, 0);
         KT_STORE(&t->slots[slot].waiters, 0);
+        kt_fifo_slot_clear(t, slot);
         KT_STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
         kt_header_unlock(t);
 }
@@ -209,6 +211,8 @@ void keytable_history_add(struct keytable *t, const struct keytable_event *e) {
         copy_field(slot->pool, sizeof slot->pool, e->pool);
         copy_field(slot->key_from, sizeof slot->key_from, e->key_from);
         copy_field(slot->key_to, sizeof slot->key_to, e->key_to);
+        /* Unnamed events are this node's: the cluster publishes only those. */
+        copy_field(slot->node, sizeof slot->node, e->node[0] ? e->node : t->hdr->cluster.node);
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
         slot->seq = seq + 1;
         __atomic_signal_fence(__ATOMIC_SEQ_CST);
@@ -237,17 +241,7 @@ unsigned keytable_history_read(struct keytable *t, struct keytable_event *ret, u
                 /* Lost to a repair, or never there. */
                 if (src->seq != s || src->kind == HISTORY_NONE || src->kind >= _HISTORY_MAX)
                         continue;
-                *e = (struct keytable_event) {
-                        .seq = s,
-                        .wall_ms = src->wall_ms,
-                        .kind = src->kind,
-                        .status = src->status,
-                        .reason = src->reason < _KEY_REASON_MAX ? src->reason : KEY_REASON_NONE,
-                        .cooldown_ms = src->cooldown_ms,
-                };
-                memcpy(e->pool, src->pool, sizeof e->pool - 1);
-                memcpy(e->key_from, src->key_from, sizeof e->key_from - 1);
-                memcpy(e->key_to, src->key_to, sizeof e->key_to - 1);
+                kt_event_copy(src, s, e);
                 n++;
         }
         kt_header_unlock(t);

@@ -50,6 +50,7 @@ static const struct {
         { "config_error",   "4b8e1f0a6c2d4e7f9a1b3c5d7e9f0a1e" },
         { "retry",          "4b8e1f0a6c2d4e7f9a1b3c5d7e9f0a1f" },
         { "upstream_error", "4b8e1f0a6c2d4e7f9a1b3c5d7e9f0a20" },
+        { "cluster",        "4b8e1f0a6c2d4e7f9a1b3c5d7e9f0a21" },
 };
 
 static const char *message_id(const char *event) {

@@ -41,6 +41,7 @@
 #include "keypool/policy.h"
 #include "keypool/proxy.h"
 #include "keypool/scrub.h"
+#include "keypool/secmem.h"
 
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
@@ -117,6 +118,7 @@ struct proxy_request {
         unsigned idle_ms;
 
         struct proxy_request *queue_next, *queue_prev;
+        uint64_t ticket;                /* its place among every worker's waiters, 0 never waited */
         sd_event_source *timer;         /* the waiting deadline, the backoff, or (RUNNING) the
                                          * attempt's watchdog: first byte, idle, request_timeout */
 
@@ -304,6 +306,7 @@ static void queue_unlink(struct proxy_request *pr) {
         pr->queue_next = pr->queue_prev = NULL;
         p->waiting--;
         keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
+        keytable_slot_set_wait_head(p->w.table, p->w.slot, pr->pool, q->head ? q->head->ticket : 0);
 }
 
 /* The request's one transition. What the new step does not own is let go of here: the queue
@@ -358,7 +361,7 @@ static void request_put(struct proxy_request *pr) {
                 p->n_spare_requests++;
                 return;
         }
-        free(pr->headers);
+        (void) secmem_free(pr->headers);
         answer_free(&pr->answer);
         free(pr);
 }
@@ -1122,6 +1125,8 @@ static void enqueue(struct proxy_request *pr) {
         struct proxy_queue *q = &p->queues[pr->pool];
 
         set_step(pr, STEP_WAITING);
+        /* Tickets only grow, so the queue stays in ticket order and its head is its oldest. */
+        pr->ticket = keytable_wait_ticket(p->w.table, p->w.slot, pr->pool);
         pr->queue_next = NULL;
         pr->queue_prev = q->tail;
         if (q->tail)
@@ -1131,6 +1136,7 @@ static void enqueue(struct proxy_request *pr) {
         q->tail = pr;
         p->waiting++;
         keytable_slot_set_waiters(p->w.table, p->w.slot, p->waiting);
+        keytable_slot_set_wait_head(p->w.table, p->w.slot, pr->pool, q->head->ticket);
 }
 
 static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
@@ -1188,8 +1194,8 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
                 request_timed_out(pr);
                 return 1;
         }
-        r = keytable_acquire(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
-                             &pr->lease, ret_wait, &change);
+        r = keytable_acquire_waiter(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
+                                    pr->ticket, &pr->lease, ret_wait, &change);
         if (change.changed)
                 log_change(pr, &change, NULL);
         if (r == -EAGAIN)
@@ -1688,10 +1694,11 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
                 }
         /* A recycled record's block is used again when it is large enough. */
         if (pr->headers_size < n * sizeof *nodes + text) {
-                free(pr->headers);
+                (void) secmem_free(pr->headers);
                 pr->headers = NULL;
                 pr->headers_size = 0;
-                nodes = malloc(n * sizeof *nodes + text);
+                /* It holds the auth line: kept out of core dumps. */
+                nodes = secmem_alloc(n * sizeof *nodes + text);
                 if (!nodes)
                         return -ENOMEM;
                 pr->headers_size = n * sizeof *nodes + text;
@@ -1878,7 +1885,7 @@ struct proxy_context *proxy_free(struct proxy_context *p) {
                 struct proxy_request *pr = p->spare_requests;
 
                 p->spare_requests = pr->next_spare;
-                free(pr->headers);
+                (void) secmem_free(pr->headers);
                 answer_free(&pr->answer);
                 free(pr);
         }

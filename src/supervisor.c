@@ -32,6 +32,7 @@
 #include <systemd/sd-event.h>
 
 #include "keypool/clock.h"
+#include "keypool/cluster.h"
 #include "keypool/fileio.h"
 #include "keypool/keytable.h"
 #include "keypool/listen.h"
@@ -56,6 +57,13 @@
 #define READY_POLL_USEC         (5ULL * 1000)
 #define READY_POLL_ACCURACY_USEC 100ULL
 #define TICK_USEC               (1000ULL * 1000)
+/* A new generation that has not accepted within worker_timeout (but never less than this) of a
+ * reload is given up: a worker that cannot start (a crash loop, a stall) must not leave the
+ * coordinator reloading for ever with the old generation's drain never begun. */
+#define RELOAD_MIN_DEADLINE_MS  5000
+/* Tests only: workers of this generation stop themselves (SIGSTOP) right after the fork, before
+ * they accept: a new generation that never serves. */
+#define TEST_STALL_GENERATION_ENV "KEYPOOL_TEST_STALL_GENERATION"
 
 static const char *const state_names[_SUPERVISOR_STATE_MAX] = {
         [0] = "none",
@@ -93,9 +101,25 @@ struct generation {
         unsigned number;
         struct config *config;          /* owned */
         bool draining;                  /* told to stop; not respawned */
+        int64_t drain_started_ms;       /* when it was told (reloads: bounded by shutdown_timeout) */
+        bool drain_overdue;             /* a fact for advance: it drains past its deadline */
+        bool drain_cut;                 /* … and was killed for it */
         bool serving;                   /* every worker has accepted once (a fact for advance) */
         struct child children[MAX_WORKERS];
         unsigned n_children;
+};
+
+/* The cluster process (cluster.h), when keypool.conf has cluster = { … }: supervised like a
+ * worker position of its own, outside the generations (a reload restarts it with the new
+ * configuration). */
+struct cluster_child {
+        pid_t pid;                      /* 0 when not running */
+        int64_t started_ms;
+        unsigned crashes;
+        bool exited, respawn_due;       /* facts for advance() */
+        int64_t lived_ms;
+        sd_event_source *exit_source;
+        sd_event_source *respawn_timer;
 };
 
 struct supervisor {
@@ -115,11 +139,15 @@ struct supervisor {
         unsigned ready_polls;           /* polls since wait_until_serving */
         sd_event_source *stop_timer;
         sd_event_source *state_timer;
+        sd_event_source *reload_timer;  /* the newest generation's deadline to accept */
         /* Facts the event handlers record for advance(), which alone acts on them: */
         int stop_signal;                /* the stop asked for, or 0 */
         int stop_acted;                 /* the stop the workers were told of, or 0 */
         bool stop_deadline_passed;
         bool reload_requested;
+        bool reload_deferred;           /* a SIGHUP waits for the previous generation's drain */
+        bool reload_deadline_passed;
+        struct cluster_child cluster;
 };
 
 static int spawn(struct child *c);
@@ -246,6 +274,12 @@ static int on_worker_exit(sd_event_source *src, const siginfo_t *si, void *userd
         return 0;
 }
 
+static bool test_stalls(const struct generation *g) {
+        const char *v = getenv(TEST_STALL_GENERATION_ENV);
+
+        return v && *v && strtoul(v, NULL, 10) == g->number;
+}
+
 static int spawn(struct child *c) {
         struct generation *g = c->gen;
         struct supervisor *s = g->owner;
@@ -292,6 +326,8 @@ static int spawn(struct child *c) {
                         .coordinator_pid = s->pid,
                 };
 
+                if (test_stalls(g))
+                        raise(SIGSTOP);
                 _exit(worker_run(&wp));
         }
         keytable_slot_set_pid(s->table, slot, pid);
@@ -391,8 +427,12 @@ static void status_line(struct supervisor *s, int64_t now, char *line, size_t si
         }
         for (unsigned i = 0; i < n; i++)
                 requests += views[i].requests;
-        snprintf(line, size, "%s%u pool%s, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
+        struct keytable_cluster_view cv;
+
+        keytable_cluster_read(s->table, &cv);
+        snprintf(line, size, "%s%s%u pool%s, %u/%u keys ready, %u cooling, %u disabled; %llu requests",
                  s->reload_failed ? "reload failed (old configuration kept); " : "",
+                 cv.enabled && !cv.connected ? "cluster: degraded; " : "",
                  pools, pools == 1 ? "" : "s", ready, keys, cooling, disabled, (unsigned long long) requests);
 }
 
@@ -475,6 +515,11 @@ static int on_tick(sd_event_source *src, uint64_t usec, void *userdata) {
 
         if (s->state == SUPERVISOR_RUNNING)
                 note_recoveries(s, now);
+        /* A reload's drain is bounded as a graceful stop is: streams already flowing get
+         * shutdown_timeout to finish. */
+        if (s->old && s->old->draining && s->old->drain_started_ms > 0 &&
+            now - s->old->drain_started_ms > (int64_t) s->current->config->shutdown_timeout * 1000)
+                s->old->drain_overdue = true;
 
         healthy = check_workers(s, now) && (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING);
         if (s->state != SUPERVISOR_STOPPING)
@@ -702,6 +747,42 @@ static void reload(struct supervisor *s) {
         s->current = g;
 }
 
+static int on_reload_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+
+        s->reload_timer = sd_event_source_disable_unref(s->reload_timer);
+        s->reload_deadline_passed = true;
+        advance(s);
+        return 0;
+}
+
+static int64_t reload_deadline_ms(const struct supervisor *s) {
+        int64_t ms = (int64_t) s->current->config->worker_timeout * 1000;
+
+        return ms > RELOAD_MIN_DEADLINE_MS ? ms : RELOAD_MIN_DEADLINE_MS;
+}
+
+/* The newest generation did not accept in time: it is killed, the generation before it (which
+ * was never told to drain) stays current with its bank, and the failure is logged and shown. */
+static void abandon_reload(struct supervisor *s) {
+        struct generation *failed = s->current;
+        char status[256];
+
+        failed->draining = true;
+        signal_generation(failed, SIGKILL);
+        s->current = s->old;
+        s->old = failed;                /* reaped, then retired, as a drained generation is */
+        keytable_bank_revert(s->table);
+        keytable_set_config_generation(s->table, s->current->number);
+        s->reload_failed = true;
+        log_event(LOG_ERR, "reload_failed", NULL,
+                  "reload failed: generation %u did not serve within %lld s: killed; generation %u "
+                  "keeps serving with the running configuration", failed->number,
+                  (long long) (reload_deadline_ms(s) / 1000), s->current->number);
+        status_line(s, clock_mono_ms(), status, sizeof status);
+        notify_status(&s->notify, status, clock_mono_ms());
+}
+
 /* --- stopping ---------------------------------------------------------------------------- */
 
 static int on_stop_deadline(sd_event_source *src, uint64_t usec, void *userdata) {
@@ -739,6 +820,9 @@ static void stop_workers(struct supervisor *s) {
         /* Workers drain on SIGTERM and stop at once on SIGINT and SIGQUIT. */
         signal_generation(s->current, sig);
         signal_generation(s->old, sig);
+        s->cluster.respawn_timer = sd_event_source_disable_unref(s->cluster.respawn_timer);
+        if (s->cluster.pid > 0)
+                kill(s->cluster.pid, SIGTERM);
         s->stop_timer = sd_event_source_disable_unref(s->stop_timer);
         sd_event_add_time_relative(s->event, &s->stop_timer, CLOCK_MONOTONIC,
                                    supervisor_stop_deadline_usec(sig, s->current->config->shutdown_timeout),
@@ -762,6 +846,111 @@ static int on_signal(sd_event_source *src, const struct signalfd_siginfo *si, vo
         }
         advance(s);
         return 0;
+}
+
+/* --- the cluster process ------------------------------------------------------------------- */
+
+static void spawn_cluster(struct supervisor *s);
+
+static int on_cluster_respawn_due(sd_event_source *src, uint64_t usec, void *userdata) {
+        struct supervisor *s = userdata;
+
+        s->cluster.respawn_timer = sd_event_source_disable_unref(s->cluster.respawn_timer);
+        s->cluster.respawn_due = true;
+        advance(s);
+        return 0;
+}
+
+static int on_cluster_exit(sd_event_source *src, const siginfo_t *si, void *userdata) {
+        struct supervisor *s = userdata;
+        struct log_fields f = LOG_FIELDS_NONE;
+        bool expected = s->state == SUPERVISOR_STOPPING;
+
+        s->cluster.exit_source = sd_event_source_disable_unref(s->cluster.exit_source);
+        f.worker = s->cluster.pid;
+        if (si->si_code == CLD_EXITED)
+                log_event(si->si_status == 0 || expected ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
+                          "cluster process exited with status %d", si->si_status);
+        else
+                log_event(expected ? LOG_INFO : LOG_WARNING, "worker_exit", &f,
+                          "cluster process killed by signal %s", strsignal(si->si_status));
+        s->cluster.pid = 0;
+        s->cluster.exited = true;
+        s->cluster.lived_ms = clock_mono_ms() - s->cluster.started_ms;
+        advance(s);
+        return 0;
+}
+
+/* The cluster process gets the configuration of the generation that serves, and nothing of the
+ * workers' world: no listening socket, no upstream key. */
+static void spawn_cluster(struct supervisor *s) {
+        struct config *cfg = s->current->config;
+        struct log_fields f = LOG_FIELDS_NONE;
+        pid_t pid;
+
+        if (!cfg->cluster)
+                return;
+        pid = fork();
+        if (pid < 0) {
+                log_error("fork failed for the cluster process: %s", strerror(errno));
+                s->cluster.crashes++;
+                s->cluster.exited = true;
+                return;
+        }
+        if (pid == 0) {
+                struct cluster_params cp = {
+                        .config = cfg,
+                        .table = s->table,
+                        .wake_fds = s->wake_fds,
+                        .n_wake_fds = s->n_wake_fds,
+                        .coordinator_pid = s->pid,
+                };
+
+                if (s->sockets.unix_fd >= 0)
+                        close(s->sockets.unix_fd);
+                if (s->sockets.tcp_fd >= 0)
+                        close(s->sockets.tcp_fd);
+                for (unsigned p = 0; p < cfg->n_pools; p++)
+                        for (unsigned k = 0; k < cfg->pools[p].n_keys; k++)
+                                if (cfg->pools[p].keys[k].secret)
+                                        explicit_bzero(cfg->pools[p].keys[k].secret,
+                                                       strlen(cfg->pools[p].keys[k].secret));
+                if (s->old && s->old->config != cfg)
+                        config_wipe_secrets(s->old->config);
+                _exit(cluster_run(&cp));
+        }
+        s->cluster.pid = pid;
+        s->cluster.started_ms = clock_mono_ms();
+        if (sd_event_add_child(s->event, &s->cluster.exit_source, pid, WEXITED, on_cluster_exit, s) < 0)
+                log_error("cannot watch the cluster process %d", (int) pid);
+        f.worker = pid;
+        log_event(LOG_INFO, "worker_spawn", &f, "cluster process started (node %s, Redis at %s)",
+                  cfg->cluster->node, cfg->cluster->redis);
+}
+
+/* A cluster process that exited is forked again, after a growing delay when it keeps dying. */
+static void tend_cluster(struct supervisor *s) {
+        bool stopping = s->state == SUPERVISOR_STOPPING || s->state == SUPERVISOR_STOPPED;
+        uint64_t delay_ms;
+
+        if (s->cluster.exited) {
+                s->cluster.exited = false;
+                s->cluster.crashes = supervisor_crashes_after_exit(s->cluster.crashes, s->cluster.lived_ms, false);
+                delay_ms = supervisor_respawn_delay_ms(s->cluster.crashes);
+                if (stopping)
+                        return;
+                if (delay_ms == 0)
+                        s->cluster.respawn_due = true;
+                else if (!s->cluster.respawn_timer &&
+                         sd_event_add_time_relative(s->event, &s->cluster.respawn_timer, CLOCK_MONOTONIC,
+                                                    delay_ms * 1000, 1000, on_cluster_respawn_due, s) < 0)
+                        s->cluster.respawn_due = true;
+        }
+        if (s->cluster.respawn_due) {
+                s->cluster.respawn_due = false;
+                if (!stopping && s->cluster.pid == 0)
+                        spawn_cluster(s);
+        }
 }
 
 /* --- the state machine ------------------------------------------------------------------- */
@@ -798,12 +987,18 @@ static void enter(struct supervisor *s, enum supervisor_state next) {
 
         switch (next) {
         case SUPERVISOR_RUNNING:
-                if (s->state == SUPERVISOR_RELOADING && s->old) {
+                s->reload_timer = sd_event_source_disable_unref(s->reload_timer);
+                if (s->state == SUPERVISOR_RELOADING && s->old && !s->old->draining) {
                         /* The new generation accepts: the old one stops accepting and drains. */
                         s->old->draining = true;
+                        s->old->drain_started_ms = clock_mono_ms();
                         signal_generation(s->old, SIGTERM);
                         log_event(LOG_NOTICE, "reload", NULL, "generation %u serves; generation %u drains",
                                   s->current->number, s->old->number);
+                        /* It carries the old configuration's keys and limits: a new one starts
+                         * with the new. */
+                        if (s->cluster.pid > 0)
+                                kill(s->cluster.pid, SIGTERM);
                 }
                 set_state(s, next);
                 status_line(s, clock_mono_ms(), status, sizeof status);
@@ -814,6 +1009,12 @@ static void enter(struct supervisor *s, enum supervisor_state next) {
                 set_state(s, next);
                 spawn_generation(s->current);
                 wait_until_serving(s);
+                s->reload_timer = sd_event_source_disable_unref(s->reload_timer);
+                if (sd_event_add_time_relative(s->event, &s->reload_timer, CLOCK_MONOTONIC,
+                                               (uint64_t) reload_deadline_ms(s) * 1000, 100000,
+                                               on_reload_deadline, s) < 0)
+                        log_warning("cannot set the reload's deadline: a new generation that never "
+                                    "serves will not be given up");
                 break;
         case SUPERVISOR_STOPPING:
                 announce_stop(s);
@@ -869,15 +1070,36 @@ static void advance(struct supervisor *s) {
         struct supervisor_facts f;
         enum supervisor_state next;
 
-        if (s->reload_requested) {
+        if (s->reload_requested && s->state == SUPERVISOR_RUNNING && s->old) {
+                /* The previous generation still drains: this SIGHUP is kept, not refused, and
+                 * acted on once it has gone (a later event, at the latest the next tick). */
+                if (!s->reload_deferred)
+                        log_event(LOG_NOTICE, "reload", NULL, "SIGHUP: generation %u is still draining; "
+                                  "reloading once it has", s->old->number);
+                s->reload_deferred = true;
+        } else if (s->reload_requested) {
                 s->reload_requested = false;
+                s->reload_deferred = false;
                 if (s->state == SUPERVISOR_RUNNING)
                         reload(s);
                 else
                         log_event(LOG_WARNING, "reload_failed", NULL, "SIGHUP while %s: ignored",
                                   supervisor_state_to_string(s->state));
         }
+        if (s->old && s->old->drain_overdue && !s->old->drain_cut) {
+                s->old->drain_cut = true;
+                log_event(LOG_WARNING, "reload", NULL, "generation %u still drains after shutdown_timeout "
+                          "(%u s): its workers are killed", s->old->number,
+                          s->current->config->shutdown_timeout);
+                signal_generation(s->old, SIGKILL);
+        }
+        if (s->reload_deadline_passed) {
+                s->reload_deadline_passed = false;
+                if (s->state == SUPERVISOR_RELOADING && s->old && !s->current->serving)
+                        abandon_reload(s);
+        }
         tend_workers(s);
+        tend_cluster(s);
         if (s->state == SUPERVISOR_STOPPING && s->stop_signal != s->stop_acted) {
                 /* A harder signal while stopping: say so and tell the workers. */
                 announce_stop(s);
@@ -891,6 +1113,8 @@ static void advance(struct supervisor *s) {
                         signal_generation(s->current, SIGKILL);
                         signal_generation(s->old, SIGKILL);
                 }
+                if (s->cluster.pid > 0)
+                        kill(s->cluster.pid, SIGKILL);
         }
 
         for (;;) {
@@ -898,7 +1122,8 @@ static void advance(struct supervisor *s) {
                         .state = s->state,
                         .stop_signal = s->stop_signal,
                         .current_serving = s->current->serving,
-                        .live_workers = live_children(s->current) + live_children(s->old),
+                        .live_workers = live_children(s->current) + live_children(s->old) +
+                                        (s->cluster.pid > 0),
                 };
                 next = supervisor_next_state(&f);
                 if (next == s->state)
@@ -1022,6 +1247,12 @@ static void supervisor_free(struct supervisor *s) {
                                         waitpid(gens[g]->children[i].pid, NULL, 0);
                                 }
         }
+        if (s->cluster.pid > 0) {
+                kill(s->cluster.pid, SIGKILL);
+                waitpid(s->cluster.pid, NULL, 0);
+        }
+        sd_event_source_disable_unref(s->cluster.exit_source);
+        sd_event_source_disable_unref(s->cluster.respawn_timer);
         free_generation(s->current);
         free_generation(s->old);
         sd_event_source_disable_unref(s->tick);
@@ -1073,8 +1304,11 @@ int supervisor_run(struct config *cfg) {
             sd_event_add_time_relative(s->event, &s->state_timer, CLOCK_MONOTONIC,
                                        (uint64_t) cfg->state_interval * 1000000, 1000000, on_state_timer, s) < 0)
                 log_warning("cannot schedule state snapshots");
+        if (cfg->cluster)
+                keytable_cluster_init(s->table, cfg->cluster->node);
         if (spawn_generation(s->current) < 0)
                 goto finish;
+        spawn_cluster(s);
         log_info("listening on %s", !s->sockets.inherited ? cfg->socket_path : "the socket passed by the service manager");
         wait_until_serving(s);
 

@@ -34,6 +34,10 @@
 #define HEARTBEAT_USEC          (1000 * 1000)
 #define ACCEPT_PAUSE_USEC       (200 * 1000)    /* accepting rests this long when it cannot go on */
 #define ACCEPT_LOG_USEC         (10 * 1000 * 1000)      /* one line per this long about it */
+/* Draining, a keep-alive connection gets this long to send its next request (answered with
+ * Connection: close) before it is closed: a client between two requests sends within moments,
+ * and closing while it does would lose its request. */
+#define DRAIN_IDLE_USEC         (1000 * 1000)
 
 struct client {
         struct client *prev, *next;
@@ -366,6 +370,10 @@ int worker_run(const struct worker_params *wp) {
 
         /* Die with the coordinator rather than serve unsupervised. */
         prctl(PR_SET_PDEATHSIG, SIGTERM);
+        /* Inherited from the coordinator already; said again here, where the keys are used: no
+         * other user may attach to a worker or read its memory (root with CAP_SYS_PTRACE still
+         * can, and the key memory is MADV_DONTDUMP for that case). */
+        prctl(PR_SET_DUMPABLE, 0);
         if (getppid() != wp->coordinator_pid)
                 return 1;
         close_inherited_fds(wp);
@@ -419,6 +427,7 @@ int worker_run(const struct worker_params *wp) {
                 .header_timeout_usec = (uint64_t) wp->config->header_timeout * 1000000,
                 .body_min_rate = wp->config->body_min_rate,
                 .body_budget = wp->config->body_budget,
+                .drain_idle_usec = DRAIN_IDLE_USEC,
         };
         r = proxy_new(&(struct proxy_params) {
                         .config = wp->config,

@@ -1158,6 +1158,28 @@ def parse_rfc3339(text):
     return t
 
 
+def in_threads(n, fn, spacing=0.0):
+    """Runs fn(i) for i in range(n) in threads started spacing s apart; their results (an
+    exception raised by fn(i) is its result)."""
+    results = [None] * n
+
+    def run(i):
+        try:
+            results[i] = fn(i)
+        except Exception as e:          # reported by the caller
+            results[i] = e
+    threads = []
+    for i in range(n):
+        t = threading.Thread(target=run, args=(i,))
+        t.start()
+        threads.append(t)
+        if spacing:
+            time.sleep(spacing)
+    for t in threads:
+        t.join(60)
+    return results
+
+
 def free_tcp_port():
     """A loopback TCP port that was free a moment ago (for http_listen)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

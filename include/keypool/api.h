@@ -27,9 +27,14 @@ struct api_context {
 bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin);
 
 /* The documents themselves (for the endpoints and for tests): malloc'ed strings, NULL on failure. */
+/* GET /api/cluster: this node, whether it talks to Redis, and the live nodes with what each last
+ * reported. {"enabled": false, "state": "off", …} on a single host. */
+char *api_cluster_json(const struct api_context *a);
 char *api_health_json(const struct api_context *a, int64_t now_ms, bool *ret_healthy);
 char *api_status_json(const struct api_context *a, int64_t now_ms);
 /* NULL with *ret_unknown set when pool_filter names no pool. */
 char *api_key_status_json(const struct api_context *a, int64_t now_ms, const char *pool_filter, bool *ret_unknown);
 char *api_history_json(const struct api_context *a, unsigned limit, const char *pool, const char *key);
 char *api_metrics_text(const struct api_context *a, int64_t now_ms);
+/* The table's consistency check (keytable_check) as JSON: "ok", "problems", and the counts. */
+char *api_check_json(const struct api_context *a);

@@ -69,6 +69,18 @@ struct config_pool {
         unsigned request_timeout;               /* the whole request: attempts, backoffs, waits */
 };
 
+/* cluster = { … }: several hosts share key health and budgets through Redis (cluster.h). */
+struct config_cluster {
+        char *redis;                            /* as written: "unix:/run/redis/redis.sock" or
+                                                 * "redis://host:6379/0" */
+        char *redis_path;                       /* the UNIX socket, or NULL for host:port */
+        char *redis_host;
+        unsigned redis_port, redis_db;
+        char *password;                         /* resolved (env:, file:, cred:), NULL: none */
+        char *prefix;                           /* every Redis key starts with it ("keypool:") */
+        char *node;                             /* this host's name in the cluster (hostname) */
+};
+
 struct config_retry {
         unsigned backoff_initial_ms;            /* first transient retry waits this long (1000) */
         unsigned backoff_max_ms;                /* cap on any backoff (10000) */
@@ -119,6 +131,8 @@ struct config {
         unsigned n_admin_tokens;
         unsigned worker_timeout;                /* s a worker's heartbeat may age before it is replaced (10) */
         unsigned shutdown_timeout;              /* s a graceful stop may take before workers are killed (30) */
+
+        struct config_cluster *cluster;         /* NULL: a single host */
 
         struct config_provider *providers;
         unsigned n_providers;

@@ -81,6 +81,9 @@ int ctl_write_status(FILE *out, const json_t *doc, bool colour);
 /* GET /health: "ok" or "degraded", then ready/total keys per pool. */
 int ctl_write_health(FILE *out, const json_t *doc, bool colour);
 
+/* GET /api/check: "ok" and what was checked, or one line per problem found. */
+int ctl_write_check(FILE *out, const json_t *doc, bool colour);
+
 /* GET /api/history: one row per event, oldest first; "no events" when there are none. */
 int ctl_write_history(FILE *out, const json_t *doc, bool colour);
 

@@ -56,6 +56,8 @@ struct http_limits {
                                          * the window over which body_min_rate is measured */
         size_t body_min_rate;           /* bytes/s a request body must average per window */
         size_t body_budget;             /* request bodies one poller (worker) may buffer, bytes */
+        uint64_t drain_idle_usec;       /* after http_conn_shutdown: how long a kept-alive
+                                         * connection may stay quiet before it is closed */
 };
 
 struct http_handler {
@@ -110,8 +112,11 @@ bool http_conn_stream_started(const struct http_conn *c);
 /* Closes at once, without finishing any response (on_abort is not called). */
 void http_conn_abort(struct http_conn *c);
 
-/* Graceful stop: an idle keep-alive connection closes now; any other closes after its next
- * response (a fresh connection's first request is still served). */
+/* Graceful stop without losing a request: the answer being written says Connection: close if
+ * its head has not gone out, and the connection closes after it. A connection whose last head
+ * said keep-alive serves one more request (answered with Connection: close) if it comes within
+ * drain_idle, and closes when that passes with no byte waiting. A fresh connection's first
+ * request is still served. */
 void http_conn_shutdown(struct http_conn *c);
 
 /* Is a request being served (from complete request to response flushed)? */

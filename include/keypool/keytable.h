@@ -95,6 +95,8 @@ struct keytable_event {
         int status;                     /* upstream status, 0 none */
         enum key_reason reason;
         int64_t cooldown_ms;            /* the rest given, 0 none */
+        char node[KEYTABLE_NAME_MAX + 1];/* the cluster node that saw it; "" (when added): this
+                                         * one, or none when clustering is off */
 };
 
 /* A key's persistent state, for state files and import. Times are monotonic ms. */
@@ -250,6 +252,10 @@ int keytable_bank_begin(struct keytable *t);
 /* The filled bank becomes current: readers switch at once, slots claimed from now on use it.
  * -EINVAL when no bank is being filled. */
 int keytable_bank_commit(struct keytable *t);
+/* Undoes the last commit: the bank current before it is current again (and being filled), for
+ * a reload whose new generation never served. Slots keep the bank they were claimed with.
+ * -EINVAL when a bank is being filled or the other bank holds no pools. */
+int keytable_bank_revert(struct keytable *t);
 /* Forgets the half-filled bank; the current bank is untouched. */
 void keytable_bank_abort(struct keytable *t);
 unsigned keytable_bank_current(const struct keytable *t);   /* 0 or 1 */
@@ -298,6 +304,15 @@ int keytable_acquire(struct keytable *t, unsigned slot, unsigned pool, int64_t n
                      unsigned avoid_key, struct keytable_lease *ret_lease,
                      struct keytable_wait *ret_wait, struct keytable_change *ret_change);
 
+/* keytable_acquire for a request that waits for a key with ticket (keytable_wait_ticket; 0 for
+ * one that never waited, which keytable_acquire is). Waiting is first come, first served across
+ * workers: while a waiter of another live worker of the same bank holds an older ticket of the
+ * pool, a key that could serve is left to it and -EAGAIN comes back with ret_wait saying busy
+ * and to look again in a few ms. */
+int keytable_acquire_waiter(struct keytable *t, unsigned slot, unsigned pool, int64_t now_ms,
+                            unsigned avoid_key, uint64_t ticket, struct keytable_lease *ret_lease,
+                            struct keytable_wait *ret_wait, struct keytable_change *ret_change);
+
 /* Records the outcome on the key and returns the lease. VERDICT_RATE_LIMITED cools the key for
  * rest_ms (with cooldown_scope_key, every row of the same id in other pools too, each pool locked
  * in turn after this one is released), VERDICT_AUTH and VERDICT_QUOTA disable it (reason
@@ -335,6 +350,11 @@ int keytable_disable(struct keytable *t, unsigned key, enum key_reason reason, i
 void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n);
 /* Slots with waiters, at most max; returns how many. */
 unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max);
+/* A new ticket for a request of slot about to wait for a key of pool (relative to the slot's
+ * bank): tickets of a pool increase across all workers, so they say who came first. */
+uint64_t keytable_wait_ticket(struct keytable *t, unsigned slot, unsigned pool);
+/* Publishes the ticket of the slot's oldest waiter for pool (0: none waits). */
+void keytable_slot_set_wait_head(struct keytable *t, unsigned slot, unsigned pool, uint64_t ticket);
 
 /* --- observations (any worker; lock-free counters) ---------------------------------------- */
 
@@ -401,6 +421,91 @@ const char *keytable_state_name(enum key_state s);       /* "ready", "cooling", 
 const char *keytable_reason_name(enum key_reason r);     /* NULL for KEY_REASON_NONE */
 const char *keytable_stage_name(enum worker_stage s);
 const char *keytable_history_kind_name(enum history_kind k);    /* "rotate", "cooldown", … */
+
+/* --- consistency check (tests, keypoolctl check) ------------------------------------------ */
+
+#define KEYTABLE_CHECK_PROBLEMS_MAX 32
+#define KEYTABLE_CHECK_TEXT_MAX     160
+
+/* What keytable_check found. */
+struct keytable_check_report {
+        unsigned n_problems;            /* found; only the first KEYTABLE_CHECK_PROBLEMS_MAX are
+                                         * written out */
+        char problems[KEYTABLE_CHECK_PROBLEMS_MAX][KEYTABLE_CHECK_TEXT_MAX];
+        unsigned pools, keys;           /* rows checked, both banks */
+        unsigned by_state[_KEY_STATE_MAX];      /* the current bank's keys, by state */
+        unsigned in_flight;             /* the current bank's in-flight requests (by the rows) */
+        unsigned leases;                /* leases held, every slot */
+        unsigned workers;               /* live (non-FREE) slots */
+};
+
+/* Checks, under the locks (the header's, then each pool's in turn), that the table agrees with
+ * itself: every pool's rows lie in its bank and its range, states and reasons are possible, no
+ * dirty marker is left set (none can be while the lock is free), every key's in_flight is the
+ * number of leases naming it, FREE slots hold no lease, and a trusted choice index holds every
+ * key where its row says (the list in acquire's order, the heap in order, the counts right).
+ * Changes nothing and does no I/O. 0 with ret filled (ret->n_problems == 0: consistent), or
+ * -ENOMEM. */
+int keytable_check(struct keytable *t, struct keytable_check_report *ret);
+/* --- cluster (cluster.c's process; any reader) ------------------------------------------------ */
+
+#define KEYTABLE_NODES_MAX 32
+
+/* Usage counters of one key row. */
+struct keytable_usage {
+        uint64_t requests, successes, rate_limited, failures, tokens_in, tokens_out;
+};
+
+/* A live node of the cluster and what it last reported. */
+struct keytable_node {
+        char name[KEYTABLE_NAME_MAX + 1];
+        int64_t seen_wall_ms;           /* its last heartbeat, ms since the epoch */
+        uint64_t requests, tokens_in, tokens_out;
+        unsigned keys_ready, keys_cooling, keys_disabled;
+        unsigned connected;             /* it talked to Redis when it reported (always 1 for
+                                         * others: a report comes through Redis) */
+};
+
+struct keytable_cluster_view {
+        bool enabled;                   /* cluster = { … } is configured */
+        bool connected;                 /* the cluster process talks to Redis now */
+        unsigned live_nodes;            /* as last seen, this one included (1 before any) */
+        int64_t since_wall_ms;          /* when connected last changed, 0 never */
+        char node[KEYTABLE_NAME_MAX + 1];
+        unsigned n_nodes;
+        struct keytable_node nodes[KEYTABLE_NODES_MAX];
+};
+
+/* Coordinator, before the first fork: clustering is on and this host is node. */
+void keytable_cluster_init(struct keytable *t, const char *node);
+/* The cluster process: whether it talks to Redis, and how many nodes it last saw (0: keep). */
+void keytable_cluster_set_link(struct keytable *t, bool connected, unsigned live_nodes, int64_t wall_ms);
+void keytable_cluster_set_nodes(struct keytable *t, const struct keytable_node *nodes, unsigned n);
+/* A copy of what the cluster process keeps; enabled false when clustering is off. */
+void keytable_cluster_read(struct keytable *t, struct keytable_cluster_view *ret);
+
+/* The history entries the cluster process has published (its cursor survives its restarts). */
+uint64_t keytable_cluster_cursor(struct keytable *t);
+void keytable_cluster_set_cursor(struct keytable *t, uint64_t seq);
+/* The newest history seq, read without the lock. */
+uint64_t keytable_history_seq(const struct keytable *t);
+/* History entries after seq after, oldest first, at most max; *ret_lost is how many were
+ * overwritten before they could be read. */
+unsigned keytable_history_since(struct keytable *t, uint64_t after, struct keytable_event *ret,
+                                unsigned max, uint64_t *ret_lost);
+
+/* Applies a state another node saw to every row of key id (both banks): state KEY_COOLING until
+ * until_ms (monotonic, here) when that is later than the row's own rest and the row is not
+ * disabled; KEY_DISABLED with reason; KEY_READY ends a rest or a disable. No history entry is
+ * written: the caller adds one naming the node. Returns how many rows changed, and the first
+ * changed row's pool name in ret_pool (may be NULL; size KEYTABLE_NAME_MAX + 1). */
+int keytable_cluster_apply(struct keytable *t, const char *id, enum key_state state,
+                           enum key_reason reason, int64_t until_ms, int64_t now_ms, char *ret_pool);
+/* The other nodes' counters for the row of position in pool (current bank); read them back with
+ * keytable_cluster_usage (key: table-wide row). */
+int keytable_cluster_set_usage(struct keytable *t, unsigned pool, unsigned position,
+                               const struct keytable_usage *others);
+int keytable_cluster_usage(struct keytable *t, unsigned key, struct keytable_usage *ret);
 
 /* --- tests only ------------------------------------------------------------------------------ */
 

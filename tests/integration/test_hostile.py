@@ -262,6 +262,15 @@ class HostileTest(KeypoolTestCase):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(10)
         s.connect(self.kp.socket_path)
+        self.assert_half_closed_pipeline_answered(s)
+
+    def test_pipelined_requests_before_a_half_close_over_tcp_are_all_answered(self):
+        port = free_tcp_port()
+        self.start(http_listen=f"127.0.0.1:{port}")
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.assert_half_closed_pipeline_answered(s)
+
+    def assert_half_closed_pipeline_answered(self, s):
         s.sendall(b"GET /health HTTP/1.1\r\nHost: k\r\n\r\n" * 3
                   + post(b"/v1/chat/completions")
                   + b"GET /status HTTP/1.1\r\nHost: k\r\n\r\n")

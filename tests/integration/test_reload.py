@@ -271,36 +271,57 @@ class ReloadTest(SystemdTestCase):
                             f"{data[:200]!r} instead of an answer")
         self.wait_only_generation(2, old)
 
-    def test_second_sighup_while_the_old_generation_drains_is_refused(self):
-        kp = self.start([fake_secret(), fake_secret()], workers=1)
+    def slow_request(self, kp, delay_ms):
+        """Starts a chat the simulator answers after delay_ms; returns the thread and its result."""
         result = {}
 
         def slow():
             try:
-                result["r"] = kp.chat(MODEL, headers={"X-Sim-Delay-Ms": "5000"})
+                result["r"] = kp.chat(MODEL, headers={"X-Sim-Delay-Ms": str(delay_ms)})
             except (OSError, http.client.HTTPException) as e:
                 result["r"] = e
         t = threading.Thread(target=slow, daemon=True)
         t.start()
         wait_for(lambda: self.sim.log() and sum(k["in_flight"] for k in kp.keys().values()),
                  what="the slow request to be in flight upstream")
+        return t, result
+
+    def test_second_sighup_while_the_old_generation_drains_reloads_once_it_has_drained(self):
+        kp = self.start([fake_secret(), fake_secret()], workers=1)
+        t, result = self.slow_request(kp, 5000)
         old = self.generation()
         kp.send_signal(signal.SIGHUP)
         wait_for(lambda: any(w["generation"] == 2 for w in kp.workers()),
                  what="a generation-2 worker")
         self.assertFalse(any(process_gone(p, s) for p, s in old),
                          "the old generation exited with a request in flight")
-        refused = len(kp.stderr_events("reload_failed"))
         kp.send_signal(signal.SIGHUP)
-        wait_for(lambda: kp.stderr_events("reload_failed")[refused:],
-                 what="the second SIGHUP to be refused (event=reload_failed)")
+        wait_for(lambda: any("still draining" in line for line in kp.stderr_events("reload")),
+                 what="the second SIGHUP to be kept until generation 1 has drained")
+        self.assertEqual(kp.stderr_events("reload_failed"), [], "the second SIGHUP was refused")
         t.join(30)
         self.assertIsInstance(result.get("r"), tuple,
                               f"the draining request was cut off: {result.get('r')!r}")
         self.assertEqual(result["r"][0], 200, result["r"])
-        self.wait_only_generation(2, old)
+        # Once generation 1 has gone, the kept SIGHUP is acted on: generation 3 replaces 2.
+        self.wait_only_generation(3, old)
         self.assertEqual(kp.chat(MODEL)[0], 200)
-        self.assertEqual({w["generation"] for w in kp.workers()}, {2})
+
+    def test_a_drain_longer_than_shutdown_timeout_is_cut(self):
+        kp = self.start([fake_secret(), fake_secret()], workers=1)
+        self.settings["shutdown_timeout"] = 2
+        kp.rewrite_config(self.pools([fake_secret(), fake_secret()]), self.settings)
+        old = self.generation()
+        t, result = self.slow_request(kp, 60000)
+        kp.send_signal(signal.SIGHUP)
+        # The new configuration's shutdown_timeout (2 s) bounds the old generation's drain.
+        self.wait_only_generation(2, old)
+        self.assertTrue(any("still drains after shutdown_timeout" in line
+                            for line in kp.stderr_events("reload")), kp.stderr()[-2000:])
+        t.join(30)
+        self.assertNotIsInstance(result.get("r"), tuple,
+                                 f"a 60 s answer cannot have completed: {result.get('r')!r}")
+        self.assertEqual(kp.chat(MODEL)[0], 200)
 
 
 if __name__ == "__main__":

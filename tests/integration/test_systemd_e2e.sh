@@ -37,6 +37,7 @@ else
         keypoold=${KEYPOOLD:-$srcdir/build-check/keypoold}
 fi
 keypoold=$(realpath -e "$keypoold" 2>/dev/null || echo "$keypoold")
+. "$srcdir/tests/integration/systemd_ns.sh"
 
 SECRET_PRIMARY=sk-or-v1-fake0000000000000000000000000000000000000000000e2e01
 SECRET_BACKUP=sk-or-v1-fake0000000000000000000000000000000000000000000e2e02
@@ -102,41 +103,13 @@ host_state() {          # what this test must leave exactly as it was on the hos
         done
 }
 
-cleanup_cgroups() {     # cgroups the inner systemd created in the host's hierarchies
-        [ -f "$work/cgroups.before" ] || return 0
-        local _ p
-        for _ in 1 2 3 4 5; do
-                find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort > "$work/cgroups.after"
-                comm -13 "$work/cgroups.before" "$work/cgroups.after" |
-                        awk -F/ '$NF ~ /\.(slice|scope|service|mount|socket|swap)$/ { print NF, $0 }' |
-                        sort -rn | cut -d' ' -f2- > "$work/cgroups.new"
-                [ -s "$work/cgroups.new" ] || return 0
-                while read -r p; do rmdir "$p" 2>/dev/null; done < "$work/cgroups.new"
-                sleep 0.2
-        done
-        say "note: $(wc -l < "$work/cgroups.new") cgroup directories of the test could not be removed"
-}
-
 cleanup() {
         local rc=$?
         trap - EXIT INT TERM
-        if [ -n "$pid1" ]; then
-                kill -KILL "$pid1" 2>/dev/null
-        fi
-        [ -n "$upid" ] && wait "$upid" 2>/dev/null
+        ns_teardown "/etc, /var/lib, /usr/local, cgroup mount, sysctls and hostname" || rc=1
         [ -n "$relay_pid" ] && kill "$relay_pid" 2>/dev/null && wait "$relay_pid" 2>/dev/null
         [ -n "$sim_pid" ] && kill "$sim_pid" 2>/dev/null && wait "$sim_pid" 2>/dev/null
         if [ -n "$work" ] && [ -d "$work" ]; then
-                cleanup_cgroups
-                if [ -f "$work/host.before" ]; then
-                        host_state > "$work/host.after"
-                        if cmp -s "$work/host.before" "$work/host.after"; then
-                                say "PASS: the host's /etc, /var/lib, /usr/local, cgroup mount, sysctls and hostname are untouched"
-                        else
-                                say "FAIL: the host changed:"; diff "$work/host.before" "$work/host.after"
-                                rc=1
-                        fi
-                fi
                 if [ "${KEYPOOL_E2E_KEEP:-0}" = 1 ]; then say "work directory kept: $work"; else rm -rf "$work"; fi
         fi
         exit "$rc"
@@ -162,7 +135,6 @@ work=$(mktemp -d "${KEYPOOL_E2E_WORKDIR:-$PWD}/e2e-systemd.XXXXXX") || skip "can
 trap cleanup EXIT
 trap 'exit 1' INT TERM
 host_state > "$work/host.before"
-find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort > "$work/cgroups.before"
 
 # --- upstream: the simulator, and a TLS relay in front of it ----------------------------------
 python3 "$srcdir/tests/upstream_sim.py" --port 0 --port-file "$work/sim.port" \
@@ -300,41 +272,8 @@ if command -v systemd-analyze >/dev/null; then
                 awk -v e="${exposure:-99}" 'BEGIN { exit !(e <= 1.5) }'
 fi
 
-# --- boot ---------------------------------------------------------------------------------------
-inner='
-set -e
-mount -t tmpfs tmpfs /run; mkdir -p /run/systemd
-mount -t tmpfs tmpfs /tmp; mount -t tmpfs tmpfs /var/tmp; mount -t tmpfs tmpfs /dev/shm
-[ -d /var/log/journal ] && mount -t tmpfs tmpfs /var/log/journal
-# additions to the reference recipe, explained at the top of this file
-mount --make-rshared /run
-mount --bind /proc/sys /proc/sys; mount -o remount,bind,ro /proc/sys
-if [ "$(stat -f -c %T /sys/fs/cgroup)" = tmpfs ]; then mount -t tmpfs -o mode=0755 tmpfs /sys/fs/cgroup; fi
-mount -o remount,bind,ro /sys
-for d in /etc /var/lib /usr/local; do
-  o=/run/kp-e2e/overlay$(echo "$d" | tr / _)
-  mkdir -p "$o/upper" "$o/work"
-  mount -t overlay overlay -o "lowerdir=$d,upperdir=$o/upper,workdir=$o/work" "$d"
-done
-mount -t tmpfs tmpfs /etc/systemd/system
-for u in systemd-tmpfiles-setup.service systemd-tmpfiles-setup-dev.service \
-         systemd-tmpfiles-clean.service systemd-tmpfiles-clean.timer systemd-sysusers.service \
-         systemd-sysctl.service systemd-remount-fs.service systemd-binfmt.service \
-         systemd-modules-load.service systemd-journal-flush.service systemd-update-utmp.service \
-         console-getty.service getty@tty1.service systemd-logind.service; do
-  ln -s /dev/null /etc/systemd/system/$u
-done
-exec /lib/systemd/systemd --system --unit=basic.target --log-target=console
-'
-unshare --pid --fork --mount --mount-proc --uts sh -c "$inner" >"$work/boot.log" 2>&1 </dev/null 9<&- &
-upid=$!
-wait_until 10 eval 'pid1=$(pgrep -P "$upid"); [ -n "$pid1" ] || ! kill -0 "$upid" 2>/dev/null'
-booted() {
-        kill -0 "$upid" 2>/dev/null || return 2
-        case $(ns systemctl is-system-running 2>/dev/null) in running|degraded) return 0 ;; esac
-        return 1
-}
-if [ -z "$pid1" ] || ! wait_until 30 booted; then
+# --- boot (systemd_ns.sh) -------------------------------------------------------------------------
+if ! ns_boot /run/kp-e2e /etc /var/lib /usr/local; then
         say "--- boot log"; tail -20 "$work/boot.log" | sed 's/^/    /'
         if ! kill -0 "$upid" 2>/dev/null; then
                 skip "could not boot systemd in a private PID and mount namespace (see the boot log above)"

@@ -2,11 +2,10 @@
 """Waiting instead of failing: requests wait for a cooling key, per-key concurrency and rpm."""
 
 import json
-import threading
 import time
 import unittest
 
-from kptest import KeypoolTestCase, fake_secret, key_id
+from kptest import KeypoolTestCase, fake_secret, in_threads, key_id
 
 MODEL = "m/wait"
 
@@ -22,24 +21,7 @@ class WaitingTest(KeypoolTestCase):
         return self.kp.chat(MODEL, headers=headers, **kw)
 
     def in_threads(self, n, fn, spacing=0.0):
-        """Runs fn(i) for i in range(n) in threads started spacing s apart; their results."""
-        results = [None] * n
-
-        def run(i):
-            try:
-                results[i] = fn(i)
-            except Exception as e:          # reported by the caller
-                results[i] = e
-        threads = []
-        for i in range(n):
-            t = threading.Thread(target=run, args=(i,))
-            t.start()
-            threads.append(t)
-            if spacing:
-                time.sleep(spacing)
-        for t in threads:
-            t.join(60)
-        return results
+        return in_threads(n, fn, spacing)
 
     def test_a_request_waits_for_the_first_key_to_recover(self):
         a, b = fake_secret(), fake_secret()

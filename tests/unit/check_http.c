@@ -710,14 +710,19 @@ START_TEST(test_requests_pipelined_before_a_half_close_are_all_answered)
 }
 END_TEST
 
-START_TEST(test_half_closed_tcp_client_is_taken_as_gone_and_its_request_aborted)
+START_TEST(test_half_closed_tcp_client_still_gets_its_answer)
 {
         open_conn(true);
         hold_request("GET /t HTTP/1.1\r\nHost: x\r\n\r\n");
         ck_assert_int_eq(shutdown(H.client, SHUT_WR), 0);
-        RUN_UNTIL(H.event, H.closed);
-        ck_assert_uint_eq(H.n_aborts, 1);
-        ck_assert_ptr_eq(H.aborted_data, &H.request_marker);
+        run_idle(H.event);
+        ck_assert_uint_eq(H.n_aborts, 0);
+        ck_assert(!H.closed);
+
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "tcp", 3), 0);
+        RUN_UNTIL(H.event, H.client_eof && H.closed);
+        assert_received("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 3\r\n\r\ntcp");
+        ck_assert_uint_eq(H.n_aborts, 0);
 }
 END_TEST
 
@@ -935,10 +940,11 @@ START_TEST(test_client_that_stops_reading_is_closed_after_the_timeout_and_its_re
 }
 END_TEST
 
-START_TEST(test_shutdown_closes_an_idle_keep_alive_connection_at_once)
+START_TEST(test_shutdown_closes_an_idle_keep_alive_connection_once_drain_idle_passes)
 {
         char *a1 = expected_answer(1, "/a", false);
 
+        H.limits.drain_idle_usec = 100 * 1000;
         start();
         client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
         RUN_UNTIL(H.event, H.in_len >= strlen(a1));
@@ -960,6 +966,77 @@ START_TEST(test_shutdown_lets_the_request_being_served_finish_with_connection_cl
         ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "ok", 2), 0);
         RUN_UNTIL(H.event, H.closed && H.client_eof);
         assert_received("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok");
+}
+END_TEST
+
+/* The client received first and then second, and nothing else; frees both. */
+static void assert_received_two(char *first, char *second) {
+        char *both;
+
+        ck_assert_int_ge(asprintf(&both, "%s%s", first, second), 0);
+        assert_received(both);
+        free(both);
+        free(first);
+        free(second);
+}
+
+START_TEST(test_shutdown_serves_the_next_request_of_an_idle_keep_alive_connection_with_connection_close)
+{
+        char *a1 = expected_answer(1, "/a", false), *a2 = expected_answer(2, "/b", true);
+
+        H.limits.drain_idle_usec = 10 * 1000000ULL;
+        start();
+        client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        http_conn_shutdown(H.conn);
+        run_idle(H.event);
+        ck_assert(!H.closed);
+        client_send("GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+        RUN_UNTIL(H.event, H.closed && H.client_eof);
+        assert_received_two(a1, a2);
+}
+END_TEST
+
+/* The close comes with the timer, but what the client sent before it is a request to serve. */
+START_TEST(test_shutdown_serves_a_request_already_waiting_in_the_socket)
+{
+        char *a1 = expected_answer(1, "/a", false), *a2 = expected_answer(2, "/b", true);
+
+        H.limits.drain_idle_usec = 0;
+        start();
+        client_send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+        RUN_UNTIL(H.event, H.in_len >= strlen(a1));
+        run_idle(H.event);
+        client_send("GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+        http_conn_shutdown(H.conn);
+        RUN_UNTIL(H.event, H.closed && H.client_eof);
+        assert_received_two(a1, a2);
+}
+END_TEST
+
+/* A stream's head went out saying keep-alive before the shutdown: closing at its end would cut
+ * the client's next request, so that request is answered (with Connection: close) first. */
+START_TEST(test_shutdown_during_a_keep_alive_stream_answers_the_next_request_before_closing)
+{
+        char *a2 = expected_answer(2, "/b", true);
+
+        H.limits.drain_idle_usec = 10 * 1000000ULL;
+        start();
+        hold_request("GET /s HTTP/1.1\r\nHost: x\r\n\r\n");
+        ck_assert_int_eq(http_conn_stream_begin(H.conn, 200, NULL, 0), 0);
+        http_conn_shutdown(H.conn);
+        ck_assert_int_eq(http_conn_stream_write(H.conn, "x", 1), 0);
+        ck_assert_int_eq(http_conn_stream_end(H.conn), 0);
+        run_idle(H.event);
+        ck_assert(!H.closed);
+        ck_assert_ptr_nonnull(memmem(H.in, H.in_len, "Connection: keep-alive\r\n", 24));
+        H.mode = ANSWER_AT_ONCE;
+        client_send("GET /b HTTP/1.1\r\nHost: x\r\n\r\n");
+        RUN_UNTIL(H.event, H.closed && H.client_eof);
+        ck_assert_uint_ge(H.in_len, strlen(a2));
+        ck_assert_msg(memcmp(H.in + H.in_len - strlen(a2), a2, strlen(a2)) == 0,
+                      "the last answer is not\n%s\ngot\n%.*s", a2, (int) H.in_len, H.in);
+        free(a2);
 }
 END_TEST
 
@@ -1361,7 +1438,7 @@ static Suite *http_suite(void) {
         tcase_add_checked_fixture(gone, setup, teardown);
         tcase_add_test(gone, test_half_closed_unix_client_still_gets_its_answer);
         tcase_add_test(gone, test_requests_pipelined_before_a_half_close_are_all_answered);
-        tcase_add_test(gone, test_half_closed_tcp_client_is_taken_as_gone_and_its_request_aborted);
+        tcase_add_test(gone, test_half_closed_tcp_client_still_gets_its_answer);
         tcase_add_test(gone, test_client_leaving_while_its_request_is_served_aborts_the_request);
         tcase_add_test(gone, test_client_hanging_up_mid_request_closes_without_calling_the_handler);
         tcase_add_test(gone, test_handler_aborting_closes_at_once_without_on_abort);
@@ -1382,7 +1459,10 @@ static Suite *http_suite(void) {
         tcase_add_test(timing, test_keep_alive_connection_is_closed_after_the_idle_timeout_following_an_answer);
         tcase_add_test(timing, test_slow_handler_is_not_timed_out_while_the_client_waits);
         tcase_add_test(timing, test_client_that_stops_reading_is_closed_after_the_timeout_and_its_request_aborted);
-        tcase_add_test(timing, test_shutdown_closes_an_idle_keep_alive_connection_at_once);
+        tcase_add_test(timing, test_shutdown_closes_an_idle_keep_alive_connection_once_drain_idle_passes);
+        tcase_add_test(timing, test_shutdown_serves_the_next_request_of_an_idle_keep_alive_connection_with_connection_close);
+        tcase_add_test(timing, test_shutdown_serves_a_request_already_waiting_in_the_socket);
+        tcase_add_test(timing, test_shutdown_during_a_keep_alive_stream_answers_the_next_request_before_closing);
         tcase_add_test(timing, test_shutdown_lets_the_request_being_served_finish_with_connection_close);
         tcase_add_test(timing, test_shutdown_still_serves_a_fresh_connections_first_request);
         suite_add_tcase(s, timing);

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "keypool/keytable.h"
+#include "keytable_internal.h"      /* the consistency check's tests scribble on rows */
 
 #define N_KEYS 3
 
@@ -2014,11 +2015,11 @@ START_TEST(test_a_slot_claimed_after_commit_acquires_from_the_new_bank_while_an_
         ck_assert_uint_eq(old_l.key - old_pv.first_key, old_l.position);
         ck_assert_uint_eq(new_l.key - new_pv.first_key, new_l.position);
 
-        /* The old worker's request finishes on the old row; the new row of that key is not
-         * touched. */
+        /* The old worker's request finishes on the old row; the new row of that key takes the
+         * rest it learned (so the new generation does not walk into it), not its counters. */
         release_as(&f, &old_l, VERDICT_RATE_LIMITED, 429, 30000, 1000, NULL);
         ck_assert_int_eq(keytable_pool_snapshot(f.t, f.pool, 1000, v), 0);
-        ck_assert_int_eq(v[1].state, KEY_READY);
+        ck_assert_int_eq(v[1].state, KEY_COOLING);
         ck_assert_uint_eq(v[1].rate_limited, 0);
         ck_assert_uint_eq(v[0].in_flight, 1);
         release_as(&f, &new_l, VERDICT_OK, 200, 0, 1000, NULL);
@@ -3183,6 +3184,306 @@ START_TEST(test_recover_due_ends_cooldowns_that_ran_out_and_reports_them) {
 }
 END_TEST
 
+
+/* --- the consistency check ----------------------------------------------------------------- */
+
+static void check_report(struct fixture *f, struct keytable_check_report *r) {
+        ck_assert_int_eq(keytable_check(f->t, r), 0);
+}
+
+/* Fails unless some problem of the report contains words. */
+static void assert_problem(const struct keytable_check_report *r, const char *words) {
+        for (unsigned i = 0; i < r->n_problems && i < KEYTABLE_CHECK_PROBLEMS_MAX; i++)
+                if (strstr(r->problems[i], words))
+                        return;
+        ck_abort_msg("expected a problem with '%s', got %u problems, first: '%s'", words,
+                     r->n_problems, r->n_problems ? r->problems[0] : "");
+}
+
+START_TEST(test_check_passes_a_table_in_use_with_leases_rests_and_a_reload)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+        struct keytable_lease a, b;
+        unsigned fresh[N_KEYS];
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[2], 1, 0), 0);
+        a = acquire_ok(&f, f.slot, 1000);
+        b = acquire_ok(&f, f.slot, 1001);
+        release_as(&f, &a, VERDICT_RATE_LIMITED, 429, 60000, 1002, NULL);
+        (void) acquire_ok(&f, f.slot, 1003);        /* key 2, now full */
+        check_report(&f, &r);
+        ck_assert_msg(r.n_problems == 0, "a consistent table: expected no problem, got '%s'",
+                      r.problems[0]);
+        ck_assert_uint_eq(r.in_flight, 2);
+        ck_assert_uint_eq(r.leases, 2);
+        ck_assert_uint_eq(r.by_state[KEY_COOLING], 1);
+        ck_assert_uint_eq(r.by_state[KEY_READY], 2);
+
+        release_as(&f, &b, VERDICT_OK, 200, 0, 1004, NULL);
+        reload_same(&f, fresh);
+        check_report(&f, &r);
+        ck_assert_msg(r.n_problems == 0, "after a reload: expected no problem, got '%s'", r.problems[0]);
+        ck_assert_uint_eq(r.pools, 2);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_reports_a_scribbled_in_flight_count)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+
+        fixture_setup(&f);
+        (void) acquire_ok(&f, f.slot, 1000);
+        f.t->keys[f.key[1]].in_flight = 3;
+        check_report(&f, &r);
+        assert_problem(&r, "key 1: in_flight 3, but 0 leases name it");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_reports_a_leaked_lease)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+        unsigned other;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &other), 0);
+        /* A lease written with no count behind it: a release that cleared the count only. */
+        kt_slot_leases(f.t, other)[2] = f.key[0] + 1;
+        check_report(&f, &r);
+        assert_problem(&r, "key 0: in_flight 0, but 1 leases name it");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_reports_a_lease_left_on_a_free_slot)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+
+        fixture_setup(&f);
+        kt_slot_leases(f.t, f.slot + 1)[0] = f.key[1] + 1;
+        f.t->keys[f.key[1]].in_flight = 1;
+        check_report(&f, &r);
+        assert_problem(&r, "free, yet holds a lease");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_reports_a_stale_index)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+        struct keytable_lease l;
+
+        fixture_setup(&f);
+        l = acquire_ok(&f, f.slot, 1000);       /* builds the index */
+        release_as(&f, &l, VERDICT_OK, 200, 0, 1001, NULL);
+        check_report(&f, &r);
+        ck_assert_msg(r.n_problems == 0, "before: expected no problem, got '%s'", r.problems[0]);
+        /* The row says disabled; the index still lists the key, as a lost update would. */
+        f.t->keys[f.key[1]].state = KEY_DISABLED;
+        f.t->keys[f.key[1]].reason = KEY_REASON_OPERATOR;
+        check_report(&f, &r);
+        assert_problem(&r, "key 1: in the index's list but disabled");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_reports_index_counts_that_disagree_with_the_rows)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+        struct keytable_lease l;
+
+        fixture_setup(&f);
+        l = acquire_ok(&f, f.slot, 1000);
+        release_as(&f, &l, VERDICT_OK, 200, 0, 1001, NULL);
+        f.t->pools[f.t->keys[f.key[0]].pool].n_full = 2;
+        check_report(&f, &r);
+        assert_problem(&r, "index counts 2 full keys, the rows 0");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_reports_a_dirty_marker_left_set)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+
+        fixture_setup(&f);
+        f.t->keys[f.key[2]].dirty = 1;
+        check_report(&f, &r);
+        assert_problem(&r, "key 2: dirty marker left set");
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_check_passes_again_after_a_dead_worker_is_repaired)
+{
+        struct fixture f;
+        struct keytable_check_report r;
+        int status;
+        pid_t pid;
+
+        fixture_setup(&f);
+        (void) acquire_ok(&f, f.slot, 1000);
+        pid = fork();
+        ck_assert_int_ge(pid, 0);
+        if (pid == 0) {
+                keytable_test_die_holding_lock(f.t, f.pool, f.key[1]);
+                _exit(0);
+        }
+        ck_assert_int_eq(wait_child(pid, &status), pid);
+        check_report(&f, &r);       /* takes the abandoned lock: repairs, then checks */
+        ck_assert_msg(r.n_problems == 0, "after repair: expected no problem, got '%s'", r.problems[0]);
+        ck_assert_uint_eq(r.in_flight, 1);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- waiting in arrival order across workers ------------------------------------------------ */
+
+START_TEST(test_a_freed_key_goes_to_the_oldest_waiter_of_any_worker)
+{
+        struct fixture f;
+        struct keytable_lease held[N_KEYS], l;
+        struct keytable_wait w;
+        unsigned other;
+        uint64_t first, second;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &other), 0);
+        for (unsigned i = 0; i < N_KEYS; i++) {
+                ck_assert_int_eq(keytable_set_key_limits(f.t, f.key[i], 1, 0), 0);
+        }
+        for (unsigned i = 0; i < N_KEYS; i++)
+                held[i] = acquire_ok(&f, f.slot, 1000);
+        /* Every key is full: a request of the other worker waits first, then one of ours. */
+        first = keytable_wait_ticket(f.t, other, f.pool);
+        keytable_slot_set_waiters(f.t, other, 1);
+        keytable_slot_set_wait_head(f.t, other, f.pool, first);
+        second = keytable_wait_ticket(f.t, f.slot, f.pool);
+        ck_assert_uint_gt(second, first);
+        keytable_slot_set_waiters(f.t, f.slot, 1);
+        keytable_slot_set_wait_head(f.t, f.slot, f.pool, second);
+
+        release_as(&f, &held[0], VERDICT_OK, 200, 0, 1010, NULL);
+        /* Our later waiter, and a newcomer, leave the key to the other worker's older one. */
+        ck_assert_int_eq(keytable_acquire_waiter(f.t, f.slot, f.pool, 1011, KEYTABLE_NO_KEY, second,
+                                                 &l, &w, NULL), -EAGAIN);
+        ck_assert_msg(w.busy && w.retry_at_ms > 1011, "a yield says look again soon");
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1011, KEYTABLE_NO_KEY, &l, &w, NULL),
+                         -EAGAIN);
+        ck_assert_int_eq(keytable_acquire_waiter(f.t, other, f.pool, 1012, KEYTABLE_NO_KEY, first,
+                                                 &l, &w, NULL), 0);
+        ck_assert_uint_eq(l.key, f.key[0]);
+        keytable_slot_set_waiters(f.t, other, 0);
+        keytable_slot_set_wait_head(f.t, other, f.pool, 0);
+
+        /* With the older waiter served, ours is next. */
+        release_as(&f, &held[1], VERDICT_OK, 200, 0, 1013, NULL);
+        ck_assert_int_eq(keytable_acquire_waiter(f.t, f.slot, f.pool, 1014, KEYTABLE_NO_KEY, second,
+                                                 &l, &w, NULL), 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_waiter_of_a_stopped_or_freed_worker_is_not_waited_for)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w;
+        unsigned other;
+        uint64_t ticket;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &other), 0);
+        ticket = keytable_wait_ticket(f.t, other, f.pool);
+        keytable_slot_set_waiters(f.t, other, 1);
+        keytable_slot_set_wait_head(f.t, other, f.pool, ticket);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1001, KEYTABLE_NO_KEY, &l, &w, NULL),
+                         -EAGAIN);
+        /* Its heartbeat stopped long ago (SIGSTOP, a wedge): no one waits on it. */
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 100000, KEYTABLE_NO_KEY, &l, &w, NULL), 0);
+        keytable_release(f.t, &l, NULL, 100000, NULL);
+        keytable_slot_heartbeat(f.t, other, 100000);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 100001, KEYTABLE_NO_KEY, &l, &w, NULL),
+                         -EAGAIN);
+        /* Dead and released: its tickets go with it. */
+        keytable_slot_release(f.t, other);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 100002, KEYTABLE_NO_KEY, &l, &w, NULL), 0);
+        fixture_teardown(&f);
+}
+END_TEST
+
+/* --- the old generation's news after a commit ----------------------------------------------- */
+
+START_TEST(test_a_cooldown_learned_while_draining_reaches_the_new_bank)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_check_report r;
+        unsigned fresh[N_KEYS];
+
+        fixture_setup(&f);
+        l = acquire_ok(&f, f.slot, 1000);       /* the old generation, on key 0 */
+        reload_same(&f, fresh);
+        release_as(&f, &l, VERDICT_RATE_LIMITED, 429, 30000, 1100, NULL);
+
+        snapshot(&f, 1101, v);
+        ck_assert_msg(v[0].state == KEY_COOLING && v[0].cooldown_until_ms == 31100,
+                      "the new bank's row: expected cooling until 31100, got %s until %lld",
+                      keytable_state_name(v[0].state), (long long) v[0].cooldown_until_ms);
+        ck_assert_int_eq(v[0].reason, KEY_REASON_RATE_LIMITED);
+        ck_assert_uint_eq(v[0].in_flight, 0);
+        ck_assert_int_eq(v[1].state, KEY_READY);
+        check_report(&f, &r);
+        ck_assert_msg(r.n_problems == 0, "expected no problem, got '%s'", r.problems[0]);
+        fixture_teardown(&f);
+}
+END_TEST
+
+START_TEST(test_a_disable_learned_while_draining_reaches_the_new_bank_and_a_longer_rest_stands)
+{
+        struct fixture f;
+        struct keytable_lease a, b;
+        struct keytable_key_view v[N_KEYS];
+        struct keytable_lease n;
+        unsigned fresh[N_KEYS], slot2;
+
+        fixture_setup(&f);
+        a = acquire_ok(&f, f.slot, 1000);       /* key 0 */
+        b = acquire_ok(&f, f.slot, 1000);       /* key 1 */
+        reload_same(&f, fresh);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 2, 1000, &slot2), 0);
+        /* The new generation cools key 1 for long first. */
+        for (;;) {
+                ck_assert_int_eq(keytable_acquire(f.t, slot2, f.pool, 1050, KEYTABLE_NO_KEY, &n, NULL,
+                                                  NULL), 0);
+                if (n.key == fresh[1])
+                        break;
+                release_as(&f, &n, VERDICT_OK, 200, 0, 1050, NULL);
+        }
+        release_as(&f, &n, VERDICT_RATE_LIMITED, 429, 100000, 1060, NULL);
+
+        release_as(&f, &a, VERDICT_AUTH, 401, 0, 1100, NULL);
+        release_as(&f, &b, VERDICT_RATE_LIMITED, 429, 5000, 1100, NULL);
+        snapshot(&f, 1101, v);
+        ck_assert_int_eq(v[0].state, KEY_DISABLED);
+        ck_assert_int_eq(v[0].reason, KEY_REASON_AUTH);
+        ck_assert_msg(v[1].state == KEY_COOLING && v[1].cooldown_until_ms == 101060,
+                      "the longer rest stands: expected until 101060, got %lld",
+                      (long long) v[1].cooldown_until_ms);
+        fixture_teardown(&f);
+}
+END_TEST
+
 static Suite *keytable_suite(void) {
         Suite *s = suite_create("keytable");
         TCase *tc;
@@ -3306,6 +3607,21 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_restore_key_ends_a_rest_that_ran_out_while_stopped);
         tcase_add_test(tc, test_restore_key_disabled_for_quota_is_probed_after_an_interval);
         tcase_add_test(tc, test_config_generation_starts_at_one_and_follows_the_coordinator);
+        suite_add_tcase(s, tc);
+
+        tc = tcase_create("check_fifo_and_drain");
+        tcase_add_test(tc, test_check_passes_a_table_in_use_with_leases_rests_and_a_reload);
+        tcase_add_test(tc, test_check_reports_a_scribbled_in_flight_count);
+        tcase_add_test(tc, test_check_reports_a_leaked_lease);
+        tcase_add_test(tc, test_check_reports_a_lease_left_on_a_free_slot);
+        tcase_add_test(tc, test_check_reports_a_stale_index);
+        tcase_add_test(tc, test_check_reports_index_counts_that_disagree_with_the_rows);
+        tcase_add_test(tc, test_check_reports_a_dirty_marker_left_set);
+        tcase_add_test(tc, test_check_passes_again_after_a_dead_worker_is_repaired);
+        tcase_add_test(tc, test_a_freed_key_goes_to_the_oldest_waiter_of_any_worker);
+        tcase_add_test(tc, test_a_waiter_of_a_stopped_or_freed_worker_is_not_waited_for);
+        tcase_add_test(tc, test_a_cooldown_learned_while_draining_reaches_the_new_bank);
+        tcase_add_test(tc, test_a_disable_learned_while_draining_reaches_the_new_bank_and_a_longer_rest_stands);
         suite_add_tcase(s, tc);
 
         return s;

@@ -478,6 +478,27 @@ START_TEST(test_error_answer_is_kept_whole_to_be_judged) {
 }
 END_TEST
 
+/* Found by fuzz_answer (corpus entry status_line_without_status): atoi skipped the line end as
+ * white space and read past the line, which curl does not NUL-terminate. */
+START_TEST(test_status_line_is_read_within_its_line) {
+        static const char *const lines[] = { "HTTP/1.1 \n", "HTTP/1.1 4290 Odd\r\n", "HTTP/2 503\r\n" };
+        static const int want[] = { 0, 0, 503 };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        for (size_t i = 0; i < N(lines); i++) {
+                size_t len = strlen(lines[i]);
+                char *exact = malloc(len);      /* no NUL after it, as curl hands it over */
+
+                ck_assert_ptr_nonnull(exact);
+                memcpy(exact, lines[i], len);
+                ck_assert_int_eq(answer_add_header_line(&a, exact, len), 0);
+                ck_assert_int_eq(a.status, want[i]);
+                free(exact);
+        }
+        answer_free(&a);
+}
+END_TEST
+
 START_TEST(test_informational_answer_is_replaced_by_the_final_one) {
         static const char *const lines[] = {
                 "HTTP/1.1 100 Continue\r\n", "\r\n",
@@ -819,6 +840,7 @@ static Suite *proxy_suite(void) {
         tc = tcase_create("answer");
         tcase_add_test(tc, test_success_answer_is_relayed_as_it_arrives);
         tcase_add_test(tc, test_error_answer_is_kept_whole_to_be_judged);
+        tcase_add_test(tc, test_status_line_is_read_within_its_line);
         tcase_add_test(tc, test_informational_answer_is_replaced_by_the_final_one);
         tcase_add_test(tc, test_first_complete_event_ends_where_its_blank_line_ends);
         tcase_add_test(tc, test_error_event_in_a_stream_is_noted_once);
