@@ -128,6 +128,9 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
                  * followed by the real one. */
                 if (a->status >= 100 && a->status < 200)
                         return 0;
+                /* No such status exists: whatever follows cannot be judged or relayed. */
+                if (a->status < 100 || a->status > 599)
+                        return -EPROTO;
                 a->mode = a->status >= 200 && a->status < 300 ? ANSWER_STREAM : ANSWER_BUFFER;
                 for (size_t i = 0; i < a->n_headers; i++)
                         if (answer_header_is(answer_line(a, i), "Content-Type") &&
@@ -136,8 +139,10 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
                 a->holding = a->mode == ANSWER_STREAM && a->sse;
                 return 0;
         }
-        if (a->n_headers >= ANSWER_MAX_HEADERS)
-                return 0;
+        /* Dropping the rest would relay (and judge) an answer without the headers that may
+         * matter most, a Retry-After among them: the answer is refused instead. */
+        if (a->n_headers >= ANSWER_MAX_HEADERS || a->text_len + trimmed + 1 > ANSWER_MAX_HEADER_BYTES)
+                return -E2BIG;
         off = a->text_len;
         /* buf_add ends the text with a NUL, kept as the line's end. */
         if (buf_add(&a->text, &a->text_len, &a->text_cap, data, trimmed) < 0)

@@ -60,7 +60,8 @@ static const char *const top_level_names[] = {
         "transient_threshold", "transient_cooldown", "cooldown_scope", "rate_limit_phrases",
         "retry", "worker_timeout", "shutdown_timeout", "state_file", "state_interval",
         "history_size", "socket_group", "http_listen", "http_allow_remote", "client_tokens",
-        "admin_tokens", "header_timeout", "body_min_rate", "body_budget", "cluster", NULL,
+        "admin_tokens", "header_timeout", "body_min_rate", "body_budget", "first_byte_timeout",
+        "idle_timeout", "request_timeout", "cluster", NULL,
 };
 
 static const char *const provider_names[] = {
@@ -68,7 +69,8 @@ static const char *const provider_names[] = {
         "tls_verify", NULL,
 };
 static const char *const pool_names[] = {
-        "name", "provider", "model", "keys", "max_concurrent", "rpm", NULL,
+        "name", "provider", "model", "keys", "max_concurrent", "rpm", "connect_timeout",
+        "first_byte_timeout", "idle_timeout", "request_timeout", NULL,
 };
 static const char *const key_group_names[] = { "key", "max_concurrent", "rpm", NULL };
 static const char *const retry_names[] = {
@@ -437,7 +439,11 @@ struct config_pool *loader_pool_add(struct loader *l, const char *file, unsigned
                 l->pools_cap = cap;
         }
         l->pool_origin[c->n_pools] = (struct origin) { file, line };
-        c->pools[c->n_pools] = (struct config_pool) {};
+        /* The top-level settings were read before any pool: they are every pool's defaults. */
+        c->pools[c->n_pools] = (struct config_pool) {
+                .connect_timeout = c->connect_timeout, .first_byte_timeout = c->first_byte_timeout,
+                .idle_timeout = c->idle_timeout, .request_timeout = c->request_timeout,
+        };
         return &c->pools[c->n_pools++];
 }
 
@@ -743,6 +749,12 @@ static void parse_scalars(struct loader *l, const config_setting_t *root) {
                 c->connect_timeout = (unsigned) n;
         if (get_integer(l, root, "upstream_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
                 c->upstream_timeout = (unsigned) n;
+        if (get_integer(l, root, "first_byte_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->first_byte_timeout = (unsigned) n;
+        if (get_integer(l, root, "idle_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->idle_timeout = (unsigned) n;
+        if (get_integer(l, root, "request_timeout", 1, CONFIG_TIMEOUT_MAX, &n))
+                c->request_timeout = (unsigned) n;
         if (get_integer(l, root, "max_connections", 1, 1048576, &n))
                 c->max_connections = (unsigned) n;
         if (get_integer(l, root, "max_body", 1024, LLONG_MAX, &n))
@@ -1300,6 +1312,25 @@ static const config_setting_t *parse_key_group(struct loader *l, const config_se
 
 /* --- pools ------------------------------------------------------------------------------------ */
 
+/* A pool's own timeouts, each overriding the top-level setting of the same name. */
+static void parse_pool_timeouts(struct loader *l, const config_setting_t *g, const char *prefix,
+                                struct config_pool *p) {
+        const struct {
+                const char *name;
+                unsigned *value;
+        } timeouts[] = {
+                { "connect_timeout",    &p->connect_timeout },
+                { "first_byte_timeout", &p->first_byte_timeout },
+                { "idle_timeout",       &p->idle_timeout },
+                { "request_timeout",    &p->request_timeout },
+        };
+        long long n;
+
+        for (size_t i = 0; i < sizeof(timeouts) / sizeof(timeouts[0]); i++)
+                if (get_integer_in(l, g, prefix, timeouts[i].name, 1, CONFIG_TIMEOUT_MAX, NULL, &n))
+                        *timeouts[i].value = (unsigned) n;
+}
+
 static void parse_pool(struct loader *l, const config_setting_t *g, unsigned index) {
         const config_setting_t *ns = NULL, *ms = NULL, *ps = NULL, *ks;
         struct config_pool *p;
@@ -1365,6 +1396,7 @@ static void parse_pool(struct loader *l, const config_setting_t *g, unsigned ind
                 snprintf(prefix, sizeof(prefix), "%s: ", what);
                 get_limit(l, g, prefix, "max_concurrent", CONFIG_CONCURRENT_MAX, &p->max_concurrent);
                 get_limit(l, g, prefix, "rpm", CONFIG_RPM_MAX, &p->rpm);
+                parse_pool_timeouts(l, g, prefix, p);
         }
 
         ks = config_setting_get_member(g, "keys");
@@ -1557,6 +1589,9 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
                 .client_timeout = 60,
                 .connect_timeout = 10,
                 .upstream_timeout = 600,
+                .first_byte_timeout = 300,
+                .idle_timeout = 120,
+                .request_timeout = 600,
                 .max_connections = 8192,
                 .max_body = 16 * 1024 * 1024,
                 .max_header = 16 * 1024,

@@ -267,14 +267,20 @@ static int parse_unit(const char *s, size_t len, size_t *pos, int64_t *ret_unit_
 static int parse_duration_at(const char *s, size_t len, size_t *pos, bool allow_space, int64_t *ret_ns) {
         size_t i = *pos;
         int64_t total = 0;
-        bool first = true;
+        bool first = true, overflow = false;
 
         for (;;) {
                 int64_t ip, frac9, unit_ns, ns;
                 int r;
 
                 r = parse_decimal(s, len, &i, &ip, &frac9);
-                if (r < 0)
+                if (r == -ERANGE) {
+                        /* More digits than int64 holds: still read to its end, so that the
+                         * caller can tell an absurd duration from garbage. */
+                        while (i < len && (is_digit(s[i]) || s[i] == '.'))
+                                i++;
+                        overflow = true;
+                } else if (r < 0)
                         return r;
                 if (allow_space && first)
                         while (i < len && is_ows(s[i]))
@@ -282,11 +288,9 @@ static int parse_duration_at(const char *s, size_t len, size_t *pos, bool allow_
                 r = parse_unit(s, len, &i, &unit_ns);
                 if (r < 0)
                         return r;
-                r = scale_to_ns(ip, frac9, unit_ns, &ns);
-                if (r < 0)
-                        return r;
-                if (__builtin_add_overflow(total, ns, &total))
-                        return -ERANGE;
+                if (!overflow && (scale_to_ns(ip, frac9, unit_ns, &ns) < 0 ||
+                                  __builtin_add_overflow(total, ns, &total)))
+                        overflow = true;
 
                 /* Go chains components ("2m59.56s"); a full stop after the unit ends a sentence. */
                 first = false;
@@ -295,8 +299,21 @@ static int parse_duration_at(const char *s, size_t len, size_t *pos, bool allow_
         }
 
         *pos = i;
+        if (overflow)
+                return -ERANGE;
         *ret_ns = total;
         return 0;
+}
+
+/* A hint's duration that overflowed (-ERANGE from a well-formed value) is a real, absurd hint:
+ * "forever", which the caller caps at max_cooldown like any other. Figures shown to operators
+ * keep treating it as unknown. */
+static int saturate(int r, int64_t *ret) {
+        if (r == -ERANGE) {
+                *ret = INT64_MAX;
+                return 0;
+        }
+        return r;
 }
 
 /* A whole header value that is a Go duration (OpenAI/Groq x-ratelimit-reset-*) or a protobuf
@@ -312,34 +329,55 @@ static int parse_go_duration_ms(const char *s, size_t len, int64_t *ret_ms) {
                 return 0;
         }
         r = parse_duration_at(s, len, &pos, false, &ns);
-        if (r < 0)
+        if (r < 0 && r != -ERANGE)
                 return r;
         if (pos != len)
                 return -EINVAL;
+        if (r < 0)
+                return r;
 
         *ret_ms = ns_to_ms_ceil(ns);
         return 0;
 }
 
-/* A whole value that is a plain non-negative number in the given unit ("30", "1500.5"). */
+/* A whole value that is a plain number in the given unit ("30", "1500.5"). A negative figure
+ * ("-5") means "now" (0) and a figure beyond int64 means "forever" (INT64_MAX): both are a
+ * provider's real word that the key must rest, which the caller floors and caps like any other
+ * hint, rather than garbage to fall through to recovery_time. */
 static int parse_number_ms(const char *s, size_t len, int64_t unit_ns, int64_t *ret_ms) {
         size_t pos = 0;
         int64_t ip, frac9, ns;
+        bool negative;
         int r;
 
         trim(&s, &len);
+        negative = len > 1 && s[0] == '-';
+        if (negative) {
+                s++;
+                len--;
+        }
         if (len == 0 || !is_digit(s[0]))
                 return -EINVAL;
         r = parse_decimal(s, len, &pos, &ip, &frac9);
+        if (r == -ERANGE) {
+                /* Too many digits for int64: still a number if nothing else follows. */
+                for (pos = 0; pos < len && (is_digit(s[pos]) || s[pos] == '.'); pos++)
+                        ;
+                if (pos != len)
+                        return -EINVAL;
+                *ret_ms = negative ? 0 : INT64_MAX;
+                return 0;
+        }
         if (r < 0)
                 return r;
         if (pos != len)
                 return -EINVAL;
+        if (negative) {
+                *ret_ms = 0;
+                return 0;
+        }
         r = scale_to_ns(ip, frac9, unit_ns, &ns);
-        if (r < 0)
-                return r;
-
-        *ret_ms = ns_to_ms_ceil(ns);
+        *ret_ms = r < 0 ? INT64_MAX : ns_to_ms_ceil(ns);
         return 0;
 }
 
@@ -429,7 +467,7 @@ int policy_parse_retry_after(const char *value, size_t len, int64_t now_ms, int6
         if (len == 0)
                 return -EINVAL;
 
-        if (is_digit(value[0])) {
+        if (is_digit(value[0]) || value[0] == '-') {
                 r = parse_number_ms(value, len, NSEC_PER_SEC, &ms);
                 if (r < 0)
                         return -EINVAL;
@@ -680,7 +718,7 @@ static bool hint_retry_info(const struct body *b, int64_t *ret_ms) {
                 const char *s;
                 size_t len;
 
-                if (json_str(d, "retryDelay", &s, &len) && parse_go_duration_ms(s, len, ret_ms) >= 0)
+                if (json_str(d, "retryDelay", &s, &len) && saturate(parse_go_duration_ms(s, len, ret_ms), ret_ms) >= 0)
                         return true;
         }
         return false;
@@ -706,8 +744,8 @@ static bool hint_message(const struct body *b, int64_t *ret_ms) {
                         size_t pos = skip_ows(msg, msg_len, off);
                         int64_t ns;
 
-                        if (pos > off && parse_duration_at(msg, msg_len, &pos, true, &ns) >= 0) {
-                                *ret_ms = ns_to_ms_ceil(ns);
+                        if (pos > off && saturate(parse_duration_at(msg, msg_len, &pos, true, &ns), &ns) >= 0) {
+                                *ret_ms = ns == INT64_MAX ? INT64_MAX : ns_to_ms_ceil(ns);
                                 return true;
                         }
                         p = hit + 1;
@@ -761,7 +799,7 @@ static bool hint_empty_buckets(const struct upstream_answer *a, int64_t now_ms, 
                 if (rfc3339) {
                         if (parse_rfc3339(v, len, &when) < 0 || until(when, now_ms, &ms) < 0)
                                 continue;
-                } else if (parse_go_duration_ms(v, len, &ms) < 0)
+                } else if (saturate(parse_go_duration_ms(v, len, &ms), &ms) < 0)
                         continue;
                 if (!found || ms > best)
                         best = ms;

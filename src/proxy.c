@@ -43,7 +43,6 @@
 #include "keypool/scrub.h"
 #include "keypool/secmem.h"
 
-#define MAX_ATTEMPTS            32              /* rotations and retries together */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
 #define MAX_WAIT_CAP_S          3600
@@ -112,11 +111,16 @@ struct proxy_request {
         char *auth;                     /* AUTH_LINE_MAX bytes, the current key's line; wiped
                                          * when an attempt ends */
         char request_id[24];
-        int64_t deadline_ms;            /* waiting for a key ends here */
+        int64_t deadline_ms;            /* waiting for a key ends here (never after end_ms) */
+        int64_t end_ms;                 /* request_timeout: the whole request ends here */
+        unsigned connect_ms;            /* the pool's timeouts, as the caller may have shortened */
+        unsigned first_byte_ms;
+        unsigned idle_ms;
 
         struct proxy_request *queue_next, *queue_prev;
         uint64_t ticket;                /* its place among every worker's waiters, 0 never waited */
-        sd_event_source *timer;         /* the waiting deadline, or the backoff */
+        sd_event_source *timer;         /* the waiting deadline, the backoff, or (RUNNING) the
+                                         * attempt's watchdog: first byte, idle, request_timeout */
 
         CURL *easy;
         struct keytable_lease lease;
@@ -127,6 +131,10 @@ struct proxy_request {
         unsigned rotated_from;          /* the key a rotation left, until the next key is known */
         int rotated_status;
         int64_t attempt_started_ms;
+        int64_t head_ms;                /* when the answer's head was complete; 0: not yet */
+        int64_t last_byte_ms;           /* when the last body bytes arrived */
+        enum proxy_timeout timed_out;   /* the watchdog ended the attempt */
+        const char *bad_answer;         /* what broke HTTP in the answer, or NULL */
         const char *transport_error;    /* curl's word for an attempt that got no answer */
 
         struct answer answer;           /* the current attempt's */
@@ -528,14 +536,51 @@ static void drop(struct proxy_request *pr) {
         request_finish(pr, &(struct proxy_decision) { .next = PROXY_NEXT_DROP });
 }
 
+/* request_timeout passed while no attempt was running (waiting for a key). */
+static void request_timed_out(struct proxy_request *pr) {
+        struct proxy_attempt_end a = { .result = PROXY_RESULT_TIMEOUT, .timeout = PROXY_TIMEOUT_REQUEST,
+                                       .attempts = pr->attempts, .client_gone = !pr->conn };
+        const struct proxy_limits l = { .max_attempts = pr->attempts };
+        struct proxy_decision d;
+
+        proxy_decide(&a, &l, &d);
+        request_finish(pr, &d);
+}
+
 /* --- curl callbacks ---------------------------------------------------------------------- */
+
+/* The attempt's watchdog (on_watchdog) wakes at the earliest of: the head's deadline while it
+ * has not come, the idle deadline once it has, and the request's end. */
+static int64_t watchdog_due(const struct proxy_request *pr, int64_t now) {
+        int64_t due = pr->head_ms ? (pr->paused ? now : pr->last_byte_ms) + pr->idle_ms
+                                  : pr->attempt_started_ms + pr->first_byte_ms;
+
+        return due < pr->end_ms ? due : pr->end_ms;
+}
+
+static void watchdog_set(struct proxy_request *pr) {
+        if (pr->timer && sd_event_source_set_time(pr->timer, (uint64_t) watchdog_due(pr, clock_mono_ms()) * 1000) >= 0)
+                sd_event_source_set_enabled(pr->timer, SD_EVENT_ONESHOT);
+}
 
 static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *userdata) {
         struct proxy_request *pr = userdata;
         size_t len = size * nmemb;
+        int r;
 
-        if (pr->aborted || answer_add_header_line(&pr->answer, data, len) < 0)
+        if (pr->aborted)
                 return 0;
+        r = answer_add_header_line(&pr->answer, data, len);
+        if (r == -EPROTO)
+                pr->bad_answer = "a status outside 100..599";
+        else if (r == -E2BIG)
+                pr->bad_answer = "more answer headers than keypool accepts";
+        if (r < 0)
+                return 0;
+        if (!pr->head_ms && pr->answer.mode != ANSWER_HEADERS) {
+                pr->head_ms = pr->last_byte_ms = clock_mono_ms();
+                watchdog_set(pr);
+        }
         return len;
 }
 
@@ -566,6 +611,7 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
 
         if (pr->aborted)
                 return 0;
+        pr->last_byte_ms = clock_mono_ms();
 
         if (pr->answer.mode == ANSWER_BUFFER) {
                 if (pr->answer.body_len + len <= ANSWER_MAX_BUFFERED)
@@ -618,7 +664,6 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
  * Handles come back from on_done, whatever the transfer's result (curl resets a handle's
  * transfer state when the next one starts); a cancelled one (client gone) is freed instead. */
 static CURL *easy_get(struct proxy_context *p) {
-        const struct config *cfg = p->w.config;
         CURL *easy;
 
         if (p->n_spare > 0)
@@ -630,8 +675,6 @@ static CURL *easy_get(struct proxy_context *p) {
         curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, on_answer_header);
         curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, on_answer_body);
         curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
-        curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT, (long) cfg->connect_timeout);
-        curl_easy_setopt(easy, CURLOPT_TIMEOUT, (long) cfg->upstream_timeout);
         curl_easy_setopt(easy, CURLOPT_TCP_KEEPALIVE, 1L);
         curl_easy_setopt(easy, CURLOPT_TCP_NODELAY, 1L);
         /* Keys travel in headers only; a redirect could carry them to another host. */
@@ -667,7 +710,8 @@ static int on_backoff_done(sd_event_source *s, uint64_t usec, void *userdata) {
 }
 
 static bool retry_allowed(const struct proxy_attempt_end *a, const struct proxy_limits *l) {
-        return a->transient_failures < l->max_transient && a->attempts < l->max_attempts;
+        return a->transient_failures < l->max_transient && a->attempts < l->max_attempts &&
+               a->time_left_ms > 0;
 }
 
 /* A transient failure before the client saw a byte is retried after a backoff (on another key
@@ -686,6 +730,10 @@ static void decide_retry(const struct proxy_attempt_end *a, const struct proxy_l
         if (a->retry_after_ms > d->delay_ms)
                 d->delay_ms = a->retry_after_ms < (int64_t) l->backoff_max_ms ? a->retry_after_ms
                                                                                : l->backoff_max_ms;
+        /* A retry that could only start once request_timeout has passed would be a wait for
+         * nothing: the caller gets this attempt's outcome now. */
+        if (d->delay_ms >= a->time_left_ms)
+                d->next = otherwise;
 }
 
 /* keypool's answer to a transfer that got no answer. A TLS or DNS failure names itself (with
@@ -695,7 +743,30 @@ static void decide_transport_failure(const struct proxy_attempt_end *a, struct p
         if (a->result == PROXY_RESULT_TIMEOUT) {
                 d->status = 504;
                 d->code = "upstream_timeout";
-                d->message = "the upstream did not answer in time";
+                switch (a->timeout) {
+                case PROXY_TIMEOUT_CONNECT:
+                        d->message = "the upstream could not be connected to in time (connect_timeout)";
+                        break;
+                case PROXY_TIMEOUT_FIRST_BYTE:
+                        d->message = "the upstream did not begin its answer in time (first_byte_timeout)";
+                        break;
+                case PROXY_TIMEOUT_IDLE:
+                        d->message = "the upstream fell silent inside its answer (idle_timeout)";
+                        break;
+                case PROXY_TIMEOUT_REQUEST:
+                        d->code = "request_timeout";
+                        d->message = "the request did not complete within its time (request_timeout)";
+                        break;
+                default:
+                        d->message = "the upstream did not answer in time";
+                        break;
+                }
+                return;
+        }
+        if (a->result == PROXY_RESULT_BAD_ANSWER) {
+                d->code = "upstream_bad_answer";
+                d->message = "the upstream's answer was broken";
+                d->detail = a->failure_text && a->failure_text[0] ? a->failure_text : NULL;
                 return;
         }
         switch (a->failure) {
@@ -719,6 +790,11 @@ static void decide_transport_failure(const struct proxy_attempt_end *a, struct p
         d->detail = a->failure_text && a->failure_text[0] ? a->failure_text : NULL;
 }
 
+/* Another key, at once: within max_attempts (rotations and retries together) and the time. */
+static bool may_rotate(const struct proxy_attempt_end *a, const struct proxy_limits *l) {
+        return a->attempts < l->max_attempts && a->time_left_ms > 0;
+}
+
 void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,
                   struct proxy_decision *ret) {
         struct proxy_decision d = {};
@@ -730,13 +806,17 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
         d.confirm_auth = a->cls == VERDICT_AUTH && a->auth_unconfirmed;
         if (a->client_gone) {
                 d.next = PROXY_NEXT_DROP;
-        } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT) {
+        } else if (a->result == PROXY_RESULT_NO_ANSWER || a->result == PROXY_RESULT_TIMEOUT ||
+                   a->result == PROXY_RESULT_BAD_ANSWER) {
                 decide_transport_failure(a, &d);
                 /* Bytes have reached the client: the only honest end is a cut. A certificate
-                 * problem is the configuration's and does not mend by retrying. */
+                 * problem is the configuration's and does not mend by retrying, and nothing is
+                 * retried once the request's own time is up. */
                 if (a->bytes_sent)
                         d.next = PROXY_NEXT_CUT;
                 else if (a->result == PROXY_RESULT_NO_ANSWER && a->failure == UPSTREAM_FAILURE_CERTIFICATE)
+                        d.next = PROXY_NEXT_FAIL;
+                else if (a->result == PROXY_RESULT_TIMEOUT && a->timeout == PROXY_TIMEOUT_REQUEST)
                         d.next = PROXY_NEXT_FAIL;
                 else
                         decide_retry(a, l, PROXY_NEXT_FAIL, &d);
@@ -755,11 +835,11 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
                                 d.next = end;
                                 break;
                         }
-                        d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
+                        d.next = may_rotate(a, l) ? PROXY_NEXT_ROTATE : end;
                         break;
                 case VERDICT_RATE_LIMITED:
                 case VERDICT_QUOTA:
-                        d.next = a->attempts < l->max_attempts ? PROXY_NEXT_ROTATE : end;
+                        d.next = may_rotate(a, l) ? PROXY_NEXT_ROTATE : end;
                         break;
                 case VERDICT_TRANSIENT:
                         decide_retry(a, l, end, &d);
@@ -853,39 +933,142 @@ static void confirm_refusal(struct proxy_request *pr, const struct proxy_decisio
                   d->next == PROXY_NEXT_ROTATE ? "" : "; the answer goes to the caller");
 }
 
+/* Which timeout a transfer curl ended as timed out met: the watchdog's, else curl's own
+ * (connect_timeout, or the time left to the request, or upstream_timeout as a last bound). */
+static enum proxy_timeout timeout_kind(const struct proxy_request *pr, CURL *easy, int64_t now) {
+        curl_off_t connected = 0;
+
+        if (pr->timed_out)
+                return pr->timed_out;
+        if (now >= pr->end_ms)
+                return PROXY_TIMEOUT_REQUEST;
+        if (!pr->head_ms && easy && curl_easy_getinfo(easy, CURLINFO_CONNECT_TIME_T, &connected) == CURLE_OK &&
+            connected == 0)
+                return PROXY_TIMEOUT_CONNECT;
+        return pr->head_ms ? PROXY_TIMEOUT_IDLE : PROXY_TIMEOUT_FIRST_BYTE;
+}
+
+/* A transfer curl called complete that HTTP says is not: the head never ended (the upstream
+ * closed mid-head), or the body fell short of its Content-Length. Either would otherwise be
+ * relayed as a success, empty or truncated. NULL when the answer is whole. */
+static const char *incomplete_answer(const struct proxy_request *pr, CURL *easy) {
+        curl_off_t expected = -1, got = 0;
+
+        if (pr->answer.mode == ANSWER_HEADERS)
+                return "the upstream closed the connection before its answer's head ended";
+        if (easy && curl_easy_getinfo(easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &expected) == CURLE_OK &&
+            expected >= 0 && curl_easy_getinfo(easy, CURLINFO_SIZE_DOWNLOAD_T, &got) == CURLE_OK && got < expected)
+                return "the upstream closed the connection before the end of its answer's body";
+        return NULL;
+}
+
+static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res);
+
+/* An answer that broke HTTP, in the log, on the key that served it. */
+static void report_bad_answer(struct proxy_request *pr, const struct proxy_attempt_end *a) {
+        struct log_fields f = fields(pr, pr->last_key);
+
+        f.status = pr->answer.status;
+        log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: broken answer: %s", pr->provider->name,
+                  a->failure_text);
+}
+
 static void on_done(CURL *easy, CURLcode res, void *userdata) {
         struct proxy_request *pr = userdata;
-        const struct config_retry *rc = &pr->ctx->w.config->retry;
-        const struct proxy_limits limits = {
-                .max_attempts = MAX_ATTEMPTS, .max_transient = rc->max_attempts,
-                .backoff_initial_ms = rc->backoff_initial_ms, .backoff_max_ms = rc->backoff_max_ms,
-        };
-        struct proxy_attempt_end a = {};
-        struct proxy_decision d;
-        struct verdict v = {};
-        bool no_answer = res != CURLE_OK && !pr->retry_from_stream;
 
         /* The client left inside a callback: the attempt's outcome is not the key's doing. */
         if (pr->aborted) {
                 drop(pr);
                 return;
         }
-        keytable_observe_latency(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, clock_mono_ms() - pr->attempt_started_ms);
-        a.bytes_sent = pr->conn && http_conn_stream_started(pr->conn);
-        easy_put(pr->ctx, pr->easy);
+        attempt_ended(pr, easy, res);
+}
+
+/* The attempt's watchdog: the answer's head must come within first_byte_timeout, the body may
+ * fall silent for idle_timeout at most (a transfer paused because the client reads slowly is
+ * not silent), and nothing outlives request_timeout. curl has no timeout of its own for the
+ * first two, and its low-speed limit would also count the wait for the head. */
+static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_request *pr = userdata;
+        int64_t now = clock_mono_ms();
+        CURL *easy = pr->easy;
+
+        if (now >= pr->end_ms)
+                pr->timed_out = PROXY_TIMEOUT_REQUEST;
+        else if (!pr->head_ms && now >= pr->attempt_started_ms + pr->first_byte_ms)
+                pr->timed_out = PROXY_TIMEOUT_FIRST_BYTE;
+        else if (pr->head_ms && !pr->paused && now >= pr->last_byte_ms + pr->idle_ms)
+                pr->timed_out = PROXY_TIMEOUT_IDLE;
+        if (!pr->timed_out) {
+                watchdog_set(pr);
+                return 0;
+        }
+        /* Outside curl's callbacks: the transfer can be taken out here, and its handle (cut
+         * mid-transfer) is not kept for reuse. */
+        upstream_cancel(pr->ctx->w.upstream, easy);
         pr->easy = NULL;
+        attempt_ended(pr, easy, CURLE_OPERATION_TIMEDOUT);
+        curl_easy_cleanup(easy);
+        return 0;
+}
+
+/* Arms the attempt's watchdog at its first due time. */
+static int watchdog_start(struct proxy_request *pr) {
+        return sd_event_add_time(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC,
+                                 (uint64_t) watchdog_due(pr, pr->attempt_started_ms) * 1000, 1000, on_watchdog, pr);
+}
+
+/* One attempt's end, whoever saw it (curl, or the watchdog): judged, recorded on the key, and
+ * carried out as proxy_decide says. easy is the attempt's handle, still readable. */
+static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res) {
+        const struct config_retry *rc = &pr->ctx->w.config->retry;
+        const struct proxy_limits limits = {
+                .max_attempts = rc->max_attempts, .max_transient = rc->max_attempts,
+                .backoff_initial_ms = rc->backoff_initial_ms, .backoff_max_ms = rc->backoff_max_ms,
+        };
+        struct proxy_attempt_end a = {};
+        struct proxy_decision d;
+        struct verdict v = {};
+        int64_t now = clock_mono_ms();
+        bool no_answer = res != CURLE_OK && !pr->retry_from_stream;
+        const char *incomplete = res == CURLE_OK ? incomplete_answer(pr, easy)
+                               : res == CURLE_PARTIAL_FILE && !pr->timed_out
+                               ? "the upstream closed the connection before the end of its answer's body" : NULL;
+
+        keytable_observe_latency(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, now - pr->attempt_started_ms);
+        a.bytes_sent = pr->conn && http_conn_stream_started(pr->conn);
+        a.time_left_ms = pr->end_ms - now;
+        if (pr->easy) {
+                easy_put(pr->ctx, pr->easy);
+                pr->easy = NULL;
+        }
+        /* The watchdog's timer belongs to the attempt. */
+        pr->timer = sd_event_source_disable_unref(pr->timer);
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
-        if (no_answer) {
+        if (pr->bad_answer || incomplete) {
+                /* A transient failure of the upstream's, like a reset connection. */
+                a.result = PROXY_RESULT_BAD_ANSWER;
+                a.failure = UPSTREAM_FAILURE_OTHER;
+                a.failure_text = pr->bad_answer ? pr->bad_answer : incomplete;
+                v.cls = VERDICT_TRANSIENT;
+                pr->transport_error = a.failure_text;
+                no_answer = true;
+        } else if (no_answer) {
                 a.result = res == CURLE_OPERATION_TIMEDOUT ? PROXY_RESULT_TIMEOUT : PROXY_RESULT_NO_ANSWER;
                 a.failure = upstream_failure_class(res);
-                a.failure_text = upstream_error_text(pr->ctx->w.upstream);
+                a.failure_text = pr->timed_out ? "" : upstream_error_text(pr->ctx->w.upstream);
                 if (!a.failure_text[0])
                         a.failure_text = curl_easy_strerror(res);
+                if (a.result == PROXY_RESULT_TIMEOUT)
+                        a.timeout = timeout_kind(pr, easy, now);
                 /* A TLS or DNS failure is the upstream's configuration (or the network's), never
-                 * a key's: the lease goes back unjudged. */
-                v.cls = blames_no_key(a.failure) ? VERDICT_NONE : VERDICT_TRANSIENT;
+                 * a key's: the lease goes back unjudged. So is the request's own time running out,
+                 * and a silence after the client already had bytes: the key answered, and the
+                 * cut stream is the caller's to retry. */
+                v.cls = blames_no_key(a.failure) || a.timeout == PROXY_TIMEOUT_REQUEST ||
+                        (a.timeout == PROXY_TIMEOUT_IDLE && a.bytes_sent) ? VERDICT_NONE : VERDICT_TRANSIENT;
                 pr->transport_error = curl_easy_strerror(res);
         } else {
                 a.result = pr->retry_from_stream ? PROXY_RESULT_HELD_ERROR
@@ -900,7 +1083,9 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
         }
         release(pr, &v);
         pr->transport_error = NULL;
-        if (no_answer)
+        if (a.result == PROXY_RESULT_BAD_ANSWER)
+                report_bad_answer(pr, &a);
+        else if (no_answer)
                 report_transport_failure(pr, &a, res);
         if (no_answer || (v.cls == VERDICT_TRANSIENT && a.result != PROXY_RESULT_STREAM)) {
                 pr->transient_failures++;
@@ -924,7 +1109,7 @@ static void on_done(CURL *easy, CURLcode res, void *userdata) {
                 rotate(pr, v.cls);
                 break;
         case PROXY_NEXT_RETRY:
-                if (backoff(pr, d.delay_ms, a.result == PROXY_RESULT_NO_ANSWER || a.result == PROXY_RESULT_TIMEOUT) < 0) {
+                if (backoff(pr, d.delay_ms, no_answer) < 0) {
                         d.next = d.otherwise;
                         request_finish(pr, &d);
                 }
@@ -1000,9 +1185,15 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         const struct config_provider *prov = pr->provider;
         struct keytable_change change = {};
         const char *secret;
+        int64_t left;
         int r;
 
         *ret_wait = (struct keytable_wait) {};
+        left = pr->end_ms - clock_mono_ms();
+        if (left <= 0) {
+                request_timed_out(pr);
+                return 1;
+        }
         r = keytable_acquire_waiter(p->w.table, p->w.slot, pr->pool, clock_mono_ms(), pr->last_key,
                                     pr->ticket, &pr->lease, ret_wait, &change);
         if (change.changed)
@@ -1019,6 +1210,9 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         pr->leased = true;
         pr->attempts++;
         pr->attempt_started_ms = clock_mono_ms();
+        pr->head_ms = pr->last_byte_ms = 0;
+        pr->timed_out = PROXY_TIMEOUT_NONE;
+        pr->bad_answer = NULL;
         note_rotation(pr, pr->lease.key);
         secret = config_pool_key(pr->cpool, pr->first_key, pr->lease.key)->secret;
 
@@ -1035,8 +1229,18 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         curl_easy_setopt(pr->easy, CURLOPT_HTTPHEADER, pr->headers);
         curl_easy_setopt(pr->easy, CURLOPT_HEADERDATA, pr);
         curl_easy_setopt(pr->easy, CURLOPT_WRITEDATA, pr);
+        /* curl bounds the connection and, as a backstop to the watchdog, the whole attempt:
+         * never past the request's end, nor upstream_timeout. */
+        curl_easy_setopt(pr->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) (pr->connect_ms < left ? pr->connect_ms : left));
+        if (left > (int64_t) p->w.config->upstream_timeout * 1000)
+                left = (int64_t) p->w.config->upstream_timeout * 1000;
+        curl_easy_setopt(pr->easy, CURLOPT_TIMEOUT_MS, (long) left);
         upstream_configure(p->w.upstream, pr->easy, prov);
 
+        if (watchdog_start(pr) < 0) {
+                fail(pr, 500, "internal_error", 0, "cannot time the upstream transfer");
+                return 1;
+        }
         r = upstream_start(p->w.upstream, pr->easy, on_done, pr);
         if (r < 0)
                 fail(pr, 500, "internal_error", 0, "could not start the upstream transfer");
@@ -1046,7 +1250,8 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
 static void attempt(struct proxy_request *pr) {
         struct keytable_wait w;
 
-        if (pr->attempts >= MAX_ATTEMPTS) {
+        /* proxy_decide never asks for an attempt beyond the limit: this only guards it. */
+        if (pr->attempts >= pr->ctx->w.config->retry.max_attempts) {
                 fail(pr, 503, "no_key_available", 0, "too many attempts for one request");
                 return;
         }
@@ -1071,6 +1276,10 @@ static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata) {
         int64_t now = clock_mono_ms();
 
         set_step(pr, STEP_NEW);
+        if (now >= pr->end_ms) {
+                request_timed_out(pr);
+                return 0;
+        }
         /* One last look, then the honest answer. */
         if (try_start(pr, &w) == 1)
                 return 0;
@@ -1534,6 +1743,21 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         return 0;
 }
 
+/* A timeout of the pool's (s) as the caller's header may shorten it (decimal seconds above 0;
+ * anything else, or a longer value, leaves the pool's): in ms. */
+static unsigned shortened_ms(const struct http_request *req, const char *header, unsigned pool_s) {
+        const char *h = http_request_header(req, header);
+        char *end;
+        double s;
+
+        if (h) {
+                s = strtod(h, &end);
+                if (end != h && *end == 0 && s > 0 && s < pool_s)
+                        return s * 1000 >= 1 ? (unsigned) (s * 1000) : 1;
+        }
+        return pool_s * 1000;
+}
+
 /* How long this request may wait for a key: X-Keypool-Max-Wait, else max_wait. */
 static int64_t max_wait_ms(const struct proxy_context *p, const struct http_request *req) {
         const char *h = http_request_header(req, "X-Keypool-Max-Wait");
@@ -1582,7 +1806,14 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
                 drop(pr);
                 return;
         }
+        pr->connect_ms = shortened_ms(req, "X-Keypool-Connect-Timeout", pr->cpool->connect_timeout);
+        pr->first_byte_ms = shortened_ms(req, "X-Keypool-First-Byte-Timeout", pr->cpool->first_byte_timeout);
+        pr->idle_ms = shortened_ms(req, "X-Keypool-Idle-Timeout", pr->cpool->idle_timeout);
+        pr->end_ms = clock_mono_ms() + shortened_ms(req, "X-Keypool-Timeout", pr->cpool->request_timeout);
         pr->deadline_ms = clock_mono_ms() + max_wait_ms(p, req);
+        /* Waiting for a key is part of the request's time. */
+        if (pr->deadline_ms > pr->end_ms)
+                pr->deadline_ms = pr->end_ms;
         pr->conn = c;
         http_conn_set_request_data(c, pr);
         attempt(pr);

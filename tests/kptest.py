@@ -1272,8 +1272,10 @@ class StatusScenario:
       3. disable:  c answers 401, the request moves on, and c is disabled for auth once
                    keypool's own probe is refused too (waited for);
       4. recover:  d answers 429 with Retry-After 2 and cools, then is ready again (waited for);
-      5. transient: one beta request answered 502 (retry max_attempts = 1: returned as is), which
-                   leaves its key (self.transient_key) with a failure in a row.
+      5. transient: one beta request answered 502, returned as is (its X-Keypool-Timeout of
+                   3 s ends before the first backoff, 4.5 to 5.5 s, would), which leaves its key
+                   (self.transient_key) with a failure in a row.
+    retry.max_attempts = 2: a rotation is the second attempt (max_attempts counts every attempt).
     Every key is an obviously fake secret; times are wall-clock seconds (time.time()).
     """
 
@@ -1287,7 +1289,8 @@ class StatusScenario:
         self.a, self.b = fake_secret(), fake_secret()
         self.c, self.d, self.e = fake_secret("invalid-"), fake_secret(), fake_secret()
         self.sim = tc.start_sim()
-        s = {"workers": 2, "recovery_time": 900, "retry": {"max_attempts": 1}}
+        s = {"workers": 2, "recovery_time": 900,
+             "retry": {"max_attempts": 2, "backoff_initial_ms": 5000, "backoff_max_ms": 10000}}
         s.update(settings or {})
         self.settings = s
         self.started = time.time()
@@ -1339,7 +1342,8 @@ class StatusScenario:
                  what="key d to be ready again once its 2 s Retry-After has passed")
 
     def transient(self):
-        h = self.chat(self.BETA, headers={"X-Sim-Status": "502"}, expect=502)
+        h = self.chat(self.BETA, headers={"X-Sim-Status": "502", "X-Keypool-Timeout": "3"},
+                      expect=502)
         self.transient_key = h.get("x-keypool-key")
 
     def run(self):

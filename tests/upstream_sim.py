@@ -39,6 +39,9 @@ Details a test may rely on beyond the obvious:
   * X-Sim-Stream-Raw: a JSON string, sent verbatim as the body of a 200 text/event-stream answer
     framed by Content-Length and followed by the end of the connection (for stream bodies no well
     behaved provider sends, such as a first event that never ends). After the limit check.
+  * X-Sim-Raw: a JSON string sent verbatim as the WHOLE answer (status line, head and body),
+    followed by the end of the connection: for answers that break HTTP (closed mid-head, a body
+    short of its Content-Length, a status out of range, a flood of headers). Logged status -1.
   * X-Sim-Echo-Auth: 1 (with X-Sim-Status) and a rule's "echo_auth": true append the header that
     carried the key, verbatim, to the error message, as providers quoting the request do.
     X-Sim-Unknown-Model: STATUS (4xx) answers OpenAI's model_not_found error quoting the model
@@ -633,6 +636,21 @@ class Handler(BaseHTTPRequestHandler):
             # Status stays 0: nothing was answered.
             self.close_connection = True
             return
+        raw_answer = h.get("X-Sim-Raw")
+        if raw_answer is not None:
+            # The whole answer, status line and head included, exactly as given; then the end
+            # of the connection (an answer cut mid-head, a short body, status 999, ...).
+            try:
+                text = json.loads(raw_answer)
+            except ValueError:
+                text = None
+            if isinstance(text, str):
+                self.close_connection = True
+                self.state.update_entry(entry, status=-1)
+                self.wfile.write(text.encode("utf-8"))
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
         raw_stream = h.get("X-Sim-Stream-Raw")
         if raw_stream is not None:
             try:

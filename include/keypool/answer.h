@@ -18,6 +18,7 @@
 #include "keypool/scrub.h"
 
 #define ANSWER_MAX_HEADERS      128
+#define ANSWER_MAX_HEADER_BYTES (64 * 1024)     /* the header lines' text, all together */
 #define ANSWER_MAX_BUFFERED     (1024 * 1024)   /* larger error bodies are relayed unjudged */
 #define ANSWER_MAX_USAGE_COPY   (1024 * 1024)   /* success bodies kept this far to count tokens */
 #define ANSWER_MAX_SSE_EVENT    (64 * 1024)     /* an SSE event longer than this is not inspected */
@@ -57,7 +58,9 @@ void answer_free(struct answer *a);
 
 /* One header line as curl delivers it (status line, field, or the blank line that ends them),
  * line end included. The blank line after a final status sets the mode (2xx streams, anything
- * else is buffered) and whether an SSE stream's first event is held. 0, or -ENOMEM. */
+ * else is buffered) and whether an SSE stream's first event is held. 0; -EPROTO for a final
+ * status outside 100..599; -E2BIG past ANSWER_MAX_HEADERS lines or ANSWER_MAX_HEADER_BYTES;
+ * -ENOMEM. */
 int answer_add_header_line(struct answer *a, const char *data, size_t len);
 
 /* Header line i, "Name: value". */

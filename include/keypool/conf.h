@@ -62,6 +62,11 @@ struct config_pool {
         unsigned n_keys;
         unsigned max_concurrent;                /* per key, across all workers; 0 = none */
         unsigned rpm;                           /* per key; 0 = none */
+        /* The pool's timeouts, in s: the top-level settings unless the pool sets its own. */
+        unsigned connect_timeout;               /* to connect upstream, per attempt */
+        unsigned first_byte_timeout;            /* from an attempt's start to its answer's head */
+        unsigned idle_timeout;                  /* longest silence inside an answer's body */
+        unsigned request_timeout;               /* the whole request: attempts, backoffs, waits */
 };
 
 /* cluster = { … }: several hosts share key health and budgets through Redis (cluster.h). */
@@ -91,6 +96,9 @@ struct config {
         unsigned client_timeout;                /* s a silent client connection is kept (60) */
         unsigned connect_timeout;               /* s to connect upstream (10) */
         unsigned upstream_timeout;              /* s one upstream attempt may take in all (600) */
+        unsigned first_byte_timeout;            /* s an attempt may wait for the answer's head (300) */
+        unsigned idle_timeout;                  /* s of silence allowed inside an answer's body (120) */
+        unsigned request_timeout;               /* s a request may take in all, retries included (600) */
         unsigned max_connections;               /* client connections per worker (8192) */
         size_t max_body;                        /* request body limit in bytes (16 MiB) */
         size_t max_header;                      /* request header limit in bytes (16 KiB) */

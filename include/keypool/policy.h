@@ -45,7 +45,8 @@ void policy_classify(const struct upstream_answer *a, const struct policy_config
                      int64_t now_ms, struct verdict *ret);
 
 /* Parses a Retry-After value (delta-seconds or IMF-fixdate HTTP-date) into milliseconds from now.
- * Returns 0 and writes ret_ms on success, -EINVAL for garbage; a date in the past gives 0 ms. */
+ * Returns 0 and writes ret_ms on success, -EINVAL for garbage; a date in the past or a negative
+ * figure gives 0 ms, a figure beyond int64 INT64_MAX (callers floor and cap what they use). */
 int policy_parse_retry_after(const char *value, size_t len, int64_t now_ms, int64_t *ret_ms);
 
 /* Does text contain a rate-limit phrase ("rate limit", "too many requests", ...), ignoring case?

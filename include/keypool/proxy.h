@@ -65,8 +65,21 @@ enum proxy_result {
         PROXY_RESULT_STREAM,            /* a success, relayed as it arrived */
         PROXY_RESULT_HELD_ERROR,        /* an SSE stream whose first event was an error; held */
         PROXY_RESULT_NO_ANSWER,         /* the transfer failed (connect, reset, TLS, DNS, …) */
-        PROXY_RESULT_TIMEOUT,           /* … or ran out of time */
+        PROXY_RESULT_TIMEOUT,           /* … or ran out of time (which timeout: timeout) */
+        PROXY_RESULT_BAD_ANSWER,        /* the answer broke HTTP: closed mid-head, a body short of
+                                         * its Content-Length, a status out of 100..599, headers
+                                         * beyond the limit */
         _PROXY_RESULT_MAX,
+};
+
+/* Which of the pool's timeouts ended an attempt (PROXY_RESULT_TIMEOUT). */
+enum proxy_timeout {
+        PROXY_TIMEOUT_NONE = 0,
+        PROXY_TIMEOUT_CONNECT,          /* no connection within connect_timeout */
+        PROXY_TIMEOUT_FIRST_BYTE,       /* no answer head within first_byte_timeout */
+        PROXY_TIMEOUT_IDLE,             /* a silence inside the body beyond idle_timeout */
+        PROXY_TIMEOUT_REQUEST,          /* the whole request's request_timeout passed */
+        _PROXY_TIMEOUT_MAX,
 };
 
 struct proxy_attempt_end {
@@ -74,7 +87,10 @@ struct proxy_attempt_end {
         enum verdict_class cls;         /* the verdict (TRANSIENT when there was no answer, NONE
                                          * when the failure blames no key) */
         enum upstream_failure failure;  /* NO_ANSWER: which transport failure; INVALID: none said */
-        const char *failure_text;       /* … curl's full text of it, or NULL */
+        const char *failure_text;       /* … curl's full text of it (BAD_ANSWER: what was
+                                         * wrong), or NULL */
+        enum proxy_timeout timeout;     /* TIMEOUT: which one */
+        int64_t time_left_ms;           /* until the request's request_timeout; <= 0: passed */
         int64_t retry_after_ms;         /* the verdict's retry hint, 0 when none */
         bool client_gone;
         bool bytes_sent;                /* the client has already seen bytes of this answer */
@@ -96,7 +112,8 @@ struct proxy_limits {
 
 enum proxy_next {
         PROXY_NEXT_ROTATE = 1,          /* another key, at once */
-        PROXY_NEXT_RETRY,               /* again after delay_ms (another key when one is ready) */
+        PROXY_NEXT_RETRY,               /* again after delay_ms (another key when one is ready);
+                                         * never when the delay would outlast request_timeout */
         PROXY_NEXT_STREAM_END,          /* the relayed answer ends (held bytes go first) */
         PROXY_NEXT_ANSWER,              /* the kept answer goes to the client as it came */
         PROXY_NEXT_CUT,                 /* bytes already went out: close the connection */

@@ -7,12 +7,14 @@
  * network cut the stream, so any difference is an abort(). Then the answer goes through what the
  * proxy does with it (header lines, append, hold, classify, count usage, summary, client headers).
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "keypool/answer.h"
+#define FUZZ_WANTS_SCRUB
 #include "fuzz.h"
 
 #define FLAG_HEADERS    0x1     /* header lines follow the split bytes */
@@ -28,39 +30,48 @@ struct found {
         uint64_t in, out;
 };
 
-/* Feeds each line (its '\n' included, as curl hands them over) in a buffer of its own size. */
-static void add_line(struct answer *a, const char *line, size_t len) {
+/* Feeds each line (its '\n' included, as curl hands them over) in a buffer of its own size.
+ * 0, or the refusal of a broken head (a status outside 100..599, too many or too long lines),
+ * after which the proxy ends the attempt: nothing more is fed. */
+static int add_line(struct answer *a, const char *line, size_t len) {
         char *copy = malloc(len ? len : 1);
+        int r;
 
         CHECK(copy);
         memcpy(copy, line, len);
-        CHECK(answer_add_header_line(a, copy, len) == 0);
+        r = answer_add_header_line(a, copy, len);
+        CHECK(r == 0 || r == -EPROTO || r == -E2BIG);
         free(copy);
+        return r;
 }
 
-static void add_str(struct answer *a, const char *s) {
-        add_line(a, s, strlen(s));
+static int add_str(struct answer *a, const char *s) {
+        return add_line(a, s, strlen(s));
 }
 
-static void add_headers(struct answer *a, unsigned flags, const char *h, size_t h_len) {
+static int add_headers(struct answer *a, unsigned flags, const char *h, size_t h_len) {
+        int r = 0;
+
         if (flags & FLAG_HEADERS) {
                 const char *p = h, *end = h + h_len;
 
-                while (p < end) {
+                while (r == 0 && p < end) {
                         const char *nl = memchr(p, '\n', (size_t) (end - p));
 
                         if (!nl)
                                 break;
-                        add_line(a, p, (size_t) (nl + 1 - p));
+                        r = add_line(a, p, (size_t) (nl + 1 - p));
                         p = nl + 1;
                 }
-                add_line(a, "\r\n", 2);
-                return;
+                return r < 0 ? r : add_line(a, "\r\n", 2);
         }
-        add_str(a, flags & FLAG_ERROR ? "HTTP/1.1 429 Too Many Requests\r\n" : "HTTP/1.1 200 OK\r\n");
-        add_str(a, flags & FLAG_JSON ? "Content-Type: application/json\r\n" : "Content-Type: text/event-stream\r\n");
-        add_str(a, "Retry-After: 7\r\n");
-        add_str(a, "\r\n");
+        r = add_str(a, flags & FLAG_ERROR ? "HTTP/1.1 429 Too Many Requests\r\n" : "HTTP/1.1 200 OK\r\n");
+        if (r == 0)
+                r = add_str(a, flags & FLAG_JSON ? "Content-Type: application/json\r\n" :
+                                                   "Content-Type: text/event-stream\r\n");
+        if (r == 0)
+                r = add_str(a, "Retry-After: 7\r\n");
+        return r < 0 ? r : add_str(a, "\r\n");
 }
 
 /* Scans body in chunks whose sizes the split bytes give (all at once when split is NULL). */
@@ -108,7 +119,13 @@ static void proxy_like(unsigned flags, const char *h, size_t h_len, const char *
         size_t off = 0, turn = 0, n_ch;
 
         answer_reset(&a);
-        add_headers(&a, flags, h, h_len);
+        if (add_headers(&a, flags, h, h_len) < 0) {
+                /* A broken head ends the attempt before any body; a retry starts afresh. */
+                answer_reset(&a);
+                CHECK(add_headers(&a, flags & ~FLAG_HEADERS, NULL, 0) == 0);
+                answer_free(&a);
+                return;
+        }
         while (off < len) {
                 size_t n = (size_t) split[turn++ % SPLIT_BYTES] + 1;
 
@@ -134,7 +151,8 @@ static void proxy_like(unsigned flags, const char *h, size_t h_len, const char *
         CHECK(v.cls > VERDICT_NONE && v.cls < _VERDICT_MAX);
         if (a.mode == ANSWER_STREAM && !a.sse)
                 answer_count_usage(&a);
-        answer_error_summary(&a, summary, sizeof summary);
+        answer_error_summary(&a, fuzz_scrubber(), summary, sizeof summary);
+        fuzz_check_scrubbed(summary);
         CHECK(memchr(summary, 0, sizeof summary));
         n_ch = answer_client_headers(&a, ch, ANSWER_MAX_HEADERS, names, sizeof names);
         CHECK(n_ch <= ANSWER_MAX_HEADERS);
@@ -142,7 +160,7 @@ static void proxy_like(unsigned flags, const char *h, size_t h_len, const char *
                 CHECK(ch[i].name && ch[i].value);
         /* A second attempt on the same answer, as a retry does. */
         answer_reset(&a);
-        add_headers(&a, flags & ~FLAG_HEADERS, NULL, 0);
+        CHECK(add_headers(&a, flags & ~FLAG_HEADERS, NULL, 0) == 0);
         CHECK(answer_append(&a, body, len) == 0);
         answer_free(&a);
 }

@@ -15,6 +15,9 @@
 #include "keypool/persist.h"
 #include "fuzz.h"
 
+/* The daemon's default max_cooldown (a day). */
+#define MAX_COOLDOWN_MS (86400LL * 1000)
+
 #define N_KEYS 3
 #define MONO INT64_C(5000000)
 /* 2026-11-28T10:20:00Z */
@@ -56,7 +59,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 free(doc);
         }
         memset(err, 'x', sizeof err);
-        if (persist_import(t, (const char *) data, size, MONO, WALL, &rep, err, sizeof err) < 0)
+        if (persist_import(t, (const char *) data, size, MONO, WALL, MAX_COOLDOWN_MS, &rep, err, sizeof err) < 0)
                 CHECK(memchr(err, 0, sizeof err));
 
         /* What the table holds now survives a save and a restart. */
@@ -64,7 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(doc);
         keytable_destroy(t);
         t = table_new();
-        if (persist_import(t, doc, strlen(doc), MONO + 2000, WALL + 2000, &rep, err, sizeof err) < 0) {
+        if (persist_import(t, doc, strlen(doc), MONO + 2000, WALL + 2000, MAX_COOLDOWN_MS, &rep, err, sizeof err) < 0) {
                 fprintf(stderr, "own export refused: %s\n%s\n", err, doc);
                 abort();
         }

@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "keypool/policy.h"
+#define FUZZ_WANTS_SCRUB
 #include "fuzz.h"
 
 #define MAX_HEADERS 64
@@ -48,11 +49,12 @@ static void judge(const struct upstream_answer *a) {
         (void) policy_mentions_rate_limit(a->body, a->body_len);
 
         memset(summary, 'x', sizeof summary);
-        policy_error_summary(a->body, a->body_len, summary, sizeof summary);
+        policy_error_summary(a->body, a->body_len, fuzz_scrubber(), summary, sizeof summary);
+        fuzz_check_scrubbed(summary);
         CHECK(memchr(summary, 0, sizeof summary) != NULL);
         for (const char *p = summary; *p; p++)
                 CHECK(*p >= 0x20 && *p < 0x7f);
-        policy_error_summary(a->body, a->body_len, summary, 1);
+        policy_error_summary(a->body, a->body_len, fuzz_scrubber(), summary, 1);
         CHECK(summary[0] == 0);
 
         for (size_t i = 0; i < a->n_headers; i++) {

@@ -33,7 +33,6 @@ SECTIONS = {
 # Settings other branches are adding to the parser (keypool issue #14): documented ahead.
 ANNOUNCED = {
     "provider_names": ["ca_file", "ca_path", "proxy", "http2", "tls_verify"],
-    "pool_names": ["connect_timeout", "first_byte_timeout", "idle_timeout", "request_timeout"],
     "top_level_names": ["header_timeout", "body_min_rate", "body_budget", "admin_tokens"],
 }
 

@@ -285,7 +285,8 @@ class StatusApiTest(KeypoolTestCase):
         sim = self.start_sim()
         kp = self.start_keypool(sim, pools=[{"name": "wide", "model": "wide/model",
                                              "keys": secrets}],
-                                settings={"history_size": 16, "recovery_time": 900})
+                                settings={"history_size": 16, "recovery_time": 900,
+                                          "retry": {"max_attempts": 32}})
         sim.set_rules({s: {"status": 429, "retry_after": "600"} for s in secrets[:40]})
         for _ in range(4):
             if len([e for e in sim.log() if e["status"] == 429]) >= 40:

@@ -73,7 +73,7 @@ class TrustTest(KeypoolTestCase):
             {"name": "p429", "model": "m/429", "keys": [dotted, good1]},
             {"name": "p500", "model": "m/500", "keys": [letters]},
             {"name": "p401", "model": "m/401", "keys": [lower, good2]},
-        ], retry={"max_attempts": 1})
+        ], retry={"max_attempts": 2})
         self.sim.set_rules({
             dotted: {"status": 429, "retry_after": "60", "body": "Too many requests", "echo_auth": True},
             letters: {"status": 500, "body": "Internal error", "echo_auth": True},

@@ -260,6 +260,38 @@ START_TEST(test_defaults_apply_to_settings_left_out)
 }
 END_TEST
 
+START_TEST(test_pool_timeouts_default_to_the_top_level_ones_and_may_be_set_per_pool)
+{
+        const struct config_pool *a, *b;
+
+        load_ok(PROVIDERS "pools = ( { name = \"A\"; model = \"m/a\"; keys = [ \"sk-test-fake-a1\" ]; },\n"
+                "  { name = \"B\"; model = \"m/b\"; keys = [ \"sk-test-fake-b1\" ];\n"
+                "    connect_timeout = 3; first_byte_timeout = 900; idle_timeout = 30; request_timeout = 1200; } );\n");
+        a = &cfg->pools[0];
+        b = &cfg->pools[1];
+        ck_assert_uint_eq(a->connect_timeout, 10);
+        ck_assert_uint_eq(a->first_byte_timeout, 300);
+        ck_assert_uint_eq(a->idle_timeout, 120);
+        ck_assert_uint_eq(a->request_timeout, 600);
+        ck_assert_uint_eq(b->connect_timeout, 3);
+        ck_assert_uint_eq(b->first_byte_timeout, 900);
+        ck_assert_uint_eq(b->idle_timeout, 30);
+        ck_assert_uint_eq(b->request_timeout, 1200);
+
+        load_ok("connect_timeout = 5; first_byte_timeout = 60; idle_timeout = 20; request_timeout = 90;\n"
+                PROVIDERS ONE_POOL);
+        a = &cfg->pools[0];
+        ck_assert_uint_eq(a->connect_timeout, 5);
+        ck_assert_uint_eq(a->first_byte_timeout, 60);
+        ck_assert_uint_eq(a->idle_timeout, 20);
+        ck_assert_uint_eq(a->request_timeout, 90);
+
+        load_fails(PROVIDERS "pools = ( { name = \"P\"; model = \"m/p\"; keys = [ \"sk-test-fake-p1\" ];\n"
+                   "  idle_timeout = 0; } );\n");
+        load_fails("request_timeout = 100000;\n" PROVIDERS ONE_POOL);
+}
+END_TEST
+
 START_TEST(test_socket_mode_takes_octal_strings_and_chmod_style_integers)
 {
         load_ok("socket_mode = \"0640\";\n" PROVIDERS ONE_POOL);
@@ -1982,6 +2014,7 @@ static Suite *config_suite(void) {
         tcase_add_test(tc, test_provider_ca_file_must_be_an_absolute_readable_file_and_a_proxy_is_never_quoted);
         tcase_add_test(tc, test_wiping_secrets_also_wipes_a_providers_proxy_password);
         tcase_add_test(tc, test_defaults_apply_to_settings_left_out);
+        tcase_add_test(tc, test_pool_timeouts_default_to_the_top_level_ones_and_may_be_set_per_pool);
         tcase_add_test(tc, test_socket_mode_takes_octal_strings_and_chmod_style_integers);
         tcase_add_test(tc, test_relative_paths_are_relative_to_the_config_directory);
         tcase_add_test(tc, test_syntax_error_is_reported_with_file_line_and_libconfig_text);

@@ -331,11 +331,15 @@ END_TEST
 START_TEST(test_garbage_go_durations_are_ignored) {
         static const char *const bad[] = {
                 "", "-1s", "+1s", "1", "s", "1x", "1s garbage", "1 s", "NaN", "inf", "1e3s", "ms",
-                "99999999999999999999s", "9999999h", "2562048h", "5000000h1h", "\xff\xfe", "1..5s",
+                "\xff\xfe", "1..5s", "99999999999999999999x",
         };
+        /* Absurd but well formed: capped like any other hint, never ignored. */
+        static const char *const absurd[] = { "99999999999999999999s", "9999999h", "2562048h", "5000000h1h" };
 
         for (size_t i = 0; i < N(bad); i++)
                 ck_assert_msg(rest_for_token_reset(bad[i], DAY) == -1, "reset '%s' should be ignored", bad[i]);
+        for (size_t i = 0; i < N(absurd); i++)
+                ck_assert_msg(rest_for_token_reset(absurd[i], DAY) == DAY, "reset '%s' should be capped", absurd[i]);
 }
 END_TEST
 
@@ -847,22 +851,23 @@ START_TEST(test_retry_after_in_the_past_or_zero_rests_the_minimum) {
 }
 END_TEST
 
-START_TEST(test_negative_retry_after_falls_through_to_the_next_hint) {
+START_TEST(test_negative_retry_after_is_the_floor_not_a_fall_through) {
         static const struct answer_header h[] = {
                 HDR("Retry-After", "-5"),
                 HDR("retry-after-ms", "2500"),
         };
 
-        assert_rests(judge(429, h, N(h), NULL), 2500);
+        /* A negative figure is "now": the floor, not a reason to look further. */
+        assert_rests(judge(429, h, N(h), NULL), SEC);
 }
 END_TEST
 
-START_TEST(test_huge_retry_after_is_ignored_not_overflowed) {
+START_TEST(test_huge_retry_after_is_capped_not_overflowed) {
         static const struct answer_header h[] = { HDR("Retry-After", "99999999999999999999") };
         static const struct answer_header h2[] = { HDR("Retry-After", "9223372036854775807") };
 
-        assert_unhinted(judge(429, h, N(h), NULL));
-        assert_unhinted(judge(429, h2, N(h2), NULL));
+        assert_rests(judge(429, h, N(h), NULL), DAY);
+        assert_rests(judge(429, h2, N(h2), NULL), DAY);
 }
 END_TEST
 
@@ -935,13 +940,49 @@ END_TEST
 START_TEST(test_garbage_retry_after_ms_falls_through) {
         static const struct answer_header h[] = {
                 HDR("retry-after-ms", "NaN"),
-                HDR("x-ms-retry-after-ms", "-1"),
                 HDR("x-ratelimit-reset", "1787313604000"),
         };
-        static const struct answer_header huge[] = { HDR("retry-after-ms", "99999999999999999999") };
 
         assert_rests(judge(429, h, N(h), NULL), 4 * SEC);
-        assert_unhinted(judge(429, huge, N(huge), NULL));
+}
+END_TEST
+
+/* "Come back now" in any form is a real rest of at least a second, and "come back in a century"
+ * in any form rests max_cooldown: never recovery_time, never zero, never more than the cap. */
+START_TEST(test_zero_negative_past_and_absurd_hints_are_floored_and_capped_alike) {
+        static const struct answer_header zero[] = { HDR("Retry-After", "0") };
+        static const struct answer_header negative[] = { HDR("Retry-After", "-5") };
+        static const struct answer_header past[] = { HDR("Retry-After", "Sun, 06 Nov 1994 08:49:37 GMT") };
+        static const struct answer_header ms_negative[] = { HDR("x-ms-retry-after-ms", "-1") };
+        static const struct answer_header ms_zero[] = { HDR("retry-after-ms", "0") };
+        static const struct answer_header reset_past[] = { HDR("X-RateLimit-Reset", "1787313500000") };
+        static const struct answer_header huge_s[] = { HDR("Retry-After", "99999999999999999999") };
+        static const struct answer_header huge_ms[] = { HDR("retry-after-ms", "99999999999999999999") };
+        static const struct answer_header year[] = { HDR("Retry-After", "31536000") };
+        static const struct answer_header far_date[] = { HDR("Retry-After", "Fri, 21 Aug 2099 12:00:00 GMT") };
+        static const struct answer_header far_go[] = {
+                HDR("x-ratelimit-remaining-requests", "0"), HDR("x-ratelimit-reset-requests", "99999999999999999999h"),
+        };
+        const struct policy_config hour = { .recovery_ms = RECOVERY, .max_cooldown_ms = HOUR };
+
+        assert_rests(judge(429, zero, 1, NULL), SEC);
+        assert_rests(judge(429, negative, 1, NULL), SEC);
+        assert_rests(judge(429, past, 1, NULL), SEC);
+        assert_rests(judge(429, ms_negative, 1, NULL), SEC);
+        assert_rests(judge(429, ms_zero, 1, NULL), SEC);
+        assert_rests(judge(429, reset_past, 1, NULL), SEC);
+        /* A retry's wait is no rest: the backoff is its floor. */
+        assert_transient_retry(judge(503, zero, 1, NULL), 0);
+        assert_transient_retry(judge(503, negative, 1, NULL), 0);
+
+        assert_rests(judge(429, huge_s, 1, NULL), DAY);
+        assert_rests(judge(429, huge_ms, 1, NULL), DAY);
+        assert_rests(judge(429, far_date, 1, NULL), DAY);
+        assert_rests(judge(429, far_go, N(far_go), NULL), DAY);
+        assert_rests(judge(429, NULL, 0, "{\"error\":{\"message\":\"retry in 99999999999999999999999s\"}}"), DAY);
+        assert_verdict(judge_full(429, year, 1, NULL, 0, &hour, NOW), VERDICT_RATE_LIMITED, HOUR, 1);
+        assert_verdict(judge_full(429, huge_ms, 1, NULL, 0, &hour, NOW), VERDICT_RATE_LIMITED, HOUR, 1);
+        assert_transient_retry(judge_full(503, huge_s, 1, NULL, 0, &hour, NOW), HOUR);
 }
 END_TEST
 
@@ -981,8 +1022,6 @@ START_TEST(test_retry_phrases_without_a_usable_duration_are_ignored) {
         assert_unhinted(judge(429, NULL, 0, "{\"error\":{\"message\":\"Please retry in 30.\"}}"));
         assert_unhinted(judge(429, NULL, 0, "{\"error\":{\"message\":\"Please retry in -30s.\"}}"));
         assert_unhinted(judge(429, NULL, 0, "{\"error\":{\"message\":\"retry in 2 fortnights\"}}"));
-        assert_unhinted(judge(429, NULL, 0,
-                              "{\"error\":{\"message\":\"retry in 99999999999999999999999s\"}}"));
         assert_unhinted(judge(429, NULL, 0, "{\"error\":{\"message\":\"retry in\"}}"));
         /* Only the message counts when the body is JSON. */
         assert_unhinted(judge(429, NULL, 0, "{\"error\":{\"message\":\"slow down\",\"hint\":\"retry in 5s\"}}"));
@@ -1020,6 +1059,12 @@ END_TEST
 START_TEST(test_parse_retry_after_gives_zero_for_a_past_date) {
         int64_t ms = -1;
 
+        ck_assert_int_eq(policy_parse_retry_after("-5", 2, NOW, &ms), 0);
+        ck_assert_int_eq(ms, 0);
+        ck_assert_int_eq(policy_parse_retry_after("99999999999999999999", 20, NOW, &ms), 0);
+        ck_assert_int_eq(ms, INT64_MAX);
+        ms = -1;
+
         ck_assert_int_eq(policy_parse_retry_after("Sun, 06 Nov 1994 08:49:37 GMT", 29, NOW, &ms), 0);
         ck_assert_int_eq(ms, 0);
         ms = -1;
@@ -1034,7 +1079,7 @@ START_TEST(test_parse_retry_after_gives_zero_for_a_past_date) {
 END_TEST
 
 START_TEST(test_parse_retry_after_rejects_garbage_and_leaves_the_output_alone) {
-        static const char *const bad[] = { "", "-1", "abc", "99999999999999999999", "1e3", "30 s", "NaN" };
+        static const char *const bad[] = { "", "-", "--1", "abc", "1e3", "30 s", "NaN", "-1x", "9999999999999999999999x" };
         int64_t ms = 777;
 
         for (size_t i = 0; i < N(bad); i++)
@@ -1535,7 +1580,8 @@ START_TEST(test_transient_without_a_usable_hint_has_none) {
 
         assert_transient_retry(judge(503, NULL, 0, NULL), 0);
         assert_transient_retry(judge(503, garbage, N(garbage), NULL), 0);
-        assert_transient_retry(judge(503, overflow, N(overflow), NULL), 0);
+        /* An absurd hint is still one, capped like any other. */
+        assert_transient_retry(judge(503, overflow, N(overflow), NULL), DAY);
         /* A delay in the message is for rate limits; a transient hint comes from headers only. */
         assert_transient_retry(judge(503, NULL, 0, "{\"error\":{\"message\":\"Please retry in 20s\"}}"), 0);
 }
@@ -2361,13 +2407,14 @@ static Suite *policy_suite(void) {
         tcase_add_test(tc, test_retry_after_http_dates_in_all_three_forms);
         tcase_add_test(tc, test_retry_after_date_from_the_provider_reference);
         tcase_add_test(tc, test_retry_after_in_the_past_or_zero_rests_the_minimum);
-        tcase_add_test(tc, test_negative_retry_after_falls_through_to_the_next_hint);
-        tcase_add_test(tc, test_huge_retry_after_is_ignored_not_overflowed);
+        tcase_add_test(tc, test_negative_retry_after_is_the_floor_not_a_fall_through);
+        tcase_add_test(tc, test_huge_retry_after_is_capped_not_overflowed);
         tcase_add_test(tc, test_long_but_valid_retry_after_is_capped_by_max_cooldown);
         tcase_add_test(tc, test_max_cooldown_of_zero_or_less_means_a_day);
         tcase_add_test(tc, test_garbage_retry_after_values_are_ignored);
         tcase_add_test(tc, test_retry_after_ms_headers_set_the_rest_in_milliseconds);
         tcase_add_test(tc, test_garbage_retry_after_ms_falls_through);
+        tcase_add_test(tc, test_zero_negative_past_and_absurd_hints_are_floored_and_capped_alike);
         tcase_add_test(tc, test_hints_are_taken_in_order_of_explicitness);
         tcase_add_test(tc, test_retry_phrases_in_messages_set_the_rest);
         tcase_add_test(tc, test_retry_phrases_without_a_usable_duration_are_ignored);

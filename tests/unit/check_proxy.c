@@ -6,6 +6,7 @@
  * as it goes upstream (model rewrite, header filtering), and the pool-key accessor. No daemon,
  * no sockets, no clock.
  */
+#include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,6 +56,9 @@ struct decide_row {
         bool confirm_auth;              /* the key is to be probed */
         enum upstream_failure failure;  /* NO_ANSWER rows: which transport failure */
         const char *message_has;        /* FAIL: a word the message must carry */
+        enum proxy_timeout timeout;     /* TIMEOUT rows: which one */
+        int64_t time_left_ms;           /* until request_timeout: 0 for plenty, -1 for passed */
+        const char *failure_text;       /* BAD_ANSWER rows: what was wrong */
 };
 
 static void check_row(const struct decide_row *row) {
@@ -64,7 +68,9 @@ static void check_row(const struct decide_row *row) {
                 .attempts = row->attempts, .transient_failures = row->transient_failures,
                 .auth_unconfirmed = row->auth_unconfirmed, .refused_before = row->refused_before,
                 .other_keys = row->other_keys, .failure = row->failure,
-                .failure_text = row->failure ? "curl's own words" : NULL, .random = 0x12345678,
+                .failure_text = row->failure_text ? row->failure_text : row->failure ? "curl's own words" : NULL,
+                .random = 0x12345678, .timeout = row->timeout,
+                .time_left_ms = row->time_left_ms ? row->time_left_ms : 600000,
         };
         struct proxy_decision d;
 
@@ -90,6 +96,9 @@ static void check_row(const struct decide_row *row) {
         if (row->message_has)
                 ck_assert_msg(strstr(d.message, row->message_has) != NULL, "%s: expected '%s' in '%s'", row->what,
                               row->message_has, d.message);
+        if (row->failure_text && row->status)
+                ck_assert_msg(d.detail && strcmp(d.detail, row->failure_text) == 0,
+                              "%s: what was wrong follows the message", row->what);
         if (row->failure && row->failure != UPSTREAM_FAILURE_OTHER && row->status)
                 ck_assert_msg(d.detail && strcmp(d.detail, "curl's own words") == 0,
                               "%s: curl's text follows the message", row->what);
@@ -200,6 +209,115 @@ START_TEST(test_upstream_timeout_is_retried_then_answered_504) {
         };
 
         check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_each_timeout_is_retried_then_answered_504_naming_it) {
+        static const struct decide_row rows[] = {
+                { "connect timeout, first failure", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 1, 1,
+                  .timeout = PROXY_TIMEOUT_CONNECT, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 504, .code = "upstream_timeout", .delay_min = 900, .delay_max = 1100 },
+                { "connect timeout, retries exhausted", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 5, 5,
+                  .timeout = PROXY_TIMEOUT_CONNECT, .next = PROXY_NEXT_FAIL, .status = 504,
+                  .code = "upstream_timeout", .message_has = "connect_timeout" },
+                { "no head within first_byte_timeout, first failure", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 1, 1,
+                  .timeout = PROXY_TIMEOUT_FIRST_BYTE, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 504, .code = "upstream_timeout", .delay_min = 900, .delay_max = 1100 },
+                { "no head within first_byte_timeout, retries exhausted", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT,
+                  5, 5, .timeout = PROXY_TIMEOUT_FIRST_BYTE, .next = PROXY_NEXT_FAIL, .status = 504,
+                  .code = "upstream_timeout", .message_has = "first_byte_timeout" },
+                { "silent held first event (idle) is retried", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 1, 1,
+                  .timeout = PROXY_TIMEOUT_IDLE, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
+                  .status = 504, .code = "upstream_timeout", .delay_min = 900, .delay_max = 1100 },
+                { "silent held first event, retries exhausted", PROXY_RESULT_TIMEOUT, VERDICT_TRANSIENT, 2, 2,
+                  .timeout = PROXY_TIMEOUT_IDLE, .next = PROXY_NEXT_FAIL, .status = 504, .code = "upstream_timeout",
+                  .message_has = "idle_timeout", .time_left_ms = -1 },
+                { "silence after the client had bytes is a cut", PROXY_RESULT_TIMEOUT, VERDICT_NONE, 1, 1,
+                  .timeout = PROXY_TIMEOUT_IDLE, .bytes_sent = true, .next = PROXY_NEXT_CUT },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_request_timeout_ends_the_request_whatever_is_left) {
+        static const struct decide_row rows[] = {
+                { "request_timeout during an attempt", PROXY_RESULT_TIMEOUT, VERDICT_NONE, 1, 1,
+                  .timeout = PROXY_TIMEOUT_REQUEST, .next = PROXY_NEXT_FAIL, .status = 504,
+                  .code = "request_timeout", .message_has = "request_timeout" },
+                { "request_timeout with plenty of attempts and time said left", PROXY_RESULT_TIMEOUT, VERDICT_NONE,
+                  1, 0, .timeout = PROXY_TIMEOUT_REQUEST, .next = PROXY_NEXT_FAIL, .status = 504,
+                  .code = "request_timeout" },
+                { "request_timeout mid-stream is the stream's (visible) end", PROXY_RESULT_TIMEOUT, VERDICT_NONE, 1, 0,
+                  .timeout = PROXY_TIMEOUT_REQUEST, .bytes_sent = true, .next = PROXY_NEXT_CUT },
+                { "no retry once the time is up", PROXY_RESULT_NO_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .failure = UPSTREAM_FAILURE_OTHER, .time_left_ms = -1, .next = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_unreachable" },
+                { "a backoff that would outlast the time is not waited", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .time_left_ms = 500, .next = PROXY_NEXT_ANSWER },
+                { "a hinted wait that would outlast the time is not waited", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT,
+                  1, 1, .retry_after_ms = 5000, .time_left_ms = 4000, .next = PROXY_NEXT_ANSWER },
+                { "a backoff within the time is waited", PROXY_RESULT_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .time_left_ms = 1500, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_ANSWER,
+                  .delay_min = 900, .delay_max = 1100 },
+                { "no rotation once the time is up", PROXY_RESULT_ANSWER, VERDICT_RATE_LIMITED, 1, 0,
+                  .time_left_ms = -1, .next = PROXY_NEXT_ANSWER },
+                { "no rotation of a held event once the time is up", PROXY_RESULT_HELD_ERROR, VERDICT_QUOTA, 1, 0,
+                  .time_left_ms = -1, .next = PROXY_NEXT_STREAM_END },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+START_TEST(test_broken_answer_is_transient_then_answered_502) {
+        static const struct decide_row rows[] = {
+                { "closed mid-head, first failure", PROXY_RESULT_BAD_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .failure = UPSTREAM_FAILURE_OTHER, .failure_text = "closed mid-head", .next = PROXY_NEXT_RETRY,
+                  .otherwise = PROXY_NEXT_FAIL, .status = 502, .code = "upstream_bad_answer",
+                  .delay_min = 900, .delay_max = 1100 },
+                { "short body, retries exhausted", PROXY_RESULT_BAD_ANSWER, VERDICT_TRANSIENT, 5, 5,
+                  .failure = UPSTREAM_FAILURE_OTHER, .failure_text = "short body", .next = PROXY_NEXT_FAIL,
+                  .status = 502, .code = "upstream_bad_answer" },
+                { "status 999 at the attempt limit", PROXY_RESULT_BAD_ANSWER, VERDICT_TRANSIENT, 32, 1,
+                  .failure = UPSTREAM_FAILURE_OTHER, .failure_text = "a status outside 100..599",
+                  .next = PROXY_NEXT_FAIL, .status = 502, .code = "upstream_bad_answer" },
+                { "too many headers, out of time", PROXY_RESULT_BAD_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .failure = UPSTREAM_FAILURE_OTHER, .failure_text = "too many headers", .time_left_ms = -1,
+                  .next = PROXY_NEXT_FAIL, .status = 502, .code = "upstream_bad_answer" },
+                { "short body after the client had bytes", PROXY_RESULT_BAD_ANSWER, VERDICT_TRANSIENT, 1, 1,
+                  .failure = UPSTREAM_FAILURE_OTHER, .bytes_sent = true, .next = PROXY_NEXT_CUT },
+        };
+
+        check_rows(rows, N(rows));
+}
+END_TEST
+
+/* max_attempts bounds rotations and retries together, in any mix. */
+START_TEST(test_attempts_are_bounded_whatever_the_mix) {
+        static const struct proxy_limits five = {
+                .max_attempts = 5, .max_transient = 5, .backoff_initial_ms = 1000, .backoff_max_ms = 10000,
+        };
+        static const enum verdict_class mix[] = {
+                VERDICT_RATE_LIMITED, VERDICT_TRANSIENT, VERDICT_AUTH, VERDICT_TRANSIENT, VERDICT_QUOTA,
+                VERDICT_RATE_LIMITED, VERDICT_TRANSIENT,
+        };
+        unsigned attempts = 0, transient = 0;
+        struct proxy_decision d;
+
+        for (size_t i = 0; i < N(mix); i++) {
+                struct proxy_attempt_end a = {
+                        .result = PROXY_RESULT_ANSWER, .cls = mix[i], .attempts = ++attempts,
+                        .transient_failures = transient += mix[i] == VERDICT_TRANSIENT, .other_keys = true,
+                        .time_left_ms = 600000,
+                };
+
+                proxy_decide(&a, &five, &d);
+                if (d.next != PROXY_NEXT_ROTATE && d.next != PROXY_NEXT_RETRY)
+                        break;
+        }
+        ck_assert_uint_eq(attempts, 5);
+        ck_assert_int_eq(d.next, PROXY_NEXT_ANSWER);
 }
 END_TEST
 
@@ -514,6 +632,35 @@ START_TEST(test_client_gets_end_to_end_headers_only) {
 }
 END_TEST
 
+START_TEST(test_out_of_range_status_and_too_many_headers_are_refused) {
+        struct answer a = { .mode = ANSWER_HEADERS };
+        char line[64];
+
+        ck_assert_int_eq(answer_add_header_line(&a, "HTTP/1.1 999 Odd\r\n", 18), 0);
+        ck_assert_int_eq(answer_add_header_line(&a, "\r\n", 2), -EPROTO);
+        ck_assert_int_eq(answer_add_header_line(&a, "HTTP/1.1 20\r\n", 13), 0);
+        ck_assert_int_eq(answer_add_header_line(&a, "\r\n", 2), -EPROTO);
+        ck_assert_int_eq(answer_add_header_line(&a, "HTTP/1.1 599 Edge\r\n", 19), 0);
+        ck_assert_int_eq(answer_add_header_line(&a, "\r\n", 2), 0);
+        ck_assert_int_eq(answer_add_header_line(&a, "HTTP/1.1 200 OK\r\n", 17), 0);
+        for (unsigned i = 0; i < ANSWER_MAX_HEADERS; i++) {
+                snprintf(line, sizeof line, "X-H%u: v\r\n", i);
+                ck_assert_int_eq(answer_add_header_line(&a, line, strlen(line)), 0);
+        }
+        ck_assert_int_eq(answer_add_header_line(&a, "X-One-Too-Many: v\r\n", 20), -E2BIG);
+        answer_reset(&a);
+        {
+                static char big[ANSWER_MAX_HEADER_BYTES + 16];
+
+                memset(big, 'a', sizeof big - 3);
+                memcpy(big, "X-Big: ", 7);
+                memcpy(big + sizeof big - 3, "\r\n", 2);
+                ck_assert_int_eq(answer_add_header_line(&a, big, sizeof big - 1), -E2BIG);
+        }
+        answer_free(&a);
+}
+END_TEST
+
 START_TEST(test_new_status_line_starts_a_new_answer) {
         static const char *const lines[] = {
                 "HTTP/1.1 503 Busy\r\n", "Retry-After: 1\r\n", "HTTP/1.1 200 OK\r\n", "\r\n",
@@ -670,6 +817,10 @@ static Suite *proxy_suite(void) {
 
         tc = tcase_create("decide");
         tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
+        tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
+        tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
+        tcase_add_test(tc, test_broken_answer_is_transient_then_answered_502);
+        tcase_add_test(tc, test_attempts_are_bounded_whatever_the_mix);
         tcase_add_test(tc, test_dead_key_attempt_rotates_to_next_key);
         tcase_add_test(tc, test_rotation_stops_at_the_attempt_limit_and_relays_the_last_answer);
         tcase_add_test(tc, test_transient_answer_is_retried_after_a_backoff);
@@ -699,6 +850,7 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_non_sse_success_counts_tokens_from_its_body);
         tcase_add_test(tc, test_client_gets_end_to_end_headers_only);
         tcase_add_test(tc, test_new_status_line_starts_a_new_answer);
+        tcase_add_test(tc, test_out_of_range_status_and_too_many_headers_are_refused);
         tcase_add_test(tc, test_reset_empties_the_answer_but_keeps_small_buffers);
         tcase_add_test(tc, test_buffered_error_answer_loses_the_echoed_key_before_it_is_relayed);
         tcase_add_test(tc, test_held_error_event_loses_the_echoed_key_and_stays_held);
