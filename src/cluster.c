@@ -14,10 +14,13 @@
  * own; the entry this adds names the node), so it is never published back.
  * Every second: a heartbeat script (a key with expiry per node plus a sorted set of nodes)
  * returns the live nodes and their reports; the usage script stores this node's counters per key
- * row and returns every node's, of which the others' are summed into the table; each limited key
- * gets this node's share of its rpm and max_concurrent (limit ÷ live nodes).
+ * row and returns every node's, of which the others' are summed into the table.
+ * Budgets: every 5 ms, each limited key row's rpm slice and concurrency slots are topped up or
+ * given back with the lease script (EVALSHA, loaded at each connect, reloaded on NOSCRIPT; one
+ * ask per key out at a time), as cluster_lease_plan decides from the row and its demand.
  * Redis away, slow (a heartbeat unanswered for 2 s) or answering errors or garbage: the link is
- * torn down, the table says degraded, the shares stay those of the nodes last seen, and it
+ * torn down, the table says degraded, leases are given up for the static share (limit ÷ the
+ * live nodes last seen), and it
  * reconnects with backoff (100 ms doubling to 5 s). On return it reads back every key's hash.
  */
 #include <errno.h>
@@ -45,6 +48,10 @@
 #define BACKOFF_MAX_MS          5000
 #define EVENTS_PER_POLL         64
 #define KEY_HASH_TTL_MS         (7LL * 86400 * 1000)
+#define LEASE_ACTIVE_MS         1000            /* used or waited for this recently: keep a slice */
+#define LEASE_CONTENDED_MS      300             /* a refusal this recent makes holders give back */
+#define LEASE_RETRY_MS          20              /* after a refusal, ask again no sooner */
+#define LEASE_RETRY_MAX_MS      250
 
 /* KEYS: the key's hash, the channel. ARGV: node, state, reason, until, at, message.
  * Cooling against cooling: the later until wins; a cooldown never replaces a disable; otherwise
@@ -94,6 +101,23 @@ static const char fetch_script[] =
         "local v = redis.call('HMGET', KEYS[1], 'state', 'reason', 'until', 'at', 'node')\n"
         "return { ARGV[1], v[1] or '', v[2] or '', v[3] or '0', v[4] or '0', v[5] or '' }\n";
 
+struct cluster;
+
+/* A limited key row under leases: what this process knows beyond the table's row. */
+struct lease {
+        struct cluster *c;
+        unsigned key;                   /* table-wide row */
+        unsigned pool;                  /* in the current bank */
+        unsigned rpm, max_concurrent;   /* cluster-wide, as configured */
+        char rate_key[256], slots_key[256];
+        uint64_t requests;              /* the row's count at the last look */
+        int64_t active_until_ms, next_ask_ms, contended_until_ms;
+        unsigned held;                  /* slots Redis records for this node */
+        int asked_tokens;               /* of the ask out: tokens asked (< 0: given back) */
+        bool outstanding, raising;
+        uint64_t gen;                   /* c->lease_gen when the ask went out */
+};
+
 struct cluster {
         const struct cluster_params *params;
         const struct config_cluster *cfg;
@@ -111,6 +135,11 @@ struct cluster {
         unsigned shares_for;            /* the node count the shares were set for; 0 none */
         char channel[128];
         char *password;
+        struct lease *leases;           /* every limited key row; n_leases of them */
+        unsigned n_leases;
+        bool leasing;                   /* the rows are under leases (link up) */
+        uint64_t lease_gen;             /* bumped at each start and stop of leasing */
+        char lease_sha[48];             /* the loaded script's SHA1; "" until loaded */
 };
 
 unsigned cluster_share(unsigned limit, unsigned nodes) {
@@ -230,6 +259,7 @@ int cluster_event_from_history(const struct keytable_event *h, struct cluster_ev
 
 static void link_down(struct cluster *c, const char *why);
 static void link_check(struct cluster *c);
+static void leases_tick(struct cluster *c);
 
 static void wake_workers(struct cluster *c) {
         for (unsigned i = 0; i < c->params->n_wake_fds; i++) {
@@ -378,6 +408,7 @@ static int on_poll(sd_event_source *s, uint64_t usec, void *userdata) {
         struct cluster *c = userdata;
 
         flush_events(c);
+        leases_tick(c);
         sd_event_source_set_time_relative(s, POLL_USEC);
         return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
 }
@@ -440,10 +471,33 @@ static void resync(struct cluster *c) {
 /* --- heartbeat, nodes, usage, shares ---------------------------------------------------------- */
 
 static void apply_shares(struct cluster *c, unsigned nodes) {
-        const struct config *cfg = c->params->config;
-
-        if (nodes == 0 || nodes == c->shares_for)
+        if (nodes == 0 || nodes == c->shares_for || c->leasing)
                 return;
+        for (unsigned i = 0; i < c->n_leases; i++)
+                keytable_set_key_limits(c->table, c->leases[i].key,
+                                        cluster_share(c->leases[i].max_concurrent, nodes),
+                                        cluster_share(c->leases[i].rpm, nodes));
+        if (c->shares_for)
+                log_event(LOG_NOTICE, "cluster", NULL, "%u live node%s: each limited key's rpm and "
+                          "max_concurrent here are now its 1/%u share", nodes, nodes == 1 ? "" : "s", nodes);
+        c->shares_for = nodes;
+}
+
+/* --- leased budgets (cluster_lease.c decides) ------------------------------------------------ */
+
+/* Every limited key row of the generation that serves, with its Redis keys. */
+static int leases_build(struct cluster *c) {
+        const struct config *cfg = c->params->config;
+        unsigned n = 0;
+
+        for (unsigned p = 0; p < cfg->n_pools; p++)
+                for (unsigned k = 0; k < cfg->pools[p].n_keys; k++)
+                        n += cfg->pools[p].keys[k].rpm || cfg->pools[p].keys[k].max_concurrent;
+        if (n == 0)
+                return 0;
+        c->leases = calloc(n, sizeof *c->leases);
+        if (!c->leases)
+                return -ENOMEM;
         for (unsigned p = 0; p < cfg->n_pools && p < keytable_n_pools(c->table); p++) {
                 struct keytable_pool_view info;
 
@@ -451,17 +505,220 @@ static void apply_shares(struct cluster *c, unsigned nodes) {
                         continue;
                 for (unsigned k = 0; k < cfg->pools[p].n_keys && k < info.n_keys; k++) {
                         const struct config_key *key = &cfg->pools[p].keys[k];
+                        struct lease *l = &c->leases[c->n_leases];
 
-                        if (key->rpm || key->max_concurrent)
-                                keytable_set_key_limits(c->table, info.first_key + k,
-                                                        cluster_share(key->max_concurrent, nodes),
-                                                        cluster_share(key->rpm, nodes));
+                        if (!key->rpm && !key->max_concurrent)
+                                continue;
+                        l->c = c;
+                        l->key = info.first_key + k;
+                        l->pool = p;
+                        l->rpm = key->rpm;
+                        l->max_concurrent = key->max_concurrent;
+                        snprintf(l->rate_key, sizeof l->rate_key, "%srate:%s:%s", c->cfg->prefix,
+                                 cfg->pools[p].name, key->id);
+                        snprintf(l->slots_key, sizeof l->slots_key, "%sslots:%s:%s", c->cfg->prefix,
+                                 cfg->pools[p].name, key->id);
+                        c->n_leases++;
                 }
         }
-        if (c->shares_for)
-                log_event(LOG_NOTICE, "cluster", NULL, "%u live node%s: each limited key's rpm and "
-                          "max_concurrent here are now its 1/%u share", nodes, nodes == 1 ? "" : "s", nodes);
+        return 0;
+}
+
+static void lease_load_script(struct cluster *c);
+
+static void on_script_loaded(redisAsyncContext *ac, void *reply, void *privdata) {
+        struct cluster *c = privdata;
+        redisReply *r = reply;
+
+        if (ac != c->cmd || reply_bad(c, r, REDIS_REPLY_STRING))
+                return;
+        if (r->len >= sizeof c->lease_sha) {
+                link_down(c, "Redis answered SCRIPT LOAD with garbage");
+                return;
+        }
+        memcpy(c->lease_sha, r->str, r->len);
+        c->lease_sha[r->len] = '\0';
+}
+
+static void lease_load_script(struct cluster *c) {
+        const char *argv[] = { "SCRIPT", "LOAD", cluster_lease_script };
+
+        c->lease_sha[0] = '\0';
+        redisAsyncCommandArgv(c->cmd, on_script_loaded, c, 3, argv, NULL);
+}
+
+/* Link up: the rows go under leases with nothing held; the first ticks lease what is needed.
+ * Redis may still record slots of this node from before (a respawn, an outage): held starts at
+ * the limit, so the first tick sets the record to what is really in flight. */
+static void leases_start(struct cluster *c) {
+        if (c->n_leases == 0)
+                return;
+        c->lease_gen++;
+        for (unsigned i = 0; i < c->n_leases; i++) {
+                struct lease *l = &c->leases[i];
+
+                keytable_cluster_lease_mode(c->table, l->key, true, l->max_concurrent, l->rpm,
+                                            clock_mono_ms());
+                l->requests = 0;
+                l->active_until_ms = l->next_ask_ms = l->contended_until_ms = 0;
+                l->held = l->max_concurrent;
+                l->outstanding = false;
+        }
+        c->leasing = true;
+        c->shares_for = 0;
+        lease_load_script(c);
+}
+
+/* Link down (or a fresh process): back to the static share of the nodes last seen. What was
+ * leased is written off: Redis refills the tokens, and the slots go with this node's heartbeat. */
+static void leases_stop(struct cluster *c) {
+        unsigned nodes = c->live_nodes ? c->live_nodes : 1;
+
+        c->lease_gen++;
+        c->lease_sha[0] = '\0';
+        for (unsigned i = 0; i < c->n_leases; i++) {
+                struct lease *l = &c->leases[i];
+
+                keytable_cluster_lease_mode(c->table, l->key, false, cluster_share(l->max_concurrent, nodes),
+                                            cluster_share(l->rpm, nodes), 0);
+                l->outstanding = false;
+        }
+        if (c->leasing && c->n_leases)
+                log_event(LOG_NOTICE, "cluster", NULL, "leases given up: each limited key's rpm and "
+                          "max_concurrent here are now its 1/%u share", nodes);
+        c->leasing = false;
         c->shares_for = nodes;
+        wake_workers(c);
+}
+
+static int64_t lease_retry_ms(const struct lease *l) {
+        int64_t ms = l->rpm ? 60000 / l->rpm : LEASE_RETRY_MS;
+
+        return ms < LEASE_RETRY_MS ? LEASE_RETRY_MS : ms > LEASE_RETRY_MAX_MS ? LEASE_RETRY_MAX_MS : ms;
+}
+
+static void on_leased(redisAsyncContext *ac, void *reply, void *privdata) {
+        struct lease *l = privdata;
+        struct cluster *c = l->c;
+        redisReply *r = reply;
+        int64_t now = clock_mono_ms();
+        long long v[4];
+        bool wake = false;
+
+        l->outstanding = false;
+        if (ac != c->cmd || !r || l->gen != c->lease_gen)
+                return;
+        if (r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, "NOSCRIPT", 8) == 0) {
+                /* Redis lost its scripts (a restart, SCRIPT FLUSH): load it again; what this ask
+                 * gave back is written off. */
+                lease_load_script(c);
+                return;
+        }
+        if (reply_bad(c, r, REDIS_REPLY_ARRAY))
+                return;
+        if (r->elements != 4) {
+                link_down(c, "Redis answered the lease script with garbage");
+                return;
+        }
+        for (unsigned i = 0; i < 4; i++) {
+                if (r->element[i]->type != REDIS_REPLY_INTEGER) {
+                        link_down(c, "Redis answered the lease script with garbage");
+                        return;
+                }
+                v[i] = r->element[i]->integer;
+        }
+        if (v[0] > 0 && l->asked_tokens > 0) {
+                keytable_cluster_lease_add(c->table, l->key, (unsigned) (v[0] < l->asked_tokens ? v[0]
+                                                                             : l->asked_tokens), now);
+                wake = true;
+        }
+        if (l->asked_tokens > 0 && v[0] < l->asked_tokens)
+                l->next_ask_ms = now + lease_retry_ms(l);
+        if (v[1] >= 0)
+                l->held = (unsigned) v[1];
+        if (v[2])
+                l->contended_until_ms = now + LEASE_CONTENDED_MS;
+        if (l->raising && v[3] >= 0) {
+                struct keytable_lease_view before;
+
+                if (keytable_cluster_lease_read(c->table, l->key, &before) == 0 && (unsigned) v[3] != before.slots) {
+                        wake |= (unsigned) v[3] > before.slots;
+                        keytable_cluster_lease_slots(c->table, l->key, (unsigned) v[3], false, now);
+                }
+                if ((unsigned) v[3] <= before.slots)
+                        l->next_ask_ms = now + LEASE_RETRY_MS;
+        }
+        if (wake)
+                wake_workers(c);
+}
+
+/* One key's look at one tick: what the table says, what to do, and the ask to Redis. */
+static void lease_tick_one(struct cluster *c, struct lease *l, bool waiting, int64_t now) {
+        struct keytable_lease_view v;
+        struct cluster_lease_plan plan;
+        int tokens = 0, ask = -1;
+        char s_rpm[16], s_tokens[16], s_conc[16], s_ask[16], s_floor[16], s_cms[16], node_prefix[160];
+
+        if (l->outstanding || keytable_cluster_lease_read(c->table, l->key, &v) < 0 || !v.on)
+                return;
+        if (v.requests != l->requests || waiting)
+                l->active_until_ms = now + LEASE_ACTIVE_MS;
+        l->requests = v.requests;
+
+        struct cluster_lease_input in = {
+                .rpm = l->rpm, .max_concurrent = l->max_concurrent,
+                .nodes = c->live_nodes ? c->live_nodes : 1,
+                .in_flight = v.in_flight, .slots = v.slots, .left = v.left, .held = l->held,
+                .ready = v.ready, .active = now < l->active_until_ms,
+                .contended = now < l->contended_until_ms,
+        };
+        cluster_lease_plan(&in, &plan);
+        if (plan.rpm_return > 0) {
+                int taken = keytable_cluster_lease_take(c->table, l->key, plan.rpm_return, now);
+
+                tokens = taken > 0 ? -taken : 0;
+        } else if (plan.rpm_want > 0 && now >= l->next_ask_ms)
+                tokens = (int) plan.rpm_want;
+        if (plan.cap >= 0)
+                keytable_cluster_lease_slots(c->table, l->key, (unsigned) plan.cap, false, now);
+        if (plan.ask >= 0 && (!plan.raise || now >= l->next_ask_ms))
+                ask = plan.ask;
+        if (tokens == 0 && ask < 0)
+                return;
+
+        snprintf(s_rpm, sizeof s_rpm, "%u", l->rpm);
+        snprintf(s_tokens, sizeof s_tokens, "%d", tokens);
+        snprintf(s_conc, sizeof s_conc, "%u", l->max_concurrent);
+        snprintf(s_ask, sizeof s_ask, "%d", ask);
+        snprintf(s_floor, sizeof s_floor, "%u", v.in_flight);
+        snprintf(s_cms, sizeof s_cms, "%d", LEASE_CONTENDED_MS);
+        snprintf(node_prefix, sizeof node_prefix, "%snode:", c->cfg->prefix);
+        const char *argv[] = { "EVALSHA", c->lease_sha, "2", l->rate_key, l->slots_key, c->cfg->node,
+                               node_prefix, s_rpm, s_tokens, s_conc, s_ask, s_floor, s_cms };
+
+        l->asked_tokens = tokens;
+        l->raising = ask >= 0 && plan.raise;
+        l->gen = c->lease_gen;
+        if (redisAsyncCommandArgv(c->cmd, on_leased, l, (int) (sizeof argv / sizeof argv[0]), argv, NULL) == REDIS_OK)
+                l->outstanding = true;
+}
+
+static void leases_tick(struct cluster *c) {
+        int64_t now = clock_mono_ms();
+        unsigned pool = UINT32_MAX;
+        bool waiting = false;
+
+        if (!c->up || !c->leasing || !c->lease_sha[0])
+                return;
+        for (unsigned i = 0; i < c->n_leases; i++) {
+                struct lease *l = &c->leases[i];
+
+                if (l->pool != pool) {
+                        pool = l->pool;
+                        waiting = keytable_cluster_pool_waiting(c->table, pool, now);
+                }
+                lease_tick_one(c, l, waiting, now);
+        }
 }
 
 static bool parse_report(const char *s, struct keytable_node *n) {
@@ -637,6 +894,9 @@ static void link_check(struct cluster *c) {
         c->reported_down = false;
         resync(c);
         beat(c);
+        /* After the heartbeat, on the same connection: this node is live when the first lease
+         * script runs, so no other node's script drops what it is granted. */
+        leases_start(c);
 }
 
 static void on_ready_reply(redisAsyncContext *ac, void *reply, void *privdata) {
@@ -750,6 +1010,8 @@ static void link_down(struct cluster *c, const char *why) {
         c->up = false;
         c->cmd_ready = c->sub_ready = false;
         c->beat_sent_ms = 0;
+        if (c->leasing)
+                leases_stop(c);
         if (!c->teardown && sd_event_add_defer(c->event, &c->teardown, on_teardown, c) < 0)
                 log_error("cluster: cannot schedule the teardown");
 }
@@ -800,9 +1062,15 @@ int cluster_run(const struct cluster_params *p) {
                  * any is seen this host counts alone: the limits stay as configured. */
                 keytable_cluster_read(c.table, &v);
                 c.live_nodes = v.live_nodes;
-                c.shares_for = 1;
-                apply_shares(&c, v.live_nodes);
         }
+        if (leases_build(&c) < 0) {
+                log_error("cluster: out of memory for the leases");
+                sd_event_unref(c.event);
+                return 1;
+        }
+        /* A respawn finds the rows as the dead process left them, maybe under leases it can no
+         * longer account for: the static share until the link is up. */
+        leases_stop(&c);
         start_connect(&c);
         r = sd_event_loop(c.event);
 
@@ -820,5 +1088,6 @@ int cluster_run(const struct cluster_params *p) {
                         redisAsyncFree(sub);
         }
         sd_event_unref(c.event);
+        free(c.leases);
         return r < 0 ? 1 : 0;
 }

@@ -8,3 +8,6 @@
  * hiredis calls, as its own adapters/libevent.h does for libevent). 0 or a negative errno; the
  * source goes when hiredis frees ac. */
 int cluster_redis_attach(redisAsyncContext *ac, sd_event *e);
+
+/* The lease script (cluster_lease.c): what it takes and returns is said above its text. */
+extern const char cluster_lease_script[];

@@ -770,6 +770,8 @@ int keytable_set_key_limits(struct keytable *t, unsigned key, unsigned max_concu
         kt_mark(&row->dirty, 1);
         row->max_concurrent = max_concurrent;
         row->rpm = rpm;
+        /* Local limits end cluster leases (keytable_cluster.c), and what they held with them. */
+        row->lease_on = row->lease_slots = row->lease_left = 0;
         kt_mark(&row->dirty, 0);
         /* Limits change with the configuration, not per request: a rebuild is cheap enough. */
         kt_index_stale(t, p);

@@ -90,7 +90,7 @@ static void check_place(const struct keytable *t, unsigned k, const char *pool_n
                         unsigned position, struct keytable_check_report *r) {
         const struct kt_key *key = &t->keys[k];
         const struct kt_link *l = &t->links[k];
-        bool full = key->max_concurrent > 0 && key->in_flight >= key->max_concurrent;
+        bool full = kt_key_full(key);
 
         switch (l->place) {
         case KT_LISTED:

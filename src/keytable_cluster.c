@@ -226,3 +226,118 @@ int keytable_cluster_usage(struct keytable *t, unsigned key, struct keytable_usa
         kt_pool_unlock(t, p);
         return 0;
 }
+
+/* --- budgets leased from Redis --------------------------------------------------------------- */
+
+int keytable_cluster_lease_read(struct keytable *t, unsigned key, struct keytable_lease_view *ret) {
+        const struct kt_key *row;
+        unsigned p;
+        int r;
+
+        if (!ret)
+                return -EINVAL;
+        r = kt_key_lock(t, key, &p, NULL);
+        if (r < 0)
+                return r;
+        row = &t->keys[key];
+        *ret = (struct keytable_lease_view) {
+                .on = row->lease_on != 0,
+                .ready = row->state == KEY_READY,
+                .in_flight = row->in_flight,
+                .slots = row->lease_slots,
+                .left = row->lease_left,
+                .requests = row->requests,
+        };
+        kt_pool_unlock(t, p);
+        return 0;
+}
+
+/* Runs change on row key under its pool's lock with both marked, and moves the row in the index;
+ * a row not under leases is left alone (-ESTALE: the link went down meanwhile) unless any. */
+static int lease_change(struct keytable *t, unsigned key, int64_t now_ms, bool any,
+                        int (*change)(struct kt_key *row, unsigned n, bool flag), unsigned n, bool flag) {
+        unsigned p;
+        int r;
+
+        r = kt_key_lock(t, key, &p, NULL);
+        if (r < 0)
+                return r;
+        if (!any && !t->keys[key].lease_on) {
+                kt_pool_unlock(t, p);
+                return -ESTALE;
+        }
+        kt_mark(&t->pools[p].dirty, 1);
+        kt_mark(&t->keys[key].dirty, 1);
+        r = change(&t->keys[key], n, flag);
+        kt_mark(&t->keys[key].dirty, 0);
+        kt_index_update(t, p, key, now_ms);
+        kt_mark(&t->pools[p].dirty, 0);
+        kt_pool_unlock(t, p);
+        return r;
+}
+
+static int lease_begin(struct kt_key *row, unsigned n, bool flag) {
+        row->lease_on = 1;
+        return 0;
+}
+
+static int slice_add(struct kt_key *row, unsigned n, bool flag) {
+        row->lease_left = row->lease_left > UINT32_MAX - n ? UINT32_MAX : row->lease_left + n;
+        return 0;
+}
+
+static int slice_take(struct kt_key *row, unsigned n, bool flag) {
+        unsigned taken = row->lease_left < n ? row->lease_left : n;
+
+        row->lease_left -= taken;
+        return (int) (taken < INT32_MAX ? taken : INT32_MAX);
+}
+
+static int slots_set(struct kt_key *row, unsigned n, bool at_least_in_flight) {
+        row->lease_slots = at_least_in_flight && row->in_flight > n ? row->in_flight : n;
+        return (int) (row->lease_slots < INT32_MAX ? row->lease_slots : INT32_MAX);
+}
+
+int keytable_cluster_lease_mode(struct keytable *t, unsigned key, bool on, unsigned max_concurrent,
+                                unsigned rpm, int64_t now_ms) {
+        /* Nothing is held on either side of a change: a slice leased over a link that is gone
+         * is written off (Redis lets it go), never carried into the static share. */
+        int r = keytable_set_key_limits(t, key, max_concurrent, rpm);
+
+        return r < 0 || !on ? r : lease_change(t, key, now_ms, true, lease_begin, 0, false);
+}
+
+int keytable_cluster_lease_add(struct keytable *t, unsigned key, unsigned n, int64_t now_ms) {
+        return lease_change(t, key, now_ms, false, slice_add, n, false);
+}
+
+int keytable_cluster_lease_take(struct keytable *t, unsigned key, unsigned n, int64_t now_ms) {
+        return lease_change(t, key, now_ms, false, slice_take, n, false);
+}
+
+int keytable_cluster_lease_slots(struct keytable *t, unsigned key, unsigned slots,
+                                 bool at_least_in_flight, int64_t now_ms) {
+        return lease_change(t, key, now_ms, false, slots_set, slots, at_least_in_flight);
+}
+
+bool keytable_cluster_pool_waiting(struct keytable *t, unsigned pool, int64_t now_ms) {
+        unsigned b;
+
+        if (!t)
+                return false;
+        b = kt_bank_current(t);
+        if (pool >= kt_bank_n_pools(t, b))
+                return false;
+        /* The published head tickets of the workers' wait queues: the same signs kt_fifo_yields
+         * trusts, and as stale after a worker's silence. */
+        for (unsigned s = 0; s < t->n_slots; s++) {
+                const struct kt_slot *slot = &t->slots[s];
+
+                if (KT_LOAD(&slot->waiters) == 0 || KT_LOAD(&slot->stage) == WORKER_STAGE_FREE ||
+                    kt_slot_bank(t, s) != b || KT_LOAD(&kt_slot_tickets(t, s)[pool]) == 0 ||
+                    now_ms - KT_LOAD(&slot->heartbeat_ms) > 5000)
+                        continue;
+                return true;
+        }
+        return false;
+}

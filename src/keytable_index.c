@@ -46,7 +46,7 @@ static enum kt_place key_place_for(const struct kt_key *key, int64_t now_ms, int
         case KEY_READY:
                 if (!kt_gcra_allows(key, now_ms, ret_at_ms))
                         return KT_DUE;
-                if (key->max_concurrent > 0 && key->in_flight >= key->max_concurrent)
+                if (kt_key_full(key))
                         return KT_FULL;
                 return KT_LISTED;
         default:
@@ -482,7 +482,7 @@ unsigned kt_index_scan(const struct keytable *t, unsigned p, int64_t now_ms, uns
                         earliest(&wait->retry_at_ms, at);
                         continue;
                 }
-                if (key->max_concurrent > 0 && key->in_flight >= key->max_concurrent) {
+                if (kt_key_full(key)) {
                         wait->busy = true;
                         continue;
                 }

@@ -21,7 +21,7 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 6u
+#define KT_VERSION 7u
 #define KT_BANKS   2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
 
@@ -139,6 +139,10 @@ struct kt_key {
         char last_error[KEYTABLE_ERROR_MAX + 1];
         struct keytable_usage others;           /* the other nodes' counters for this row, as
                                                  * the cluster process last summed them */
+        /* Cluster budgets leased from Redis (keytable_cluster.c): while lease_on, the row serves
+         * only within what this host holds, lease_slots requests at once (max_concurrent set)
+         * and lease_left more requests (rpm set); the limits above stay the cluster-wide ones. */
+        uint32_t lease_on, lease_slots, lease_left;
 };
 
 /* Where a key stands in its pool's choice index. */
@@ -442,6 +446,15 @@ static inline void kt_key_recover_if_due(struct kt_key *key, unsigned k, int64_t
                         .to = KEY_READY,
                         .reason = KEY_REASON_NONE,
                 };
+}
+
+/* At its concurrency limit, or, under cluster leases, out of its slots or its rpm slice: such
+ * a row serves again on a release or when the cluster process leases it more. */
+static inline bool kt_key_full(const struct kt_key *key) {
+        if (key->lease_on)
+                return (key->max_concurrent > 0 && key->in_flight >= key->lease_slots) ||
+                       (key->rpm > 0 && key->lease_left == 0);
+        return key->max_concurrent > 0 && key->in_flight >= key->max_concurrent;
 }
 
 /* GCRA with emission interval T = a minute / rpm and burst tolerance a minute - T: up to rpm

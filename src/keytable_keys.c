@@ -113,6 +113,8 @@ int keytable_acquire_waiter(struct keytable *t, unsigned slot, unsigned pool, in
         key->use_seq = ++p->use_seq;
         key->last_used_ms = now_ms;
         kt_gcra_take(key, now_ms);
+        if (key->lease_on && key->rpm > 0 && key->lease_left > 0)
+                key->lease_left--;
         kt_mark(&key->dirty, 0);
         kt_index_taken(t, gp, best, now_ms);
         KT_STORE(&t->slots[slot].lease_hint, index + 1 < t->leases_per_slot ? index + 1 : 0);
@@ -382,7 +384,7 @@ void keytable_release(struct keytable *t, const struct keytable_lease *lease,
         key = &t->keys[lease->key];
         kt_mark(&p->dirty, 1);
         kt_key_recover_if_due(key, lease->key, now_ms, &change);
-        was_full = key->max_concurrent > 0 && key->in_flight >= key->max_concurrent;
+        was_full = kt_key_full(key);
         kt_mark(&key->dirty, 1);
         if (o)
                 key_record(key, lease->key, o, &pol, now_ms, &change);

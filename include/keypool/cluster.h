@@ -5,10 +5,11 @@
  * publishes this node's cooldowns, disables and enables (a hash per key, written by a Lua script
  * so that the later rest wins, and a PUBLISH); inbound, it applies the other nodes' events to the
  * table. Every second it heartbeats the node, reads the live nodes and their reports, publishes
- * this node's usage per key and sums the others', and sets each limited key's rpm and
- * max_concurrent to this node's share (limit ÷ live nodes). When Redis is away or answers
- * nonsense, it says so in the table (degraded), keeps the last shares, and reconnects with
- * backoff. Workers never wait on it.
+ * this node's usage per key and sums the others'. Each limited key's rpm and max_concurrent are
+ * budgets in Redis from which this node leases slices ahead of need (cluster_lease.c) and puts
+ * them into the table, where workers check them with no round trip. When Redis is away or
+ * answers nonsense, it says so in the table (degraded), falls back to this node's static share
+ * (limit ÷ live nodes last seen), and reconnects with backoff. Workers never wait on it.
  */
 #pragma once
 
@@ -49,3 +50,26 @@ int cluster_event_format(const struct cluster_event *e, char *buf, size_t size);
 int cluster_event_parse(const char *s, size_t len, struct cluster_event *ret);
 /* The state a history entry stands for, or -ENOENT for entries that are not shared. */
 int cluster_event_from_history(const struct keytable_event *h, struct cluster_event *ret);
+
+/* One limited key at one tick, as this node sees it. */
+struct cluster_lease_input {
+        unsigned rpm, max_concurrent;   /* the cluster-wide limits; 0: none */
+        unsigned nodes;                 /* live nodes last seen */
+        unsigned in_flight, slots, left;/* the table's row: in flight, slots held, slice left */
+        unsigned held;                  /* the slots Redis records for this node */
+        bool ready;                     /* the key may serve */
+        bool active;                    /* used, or waited for, lately on this node */
+        bool contended;                 /* another node was refused slots lately */
+};
+/* What to do about it: ask Redis for rpm_want more tokens, or give rpm_return back (taken out
+ * of the table first); lower the table's slots to cap first (-1: leave); then ask Redis to
+ * record ask slots for this node (-1: no ask), a raise when raise (the table then holds what is
+ * granted). */
+struct cluster_lease_plan {
+        unsigned rpm_want, rpm_return;
+        int cap, ask;
+        bool raise;
+};
+/* Half a fair share of limit (ceil(ceil(limit ÷ nodes) ÷ 2)), at least 1; 0 stays 0. */
+unsigned cluster_lease_slice(unsigned limit, unsigned nodes);
+void cluster_lease_plan(const struct cluster_lease_input *in, struct cluster_lease_plan *ret);

@@ -507,6 +507,35 @@ int keytable_cluster_set_usage(struct keytable *t, unsigned pool, unsigned posit
                                const struct keytable_usage *others);
 int keytable_cluster_usage(struct keytable *t, unsigned key, struct keytable_usage *ret);
 
+/* Cluster budgets leased from Redis (key: table-wide row). A row under leases keeps the
+ * cluster-wide max_concurrent and rpm as its limits and serves only within what this host holds:
+ * in_flight below its slots, and a request only while its rpm slice is not empty. Every change
+ * moves the row in the choice index; wake the workers after one that lets a row serve. */
+struct keytable_lease_view {
+        bool on;
+        bool ready;                     /* the row's state is ready */
+        unsigned in_flight;
+        unsigned slots;                 /* concurrency slots held */
+        unsigned left;                  /* requests left in the rpm slice */
+        uint64_t requests;              /* acquires so far on this host: its use */
+};
+int keytable_cluster_lease_read(struct keytable *t, unsigned key, struct keytable_lease_view *ret);
+/* Leases on (limits: the cluster-wide ones), with nothing held yet; or off, back to local limits
+ * (the static share), as keytable_set_key_limits, which also ends leases. */
+int keytable_cluster_lease_mode(struct keytable *t, unsigned key, bool on, unsigned max_concurrent,
+                                unsigned rpm, int64_t now_ms);
+/* Adds n requests to the rpm slice. */
+int keytable_cluster_lease_add(struct keytable *t, unsigned key, unsigned n, int64_t now_ms);
+/* Takes back up to n requests of the slice, so that no worker uses them: how many were taken
+ * (for the caller to return to Redis), or a negative errno. */
+int keytable_cluster_lease_take(struct keytable *t, unsigned key, unsigned n, int64_t now_ms);
+/* Holds slots, or, with at_least_in_flight, never fewer than are in flight (a lowering must not
+ * let Redis hand out a slot still in use here): how many are held now, or a negative errno. */
+int keytable_cluster_lease_slots(struct keytable *t, unsigned key, unsigned slots,
+                                 bool at_least_in_flight, int64_t now_ms);
+/* True when a request on this host waits for a key of pool (current bank): demand for leases. */
+bool keytable_cluster_pool_waiting(struct keytable *t, unsigned pool, int64_t now_ms);
+
 /* --- tests only ------------------------------------------------------------------------------ */
 
 /* Simulates a process that dies mid-update: locks the pool (relative to key's bank), marks key

@@ -1,7 +1,8 @@
 /* check_cluster.c — the cluster's pure parts and the table's side of it: the share of a limit,
  * the event message (and that garbage is refused), which history entries are shared, how another
  * node's state lands on the rows (the later rest wins, a disable is not undone by a cooldown, no
- * history is written), the cursor over the history ring, and the cluster = { … } settings. */
+ * history is written), the cursor over the history ring, the cluster = { … } settings, and the
+ * leased budgets (the plan per key, and that a row under leases serves only within them). */
 
 #include <check.h>
 #include <errno.h>
@@ -84,6 +85,136 @@ START_TEST(test_only_cooldowns_disables_and_enables_are_shared) {
         ck_assert_int_eq(cluster_event_from_history(&h, &e), -ENOENT);
         h.kind = HISTORY_ROTATE;
         ck_assert_int_eq(cluster_event_from_history(&h, &e), -ENOENT);
+}
+END_TEST
+
+/* --- leased budgets ---------------------------------------------------------------------------- */
+
+START_TEST(test_lease_slice_is_half_a_fair_share_and_at_least_one) {
+        ck_assert_uint_eq(cluster_lease_slice(60, 2), 15);
+        ck_assert_uint_eq(cluster_lease_slice(6, 2), 2);
+        ck_assert_uint_eq(cluster_lease_slice(7, 2), 2);        /* ceil(ceil(7/2)/2) */
+        ck_assert_uint_eq(cluster_lease_slice(1, 2), 1);        /* never 0 for a limit */
+        ck_assert_uint_eq(cluster_lease_slice(1, 0), 1);
+        ck_assert_uint_eq(cluster_lease_slice(0, 2), 0);
+}
+END_TEST
+
+START_TEST(test_plan_tops_up_the_rpm_slice_ahead_of_need_and_gives_it_back_when_idle) {
+        struct cluster_lease_input in = { .rpm = 60, .nodes = 2, .ready = true, .active = true };
+        struct cluster_lease_plan plan;
+
+        in.left = 0;
+        cluster_lease_plan(&in, &plan);
+        ck_assert_uint_eq(plan.rpm_want, 15);
+        in.left = 7;                    /* half used: the next slice is asked for now */
+        cluster_lease_plan(&in, &plan);
+        ck_assert_uint_eq(plan.rpm_want, 8);
+        in.left = 8;
+        cluster_lease_plan(&in, &plan);
+        ck_assert_uint_eq(plan.rpm_want, 0);
+        ck_assert_uint_eq(plan.rpm_return, 0);
+        in.active = false;              /* idle: nothing asked, all given back */
+        cluster_lease_plan(&in, &plan);
+        ck_assert_uint_eq(plan.rpm_want, 0);
+        ck_assert_uint_eq(plan.rpm_return, 8);
+        in.active = true;
+        in.ready = false;               /* resting: likewise */
+        cluster_lease_plan(&in, &plan);
+        ck_assert_uint_eq(plan.rpm_return, 8);
+        ck_assert_int_eq(plan.ask, -1);
+        ck_assert_int_eq(plan.cap, -1);
+}
+END_TEST
+
+START_TEST(test_plan_raises_slots_with_headroom_lowers_when_idle_and_yields_when_contended) {
+        struct cluster_lease_input in = { .max_concurrent = 8, .nodes = 2, .ready = true, .active = true,
+                                          .in_flight = 1, .slots = 1, .held = 1 };
+        struct cluster_lease_plan plan;
+
+        cluster_lease_plan(&in, &plan);
+        ck_assert_int_eq(plan.ask, 3);                  /* in flight + half a fair share */
+        ck_assert(plan.raise);
+        ck_assert_int_eq(plan.cap, -1);
+        ck_assert_uint_eq(plan.rpm_want, 0);            /* no rpm limit, no rpm ask */
+        in.in_flight = 7;
+        in.slots = in.held = 7;
+        cluster_lease_plan(&in, &plan);
+        ck_assert_int_eq(plan.ask, 8);                  /* never beyond the limit */
+        in.in_flight = 1;
+        in.slots = in.held = 3;
+        in.active = false;                              /* idle: keep what is in flight */
+        cluster_lease_plan(&in, &plan);
+        ck_assert_int_eq(plan.cap, 1);
+        ck_assert_int_eq(plan.ask, 1);
+        ck_assert(!plan.raise);
+        in.active = true;
+        in.contended = true;                            /* another node waits: no new request */
+        cluster_lease_plan(&in, &plan);
+        ck_assert_int_eq(plan.cap, 0);
+        ck_assert_int_eq(plan.ask, 1);                  /* Redis still counts the one in flight */
+        ck_assert(!plan.raise);
+        in.slots = 0;
+        in.held = 1;
+        in.in_flight = 0;                               /* it ended: the slot goes back */
+        cluster_lease_plan(&in, &plan);
+        ck_assert_int_eq(plan.cap, -1);
+        ck_assert_int_eq(plan.ask, 0);
+}
+END_TEST
+
+START_TEST(test_a_row_under_leases_serves_only_within_its_slice_and_slots) {
+        struct keytable_limits lim = { .max_pools = 2, .max_keys = 4, .n_slots = 2, .leases_per_slot = 8 };
+        struct keytable_outcome ok = { .cls = VERDICT_OK, .status = 200, .figures = RATE_FIGURES_UNKNOWN };
+        struct keytable_lease l1, l2, l3;
+        struct keytable_lease_view v;
+        struct keytable_wait w;
+        struct keytable_check_report rep;
+        struct keytable *t;
+        unsigned p, k, slot;
+
+        ck_assert_int_eq(keytable_create(&lim, 1000, &t), 0);
+        ck_assert_int_eq(keytable_add_pool(t, "one", "m1", &p), 0);
+        ck_assert_int_eq(keytable_add_key(t, p, ID_A, "sk-...aaaa", &k), 0);
+        ck_assert_int_eq(keytable_slot_claim(t, 1, 1000, &slot), 0);
+        keytable_cluster_init(t, "alpha");
+        ck_assert_int_eq(keytable_cluster_lease_mode(t, k, true, 2, 60, 1000), 0);
+
+        /* Nothing leased yet: the key waits as at any local limit, "busy" until a lease comes. */
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1000, KEYTABLE_NO_KEY, &l1, &w, NULL), -EAGAIN);
+        ck_assert(w.busy);
+        ck_assert_int_eq(keytable_cluster_lease_slots(t, k, 2, false, 1000), 2);
+        ck_assert_int_eq(keytable_cluster_lease_add(t, k, 1, 1000), 0);
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1001, KEYTABLE_NO_KEY, &l1, NULL, NULL), 0);
+        /* The slice of 1 is spent, though a slot is free. */
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1002, KEYTABLE_NO_KEY, &l2, &w, NULL), -EAGAIN);
+        ck_assert_int_eq(keytable_cluster_lease_add(t, k, 5, 1003), 0);
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1004, KEYTABLE_NO_KEY, &l2, NULL, NULL), 0);
+        /* Both slots are taken, though the slice is not spent. */
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1005, KEYTABLE_NO_KEY, &l3, &w, NULL), -EAGAIN);
+        ck_assert_int_eq(keytable_cluster_lease_read(t, k, &v), 0);
+        ck_assert(v.on && v.ready);
+        ck_assert_uint_eq(v.in_flight, 2);
+        ck_assert_uint_eq(v.left, 4);
+        ck_assert_uint_eq(v.requests, 2);
+        ck_assert_int_eq(keytable_check(t, &rep), 0);
+        ck_assert_uint_eq(rep.n_problems, 0);
+
+        /* Lowering never goes below what is in flight when asked not to; giving back takes only
+         * what is there. */
+        ck_assert_int_eq(keytable_cluster_lease_slots(t, k, 0, true, 1006), 2);
+        ck_assert_int_eq(keytable_cluster_lease_take(t, k, 10, 1006), 4);
+        keytable_release(t, &l1, &ok, 1007, NULL);
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1008, KEYTABLE_NO_KEY, &l3, NULL, NULL), -EAGAIN);
+
+        /* Leases off: the static share serves again, and the row's lease calls are refused. */
+        ck_assert_int_eq(keytable_cluster_lease_mode(t, k, false, 1, 30, 1009), 0);
+        keytable_release(t, &l2, &ok, 1010, NULL);
+        ck_assert_int_eq(keytable_acquire(t, slot, p, 1011, KEYTABLE_NO_KEY, &l3, NULL, NULL), 0);
+        ck_assert_int_eq(keytable_cluster_lease_add(t, k, 1, 1012), -ESTALE);
+        ck_assert_int_eq(keytable_check(t, &rep), 0);
+        ck_assert_uint_eq(rep.n_problems, 0);
+        keytable_destroy(t);
 }
 END_TEST
 
@@ -305,6 +436,9 @@ static Suite *cluster_suite(void) {
         tcase_add_test(tc, test_share_divides_a_limit_by_the_live_nodes_and_never_reaches_zero);
         tcase_add_test(tc, test_event_message_round_trips);
         tcase_add_test(tc, test_garbage_messages_are_refused);
+        tcase_add_test(tc, test_lease_slice_is_half_a_fair_share_and_at_least_one);
+        tcase_add_test(tc, test_plan_tops_up_the_rpm_slice_ahead_of_need_and_gives_it_back_when_idle);
+        tcase_add_test(tc, test_plan_raises_slots_with_headroom_lowers_when_idle_and_yields_when_contended);
         tcase_add_test(tc, test_only_cooldowns_disables_and_enables_are_shared);
         suite_add_tcase(s, tc);
         tc = tcase_create("table");
@@ -312,6 +446,7 @@ static Suite *cluster_suite(void) {
         tcase_add_test(tc, test_a_cooldown_does_not_undo_a_disable_but_an_enable_does);
         tcase_add_test(tc, test_history_names_the_node_and_the_cursor_sees_what_is_new);
         tcase_add_test(tc, test_link_nodes_and_usage_are_kept_for_the_readers);
+        tcase_add_test(tc, test_a_row_under_leases_serves_only_within_its_slice_and_slots);
         suite_add_tcase(s, tc);
         tc = tcase_create("config");
         tcase_add_test(tc, test_config_reads_a_unix_socket_and_defaults_the_rest);
