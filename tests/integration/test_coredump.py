@@ -12,7 +12,7 @@ import tempfile
 import time
 import unittest
 
-from kptest import KeypoolTestCase, fake_secret, wait_for
+from kptest import KEYPOOLD, KeypoolTestCase, fake_secret, wait_for
 
 MODEL = "m/core"
 # gcore of a sanitizer build walks its shadow mappings too (they are not dumped, but are large):
@@ -39,6 +39,13 @@ class CoreDumpTest(KeypoolTestCase):
             self.skipTest("gcore (gdb) is not installed: scripts/deps installs it")
         if os.geteuid() != 0:
             self.skipTest("gcore of another process needs root here")
+        with open(KEYPOOLD, "rb") as f:
+            if b"__asan_init" in f.read():
+                # gcore itself finishes, but the core of an ASan build is a sparse file of
+                # some 6.6 TB (the sanitizer's reserved ranges) with 3 GB of data: too much to
+                # search in the suite. Run this against the plain build (build/keypoold).
+                self.skipTest("keypoold is an ASan build: its core is too large to search; "
+                              "run with KEYPOOLD=build/keypoold")
         self.tmp = tempfile.mkdtemp(prefix="kpcore-")
         self.addCleanup(shutil.rmtree, self.tmp, True)
 
