@@ -1527,6 +1527,21 @@ static int read_config_file(struct loader *l, config_t *cf) {
         return r;
 }
 
+/* Wipes every string of the parsed tree: libconfig frees its nodes as they are, and a key
+ * written literally in keypool.conf would stay in the freed heap, which every worker inherits
+ * and a core dump shows. The strings are libconfig's own heap copies, writable behind the const. */
+static void wipe_strings(config_setting_t *s) {
+        if (config_setting_type(s) == CONFIG_TYPE_STRING) {
+                char *v = (char *) config_setting_get_string(s);
+
+                if (v)
+                        explicit_bzero(v, strlen(v));
+                return;
+        }
+        for (int i = 0, n = config_setting_length(s); i < n; i++)
+                wipe_strings(config_setting_get_elem(s, (unsigned) i));
+}
+
 /* Where a setting is, for messages: "state_file", "providers[0].base_url". */
 static void setting_path(const config_setting_t *s, char *buf, size_t size) {
         const config_setting_t *parent = config_setting_parent(s);
@@ -1658,6 +1673,8 @@ int config_load(const char *path, struct config **ret, struct config_diag *diag)
         r = l.oom ? -ENOMEM : l.n_errors > 0 ? -EINVAL : 0;
 
 finish:
+        if (config_root_setting(&cf))
+                wipe_strings(config_root_setting(&cf));
         config_destroy(&cf);
         free(l.dir);
         free(l.pool_origin);

@@ -1409,7 +1409,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, boo
         const struct config_key *k;
         struct keytable_pool_view info;
         struct probe *pb;
-        char auth[AUTH_LINE_MAX];
+        char *auth;                     /* secret memory: a core dump never shows it */
         const char *secret;
 
         if (keytable_slot_bank(p->w.table, p->w.slot) != keytable_bank_current(p->w.table))
@@ -1429,9 +1429,12 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, boo
         pb->key = key;
         pb->pool = pool;
         pb->confirm = confirm;
-        auth_line(prov, secret, auth, sizeof auth);
-        pb->headers = curl_slist_append(NULL, auth);
-        explicit_bzero(auth, strlen(auth) + 1);         /* what snprintf wrote */
+        auth = secmem_alloc(AUTH_LINE_MAX);
+        if (auth) {
+                auth_line(prov, secret, auth, AUTH_LINE_MAX);
+                pb->headers = curl_slist_append(NULL, auth);
+                (void) secmem_free(auth);               /* wipes */
+        }
         for (unsigned i = 0; pb->headers && i < prov->n_headers; i++)
                 pb->headers = curl_slist_append(pb->headers, prov->headers[i]);
         pb->easy = curl_easy_init();

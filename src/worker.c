@@ -23,6 +23,7 @@
 
 #include "keypool/api.h"
 #include "keypool/clock.h"
+#include "keypool/curlmem.h"
 #include "keypool/http.h"
 #include "keypool/keyid.h"
 #include "keypool/log.h"
@@ -386,7 +387,8 @@ int worker_run(const struct worker_params *wp) {
         sigprocmask(SIG_BLOCK, &mask, NULL);
         signal(SIGPIPE, SIG_IGN);
 
-        if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+        /* libcurl's copies of the key headers are wiped when it frees them (curlmem.c). */
+        if (curlmem_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
                 log_error("worker: curl_global_init failed");
                 return 1;
         }

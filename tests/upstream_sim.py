@@ -42,6 +42,12 @@ Details a test may rely on beyond the obvious:
   * X-Sim-Raw: a JSON string sent verbatim as the WHOLE answer (status line, head and body),
     followed by the end of the connection: for answers that break HTTP (closed mid-head, a body
     short of its Content-Length, a status out of range, a flood of headers). Logged status -1.
+  * Log entries carry "answer_time" from the moment the status line and headers of the answer
+    went out (absent while nothing was answered).
+  * Faults for chaos tests, on 200 answers: X-Sim-Reset-After: N ends the connection with a TCP
+    reset (SO_LINGER 0) after N stream events (a non-stream answer: after its headers and half its
+    body); X-Sim-Stall-After: N sends N stream events (N may be 0: headers only) and then nothing
+    until the client hangs up (at most 120 s). Both are logged with "fault".
   * X-Sim-Echo-Auth: 1 (with X-Sim-Status) and a rule's "echo_auth": true append the header that
     carried the key, verbatim, to the error message, as providers quoting the request do.
     X-Sim-Unknown-Model: STATUS (4xx) answers OpenAI's model_not_found error quoting the model
@@ -370,6 +376,7 @@ class Handler(BaseHTTPRequestHandler):
         self.dispatch()
 
     def dispatch(self):
+        self.entry = None           # the request log entry the answer belongs to, if any
         # Read the whole body first, whatever the answer, so keep-alive stays in step.
         raw = self.read_body()
         if raw is None:
@@ -416,6 +423,33 @@ class Handler(BaseHTTPRequestHandler):
             return None
 
     # --- answers ---
+
+    def end_headers(self):
+        super().end_headers()
+        entry = getattr(self, "entry", None)
+        if entry is not None and "answer_time" not in entry:
+            self.state.update_entry(entry, answer_time=time.time())
+
+    def reset_connection(self, entry):
+        """Ends the connection with a TCP reset, the way a crashed middlebox does."""
+        self.state.update_entry(entry, fault="reset")
+        self.close_connection = True
+        self.wfile.flush()
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                   b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        # close() would wait for rfile and wfile to let go of the socket: close the descriptor
+        # itself, now (detach leaves the socket object unusable, so nothing writes to it later).
+        os.close(self.connection.detach())
+
+    def stall(self, entry):
+        """Sends nothing more until the client hangs up (bounded)."""
+        self.state.update_entry(entry, fault="stall")
+        self.close_connection = True
+        self.wfile.flush()
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not self.peer_gone():
+            time.sleep(0.05)
+        raise ConnectionResetError("the client left a stalled answer")
 
     def send_json(self, status, body, headers=None):
         self.send_response(status)
@@ -507,12 +541,13 @@ class Handler(BaseHTTPRequestHandler):
         more = {}
         if raw is not None and len(raw) < RAW_BODY_LOG_LIMIT:
             more["raw_body"] = raw.decode("utf-8", "replace")
-        return self.state.new_entry(
+        self.entry = self.state.new_entry(
             method=self.command, path=self.path,
             key_id=key_id(key) if key else None,
             model=model, stream=stream, status=0, aborted=False,
             peer_port=self.client_address[1], headers=headers, body=body,
             auth_header=self.key_and_header()[1] if key else None, auth_headers=present, **more)
+        return self.entry
 
     def answer(self, entry, status, body, headers=None):
         self.state.update_entry(entry, status=status)
@@ -708,6 +743,19 @@ class Handler(BaseHTTPRequestHandler):
                              "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
             })
+            reset = header_int(self.headers.get("X-Sim-Reset-After"), None) is not None
+            if reset or header_int(self.headers.get("X-Sim-Stall-After"), None) is not None:
+                # Headers promising the whole body, then half of it and a reset, or nothing.
+                self.state.update_entry(entry, status=200)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not reset:
+                    self.stall(entry)
+                self.wfile.write(body[:len(body) // 2])
+                self.reset_connection(entry)
+                return
             self.answer(entry, 200, body, extra)
             return
         self.stream(entry, gen, model, extra)
@@ -722,6 +770,8 @@ class Handler(BaseHTTPRequestHandler):
         chunks = max(0, header_int(h.get("X-Sim-Chunks"), 5))
         delay = max(0, header_int(h.get("X-Sim-Chunk-Delay-Ms"), 0))
         stream_error = header_int(h.get("X-Sim-Stream-Error"), None)
+        reset_after = header_int(h.get("X-Sim-Reset-After"), None)
+        stall_after = header_int(h.get("X-Sim-Stall-After"), None)
         # HTTP/1.0 has no chunked coding: send the events raw and end with the connection.
         chunked = self.request_version != "HTTP/1.0"
         if not chunked:
@@ -765,6 +815,11 @@ class Handler(BaseHTTPRequestHandler):
             return
 
         for i in range(chunks):
+            if i == reset_after:
+                self.reset_connection(entry)
+                return
+            if i == stall_after:
+                self.stall(entry)
             if i and delay:
                 time.sleep(delay / 1000.0)
             event({"id": gen, "object": "chat.completion.chunk", "model": model,

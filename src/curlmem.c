@@ -1,0 +1,51 @@
+/* curlmem.c — libcurl's memory, wiped when libcurl lets go of it.
+ *
+ * Owns the five allocation functions given to curl_global_init_mem. They wrap malloc and free;
+ * what they add is that no block goes back to the heap with its bytes in it: free wipes the
+ * whole usable size, realloc always moves and wipes the old block (an in-place shrink would
+ * leave the tail, a move the whole old block). The blocks are ordinary heap, so a core dump still
+ * holds what libcurl has in use at that moment (a transfer under way); it no longer holds what
+ * libcurl used and dropped.
+ */
+#include <curl/curl.h>
+#include <malloc.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keypool/curlmem.h"
+
+static void wiping_free(void *p) {
+        if (!p)
+                return;
+        explicit_bzero(p, malloc_usable_size(p));
+        free(p);
+}
+
+static void *wiping_realloc(void *p, size_t size) {
+        size_t old;
+        void *q;
+
+        if (!p)
+                return malloc(size);
+        q = malloc(size ? size : 1);
+        if (!q)
+                return NULL;
+        old = malloc_usable_size(p);
+        memcpy(q, p, old < size ? old : size);
+        wiping_free(p);
+        return q;
+}
+
+static char *wiping_strdup(const char *s) {
+        size_t n = strlen(s) + 1;
+        char *p = malloc(n);
+
+        if (p)
+                memcpy(p, s, n);
+        return p;
+}
+
+int curlmem_global_init(long flags) {
+        return (int) curl_global_init_mem(flags, malloc, wiping_free, wiping_realloc, wiping_strdup,
+                                          calloc);
+}
