@@ -9,6 +9,7 @@
  */
 #include <errno.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -134,4 +135,23 @@ bool secmem_free(void *p) {
         memcpy(p, &free_list[m->cls], sizeof(void *));
         free_list[m->cls] = p;
         return true;
+}
+
+int secmem_exclude_heap(void) {
+        char line[512];
+        FILE *f = fopen("/proc/self/maps", "re");
+        int r = -ENOENT;
+
+        if (!f)
+                return -errno;
+        while (fgets(line, sizeof line, f)) {
+                unsigned long start, end;
+
+                if (!strstr(line, "[heap]") || sscanf(line, "%lx-%lx", &start, &end) != 2)
+                        continue;
+                r = madvise((void *) start, end - start, MADV_DONTDUMP) < 0 ? -errno : 0;
+                break;
+        }
+        fclose(f);
+        return r;
 }

@@ -39,6 +39,7 @@
 #include "keypool/log.h"
 #include "keypool/notify.h"
 #include "keypool/persist.h"
+#include "keypool/secmem.h"
 #include "keypool/supervisor.h"
 #include "keypool/worker.h"
 
@@ -358,6 +359,9 @@ static int spawn_generation(struct generation *g) {
         int first_error = 0;
 
         warn_unverified(g->config);
+        /* What loading the configuration left in freed heap (keys among it) stays out of the
+         * cores of the coordinator and of the workers about to inherit it. */
+        (void) secmem_exclude_heap();
         for (unsigned i = 0; i < g->n_children; i++) {
                 int r = spawn(&g->children[i]);
 
@@ -706,6 +710,7 @@ static void reload(struct supervisor *s) {
                 return;
         }
         r = config_load(path, &cfg, &diag);
+        (void) secmem_exclude_heap();   /* a refused configuration's keys too */
         if (r < 0) {
                 for (size_t i = 0; i < diag.n; i++)
                         log_event(LOG_ERR, "config_error", NULL, "%s", diag.messages[i]);

@@ -18,3 +18,10 @@ char *secmem_strndup(const char *s, size_t n);
 /* Wipes and frees p if it is secret memory and returns true; false (nothing done) for any other
  * pointer, NULL included, so callers holding either kind can try this first. */
 bool secmem_free(void *p);
+
+/* Marks the whole of the process's heap as it is now MADV_DONTDUMP. Loading keypool.conf leaves
+ * copies of keys in freed heap that keypool cannot wipe (libconfig's scanner copies the text and
+ * frees it unwiped): the coordinator calls this after every load, before it forks, so neither
+ * its core nor a worker's holds them. Heap grown later stays dumpable. 0, or -errno (-ENOENT:
+ * no heap mapping yet). */
+int secmem_exclude_heap(void);
