@@ -405,120 +405,118 @@ static void family(FILE *f, const char *name, const char *type, const char *help
         fprintf(f, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
-char *api_metrics_text(const struct api_context *a, int64_t now_ms) {
+/* What /metrics reads once: every pool's view and its keys' views. */
+struct metrics_input {
+        unsigned n_pools;
+        struct keytable_pool_view *infos;
+        struct keytable_key_view **keys;
+};
+
+static void metrics_keys(FILE *f, const struct metrics_input *in, int64_t now_ms) {
         static const char *const classes[] = { "ok", "rate_limited", "quota", "auth", "transient", "caller" };
         static const enum verdict_class class_ids[] = { VERDICT_OK, VERDICT_RATE_LIMITED, VERDICT_QUOTA,
                                                         VERDICT_AUTH, VERDICT_TRANSIENT, VERDICT_CALLER };
         static const enum key_state states[] = { KEY_READY, KEY_COOLING, KEY_DISABLED };
-        unsigned n_pools = keytable_n_pools(a->table);
-        struct keytable_pool_view *infos = calloc(n_pools ? n_pools : 1, sizeof *infos);
-        struct keytable_key_view **keys = calloc(n_pools ? n_pools : 1, sizeof *keys);
-        struct keytable_worker_view views[256];
-        unsigned n_workers, in_flight = 0;
-        char *text = NULL;
-        size_t size = 0;
-        FILE *f;
-
-        f = open_memstream(&text, &size);
-        if (!f || !infos || !keys) {
-                if (f)
-                        fclose(f);
-                free(text);
-                free(infos);
-                free(keys);
-                return NULL;
-        }
-        for (unsigned p = 0; p < n_pools; p++)
-                keys[p] = snapshot(a, p, now_ms, &infos[p]);
-
-        family(f, "keypool_up", "gauge", "1 while keypoold serves.");
-        fprintf(f, "keypool_up 1\n");
 
         family(f, "keypool_requests_total", "counter", "Upstream attempts by pool, key and the class of their answer.");
-        for (unsigned p = 0; p < n_pools; p++)
-                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+        for (unsigned p = 0; p < in->n_pools; p++)
+                for (unsigned i = 0; in->keys[p] && i < in->infos[p].n_keys; i++)
                         for (unsigned c = 0; c < sizeof classes / sizeof classes[0]; c++)
                                 fprintf(f, "keypool_requests_total{pool=\"%s\",key=\"%s\",class=\"%s\"} %llu\n",
-                                        infos[p].name, keys[p][i].id, classes[c],
-                                        (unsigned long long) keys[p][i].by_class[class_ids[c]]);
+                                        in->infos[p].name, in->keys[p][i].id, classes[c],
+                                        (unsigned long long) in->keys[p][i].by_class[class_ids[c]]);
 
         family(f, "keypool_key_state", "gauge", "1 for the state each key is in, 0 for the others.");
-        for (unsigned p = 0; p < n_pools; p++)
-                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
+        for (unsigned p = 0; p < in->n_pools; p++)
+                for (unsigned i = 0; in->keys[p] && i < in->infos[p].n_keys; i++)
                         for (unsigned s = 0; s < sizeof states / sizeof states[0]; s++)
                                 fprintf(f, "keypool_key_state{pool=\"%s\",key=\"%s\",state=\"%s\"} %d\n",
-                                        infos[p].name, keys[p][i].id, keytable_state_name(states[s]),
-                                        keys[p][i].state == states[s]);
+                                        in->infos[p].name, in->keys[p][i].id, keytable_state_name(states[s]),
+                                        in->keys[p][i].state == states[s]);
 
         family(f, "keypool_key_cooldown_seconds", "gauge", "Seconds until a cooling key is ready again.");
-        for (unsigned p = 0; p < n_pools; p++)
-                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
-                        fprintf(f, "keypool_key_cooldown_seconds{pool=\"%s\",key=\"%s\"} %.3f\n",
-                                infos[p].name, keys[p][i].id,
-                                keys[p][i].state == KEY_COOLING ? (double) (keys[p][i].cooldown_until_ms - now_ms) / 1000.0 : 0.0);
+        for (unsigned p = 0; p < in->n_pools; p++)
+                for (unsigned i = 0; in->keys[p] && i < in->infos[p].n_keys; i++) {
+                        const struct keytable_key_view *k = &in->keys[p][i];
 
+                        fprintf(f, "keypool_key_cooldown_seconds{pool=\"%s\",key=\"%s\"} %.3f\n",
+                                in->infos[p].name, k->id,
+                                k->state == KEY_COOLING ? (double) (k->cooldown_until_ms - now_ms) / 1000.0 : 0.0);
+                }
+}
+
+static void metrics_pools(FILE *f, const struct metrics_input *in) {
         family(f, "keypool_rotations_total", "counter", "Requests moved from one key to another.");
-        for (unsigned p = 0; p < n_pools; p++)
-                fprintf(f, "keypool_rotations_total{pool=\"%s\"} %llu\n", infos[p].name,
-                        (unsigned long long) infos[p].rotations);
+        for (unsigned p = 0; p < in->n_pools; p++)
+                fprintf(f, "keypool_rotations_total{pool=\"%s\"} %llu\n", in->infos[p].name,
+                        (unsigned long long) in->infos[p].rotations);
 
         family(f, "keypool_upstream_latency_seconds", "histogram", "Time of upstream attempts, by pool.");
-        for (unsigned p = 0; p < n_pools; p++) {
+        for (unsigned p = 0; p < in->n_pools; p++) {
+                const struct keytable_pool_view *pv = &in->infos[p];
                 uint64_t cumulative = 0;
 
-                for (unsigned b = 0; b < KEYTABLE_LATENCY_BUCKETS; b++) {
-                        cumulative += infos[p].latency_buckets[b];
-                        if (b + 1 < KEYTABLE_LATENCY_BUCKETS)
-                                fprintf(f, "keypool_upstream_latency_seconds_bucket{pool=\"%s\",le=\"%g\"} %llu\n",
-                                        infos[p].name, (double) keytable_latency_bounds_ms[b] / 1000.0,
-                                        (unsigned long long) cumulative);
+                for (unsigned b = 0; b + 1 < KEYTABLE_LATENCY_BUCKETS; b++) {
+                        cumulative += pv->latency_buckets[b];
+                        fprintf(f, "keypool_upstream_latency_seconds_bucket{pool=\"%s\",le=\"%g\"} %llu\n",
+                                pv->name, (double) keytable_latency_bounds_ms[b] / 1000.0,
+                                (unsigned long long) cumulative);
                 }
                 fprintf(f, "keypool_upstream_latency_seconds_bucket{pool=\"%s\",le=\"+Inf\"} %llu\n",
-                        infos[p].name, (unsigned long long) infos[p].latency_count);
-                fprintf(f, "keypool_upstream_latency_seconds_sum{pool=\"%s\"} %.3f\n", infos[p].name,
-                        (double) infos[p].latency_sum_ms / 1000.0);
-                fprintf(f, "keypool_upstream_latency_seconds_count{pool=\"%s\"} %llu\n", infos[p].name,
-                        (unsigned long long) infos[p].latency_count);
+                        pv->name, (unsigned long long) pv->latency_count);
+                fprintf(f, "keypool_upstream_latency_seconds_sum{pool=\"%s\"} %.3f\n", pv->name,
+                        (double) pv->latency_sum_ms / 1000.0);
+                fprintf(f, "keypool_upstream_latency_seconds_count{pool=\"%s\"} %llu\n", pv->name,
+                        (unsigned long long) pv->latency_count);
         }
+}
 
-        {
-                struct keytable_lag lag;
-                uint64_t cumulative = 0;
+static void metrics_loop_lag(FILE *f, const struct api_context *a) {
+        struct keytable_lag lag;
+        uint64_t cumulative = 0;
 
-                keytable_loop_lag(a->table, &lag);
-                family(f, "keypool_loop_lag_seconds", "histogram",
-                       "Time one step of a worker's event loop took, over all workers: what any other ready event waited.");
-                for (unsigned b = 0; b + 1 < KEYTABLE_LAG_BUCKETS; b++) {
-                        cumulative += lag.buckets[b];
-                        fprintf(f, "keypool_loop_lag_seconds_bucket{le=\"%g\"} %llu\n",
-                                (double) keytable_lag_bounds_usec[b] / 1e6, (unsigned long long) cumulative);
-                }
-                fprintf(f, "keypool_loop_lag_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long) lag.count);
-                fprintf(f, "keypool_loop_lag_seconds_sum %.6f\n", (double) lag.sum_usec / 1e6);
-                fprintf(f, "keypool_loop_lag_seconds_count %llu\n", (unsigned long long) lag.count);
+        keytable_loop_lag(a->table, &lag);
+        family(f, "keypool_loop_lag_seconds", "histogram",
+               "Time one step of a worker's event loop took, over all workers: what any other ready event waited.");
+        for (unsigned b = 0; b + 1 < KEYTABLE_LAG_BUCKETS; b++) {
+                cumulative += lag.buckets[b];
+                fprintf(f, "keypool_loop_lag_seconds_bucket{le=\"%g\"} %llu\n",
+                        (double) keytable_lag_bounds_usec[b] / 1e6, (unsigned long long) cumulative);
         }
+        fprintf(f, "keypool_loop_lag_seconds_bucket{le=\"+Inf\"} %llu\n", (unsigned long long) lag.count);
+        fprintf(f, "keypool_loop_lag_seconds_sum %.6f\n", (double) lag.sum_usec / 1e6);
+        fprintf(f, "keypool_loop_lag_seconds_count %llu\n", (unsigned long long) lag.count);
+}
 
+static void metrics_usage(FILE *f, const struct metrics_input *in) {
         family(f, "keypool_tokens_total", "counter", "Tokens the provider reported, by pool, key and direction.");
-        for (unsigned p = 0; p < n_pools; p++)
-                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++) {
+        for (unsigned p = 0; p < in->n_pools; p++)
+                for (unsigned i = 0; in->keys[p] && i < in->infos[p].n_keys; i++) {
                         fprintf(f, "keypool_tokens_total{pool=\"%s\",key=\"%s\",direction=\"in\"} %llu\n",
-                                infos[p].name, keys[p][i].id, (unsigned long long) keys[p][i].tokens_in);
+                                in->infos[p].name, in->keys[p][i].id, (unsigned long long) in->keys[p][i].tokens_in);
                         fprintf(f, "keypool_tokens_total{pool=\"%s\",key=\"%s\",direction=\"out\"} %llu\n",
-                                infos[p].name, keys[p][i].id, (unsigned long long) keys[p][i].tokens_out);
+                                in->infos[p].name, in->keys[p][i].id, (unsigned long long) in->keys[p][i].tokens_out);
                 }
 
         family(f, "keypool_provider_remaining_requests", "gauge", "Requests the provider last said a key has left.");
-        for (unsigned p = 0; p < n_pools; p++)
-                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
-                        if (keys[p][i].figures.remaining_requests >= 0)
+        for (unsigned p = 0; p < in->n_pools; p++)
+                for (unsigned i = 0; in->keys[p] && i < in->infos[p].n_keys; i++)
+                        if (in->keys[p][i].figures.remaining_requests >= 0)
                                 fprintf(f, "keypool_provider_remaining_requests{pool=\"%s\",key=\"%s\"} %lld\n",
-                                        infos[p].name, keys[p][i].id, (long long) keys[p][i].figures.remaining_requests);
+                                        in->infos[p].name, in->keys[p][i].id,
+                                        (long long) in->keys[p][i].figures.remaining_requests);
         family(f, "keypool_provider_remaining_tokens", "gauge", "Tokens the provider last said a key has left.");
-        for (unsigned p = 0; p < n_pools; p++)
-                for (unsigned i = 0; keys[p] && i < infos[p].n_keys; i++)
-                        if (keys[p][i].figures.remaining_tokens >= 0)
+        for (unsigned p = 0; p < in->n_pools; p++)
+                for (unsigned i = 0; in->keys[p] && i < in->infos[p].n_keys; i++)
+                        if (in->keys[p][i].figures.remaining_tokens >= 0)
                                 fprintf(f, "keypool_provider_remaining_tokens{pool=\"%s\",key=\"%s\"} %lld\n",
-                                        infos[p].name, keys[p][i].id, (long long) keys[p][i].figures.remaining_tokens);
+                                        in->infos[p].name, in->keys[p][i].id,
+                                        (long long) in->keys[p][i].figures.remaining_tokens);
+}
+
+static void metrics_workers(FILE *f, const struct api_context *a) {
+        struct keytable_worker_view views[256];
+        unsigned n_workers, in_flight = 0;
 
         n_workers = keytable_workers(a->table, views, sizeof views / sizeof views[0]);
         for (unsigned i = 0; i < n_workers; i++)
@@ -527,12 +525,32 @@ char *api_metrics_text(const struct api_context *a, int64_t now_ms) {
         fprintf(f, "keypool_workers %u\n", n_workers);
         family(f, "keypool_in_flight_requests", "gauge", "Upstream requests in flight.");
         fprintf(f, "keypool_in_flight_requests %u\n", in_flight);
+}
 
-        for (unsigned p = 0; p < n_pools; p++)
-                free(keys[p]);
-        free(keys);
-        free(infos);
-        if (fclose(f) != 0) {
+char *api_metrics_text(const struct api_context *a, int64_t now_ms) {
+        struct metrics_input in = { .n_pools = keytable_n_pools(a->table) };
+        char *text = NULL;
+        size_t size = 0;
+        FILE *f = open_memstream(&text, &size);
+
+        in.infos = calloc(in.n_pools ? in.n_pools : 1, sizeof *in.infos);
+        in.keys = calloc(in.n_pools ? in.n_pools : 1, sizeof *in.keys);
+        if (f && in.infos && in.keys) {
+                for (unsigned p = 0; p < in.n_pools; p++)
+                        in.keys[p] = snapshot(a, p, now_ms, &in.infos[p]);
+                family(f, "keypool_up", "gauge", "1 while keypoold serves.");
+                fprintf(f, "keypool_up 1\n");
+                metrics_keys(f, &in, now_ms);
+                metrics_pools(f, &in);
+                metrics_loop_lag(f, a);
+                metrics_usage(f, &in);
+                metrics_workers(f, a);
+                for (unsigned p = 0; p < in.n_pools; p++)
+                        free(in.keys[p]);
+        }
+        free(in.keys);
+        free(in.infos);
+        if (!f || fclose(f) != 0 || !in.infos || !in.keys) {
                 free(text);
                 return NULL;
         }
