@@ -14,7 +14,10 @@
  * result is one line on stdout, "CURLFLOOR key=value ...", with the CPU time the process used
  * (getrusage, user + system) per request over the measured window.
  *
- * Usage: curlfloor -u URL [-c N] [-d SEC] [-w SEC] [-B FILE]
+ * Over HTTPS, --cacert FILE trusts FILE alone (a provider's ca_file) and --http2 asks for HTTP/2
+ * with PIPEWAIT as a provider with http2 = true (the default) does; without --http2, HTTP/1.1.
+ *
+ * Usage: curlfloor -u URL [-c N] [-d SEC] [-w SEC] [-B FILE] [--cacert FILE] [--http2]
  * Not part of the autotools build: bench/run builds it with gcc -O2.
  */
 #define _GNU_SOURCE
@@ -70,6 +73,8 @@ static struct {
         const char *url;
         const char *body;
         size_t body_len;
+        const char *cacert;
+        bool http2;
         unsigned conns;
         double duration, warmup;
 } opt = { .conns = 16, .duration = 5 };
@@ -239,6 +244,16 @@ static CURL *easy_new(void) {
         curl_easy_setopt(easy, CURLOPT_TCP_NODELAY, 1L);
         curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+        /* As src/upstream.c's upstream_configure() for a provider with ca_file and http2. */
+        if (opt.cacert) {
+                curl_easy_setopt(easy, CURLOPT_CAINFO, opt.cacert);
+                curl_easy_setopt(easy, CURLOPT_CAPATH, NULL);
+                curl_easy_setopt(easy, CURLOPT_CA_CACHE_TIMEOUT, 86400L);
+        }
+        curl_easy_setopt(easy, CURLOPT_HTTP_VERSION,
+                         opt.http2 ? (long) CURL_HTTP_VERSION_2TLS : (long) CURL_HTTP_VERSION_1_1);
+        curl_easy_setopt(easy, CURLOPT_PIPEWAIT,
+                         opt.http2 && strncmp(opt.url, "https://", 8) == 0 ? 1L : 0L);
         return easy;
 }
 
@@ -336,7 +351,9 @@ static void usage(FILE *out) {
                 "  -c N          transfers always in flight (default 16)\n"
                 "  -d SEC        measured duration (default 5)\n"
                 "  -w SEC        warm-up before the measurement (default 0)\n"
-                "  -B FILE       request body from FILE (default: the bench's chat completion)\n");
+                "  -B FILE       request body from FILE (default: the bench's chat completion)\n"
+                "  --cacert FILE trust FILE alone for HTTPS (as a provider's ca_file)\n"
+                "  --http2       HTTP/2 over TLS, waiting to multiplex (default: HTTP/1.1)\n");
 }
 
 static char *read_file(const char *path, size_t *ret_len) {
@@ -366,12 +383,19 @@ int main(int argc, char **argv) {
         char *body_owned = NULL;
         uint64_t t0, window_start, window_end, t_start = 0, t_end = 0, cpu_start = 0, cpu_end = 0;
         double window;
+        static const struct option longopts[] = {
+                { "cacert", required_argument, NULL, 'A' },
+                { "http2", no_argument, NULL, '2' },
+                { NULL, 0, NULL, 0 },
+        };
         int o;
 
         opt.body = default_body;
         opt.body_len = sizeof default_body - 1;
-        while ((o = getopt(argc, argv, "u:c:d:w:B:h")) != -1) {
+        while ((o = getopt_long(argc, argv, "u:c:d:w:B:h", longopts, NULL)) != -1) {
                 switch (o) {
+                case 'A': opt.cacert = optarg; break;
+                case '2': opt.http2 = true; break;
                 case 'u': opt.url = optarg; break;
                 case 'c': opt.conns = (unsigned) strtoul(optarg, NULL, 10); break;
                 case 'd': opt.duration = atof(optarg); break;

@@ -11,10 +11,14 @@
 #include "keypool/answer.h"
 
 #define SPARE_BUFFER_MAX        (64 * 1024)     /* buffers kept across attempts up to this size */
+/* A buffer's first size. Each open stream holds three (header lines, the held first event, the
+ * event being scanned) that need a few hundred bytes each: 4 KiB apiece was a third of a
+ * stream's memory. Larger answers double their way up once; a recycled record keeps its size. */
+#define ANSWER_BUFFER_FIRST     512
 
 static int buf_add(char **buf, size_t *len, size_t *cap, const void *data, size_t n) {
         if (*len + n + 1 > *cap) {
-                size_t c = *cap ? *cap : 4096;
+                size_t c = *cap ? *cap : ANSWER_BUFFER_FIRST;
                 char *p;
 
                 while (c < *len + n + 1)

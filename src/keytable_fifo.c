@@ -49,6 +49,10 @@ bool kt_fifo_yields(const struct keytable *t, unsigned slot, unsigned p, uint64_
                     int64_t now_ms) {
         unsigned b = p / t->max_pools, pool = p % t->max_pools;
 
+        /* No slot has waiters (or only this one): nobody to yield to, and no scan of every
+         * slot's cache line on each acquire. */
+        if (KT_LOAD(&t->hdr->waiting_slots) <= (KT_LOAD(&t->slots[slot].waiters) > 0 ? 1u : 0u))
+                return false;
         if (ticket == 0)
                 ticket = UINT64_MAX;
         for (unsigned s = 0; s < t->n_slots; s++) {

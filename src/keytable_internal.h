@@ -21,7 +21,7 @@
 #include "keypool/keytable.h"
 
 #define KT_MAGIC   UINT64_C(0x6b6579706f6f6c31)    /* "keypool1" */
-#define KT_VERSION 7u
+#define KT_VERSION 8u
 #define KT_BANKS   2u
 #define KT_ALIGN   64u                             /* a cache line: rows locked apart stay apart */
 
@@ -81,6 +81,11 @@ struct kt_header {
         uint64_t history_seq;
         uint32_t history_dirty;                 /* an append is between its first write and
                                                  * its commit */
+        /* atomic: an upper bound on the slots whose waiters are not 0 (raised before a slot's
+         * waiters leave 0, lowered after they return to it), so that a worker that finds it 0
+         * skips kt_fifo_yields' scan of every slot on each acquire. A worker that dies between
+         * the two steps leaves it too high, which only costs scans. */
+        uint32_t waiting_slots;
         pthread_mutex_t lock;                   /* banks, counts, slot claim/free, policy,
                                                  * history, cluster */
         struct kt_cluster cluster;

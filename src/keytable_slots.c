@@ -20,6 +20,12 @@
 
 /* --- worker slots -------------------------------------------------------------------------- */
 
+/* Under the header lock, for a slot whose owner is gone or not yet born: its waiters to 0. */
+static void slot_clear_waiters(struct keytable *t, unsigned slot) {
+        if (__atomic_exchange_n(&t->slots[slot].waiters, 0, __ATOMIC_ACQ_REL) > 0)
+                __atomic_sub_fetch(&t->hdr->waiting_slots, 1, __ATOMIC_ACQ_REL);
+}
+
 int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms, unsigned *ret_slot) {
         if (!t)
                 return -EINVAL;
@@ -35,7 +41,7 @@ int keytable_slot_claim(struct keytable *t, unsigned generation, int64_t now_ms,
                 KT_STORE(&slot->bank, kt_bank_current(t));
                 KT_STORE(&slot->pid, 0);
                 KT_STORE(&slot->lease_hint, 0);
-                KT_STORE(&slot->waiters, 0);
+                slot_clear_waiters(t, s);
                 kt_fifo_slot_clear(t, s);
                 KT_STORE(&slot->started_ms, now_ms);
                 KT_STORE(&slot->heartbeat_ms, now_ms);
@@ -152,7 +158,7 @@ void keytable_slot_release(struct keytable *t, unsigned slot) {
 
         kt_header_lock(t);
         KT_STORE(&t->slots[slot].pid, 0);
-        KT_STORE(&t->slots[slot].waiters, 0);
+        slot_clear_waiters(t, slot);
         kt_fifo_slot_clear(t, slot);
         KT_STORE(&t->slots[slot].stage, WORKER_STAGE_FREE);
         kt_header_unlock(t);
@@ -163,9 +169,23 @@ unsigned keytable_slot_bank(const struct keytable *t, unsigned slot) {
 }
 
 void keytable_slot_set_waiters(struct keytable *t, unsigned slot, unsigned n) {
-        if (t && slot < t->n_slots)
-                KT_STORE(&t->slots[slot].waiters, (uint32_t) n);
+        uint32_t *w;
+
+        if (!t || slot >= t->n_slots)
+                return;
+        /* Only the owner writes its slot's waiters (and the header lock's holder, once the
+         * owner is gone): the count moves on 0 <-> non-0 and stays an upper bound. */
+        w = &t->slots[slot].waiters;
+        if (n > 0 && KT_LOAD(w) == 0)
+                __atomic_add_fetch(&t->hdr->waiting_slots, 1, __ATOMIC_ACQ_REL);
+        else if (n == 0 && KT_LOAD(w) > 0) {
+                KT_STORE(w, 0);
+                __atomic_sub_fetch(&t->hdr->waiting_slots, 1, __ATOMIC_ACQ_REL);
+                return;
+        }
+        KT_STORE(w, (uint32_t) n);
 }
+
 
 unsigned keytable_slots_with_waiters(const struct keytable *t, unsigned *ret_slots, unsigned max) {
         unsigned n = 0;

@@ -3421,6 +3421,45 @@ START_TEST(test_a_waiter_of_a_stopped_or_freed_worker_is_not_waited_for)
 }
 END_TEST
 
+START_TEST(test_waiters_of_one_worker_are_yielded_to_while_others_come_and_go)
+{
+        struct fixture f;
+        struct keytable_lease l;
+        struct keytable_wait w;
+        unsigned one, two;
+        uint64_t ticket;
+
+        fixture_setup(&f);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &one), 0);
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1000, &two), 0);
+        ticket = keytable_wait_ticket(f.t, one, f.pool);
+        keytable_slot_set_waiters(f.t, one, 1);
+        keytable_slot_set_wait_head(f.t, one, f.pool, ticket);
+        keytable_slot_set_waiters(f.t, one, 3);
+        ticket = keytable_wait_ticket(f.t, two, f.pool);
+        keytable_slot_set_waiters(f.t, two, 1);
+        keytable_slot_set_wait_head(f.t, two, f.pool, ticket);
+        /* The second worker's waiters go, twice over, then the worker itself while waiting
+         * again: the first one's older waiter is still owed the key each time. */
+        keytable_slot_set_waiters(f.t, two, 0);
+        keytable_slot_set_waiters(f.t, two, 0);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1001, KEYTABLE_NO_KEY, &l, &w, NULL),
+                         -EAGAIN);
+        keytable_slot_set_waiters(f.t, two, 2);
+        keytable_slot_release(f.t, two);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1002, KEYTABLE_NO_KEY, &l, &w, NULL),
+                         -EAGAIN);
+        /* The slot claimed again starts with none, and the first worker's waiters are served. */
+        ck_assert_int_eq(keytable_slot_claim(f.t, 1, 1003, &two), 0);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1003, KEYTABLE_NO_KEY, &l, &w, NULL),
+                         -EAGAIN);
+        keytable_slot_set_waiters(f.t, one, 0);
+        ck_assert_int_eq(keytable_acquire(f.t, f.slot, f.pool, 1004, KEYTABLE_NO_KEY, &l, &w, NULL), 0);
+        keytable_release(f.t, &l, NULL, 1004, NULL);
+        fixture_teardown(&f);
+}
+END_TEST
+
 /* --- the old generation's news after a commit ----------------------------------------------- */
 
 START_TEST(test_a_cooldown_learned_while_draining_reaches_the_new_bank)
@@ -3620,6 +3659,7 @@ static Suite *keytable_suite(void) {
         tcase_add_test(tc, test_check_passes_again_after_a_dead_worker_is_repaired);
         tcase_add_test(tc, test_a_freed_key_goes_to_the_oldest_waiter_of_any_worker);
         tcase_add_test(tc, test_a_waiter_of_a_stopped_or_freed_worker_is_not_waited_for);
+        tcase_add_test(tc, test_waiters_of_one_worker_are_yielded_to_while_others_come_and_go);
         tcase_add_test(tc, test_a_cooldown_learned_while_draining_reaches_the_new_bank);
         tcase_add_test(tc, test_a_disable_learned_while_draining_reaches_the_new_bank_and_a_longer_rest_stands);
         suite_add_tcase(s, tc);
