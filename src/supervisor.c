@@ -1075,12 +1075,14 @@ static void advance(struct supervisor *s) {
         struct supervisor_facts f;
         enum supervisor_state next;
 
-        if (s->reload_requested && s->state == SUPERVISOR_RUNNING && s->old) {
-                /* The previous generation still drains: this SIGHUP is kept, not refused, and
-                 * acted on once it has gone (a later event, at the latest the next tick). */
+        if (s->reload_requested && s->old &&
+            (s->state == SUPERVISOR_RUNNING || s->state == SUPERVISOR_RELOADING)) {
+                /* A reload is still under way (its new generation starting, or the previous one
+                 * draining): this SIGHUP is kept, not refused, and acted on once the previous
+                 * generation has gone (a later event, at the latest the next tick). */
                 if (!s->reload_deferred)
-                        log_event(LOG_NOTICE, "reload", NULL, "SIGHUP: generation %u is still draining; "
-                                  "reloading once it has", s->old->number);
+                        log_event(LOG_NOTICE, "reload", NULL, "SIGHUP during a reload: reloading again "
+                                  "once generation %u has gone", s->old->number);
                 s->reload_deferred = true;
         } else if (s->reload_requested) {
                 s->reload_requested = false;

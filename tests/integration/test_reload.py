@@ -296,7 +296,7 @@ class ReloadTest(SystemdTestCase):
         self.assertFalse(any(process_gone(p, s) for p, s in old),
                          "the old generation exited with a request in flight")
         kp.send_signal(signal.SIGHUP)
-        wait_for(lambda: any("still draining" in line for line in kp.stderr_events("reload")),
+        wait_for(lambda: any("reloading again once" in line for line in kp.stderr_events("reload")),
                  what="the second SIGHUP to be kept until generation 1 has drained")
         self.assertEqual(kp.stderr_events("reload_failed"), [], "the second SIGHUP was refused")
         t.join(30)
