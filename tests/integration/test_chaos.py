@@ -93,8 +93,7 @@ def tcp_inodes_to(port):
 
 def fd_count(pid, upstream_port):
     """(descriptors other than upstream connections and pidfds, upstream connections, pidfds)
-    of pid. A worker inherits the coordinator's pidfds of the siblings forked before it, so a
-    fresh worker's pidfds depend on its place in the order of forks, not on what it served."""
+    of pid. A worker must hold no pidfd: those are the coordinator's, one per child."""
     upstream = tcp_inodes_to(upstream_port)
     own = pooled = pidfds = 0
     for t in fd_targets(pid):
@@ -363,9 +362,9 @@ class ChaosTest(KeypoolTestCase):
         for pid, (_, pooled, pidfds) in got.items():
             self.assertLessEqual(pooled, 2 * CLIENTS, f"worker {pid} keeps {pooled} upstream "
                                  "connections")
-            # Inherited at fork, one per other worker alive then: two generations during a
-            # reload drain.
-            self.assertLessEqual(pidfds, 2 * WORKERS - 1, f"worker {pid} holds {pidfds} pidfds")
+            # The coordinator's pidfds of its children stay the coordinator's: a worker closes
+            # those it inherits at fork.
+            self.assertEqual(pidfds, 0, f"worker {pid} holds {pidfds} pidfds")
         wait_for(lambda: not self.zombies(), timeout=10, what="no zombie child")
         r = subprocess.run([KEYPOOLCTL, "-s", self.kp.socket_path, "check", "--json"],
                            capture_output=True, text=True, timeout=30)
