@@ -141,7 +141,9 @@ class TrustTest(HTTPSTestCase):
         status, _, body = kp.chat(MODEL)
         self.assertEqual(status, 200, body)
         self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], SIM_REPLY)
-        self.assertEqual(up.access()[-1]["protocol"], "HTTP/2.0", "HTTP/2 is offered and nginx takes it")
+        # nginx logs a request once its answer is sent: the log may trail the answer a moment.
+        entries = wait_for(up.access, what="nginx to log the request")
+        self.assertEqual(entries[-1]["protocol"], "HTTP/2.0", "HTTP/2 is offered and nginx takes it")
 
     def check_certificate_problem_blames_no_key(self, up, **provider):
         kp = self.https_keypool(up, **provider)
@@ -296,7 +298,8 @@ class ConnectionTest(HTTPSTestCase):
         for _ in range(10):
             status, _, body = kp.chat(MODEL)
             self.assertEqual(status, 200, body)
-        log = up.access()
+        log = wait_for(lambda: (lambda a: a if len(a) >= 10 else None)(up.access()),
+                       what="10 access log lines")
         self.assertEqual({e["protocol"] for e in log}, {"HTTP/1.1"})
         self.assertEqual(len({e["connection"] for e in log}), 1, f"10 requests, one connection: {log}")
 
@@ -305,7 +308,8 @@ class ConnectionTest(HTTPSTestCase):
         kp = self.https_keypool(up, ca_file=up.ca.cert)
         results = burst(kp, 50, {"X-Sim-Delay-Ms": "300"})
         self.assertEqual([s for s, _ in results], [200] * 50, [a[:300] for s, a in results if s != 200][:3])
-        log = up.access()
+        log = wait_for(lambda: (lambda a: a if len(a) >= 50 else None)(up.access()),
+                       what="50 access log lines")
         self.assertEqual({e["protocol"] for e in log}, {"HTTP/2.0"})
         conns = {e["connection"] for e in log}
         self.assertLessEqual(len(conns), 3, f"50 concurrent streams on {len(conns)} connections")

@@ -216,9 +216,10 @@ class KeypoolctlTest(KeypoolTestCase):
         self.start(a, b)
         self.rotate(a, b)
         # Fields that move between two reads a moment apart (clocks, and the requests the
-        # readers themselves make).
+        # readers themselves make). Wall-clock times are the monotonic ones turned into the
+        # wall clock at each read, so two reads may straddle a second.
         moving = {"uptime_s", "heartbeat_age_ms", "last_used_s_ago", "cooldown_remaining_s",
-                  "requests", "in_flight", "waiting"}
+                  "requests", "in_flight", "waiting", "last_used", "cooldown_until"}
 
         def steady(doc, in_status=False):
             if isinstance(doc, dict):
