@@ -43,6 +43,7 @@
 #include "keypool/scrub.h"
 #include "keypool/secmem.h"
 
+#define H2_BODY_MAX             (60 * 1024)     /* larger request bodies go over HTTP/1.1 */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define SPARE_REQUESTS          64              /* finished request records kept for new ones */
 #define MAX_WAIT_CAP_S          3600
@@ -1236,6 +1237,11 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
                 left = (int64_t) p->w.config->upstream_timeout * 1000;
         curl_easy_setopt(pr->easy, CURLOPT_TIMEOUT_MS, (long) left);
         upstream_configure(p->w.upstream, pr->easy, prov);
+        /* libcurl 7.88 fails (or hangs) an HTTP/2 stream whose server answers before it has
+         * read a body beyond its window (a provider's early 401/413/429 on a long context):
+         * "Stream error in the HTTP/2 framing layer". Such bodies go over HTTP/1.1. */
+        if (pr->body_len > H2_BODY_MAX)
+                curl_easy_setopt(pr->easy, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
 
         if (watchdog_start(pr) < 0) {
                 fail(pr, 500, "internal_error", 0, "cannot time the upstream transfer");

@@ -1485,6 +1485,17 @@ http {{
         ssl_session_cache shared:kp:1m;
         keepalive_requests {keepalive_requests};
         client_max_body_size 32m;
+        # A provider that refuses a request before it has read the body (an early 429).
+        location /early/ {{
+            add_header Retry-After 7 always;
+            default_type application/json;
+            return 429 '{{"error":{{"code":429,"message":"Rate limit exceeded"}}}}';
+        }}
+        # … or answers it at once without reading it.
+        location /early200/ {{
+            default_type application/json;
+            return 200 '{{"id":"x","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"early"}},"finish_reason":"stop"}}]}}';
+        }}
         location / {{
             proxy_pass http://sim;
             proxy_http_version 1.1;

@@ -336,6 +336,37 @@ class ConnectionTest(HTTPSTestCase):
         self.assertNotIn("wedged", kp.stderr())
 
 
+class EarlyAnswerTest(HTTPSTestCase):
+
+    def test_an_early_answer_to_a_long_request_over_http2_is_understood(self):
+        # A long context (200 KB) that the provider refuses before reading it: libcurl 7.88
+        # fails such an HTTP/2 stream ("framing layer") or leaves it hanging, so keypool sends
+        # long bodies over HTTP/1.1, and the 429 is judged as the provider meant it.
+        up = start_https_upstream(self, self.sim)
+        prov = {"name": "tls", "base_url": f"https://127.0.0.1:{up.port}/early/v1", "ca_file": up.ca.cert}
+        kp = self.start_keypool(pools=[{"name": "GLM", "model": MODEL, "keys": self.keys[:1],
+                                        "provider": "tls"}], providers=[prov],
+                                settings={"upstream_timeout": 20})
+        status, _, body = kp.chat(MODEL, headers={"X-Keypool-Max-Wait": "0"},
+                                  context="x" * 200_000)
+        self.assertNotEqual(status, 502, body[:300])
+        self.assertIn(status, (429, 503), body[:300])
+        self.assertNotIn(b"framing", body)
+        key = kp.key(self.keys[0])
+        self.assertEqual((key["state"], key["last_status"]), ("cooling", 429), key)
+
+    def test_an_answer_given_before_a_long_request_is_read_is_relayed(self):
+        up = start_https_upstream(self, self.sim)
+        prov = {"name": "tls", "base_url": f"https://127.0.0.1:{up.port}/early200/v1", "ca_file": up.ca.cert}
+        kp = self.start_keypool(pools=[{"name": "GLM", "model": MODEL, "keys": self.keys,
+                                        "provider": "tls"}], providers=[prov],
+                                settings={"upstream_timeout": 20})
+        for _ in range(3):
+            status, _, body = kp.chat(MODEL, context="x" * 200_000)
+            self.assertEqual(status, 200, body[:300])
+            self.assertIn(b"early", body)
+
+
 class LoopLagTest(HTTPSTestCase):
 
     def test_loop_lag_is_a_histogram_in_metrics(self):
