@@ -9,8 +9,9 @@
  * of a client that left can be cancelled. Streamed output is written once per loop iteration
  * (from the kick source), so an answer that arrives in one piece leaves in one write.
  *
- * The sockets live in the poller's epoll set and the kicks in its one list (see http.h): a loop
- * iteration handles a batch of ready connections and then all of their follow-up work.
+ * The sockets live in the worker's one epoll set and the kicks in the poller's one list (see
+ * http.h, evloop.h): a loop iteration handles a batch of ready sockets and then all of their
+ * follow-up work.
  *
  * A connection is never freed from inside a call that may be on its own stack (the handler can
  * answer synchronously from on_request, or abort from a curl callback): closing marks it dead
@@ -22,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <stddef.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -29,20 +31,19 @@
 #include <http_parser.h>
 #include <jansson.h>
 
+#include "keypool/evloop.h"
 #include "keypool/http.h"
 
 #define READ_CHUNK      (64 * 1024)
 #define OUT_HIGH_WATER  (1024 * 1024)   /* stream_write reports pressure above this */
 #define OUT_LOW_WATER   (256 * 1024)    /* on_drain fires below this */
 #define PENDING_MAX     (64 * 1024)     /* bytes read ahead while a request is being served */
-#define EVENT_BATCH     256
 #define BODY_KEEP_MAX   (1024 * 1024)   /* a body buffer larger than this is freed after use */
 
 struct http_poller {
         sd_event *event;
-        int epoll_fd;
-        sd_event_source *source;        /* epoll_fd readable: connections are ready */
-        sd_event_source *kick;          /* deferred: connections in kicks have work */
+        struct evloop *loop;            /* every connection's socket, and the kick below */
+        struct ev_defer kick;           /* connections in kicks have work */
         struct http_conn *kicks;        /* singly linked through kick_next */
         struct http_conn **kicks_tail;
         size_t body_bytes;              /* request bodies buffered by every connection */
@@ -63,6 +64,7 @@ enum conn_phase {
 };
 
 struct http_conn {
+        struct ev_watch watch;          /* first: the evloop hands this back */
         int fd;
         struct http_poller *poller;
         uint32_t events;                /* what fd is registered for */
@@ -813,6 +815,7 @@ static uint64_t reading_deadline(const struct http_conn *c) {
 static int conn_update_events(struct http_conn *c) {
         /* Once the peer has half-closed, RDHUP would fire for ever (level-triggered). */
         uint32_t events = c->half_closed ? 0 : EPOLLRDHUP;
+        int r;
 
         if (c->dead)
                 return 0;
@@ -841,9 +844,9 @@ static int conn_update_events(struct http_conn *c) {
                 kick_soon(c);
         if (events == c->events)
                 return 0;
-        if (epoll_ctl(c->poller->epoll_fd, EPOLL_CTL_MOD, c->fd,
-                      &(struct epoll_event) { .events = events, .data.ptr = c }) < 0)
-                return -errno;
+        r = evloop_mod(c->poller->loop, c->fd, events, &c->watch);
+        if (r < 0)
+                return r;
         c->events = events;
         return 0;
 }
@@ -1008,7 +1011,7 @@ static void conn_next(struct http_conn *c) {
 static void conn_free(struct http_conn *c) {
         sd_event_source_disable_unref(c->timer);
         if (c->fd >= 0) {
-                (void) epoll_ctl(c->poller->epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
+                (void) evloop_del(c->poller->loop, c->fd);
                 close(c->fd);
         }
         request_reset(c);
@@ -1033,7 +1036,7 @@ static void conn_close(struct http_conn *c) {
         request_data = c->request_data;
         c->request_data = NULL;
         sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
-        (void) epoll_ctl(c->poller->epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
+        (void) evloop_del(c->poller->loop, c->fd);
         close(c->fd);
         c->fd = -1;
         if (request_data && c->handler->on_abort)
@@ -1218,7 +1221,9 @@ static void conn_read(struct http_conn *c) {
         }
 }
 
-static void on_io(struct http_conn *c, uint32_t revents) {
+static void on_io(struct ev_watch *w, uint32_t revents) {
+        struct http_conn *c = (struct http_conn *) w;
+
         /* Closed earlier in this batch; the kick frees it. */
         if (c->dead)
                 return;
@@ -1252,6 +1257,7 @@ int http_conn_new(struct http_poller *p, int fd, const struct http_limits *limit
         c = calloc(1, sizeof *c);
         if (!c)
                 return -ENOMEM;
+        c->watch.on_event = on_io;
         c->fd = -1;
         c->poller = p;
         c->limits = limits;
@@ -1269,9 +1275,8 @@ int http_conn_new(struct http_poller *p, int fd, const struct http_limits *limit
                 return r;
         }
         c->events = EPOLLIN | EPOLLRDHUP;
-        if (epoll_ctl(p->epoll_fd, EPOLL_CTL_ADD, fd,
-                      &(struct epoll_event) { .events = c->events, .data.ptr = c }) < 0) {
-                r = -errno;
+        r = evloop_add(p->loop, fd, c->events, &c->watch);
+        if (r < 0) {
                 conn_free(c);
                 return r;
         }
@@ -1291,13 +1296,13 @@ static void kick_soon(struct http_conn *c) {
         c->kick_next = NULL;
         *p->kicks_tail = c;
         p->kicks_tail = &c->kick_next;
-        sd_event_source_set_enabled(p->kick, SD_EVENT_ONESHOT);
+        evloop_defer(p->loop, &p->kick);
 }
 
-/* Every connection kicked so far; those kicked meanwhile wait for the next iteration, so a
+/* Every connection kicked so far; those kicked meanwhile wait for the next round, so a
  * connection that keeps kicking itself cannot hold the loop. */
-static int on_poller_kick(sd_event_source *s, void *userdata) {
-        struct http_poller *p = userdata;
+static void on_poller_kick(struct ev_defer *d) {
+        struct http_poller *p = (struct http_poller *) ((char *) d - offsetof(struct http_poller, kick));
         struct http_conn *c = p->kicks;
 
         p->kicks = NULL;
@@ -1309,46 +1314,18 @@ static int on_poller_kick(sd_event_source *s, void *userdata) {
                 on_kick(c);             /* may free c */
                 c = next;
         }
-        return 0;
 }
 
-/* One batch of ready connections per wake-up; any left keep epoll_fd readable. Nothing is freed
- * during a batch (freeing waits for the kick), so every pointer in it stays good. */
-static int on_poller_ready(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct http_poller *p = userdata;
-        struct epoll_event ev[EVENT_BATCH];
-        int n;
-
-        n = epoll_wait(p->epoll_fd, ev, EVENT_BATCH, 0);
-        for (int i = 0; i < n; i++)
-                on_io(ev[i].data.ptr, ev[i].events);
-        return 0;
-}
-
-int http_poller_new(sd_event *e, struct http_poller **ret) {
+int http_poller_new(struct evloop *loop, struct http_poller **ret) {
         struct http_poller *p;
-        int r;
 
         p = calloc(1, sizeof *p);
         if (!p)
                 return -ENOMEM;
-        p->event = e;
+        p->loop = loop;
+        p->event = evloop_event(loop);
         p->kicks_tail = &p->kicks;
-        p->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-        if (p->epoll_fd < 0) {
-                r = -errno;
-                free(p);
-                return r;
-        }
-        r = sd_event_add_io(e, &p->source, p->epoll_fd, EPOLLIN, on_poller_ready, p);
-        if (r >= 0)
-                r = sd_event_add_defer(e, &p->kick, on_poller_kick, p);
-        if (r >= 0)
-                r = sd_event_source_set_enabled(p->kick, SD_EVENT_OFF);
-        if (r < 0) {
-                http_poller_free(p);
-                return r;
-        }
+        p->kick.run = on_poller_kick;
         *ret = p;
         return 0;
 }
@@ -1356,8 +1333,6 @@ int http_poller_new(sd_event *e, struct http_poller **ret) {
 void http_poller_free(struct http_poller *p) {
         if (!p)
                 return;
-        sd_event_source_disable_unref(p->source);
-        sd_event_source_disable_unref(p->kick);
-        close(p->epoll_fd);
+        evloop_cancel(p->loop, &p->kick);
         free(p);
 }

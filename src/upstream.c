@@ -1,13 +1,14 @@
-/* upstream.c — a worker's libcurl multi handle, driven by its sd-event loop.
+/* upstream.c — a worker's libcurl multi handle, driven by its event loop.
  *
  * The classic multi_socket integration: curl tells us which sockets to watch and when to wake
  * it; we tell curl which socket is ready or that its timeout passed; after every action finished
  * transfers are collected and handed back. Nothing here blocks.
  *
- * curl's sockets live in an epoll instance of their own, watched by sd-event as one source and
- * drained a batch at a time. sd-event dispatches one source per loop iteration and polls before
- * each, so with thousands of upstream connections (long streams) a source per socket made every
- * event cost a scan of all ready sockets: the loop starved and its heartbeat with it.
+ * curl's sockets live in the worker's one epoll set (evloop.h), with the client sockets, drained
+ * a batch at a time; curl's "act now" is deferred work run right after the batch. sd-event
+ * dispatches one source per loop iteration and polls before each, so with thousands of upstream
+ * connections (long streams) a source per socket made every event cost a scan of all ready
+ * sockets, and a source per kind of work cost an iteration per request for each.
  *
  * curl stops watching a connection's socket after every transfer and watches it again for the
  * next one on the same connection: an EPOLL_CTL_DEL and an EPOLL_CTL_ADD per request. Sockets
@@ -29,12 +30,14 @@
  */
 #include <errno.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "keypool/evloop.h"
 #include "keypool/upstream.h"
 
 struct transfer {
@@ -44,8 +47,6 @@ struct transfer {
         char error[CURL_ERROR_SIZE];    /* curl's full text of what went wrong */
 };
 
-#define EVENT_BATCH 256
-
 /* What we know of a descriptor curl uses, indexed by its number. */
 enum {
         FD_CONN         = 1 << 0,       /* opened by curl for a connection (ours to track) */
@@ -53,20 +54,23 @@ enum {
         FD_WATCHED      = 1 << 2,       /* curl wants events from it now */
 };
 
+/* One per descriptor number curl has used, kept (and reused for the number) until
+ * upstream_free: an event may name a socket closed earlier in the same batch. */
 struct fd_state {
+        struct ev_watch watch;          /* first: the evloop hands this back */
+        struct upstream *u;
+        int fd;
         uint8_t flags;
         uint32_t events;                /* registered for, when FD_REGISTERED */
 };
 
 struct upstream {
-        sd_event *event;
+        struct evloop *loop;            /* curl's sockets, in the worker's one epoll set */
         CURLM *multi;
-        int epoll_fd;                   /* curl's sockets */
-        sd_event_source *epoll_source;
         sd_event_source *timer;
-        sd_event_source *kick;          /* curl's "call me now": no timer needed */
+        struct ev_defer kick;           /* curl's "call me now": no timer needed */
         unsigned running;
-        struct fd_state *fds;
+        struct fd_state **fds;
         size_t n_fds;
         struct transfer *free_transfers; /* ended transfers' records, for the next ones */
         CURLSH *share;                  /* TLS sessions and DNS answers of all transfers */
@@ -119,12 +123,14 @@ static void collect_done(struct upstream *u) {
         }
 }
 
+static void on_socket_event(struct ev_watch *w, uint32_t events);
+
 static struct fd_state *fd_state(struct upstream *u, int fd) {
         if (fd < 0)
                 return NULL;
         if ((size_t) fd >= u->n_fds) {
                 size_t n = u->n_fds ? u->n_fds : 64;
-                struct fd_state *p;
+                struct fd_state **p;
 
                 while (n <= (size_t) fd)
                         n *= 2;
@@ -135,30 +141,42 @@ static struct fd_state *fd_state(struct upstream *u, int fd) {
                 u->fds = p;
                 u->n_fds = n;
         }
-        return &u->fds[fd];
+        if (!u->fds[fd]) {
+                u->fds[fd] = calloc(1, sizeof **u->fds);
+                if (!u->fds[fd])
+                        return NULL;
+                *u->fds[fd] = (struct fd_state) { .watch.on_event = on_socket_event, .u = u, .fd = fd };
+        }
+        return u->fds[fd];
+}
+
+/* Forgets what was known of the number: the socket it named is gone. */
+static void fd_forget(struct fd_state *st) {
+        st->flags = 0;
+        st->events = 0;
 }
 
 /* Makes the epoll set hold fd for events (0: out of the set). With trusted, a registration the
  * table already shows is not repeated. 0 or a negative errno. */
 static int fd_register(struct upstream *u, int fd, struct fd_state *st, uint32_t events, bool trusted) {
-        struct epoll_event ev = { .events = events, .data.fd = fd };
-        int op;
+        bool mod;
+        int r;
 
         if (events == 0) {
                 if (st->flags & FD_REGISTERED)
-                        (void) epoll_ctl(u->epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+                        (void) evloop_del(u->loop, fd);
                 st->flags &= (uint8_t) ~FD_REGISTERED;
                 return 0;
         }
         if (trusted && (st->flags & FD_REGISTERED) && st->events == events)
                 return 0;
-        op = (st->flags & FD_REGISTERED) ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
-        if (epoll_ctl(u->epoll_fd, op, fd, &ev) < 0) {
+        mod = st->flags & FD_REGISTERED;
+        r = mod ? evloop_mod(u->loop, fd, events, &st->watch) : evloop_add(u->loop, fd, events, &st->watch);
+        if (r < 0) {
                 /* The table was wrong about this number: the kernel's view wins. */
-                int r = -errno;
-
                 if ((r != -ENOENT && r != -EEXIST) ||
-                    epoll_ctl(u->epoll_fd, op == EPOLL_CTL_MOD ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, fd, &ev) < 0) {
+                    (mod ? evloop_add(u->loop, fd, events, &st->watch)
+                         : evloop_mod(u->loop, fd, events, &st->watch)) < 0) {
                         st->flags &= (uint8_t) ~FD_REGISTERED;
                         return r;
                 }
@@ -168,47 +186,46 @@ static int fd_register(struct upstream *u, int fd, struct fd_state *st, uint32_t
         return 0;
 }
 
-static int on_sockets_ready(sd_event_source *s, int fd, uint32_t revents, void *userdata) {
-        struct upstream *u = userdata;
-        struct epoll_event ev[EVENT_BATCH];
-        int n, still;
+/* One of curl's sockets is ready (in a batch of the worker's sockets). Finished transfers are
+ * collected at once: their answers go out to clients in the same batch's follow-up work. */
+static void on_socket_event(struct ev_watch *w, uint32_t events) {
+        struct fd_state *st = (struct fd_state *) w;
+        struct upstream *u = st->u;
+        int action = 0, still;
 
-        /* One batch per wake-up; anything left keeps the epoll fd readable for the next. */
-        n = epoll_wait(u->epoll_fd, ev, EVENT_BATCH, 0);
-        for (int i = 0; i < n; i++) {
-                struct fd_state *st = (size_t) ev[i].data.fd < u->n_fds ? &u->fds[ev[i].data.fd] : NULL;
-                int action = 0;
-
-                /* An idle connection's socket woke (the server closed it, say): curl will find
-                 * out when it next looks at the connection; until then it stays quiet. */
-                if (st && !(st->flags & FD_WATCHED)) {
-                        fd_register(u, ev[i].data.fd, st, 0, true);
-                        continue;
-                }
-
-                if (ev[i].events & EPOLLIN)
-                        action |= CURL_CSELECT_IN;
-                if (ev[i].events & EPOLLOUT)
-                        action |= CURL_CSELECT_OUT;
-                if (ev[i].events & (EPOLLERR | EPOLLHUP))
-                        action |= CURL_CSELECT_ERR;
-                curl_multi_socket_action(u->multi, ev[i].data.fd, action, &still);
+        /* An idle connection's socket woke (the server closed it, say), or the socket was closed
+         * earlier in this batch: curl will find out when it next looks at the connection; until
+         * then it stays quiet. */
+        if (!(st->flags & FD_WATCHED)) {
+                fd_register(u, st->fd, st, 0, true);
+                return;
         }
+        if (events & EPOLLIN)
+                action |= CURL_CSELECT_IN;
+        if (events & EPOLLOUT)
+                action |= CURL_CSELECT_OUT;
+        if (events & (EPOLLERR | EPOLLHUP))
+                action |= CURL_CSELECT_ERR;
+        curl_multi_socket_action(u->multi, st->fd, action, &still);
         collect_done(u);
-        return 0;
 }
 
-static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
-        struct upstream *u = userdata;
+static void act_on_timeout(struct upstream *u) {
         int still;
 
         curl_multi_socket_action(u->multi, CURL_SOCKET_TIMEOUT, 0, &still);
         collect_done(u);
+}
+
+static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        act_on_timeout(userdata);
         return 0;
 }
 
-static int on_kick(sd_event_source *s, void *userdata) {
-        return on_timer(s, 0, userdata);
+static void on_kick(struct ev_defer *d) {
+        struct upstream *u = (struct upstream *) ((char *) d - offsetof(struct upstream, kick));
+
+        act_on_timeout(u);
 }
 
 /* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants.
@@ -255,7 +272,8 @@ static curl_socket_t open_socket_cb(void *userp, curlsocktype purpose, struct cu
                 return CURL_SOCKET_BAD;
         }
         /* Whatever the table said of this number was about a socket that is gone. */
-        *st = (struct fd_state) { .flags = FD_CONN };
+        fd_forget(st);
+        st->flags = FD_CONN;
         return fd;
 }
 
@@ -264,8 +282,8 @@ static curl_socket_t open_socket_cb(void *userp, curlsocktype purpose, struct cu
 static int close_socket_cb(void *userp, curl_socket_t fd) {
         struct upstream *u = userp;
 
-        if ((size_t) fd < u->n_fds)
-                u->fds[fd] = (struct fd_state) {};
+        if ((size_t) fd < u->n_fds && u->fds[fd])
+                fd_forget(u->fds[fd]);
         return close(fd);
 }
 
@@ -278,14 +296,15 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
         uint64_t accuracy_usec;
 
         if (timeout_ms < 0) {
-                sd_event_source_set_enabled(u->kick, SD_EVENT_OFF);
+                evloop_cancel(u->loop, &u->kick);
                 return sd_event_source_set_enabled(u->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
         }
         if (timeout_ms == 0) {
                 sd_event_source_set_enabled(u->timer, SD_EVENT_OFF);
-                return sd_event_source_set_enabled(u->kick, SD_EVENT_ONESHOT) < 0 ? -1 : 0;
+                evloop_defer(u->loop, &u->kick);
+                return 0;
         }
-        sd_event_source_set_enabled(u->kick, SD_EVENT_OFF);
+        evloop_cancel(u->loop, &u->kick);
         accuracy_usec = (uint64_t) timeout_ms * 1000 / 16;
         if (accuracy_usec > 250000)
                 accuracy_usec = 250000;
@@ -332,7 +351,7 @@ static int share_new(struct upstream *u) {
         return 0;
 }
 
-int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
+int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream **ret) {
         struct upstream *u;
         int r;
 
@@ -340,60 +359,28 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
         if (!u)
                 return -ENOMEM;
         u->config = cfg;
+        u->loop = loop;
+        u->kick.run = on_kick;
         u->reported_ms = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->reported_ms);
         r = u->reported_ms ? read_default_trust(u) : -ENOMEM;
         if (r >= 0)
                 r = share_new(u);
+        if (r >= 0) {
+                u->multi = curl_multi_init();
+                if (!u->multi)
+                        r = -ENOMEM;
+        }
+        /* Accuracy 1 µs: curl's short timeouts must not be coalesced with sd-event's default
+         * 250 ms (timer_cb widens it for long ones). */
+        if (r >= 0)
+                r = sd_event_add_time_relative(evloop_event(loop), &u->timer, CLOCK_MONOTONIC, 0, 1,
+                                               on_timer, u);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(u->timer, SD_EVENT_OFF);
         if (r < 0) {
-                free_owned(u);
-                free(u);
+                upstream_free(u);
                 return r;
         }
-        u->event = e;
-        u->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-        if (u->epoll_fd < 0) {
-                r = -errno;
-                free_owned(u);
-                free(u);
-                return r;
-        }
-        u->multi = curl_multi_init();
-        if (!u->multi) {
-                close(u->epoll_fd);
-                free_owned(u);
-                free(u);
-                return -ENOMEM;
-        }
-        r = sd_event_add_io(e, &u->epoll_source, u->epoll_fd, EPOLLIN, on_sockets_ready, u);
-        if (r < 0) {
-                curl_multi_cleanup(u->multi);
-                close(u->epoll_fd);
-                free_owned(u);
-                free(u);
-                return r;
-        }
-        /* Accuracy 1 µs: curl's "call me now" must not be coalesced with sd-event's default 250 ms. */
-        r = sd_event_add_time_relative(e, &u->timer, CLOCK_MONOTONIC, 0, 1, on_timer, u);
-        if (r < 0) {
-                sd_event_source_disable_unref(u->epoll_source);
-                curl_multi_cleanup(u->multi);
-                close(u->epoll_fd);
-                free_owned(u);
-                free(u);
-                return r;
-        }
-        sd_event_source_set_enabled(u->timer, SD_EVENT_OFF);
-        r = sd_event_add_defer(e, &u->kick, on_kick, u);
-        if (r < 0) {
-                sd_event_source_disable_unref(u->timer);
-                sd_event_source_disable_unref(u->epoll_source);
-                curl_multi_cleanup(u->multi);
-                close(u->epoll_fd);
-                free_owned(u);
-                free(u);
-                return r;
-        }
-        sd_event_source_set_enabled(u->kick, SD_EVENT_OFF);
         curl_multi_setopt(u->multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
         curl_multi_setopt(u->multi, CURLMOPT_SOCKETDATA, u);
         curl_multi_setopt(u->multi, CURLMOPT_TIMERFUNCTION, timer_cb);
@@ -408,11 +395,12 @@ int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret) {
 void upstream_free(struct upstream *u) {
         if (!u)
                 return;
-        curl_multi_cleanup(u->multi);
-        sd_event_source_disable_unref(u->kick);
+        if (u->multi)
+                curl_multi_cleanup(u->multi);
+        evloop_cancel(u->loop, &u->kick);
         sd_event_source_disable_unref(u->timer);
-        sd_event_source_disable_unref(u->epoll_source);
-        close(u->epoll_fd);
+        for (size_t i = 0; i < u->n_fds; i++)
+                free(u->fds[i]);
         free(u->fds);
         while (u->free_transfers) {
                 struct transfer *t = u->free_transfers;

@@ -3,7 +3,8 @@
  * A worker pulls jobs — client connections — from the listening socket it shares with its
  * siblings (non-blocking accept: whoever wakes first takes the connection) and serves all of them
  * from one sd-event loop; every upstream call is a transfer on the worker's curl multi handle, so
- * a slow upstream never holds up another client. The proxy it creates is opaque: the worker
+ * a slow upstream never holds up another client. Client and upstream sockets share one epoll set
+ * (evloop.h): a wake-up serves a batch of either, and the work that follows, in one iteration. The proxy it creates is opaque: the worker
  * lends it the loop, the table and the multi handle, and asks it only through proxy.h.
  */
 #include <errno.h>
@@ -24,6 +25,7 @@
 #include "keypool/api.h"
 #include "keypool/clock.h"
 #include "keypool/curlmem.h"
+#include "keypool/evloop.h"
 #include "keypool/http.h"
 #include "keypool/keyid.h"
 #include "keypool/log.h"
@@ -56,8 +58,9 @@ struct worker {
         bool accept_paused;
         uint64_t accept_logged_usec;            /* when the last line about it was written */
         unsigned accept_pauses;                 /* pauses since then */
+        struct evloop *loop;            /* every client and upstream socket, one epoll set */
         struct upstream *upstream;
-        struct http_poller *poller;     /* every client connection's socket */
+        struct http_poller *poller;     /* every client connection */
         struct proxy_context *proxy;
         struct api_context api;
         struct http_limits limits;
@@ -394,9 +397,11 @@ int worker_run(const struct worker_params *wp) {
         }
         r = sd_event_new(&w.event);
         if (r >= 0)
-                r = upstream_new(w.event, wp->config, &w.upstream);
+                r = evloop_new(w.event, &w.loop);
         if (r >= 0)
-                r = http_poller_new(w.event, &w.poller);
+                r = upstream_new(w.loop, wp->config, &w.upstream);
+        if (r >= 0)
+                r = http_poller_new(w.loop, &w.poller);
         if (r >= 0)
                 r = sd_event_add_io(w.event, &w.accept_source, wp->listen_fd, EPOLLIN, on_accept, &w);
         if (r >= 0)

@@ -72,13 +72,13 @@ struct http_handler {
         void (*on_closed)(struct http_conn *c, void *userdata);
 };
 
-/* One per event loop: every connection's socket in one epoll set that the loop watches as a single
- * source, and one deferred source for all connections' follow-up work. sd-event dispatches one
- * source per iteration and polls before each, so a source per connection made every event cost a
- * poll of all ready sockets: with many busy clients the loop spent its time in epoll_wait. */
+/* One per event loop: every connection's socket in the evloop's epoll set (shared with the
+ * upstream's sockets), and one deferred task for all connections' follow-up work, run after each
+ * batch of ready sockets (see evloop.h). */
 struct http_poller;
+struct evloop;
 
-int http_poller_new(sd_event *e, struct http_poller **ret);
+int http_poller_new(struct evloop *loop, struct http_poller **ret);
 /* Only once every connection made with it is gone (or the process is about to exit). */
 void http_poller_free(struct http_poller *p);
 

@@ -1,8 +1,9 @@
-/* upstream.h — a worker's libcurl multi handle, driven by its sd-event loop.
+/* upstream.h — a worker's libcurl multi handle, driven by its event loop.
  *
  * Owns the curl multi handle (and so the worker's pool of upstream connections, reused across
- * requests) and the glue that lets curl's sockets and timer live in sd-event:
- * CURLMOPT_SOCKETFUNCTION maps to io sources, CURLMOPT_TIMERFUNCTION to one time source. Callers
+ * requests) and the glue that lets curl's sockets and timer live in the worker's loop:
+ * CURLMOPT_SOCKETFUNCTION maps to watches in the evloop's epoll set, CURLMOPT_TIMERFUNCTION to
+ * one time source (and "now" to the evloop's deferred work). Callers
  * prepare easy handles; this module runs them and reports each one's end. Also owns how a
  * transfer reaches its provider (trust, proxy, HTTP version) and the worker's shared TLS
  * sessions and CA store, and says which failures are the upstream's transport rather than a
@@ -19,6 +20,7 @@
 #include "keypool/conf.h"
 
 struct upstream;
+struct evloop;
 
 /* Called once per transfer when it ends (res is CURLE_OK or the error), after the handle has
  * been removed from the multi handle; the callee owns easy again. */
@@ -35,7 +37,7 @@ enum upstream_failure {
 };
 
 /* cfg must outlive the upstream (providers are named by their place in it). */
-int upstream_new(sd_event *e, const struct config *cfg, struct upstream **ret);
+int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream **ret);
 /* Frees u once no transfer runs on it (cancel the running ones first). Easy handles whose
  * transfers ended hold nothing of u and may be cleaned up before or after. */
 void upstream_free(struct upstream *u);

@@ -19,6 +19,7 @@
 
 #include <systemd/sd-event.h>
 
+#include "keypool/evloop.h"
 #include "keypool/http.h"
 #include "fuzz.h"
 
@@ -31,6 +32,7 @@ enum mode {
 
 static struct state {
         sd_event *event;
+        struct evloop *loop;
         struct http_poller *poller;
         struct http_conn *conn;         /* NULL once on_closed ran */
         struct http_conn *held;         /* MODE_LATER: a request waiting for its answer */
@@ -176,7 +178,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         size -= 2;
 
         CHECK(sd_event_new(&S.event) >= 0);
-        CHECK(http_poller_new(S.event, &S.poller) == 0);
+        CHECK(evloop_new(S.event, &S.loop) == 0);
+        CHECK(http_poller_new(S.loop, &S.poller) == 0);
         CHECK(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) == 0);
         CHECK(http_conn_new(S.poller, sv[0], &limits, &handler, NULL, &S.conn) == 0);
         http_conn_set_peer(S.conn, &(struct http_peer) { .tcp = data[-2] & 4 });
@@ -204,6 +207,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         CHECK(!S.conn);
         close(S.client);
         http_poller_free(S.poller);
+        evloop_free(S.loop);
         sd_event_unref(S.event);
         return 0;
 }

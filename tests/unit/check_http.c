@@ -19,6 +19,7 @@
 #include <jansson.h>
 #include <systemd/sd-event.h>
 
+#include "keypool/evloop.h"
 #include "keypool/http.h"
 #include "loop_wait.h"
 
@@ -42,6 +43,7 @@ struct seen {
 
 static struct harness {
         sd_event *event;
+        struct evloop *loop;
         struct http_poller *poller;
         struct http_conn *conn;         /* NULL once on_closed ran */
         int client;
@@ -317,7 +319,8 @@ static void setup(void) {
                 },
         };
         ck_assert_int_ge(sd_event_new(&H.event), 0);
-        ck_assert_int_eq(http_poller_new(H.event, &H.poller), 0);
+        ck_assert_int_eq(evloop_new(H.event, &H.loop), 0);
+        ck_assert_int_eq(http_poller_new(H.loop, &H.poller), 0);
 }
 
 /* For tests that need other limits: set H.limits, then call this. */
@@ -339,6 +342,7 @@ static void teardown(void) {
         if (H.client >= 0)
                 close(H.client);
         http_poller_free(H.poller);
+        evloop_free(H.loop);
         sd_event_unref(H.event);
         for (size_t i = 0; i < H.n_seen; i++) {
                 struct seen *s = &H.seen[i];

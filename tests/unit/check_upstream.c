@@ -26,6 +26,7 @@
 #include <curl/curl.h>
 #include <systemd/sd-event.h>
 
+#include "keypool/evloop.h"
 #include "keypool/upstream.h"
 #include "loop_wait.h"
 
@@ -60,6 +61,7 @@ struct xfer {
 
 static struct harness {
         sd_event *event;
+        struct evloop *loop;
         struct upstream *up;
         int listen_fd;
         sd_event_source *listen_source;
@@ -315,7 +317,8 @@ static void setup(void) {
         H = (struct harness) { .listen_fd = -1 };
         ck_assert_int_eq(curl_global_init(CURL_GLOBAL_DEFAULT), CURLE_OK);
         ck_assert_int_ge(sd_event_new(&H.event), 0);
-        ck_assert_int_eq(upstream_new(H.event, &config, &H.up), 0);
+        ck_assert_int_eq(evloop_new(H.event, &H.loop), 0);
+        ck_assert_int_eq(upstream_new(H.loop, &config, &H.up), 0);
         H.listen_fd = bound_socket(&H.port);
         ck_assert_int_eq(listen(H.listen_fd, 128), 0);
         ck_assert_int_ge(sd_event_add_io(H.event, &H.listen_source, H.listen_fd, EPOLLIN, on_srv_accept, NULL), 0);
@@ -333,6 +336,7 @@ static void teardown(void) {
                 srv_close(H.conns);
         sd_event_source_disable_unref(H.listen_source);
         close(H.listen_fd);
+        evloop_free(H.loop);
         sd_event_unref(H.event);
         curl_global_cleanup();
 }
