@@ -45,7 +45,8 @@
 
 #define H2_BODY_MAX             (60 * 1024)     /* larger request bodies go over HTTP/1.1 */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
-#define SPARE_REQUESTS          64              /* finished request records kept for new ones */
+#define SPARE_MIN               64              /* finished records and handles kept at least */
+#define SPARE_TRIM_USEC         (10ULL * 1000000) /* … and more, up to the peak of this long */
 #define MAX_WAIT_CAP_S          3600
 #define PROBE_PERIOD_USEC       (2ULL * 1000000)
 #define TRANSPORT_REPORT_MS     (60 * 1000)     /* a provider's TLS/DNS failure is logged this often */
@@ -60,8 +61,6 @@ enum step {
         STEP_DONE,
         _STEP_MAX,
 };
-
-#define PROXY_SPARE_HANDLES     32
 
 /* A probe started to confirm a caller's 401/403 on a key (see confirm_refusal). */
 struct confirm {
@@ -79,10 +78,12 @@ struct proxy_context {
         sd_event_source *kick;          /* deferred: serve the queues */
         sd_event_source *probe_timer;
         unsigned probes;                /* probes in flight */
-        CURL *spare[PROXY_SPARE_HANDLES]; /* finished transfers' handles, set up for the next */
-        unsigned n_spare;
+        CURL **spare;                   /* finished transfers' handles, set up for the next */
+        unsigned n_spare, spare_cap;
         struct proxy_request *spare_requests; /* finished requests' records, for the next */
         unsigned n_spare_requests;
+        unsigned peak_active;           /* the most requests served at once since the last trim */
+        sd_event_source *trim_timer;    /* spares beyond that peak are freed */
         struct scrub *scrub;            /* hides the configured secrets in upstream text */
         struct confirm confirms[CONFIRMS];
 };
@@ -329,6 +330,42 @@ static void set_step(struct proxy_request *pr, enum step step) {
         pr->step = step;
 }
 
+/* Spares: finished requests' records and transfers' handles are kept for the next requests, as
+ * many as were served at once at the peak of the last SPARE_TRIM_USEC (at least SPARE_MIN). A
+ * steady load at any concurrency then allocates neither per request (a new handle costs curl's
+ * buffers and every option set again, a new record a mapping for its secrets), and what a burst
+ * left behind is freed once it has passed. */
+static unsigned spare_limit(const struct proxy_context *p) {
+        return p->peak_active > SPARE_MIN ? p->peak_active : SPARE_MIN;
+}
+
+static void request_free(struct proxy_request *pr) {
+        (void) secmem_free(pr->headers);
+        answer_free(&pr->answer);
+        free(pr);
+}
+
+static void spares_trim(struct proxy_context *p, unsigned limit) {
+        while (p->n_spare_requests > limit) {
+                struct proxy_request *pr = p->spare_requests;
+
+                p->spare_requests = pr->next_spare;
+                p->n_spare_requests--;
+                request_free(pr);
+        }
+        while (p->n_spare > limit)
+                curl_easy_cleanup(p->spare[--p->n_spare]);
+}
+
+static int on_trim_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_context *p = userdata;
+
+        spares_trim(p, spare_limit(p));
+        p->peak_active = p->active;
+        sd_event_source_set_time_relative(s, SPARE_TRIM_USEC);
+        return sd_event_source_set_enabled(s, SD_EVENT_ONESHOT);
+}
+
 /* A zeroed request record: a finished one with its buffers, or a new one. */
 static struct proxy_request *request_get(struct proxy_context *p) {
         struct proxy_request *pr = p->spare_requests;
@@ -356,15 +393,13 @@ static struct proxy_request *request_get(struct proxy_context *p) {
 static void request_put(struct proxy_request *pr) {
         struct proxy_context *p = pr->ctx;
 
-        if (p->n_spare_requests < SPARE_REQUESTS) {
+        if (p->n_spare_requests < spare_limit(p)) {
                 pr->next_spare = p->spare_requests;
                 p->spare_requests = pr;
                 p->n_spare_requests++;
                 return;
         }
-        (void) secmem_free(pr->headers);
-        answer_free(&pr->answer);
-        free(pr);
+        request_free(pr);
 }
 
 static void release(struct proxy_request *pr, const struct verdict *v) {
@@ -661,7 +696,7 @@ static size_t on_answer_body(char *data, size_t size, size_t nmemb, void *userda
 /* --- attempts ---------------------------------------------------------------------------- */
 
 /* A handle for a proxied transfer with everything that does not change between requests already
- * set: a finished transfer's handle is kept (up to PROXY_SPARE_HANDLES) rather than rebuilt.
+ * set: a finished transfer's handle is kept (see spare_limit) rather than rebuilt.
  * Handles come back from on_done, whatever the transfer's result (curl resets a handle's
  * transfer state when the next one starts); a cancelled one (client gone) is freed instead. */
 static CURL *easy_get(struct proxy_context *p) {
@@ -684,8 +719,25 @@ static CURL *easy_get(struct proxy_context *p) {
         return easy;
 }
 
+static bool spare_room(struct proxy_context *p) {
+        CURL **a;
+        unsigned cap;
+
+        if (p->n_spare >= spare_limit(p))
+                return false;
+        if (p->n_spare < p->spare_cap)
+                return true;
+        cap = p->spare_cap ? p->spare_cap * 2 : SPARE_MIN;
+        a = reallocarray(p->spare, cap, sizeof *a);
+        if (!a)
+                return false;
+        p->spare = a;
+        p->spare_cap = cap;
+        return true;
+}
+
 static void easy_put(struct proxy_context *p, CURL *easy) {
-        if (p->n_spare < PROXY_SPARE_HANDLES) {
+        if (spare_room(p)) {
                 /* Nothing of the request stays reachable from it: the header list (with the
                  * key) is freed next, and the body may be. */
                 curl_easy_setopt(easy, CURLOPT_HTTPHEADER, NULL);
@@ -1797,6 +1849,8 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         }
         pr->ctx = p;
         p->active++;
+        if (p->active > p->peak_active)
+                p->peak_active = p->active;
         set_step(pr, STEP_NEW);
         pr->answer.mode = ANSWER_HEADERS;
         pr->last_key = KEYTABLE_NO_KEY;
@@ -1870,6 +1924,10 @@ int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
                                        on_probe_timer, p);
         if (r < 0)
                 goto fail;
+        r = sd_event_add_time_relative(p->w.event, &p->trim_timer, CLOCK_MONOTONIC, SPARE_TRIM_USEC,
+                                       1000000, on_trim_timer, p);
+        if (r < 0)
+                goto fail;
         *ret = p;
         return 0;
 fail:
@@ -1888,18 +1946,11 @@ struct proxy_context *proxy_free(struct proxy_context *p) {
                 for (unsigned i = 0; i < p->w.config->n_pools; i++)
                         sd_event_source_disable_unref(p->queues[i].timer);
         free(p->queues);
-        while (p->n_spare > 0)
-                curl_easy_cleanup(p->spare[--p->n_spare]);
-        while (p->spare_requests) {
-                struct proxy_request *pr = p->spare_requests;
-
-                p->spare_requests = pr->next_spare;
-                (void) secmem_free(pr->headers);
-                answer_free(&pr->answer);
-                free(pr);
-        }
+        spares_trim(p, 0);
+        free(p->spare);
         sd_event_source_disable_unref(p->kick);
         sd_event_source_disable_unref(p->probe_timer);
+        sd_event_source_disable_unref(p->trim_timer);
         scrub_free(p->scrub);
         free(p);
         return NULL;

@@ -17,10 +17,12 @@
 #include "keypool/secmem.h"
 
 #define SECMEM_CHUNK     (64u * 1024)
-#define SECMEM_N_CLASSES 4
-#define SECMEM_SMALL_MAX 512u
+#define SECMEM_N_CLASSES 8
+#define SECMEM_SMALL_MAX 8192u
 
-static const size_t class_size[SECMEM_N_CLASSES] = { 64, 128, 256, 512 };
+/* Up to 8 KiB: a proxied request's header block (its auth line alone may take 4 KiB) is one of
+ * these, and a mapping of its own per request cost three system calls. */
+static const size_t class_size[SECMEM_N_CLASSES] = { 64, 128, 256, 512, 1024, 2048, 4096, 8192 };
 
 struct mapping {
         struct mapping *next;
