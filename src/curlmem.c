@@ -5,7 +5,8 @@
  * whole usable size, realloc always moves and wipes the old block (an in-place shrink would
  * leave the tail, a move the whole old block). The blocks are ordinary heap, so a core dump still
  * holds what libcurl has in use at that moment (a transfer under way); it no longer holds what
- * libcurl used and dropped.
+ * libcurl used and dropped. Receive buffers are the exception (see curlmem.h): their usable
+ * sizes are learnt once, from the allocator itself.
  */
 #include <curl/curl.h>
 #include <malloc.h>
@@ -14,11 +15,29 @@
 
 #include "keypool/curlmem.h"
 
+static size_t recv_usable[2];           /* usable sizes of the two receive buffers */
+
+bool curlmem_unwiped_size(size_t n) {
+        return n == recv_usable[0] || n == recv_usable[1];
+}
+
 static void wiping_free(void *p) {
+        size_t n;
+
         if (!p)
                 return;
-        explicit_bzero(p, malloc_usable_size(p));
+        n = malloc_usable_size(p);
+        if (!curlmem_unwiped_size(n))
+                explicit_bzero(p, n);
         free(p);
+}
+
+static size_t usable_size_of(size_t size) {
+        void *p = malloc(size);
+        size_t n = p ? malloc_usable_size(p) : 0;
+
+        free(p);
+        return n;
 }
 
 static void *wiping_realloc(void *p, size_t size) {
@@ -46,6 +65,8 @@ static char *wiping_strdup(const char *s) {
 }
 
 int curlmem_global_init(long flags) {
+        recv_usable[0] = usable_size_of(CURLMEM_RECV_BUFFER + 1);
+        recv_usable[1] = usable_size_of(CURLMEM_STREAM_RECV_BUFFER + 1);
         return (int) curl_global_init_mem(flags, malloc, wiping_free, wiping_realloc, wiping_strdup,
                                           calloc);
 }

@@ -36,6 +36,7 @@
 
 #include "keypool/answer.h"
 #include "keypool/clock.h"
+#include "keypool/curlmem.h"
 #include "keypool/jscan.h"
 #include "keypool/log.h"
 #include "keypool/policy.h"
@@ -107,6 +108,7 @@ struct proxy_request {
         char *body;                     /* forwarded body: the client's, or rewritten */
         size_t body_len;
         bool own_body;
+        bool stream;                    /* the body asks for a stream ("stream": true) */
         struct curl_slist *headers;     /* every request header, in one block built once: the
                                          * auth line's node first (its text is auth) */
         size_t headers_size;            /* bytes allocated for the block */
@@ -1288,6 +1290,9 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         if (left > (int64_t) p->w.config->upstream_timeout * 1000)
                 left = (int64_t) p->w.config->upstream_timeout * 1000;
         curl_easy_setopt(pr->easy, CURLOPT_TIMEOUT_MS, (long) left);
+        /* A stream holds curl's receive buffer for as long as it lasts (see curlmem.h). */
+        curl_easy_setopt(pr->easy, CURLOPT_BUFFERSIZE,
+                         (long) (pr->stream ? CURLMEM_STREAM_RECV_BUFFER : CURLMEM_RECV_BUFFER));
         upstream_configure(p->w.upstream, pr->easy, prov);
         /* libcurl 7.88 fails (or hangs) an HTTP/2 stream whose server answers before it has
          * read a body beyond its window (a provider's early 401/413/429 on a long context):
@@ -1646,18 +1651,21 @@ int proxy_rewrite_model(const char *body, size_t body_len, const struct jscan_va
 static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req) {
         const struct config *cfg = pr->ctx->w.config;
         const char *header = http_request_header(req, "X-Keypool-Pool");
+        static const char *const members[] = { "model", "stream" };
         struct keytable_pool_view info;
-        struct jscan_value model;
+        struct jscan_value found[2], model;
         char model_buf[1024];
         const char *model_name = NULL;
         size_t model_len = 0;
         int pool = -1, r;
 
-        if (jscan_object_member(req->body, req->body_len, "model", &model) < 0) {
+        if (jscan_object_members(req->body, req->body_len, members, 2, found) < 0) {
                 http_conn_respond_error(c, 400, "invalid_request_error", "invalid_json", NULL, 0,
                                         "the request body must be a JSON object");
                 return -1;
         }
+        model = found[0];
+        pr->stream = found[1].type == JSCAN_TRUE;
         if (model.type == JSCAN_STRING) {
                 r = jscan_string(&model, model_buf, sizeof model_buf, &model_len);
                 if (r == -ENOBUFS) {

@@ -2,11 +2,28 @@
  *
  * Owns the allocator a worker hands libcurl: the ordinary heap, except that every block libcurl
  * frees or moves (realloc) is wiped first. libcurl copies the header that carries a key into its
- * own buffers (the header list, the request it writes out) and frees them as they were; without
- * this a worker's heap, and so a core of it, keeps every key it has used.
+ * own buffers (the request it writes out) and frees them as they were; without this a worker's
+ * heap, and so a core of it, keeps every key it has used.
+ *
+ * One kind of block is left as it is: curl's receive buffer, which 7.88 allocates (its
+ * CURLOPT_BUFFERSIZE + 1 bytes) for every transfer and frees at the transfer's end. It holds the
+ * answer's bytes, never a request's, and wiping its 16 KiB was the largest single cost of a
+ * proxied request. It is told apart by its size: the sizes below are not powers of two, and the
+ * buffers curl builds a request in (dynbufs) grow by doubling, so none of them can share its
+ * usable size.
  */
 #pragma once
+
+#include <stdbool.h>
+
+/* CURLOPT_BUFFERSIZE for a transfer, and for one whose answer is a stream: a stream holds its
+ * buffer for as long as it lasts, and its events are small. */
+#define CURLMEM_RECV_BUFFER             16000
+#define CURLMEM_STREAM_RECV_BUFFER      4000
 
 /* curl_global_init(flags) with the wiping allocator; a CURLcode (0 on success). Once per process,
  * before any other libcurl call. */
 int curlmem_global_init(long flags);
+
+/* Would a block of usable size n be left unwiped (a receive buffer)? For tests. */
+bool curlmem_unwiped_size(size_t n);
