@@ -826,7 +826,8 @@ static int conn_update_events(struct http_conn *c) {
         if (buf_pending(&c->out) > 0)
                 events |= EPOLLOUT;
         /* The timeout guards a silent client and a client that stops reading; an upstream that
-         * takes its time is the upstream timeout's business. */
+         * takes its time is the upstream timeout's business (on_timeout lets such a connection
+         * be: the timer is not switched off and on around every request, which cost more). */
         if (c->phase == PHASE_READING || buf_pending(&c->out) > 0) {
                 uint64_t at = 0;
 
@@ -838,8 +839,6 @@ static int conn_update_events(struct http_conn *c) {
                     sd_event_source_set_time(c->timer, reading_deadline(c)) >= 0)
                         sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
         }
-        else
-                sd_event_source_set_enabled(c->timer, SD_EVENT_OFF);
         if (c->phase == PHASE_FLUSHING && buf_pending(&c->out) == 0)
                 kick_soon(c);
         if (events == c->events)
@@ -918,9 +917,18 @@ static void scan_reset(struct http_conn *c) {
  * line that starts with SP or HTAB (obs-fold, RFC 9112 §5.2), which it joins to the previous
  * value, so "X-A: a\r\n Authorization: …" would hide a field. Stops at the head's end. */
 static int scan_head(struct http_conn *c, const char *data, size_t len) {
-        for (size_t i = 0; i < len && !c->scan_done; i++) {
-                char ch = data[i];
+        const char *p = data, *end = data + len;
 
+        while (p < end && !c->scan_done) {
+                char ch;
+
+                /* Inside a line only its end matters: memchr finds it a word at a time. */
+                if (!c->scan_line_start) {
+                        p = memchr(p, '\n', (size_t) (end - p));
+                        if (!p)
+                                return 0;
+                }
+                ch = *p++;
                 if (ch == '\n') {
                         if (c->scan_line_start && c->scan_lines > 0)
                                 c->scan_done = true;    /* the empty line ends the head */
@@ -1109,6 +1117,14 @@ static int on_timeout(sd_event_source *s, uint64_t usec, void *userdata) {
 
         if (sd_event_now(c->poller->event, CLOCK_MONOTONIC, &now) < 0)
                 now = usec;
+        /* The handler has the request and nothing waits to be written: not idle. Looked at again
+         * a timeout later (the answer resets it when it comes). */
+        if (c->phase == PHASE_ACTIVE && buf_pending(&c->out) == 0) {
+                c->deadline_usec = now + c->limits->timeout_usec;
+                if (sd_event_source_set_time(c->timer, c->deadline_usec) >= 0)
+                        sd_event_source_set_enabled(c->timer, SD_EVENT_ONESHOT);
+                return 0;
+        }
         if (c->phase == PHASE_READING && c->drain_deadline_usec && now >= c->drain_deadline_usec) {
                 c->drain_deadline_usec = 0;
                 /* Bytes already there are a request to serve, not a connection to close. */
