@@ -3,8 +3,8 @@
  * Owns the epoll set and the queue of deferred work; see evloop.h for why. A batch is one
  * epoll_wait of up to EVENT_BATCH events; the deferred work it caused runs right after it, for
  * at most DEFER_ROUNDS rounds (work queued by a round runs in the next one), so that work which
- * keeps queueing itself cannot hold the loop: what is left runs from the deferred source, after
- * sd-event has looked at its timers and signals.
+ * keeps queueing itself cannot hold the loop: what is left runs from the deferred source, at idle
+ * priority, once sd-event has dispatched whatever else is due (timers, signals).
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -21,7 +21,8 @@ struct evloop {
         int epoll_fd;
         sd_event_source *source;        /* epoll_fd readable: sockets are ready */
         sd_event_source *later;         /* deferred work queued outside a batch, or left over */
-        struct ev_defer *head, **tail;
+        struct ev_defer *head, **tail;  /* the due work, in the order it was deferred */
+        unsigned n_due;
         bool in_batch;
 };
 
@@ -54,8 +55,21 @@ void evloop_defer(struct evloop *l, struct ev_defer *d) {
         d->next = NULL;
         *l->tail = d;
         l->tail = &d->next;
+        l->n_due++;
         if (!l->in_batch)
                 sd_event_source_set_enabled(l->later, SD_EVENT_ONESHOT);
+}
+
+static struct ev_defer *pop(struct evloop *l) {
+        struct ev_defer *d = l->head;
+
+        l->head = d->next;
+        if (!l->head)
+                l->tail = &l->head;
+        l->n_due--;
+        d->due = false;
+        d->next = NULL;
+        return d;
 }
 
 void evloop_cancel(struct evloop *l, struct ev_defer *d) {
@@ -66,25 +80,21 @@ void evloop_cancel(struct evloop *l, struct ev_defer *d) {
                         *p = d->next;
                         if (l->tail == &d->next)
                                 l->tail = p;
+                        l->n_due--;
                         break;
                 }
         d->due = false;
         d->next = NULL;
 }
 
-/* Runs the queue as it stands; what the run queues goes to the next round. */
+/* Runs as many items as were due when the round began, taking each off the one queue as it goes,
+ * so that a run may cancel (or defer again) any other; what a run defers waits for a later round
+ * (or runs in this one in place of an item cancelled). */
 static void run_round(struct evloop *l) {
-        struct ev_defer *d = l->head;
+        for (unsigned n = l->n_due; n > 0 && l->head; n--) {
+                struct ev_defer *d = pop(l);
 
-        l->head = NULL;
-        l->tail = &l->head;
-        while (d) {
-                struct ev_defer *next = d->next;
-
-                d->due = false;
-                d->next = NULL;
-                d->run(d);              /* may free d: next was read before */
-                d = next;
+                d->run(d);              /* may free d */
         }
 }
 
@@ -137,6 +147,11 @@ int evloop_new(sd_event *e, struct evloop **ret) {
         r = sd_event_add_io(e, &l->source, l->epoll_fd, EPOLLIN, on_ready, l);
         if (r >= 0)
                 r = sd_event_add_defer(e, &l->later, on_later, l);
+        /* Below everything else: sd-event dispatches a deferred source ahead of a timer that fell
+         * due while it was pending, so work that keeps deferring itself would hold back every
+         * timer (the heartbeat among them). A batch of sockets runs the queue too. */
+        if (r >= 0)
+                r = sd_event_source_set_priority(l->later, SD_EVENT_PRIORITY_IDLE);
         if (r >= 0)
                 r = sd_event_source_set_enabled(l->later, SD_EVENT_OFF);
         if (r < 0) {
