@@ -84,9 +84,13 @@ static int hex4(const unsigned char *p, const unsigned char *end) {
         return v;
 }
 
+static inline bool is_ws(unsigned char c) {
+        return c == ' ' || c == '\n' || c == '\r' || c == '\t';
+}
+
 static inline const unsigned char *skip_ws(const unsigned char *p, const unsigned char *end) {
         /* Most tokens follow the previous one directly: one compare says so. */
-        while (p < end && *p <= ' ' && (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t'))
+        while (p < end && *p <= ' ' && is_ws(*p))
                 p++;
         return p;
 }
@@ -405,6 +409,48 @@ static inline int scan_scalar(const unsigned char **pp, const unsigned char *end
         return 0;
 }
 
+/* Skips one value at *pp without validating what is inside it: a string to its closing quote (its
+ * escapes and UTF-8 still checked, as they are cheap to check on the way), a container to its
+ * matching bracket, a scalar to what ends it. For JSCAN_SKIM_OTHERS: the members a reader does
+ * not want, in a text it takes as it is. */
+static int skim_value(const unsigned char **pp, const unsigned char *end) {
+        const unsigned char *p = *pp;
+        size_t depth = 0;
+        bool escaped;
+
+        do {
+                if (p == end)
+                        return -EINVAL;
+                switch (*p) {
+                case '"':
+                        p++;
+                        if (scan_string(&p, end, &escaped) < 0)
+                                return -EINVAL;
+                        continue;
+                case '{':
+                case '[':
+                        depth++;
+                        break;
+                case '}':
+                case ']':
+                        if (depth == 0)
+                                return -EINVAL;
+                        depth--;
+                        break;
+                default:
+                        if (depth == 0) {
+                                while (p < end && *p != ',' && *p != '}' && *p != ']' && !is_ws(*p))
+                                        p++;
+                                *pp = p;
+                                return 0;
+                        }
+                }
+                p++;
+        } while (depth > 0);
+        *pp = p;
+        return 0;
+}
+
 /* The one pass over one value at *pp (no white space before it): validates it, moves *pp just
  * past it, and when it is an object notes the last member of each wanted name in found[]. A
  * state machine over "expect a member name", "expect a value" and "a value ended" with the open
@@ -434,6 +480,11 @@ expect_name:
         if (p == end || *p != ':')
                 return -EINVAL;
         p = skip_ws(p + 1, end);
+        if (level == 1 && member < 0 && (flags & JSCAN_SKIM_OTHERS)) {
+                if (skim_value(&p, end) < 0)
+                        return -EINVAL;
+                goto after_value;
+        }
 
 expect_value:
         if (p == end || level >= JSCAN_MAX_DEPTH)
@@ -519,7 +570,7 @@ static int find_members(const char *s, size_t len, unsigned flags, const char *c
         int r;
 
         if (!s || n_names > JSCAN_MAX_NAMES || (n_names > 0 && (!names || !ret)) ||
-            (flags & ~JSCAN_JANSSON_NUMBERS))
+            (flags & ~(JSCAN_JANSSON_NUMBERS | JSCAN_SKIM_OTHERS)))
                 return -EINVAL;
         for (size_t i = 0; i < n_names; i++) {
                 if (!names[i])

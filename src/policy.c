@@ -1145,8 +1145,9 @@ int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_o
                 return -EINVAL;
         if (!json || len == 0)
                 return -ENOENT;
-        /* One pass validates the answer and finds all three places usage can be. */
-        if (jscan_object_members(json, len, top_names, 3, top) < 0)
+        /* One pass finds all three places usage can be. The answer is relayed as it came: the
+         * members around them (the choices, most of it) are skipped, not checked. */
+        if (jscan_document(json, len, JSCAN_SKIM_OTHERS, top_names, 3, top) < 0)
                 return -ENOENT;
 
         /* OpenAI and OpenRouter say prompt/completion, Anthropic (and OpenAI's Responses API)

@@ -52,6 +52,11 @@ int jscan_object_members(const char *s, size_t len, const char *const *names, si
                                          * fraction, no exponent) outside int64_t, a real whose
                                          * magnitude overflows a double */
 
+#define JSCAN_SKIM_OTHERS 0x2u          /* the values of top-level members not asked for are only
+                                         * skipped (to their end, brackets matched, strings whole),
+                                         * not validated: for reading figures out of a text taken
+                                         * as it is, where a full check costs more than the read */
+
 /* jscan_object_members with flags: a whole document validated in the one pass, with jansson's
  * number limits on request, so that the text is refused exactly when json_loadb(…, 0, …) refuses
  * it or reads something other than an object (a raw NUL byte aside, as above). n_names may be 0:

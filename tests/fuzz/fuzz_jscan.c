@@ -97,16 +97,24 @@ static void compare_value(const struct jscan_value *v, const json_t *j) {
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         const char *s = (const char *) data;
-        struct jscan_value got[N_NAMES], loose[N_NAMES];
+        struct jscan_value got[N_NAMES], loose[N_NAMES], skimmed[N_NAMES];
         json_error_t err;
         json_t *doc;
         bool has_nul = memchr(s, 0, size) != NULL;
-        bool j_ok, s_ok, loose_ok;
+        bool j_ok, s_ok, loose_ok, skim_ok;
 
         doc = json_loadb(s, size, 0, &err);
         j_ok = doc && json_is_object(doc);
         s_ok = jscan_document(s, size, JSCAN_JANSSON_NUMBERS, names, N_NAMES, got) == 0;
         loose_ok = jscan_object_members(s, size, names, N_NAMES, loose) == 0;
+        /* Skimming checks less, never more, and finds the same members when all is valid. */
+        skim_ok = jscan_document(s, size, JSCAN_SKIM_OTHERS, names, N_NAMES, skimmed) == 0;
+        if (loose_ok) {
+                CHECK(skim_ok);
+                for (size_t i = 0; i < N_NAMES; i++)
+                        CHECK(skimmed[i].type == loose[i].type && skimmed[i].text == loose[i].text &&
+                              skimmed[i].len == loose[i].len);
+        }
 
         if (has_nul) {
                 /* jansson lets a raw NUL through after a number or literal; jscan never does. */

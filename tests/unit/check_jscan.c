@@ -531,6 +531,44 @@ START_TEST(test_several_members_in_one_pass) {
 }
 END_TEST
 
+START_TEST(test_skim_skips_unwanted_values_unchecked_and_still_finds_the_top_level_member) {
+        /* Inside "choices" a comma is missing and a literal is misspelt: skimmed, not checked.
+         * Brackets and quotes still count: the "usage" inside it (and in a string) is not the
+         * top-level one. */
+        static const char s[] = "{\"choices\":[{\"usage\":{\"a\":1} \"b\":tru, \"s\":\"]}{\"}],"
+                                "\"id\":x1, \"usage\":{\"prompt_tokens\":3}}";
+        const char *const names[] = { "usage" };
+        struct jscan_value v = {};
+
+        ck_assert_int_eq(jscan_document(s, sizeof(s) - 1, 0, names, 1, &v), -EINVAL);
+        ck_assert_int_eq(jscan_document(s, sizeof(s) - 1, JSCAN_SKIM_OTHERS, names, 1, &v), 0);
+        ck_assert_int_eq(v.type, JSCAN_OBJECT);
+        ck_assert_str_eq(v.text, "{\"prompt_tokens\":3}}");
+        ck_assert_uint_eq(v.len, 19);
+}
+END_TEST
+
+START_TEST(test_skim_still_refuses_a_text_whose_brackets_or_strings_do_not_close) {
+        static const char *const bad[] = {
+                "{\"a\":[1,2",                /* a container that is cut off... */
+                "{\"a\":[[1]",                /* ...or never closed */
+                "{\"a\":\"open}",            /* a string that never ends */
+                "{\"a\":]}",                  /* a closing bracket with nothing open */
+                "{\"a\":\"\xff\"}",          /* not UTF-8 */
+                "{\"usage\":{}",              /* the wanted member itself is still checked */
+        };
+        const char *const names[] = { "usage" };
+
+        for (size_t i = 0; i < N(bad); i++) {
+                struct jscan_value v = { .type = JSCAN_NULL };
+
+                ck_assert_msg(jscan_document(bad[i], strlen(bad[i]), JSCAN_SKIM_OTHERS, names, 1, &v) == -EINVAL,
+                              "skimmed '%s'", bad[i]);
+                ck_assert_int_eq(v.type, JSCAN_NULL);
+        }
+}
+END_TEST
+
 START_TEST(test_refusals_leave_ret_alone_and_bad_arguments_are_einval) {
         const char *const names[JSCAN_MAX_NAMES + 1] = {};
         struct jscan_value v = { .type = JSCAN_NUMBER, .text = "7", .len = 1 }, out[2];
@@ -960,6 +998,8 @@ static Suite *jscan_suite(void) {
         tcase_add_test(tc, test_last_duplicate_wins_and_escaped_names_match);
         tcase_add_test(tc, test_nested_member_of_that_name_is_not_a_top_level_one);
         tcase_add_test(tc, test_several_members_in_one_pass);
+        tcase_add_test(tc, test_skim_skips_unwanted_values_unchecked_and_still_finds_the_top_level_member);
+        tcase_add_test(tc, test_skim_still_refuses_a_text_whose_brackets_or_strings_do_not_close);
         tcase_add_test(tc, test_refusals_leave_ret_alone_and_bad_arguments_are_einval);
         tcase_add_test(tc, test_member_reads_inside_a_found_object);
         tcase_add_test(tc, test_string_decodes_escapes_and_surrogate_pairs);
