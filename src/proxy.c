@@ -124,7 +124,9 @@ struct proxy_request {
         struct proxy_request *queue_next, *queue_prev;
         uint64_t ticket;                /* its place among every worker's waiters, 0 never waited */
         sd_event_source *timer;         /* the waiting deadline, the backoff, or (RUNNING) the
-                                         * attempt's watchdog: first byte, idle, request_timeout */
+                                         * attempt's watchdog: first byte, idle, request_timeout.
+                                         * One source for the record's life (see step_timer_arm),
+                                         * off outside those steps */
 
         CURL *easy;
         struct keytable_lease lease;
@@ -317,10 +319,50 @@ static void queue_unlink(struct proxy_request *pr) {
  * link belongs to WAITING, the timer to WAITING or BACKOFF (each step arms its own after this),
  * the lease and the curl handle to RUNNING. A lease still held here had no outcome (the client
  * left, or the transfer never started); a handle still held is a transfer cancelled. */
+static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
+static int on_backoff_done(sd_event_source *s, uint64_t usec, void *userdata);
+static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata);
+
+/* A step's timer is whatever that step waits for. */
+static int on_step_timer(sd_event_source *s, uint64_t usec, void *userdata) {
+        struct proxy_request *pr = userdata;
+
+        switch (pr->step) {
+        case STEP_WAITING:
+                return on_wait_deadline(s, usec, userdata);
+        case STEP_BACKOFF:
+                return on_backoff_done(s, usec, userdata);
+        case STEP_RUNNING:
+                return on_watchdog(s, usec, userdata);
+        default:
+                return 0;
+        }
+}
+
+/* Arms the record's timer for at_usec (CLOCK_MONOTONIC). The source is made once and kept with
+ * the record, spares included: making and freeing one per step cost more than the rest of the
+ * request's timer work. 0 or -errno. */
+static int step_timer_arm(struct proxy_request *pr, uint64_t at_usec) {
+        int r;
+
+        if (!pr->timer)
+                return sd_event_add_time(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC, at_usec, 1000,
+                                         on_step_timer, pr);
+        r = sd_event_source_set_time(pr->timer, at_usec);
+        if (r >= 0)
+                r = sd_event_source_set_enabled(pr->timer, SD_EVENT_ONESHOT);
+        return r;
+}
+
+static void step_timer_off(struct proxy_request *pr) {
+        if (pr->timer)
+                (void) sd_event_source_set_enabled(pr->timer, SD_EVENT_OFF);
+}
+
 static void set_step(struct proxy_request *pr, enum step step) {
         if (pr->step == STEP_WAITING)
                 queue_unlink(pr);
-        pr->timer = sd_event_source_disable_unref(pr->timer);
+        step_timer_off(pr);
         if (step != STEP_RUNNING) {
                 if (pr->easy) {
                         upstream_cancel(pr->ctx->w.upstream, pr->easy);
@@ -342,6 +384,7 @@ static unsigned spare_limit(const struct proxy_context *p) {
 }
 
 static void request_free(struct proxy_request *pr) {
+        sd_event_source_disable_unref(pr->timer);
         (void) secmem_free(pr->headers);
         answer_free(&pr->answer);
         free(pr);
@@ -372,6 +415,7 @@ static int on_trim_timer(sd_event_source *s, uint64_t usec, void *userdata) {
 static struct proxy_request *request_get(struct proxy_context *p) {
         struct proxy_request *pr = p->spare_requests;
         struct curl_slist *headers;
+        sd_event_source *timer;
         char *text, *body;
         size_t text_cap, body_cap, headers_size;
 
@@ -385,9 +429,10 @@ static struct proxy_request *request_get(struct proxy_context *p) {
         body_cap = pr->answer.body_cap;
         headers = pr->headers;
         headers_size = pr->headers_size;
+        timer = pr->timer;
         *pr = (struct proxy_request) {
                 .answer = { .text = text, .text_cap = text_cap, .body = body, .body_cap = body_cap },
-                .headers = headers, .headers_size = headers_size,
+                .headers = headers, .headers_size = headers_size, .timer = timer,
         };
         return pr;
 }
@@ -597,8 +642,8 @@ static int64_t watchdog_due(const struct proxy_request *pr, int64_t now) {
 }
 
 static void watchdog_set(struct proxy_request *pr) {
-        if (pr->timer && sd_event_source_set_time(pr->timer, (uint64_t) watchdog_due(pr, clock_mono_ms()) * 1000) >= 0)
-                sd_event_source_set_enabled(pr->timer, SD_EVENT_ONESHOT);
+        if (pr->step == STEP_RUNNING)
+                (void) step_timer_arm(pr, (uint64_t) watchdog_due(pr, clock_mono_ms()) * 1000);
 }
 
 static size_t on_answer_header(char *data, size_t size, size_t nmemb, void *userdata) {
@@ -927,8 +972,7 @@ static int backoff(struct proxy_request *pr, int64_t delay_ms, bool no_answer) {
         int r;
 
         set_step(pr, STEP_BACKOFF);
-        r = sd_event_add_time_relative(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC, (uint64_t) delay_ms * 1000,
-                                       1000, on_backoff_done, pr);
+        r = step_timer_arm(pr, (uint64_t) (clock_mono_ms() + delay_ms) * 1000);
         if (r < 0)
                 return r;
         f.status = no_answer ? 0 : pr->answer.status;
@@ -1069,8 +1113,7 @@ static int on_watchdog(sd_event_source *s, uint64_t usec, void *userdata) {
 
 /* Arms the attempt's watchdog at its first due time. */
 static int watchdog_start(struct proxy_request *pr) {
-        return sd_event_add_time(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC,
-                                 (uint64_t) watchdog_due(pr, pr->attempt_started_ms) * 1000, 1000, on_watchdog, pr);
+        return step_timer_arm(pr, (uint64_t) watchdog_due(pr, pr->attempt_started_ms) * 1000);
 }
 
 /* One attempt's end, whoever saw it (curl, or the watchdog): judged, recorded on the key, and
@@ -1098,7 +1141,7 @@ static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res) {
                 pr->easy = NULL;
         }
         /* The watchdog's timer belongs to the attempt. */
-        pr->timer = sd_event_source_disable_unref(pr->timer);
+        step_timer_off(pr);
         wipe_auth(pr);
         pr->paused = pr->pressure = false;
 
@@ -1194,7 +1237,6 @@ static void enqueue(struct proxy_request *pr) {
         keytable_slot_set_wait_head(p->w.table, p->w.slot, pr->pool, q->head->ticket);
 }
 
-static int on_wait_deadline(sd_event_source *s, uint64_t usec, void *userdata);
 
 static void arm_queue_timer(struct proxy_context *p, unsigned pool, int64_t at_ms) {
         struct proxy_queue *q = &p->queues[pool];
@@ -1211,8 +1253,7 @@ static void wait_or_fail(struct proxy_request *pr, const struct keytable_wait *w
 
         if ((w->retry_at_ms > 0 && w->retry_at_ms <= pr->deadline_ms) || (w->busy && now < pr->deadline_ms)) {
                 enqueue(pr);
-                if (sd_event_add_time(pr->ctx->w.event, &pr->timer, CLOCK_MONOTONIC,
-                                      (uint64_t) pr->deadline_ms * 1000, 1000, on_wait_deadline, pr) < 0) {
+                if (step_timer_arm(pr, (uint64_t) pr->deadline_ms * 1000) < 0) {
                         fail(pr, 500, "internal_error", 0, "cannot wait for a key");
                         return;
                 }
