@@ -6,7 +6,8 @@
  * leave the tail, a move the whole old block). The blocks are ordinary heap, so a core dump still
  * holds what libcurl has in use at that moment (a transfer under way); it no longer holds what
  * libcurl used and dropped. Receive buffers are the exception (see curlmem.h): their usable
- * sizes are learnt once, from the allocator itself.
+ * sizes are learnt once, from the allocator itself. Upload buffers are wiped, and kept to the
+ * size of the request for that reason (curlmem_upload_buffer).
  */
 #include <curl/curl.h>
 #include <malloc.h>
@@ -15,10 +16,24 @@
 
 #include "keypool/curlmem.h"
 
+/* curl 7.88's bounds of CURLOPT_UPLOAD_BUFFERSIZE (UPLOADBUFFER_MIN) and its default. */
+#define UPLOAD_BUFFER_MIN       16384
+#define UPLOAD_BUFFER_DEFAULT   65536
+/* The request line and header lines that travel with a body: the key's and what is forwarded. */
+#define UPLOAD_HEADROOM         4096
+
 static size_t recv_usable[2];           /* usable sizes of the two receive buffers */
 
 bool curlmem_unwiped_size(size_t n) {
         return n == recv_usable[0] || n == recv_usable[1];
+}
+
+long curlmem_upload_buffer(size_t body_len) {
+        if (body_len >= UPLOAD_BUFFER_DEFAULT - UPLOAD_HEADROOM)
+                return UPLOAD_BUFFER_DEFAULT;
+        if (body_len + UPLOAD_HEADROOM <= UPLOAD_BUFFER_MIN)
+                return UPLOAD_BUFFER_MIN;
+        return (long) (body_len + UPLOAD_HEADROOM);
 }
 
 static void wiping_free(void *p) {

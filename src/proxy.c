@@ -1334,6 +1334,9 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         /* A stream holds curl's receive buffer for as long as it lasts (see curlmem.h). */
         curl_easy_setopt(pr->easy, CURLOPT_BUFFERSIZE,
                          (long) (pr->stream ? CURLMEM_STREAM_RECV_BUFFER : CURLMEM_RECV_BUFFER));
+        /* Over TLS curl copies the request into an upload buffer it frees (wiped) after every
+         * transfer: as large as the request, not curl's 64 KiB (see curlmem.h). */
+        curl_easy_setopt(pr->easy, CURLOPT_UPLOAD_BUFFERSIZE, curlmem_upload_buffer(pr->body_len));
         upstream_configure(p->w.upstream, pr->easy, prov);
         /* libcurl 7.88 fails (or hangs) an HTTP/2 stream whose server answers before it has
          * read a body beyond its window (a provider's early 401/413/429 on a long context):

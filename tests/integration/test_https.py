@@ -303,6 +303,24 @@ class ConnectionTest(HTTPSTestCase):
         self.assertEqual({e["protocol"] for e in log}, {"HTTP/1.1"})
         self.assertEqual(len({e["connection"] for e in log}), 1, f"10 requests, one connection: {log}")
 
+    def test_http1_request_bodies_larger_than_the_upload_buffer_arrive_whole(self):
+        # Over TLS with HTTP/1.1 curl sends the request through an upload buffer sized to the
+        # request (curlmem_upload_buffer, 16 to 64 KiB): bodies around and past its bounds go out
+        # in pieces, and must arrive as sent, on the connection the small ones use.
+        up = start_https_upstream(self, self.sim, http2=False)
+        kp = self.https_keypool(up, ca_file=up.ca.cert)
+        sizes = [100, 12_000, 16_000, 30_000, 59_000, 70_000, 200_000]
+        for n in sizes:
+            context = "".join(chr(ord("a") + i % 26) for i in range(n))
+            status, _, body = kp.chat(MODEL, context=context)
+            self.assertEqual(status, 200, body[:300])
+            got = self.sim.log()[-1]["body"].get("context", "")
+            self.assertEqual((len(got), got == context), (n, True), f"a {n}-byte context arrived as {len(got)} bytes")
+        log = wait_for(lambda: (lambda a: a if len(a) >= len(sizes) else None)(up.access()),
+                       what=f"{len(sizes)} access log lines")
+        self.assertEqual({e["protocol"] for e in log}, {"HTTP/1.1"})
+        self.assertEqual(len({e["connection"] for e in log}), 1, f"{len(sizes)} requests, one connection: {log}")
+
     def test_http2_multiplexes_concurrent_requests_on_few_connections(self):
         up = start_https_upstream(self, self.sim)
         kp = self.https_keypool(up, ca_file=up.ca.cert)
