@@ -114,7 +114,7 @@ struct proxy_request {
         size_t headers_size;            /* bytes allocated for the block */
         char *auth;                     /* AUTH_LINE_MAX bytes, the current key's line; wiped
                                          * when an attempt ends */
-        char request_id[24];
+        char request_id[32];            /* "<slot>-<n>": 10 + 1 + 20 digits and a NUL */
         int64_t deadline_ms;            /* waiting for a key ends here (never after end_ms) */
         int64_t end_ms;                 /* request_timeout: the whole request ends here */
         unsigned connect_ms;            /* the pool's timeouts, as the caller may have shortened */
@@ -230,18 +230,34 @@ static void free_headers(struct curl_slist *l) {
 }
 
 /* The header that carries the key, in the provider's style. Keys never go in a URL. */
+/* n in decimal at p (room for 20 digits needed); returns the end. printf's formatting cost more
+ * than the rest of writing these per-request strings. */
+static char *put_decimal(char *p, uint64_t n) {
+        char digits[20];
+        size_t i = sizeof digits;
+
+        do {
+                digits[--i] = (char) ('0' + n % 10);
+                n /= 10;
+        } while (n > 0);
+        memcpy(p, digits + i, sizeof digits - i);
+        return p + (sizeof digits - i);
+}
+
 static void auth_line(const struct config_provider *prov, const char *secret, char *buf, size_t size) {
-        switch (prov->auth) {
-        case CONFIG_AUTH_X_API_KEY:
-                snprintf(buf, size, "x-api-key: %s", secret);
-                break;
-        case CONFIG_AUTH_X_GOOG_API_KEY:
-                snprintf(buf, size, "x-goog-api-key: %s", secret);
-                break;
-        default:
-                snprintf(buf, size, "Authorization: Bearer %s", secret);
-                break;
-        }
+        const char *name = prov->auth == CONFIG_AUTH_X_API_KEY ? "x-api-key: " :
+                           prov->auth == CONFIG_AUTH_X_GOOG_API_KEY ? "x-goog-api-key: " :
+                           "Authorization: Bearer ";
+        size_t n = strlen(name), len = strlen(secret);
+
+        /* As snprintf would: cut to the buffer (config_load bounds a secret well below it). */
+        if (n + len >= size)
+                len = size > n ? size - n - 1 : 0;
+        if (n >= size)
+                n = size - 1;
+        memcpy(buf, name, n);
+        memcpy(buf + n, secret, len);
+        buf[n + len] = 0;
 }
 
 /* Tells every worker with waiting requests (this one included) that a key may be free. */
@@ -498,7 +514,8 @@ static struct http_conn *detach(struct proxy_request *pr) {
 
 /* Answer headers keypool adds to every proxied answer. */
 static size_t keypool_headers(struct proxy_request *pr, struct http_header *h, char *attempts, size_t size) {
-        snprintf(attempts, size, "%u", pr->attempts);
+        if (size >= 11)         /* an unsigned: 10 digits at most */
+                *put_decimal(attempts, pr->attempts) = 0;
         h[0] = (struct http_header) { "X-Keypool-Pool", pr->cpool->name };
         h[1] = (struct http_header) { "X-Keypool-Key", key_id(pr, pr->lease.key) };
         h[2] = (struct http_header) { "X-Keypool-Attempts", attempts };
@@ -1793,6 +1810,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         const char *rest = req->url + strlen("/v1/");
         size_t n = 1 + prov->n_headers + 2, text = AUTH_LINE_MAX + sizeof content_type + sizeof expect;
         bool has_content_type = false;
+        uint64_t forwarded = 0;
         struct curl_slist *nodes;
         char *t;
         size_t k = 0;
@@ -1800,8 +1818,11 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         for (unsigned i = 0; i < prov->n_headers; i++)
                 text += strlen(prov->headers[i]) + 1;
         text += strlen(prov->base_url) + 1 + strlen(rest) + 1;
+        /* Which fields go is decided once (the first 64; any beyond are asked again below). */
         for (size_t i = 0; i < req->n_fields; i++)
                 if (proxy_forwards_header(prov, req->fields[i].name)) {
+                        if (i < 64)
+                                forwarded |= UINT64_C(1) << i;
                         n++;
                         text += strlen(req->fields[i].name) + 2 + strlen(req->fields[i].value) + 1;
                 }
@@ -1830,7 +1851,7 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         for (size_t i = 0; i < req->n_fields; i++) {
                 const struct http_field *f = &req->fields[i];
 
-                if (!proxy_forwards_header(prov, f->name))
+                if (i < 64 ? !(forwarded & UINT64_C(1) << i) : !proxy_forwards_header(prov, f->name))
                         continue;
                 if (strcasecmp(f->name, "Content-Type") == 0)
                         has_content_type = true;
@@ -1908,8 +1929,12 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         pr->last_key = KEYTABLE_NO_KEY;
         pr->rotated_from = KEYTABLE_NO_KEY;
         pr->lease.key = KEYTABLE_NO_KEY;
-        snprintf(pr->request_id, sizeof pr->request_id, "%u-%llu", p->w.slot,
-                 (unsigned long long) ++p->next_request_id);
+        {
+                char *e = put_decimal(pr->request_id, p->w.slot);
+
+                *e++ = '-';
+                *put_decimal(e, ++p->next_request_id) = 0;
+        }
 
         /* Until the request is attached to c, failures answer c themselves. */
         if (route(pr, c, req) < 0) {
