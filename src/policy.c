@@ -1336,7 +1336,7 @@ int policy_sse_error(const char *event, size_t len, int *ret_status, const char 
 
 void policy_error_summary(const char *body, size_t len, const struct scrub *scrub, char *ret, size_t size) {
         const char *text = body;
-        size_t text_len = len, out = 0;
+        size_t text_len = len, out = 0, folded;
         json_t *root = NULL, *msg = NULL;
         bool space = false;
         char *copy;
@@ -1357,30 +1357,33 @@ void policy_error_summary(const char *body, size_t len, const struct scrub *scru
                         text_len = json_string_length(msg);
                 }
         }
-        /* Scrubbed whole before it is cut and folded, so that no cut leaves part of a secret
-         * unrecognised. */
+        /* Folded (white space runs to one space, anything unprintable dropped), then scrubbed,
+         * then cut: scrubbed after folding, since dropping a byte from the middle of a secret
+         * would put it back together; before cutting, so that no cut leaves part of one
+         * unrecognised. Folding never lengthens the text. */
         copy = malloc(text_len ? text_len : 1);
         if (!copy) {
                 json_decref(root);
                 return;
         }
-        memcpy(copy, text, text_len);
-        text_len = scrub_text(scrub, copy, text_len);
-        json_decref(root);
-        for (size_t i = 0; i < text_len && out + 1 < size; i++) {
-                char c = copy[i];
+        for (size_t i = 0; i < text_len; i++) {
+                char c = text[i];
 
                 if (c == ' ' || c == '\t' || c == '\n' || c == '\r')
                         space = true;
                 else if (c > 0x20 && c < 0x7f) {
-                        if (space && out > 0 && out + 1 < size)
-                                ret[out++] = ' ';
+                        if (space && out > 0)
+                                copy[out++] = ' ';
                         space = false;
-                        if (out + 1 < size)
-                                ret[out++] = c;
+                        copy[out++] = c;
                 }
         }
+        json_decref(root);
+        folded = out;
+        text_len = scrub_text(scrub, copy, folded);
+        out = text_len < size - 1 ? text_len : size - 1;
+        memcpy(ret, copy, out);
         ret[out] = 0;
-        explicit_bzero(copy, text_len);
+        explicit_bzero(copy, folded);   /* all of it: scrubbing may have shortened it */
         free(copy);
 }

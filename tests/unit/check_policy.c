@@ -2300,6 +2300,10 @@ START_TEST(test_error_summary_hides_configured_secrets_of_any_shape_an_upstream_
         /* A cut never leaves a secret's head: it is hidden before the text is cut. */
         policy_error_summary("x FakeLettersOnly", 17, s, out, 10);
         ck_assert_str_eq(out, "x [redact");
+        /* Nor does dropping an unprintable byte put a split secret back together (found by
+         * fuzz_policy: the byte was dropped after scrubbing had missed the split secret). */
+        policy_error_summary("x FakeLetters\xfd" "Only y\x01" "FakeLettersOnly", 36, s, out, sizeof out);
+        ck_assert_str_eq(out, "x [redacted] y[redacted]");
         scrub_free(s);
 }
 END_TEST
