@@ -908,11 +908,12 @@ static const struct api_route {
 bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
         for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
                 const struct api_route *r = &routes[i];
-                bool method_ok = r->post ? strcmp(req->method, "POST") == 0 :
-                                 strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
+                bool method_ok;
 
                 if (!path_is(req->url, r->path))
                         continue;
+                method_ok = r->post ? strcmp(req->method, "POST") == 0 :
+                            strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
                 if (!method_ok)
                         not_allowed(c, req, r->post ? "POST" : "GET");
                 else if (!r->admin || !forbidden(c, admin))
