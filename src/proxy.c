@@ -633,6 +633,7 @@ static int relay(struct proxy_request *pr, const char *data, size_t len) {
         if (r >= 0 && pr->answer.held > 0 && !pr->aborted) {
                 r = http_conn_stream_write(pr->conn, pr->answer.body + pr->answer.body_len - pr->answer.held, pr->answer.held);
                 pr->answer.held = 0;
+                answer_release_relayed(&pr->answer);
         }
         if (r >= 0 && len > 0 && !pr->aborted)
                 r = http_conn_stream_write(pr->conn, data, len);
