@@ -152,7 +152,7 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
         if (buf_add(&a->text, &a->text_len, &a->text_cap, data, trimmed) < 0)
                 return -ENOMEM;
         a->text_len++;
-        a->header_off[a->n_headers++] = off;
+        a->header_off[a->n_headers++] = (uint32_t) off;
         return 0;
 }
 
@@ -216,7 +216,22 @@ size_t answer_scan_events(struct answer *a, const char *data, size_t len) {
                 if (!first_end)
                         first_end = i + 1;
         }
+        /* Between events the buffer goes: an open stream spends most of its life there, and
+         * providers send whole events, so most reads end on an event's end. */
+        if (a->event_len == 0 && !a->event_overflow) {
+                free(a->event);
+                a->event = NULL;
+                a->event_cap = 0;
+        }
         return first_end;
+}
+
+void answer_release_relayed(struct answer *a) {
+        if (a->mode != ANSWER_STREAM || !a->sse || a->holding || a->held > 0)
+                return;
+        free(a->body);
+        a->body = NULL;
+        a->body_len = a->body_cap = 0;
 }
 
 void answer_view(const struct answer *a, struct answer_header *ah, struct upstream_answer *ret) {

@@ -38,7 +38,6 @@
 #define OUT_HIGH_WATER  (1024 * 1024)   /* stream_write reports pressure above this */
 #define OUT_LOW_WATER   (256 * 1024)    /* on_drain fires below this */
 #define PENDING_MAX     (64 * 1024)     /* bytes read ahead while a request is being served */
-#define BODY_KEEP_MAX   (1024 * 1024)   /* a body buffer larger than this is freed after use */
 
 struct http_poller {
         sd_event *event;
@@ -290,11 +289,28 @@ static void body_release(struct http_conn *c) {
         c->body_charged = 0;
 }
 
+/* The head's buffers (target, fields) go as soon as the handler has had the request: it copies
+ * what it keeps and reads only the body later, and a connection that waits on a long answer (a
+ * stream) must not hold them. */
+static void request_head_release(struct http_conn *c) {
+        free(c->req.fields);
+        free(c->field_offs);
+        c->req.fields = NULL;
+        c->field_offs = NULL;
+        c->fields_cap = 0;
+        c->req.n_fields = 0;
+        c->req.url = (char *) "";
+        buf_free(&c->fields_text);
+        buf_free(&c->url);
+        buf_free(&c->field_name);
+        buf_free(&c->field_value);
+}
+
 static void request_reset(struct http_conn *c) {
         body_release(c);
-        /* A large body's buffer goes back: an idle keep-alive connection must not hold it. */
-        if (c->body.cap > BODY_KEEP_MAX)
-                buf_free(&c->body);
+        /* Between requests a connection holds no request buffer: an idle keep-alive connection
+         * must not keep a large body's, nor a small one's. */
+        buf_free(&c->body);
         c->head_deadline_usec = 0;
         c->body_window_end_usec = 0;
         c->error_message = NULL;
@@ -787,6 +803,12 @@ bool http_conn_busy(const struct http_conn *c) {
         return !c->dead && (c->phase != PHASE_READING || c->in_message);
 }
 
+size_t http_conn_buffered_bytes(const struct http_conn *c) {
+        return c->fields_cap * (sizeof *c->req.fields + sizeof *c->field_offs) + c->fields_text.cap +
+                c->url.cap + c->body.cap + c->field_name.cap + c->field_value.cap + c->pending.cap +
+                c->out.cap;
+}
+
 /* --- the socket -------------------------------------------------------------------------- */
 
 /* Moves the idle deadline. A timer already set (to an earlier time) stays: on_timeout sets it
@@ -885,8 +907,10 @@ static int conn_flush(struct http_conn *c) {
                 }
                 c->out.off += (size_t) n;
         }
+        /* All written: the buffer goes, so that a stream waiting for its next event (or a
+         * connection waiting for its next request) holds none. */
         if (buf_pending(&c->out) == 0)
-                buf_reset(&c->out);
+                buf_free(&c->out);
         if (buf_pending(&c->out) != before || buf_pending(&c->out) > 0)
                 conn_update_events(c);
         if (c->pressure && buf_pending(&c->out) < OUT_LOW_WATER) {
@@ -1000,6 +1024,7 @@ static void dispatch(struct http_conn *c) {
                 c->close_after = true;
         conn_update_events(c);
         c->handler->on_request(c, &c->req, c->userdata);
+        request_head_release(c);
 }
 
 /* Continues after a response: close, or go on with a pipelined request. */

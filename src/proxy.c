@@ -46,6 +46,7 @@
 
 #define H2_BODY_MAX             (60 * 1024)     /* larger request bodies go over HTTP/1.1 */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
+#define AUTH_PREFIX_SIZE        sizeof "Authorization: Bearer "  /* the longest, and a NUL */
 #define SPARE_MIN               64              /* finished records and handles kept at least */
 #define SPARE_TRIM_USEC         (10ULL * 1000000) /* … and more, up to the peak of this long */
 #define MAX_WAIT_CAP_S          3600
@@ -94,6 +95,7 @@ struct proxy_queue {
         unsigned pool;
         struct proxy_request *head, *tail;
         sd_event_source *timer;         /* the earliest time a key of the pool may recover */
+        size_t auth_size;               /* room for the auth line of the pool's longest key */
 };
 
 struct proxy_request {
@@ -112,8 +114,9 @@ struct proxy_request {
         struct curl_slist *headers;     /* every request header, in one block built once: the
                                          * auth line's node first (its text is auth) */
         size_t headers_size;            /* bytes allocated for the block */
-        char *auth;                     /* AUTH_LINE_MAX bytes, the current key's line; wiped
+        char *auth;                     /* auth_size bytes, the current key's line; wiped
                                          * when an attempt ends */
+        size_t auth_size;
         char request_id[32];            /* "<slot>-<n>": 10 + 1 + 20 digits and a NUL */
         int64_t deadline_ms;            /* waiting for a key ends here (never after end_ms) */
         int64_t end_ms;                 /* request_timeout: the whole request ends here */
@@ -220,7 +223,7 @@ static void note_rotation(struct proxy_request *pr, unsigned to) {
 /* The key leaves the request's memory as soon as an attempt no longer needs it. */
 static void wipe_auth(struct proxy_request *pr) {
         if (pr->auth && pr->auth[0])
-                explicit_bzero(pr->auth, strnlen(pr->auth, AUTH_LINE_MAX - 1) + 1);
+                explicit_bzero(pr->auth, strnlen(pr->auth, pr->auth_size - 1) + 1);
 }
 
 static void free_headers(struct curl_slist *l) {
@@ -695,6 +698,7 @@ static int relay(struct proxy_request *pr, const char *data, size_t len) {
         if (r >= 0 && pr->answer.held > 0 && !pr->aborted) {
                 r = http_conn_stream_write(pr->conn, pr->answer.body + pr->answer.body_len - pr->answer.held, pr->answer.held);
                 pr->answer.held = 0;
+                answer_release_relayed(&pr->answer);
         }
         if (r >= 0 && len > 0 && !pr->aborted)
                 r = http_conn_stream_write(pr->conn, data, len);
@@ -1329,7 +1333,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         note_rotation(pr, pr->lease.key);
         secret = config_pool_key(pr->cpool, pr->first_key, pr->lease.key)->secret;
 
-        auth_line(prov, secret, pr->auth, AUTH_LINE_MAX);
+        auth_line(prov, secret, pr->auth, pr->auth_size);
 
         pr->easy = easy_get(p);
         if (!pr->easy) {
@@ -1808,7 +1812,8 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         static const char content_type[] = "Content-Type: application/json", expect[] = "Expect:";
         const struct config_provider *prov = pr->provider;
         const char *rest = req->url + strlen("/v1/");
-        size_t n = 1 + prov->n_headers + 2, text = AUTH_LINE_MAX + sizeof content_type + sizeof expect;
+        size_t auth_size = pr->ctx->queues[pr->pool].auth_size;
+        size_t n = 1 + prov->n_headers + 2, text = auth_size + sizeof content_type + sizeof expect;
         bool has_content_type = false;
         uint64_t forwarded = 0;
         struct curl_slist *nodes;
@@ -1841,9 +1846,10 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
         t = (char *) (nodes + n);
 
         pr->auth = t;
+        pr->auth_size = auth_size;
         pr->auth[0] = 0;
         nodes[k++].data = t;
-        t += AUTH_LINE_MAX;
+        t += auth_size;
         for (unsigned i = 0; i < prov->n_headers; i++) {
                 nodes[k++].data = strcpy(t, prov->headers[i]);
                 t += strlen(t) + 1;
@@ -1959,6 +1965,22 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         attempt(pr);
 }
 
+/* Room for the auth line of a pool's longest key. Every open request holds its header block
+ * (in secmem, a power-of-two slot) for as long as it lasts: sized for the largest secret any key
+ * could have (4 KiB), the block of a stream took an 8 KiB slot where its keys need tens of
+ * bytes. */
+static size_t auth_size(const struct config_pool *pool) {
+        size_t longest = 0;
+
+        for (unsigned k = 0; k < pool->n_keys; k++) {
+                size_t n = pool->keys[k].secret ? strlen(pool->keys[k].secret) : 0;
+
+                if (n > longest)
+                        longest = n;
+        }
+        return AUTH_PREFIX_SIZE + longest;
+}
+
 int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
         const struct config *cfg = params->config;
         struct proxy_context *p;
@@ -1984,6 +2006,7 @@ int proxy_new(const struct proxy_params *params, struct proxy_context **ret) {
         for (unsigned i = 0; i < cfg->n_pools; i++) {
                 p->queues[i].ctx = p;
                 p->queues[i].pool = i;
+                p->queues[i].auth_size = auth_size(&cfg->pools[i]);
                 r = sd_event_add_time(p->w.event, &p->queues[i].timer, CLOCK_MONOTONIC, 0, 1000, on_queue_timer,
                                       &p->queues[i]);
                 if (r < 0)

@@ -40,6 +40,8 @@
 #include "keypool/evloop.h"
 #include "keypool/upstream.h"
 
+#define IDLE_CONNECTIONS        256     /* idle upstream connections kept beyond those in use */
+
 struct transfer {
         upstream_done_fn done;
         void *userdata;
@@ -70,6 +72,7 @@ struct upstream {
         sd_event_source *timer;
         struct ev_defer kick;           /* curl's "call me now": no timer needed */
         unsigned running;
+        unsigned max_connections;       /* CURLMOPT_MAXCONNECTS: see upstream_start */
         struct fd_state **fds;
         size_t n_fds;
         struct transfer *free_transfers; /* ended transfers' records, for the next ones */
@@ -387,7 +390,8 @@ int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream 
         curl_multi_setopt(u->multi, CURLMOPT_TIMERDATA, u);
         /* Reuse upstream connections across requests; HTTP/2 streams share one where possible. */
         curl_multi_setopt(u->multi, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX);
-        curl_multi_setopt(u->multi, CURLMOPT_MAXCONNECTS, 256L);
+        u->max_connections = IDLE_CONNECTIONS;
+        curl_multi_setopt(u->multi, CURLMOPT_MAXCONNECTS, (long) u->max_connections);
         *ret = u;
         return 0;
 }
@@ -441,6 +445,17 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
                 return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
         }
         u->running++;
+        /* curl 7.88 keeps every connection, in use or idle, in one cache, and while it holds
+         * more than MAXCONNECTS, each transfer's end walks all of them for the oldest idle one
+         * to close: with thousands of open streams, thousands of connections walked per ending
+         * stream, and steps of a second when a burst of them ends. The limit follows the most
+         * transfers at once, so that only idle connections beyond that many (and
+         * IDLE_CONNECTIONS) are closed; those left after a burst go when idle for curl's
+         * CURLOPT_MAXAGE_CONN or when the upstream closes them. */
+        if (u->running + IDLE_CONNECTIONS > u->max_connections) {
+                u->max_connections = u->running + IDLE_CONNECTIONS + u->running / 4;
+                curl_multi_setopt(u->multi, CURLMOPT_MAXCONNECTS, (long) u->max_connections);
+        }
         return 0;
 }
 

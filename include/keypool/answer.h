@@ -5,7 +5,9 @@
  * event held back until it is complete, and what the SSE event scanner found (an error event,
  * token usage). Knows nothing of curl, keys, clients or the event loop: bytes in, facts out.
  * Invariants: header lines and the body are NUL-terminated; `held` bytes at the end of the body
- * are the ones not yet sent to the client; a reset keeps small buffers for the next attempt.
+ * are the ones not yet sent to the client; a reset keeps small buffers for the next attempt. An
+ * open stream holds as little as it can: no body once its first event is relayed, no event
+ * buffer between events.
  */
 #pragma once
 
@@ -33,7 +35,7 @@ enum answer_mode {
 struct answer {
         enum answer_mode mode;
         int status;
-        size_t header_off[ANSWER_MAX_HEADERS]; /* each line's start in text */
+        uint32_t header_off[ANSWER_MAX_HEADERS]; /* each line's start in text (< 64 KiB) */
         size_t n_headers;
         char *text;                     /* the header lines, each NUL-terminated, one buffer */
         size_t text_len, text_cap;
@@ -68,6 +70,10 @@ const char *answer_line(const struct answer *a, size_t i);
 
 /* Appends body bytes. 0, or -ENOMEM. */
 int answer_append(struct answer *a, const void *data, size_t len);
+
+/* A relayed SSE stream whose held first event has gone out: frees its body, which nothing reads
+ * again (its usage and errors are read event by event). Anything else is left as it is. */
+void answer_release_relayed(struct answer *a);
 
 /* Splits streamed bytes into SSE events, inspecting each complete one for an error or usage.
  * Returns the number of bytes of data that end the first event completed here (0: none). */

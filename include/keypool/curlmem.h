@@ -26,9 +26,13 @@
 #include <stddef.h>
 
 /* CURLOPT_BUFFERSIZE for a transfer, and for one whose answer is a stream: a stream holds its
- * buffer for as long as it lasts, and its events are small. */
+ * buffer for as long as it lasts (tens of thousands of open streams each hold one), and its
+ * events are a few hundred bytes. 1200 is above curl's minimum (1024, which it would silently
+ * round a smaller value up to) and holds a few events per read; its block (1208 usable bytes)
+ * is no dynbuf's. */
 #define CURLMEM_RECV_BUFFER             16000
-#define CURLMEM_STREAM_RECV_BUFFER      4000
+#define CURLMEM_STREAM_RECV_BUFFER      1200
+#define CURLMEM_CURL_MIN_BUFFER         1024    /* curl 7.88's READBUFFER_MIN */
 
 /* CURLOPT_UPLOAD_BUFFERSIZE for a request whose body is body_len bytes: room for the body and its
  * header lines, within curl's minimum (16 KiB) and its default (64 KiB). A request that does not

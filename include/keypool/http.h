@@ -62,7 +62,8 @@ struct http_limits {
 
 struct http_handler {
         /* A complete request. The handler must eventually answer (respond or stream_end) or
-         * abort the connection. r stays valid until then. */
+         * abort the connection. r's body stays valid until then; its target and fields only
+         * until on_request returns (their buffers are freed then: copy what is kept). */
         void (*on_request)(struct http_conn *c, struct http_request *r, void *userdata);
         /* The client went away while a request was active: drop every reference to c. */
         void (*on_abort)(struct http_conn *c, void *request_data);
@@ -121,6 +122,10 @@ void http_conn_shutdown(struct http_conn *c);
 
 /* Is a request being served (from complete request to response flushed)? */
 bool http_conn_busy(const struct http_conn *c);
+
+/* Bytes the connection holds in buffers (request, read-ahead, output), as allocated: what it
+ * costs beyond its own record. 0 between requests once the last answer is written. */
+size_t http_conn_buffered_bytes(const struct http_conn *c);
 
 /* Can target be sent upstream exactly as written? 0, or -EINVAL with *ret_problem saying why:
  * origin-form only, no control characters, spaces or '#', valid percent escapes, no '.' or '..'

@@ -359,6 +359,22 @@ class ProxyTest(KeypoolTestCase):
                          {"GLM45": (2, 2), "KIMI": (1, 1)})
 
 
+class KeyLengthTest(KeypoolTestCase):
+    """A request's header block is sized for its pool's longest key, not for any key at all."""
+
+    def test_a_retry_on_a_much_longer_key_sends_all_of_it(self):
+        sim = self.start_sim()
+        short = fake_secret("invalid-")                 # refused: the retry takes the long one
+        long = fake_secret() + "f" * 3900               # near CONFIG_SECRET_MAX (4,096)
+        kp = self.start_keypool(sim, pools=[{"name": GLM[0], "model": GLM[1], "keys": [short, long]}])
+        for stream in (False, True):
+            status, h, body = kp.chat(GLM[1], stream=stream)
+            self.assertEqual(status, 200, body)
+            self.assertEqual(h.get("x-keypool-key"), key_id(long))
+            self.assertEqual(sim.log()[-1]["key_id"], key_id(long),
+                             "the upstream must have seen the whole long key")
+
+
 class UpstreamFailureTest(KeypoolTestCase):
     """When the upstream cannot answer: 502 or 504 in the OpenAI shape, and no key is blamed.
     Retries are off here (one attempt); test_policy covers transient retries and the threshold."""

@@ -609,6 +609,64 @@ static void assert_serves_b_after(const char *a1) {
         free(want);
 }
 
+/* An open request holds its body (the handler may read it until it answers: a retry sends it
+ * again) and nothing of its head; an answered one holds nothing. */
+START_TEST(test_a_request_head_is_released_once_handed_over_and_the_rest_once_answered)
+{
+        char request[2048], *p = request;
+
+        H.limits.max_header = 2048;
+        start();
+        p += sprintf(p, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\n");
+        for (int i = 0; i < 20; i++)
+                p += sprintf(p, "X-Field-%02d: %s\r\n", i, "a value of some length, to fill the head");
+        sprintf(p, "\r\nabcdef");
+        hold_request(request);
+        ck_assert_uint_eq(H.seen[0].n_fields, 22);
+        /* The body's buffer alone (its first size is 256 bytes). */
+        ck_assert_uint_le(http_conn_buffered_bytes(H.conn), 256);
+
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "ok", 2), 0);
+        RUN_UNTIL(H.event, H.in_len > 0 && strstr(H.in, "\r\n\r\nok"));
+        run_idle(H.event);
+        ck_assert(!conn_busy());
+        ck_assert_uint_eq(http_conn_buffered_bytes(H.conn), 0);
+}
+END_TEST
+
+/* A large request's buffers are not kept for the small one that follows on the connection. */
+START_TEST(test_a_large_requests_buffers_do_not_stay_for_the_next_small_one)
+{
+        size_t len = 32 * 1024, head_len;
+        char head[128], *big;
+
+        H.limits.max_body = len;
+        start();
+        head_len = (size_t) sprintf(head, "POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: %zu\r\n\r\n", len);
+        big = malloc(head_len + len);
+        ck_assert_ptr_nonnull(big);
+        memcpy(big, head, head_len);
+        memset(big + head_len, 'b', len);
+        H.mode = ANSWER_LATER;
+        client_send_bytes(big, head_len + len);
+        free(big);
+        RUN_UNTIL(H.event, H.n_seen == 1);
+        ck_assert_uint_eq(H.seen[0].body_len, len);
+        ck_assert_uint_ge(http_conn_buffered_bytes(H.conn), len);
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "one", 3), 0);
+        RUN_UNTIL(H.event, H.in_len > 0 && strstr(H.in, "one"));
+        run_idle(H.event);
+        ck_assert_uint_eq(http_conn_buffered_bytes(H.conn), 0);
+
+        client_send("POST /small HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc");
+        RUN_UNTIL(H.event, H.n_seen == 2);
+        ck_assert_str_eq(H.seen[1].body, "abc");
+        ck_assert_uint_le(http_conn_buffered_bytes(H.conn), 256);
+        ck_assert_int_eq(http_conn_respond(H.conn, 200, NULL, 0, "two", 3), 0);
+        RUN_UNTIL(H.event, strstr(H.in, "two"));
+}
+END_TEST
+
 START_TEST(test_keep_alive_connection_serves_a_later_request)
 {
         char *a1 = expected_answer(1, "/a", false);
@@ -1452,6 +1510,8 @@ static Suite *http_suite(void) {
         tcase_add_checked_fixture(pipe, setup, teardown);
         tcase_add_test(pipe, test_pipelined_requests_in_one_write_are_answered_in_order);
         tcase_add_test(pipe, test_pipelined_request_waits_until_the_answer_before_it_is_sent);
+        tcase_add_test(pipe, test_a_request_head_is_released_once_handed_over_and_the_rest_once_answered);
+        tcase_add_test(pipe, test_a_large_requests_buffers_do_not_stay_for_the_next_small_one);
         tcase_add_test(pipe, test_keep_alive_connection_serves_a_later_request);
         tcase_add_test(pipe, test_connection_close_is_answered_and_later_pipelined_requests_dropped);
         tcase_add_test(pipe, test_http10_request_is_answered_with_connection_close_and_closed);

@@ -527,6 +527,50 @@ START_TEST(test_first_complete_event_ends_where_its_blank_line_ends) {
 }
 END_TEST
 
+/* An open stream spends its life between events: it holds no event buffer there, and an event
+ * split across reads is still seen whole. */
+START_TEST(test_a_stream_holds_no_event_buffer_between_events) {
+        static const char part1[] = "data: {\"usage\":{\"prompt_tokens\":3,", part2[] = "\"completion_tokens\":4}}\n\n";
+        struct answer a = { .mode = ANSWER_STREAM, .sse = true };
+
+        answer_scan_events(&a, part1, strlen(part1));
+        ck_assert_ptr_nonnull(a.event);
+        answer_scan_events(&a, part2, strlen(part2));
+        ck_assert_ptr_null(a.event);
+        ck_assert_uint_eq(a.event_cap, 0);
+        ck_assert_uint_eq(a.tokens_in, 3);
+        ck_assert_uint_eq(a.tokens_out, 4);
+        answer_free(&a);
+}
+END_TEST
+
+/* Once a stream's held first event is relayed, nothing reads its body again: it goes. Held bytes,
+ * and the body of a buffered (error) answer, stay. */
+START_TEST(test_a_relayed_streams_body_is_released_and_a_held_one_kept) {
+        static const char *const lines[] = { "HTTP/1.1 200 OK\r\n", "Content-Type: text/event-stream\r\n", "\r\n" };
+        static const char first[] = "data: {\"a\":1}\n\n";
+        struct answer a = { .mode = ANSWER_HEADERS }, e = { .mode = ANSWER_BUFFER };
+
+        feed_headers(&a, lines, N(lines));
+        ck_assert_int_eq(answer_append(&a, first, strlen(first)), 0);
+        a.held = strlen(first);
+        ck_assert_uint_eq(answer_scan_events(&a, first, strlen(first)), strlen(first));
+        a.holding = false;
+        answer_release_relayed(&a);
+        ck_assert_ptr_nonnull(a.body);  /* still held: not sent yet */
+        a.held = 0;
+        answer_release_relayed(&a);
+        ck_assert_ptr_null(a.body);
+        ck_assert_uint_eq(a.body_len, 0);
+        answer_free(&a);
+
+        ck_assert_int_eq(answer_append(&e, "{}", 2), 0);
+        answer_release_relayed(&e);
+        ck_assert_str_eq(e.body, "{}");
+        answer_free(&e);
+}
+END_TEST
+
 START_TEST(test_error_event_in_a_stream_is_noted_once) {
         static const char events[] =
                 "data: {\"error\":{\"code\":429,\"message\":\"Rate limit exceeded\"}}\n\n"
@@ -843,6 +887,8 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_status_line_is_read_within_its_line);
         tcase_add_test(tc, test_informational_answer_is_replaced_by_the_final_one);
         tcase_add_test(tc, test_first_complete_event_ends_where_its_blank_line_ends);
+        tcase_add_test(tc, test_a_stream_holds_no_event_buffer_between_events);
+        tcase_add_test(tc, test_a_relayed_streams_body_is_released_and_a_held_one_kept);
         tcase_add_test(tc, test_error_event_in_a_stream_is_noted_once);
         tcase_add_test(tc, test_stream_usage_keeps_the_last_running_totals);
         tcase_add_test(tc, test_oversized_event_is_not_inspected);
