@@ -1084,6 +1084,21 @@ static const char *incomplete_answer(const struct proxy_request *pr, CURL *easy)
 
 static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res);
 
+bool proxy_answer_stands(CURLcode res, bool head_arrived, int64_t expected, int64_t got) {
+        return res == CURLE_HTTP2_STREAM && head_arrived && expected >= 0 && got == expected;
+}
+
+/* See proxy_answer_stands. */
+static bool whole_answer_despite(const struct proxy_request *pr, CURL *easy, CURLcode res) {
+        curl_off_t expected = -1, got = -1;
+
+        if (res != CURLE_HTTP2_STREAM || !easy ||
+            curl_easy_getinfo(easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &expected) != CURLE_OK ||
+            curl_easy_getinfo(easy, CURLINFO_SIZE_DOWNLOAD_T, &got) != CURLE_OK)
+                return false;
+        return proxy_answer_stands(res, pr->answer.mode != ANSWER_HEADERS, expected, got);
+}
+
 /* An answer that broke HTTP, in the log, on the key that served it. */
 static void report_bad_answer(struct proxy_request *pr, const struct proxy_attempt_end *a) {
         struct log_fields f = fields(pr, pr->last_key);
@@ -1149,10 +1164,15 @@ static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res) {
         struct proxy_decision d;
         struct verdict v = {};
         int64_t now = clock_mono_ms();
-        bool no_answer = res != CURLE_OK && !pr->retry_from_stream;
-        const char *incomplete = res == CURLE_OK ? incomplete_answer(pr, easy)
-                               : res == CURLE_PARTIAL_FILE && !pr->timed_out
-                               ? "the upstream closed the connection before the end of its answer's body" : NULL;
+        const char *incomplete;
+        bool no_answer;
+
+        if (whole_answer_despite(pr, easy, res))
+                res = CURLE_OK;
+        no_answer = res != CURLE_OK && !pr->retry_from_stream;
+        incomplete = res == CURLE_OK ? incomplete_answer(pr, easy)
+                   : res == CURLE_PARTIAL_FILE && !pr->timed_out
+                   ? "the upstream closed the connection before the end of its answer's body" : NULL;
 
         keytable_observe_latency(pr->ctx->w.table, pr->ctx->w.slot, pr->pool, now - pr->attempt_started_ms);
         a.bytes_sent = pr->conn && http_conn_stream_started(pr->conn);

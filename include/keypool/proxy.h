@@ -146,6 +146,13 @@ void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *
 int proxy_rewrite_model(const char *body, size_t body_len, const struct jscan_value *model,
                         const char *model_id, char **ret, size_t *ret_len);
 
+/* Does an attempt that curl ended with res still have its whole answer? Only for
+ * CURLE_HTTP2_STREAM after an answer whose head arrived and whose Content-Length (expected, -1
+ * when unknown) has arrived in full (got): an HTTP/2 server may answer and end its stream before
+ * it has read the request's body, and libcurl 7.88 then fails the transfer when it goes on to
+ * send the body, although it has handed over the whole answer. Pure. */
+bool proxy_answer_stands(CURLcode res, bool head_arrived, int64_t expected, int64_t got);
+
 /* Does a client header go upstream as it is? Not when it belongs to one connection, is one
  * keypool sets itself, could carry the client's own credentials, or is one of prov's headers. */
 bool proxy_forwards_header(const struct config_provider *prov, const char *name);

@@ -855,11 +855,39 @@ START_TEST(test_pool_key_is_found_by_its_table_row) {
 }
 END_TEST
 
+/* libcurl 7.88 fails an HTTP/2 transfer whose server ended the stream with its answer before
+ * the request's body was sent ("framing layer"): a whole answer stands, nothing less does. */
+START_TEST(test_a_whole_answer_stands_despite_a_later_http2_stream_error)
+{
+        static const struct {
+                const char *what;
+                CURLcode res;
+                bool head;
+                int64_t expected, got;
+                bool stands;
+        } rows[] = {
+                { "every byte of its Content-Length arrived", CURLE_HTTP2_STREAM, true, 281, 281, true },
+                { "an empty answer, whole", CURLE_HTTP2_STREAM, true, 0, 0, true },
+                { "part of the body only", CURLE_HTTP2_STREAM, true, 281, 200, false },
+                { "no Content-Length: whole or not cannot be told", CURLE_HTTP2_STREAM, true, -1, 281, false },
+                { "no head yet", CURLE_HTTP2_STREAM, false, -1, 0, false },
+                { "another error, with every byte", CURLE_RECV_ERROR, true, 281, 281, false },
+                { "a reset connection, with every byte", CURLE_HTTP2, true, 281, 281, false },
+        };
+
+        for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++)
+                ck_assert_msg(proxy_answer_stands(rows[i].res, rows[i].head, rows[i].expected, rows[i].got) ==
+                              rows[i].stands, "%s: expected %s", rows[i].what,
+                              rows[i].stands ? "the answer to stand" : "a failure");
+}
+END_TEST
+
 static Suite *proxy_suite(void) {
         Suite *s = suite_create("proxy");
         TCase *tc;
 
         tc = tcase_create("decide");
+        tcase_add_test(tc, test_a_whole_answer_stands_despite_a_later_http2_stream_error);
         tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
         tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
         tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
