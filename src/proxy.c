@@ -111,6 +111,7 @@ struct proxy_request {
         size_t body_len;
         bool own_body;
         bool stream;                    /* the body asks for a stream ("stream": true) */
+        bool http1;                     /* the next attempt goes over HTTP/1.1 (decision.http1) */
         struct curl_slist *headers;     /* every request header, in one block built once: the
                                          * auth line's node first (its text is auth) */
         size_t headers_size;            /* bytes allocated for the block */
@@ -846,6 +847,17 @@ static void decide_retry(const struct proxy_attempt_end *a, const struct proxy_l
         }
         d->next = PROXY_NEXT_RETRY;
         d->otherwise = otherwise;
+        /* An HTTP/2 server may answer and end its stream before it has read the request's body
+         * (nginx's fixed answers, a provider's early refusal); libcurl 7.88 may then fail the
+         * transfer before it has handed over any of the answer ("Stream error in the HTTP/2
+         * framing layer"), when it goes on to send the body. Nothing is wrong upstream and
+         * nothing with the key: the request goes again at once, over HTTP/1.1, where the race
+         * does not exist. */
+        if (a->result == PROXY_RESULT_NO_ANSWER && a->failure == UPSTREAM_FAILURE_STREAM) {
+                d->delay_ms = 0;
+                d->http1 = true;
+                return;
+        }
         d->delay_ms = policy_backoff_ms(a->transient_failures - 1, l->backoff_initial_ms, l->backoff_max_ms,
                                         a->random);
         if (a->retry_after_ms > d->delay_ms)
@@ -902,6 +914,10 @@ static void decide_transport_failure(const struct proxy_attempt_end *a, struct p
         case UPSTREAM_FAILURE_DNS:
                 d->code = "upstream_dns_failure";
                 d->message = "DNS failure: the upstream's name (or its proxy's) does not resolve";
+                break;
+        case UPSTREAM_FAILURE_STREAM:
+                d->code = "upstream_unreachable";
+                d->message = "the upstream closed the HTTP/2 stream before the request was sent";
                 break;
         default:
                 d->code = "upstream_unreachable";
@@ -1019,8 +1035,10 @@ static void report_transport_failure(struct proxy_request *pr, const struct prox
 
         if (!blames_no_key(a->failure)) {
                 f = fields(pr, pr->lease.key);
-                log_event(LOG_WARNING, "upstream_error", &f, "upstream %s: %s", pr->provider->name,
-                          curl_easy_strerror(res));
+                /* libcurl's HTTP/2 race (decide_retry) is retried at once and hurts nobody: not
+                 * worth a warning each time it happens under load. */
+                log_event(a->failure == UPSTREAM_FAILURE_STREAM ? LOG_INFO : LOG_WARNING, "upstream_error", &f,
+                          "upstream %s: %s", pr->provider->name, curl_easy_strerror(res));
                 return;
         }
         if (!upstream_report_due(pr->ctx->w.upstream, pr->provider, clock_mono_ms(), TRANSPORT_REPORT_MS))
@@ -1205,8 +1223,10 @@ static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res) {
                 /* A TLS or DNS failure is the upstream's configuration (or the network's), never
                  * a key's: the lease goes back unjudged. So is the request's own time running out,
                  * and a silence after the client already had bytes: the key answered, and the
-                 * cut stream is the caller's to retry. */
-                v.cls = blames_no_key(a.failure) || a.timeout == PROXY_TIMEOUT_REQUEST ||
+                 * cut stream is the caller's to retry. And so is libcurl failing an HTTP/2
+                 * stream the server closed (decide_retry). */
+                v.cls = blames_no_key(a.failure) || a.failure == UPSTREAM_FAILURE_STREAM ||
+                        a.timeout == PROXY_TIMEOUT_REQUEST ||
                         (a.timeout == PROXY_TIMEOUT_IDLE && a.bytes_sent) ? VERDICT_NONE : VERDICT_TRANSIENT;
                 pr->transport_error = curl_easy_strerror(res);
         } else {
@@ -1248,6 +1268,7 @@ static void attempt_ended(struct proxy_request *pr, CURL *easy, CURLcode res) {
                 rotate(pr, v.cls);
                 break;
         case PROXY_NEXT_RETRY:
+                pr->http1 |= d.http1;
                 if (backoff(pr, d.delay_ms, no_answer) < 0) {
                         d.next = d.otherwise;
                         request_finish(pr, &d);
@@ -1382,7 +1403,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         /* libcurl 7.88 fails (or hangs) an HTTP/2 stream whose server answers before it has
          * read a body beyond its window (a provider's early 401/413/429 on a long context):
          * "Stream error in the HTTP/2 framing layer". Such bodies go over HTTP/1.1. */
-        if (pr->body_len > H2_BODY_MAX)
+        if (pr->body_len > H2_BODY_MAX || pr->http1)
                 curl_easy_setopt(pr->easy, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
 
         if (watchdog_start(pr) < 0) {

@@ -526,6 +526,8 @@ enum upstream_failure upstream_failure_class(CURLcode res) {
         case CURLE_COULDNT_RESOLVE_HOST:
         case CURLE_COULDNT_RESOLVE_PROXY:
                 return UPSTREAM_FAILURE_DNS;
+        case CURLE_HTTP2_STREAM:
+                return UPSTREAM_FAILURE_STREAM;
         default:
                 return UPSTREAM_FAILURE_OTHER;
         }

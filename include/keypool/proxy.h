@@ -133,6 +133,7 @@ struct proxy_decision {
         int64_t retry_after_s;          /* FAIL: a Retry-After for the client, 0 for none */
         bool confirm_auth;              /* probe the key: only a refusal of the pool's own
                                          * request disables it (whatever next is) */
+        bool http1;                     /* RETRY: the next attempt goes over HTTP/1.1 */
 };
 
 void proxy_decide(const struct proxy_attempt_end *a, const struct proxy_limits *l,

@@ -32,6 +32,8 @@ enum upstream_failure {
         UPSTREAM_FAILURE_CERTIFICATE,           /* untrusted, expired, wrong name: configuration */
         UPSTREAM_FAILURE_TLS,                   /* any other TLS failure (a handshake cut short) */
         UPSTREAM_FAILURE_DNS,                   /* the name (or the proxy's) does not resolve */
+        UPSTREAM_FAILURE_STREAM,                /* libcurl failed an HTTP/2 stream the server
+                                                 * had closed (see proxy_decide) */
         UPSTREAM_FAILURE_OTHER,                 /* refused, reset, timed out, bad answer, … */
         _UPSTREAM_FAILURE_MAX,
 };

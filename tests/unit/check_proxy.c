@@ -54,6 +54,7 @@ struct decide_row {
         int64_t delay_min, delay_max;   /* RETRY rows only */
         bool auth_unconfirmed, refused_before, other_keys;
         bool confirm_auth;              /* the key is to be probed */
+        bool http1;                     /* RETRY rows: the next attempt goes over HTTP/1.1 */
         enum upstream_failure failure;  /* NO_ANSWER rows: which transport failure */
         const char *message_has;        /* FAIL: a word the message must carry */
         enum proxy_timeout timeout;     /* TIMEOUT rows: which one */
@@ -85,6 +86,8 @@ static void check_row(const struct decide_row *row) {
                 ck_assert_msg(d.delay_ms >= row->delay_min && d.delay_ms <= row->delay_max,
                               "%s: expected a delay in [%lld, %lld] ms, got %lld", row->what,
                               (long long) row->delay_min, (long long) row->delay_max, (long long) d.delay_ms);
+                ck_assert_msg(d.http1 == row->http1, "%s: expected the retry %s", row->what,
+                              row->http1 ? "over HTTP/1.1" : "as before");
         }
         if (row->status) {
                 ck_assert_msg(d.status == row->status, "%s: expected status %d, got %d", row->what,
@@ -394,6 +397,15 @@ START_TEST(test_tls_and_dns_failures_are_retried_then_answered_502_naming_them) 
                 { "handshake cut short, retries exhausted", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 5, 5,
                   .failure = UPSTREAM_FAILURE_TLS, .next = PROXY_NEXT_FAIL, .status = 502,
                   .code = "upstream_tls_failure", .message_has = "TLS" },
+                { "an HTTP/2 stream libcurl failed before any answer: again at once, over HTTP/1.1",
+                  PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
+                  .failure = UPSTREAM_FAILURE_STREAM,
+                  .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL, .status = 502,
+                  .code = "upstream_unreachable", .message_has = "HTTP/2", .delay_min = 0, .delay_max = 0,
+                  .http1 = true },
+                { "the same with the retries used up: 502", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 5, 5,
+                  .failure = UPSTREAM_FAILURE_STREAM,
+                  .next = PROXY_NEXT_FAIL, .status = 502, .code = "upstream_unreachable", .message_has = "HTTP/2" },
                 { "name does not resolve, first failure", PROXY_RESULT_NO_ANSWER, VERDICT_NONE, 1, 1,
                   .failure = UPSTREAM_FAILURE_DNS, .next = PROXY_NEXT_RETRY, .otherwise = PROXY_NEXT_FAIL,
                   .status = 502, .code = "upstream_dns_failure", .message_has = "DNS",

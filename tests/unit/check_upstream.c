@@ -616,6 +616,7 @@ START_TEST(test_refused_reset_and_timed_out_are_other_failures)
         ck_assert_int_eq(upstream_failure_class(CURLE_RECV_ERROR), UPSTREAM_FAILURE_OTHER);
         ck_assert_int_eq(upstream_failure_class(CURLE_OPERATION_TIMEDOUT), UPSTREAM_FAILURE_OTHER);
         ck_assert_int_eq(upstream_failure_class(CURLE_HTTP2), UPSTREAM_FAILURE_OTHER);
+        ck_assert_int_eq(upstream_failure_class(CURLE_HTTP2_STREAM), UPSTREAM_FAILURE_STREAM);
 }
 END_TEST
 
