@@ -603,7 +603,7 @@ static char *put(char *p, const char *s, size_t len) {
 
 static int write_head(struct http_conn *c, int status, const struct http_header *h, size_t n_h) {
         const char *reason = http_status_reason(status);
-        size_t reason_len = strlen(reason), len;
+        size_t reason_len = strlen(reason), conn_len, len;
         const char *conn;
         char code[4], *p;
         int r;
@@ -616,7 +616,8 @@ static int write_head(struct http_conn *c, int status, const struct http_header 
         code[0] = (char) ('0' + status / 100);
         code[1] = (char) ('0' + status / 10 % 10);
         code[2] = (char) ('0' + status % 10);
-        len = 9 + 3 + 1 + reason_len + 2 + strlen(conn);
+        conn_len = strlen(conn);
+        len = 9 + 3 + 1 + reason_len + 2 + conn_len;
         for (size_t i = 0; i < n_h; i++)
                 len += strlen(h[i].name) + 2 + strlen(h[i].value) + 2;
         r = buf_reserve(&c->out, len);
@@ -634,7 +635,7 @@ static int write_head(struct http_conn *c, int status, const struct http_header 
                 p = stpcpy(p, h[i].value);
                 p = put(p, "\r\n", 2);
         }
-        p = put(p, conn, strlen(conn));
+        p = put(p, conn, conn_len);
         c->out.len = (size_t) (p - c->out.data);
         c->out.data[c->out.len] = 0;
         return 0;

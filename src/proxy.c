@@ -44,7 +44,6 @@
 #include "keypool/scrub.h"
 #include "keypool/secmem.h"
 
-#define H2_BODY_MAX             (60 * 1024)     /* larger request bodies go over HTTP/1.1 */
 #define AUTH_LINE_MAX           4200            /* "Authorization: Bearer " and a secret */
 #define AUTH_PREFIX_SIZE        sizeof "Authorization: Bearer "  /* the longest, and a NUL */
 #define SPARE_MIN               64              /* finished records and handles kept at least */
@@ -1399,12 +1398,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         /* Over TLS curl copies the request into an upload buffer it frees (wiped) after every
          * transfer: as large as the request, not curl's 64 KiB (see curlmem.h). */
         curl_easy_setopt(pr->easy, CURLOPT_UPLOAD_BUFFERSIZE, curlmem_upload_buffer(pr->body_len));
-        upstream_configure(p->w.upstream, pr->easy, prov);
-        /* libcurl 7.88 fails (or hangs) an HTTP/2 stream whose server answers before it has
-         * read a body beyond its window (a provider's early 401/413/429 on a long context):
-         * "Stream error in the HTTP/2 framing layer". Such bodies go over HTTP/1.1. */
-        if (pr->body_len > H2_BODY_MAX || pr->http1)
-                curl_easy_setopt(pr->easy, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_1_1);
+        upstream_configure(p->w.upstream, pr->easy, prov, pr->body_len, pr->http1);
 
         if (watchdog_start(pr) < 0) {
                 fail(pr, 500, "internal_error", 0, "cannot time the upstream transfer");
@@ -1620,7 +1614,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, boo
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-        upstream_configure(p->w.upstream, pb->easy, prov);
+        upstream_configure(p->w.upstream, pb->easy, prov, 0, false);
         if (upstream_start(p->w.upstream, pb->easy, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;

@@ -41,6 +41,7 @@
 #include "keypool/upstream.h"
 
 #define IDLE_CONNECTIONS        256     /* idle upstream connections kept beyond those in use */
+#define H2_BODY_MAX             (60 * 1024)     /* larger request bodies go over HTTP/1.1 */
 
 struct transfer {
         upstream_done_fn done;
@@ -479,7 +480,8 @@ unsigned upstream_running(const struct upstream *u) {
         return u->running;
 }
 
-void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov) {
+void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov,
+                        size_t body_len, bool http1) {
         bool https = strncmp(prov->base_url, "https://", 8) == 0;
         /* A provider's own trust replaces the system's. A CA directory defeats curl's store
          * cache (see the top), and with it the system bundle would be parsed for every new
@@ -495,8 +497,14 @@ void upstream_configure(struct upstream *u, CURL *easy, const struct config_prov
         curl_easy_setopt(easy, CURLOPT_SSL_VERIFYHOST, prov->tls_verify ? 2L : 0L);
         /* NULL leaves https_proxy, no_proxy and friends from the environment in charge. */
         curl_easy_setopt(easy, CURLOPT_PROXY, prov->proxy);
+        /* libcurl 7.88 fails (or hangs) an HTTP/2 stream whose server answers before it has
+         * read a body beyond its window (a provider's early 401/413/429 on a long context):
+         * "Stream error in the HTTP/2 framing layer". Such bodies go over HTTP/1.1, and so does
+         * a retry after that race hit a short one (proxy.c, decide_retry). */
+        if (body_len > H2_BODY_MAX)
+                http1 = true;
         curl_easy_setopt(easy, CURLOPT_HTTP_VERSION,
-                         prov->http2 ? (long) CURL_HTTP_VERSION_2TLS : (long) CURL_HTTP_VERSION_1_1);
+                         prov->http2 && !http1 ? (long) CURL_HTTP_VERSION_2TLS : (long) CURL_HTTP_VERSION_1_1);
         /* Over HTTP/2 a burst should wait for the connection being set up and share it rather
          * than open one connection each. Not for plain HTTP: nothing to share there, and the
          * wait would serialise connection setup. */

@@ -46,8 +46,10 @@ void upstream_free(struct upstream *u);
 
 /* Sets how easy reaches prov: CA file and directory, certificate checks, proxy (the environment's
  * when prov has none), HTTP/2. Call before every upstream_start: handles move between
- * providers. */
-void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov);
+ * providers. A request body of body_len bytes, or http1, keeps the transfer on HTTP/1.1 (see
+ * upstream.c: libcurl 7.88's HTTP/2 fails streams a server ends before it has the body). */
+void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov,
+                        size_t body_len, bool http1);
 
 /* Starts a transfer. userdata goes to done and is stored as CURLOPT_PRIVATE. */
 int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *userdata);

@@ -578,7 +578,7 @@ START_TEST(test_handle_kept_after_its_transfer_can_be_freed_after_the_upstream)
          * upstream's share (TLS sessions, DNS) nor anything else of it stays pinned by it. */
         upstream_configure(H.up, x->easy, &(struct config_provider) {
                 .name = "plain", .base_url = "http://127.0.0.1", .http2 = true, .tls_verify = true,
-        });
+        }, 0, false);
         xfer_run(x);
         assert_ok_with_body(x, "/ok/kept");
         upstream_free(H.up);
