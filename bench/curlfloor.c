@@ -3,7 +3,8 @@
  * keypoold must make its upstream calls with libcurl, so part of its per-request cost is not its
  * own. This tool measures that part in isolation: one process, one curl multi handle driven by
  * epoll the way src/upstream.c drives it (CURLMOPT_SOCKETFUNCTION and TIMERFUNCTION, connection
- * sockets kept in the epoll set while idle, kept-alive connections, CURLMOPT_MAXCONNECTS 256),
+ * sockets kept in the epoll set while idle, kept-alive connections, CURLMOPT_MAXCONNECTS 256, a
+ * share handle for TLS sessions and DNS answers),
  * and N transfers always in flight: when one ends, its easy handle starts the next at once
  * (closed loop). Each transfer is what keypoold's proxy asks of curl: a POST of the bench's body
  * to the upstream with the easy options of src/proxy.c's easy_get(), and per request the URL,
@@ -17,7 +18,15 @@
  * Over HTTPS, --cacert FILE trusts FILE alone (a provider's ca_file) and --http2 asks for HTTP/2
  * with PIPEWAIT as a provider with http2 = true (the default) does; without --http2, HTTP/1.1.
  *
+ * --burst ROUNDS is the other mode, the floor under the bench's cold burst: N transfers started at
+ * once, all waited for, ROUNDS times on the same multi handle. The first round is cold (no
+ * connection, no TLS session, no CA store yet: what a fresh worker has); the later ones find the
+ * connections the first left, as warm workers do. Each transfer's time from its start to its end
+ * goes to --latencies FILE as "ROUND MICROSECONDS" lines, and a "CURLFLOOR mode=burst" line per
+ * round says how many ended well.
+ *
  * Usage: curlfloor -u URL [-c N] [-d SEC] [-w SEC] [-B FILE] [--cacert FILE] [--http2]
+ *                  [--burst ROUNDS --latencies FILE]
  * Not part of the autotools build: bench/run builds it with gcc -O2.
  */
 #define _GNU_SOURCE
@@ -64,6 +73,7 @@ struct fd_state {
 
 struct transfer {
         CURL *easy;
+        uint64_t started;               /* --burst: when it went into the multi handle */
         struct curl_slist *headers;
         size_t answer_len;
         char answer[ANSWER_KEEP];
@@ -76,11 +86,14 @@ static struct {
         const char *cacert;
         bool http2;
         unsigned conns;
+        unsigned burst;                 /* rounds of --burst, 0 for the closed loop */
+        const char *latencies;
         double duration, warmup;
 } opt = { .conns = 16, .duration = 5 };
 
 static struct {
         CURLM *multi;
+        CURLSH *share;                  /* as src/upstream.c's: new connections resume sessions */
         int epfd;
         struct fd_state *fds;
         size_t n_fds;
@@ -90,6 +103,8 @@ static struct {
         bool measuring, stopping;
         uint64_t completed, errors;     /* in the measured window */
         uint64_t completed_total, errors_total;
+        FILE *latencies;                /* --burst */
+        unsigned round;
 } g;
 
 static void die(const char *what) {
@@ -276,8 +291,10 @@ static void transfer_start(struct transfer *t) {
         curl_easy_setopt(t->easy, CURLOPT_HEADERDATA, t);
         curl_easy_setopt(t->easy, CURLOPT_WRITEDATA, t);
         curl_easy_setopt(t->easy, CURLOPT_PRIVATE, t);
+        curl_easy_setopt(t->easy, CURLOPT_SHARE, g.share);
         curl_easy_setopt(t->easy, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
         curl_easy_setopt(t->easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
+        t->started = now_ns();
         if (curl_multi_add_handle(g.multi, t->easy) != CURLM_OK) {
                 fprintf(stderr, "curlfloor: curl_multi_add_handle failed\n");
                 exit(1);
@@ -307,6 +324,8 @@ static void collect_done(void) {
                         g.completed++;
                         g.errors += failed;
                 }
+                if (g.latencies)
+                        fprintf(g.latencies, "%u %.1f\n", g.round, (double) (now_ns() - t->started) / 1000.0);
                 if (!g.stopping)
                         transfer_start(t);
         }
@@ -342,6 +361,55 @@ static void curl_timeout(void) {
         collect_done();
 }
 
+/* Waits on the sockets and curl's timer once; the loop of both modes. */
+static void step(uint64_t until) {
+        struct epoll_event ev[EVENT_BATCH];
+        uint64_t now = now_ns();
+        int n, timeout_ms = 100;
+
+        if (g.kick) {
+                g.kick = false;
+                curl_timeout();
+                return;
+        }
+        if (g.deadline && now >= g.deadline) {
+                g.deadline = 0;
+                curl_timeout();
+                return;
+        }
+        /* Wake for curl's deadline, the caller's, or at least every 100 ms. */
+        if (g.deadline && (g.deadline - now) / NS_PER_MS + 1 < (uint64_t) timeout_ms)
+                timeout_ms = (int) ((g.deadline - now) / NS_PER_MS + 1);
+        if (until && until > now && (until - now) / NS_PER_MS + 1 < (uint64_t) timeout_ms)
+                timeout_ms = (int) ((until - now) / NS_PER_MS + 1);
+        n = epoll_wait(g.epfd, ev, EVENT_BATCH, timeout_ms);
+        if (n < 0 && errno != EINTR)
+                die("epoll_wait");
+        if (n > 0)
+                sockets_ready(ev, n);
+}
+
+/* --burst: every round starts all N transfers at once and waits for the last; nothing restarts. */
+static int run_bursts(void) {
+        g.stopping = true;
+        g.measuring = true;
+        /* As keypoold's workers after a burst: the connections a round opened stay for the next. */
+        curl_multi_setopt(g.multi, CURLMOPT_MAXCONNECTS, (long) opt.conns + 16);
+        for (g.round = 1; g.round <= opt.burst; g.round++) {
+                uint64_t start = now_ns(), before = g.completed, errors = g.errors;
+
+                for (unsigned i = 0; i < opt.conns; i++)
+                        transfer_start(&g.xfers[i]);
+                while (g.completed - before < opt.conns)
+                        step(0);
+                printf("CURLFLOOR mode=burst round=%u conns=%u ok=%" PRIu64 " errors=%" PRIu64 " duration_s=%.3f\n",
+                       g.round, opt.conns, opt.conns - (g.errors - errors), g.errors - errors,
+                       (double) (now_ns() - start) / NS_PER_SEC);
+        }
+        fflush(stdout);
+        return g.errors ? 1 : 0;
+}
+
 /* --- main ---------------------------------------------------------------------------------- */
 
 static void usage(FILE *out) {
@@ -353,7 +421,9 @@ static void usage(FILE *out) {
                 "  -w SEC        warm-up before the measurement (default 0)\n"
                 "  -B FILE       request body from FILE (default: the bench's chat completion)\n"
                 "  --cacert FILE trust FILE alone for HTTPS (as a provider's ca_file)\n"
-                "  --http2       HTTP/2 over TLS, waiting to multiplex (default: HTTP/1.1)\n");
+                "  --http2       HTTP/2 over TLS, waiting to multiplex (default: HTTP/1.1)\n"
+                "  --burst R     R rounds of N transfers started at once (the first one cold)\n"
+                "  --latencies F each burst transfer's time, \"ROUND MICROSECONDS\" per line, to F\n");
 }
 
 static char *read_file(const char *path, size_t *ret_len) {
@@ -379,13 +449,14 @@ static char *read_file(const char *path, size_t *ret_len) {
 }
 
 int main(int argc, char **argv) {
-        struct epoll_event ev[EVENT_BATCH];
         char *body_owned = NULL;
         uint64_t t0, window_start, window_end, t_start = 0, t_end = 0, cpu_start = 0, cpu_end = 0;
         double window;
         static const struct option longopts[] = {
                 { "cacert", required_argument, NULL, 'A' },
                 { "http2", no_argument, NULL, '2' },
+                { "burst", required_argument, NULL, 'b' },
+                { "latencies", required_argument, NULL, 'L' },
                 { NULL, 0, NULL, 0 },
         };
         int o;
@@ -396,6 +467,8 @@ int main(int argc, char **argv) {
                 switch (o) {
                 case 'A': opt.cacert = optarg; break;
                 case '2': opt.http2 = true; break;
+                case 'b': opt.burst = (unsigned) strtoul(optarg, NULL, 10); break;
+                case 'L': opt.latencies = optarg; break;
                 case 'u': opt.url = optarg; break;
                 case 'c': opt.conns = (unsigned) strtoul(optarg, NULL, 10); break;
                 case 'd': opt.duration = atof(optarg); break;
@@ -409,7 +482,8 @@ int main(int argc, char **argv) {
                 default: usage(stderr); return 2;
                 }
         }
-        if (!opt.url || opt.conns == 0 || opt.duration <= 0 || opt.warmup < 0) {
+        if (!opt.url || opt.conns == 0 || opt.duration <= 0 || opt.warmup < 0 ||
+            (opt.burst && !opt.latencies)) {
                 usage(stderr);
                 return 2;
         }
@@ -421,8 +495,11 @@ int main(int argc, char **argv) {
 
         g.epfd = epoll_create1(EPOLL_CLOEXEC);
         g.multi = curl_multi_init();
+        g.share = curl_share_init();
         g.xfers = calloc(opt.conns, sizeof *g.xfers);
-        if (g.epfd < 0 || !g.multi || !g.xfers)
+        if (g.epfd < 0 || !g.multi || !g.share || !g.xfers ||
+            curl_share_setopt(g.share, CURLSHOPT_SHARE, CURL_LOCK_DATA_SSL_SESSION) != CURLSHE_OK ||
+            curl_share_setopt(g.share, CURLSHOPT_SHARE, CURL_LOCK_DATA_DNS) != CURLSHE_OK)
                 die("setup");
         curl_multi_setopt(g.multi, CURLMOPT_SOCKETFUNCTION, socket_cb);
         curl_multi_setopt(g.multi, CURLMOPT_TIMERFUNCTION, timer_cb);
@@ -434,6 +511,17 @@ int main(int argc, char **argv) {
                         die("curl_easy_init");
         }
 
+        if (opt.burst) {
+                int r;
+
+                g.latencies = fopen(opt.latencies, "w");
+                if (!g.latencies)
+                        die(opt.latencies);
+                r = run_bursts();
+                fclose(g.latencies);
+                return r;
+        }
+
         t0 = now_ns();
         window_start = t0 + (uint64_t) (opt.warmup * (double) NS_PER_SEC);
         window_end = window_start + (uint64_t) (opt.duration * (double) NS_PER_SEC);
@@ -442,7 +530,6 @@ int main(int argc, char **argv) {
 
         for (;;) {
                 uint64_t now = now_ns();
-                int n, timeout_ms;
 
                 if (!g.measuring && now >= window_start) {
                         g.measuring = true;
@@ -454,32 +541,7 @@ int main(int argc, char **argv) {
                         t_end = now_ns();
                         break;
                 }
-                if (g.kick) {
-                        g.kick = false;
-                        curl_timeout();
-                        continue;
-                }
-                if (g.deadline && now >= g.deadline) {
-                        g.deadline = 0;
-                        curl_timeout();
-                        continue;
-                }
-                /* Wake for curl's deadline, the window's edges, or at least every 100 ms. */
-                timeout_ms = 100;
-                if (g.deadline && (g.deadline - now) / NS_PER_MS + 1 < (uint64_t) timeout_ms)
-                        timeout_ms = (int) ((g.deadline - now) / NS_PER_MS + 1);
-                if (!g.measuring && (window_start - now) / NS_PER_MS + 1 < (uint64_t) timeout_ms)
-                        timeout_ms = (int) ((window_start - now) / NS_PER_MS + 1);
-                if ((window_end - now) / NS_PER_MS + 1 < (uint64_t) timeout_ms)
-                        timeout_ms = (int) ((window_end - now) / NS_PER_MS + 1);
-                n = epoll_wait(g.epfd, ev, EVENT_BATCH, timeout_ms);
-                if (n < 0) {
-                        if (errno == EINTR)
-                                continue;
-                        die("epoll_wait");
-                }
-                if (n > 0)
-                        sockets_ready(ev, n);
+                step(g.measuring ? window_end : window_start);
         }
 
         window = (double) (t_end - t_start) / NS_PER_SEC;
@@ -498,6 +560,7 @@ int main(int argc, char **argv) {
                 curl_slist_free_all(g.xfers[i].headers);
         }
         curl_multi_cleanup(g.multi);
+        curl_share_cleanup(g.share);
         curl_global_cleanup();
         close(g.epfd);
         free(g.xfers);
