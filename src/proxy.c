@@ -1341,6 +1341,7 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         struct proxy_context *p = pr->ctx;
         const struct config_provider *prov = pr->provider;
         struct keytable_change change = {};
+        struct upstream_route route;
         const char *secret;
         int64_t left;
         int r;
@@ -1398,13 +1399,13 @@ static int try_start(struct proxy_request *pr, struct keytable_wait *ret_wait) {
         /* Over TLS curl copies the request into an upload buffer it frees (wiped) after every
          * transfer: as large as the request, not curl's 64 KiB (see curlmem.h). */
         curl_easy_setopt(pr->easy, CURLOPT_UPLOAD_BUFFERSIZE, curlmem_upload_buffer(pr->body_len));
-        upstream_configure(p->w.upstream, pr->easy, prov, pr->body_len, pr->http1);
+        route = upstream_configure(p->w.upstream, pr->easy, prov, pr->body_len, pr->http1);
 
         if (watchdog_start(pr) < 0) {
                 fail(pr, 500, "internal_error", 0, "cannot time the upstream transfer");
                 return 1;
         }
-        r = upstream_start(p->w.upstream, pr->easy, on_done, pr);
+        r = upstream_start(p->w.upstream, pr->easy, &route, on_done, pr);
         if (r < 0)
                 fail(pr, 500, "internal_error", 0, "could not start the upstream transfer");
         return 1;
@@ -1572,6 +1573,7 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, boo
         const struct config_key *k;
         struct keytable_pool_view info;
         struct probe *pb;
+        struct upstream_route route;
         char *auth;                     /* secret memory: a core dump never shows it */
         const char *secret;
 
@@ -1614,8 +1616,8 @@ static int start_probe(struct proxy_context *p, unsigned key, unsigned pool, boo
         curl_easy_setopt(pb->easy, CURLOPT_TIMEOUT, 30L);
         curl_easy_setopt(pb->easy, CURLOPT_FOLLOWLOCATION, 0L);
         curl_easy_setopt(pb->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-        upstream_configure(p->w.upstream, pb->easy, prov, 0, false);
-        if (upstream_start(p->w.upstream, pb->easy, on_probe_done, pb) < 0)
+        route = upstream_configure(p->w.upstream, pb->easy, prov, 0, false);
+        if (upstream_start(p->w.upstream, pb->easy, &route, on_probe_done, pb) < 0)
                 goto fail;
         p->probes++;
         return 0;

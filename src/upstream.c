@@ -27,6 +27,24 @@
  * (~27 ms of a blocked loop each). The directory is therefore set only when a provider asks for
  * one; the system bundle holds the same certificates. TLS sessions and DNS answers live in one
  * share handle per worker, set on every transfer, so new connections resume their sessions.
+ *
+ * An HTTP/2 connection carries many transfers, but curl 7.88 shares one only once it is set up:
+ * a connection still connecting is marked "close" until then, so the transfers that find every
+ * set-up connection full of streams each open a connection of their own. A burst of 500 to one
+ * provider opened 200 to 400 TLS connections instead of a handful (libcurl alone does the same),
+ * each paying a new SSL_CTX and a handshake. curl's per-host connection limit
+ * (CURLMOPT_MAX_HOST_CONNECTIONS) makes the rest wait for the connections being set up instead,
+ * but it is one number for every host, and a provider speaking HTTP/1.1 needs a connection per
+ * running transfer. So the limit follows the running transfers: each one counts a connection of
+ * its own, except those asking for HTTP/2 of a provider not seen refusing to share, which count
+ * one per STREAMS_PER_CONNECTION; SPARE_CONNECTIONS more on top. As a sum over all providers it
+ * is never short for any one host. Whether a provider shares is seen in CURLOPT_PREREQFUNCTION
+ * (two running transfers ready on the same local port: it does; a second connection while the
+ * first carried fewer transfers than any HTTP/2 server takes: it does not) and in an answer over
+ * HTTP/1.x. It must be assumed before it is seen: a cold burst's transfers all start before the
+ * first connection is up, and curl opens the extra connections inside the very call that sets
+ * it up, before the limit could be lowered. A provider that turns out not to share has its
+ * waiting transfers woken when the limit rises (limit_host_connections).
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -42,12 +60,37 @@
 
 #define IDLE_CONNECTIONS        256     /* idle upstream connections kept beyond those in use */
 #define H2_BODY_MAX             (60 * 1024)     /* larger request bodies go over HTTP/1.1 */
+/* Streams counted on per HTTP/2 connection (see the top): below curl's own 100 and the 100 that
+ * RFC 9113 asks servers to allow at least, so that a server allowing fewer costs connections
+ * rather than queued requests. */
+#define STREAMS_PER_CONNECTION  64
+#define SPARE_CONNECTIONS       4
 
 struct transfer {
         upstream_done_fn done;
         void *userdata;
         struct transfer *next_free;
+        struct upstream *upstream;
+        int provider;                   /* its place in config->providers, or -1 */
+        bool may_multiplex;             /* asked for HTTP/2 over TLS: may share a connection */
+        bool ready;                     /* its connection was ready (CURLOPT_PREREQFUNCTION) */
         char error[CURL_ERROR_SIZE];    /* curl's full text of what went wrong */
+};
+
+/* What a provider's connections were seen doing (see the top). */
+enum sharing {
+        SHARING_UNKNOWN = 0,            /* counted as sharing until seen otherwise */
+        SHARING_YES,                    /* two running transfers on one connection */
+        SHARING_NO,                     /* a second connection while the first carried few */
+};
+
+/* Per provider: how its running transfers load connections (see the top). */
+struct provider_load {
+        unsigned may_multiplex;         /* running transfers that may share a connection */
+        unsigned ready;                 /* … of them past CURLOPT_PREREQFUNCTION */
+        enum sharing sharing;
+        const struct transfer *last;    /* the running transfer whose connection was ready last */
+        int last_port;                  /* … that connection's local port */
 };
 
 /* What we know of a descriptor curl uses, indexed by its number. */
@@ -83,11 +126,97 @@ struct upstream {
         char error[CURL_ERROR_SIZE];    /* the ending transfer's text, while its done runs */
         const struct config *config;
         int64_t *reported_ms;           /* per provider: when a failure was last reported */
+        struct provider_load *load;     /* per provider */
+        unsigned connections_needed;    /* by the running transfers, SPARE_CONNECTIONS left out */
+        unsigned max_host_connections;  /* CURLMOPT_MAX_HOST_CONNECTIONS as set */
+        bool wake_pending;              /* the limit rose: curl's waiting transfers may go */
+        CURL *nudge;                    /* never runs: see limit_host_connections */
 };
 
 static void transfer_put(struct upstream *u, struct transfer *t) {
         t->next_free = u->free_transfers;
         u->free_transfers = t;
+}
+
+/* Connections a provider's running transfers need: one each, or one per
+ * STREAMS_PER_CONNECTION unless the provider was seen not to share them. */
+static unsigned load_connections(const struct provider_load *l) {
+        if (l->sharing == SHARING_NO)
+                return l->may_multiplex;
+        return (l->may_multiplex + STREAMS_PER_CONNECTION - 1) / STREAMS_PER_CONNECTION;
+}
+
+/* Tells curl the per-host limit the running transfers call for (see the top). Not from inside
+ * one of curl's callbacks, where curl refuses its API: a change learned there waits for the end
+ * of the curl call that ran the callback. curl retries a transfer that found its host's limit
+ * reached only when another transfer moves on, so when the limit rises they are woken: adding
+ * and removing a handle that never runs makes curl retry the first, which retries the next. */
+static void limit_host_connections(struct upstream *u) {
+        unsigned limit = u->connections_needed + SPARE_CONNECTIONS;
+
+        if (limit == u->max_host_connections)
+                return;
+        u->max_host_connections = limit;
+        curl_multi_setopt(u->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) limit);
+        if (u->wake_pending && curl_multi_add_handle(u->multi, u->nudge) == CURLM_OK)
+                curl_multi_remove_handle(u->multi, u->nudge);
+        u->wake_pending = false;
+}
+
+/* The load t puts on its provider's connections, if it may share one. */
+static struct provider_load *load_of(struct upstream *u, const struct transfer *t) {
+        return t->provider >= 0 && t->may_multiplex ? &u->load[t->provider] : NULL;
+}
+
+/* Counts t among the running transfers (start) or out of them. */
+static void load_count(struct upstream *u, const struct transfer *t, bool start) {
+        struct provider_load *l = load_of(u, t);
+
+        if (!l) {
+                u->connections_needed = start ? u->connections_needed + 1 : u->connections_needed - 1;
+                return;
+        }
+        u->connections_needed -= load_connections(l);
+        if (start) {
+                l->may_multiplex++;
+        } else {
+                l->may_multiplex--;
+                l->ready -= t->ready;
+                if (l->last == t)
+                        l->last = NULL;
+        }
+        u->connections_needed += load_connections(l);
+}
+
+static void load_learn(struct upstream *u, struct provider_load *l, enum sharing sharing) {
+        if (l->sharing == sharing)
+                return;
+        u->connections_needed -= load_connections(l);
+        l->sharing = sharing;
+        u->connections_needed += load_connections(l);
+        u->wake_pending = u->wake_pending || sharing == SHARING_NO;
+}
+
+/* CURLOPT_PREREQFUNCTION: t's connection is ready and its request about to go. Another running
+ * transfer of the provider on the same connection (the same local port) means it shares them. A
+ * new connection while the last one carried fewer transfers than any HTTP/2 server takes means
+ * it does not: curl opens one beside a shared connection only when that one is full. */
+static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
+        struct transfer *t = clientp;
+        struct upstream *u = t->upstream;
+        struct provider_load *l = load_of(u, t);
+
+        if (!l || t->ready)
+                return CURL_PREREQFUNC_OK;
+        if (l->last && l->last_port == local_port)
+                load_learn(u, l, SHARING_YES);
+        else if (l->last && l->ready < STREAMS_PER_CONNECTION)
+                load_learn(u, l, SHARING_NO);
+        l->last = t;
+        l->last_port = local_port;
+        l->ready++;
+        t->ready = true;
+        return CURL_PREREQFUNC_OK;
 }
 
 /* A handle goes back to its owner holding nothing of this upstream: no transfer record, no
@@ -97,6 +226,24 @@ static void handle_detach(CURL *easy) {
         curl_easy_setopt(easy, CURLOPT_PRIVATE, NULL);
         curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, NULL);
         curl_easy_setopt(easy, CURLOPT_SHARE, NULL);
+        curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, NULL);
+        curl_easy_setopt(easy, CURLOPT_PREREQDATA, NULL);
+}
+
+/* t's transfer is over (ended or cancelled): out of the count, its record back. An answer over
+ * HTTP/1.x where HTTP/2 was asked for means its provider does not (or no longer) multiplex. */
+static void transfer_end(struct upstream *u, CURL *easy, struct transfer *t) {
+        struct provider_load *l = load_of(u, t);
+        long version = CURL_HTTP_VERSION_NONE;
+
+        if (l && curl_easy_getinfo(easy, CURLINFO_HTTP_VERSION, &version) == CURLE_OK &&
+            (version == CURL_HTTP_VERSION_1_0 || version == CURL_HTTP_VERSION_1_1))
+                load_learn(u, l, SHARING_NO);
+        load_count(u, t, false);
+        limit_host_connections(u);
+        u->running--;
+        transfer_put(u, t);
+        handle_detach(easy);
 }
 
 static void collect_done(struct upstream *u) {
@@ -112,15 +259,13 @@ static void collect_done(struct upstream *u) {
                         continue;
                 curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **) &t);
                 curl_multi_remove_handle(u->multi, easy);
-                u->running--;
                 if (t) {
                         upstream_done_fn done = t->done;
                         void *userdata = t->userdata;
 
                         memcpy(u->error, t->error, sizeof u->error);
                         u->error[sizeof u->error - 1] = 0;
-                        transfer_put(u, t);
-                        handle_detach(easy);
+                        transfer_end(u, easy, t);
                         done(easy, res, userdata);
                         u->error[0] = 0;
                 }
@@ -211,6 +356,7 @@ static void on_socket_event(struct ev_watch *w, uint32_t events) {
         if (events & (EPOLLERR | EPOLLHUP))
                 action |= CURL_CSELECT_ERR;
         curl_multi_socket_action(u->multi, st->fd, action, &still);
+        limit_host_connections(u);
         collect_done(u);
 }
 
@@ -218,6 +364,7 @@ static void act_on_timeout(struct upstream *u) {
         int still;
 
         curl_multi_socket_action(u->multi, CURL_SOCKET_TIMEOUT, 0, &still);
+        limit_host_connections(u);
         collect_done(u);
 }
 
@@ -342,6 +489,7 @@ static void free_owned(struct upstream *u) {
         free(u->default_ca_file);
         free(u->default_ca_path);
         free(u->reported_ms);
+        free(u->load);
 }
 
 static int share_new(struct upstream *u) {
@@ -366,12 +514,14 @@ int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream 
         u->loop = loop;
         u->kick.run = on_kick;
         u->reported_ms = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->reported_ms);
-        r = u->reported_ms ? read_default_trust(u) : -ENOMEM;
+        u->load = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->load);
+        r = u->reported_ms && u->load ? read_default_trust(u) : -ENOMEM;
         if (r >= 0)
                 r = share_new(u);
         if (r >= 0) {
                 u->multi = curl_multi_init();
-                if (!u->multi)
+                u->nudge = curl_easy_init();
+                if (!u->multi || !u->nudge)
                         r = -ENOMEM;
         }
         /* Accuracy 1 µs: curl's short timeouts must not be coalesced with sd-event's default
@@ -402,6 +552,8 @@ void upstream_free(struct upstream *u) {
                 return;
         if (u->multi)
                 curl_multi_cleanup(u->multi);
+        if (u->nudge)
+                curl_easy_cleanup(u->nudge);
         evloop_cancel(u->loop, &u->kick);
         sd_event_source_disable_unref(u->timer);
         for (size_t i = 0; i < u->n_fds; i++)
@@ -420,7 +572,8 @@ void upstream_free(struct upstream *u) {
         free(u);
 }
 
-int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *userdata) {
+int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *route, upstream_done_fn done,
+                   void *userdata) {
         struct transfer *t;
         CURLMcode mc;
 
@@ -431,8 +584,14 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
                 return -ENOMEM;
         t->done = done;
         t->userdata = userdata;
+        t->upstream = u;
+        t->provider = route ? route->provider : -1;
+        t->may_multiplex = route && route->multiplex;
+        t->ready = false;
         t->error[0] = 0;
         curl_easy_setopt(easy, CURLOPT_PRIVATE, t);
+        curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
+        curl_easy_setopt(easy, CURLOPT_PREREQDATA, t);
         curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, t->error);
         curl_easy_setopt(easy, CURLOPT_SHARE, u->share);
         curl_easy_setopt(easy, CURLOPT_OPENSOCKETFUNCTION, open_socket_cb);
@@ -446,6 +605,8 @@ int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *
                 return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
         }
         u->running++;
+        load_count(u, t, true);
+        limit_host_connections(u);
         /* curl 7.88 keeps every connection, in use or idle, in one cache, and while it holds
          * more than MAXCONNECTS, each transfer's end walks all of them for the oldest idle one
          * to close: with thousands of open streams, thousands of connections walked per ending
@@ -467,9 +628,7 @@ void upstream_cancel(struct upstream *u, CURL *easy) {
         if (!t)
                 return;
         curl_multi_remove_handle(u->multi, easy);
-        handle_detach(easy);
-        transfer_put(u, t);
-        u->running--;
+        transfer_end(u, easy, t);
 }
 
 void upstream_resume(struct upstream *u, CURL *easy) {
@@ -480,8 +639,9 @@ unsigned upstream_running(const struct upstream *u) {
         return u->running;
 }
 
-void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov,
-                        size_t body_len, bool http1) {
+struct upstream_route upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov,
+                                         size_t body_len, bool http1) {
+        size_t i = (size_t) (prov - u->config->providers);
         bool https = strncmp(prov->base_url, "https://", 8) == 0;
         /* A provider's own trust replaces the system's. A CA directory defeats curl's store
          * cache (see the top), and with it the system bundle would be parsed for every new
@@ -509,6 +669,10 @@ void upstream_configure(struct upstream *u, CURL *easy, const struct config_prov
          * than open one connection each. Not for plain HTTP: nothing to share there, and the
          * wait would serialise connection setup. */
         curl_easy_setopt(easy, CURLOPT_PIPEWAIT, prov->http2 && https ? 1L : 0L);
+        return (struct upstream_route) {
+                .provider = i < u->config->n_providers ? (int) i : -1,
+                .multiplex = prov->http2 && https && !http1,
+        };
 }
 
 enum upstream_failure upstream_failure_class(CURLcode res) {

@@ -44,15 +44,26 @@ int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream 
  * transfers ended hold nothing of u and may be cleaned up before or after. */
 void upstream_free(struct upstream *u);
 
-/* Sets how easy reaches prov: CA file and directory, certificate checks, proxy (the environment's
- * when prov has none), HTTP/2. Call before every upstream_start: handles move between
- * providers. A request body of body_len bytes, or http1, keeps the transfer on HTTP/1.1 (see
- * upstream.c: libcurl 7.88's HTTP/2 fails streams a server ends before it has the body). */
-void upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov,
-                        size_t body_len, bool http1);
+/* Where upstream_configure sent a transfer, for upstream_start: which provider's connections it
+ * loads, and whether it may share one (HTTP/2). */
+struct upstream_route {
+        int provider;                   /* its place in the config's providers, -1 for none */
+        bool multiplex;
+};
 
-/* Starts a transfer. userdata goes to done and is stored as CURLOPT_PRIVATE. */
-int upstream_start(struct upstream *u, CURL *easy, upstream_done_fn done, void *userdata);
+/* Sets how easy reaches prov: CA file and directory, certificate checks, proxy (the environment's
+ * when prov has none), HTTP/2. Call before every upstream_start, and hand it the route returned:
+ * handles move between providers. A request body of body_len bytes, or http1, keeps the transfer
+ * on HTTP/1.1 (see upstream.c: libcurl 7.88's HTTP/2 fails streams a server ends before it has
+ * the body). */
+struct upstream_route upstream_configure(struct upstream *u, CURL *easy, const struct config_provider *prov,
+                                         size_t body_len, bool http1);
+
+/* Starts a transfer on the route upstream_configure returned (NULL: a transfer of no provider,
+ * counted as needing a connection of its own). userdata goes to done and is stored as
+ * CURLOPT_PRIVATE. */
+int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *route, upstream_done_fn done,
+                   void *userdata);
 
 /* Stops a running transfer without calling done; the caller owns easy again. */
 void upstream_cancel(struct upstream *u, CURL *easy);

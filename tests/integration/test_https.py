@@ -332,6 +332,35 @@ class ConnectionTest(HTTPSTestCase):
         conns = {e["connection"] for e in log}
         self.assertLessEqual(len(conns), 3, f"50 concurrent streams on {len(conns)} connections")
 
+    def test_a_burst_beyond_one_connections_streams_opens_a_few_connections(self):
+        # 300 at once on a fresh worker: curl 7.88 puts 100 streams on the first connection and,
+        # without a per-host limit, opened one connection per transfer beyond them (about 200).
+        up = start_https_upstream(self, self.sim)
+        kp = self.https_keypool(up, settings={"workers": 1}, ca_file=up.ca.cert)
+        results = burst(kp, 300, {"X-Sim-Delay-Ms": "500"})
+        bad = [a[:300] for s, a in results if s != 200]
+        self.assertEqual(bad, [], f"{len(bad)} of 300 failed")
+        log = wait_for(lambda: (lambda a: a if len(a) >= 300 else None)(up.access()),
+                       what="300 access log lines")
+        self.assertEqual({e["protocol"] for e in log}, {"HTTP/2.0"})
+        conns = {e["connection"] for e in log}
+        self.assertLessEqual(len(conns), 12, f"300 concurrent streams on {len(conns)} connections")
+
+    def test_an_upstream_refusing_http2_gets_a_burst_all_at_once(self):
+        # The provider asks for HTTP/2 (the default) but the server speaks HTTP/1.1 only: each
+        # transfer needs its own connection, and the per-host limit, which assumes sharing until
+        # it sees otherwise, must not hold the burst back once it does.
+        up = start_https_upstream(self, self.sim, http2=False)
+        kp = self.https_keypool(up, settings={"workers": 1}, ca_file=up.ca.cert)
+        results = burst(kp, 100, {"X-Sim-Delay-Ms": "3000"})
+        bad = [a[:300] for s, a in results if s != 200]
+        self.assertEqual(bad, [], f"{len(bad)} of 100 failed")
+        # Held back, the rest would reach the upstream only when the first one ended.
+        log = self.sim.finished_log()
+        last_in, first_out = max(e["time"] for e in log), min(e["end_time"] for e in log)
+        self.assertLess(last_in, first_out, f"the last of {len(log)} requests reached the upstream "
+                        f"{last_in - first_out:.2f} s after the first one ended")
+
     def test_cold_bursts_over_http2_on_fresh_workers_all_succeed(self):
         up = start_https_upstream(self, self.sim)
         for i in range(10):

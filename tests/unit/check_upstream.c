@@ -278,7 +278,7 @@ static struct xfer *xfer_new(const char *path) {
 
 static void xfer_start(struct xfer *x) {
         x->running = true;
-        ck_assert_int_eq(upstream_start(H.up, x->easy, on_done, x), 0);
+        ck_assert_int_eq(upstream_start(H.up, x->easy, NULL, on_done, x), 0);
 }
 
 /* Runs x to its end. */
@@ -389,6 +389,27 @@ START_TEST(test_many_concurrent_transfers_all_complete_with_their_own_answers)
         /* They ran side by side, each on a connection of its own, not one after another. */
         ck_assert_uint_gt(H.max_open, 1);
         ck_assert_uint_eq(H.requests, N);
+}
+END_TEST
+
+START_TEST(test_transfers_asking_for_http2_of_a_server_without_it_all_get_connections)
+{
+        enum { N = 20 };
+        /* Asking for HTTP/2, they count one connection per many until seen not sharing: the
+         * server speaks HTTP/1.1, so the second connection ready while the first carries one
+         * transfer shows it, and the transfers held back by the lower limit must then go. The
+         * server never answers /silent: none ends to move curl on by itself. */
+        const struct upstream_route route = { .provider = 0, .multiplex = true };
+
+        for (int i = 0; i < N; i++) {
+                struct xfer *x = xfer_new("/silent");
+
+                x->running = true;
+                ck_assert_int_eq(upstream_start(H.up, x->easy, &route, on_done, x), 0);
+        }
+        RUN_UNTIL(H.event, H.requests == N);
+        ck_assert_uint_eq(H.max_open, N);
+        ck_assert_uint_eq(upstream_running(H.up), N);
 }
 END_TEST
 
@@ -635,6 +656,7 @@ static Suite *upstream_suite(void) {
         tcase_add_test(ok, test_transfer_completes_and_done_gets_the_easy_handle_back);
         tcase_add_test(ok, test_large_answer_arrives_whole);
         tcase_add_test(ok, test_many_concurrent_transfers_all_complete_with_their_own_answers);
+        tcase_add_test(ok, test_transfers_asking_for_http2_of_a_server_without_it_all_get_connections);
         tcase_add_test(ok, test_idle_connection_is_reused_by_the_next_transfer);
         tcase_add_test(ok, test_easy_handle_started_again_from_its_done_callback_runs_again);
         tcase_add_test(ok, test_idle_connection_closed_by_the_upstream_is_replaced_not_reported);
