@@ -9,8 +9,9 @@ Load: client threads sending plain and streamed requests over the socket, each w
 X-Chaos-Id header (the simulator logs it). Per request, at random: a clean answer, a trickled
 stream, an upstream that resets the connection mid-answer or stalls (upstream_timeout ends it),
 a 429 or 5xx, or a client that hangs up mid-stream. Meanwhile, on a seeded schedule: a worker
-SIGKILLed, a worker SIGSTOPped and SIGCONTed, a worker SIGSTOPped and left for the coordinator
-to kill as wedged (worker_timeout), a SIGHUP reload.
+SIGKILLed, a worker SIGSTOPped and SIGCONTed (killed as wedged instead if the stop outlasts
+worker_timeout), a worker SIGSTOPped and left for the coordinator to kill as wedged
+(worker_timeout), a SIGHUP reload.
 
 Asserts: every request got a complete answer, an error answer or a visibly cut one within its
 deadline (an answer lost without a byte only when a worker was signalled while it ran); no
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import unittest
 
 from kptest import KEYPOOLD, KeypoolTestCase, fake_secret, proc_state, wait_for
@@ -40,11 +42,12 @@ CLIENTS = 6
 WORKERS = 2
 # A request's deadline: three upstream attempts of at most upstream_timeout each, the backoff
 # between them, and a wedged worker's worker_timeout, with room for a sanitizer build.
-# worker_timeout is 4 s, not 2: under ASan, a worker forked to replace one the test killed was
-# seen to send its first heartbeat only after some 2.2 s, and was killed as wedged with the
-# requests it had taken (a stop-cont also keeps a worker silent for up to 1.2 s + 1 s).
+# worker_timeout is the least allowed, 2 s, which a stop-cont may outlast: its stop of up to
+# 1.2 s can follow a heartbeat up to 1.25 s old (one a second, plus sd-event's 250 ms of timer
+# slack), and the coordinator then kills the stopped worker as wedged, as it should. act()
+# counts what that worker drops against the stop.
 UPSTREAM_TIMEOUT = 4
-WORKER_TIMEOUT = 4
+WORKER_TIMEOUT = 2
 REQUEST_DEADLINE = 45.0
 KEYPOOLCTL = os.environ.get("KEYPOOLCTL") or os.path.join(os.path.dirname(KEYPOOLD), "keypoolctl")
 
@@ -128,6 +131,7 @@ class ChaosTest(KeypoolTestCase):
         sys.stderr.write(f"\nchaos seed: {self.seed} (KEYPOOL_CHAOS_SEED={self.seed} replays it)\n")
         self.actions = []           # (kind, start, end) of every signal sent to a worker
         self.stopped = set()        # pids SIGSTOPped and not known to be continued or gone
+        self.chaos_failure = None   # the traceback that ended the schedule early
         self.lock = threading.Lock()
         self.addCleanup(self.continue_stopped)
 
@@ -229,27 +233,58 @@ class ChaosTest(KeypoolTestCase):
         if not pids:
             return
         pid = rng.choice(sorted(pids))
-        if kind == "kill":
-            os.kill(pid, signal.SIGKILL)
-            end = t0
-        else:
+        # Put down before the signal and closed after it, whatever becomes of the worker
+        # meanwhile: the requests it drops are this signal's doing.
+        action = [kind, t0, float("inf")]
+        with self.lock:
+            self.actions.append(action)
+        try:
+            if kind == "kill":
+                os.kill(pid, signal.SIGKILL)
+                return
             self.stopped.add(pid)
             os.kill(pid, signal.SIGSTOP)
             if kind == "stop-cont":
                 time.sleep(rng.uniform(0.3, 1.2))
-                os.kill(pid, signal.SIGCONT)
-                self.stopped.discard(pid)
-                end = time.time()
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    # Its heartbeat grew worker_timeout old while it was stopped, and the
+                    # coordinator killed it as wedged, as it should.
+                    pass
+                cont = time.monotonic()
+                # Until it writes a heartbeat again the coordinator may still find it wedged
+                # and kill it, with what it took since SIGCONT: the stop lasts until then.
+                wait_for(lambda: self.beat_since_or_gone(pid, cont), timeout=WORKER_TIMEOUT + 20,
+                         what=f"stopped worker {pid} to beat again after SIGCONT, or be gone",
+                         ignore=(OSError, http.client.HTTPException))
             else:
                 # Left stopped: the coordinator kills it when its heartbeat is worker_timeout old.
                 wait_for(lambda: proc_state(pid) in (None, "Z", "X"), timeout=WORKER_TIMEOUT + 20,
                          what=f"the coordinator to kill stopped worker {pid} as wedged")
-                self.stopped.discard(pid)
-                end = time.time()
-        with self.lock:
-            self.actions.append((kind, t0, end))
+            self.stopped.discard(pid)
+        finally:
+            action[2] = time.time()
+
+    def beat_since_or_gone(self, pid, since):
+        """Whether worker pid is gone or has written a heartbeat since the time.monotonic()
+        value since (both clocks are CLOCK_MONOTONIC)."""
+        asked = time.monotonic()
+        if proc_state(pid) in (None, "Z", "X"):
+            return True
+        for w in self.kp.status()["workers"]:
+            if w["pid"] == pid:
+                return w["heartbeat_age_ms"] <= (asked - since) * 1000
+        return True     # reaped: the coordinator freed its slot
 
     def chaos(self, stop):
+        try:
+            self.run_schedule(stop)
+        except BaseException:
+            self.chaos_failure = traceback.format_exc()
+            raise
+
+    def run_schedule(self, stop):
         rng = random.Random(self.seed)
         plan = ["kill", "kill", "stop-cont", "stop-cont", "stop-leave", "reload", "reload", "kill"]
         rng.shuffle(plan)
@@ -265,7 +300,44 @@ class ChaosTest(KeypoolTestCase):
         """Whether a worker was signalled (killed or stopped) while o ran."""
         return any(k != "reload" and a <= o.end and b >= o.start for k, a, b in self.actions)
 
-    # --- the test ---
+    # --- the tests ---
+
+    def test_a_stop_cont_whose_worker_is_killed_as_wedged_counts_as_a_signal(self):
+        """Seed 87935635 in CI: a stop-cont's worker outlasted worker_timeout while stopped and
+        was killed by the coordinator, SIGCONT found no such process, and the stop was never
+        counted, so the requests the worker had taken were lost with no signal to blame."""
+        self.sim = self.start_sim()
+        self.kp = self.start_keypool(self.sim, settings={
+            "workers": WORKERS, "worker_timeout": WORKER_TIMEOUT},
+            pools=[{"name": "C", "model": MODEL, "keys": [fake_secret()]}])
+        wait_for(lambda: len(self.live_workers()) == WORKERS, what="the workers")
+        victim = []
+
+        class StoppedUntilKilled:
+            """The schedule's choices, but the stop lasts until the coordinator has killed and
+            reaped the worker."""
+            def choice(_, pids):
+                victim.append(pids[0])
+                return pids[0]
+
+            def uniform(_, low, high):
+                wait_for(lambda: proc_state(victim[0]) is None, timeout=WORKER_TIMEOUT + 20,
+                         what=f"the coordinator to kill and reap stopped worker {victim[0]}")
+                return 0
+
+        before = time.time()
+        self.act("stop-cont", StoppedUntilKilled())
+        after = time.time()
+
+        self.assertEqual(len(self.actions), 1, f"the stop is counted: {self.actions}")
+        kind, start, end = self.actions[0]
+        self.assertEqual(kind, "stop-cont")
+        self.assertTrue(before <= start and end <= after, (before, start, end, after))
+        dropped = Outcome("dropped", "plain", False)
+        dropped.start, dropped.end = before, after
+        self.assertTrue(self.signalled_during(dropped), "a request lost with the worker is put "
+                        "down to the stop")
+        self.assertEqual(self.stopped, set())
 
     def test_chaos(self):
         keys = [fake_secret() for _ in range(4)]
@@ -298,6 +370,7 @@ class ChaosTest(KeypoolTestCase):
             t.join(REQUEST_DEADLINE + 10)
         self.assertFalse(any(t.is_alive() for t in clients), "a client thread never finished")
         self.continue_stopped()
+        self.assertIsNone(self.chaos_failure, "the schedule of faults broke off")
         done = [o for out in outcomes for o in out]
 
         counts = {}
