@@ -35,16 +35,16 @@
  * each paying a new SSL_CTX and a handshake. curl's per-host connection limit
  * (CURLMOPT_MAX_HOST_CONNECTIONS) makes the rest wait for the connections being set up instead,
  * but it is one number for every host, and a provider speaking HTTP/1.1 needs a connection per
- * running transfer. So the limit follows the running transfers: each one counts a connection of
- * its own, except those asking for HTTP/2 of a provider not seen refusing to share, which count
- * one per STREAMS_PER_CONNECTION; SPARE_CONNECTIONS more on top. As a sum over all providers it
- * is never short for any one host. Whether a provider shares is seen in CURLOPT_PREREQFUNCTION
- * (two running transfers ready on the same local port: it does; a second connection while the
- * first carried fewer transfers than any HTTP/2 server takes: it does not) and in an answer over
- * HTTP/1.x. It must be assumed before it is seen: a cold burst's transfers all start before the
- * first connection is up, and curl opens the extra connections inside the very call that sets
- * it up, before the limit could be lowered. A provider that turns out not to share has its
- * waiting transfers woken when the limit rises (limit_host_connections).
+ * running transfer. So the limit follows the running transfers: each counts a connection of its
+ * own, except those asking for HTTP/2 of a provider not seen refusing to share, which count the
+ * connections their ready ones are on and one per STREAMS_PER_CONNECTION of the others;
+ * SPARE_CONNECTIONS more on top. As a sum over all providers it covers every host. Whether a
+ * provider shares is seen in CURLOPT_PREREQFUNCTION (two running transfers ready on the same
+ * local port: it does; a second connection while it had few ready transfers: it does not) and in
+ * an answer over HTTP/1.x. It must be assumed before it is seen: a cold burst's transfers all
+ * start before the first connection is up, and curl opens the extra connections inside the very
+ * call that sets it up, before the limit could be lowered. A provider that turns out not to
+ * share has the transfers the limit held woken when it rises (limit_host_connections).
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -73,24 +73,25 @@ struct transfer {
         struct upstream *upstream;
         int provider;                   /* its place in config->providers, or -1 */
         bool may_multiplex;             /* asked for HTTP/2 over TLS: may share a connection */
-        bool ready;                     /* its connection was ready (CURLOPT_PREREQFUNCTION) */
+        int port;                       /* its connection's local port once ready, else -1 */
         char error[CURL_ERROR_SIZE];    /* curl's full text of what went wrong */
 };
 
-/* What a provider's connections were seen doing (see the top). */
+/* Whether a provider's connections were seen carrying several transfers (see the top). */
 enum sharing {
-        SHARING_UNKNOWN = 0,            /* counted as sharing until seen otherwise */
-        SHARING_YES,                    /* two running transfers on one connection */
-        SHARING_NO,                     /* a second connection while the first carried few */
+        SHARING_UNKNOWN = 1,            /* counted as sharing until seen otherwise */
+        SHARING_YES,                    /* two running transfers ready on one connection */
+        SHARING_NO,                     /* a second connection while the provider had few */
+        _SHARING_MAX,
 };
 
-/* Per provider: how its running transfers load connections (see the top). */
+/* Per provider: the connections its running transfers that may share one occupy and need. */
 struct provider_load {
-        unsigned may_multiplex;         /* running transfers that may share a connection */
-        unsigned ready;                 /* … of them past CURLOPT_PREREQFUNCTION */
+        unsigned n_multiplex;           /* running transfers that may share a connection */
+        unsigned n_ready;               /* … of them on a connection already (past prereq) */
+        unsigned n_ports;               /* … the connections those are on */
+        uint32_t *on_port;              /* ready transfers per local port, from the first one */
         enum sharing sharing;
-        const struct transfer *last;    /* the running transfer whose connection was ready last */
-        int last_port;                  /* … that connection's local port */
 };
 
 /* What we know of a descriptor curl uses, indexed by its number. */
@@ -128,8 +129,9 @@ struct upstream {
         int64_t *reported_ms;           /* per provider: when a failure was last reported */
         struct provider_load *load;     /* per provider */
         unsigned connections_needed;    /* by the running transfers, SPARE_CONNECTIONS left out */
+        unsigned n_waiting;             /* running transfers not yet on a connection */
         unsigned max_host_connections;  /* CURLMOPT_MAX_HOST_CONNECTIONS as set */
-        bool wake_pending;              /* the limit rose: curl's waiting transfers may go */
+        bool wake_waiting;              /* the limit rose: curl's waiting transfers may go */
         CURL *nudge;                    /* never runs: see limit_host_connections */
 };
 
@@ -138,84 +140,114 @@ static void transfer_put(struct upstream *u, struct transfer *t) {
         u->free_transfers = t;
 }
 
-/* Connections a provider's running transfers need: one each, or one per
- * STREAMS_PER_CONNECTION unless the provider was seen not to share them. */
+/* Connections a provider's transfers that may share one need: the connections the ready ones
+ * are on, and one per STREAMS_PER_CONNECTION of the others; one each once it was seen not to
+ * share. Counting the connections actually occupied keeps those an HTTP/2 server ended (GOAWAY)
+ * counted while their last streams finish: curl keeps them among the host's connections. */
 static unsigned load_connections(const struct provider_load *l) {
         if (l->sharing == SHARING_NO)
-                return l->may_multiplex;
-        return (l->may_multiplex + STREAMS_PER_CONNECTION - 1) / STREAMS_PER_CONNECTION;
+                return l->n_multiplex;
+        return l->n_ports + (l->n_multiplex - l->n_ready + STREAMS_PER_CONNECTION - 1) / STREAMS_PER_CONNECTION;
 }
 
-/* Tells curl the per-host limit the running transfers call for (see the top). Not from inside
- * one of curl's callbacks, where curl refuses its API: a change learned there waits for the end
- * of the curl call that ran the callback. curl retries a transfer that found its host's limit
- * reached only when another transfer moves on, so when the limit rises they are woken: adding
- * and removing a handle that never runs makes curl retry the first, which retries the next. */
+/* Tells curl the per-host limit the running transfers call for (see the top). Never from
+ * inside one of curl's callbacks, where curl refuses its API: what prereq_cb learns waits for
+ * the end of the curl call that ran it. A transfer that found its host's limit reached waits in
+ * a queue curl moves only when another transfer moves on, one at a time, and the head of it may
+ * be waiting for something else (another host's first connection); when the limit rises, each
+ * transfer not yet on a connection gets a turn: every time a handle that never runs is added and
+ * removed, curl retries the first in its queue. */
 static void limit_host_connections(struct upstream *u) {
         unsigned limit = u->connections_needed + SPARE_CONNECTIONS;
+        bool wake = u->wake_waiting;
 
-        if (limit == u->max_host_connections)
+        u->wake_waiting = false;
+        if (limit == u->max_host_connections ||
+            curl_multi_setopt(u->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) limit) != CURLM_OK)
                 return;
         u->max_host_connections = limit;
-        curl_multi_setopt(u->multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) limit);
-        if (u->wake_pending && curl_multi_add_handle(u->multi, u->nudge) == CURLM_OK)
-                curl_multi_remove_handle(u->multi, u->nudge);
-        u->wake_pending = false;
+        for (unsigned i = 0; wake && i < u->n_waiting; i++)
+                if (curl_multi_add_handle(u->multi, u->nudge) != CURLM_OK ||
+                    curl_multi_remove_handle(u->multi, u->nudge) != CURLM_OK)
+                        break;
 }
 
 /* The load t puts on its provider's connections, if it may share one. */
 static struct provider_load *load_of(struct upstream *u, const struct transfer *t) {
-        return t->provider >= 0 && t->may_multiplex ? &u->load[t->provider] : NULL;
+        struct provider_load *l = t->provider >= 0 && t->may_multiplex ? &u->load[t->provider] : NULL;
+
+        return l && l->on_port ? l : NULL;
 }
 
-/* Counts t among the running transfers (start) or out of them. */
-static void load_count(struct upstream *u, const struct transfer *t, bool start) {
+/* Runs change on l between taking its connections out of the sum and putting them back. */
+#define LOAD_UPDATE(u, l, change) do {                                  \
+                (u)->connections_needed -= load_connections(l);         \
+                change;                                                 \
+                (u)->connections_needed += load_connections(l);         \
+        } while (0)
+
+static void load_add(struct upstream *u, const struct transfer *t) {
         struct provider_load *l = load_of(u, t);
 
-        if (!l) {
-                u->connections_needed = start ? u->connections_needed + 1 : u->connections_needed - 1;
-                return;
-        }
-        u->connections_needed -= load_connections(l);
-        if (start) {
-                l->may_multiplex++;
-        } else {
-                l->may_multiplex--;
-                l->ready -= t->ready;
-                if (l->last == t)
-                        l->last = NULL;
-        }
-        u->connections_needed += load_connections(l);
+        u->n_waiting++;
+        if (l)
+                LOAD_UPDATE(u, l, l->n_multiplex++);
+        else
+                u->connections_needed++;
 }
 
+static void load_remove(struct upstream *u, const struct transfer *t) {
+        struct provider_load *l = load_of(u, t);
+
+        if (t->port < 0)
+                u->n_waiting--;
+        if (!l) {
+                u->connections_needed--;
+                return;
+        }
+        LOAD_UPDATE(u, l, {
+                l->n_multiplex--;
+                if (t->port >= 0) {
+                        l->n_ready--;
+                        l->n_ports -= --l->on_port[t->port] == 0;
+                }
+        });
+}
+
+/* Only learning that a provider does not share raises the limit (and wakes what it held). */
 static void load_learn(struct upstream *u, struct provider_load *l, enum sharing sharing) {
         if (l->sharing == sharing)
                 return;
-        u->connections_needed -= load_connections(l);
-        l->sharing = sharing;
-        u->connections_needed += load_connections(l);
-        u->wake_pending = u->wake_pending || sharing == SHARING_NO;
+        LOAD_UPDATE(u, l, l->sharing = sharing);
+        u->wake_waiting = u->wake_waiting || sharing == SHARING_NO;
 }
 
-/* CURLOPT_PREREQFUNCTION: t's connection is ready and its request about to go. Another running
- * transfer of the provider on the same connection (the same local port) means it shares them. A
- * new connection while the last one carried fewer transfers than any HTTP/2 server takes means
- * it does not: curl opens one beside a shared connection only when that one is full. */
+/* CURLOPT_PREREQFUNCTION: t's connection is ready and its request about to go, local_port
+ * naming the connection. Another running transfer of the provider ready on it means the
+ * provider shares connections. A new one while the provider had fewer ready transfers than an
+ * HTTP/2 server takes on one means it does not: curl opens a connection beside a shared one
+ * only when that one is full. (A transfer that ended on a connection is counted on it until
+ * collect_done has it, so one reusing that HTTP/1.1 connection in the same curl call looks like
+ * sharing; its HTTP/1.1 answer, seen at its end right after, says otherwise again.) */
 static int prereq_cb(void *clientp, char *primary_ip, char *local_ip, int primary_port, int local_port) {
         struct transfer *t = clientp;
         struct upstream *u = t->upstream;
         struct provider_load *l = load_of(u, t);
 
-        if (!l || t->ready)
+        if (t->port >= 0 || local_port < 0 || local_port > UINT16_MAX)
                 return CURL_PREREQFUNC_OK;
-        if (l->last && l->last_port == local_port)
+        t->port = local_port;
+        u->n_waiting--;
+        if (!l)
+                return CURL_PREREQFUNC_OK;
+        if (l->on_port[local_port] > 0)
                 load_learn(u, l, SHARING_YES);
-        else if (l->last && l->ready < STREAMS_PER_CONNECTION)
+        else if (l->n_ready > 0 && l->n_ready < STREAMS_PER_CONNECTION)
                 load_learn(u, l, SHARING_NO);
-        l->last = t;
-        l->last_port = local_port;
-        l->ready++;
-        t->ready = true;
+        LOAD_UPDATE(u, l, {
+                l->n_ready++;
+                l->n_ports += l->on_port[local_port]++ == 0;
+        });
         return CURL_PREREQFUNC_OK;
 }
 
@@ -239,7 +271,7 @@ static void transfer_end(struct upstream *u, CURL *easy, struct transfer *t) {
         if (l && curl_easy_getinfo(easy, CURLINFO_HTTP_VERSION, &version) == CURLE_OK &&
             (version == CURL_HTTP_VERSION_1_0 || version == CURL_HTTP_VERSION_1_1))
                 load_learn(u, l, SHARING_NO);
-        load_count(u, t, false);
+        load_remove(u, t);
         limit_host_connections(u);
         u->running--;
         transfer_put(u, t);
@@ -489,7 +521,27 @@ static void free_owned(struct upstream *u) {
         free(u->default_ca_file);
         free(u->default_ca_path);
         free(u->reported_ms);
+        for (size_t i = 0; u->load && i < u->config->n_providers; i++)
+                free(u->load[i].on_port);
         free(u->load);
+}
+
+/* A provider's transfers may share connections only over TLS with HTTP/2 asked for: only those
+ * get the count per local port (256 KiB of address space, of which the pages of the ports in
+ * use are touched). */
+static int load_new(struct upstream *u) {
+        u->load = calloc(u->config->n_providers ? u->config->n_providers : 1, sizeof *u->load);
+        if (!u->load)
+                return -ENOMEM;
+        for (size_t i = 0; i < u->config->n_providers; i++) {
+                const struct config_provider *prov = &u->config->providers[i];
+
+                u->load[i].sharing = SHARING_UNKNOWN;
+                if (prov->http2 && prov->base_url && strncmp(prov->base_url, "https://", 8) == 0 &&
+                    !(u->load[i].on_port = calloc(UINT16_MAX + 1, sizeof *u->load[i].on_port)))
+                        return -ENOMEM;
+        }
+        return 0;
 }
 
 static int share_new(struct upstream *u) {
@@ -514,8 +566,9 @@ int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream 
         u->loop = loop;
         u->kick.run = on_kick;
         u->reported_ms = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->reported_ms);
-        u->load = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->load);
-        r = u->reported_ms && u->load ? read_default_trust(u) : -ENOMEM;
+        r = u->reported_ms ? load_new(u) : -ENOMEM;
+        if (r >= 0)
+                r = read_default_trust(u);
         if (r >= 0)
                 r = share_new(u);
         if (r >= 0) {
@@ -587,7 +640,7 @@ int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *
         t->upstream = u;
         t->provider = route ? route->provider : -1;
         t->may_multiplex = route && route->multiplex;
-        t->ready = false;
+        t->port = -1;
         t->error[0] = 0;
         curl_easy_setopt(easy, CURLOPT_PRIVATE, t);
         curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
@@ -605,7 +658,7 @@ int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *
                 return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
         }
         u->running++;
-        load_count(u, t, true);
+        load_add(u, t);
         limit_host_connections(u);
         /* curl 7.88 keeps every connection, in use or idle, in one cache, and while it holds
          * more than MAXCONNECTS, each transfer's end walks all of them for the oldest idle one
@@ -643,6 +696,7 @@ struct upstream_route upstream_configure(struct upstream *u, CURL *easy, const s
                                          size_t body_len, bool http1) {
         size_t i = (size_t) (prov - u->config->providers);
         bool https = strncmp(prov->base_url, "https://", 8) == 0;
+        struct upstream_route route;
         /* A provider's own trust replaces the system's. A CA directory defeats curl's store
          * cache (see the top), and with it the system bundle would be parsed for every new
          * connection: a directory alone then is the whole trust. Without either, the system
@@ -666,13 +720,14 @@ struct upstream_route upstream_configure(struct upstream *u, CURL *easy, const s
         curl_easy_setopt(easy, CURLOPT_HTTP_VERSION,
                          prov->http2 && !http1 ? (long) CURL_HTTP_VERSION_2TLS : (long) CURL_HTTP_VERSION_1_1);
         /* Over HTTP/2 a burst should wait for the connection being set up and share it rather
-         * than open one connection each. Not for plain HTTP: nothing to share there, and the
-         * wait would serialise connection setup. */
-        curl_easy_setopt(easy, CURLOPT_PIPEWAIT, prov->http2 && https ? 1L : 0L);
-        return (struct upstream_route) {
+         * than open one connection each. Not for plain HTTP, nor for a transfer kept on HTTP/1.1:
+         * nothing to share there, and the wait would serialise connection setup. */
+        route = (struct upstream_route) {
                 .provider = i < u->config->n_providers ? (int) i : -1,
                 .multiplex = prov->http2 && https && !http1,
         };
+        curl_easy_setopt(easy, CURLOPT_PIPEWAIT, route.multiplex ? 1L : 0L);
+        return route;
 }
 
 enum upstream_failure upstream_failure_class(CURLcode res) {

@@ -352,7 +352,7 @@ class ConnectionTest(HTTPSTestCase):
         # it sees otherwise, must not hold the burst back once it does.
         up = start_https_upstream(self, self.sim, http2=False)
         kp = self.https_keypool(up, settings={"workers": 1}, ca_file=up.ca.cert)
-        results = burst(kp, 100, {"X-Sim-Delay-Ms": "3000"})
+        results = burst(kp, 100, {"X-Sim-Delay-Ms": "5000"})
         bad = [a[:300] for s, a in results if s != 200]
         self.assertEqual(bad, [], f"{len(bad)} of 100 failed")
         # Held back, the rest would reach the upstream only when the first one ended.

@@ -310,7 +310,11 @@ static long connects_made(const struct xfer *x) {
 
 /* --- fixture ----------------------------------------------------------------------------- */
 
-static struct config_provider providers[2] = { { .name = "first" }, { .name = "second" } };
+/* The first as a provider whose transfers may share connections (HTTPS, HTTP/2) is counted. */
+static struct config_provider providers[2] = {
+        { .name = "first", .base_url = "https://first.test", .http2 = true },
+        { .name = "second" },
+};
 static const struct config config = { .providers = providers, .n_providers = 2 };
 
 static void setup(void) {
@@ -392,24 +396,64 @@ START_TEST(test_many_concurrent_transfers_all_complete_with_their_own_answers)
 }
 END_TEST
 
-START_TEST(test_transfers_asking_for_http2_of_a_server_without_it_all_get_connections)
-{
-        enum { N = 20 };
-        /* Asking for HTTP/2, they count one connection per many until seen not sharing: the
-         * server speaks HTTP/1.1, so the second connection ready while the first carries one
-         * transfer shows it, and the transfers held back by the lower limit must then go. The
-         * server never answers /silent: none ends to move curl on by itself. */
+/* Starts n transfers of path counted as its provider's (providers[0]: HTTPS, HTTP/2) sharing
+ * connections, as upstream_configure routes them for such a provider. */
+static void start_sharing(unsigned n, const char *path) {
         const struct upstream_route route = { .provider = 0, .multiplex = true };
 
-        for (int i = 0; i < N; i++) {
-                struct xfer *x = xfer_new("/silent");
+        for (unsigned i = 0; i < n; i++) {
+                struct xfer *x = xfer_new(path);
 
                 x->running = true;
                 ck_assert_int_eq(upstream_start(H.up, x->easy, &route, on_done, x), 0);
         }
+}
+
+START_TEST(test_a_provider_assumed_to_share_connections_that_does_not_gets_one_per_transfer)
+{
+        enum { N = 20 };
+
+        /* Counted as sharing until seen not to, the 20 get a limit of a few connections; the test
+         * server speaks HTTP/1.1, so the second ready while the first carries one shows it, and
+         * the transfers the lower limit held must then go. The server never answers /silent:
+         * no transfer ends to move curl on by itself. */
+        start_sharing(N, "/silent");
         RUN_UNTIL(H.event, H.requests == N);
         ck_assert_uint_eq(H.max_open, N);
         ck_assert_uint_eq(upstream_running(H.up), N);
+}
+END_TEST
+
+START_TEST(test_transfers_held_by_the_limit_are_woken_behind_one_waiting_for_another_host)
+{
+        struct xfer *first = xfer_new("/silent"), *second = xfer_new("/silent");
+        char resolve[64];
+        struct curl_slist *hosts;
+        enum { N = 20 };
+
+        /* Two transfers to another host asking for HTTP/2 and to wait for its first connection:
+         * that one never gets an answer, so curl never learns whether it could share it and the
+         * second waits at the head of curl's queue, ahead of those the limit holds. */
+        snprintf(resolve, sizeof resolve, "other.test:%u:127.0.0.1", H.port);
+        hosts = curl_slist_append(NULL, resolve);
+        ck_assert_ptr_nonnull(hosts);
+        for (struct xfer *x = first; x; x = x == first ? second : NULL) {
+                snprintf(x->url, sizeof x->url, "http://other.test:%u/silent", H.port);
+                curl_easy_setopt(x->easy, CURLOPT_URL, x->url);
+                curl_easy_setopt(x->easy, CURLOPT_RESOLVE, hosts);
+                curl_easy_setopt(x->easy, CURLOPT_HTTP_VERSION, (long) CURL_HTTP_VERSION_2_0);
+                curl_easy_setopt(x->easy, CURLOPT_PIPEWAIT, 1L);
+                xfer_start(x);
+                RUN_UNTIL(H.event, H.requests == 1);
+        }
+        start_sharing(N, "/silent");
+        RUN_UNTIL(H.event, H.requests == 1 + N);
+        ck_assert_uint_eq(upstream_running(H.up), 2 + N);
+        for (size_t i = 0; i < H.n_xfers; i++) {
+                upstream_cancel(H.up, H.xfers[i].easy);
+                H.xfers[i].running = false;
+        }
+        curl_slist_free_all(hosts);
 }
 END_TEST
 
@@ -656,7 +700,8 @@ static Suite *upstream_suite(void) {
         tcase_add_test(ok, test_transfer_completes_and_done_gets_the_easy_handle_back);
         tcase_add_test(ok, test_large_answer_arrives_whole);
         tcase_add_test(ok, test_many_concurrent_transfers_all_complete_with_their_own_answers);
-        tcase_add_test(ok, test_transfers_asking_for_http2_of_a_server_without_it_all_get_connections);
+        tcase_add_test(ok, test_a_provider_assumed_to_share_connections_that_does_not_gets_one_per_transfer);
+        tcase_add_test(ok, test_transfers_held_by_the_limit_are_woken_behind_one_waiting_for_another_host);
         tcase_add_test(ok, test_idle_connection_is_reused_by_the_next_transfer);
         tcase_add_test(ok, test_easy_handle_started_again_from_its_done_callback_runs_again);
         tcase_add_test(ok, test_idle_connection_closed_by_the_upstream_is_replaced_not_reported);
