@@ -22,8 +22,8 @@
  * once, all waited for, ROUNDS times on the same multi handle. The first round is cold (no
  * connection, no TLS session, no CA store yet: what a fresh worker has); the later ones find the
  * connections the first left, as warm workers do. Each transfer's time from its start to its end
- * goes to --latencies FILE as "ROUND MICROSECONDS" lines, and a "CURLFLOOR mode=burst" line per
- * round says how many ended well.
+ * goes to --latencies FILE as "ROUND MICROSECONDS ok|failed" lines, and a "CURLFLOOR mode=burst"
+ * line per round says how many ended well. A round not over in BURST_DEADLINE_SEC ends the run.
  *
  * Usage: curlfloor -u URL [-c N] [-d SEC] [-w SEC] [-B FILE] [--cacert FILE] [--http2]
  *                  [--burst ROUNDS --latencies FILE]
@@ -51,6 +51,7 @@
 #define NS_PER_MS       1000000ULL
 #define EVENT_BATCH     256
 #define ANSWER_KEEP     4096            /* bytes of each answer kept, as a buffered answer is */
+#define BURST_DEADLINE_SEC 120U         /* a --burst round longer than this has hung */
 
 /* Obviously fake, and as long as the bench's keys so that the header is the same size. */
 #define FAKE_KEY        "sk-or-v1-fake-00000000000000000000000000000000000000000000000001"
@@ -325,7 +326,8 @@ static void collect_done(void) {
                         g.errors += failed;
                 }
                 if (g.latencies)
-                        fprintf(g.latencies, "%u %.1f\n", g.round, (double) (now_ns() - t->started) / 1000.0);
+                        fprintf(g.latencies, "%u %.1f %s\n", g.round, (double) (now_ns() - t->started) / 1000.0,
+                                failed ? "failed" : "ok");
                 if (!g.stopping)
                         transfer_start(t);
         }
@@ -400,8 +402,14 @@ static int run_bursts(void) {
 
                 for (unsigned i = 0; i < opt.conns; i++)
                         transfer_start(&g.xfers[i]);
-                while (g.completed - before < opt.conns)
-                        step(0);
+                while (g.completed - before < opt.conns) {
+                        if (now_ns() - start > BURST_DEADLINE_SEC * NS_PER_SEC) {
+                                fprintf(stderr, "curlfloor: burst round %u not over after %u s\n", g.round,
+                                        BURST_DEADLINE_SEC);
+                                return 1;
+                        }
+                        step(start + BURST_DEADLINE_SEC * NS_PER_SEC);
+                }
                 printf("CURLFLOOR mode=burst round=%u conns=%u ok=%" PRIu64 " errors=%" PRIu64 " duration_s=%.3f\n",
                        g.round, opt.conns, opt.conns - (g.errors - errors), g.errors - errors,
                        (double) (now_ns() - start) / NS_PER_SEC);
@@ -423,7 +431,7 @@ static void usage(FILE *out) {
                 "  --cacert FILE trust FILE alone for HTTPS (as a provider's ca_file)\n"
                 "  --http2       HTTP/2 over TLS, waiting to multiplex (default: HTTP/1.1)\n"
                 "  --burst R     R rounds of N transfers started at once (the first one cold)\n"
-                "  --latencies F each burst transfer's time, \"ROUND MICROSECONDS\" per line, to F\n");
+                "  --latencies F each burst transfer's time, \"ROUND MICROSECONDS ok|failed\" per line, to F\n");
 }
 
 static char *read_file(const char *path, size_t *ret_len) {
@@ -505,6 +513,11 @@ int main(int argc, char **argv) {
         curl_multi_setopt(g.multi, CURLMOPT_TIMERFUNCTION, timer_cb);
         curl_multi_setopt(g.multi, CURLMOPT_PIPELINING, (long) CURLPIPE_MULTIPLEX);
         curl_multi_setopt(g.multi, CURLMOPT_MAXCONNECTS, 256L);
+        /* As src/upstream.c limits a provider that shares connections: one per 64 transfers and
+         * 4 more (without it, curl 7.88 opens one connection per transfer beyond the first
+         * connection's 100 streams when they all start at once). */
+        if (opt.http2)
+                curl_multi_setopt(g.multi, CURLMOPT_MAX_HOST_CONNECTIONS, (long) ((opt.conns + 63) / 64 + 4));
         for (unsigned i = 0; i < opt.conns; i++) {
                 g.xfers[i].easy = easy_new();
                 if (!g.xfers[i].easy)
