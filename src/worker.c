@@ -35,6 +35,9 @@
 
 #define ACCEPT_BATCH            64      /* connections taken per wake-up, for fairness */
 #define HEARTBEAT_USEC          (1000 * 1000)
+/* sd-event's default accuracy (250 ms) would let a beat come 1.25 s after the last: a quarter
+ * of the shortest worker_timeout (2 s) and of the coordinator's 1.5 s freshness check gone. */
+#define HEARTBEAT_ACCURACY_USEC (10 * 1000)
 #define ACCEPT_PAUSE_USEC       (200 * 1000)    /* accepting rests this long when it cannot go on */
 #define ACCEPT_LOG_USEC         (10 * 1000 * 1000)      /* one line per this long about it */
 /* Draining, a keep-alive connection gets this long to send its next request (answered with
@@ -405,8 +408,8 @@ int worker_run(const struct worker_params *wp) {
         if (r >= 0)
                 r = sd_event_add_io(w.event, &w.accept_source, wp->listen_fd, EPOLLIN, on_accept, &w);
         if (r >= 0)
-                r = sd_event_add_time_relative(w.event, &w.heartbeat, CLOCK_MONOTONIC, HEARTBEAT_USEC, 0,
-                                               on_heartbeat, &w);
+                r = sd_event_add_time_relative(w.event, &w.heartbeat, CLOCK_MONOTONIC, HEARTBEAT_USEC,
+                                               HEARTBEAT_ACCURACY_USEC, on_heartbeat, &w);
         if (r >= 0)
                 r = sd_event_add_time_relative(w.event, &w.accept_resume, CLOCK_MONOTONIC,
                                                ACCEPT_PAUSE_USEC, 0, on_accept_resume, &w);
