@@ -18,6 +18,10 @@
 
 #include "keypool/jscan.h"
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
 /* What a byte inside a string's quotes asks the scanner to do. Lead bytes of UTF-8 sequences say
  * how long the sequence is; everything RFC 3629 forbids outright (continuation bytes out of place,
  * C0/C1 which can only start overlong forms, F5..FF beyond U+10FFFF) is BAD at once. */
@@ -150,14 +154,37 @@ static int32_t read_escape(const unsigned char **pp, const unsigned char *end) {
         return cp;
 }
 
-/* Validates a string body from *pp (just past the opening quote) to its closing quote and moves
- * *pp past that quote. Sets *escaped when the body holds a backslash, so names without one can be
- * compared with memcmp. */
-static int scan_string(const unsigned char **pp, const unsigned char *end, bool *escaped) {
+#ifdef __SSE2__
+/* word_needs_look for the 16 bytes at p, one bit a byte: a signed compare below 0x20 takes in
+ * the control characters and every non-ASCII byte at once. */
+static inline unsigned block_needs_look(const unsigned char *p) {
+        __m128i v = _mm_loadu_si128((const __m128i *) (const void *) p);
+        __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                              _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))),
+                                 _mm_cmplt_epi8(v, _mm_set1_epi8(0x20)));
+
+        return (unsigned) _mm_movemask_epi8(m);
+}
+#endif
+
+/* scan_string past its first look: everything but a plain string that ends soon. */
+static __attribute__((noinline)) int scan_string_rest(const unsigned char **pp, const unsigned char *end,
+                                                      bool *escaped) {
         const unsigned char *p = *pp;
 
         for (;;) {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#ifdef __SSE2__
+                while (end - p >= 16) {
+                        unsigned look = block_needs_look(p);
+
+                        if (look) {
+                                p += __builtin_ctz(look);
+                                goto special;
+                        }
+                        p += 16;
+                }
+#endif
                 while (end - p >= 8) {
                         uint64_t w, look;
 
@@ -210,6 +237,33 @@ static int scan_string(const unsigned char **pp, const unsigned char *end, bool 
                         return -EINVAL;
                 }
         }
+}
+
+/* Validates a string body from *pp (just past the opening quote) to its closing quote and moves
+ * *pp past that quote. Sets *escaped when the body holds a backslash, so names without one can be
+ * compared with memcmp. Most strings of a request or an answer are short and plain: one look at
+ * 16 bytes finds their closing quote, here, without a call. */
+static inline int scan_string(const unsigned char **pp, const unsigned char *end, bool *escaped) {
+#ifdef __SSE2__
+        const unsigned char *p = *pp;
+
+        while (end - p >= 16) {
+                unsigned look = block_needs_look(p);
+
+                if (look) {
+                        p += __builtin_ctz(look);
+                        if (*p == '"') {
+                                *pp = p + 1;
+                                return 0;
+                        }
+                        break;
+                }
+                p += 16;
+        }
+        /* Every byte before p is plain: the rest goes on from there. */
+        *pp = p;
+#endif
+        return scan_string_rest(pp, end, escaped);
 }
 
 static int scan_number(const unsigned char **pp, const unsigned char *end) {
@@ -374,7 +428,8 @@ static bool number_fits_jansson(const unsigned char *p, const unsigned char *end
 }
 
 /* A string, number or literal at *pp, moving *pp past it. */
-static inline int scan_scalar(const unsigned char **pp, const unsigned char *end, unsigned flags) {
+static inline __attribute__((always_inline)) int scan_scalar(const unsigned char **pp,
+                                                             const unsigned char *end, unsigned flags) {
         const unsigned char *p = *pp, *start = p;
         bool escaped;
 
@@ -566,8 +621,12 @@ static int scan_object(const char *s, size_t len, unsigned flags, const struct w
 static int find_members(const char *s, size_t len, unsigned flags, const char *const *names,
                         size_t n_names, struct jscan_value *ret) {
         struct jscan_value found[JSCAN_MAX_NAMES];
-        struct wanted w = { .names = names, .n = n_names };
+        struct wanted w;        /* not zeroed: lens[] is read only as far as n, set below */
         int r;
+
+        w.names = names;
+        w.n = n_names;
+        w.in_order = false;
 
         if (!s || n_names > JSCAN_MAX_NAMES || (n_names > 0 && (!names || !ret)) ||
             (flags & ~(JSCAN_JANSSON_NUMBERS | JSCAN_SKIM_OTHERS)))

@@ -347,6 +347,35 @@ START_TEST(test_long_strings_with_escapes_and_utf8_at_every_offset_match_jansson
 }
 END_TEST
 
+START_TEST(test_strings_ending_at_every_distance_from_the_text_end_match_jansson) {
+        /* The 16-byte look at a string runs only where 16 bytes remain, the 8-byte one where 8 do:
+         * a special byte or the closing quote on either side of those edges, with the text in a
+         * buffer of exactly its size (so a look past its end is an ASan error), reads the same. */
+        static const char *const specials[] = {
+                "", "\\\"", "\\n", "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\x01", "\x7f", "\x80",
+                "\xc3", "\\u00", "\"",
+        };
+
+        for (size_t k = 0; k < N(specials); k++)
+                for (int before = 0; before < 40; before++)
+                        for (int after = 0; after < 20; after++) {
+                                char tmp[128], *s;
+                                int n = snprintf(tmp, sizeof(tmp), "{\"model\":\"%.*s%s%.*s\"}", before,
+                                                 "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz",
+                                                 specials[k], after, "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+
+                                s = malloc((size_t) n);
+                                ck_assert_ptr_nonnull(s);
+                                memcpy(s, tmp, (size_t) n);
+                                compare_with_jansson(s, (size_t) n, specials[k]);
+                                /* Cut short: the closing quote or the brace never comes. */
+                                for (int cut = 1; cut <= 3 && cut < n; cut++)
+                                        compare_with_jansson(s, (size_t) (n - cut), specials[k]);
+                                free(s);
+                        }
+}
+END_TEST
+
 /* ---- mutations ---------------------------------------------------------------------------- */
 
 /* A longer or differently seeded run: -DJSCAN_MUTATIONS=5000000 -DJSCAN_SEED=… */
@@ -992,6 +1021,7 @@ static Suite *jscan_suite(void) {
         tcase_add_test(tc, test_corpus_accepts_and_refuses_like_jansson_and_finds_the_same_member);
         tcase_add_test(tc, test_depth_limit_is_janssons_2048);
         tcase_add_test(tc, test_long_strings_with_escapes_and_utf8_at_every_offset_match_jansson);
+        tcase_add_test(tc, test_strings_ending_at_every_distance_from_the_text_end_match_jansson);
         tcase_add_test(tc, test_mutated_bodies_agree_with_jansson);
         tcase_add_test(tc, test_overflowing_numbers_are_the_one_intended_difference);
         tcase_add_test(tc, test_raw_nul_after_a_number_or_literal_is_refused_though_jansson_loses_it);
