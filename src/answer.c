@@ -51,18 +51,41 @@ bool answer_header_is(const char *line, const char *name) {
         return strncasecmp(line, name, n) == 0 && line[n] == ':';
 }
 
+#define NAME(s) { s, sizeof(s) - 1 }
+
 static bool is_dropped_answer_header(const char *name, size_t len) {
-        static const char *const dropped[] = {
-                "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade",
-                "Content-Length", "Trailer", "TE",
+        static const struct {
+                const char *name;
+                size_t len;
+        } dropped[] = {
+                NAME("Connection"), NAME("Keep-Alive"), NAME("Proxy-Connection"), NAME("Transfer-Encoding"),
+                NAME("Upgrade"), NAME("Content-Length"), NAME("Trailer"), NAME("TE"),
         };
 
-        if (len >= 10 && strncasecmp(name, "X-Keypool-", 10) == 0)
+        if (len >= 10 && (name[0] | 0x20) == 'x' && strncasecmp(name, "X-Keypool-", 10) == 0)
                 return true;
         for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
-                if (strlen(dropped[i]) == len && strncasecmp(name, dropped[i], len) == 0)
+                if (dropped[i].len == len && strncasecmp(name, dropped[i].name, len) == 0)
                         return true;
         return false;
+}
+
+/* Does the NUL-terminated s hold needle (lower case, no NUL), ASCII case folded? What strcasestr
+ * answers in the C locale, with a look at only the bytes that can begin a match. */
+static bool contains_ci(const char *s, const char *needle, size_t n) {
+        for (; *s; s++)
+                if (((unsigned char) *s | 0x20) == (unsigned char) needle[0] && strncasecmp(s, needle, n) == 0)
+                        return true;
+        return false;
+}
+
+/* The value of a header line after its colon, without the blanks before it. */
+static const char *value_after(const char *colon) {
+        const char *v = colon + 1;
+
+        while (*v == ' ' || *v == '\t')
+                v++;
+        return v;
 }
 
 void answer_reset(struct answer *a) {
@@ -121,7 +144,7 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
         while (trimmed > 0 && (data[trimmed - 1] == '\n' || data[trimmed - 1] == '\r'))
                 trimmed--;
 
-        if (trimmed >= 5 && strncmp(data, "HTTP/", 5) == 0) {
+        if (trimmed >= 5 && memcmp(data, "HTTP/", 5) == 0) {
                 /* A status line starts a new answer (after 100 Continue, say). */
                 answer_reset(a);
                 a->status = status_of(data, trimmed);
@@ -138,7 +161,8 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
                 a->mode = a->status >= 200 && a->status < 300 ? ANSWER_STREAM : ANSWER_BUFFER;
                 for (size_t i = 0; i < a->n_headers; i++)
                         if (answer_header_is(answer_line(a, i), "Content-Type") &&
-                            strcasestr(answer_line(a, i), "text/event-stream"))
+                            contains_ci(answer_line(a, i) + strlen("Content-Type:"), "text/event-stream",
+                                        strlen("text/event-stream")))
                                 a->sse = true;
                 a->holding = a->mode == ANSWER_STREAM && a->sse;
                 return 0;
@@ -242,7 +266,7 @@ void answer_view(const struct answer *a, struct answer_header *ah, struct upstre
 
                 if (!colon)
                         continue;
-                value = colon + 1 + strspn(colon + 1, " \t");
+                value = value_after(colon);
                 ah[ret->n_headers++] = (struct answer_header) {
                         .name = line, .name_len = (size_t) (colon - line),
                         .value = value, .value_len = strlen(value),
@@ -315,7 +339,7 @@ size_t answer_client_headers(const struct answer *a, struct http_header *h, size
                 names[used + len] = 0;
                 h[n].name = names + used;
                 used += len + 1;
-                h[n].value = colon + 1 + strspn(colon + 1, " \t");
+                h[n].value = value_after(colon);
                 n++;
         }
         return n;

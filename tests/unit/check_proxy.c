@@ -556,6 +556,35 @@ START_TEST(test_a_stream_holds_no_event_buffer_between_events) {
 }
 END_TEST
 
+/* An answer is a stream when its Content-Type names text/event-stream anywhere in its value, in
+ * any ASCII case; nothing else (another header, a near miss) makes it one. */
+START_TEST(test_event_stream_content_type_is_found_in_any_case_and_place) {
+        static const struct {
+                const char *line;
+                bool sse;
+        } cases[] = {
+                { "Content-Type: text/event-stream\r\n", true },
+                { "content-type:TEXT/Event-Stream; charset=utf-8\r\n", true },
+                { "Content-Type: application/x-ttext/event-stream\r\n", true },
+                { "Content-Type: application/json\r\n", false },
+                { "Content-Type: text/event-strea\r\n", false },
+                { "Content-Type: text/event_stream\r\n", false },
+                { "X-Content-Type: text/event-stream\r\n", false },
+                { "Content-Typo: text/event-stream\r\n", false },
+        };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                const char *lines[] = { "HTTP/1.1 200 OK\r\n", cases[i].line, "\r\n" };
+                struct answer a = { .mode = ANSWER_HEADERS };
+
+                feed_headers(&a, lines, N(lines));
+                ck_assert_msg(a.sse == cases[i].sse, "'%s' should %sbe a stream", cases[i].line,
+                              cases[i].sse ? "" : "not ");
+                answer_free(&a);
+        }
+}
+END_TEST
+
 /* Once a stream's held first event is relayed, nothing reads its body again: it goes. Held bytes,
  * and the body of a buffered (error) answer, stay. */
 START_TEST(test_a_relayed_streams_body_is_released_and_a_held_one_kept) {
@@ -901,6 +930,7 @@ static Suite *proxy_suite(void) {
         tc = tcase_create("decide");
         tcase_add_test(tc, test_a_whole_answer_stands_despite_a_later_http2_stream_error);
         tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
+        tcase_add_test(tc, test_event_stream_content_type_is_found_in_any_case_and_place);
         tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
         tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
         tcase_add_test(tc, test_broken_answer_is_transient_then_answered_502);
