@@ -121,11 +121,18 @@ static bool eq_ci(const char *a, size_t a_len, const char *b) {
 static const char *find_ci(const char *hay, size_t hay_len, const char *needle) {
         size_t n = strlen(needle);
 
+        char lo, up;
+
         if (!hay || n == 0 || n > hay_len)
                 return NULL;
-        for (size_t i = 0; i + n <= hay_len; i++) {
-                size_t j = 0;
+        /* Most places cannot begin a match: their byte is neither case of the needle's first. */
+        lo = ascii_lower(needle[0]);
+        up = lo >= 'a' && lo <= 'z' ? (char) (lo - 'a' + 'A') : lo;
+        for (size_t i = 0, last = hay_len - n; i <= last; i++) {
+                size_t j = 1;
 
+                if (hay[i] != lo && hay[i] != up)
+                        continue;
                 while (j < n && ascii_lower(hay[i + j]) == ascii_lower(needle[j]))
                         j++;
                 if (j == n)
