@@ -1152,20 +1152,24 @@ int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_o
                 return -EINVAL;
         if (!json || len == 0)
                 return -ENOENT;
-        /* One pass finds all three places usage can be. The answer is relayed as it came: the
+        /* One pass finds all three places usage can be, and the counts of a top-level usage
+         * (where OpenAI puts it, the common case). The answer is relayed as it came: the
          * members around them (the choices, most of it) are skipped, not checked. */
-        if (jscan_document(json, len, JSCAN_SKIM_OTHERS, top_names, 3, top) < 0)
+        if (jscan_document_sub(json, len, JSCAN_SKIM_OTHERS, top_names, 3, top, 0, usage_names, 4, counts) < 0)
                 return -ENOENT;
 
         /* OpenAI and OpenRouter say prompt/completion, Anthropic (and OpenAI's Responses API)
          * input/output; Anthropic's message_start carries it inside "message". A chunk's
          * "usage": null (OpenAI streams before the last chunk) is no usage. */
         u = top[0];
-        if (u.type != JSCAN_OBJECT && (top[1].type != JSCAN_OBJECT || jscan_member(&top[1], "usage", &u) < 0))
-                u.type = JSCAN_NONE;
+        if (u.type != JSCAN_OBJECT) {
+                if (top[1].type != JSCAN_OBJECT || jscan_member(&top[1], "usage", &u) < 0)
+                        u.type = JSCAN_NONE;
+                else if (u.type == JSCAN_OBJECT && jscan_members(&u, usage_names, 4, counts) < 0)
+                        return -ENOENT;
+        }
         if (u.type == JSCAN_OBJECT) {
-                if (jscan_members(&u, usage_names, 4, counts) < 0 ||
-                    json_first_count(counts, 2, &in) < 0 || json_first_count(counts + 2, 2, &out) < 0)
+                if (json_first_count(counts, 2, &in) < 0 || json_first_count(counts + 2, 2, &out) < 0)
                         return -ENOENT;
         } else if (top[2].type == JSCAN_OBJECT) {
                 if (jscan_members(&top[2], gemini_names, 2, counts) < 0 ||
