@@ -695,6 +695,13 @@ START_TEST(test_non_sse_success_counts_tokens_from_its_body) {
 }
 END_TEST
 
+/* The headers a client gets of an answer of these lines (a stays alive: the values are in it). */
+static size_t client_headers_of(struct answer *a, const char *const *lines, size_t n_lines, struct http_header *h,
+                                size_t max, char *names, size_t names_size) {
+        feed_headers(a, lines, n_lines);
+        return answer_client_headers(a, h, max, names, names_size);
+}
+
 START_TEST(test_client_gets_end_to_end_headers_only) {
         static const char *const lines[] = {
                 "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n", "Connection: keep-alive\r\n",
@@ -704,15 +711,36 @@ START_TEST(test_client_gets_end_to_end_headers_only) {
         struct answer a = { .mode = ANSWER_HEADERS };
         struct http_header h[8];
         char names[256];
-        size_t n;
 
-        feed_headers(&a, lines, N(lines));
-        n = answer_client_headers(&a, h, N(h), names, sizeof names);
-        ck_assert_uint_eq(n, 2);
+        ck_assert_uint_eq(client_headers_of(&a, lines, N(lines), h, N(h), names, sizeof names), 2);
         ck_assert_str_eq(h[0].name, "Content-Type");
         ck_assert_str_eq(h[0].value, "application/json");
         ck_assert_str_eq(h[1].name, "x-request-id");
         ck_assert_str_eq(h[1].value, "abc");
+        answer_free(&a);
+}
+END_TEST
+
+/* Every hop-by-hop name is dropped in any case; names of the same lengths that are not one of
+ * them reach the client. */
+START_TEST(test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept) {
+        static const char *const lines[] = {
+                "HTTP/1.1 200 OK\r\n", "te: trailers\r\n", "UPGRADE: h2c\r\n", "trailer: x\r\n",
+                "Keep-Alive: timeout=5\r\n", "connection: close\r\n", "Content-Length: 2\r\n",
+                "PROXY-CONNECTION: close\r\n", "transfer-encoding: chunked\r\n", "x-keypool-pool: forged\r\n",
+                "Tf: 1\r\n", "Upgradz: 2\r\n", "Keep-Alivf: 3\r\n", "Content-Lengtf: 4\r\n",
+                "Proxy-Connectiof: 5\r\n", "Transfer-Encodinf: 6\r\n", "X-Keypool: 7\r\n", "\r\n",
+        };
+        static const char *const kept[] = {
+                "Tf", "Upgradz", "Keep-Alivf", "Content-Lengtf", "Proxy-Connectiof", "Transfer-Encodinf", "X-Keypool",
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+        struct http_header h[16];
+        char names[512];
+
+        ck_assert_uint_eq(client_headers_of(&a, lines, N(lines), h, N(h), names, sizeof names), N(kept));
+        for (size_t i = 0; i < N(kept); i++)
+                ck_assert_str_eq(h[i].name, kept[i]);
         answer_free(&a);
 }
 END_TEST
@@ -931,6 +959,7 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_a_whole_answer_stands_despite_a_later_http2_stream_error);
         tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
         tcase_add_test(tc, test_event_stream_content_type_is_found_in_any_case_and_place);
+        tcase_add_test(tc, test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept);
         tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
         tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
         tcase_add_test(tc, test_broken_answer_is_transient_then_answered_502);
