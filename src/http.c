@@ -352,11 +352,17 @@ static int count_header_bytes(struct http_conn *c, size_t len) {
 }
 
 /* Appends s[0..len) and a NUL to the fields' text; its offset in ret_off. */
+/* s[0..len) and its NUL kept in fields_text, the buffer's own NUL after them. */
 static int fields_add(struct http_conn *c, const char *s, size_t len, size_t *ret_off) {
-        size_t off = c->fields_text.len;
+        struct buf *b = &c->fields_text;
+        size_t off = b->len;
 
-        if (buf_append(&c->fields_text, s, len) < 0 || buf_append(&c->fields_text, "", 1) < 0)
+        if (len == SIZE_MAX || buf_reserve(b, len + 1) < 0)
                 return -1;
+        memcpy(b->data + off, s, len);
+        b->data[off + len] = 0;
+        b->data[off + len + 1] = 0;
+        b->len += len + 1;
         *ret_off = off;
         return 0;
 }
@@ -484,7 +490,7 @@ static int on_headers_complete(http_parser *p) {
         if (http_target_check(c->url.data ? c->url.data : "", c->url.len, &problem) < 0)
                 return bad_request(c, problem);
         for (size_t i = 0; i < c->req.n_fields; i++)
-                hosts += strcasecmp(c->req.fields[i].name, "Host") == 0;
+                hosts += (c->req.fields[i].name[0] | 0x20) == 'h' && strcasecmp(c->req.fields[i].name, "Host") == 0;
         if (p->http_major == 1 && p->http_minor >= 1 && hosts != 1)
                 return bad_request(c, hosts ? "more than one Host header field"
                                             : "an HTTP/1.1 request without a Host header field");
