@@ -100,6 +100,7 @@ static const char *value_after(const char *colon) {
 
 void answer_reset(struct answer *a) {
         a->n_headers = 0;
+        a->figure_names = false;
         buffer_clear(&a->text, &a->text_len, &a->text_cap);
         buffer_clear(&a->body, &a->body_len, &a->body_cap);
         free(a->event);
@@ -187,6 +188,12 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
                 return -ENOMEM;
         a->text_len++;
         a->header_off[a->n_headers++] = (uint32_t) off;
+        /* Looked at once here, not at every judgement: the name as answer_view reads it. */
+        if (!a->figure_names) {
+                const char *line = a->text + off, *colon = strchr(line, ':');
+
+                a->figure_names = colon && policy_names_rate_figure(line, (size_t) (colon - line));
+        }
         return 0;
 }
 
@@ -269,7 +276,11 @@ void answer_release_relayed(struct answer *a) {
 }
 
 void answer_view(const struct answer *a, struct answer_header *ah, struct upstream_answer *ret) {
-        *ret = (struct upstream_answer) { .status = a->status, .headers = ah };
+        *ret = (struct upstream_answer) {
+                .status = a->status,
+                .headers = ah,
+                .figure_names = a->figure_names ? POLICY_FIGURE_NAMES_SOME : POLICY_FIGURE_NAMES_NONE,
+        };
         for (size_t i = 0; i < a->n_headers; i++) {
                 const char *line = answer_line(a, i), *colon = strchr(line, ':');
                 const char *value;

@@ -117,10 +117,9 @@ static bool eq_ci(const char *a, size_t a_len, const char *b) {
         return true;
 }
 
-/* Bounded by hay_len, never by a NUL: bodies are arbitrary bytes. */
-static const char *find_ci(const char *hay, size_t hay_len, const char *needle) {
-        size_t n = strlen(needle);
-
+/* needle[0..n) in hay[0..hay_len), ASCII case folded. Bounded by hay_len, never by a NUL:
+ * bodies are arbitrary bytes. */
+static inline const char *find_ci_n(const char *hay, size_t hay_len, const char *needle, size_t n) {
         char lo, up;
 
         if (!hay || n == 0 || n > hay_len)
@@ -139,6 +138,10 @@ static const char *find_ci(const char *hay, size_t hay_len, const char *needle) 
                         return hay + i;
         }
         return NULL;
+}
+
+static const char *find_ci(const char *hay, size_t hay_len, const char *needle) {
+        return find_ci_n(hay, hay_len, needle, strlen(needle));
 }
 
 /* A configured list may hold NULL or empty entries (a config typo): they match nothing, since an
@@ -519,11 +522,18 @@ static bool header_value(const struct upstream_answer *a, const char *name,
         return true;
 }
 
+bool policy_names_rate_figure(const char *name, size_t len) {
+        return find_ci_n(name, len, "ratelimit", strlen("ratelimit")) != NULL;
+}
+
 /* Every rate-limit figure and reset header read on a successful answer has "ratelimit" in its
- * name. Most answers carry none, and then one look at each name is all reading them costs. */
+ * name. Most answers carry none, and then one look at each name is all reading them costs, or
+ * none when the caller looked as they arrived. */
 static bool any_ratelimit_header(const struct upstream_answer *a) {
+        if (a->figure_names == POLICY_FIGURE_NAMES_NONE || a->figure_names == POLICY_FIGURE_NAMES_SOME)
+                return a->figure_names == POLICY_FIGURE_NAMES_SOME;
         for (size_t i = 0; i < a->n_headers; i++)
-                if (a->headers[i].name && find_ci(a->headers[i].name, a->headers[i].name_len, "ratelimit"))
+                if (a->headers[i].name && policy_names_rate_figure(a->headers[i].name, a->headers[i].name_len))
                         return true;
         return false;
 }

@@ -721,6 +721,48 @@ START_TEST(test_client_gets_end_to_end_headers_only) {
 }
 END_TEST
 
+/* The answer notes as its lines arrive whether a name carries rate-limit figures, and policy
+ * reads the same figures from that note as from its own look at the names. A new status line
+ * (after 100 Continue) forgets what the last answer's names said. */
+START_TEST(test_rate_figure_names_are_noted_as_lines_arrive) {
+        static const char *const with[] = {
+                "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n",
+                "x-RateLimit-Remaining-Requests: 0\r\n", "X-RATELIMIT-RESET-REQUESTS: 7s\r\n", "\r\n",
+        };
+        static const char *const without[] = {
+                "HTTP/1.1 100 Continue\r\n", "x-ratelimit-remaining-tokens: 0\r\n", "\r\n",
+                "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n", "X-Rate: limit\r\n",
+                "ratelimit no colon\r\n", "\r\n",
+        };
+        static const struct {
+                const char *const *lines;
+                size_t n;
+                enum policy_figure_names want;
+        } cases[] = {
+                { with, N(with), POLICY_FIGURE_NAMES_SOME },
+                { without, N(without), POLICY_FIGURE_NAMES_NONE },
+        };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                struct answer a = { .mode = ANSWER_HEADERS };
+                struct answer_header ah[ANSWER_MAX_HEADERS];
+                struct upstream_answer u, looked;
+                struct rate_figures noted, own;
+
+                feed_headers(&a, cases[i].lines, cases[i].n);
+                answer_view(&a, ah, &u);
+                ck_assert_int_eq(u.figure_names, cases[i].want);
+                looked = u;
+                looked.figure_names = POLICY_FIGURE_NAMES_UNKNOWN;
+                policy_read_figures(&u, 1700000000000, &noted);
+                policy_read_figures(&looked, 1700000000000, &own);
+                ck_assert(memcmp(&noted, &own, sizeof noted) == 0);
+                ck_assert_int_eq(noted.remaining_requests, cases[i].want == POLICY_FIGURE_NAMES_SOME ? 0 : -1);
+                answer_free(&a);
+        }
+}
+END_TEST
+
 /* Every hop-by-hop name is dropped in any case; names of the same lengths that are not one of
  * them reach the client. */
 START_TEST(test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept) {
@@ -960,6 +1002,7 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
         tcase_add_test(tc, test_event_stream_content_type_is_found_in_any_case_and_place);
         tcase_add_test(tc, test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept);
+        tcase_add_test(tc, test_rate_figure_names_are_noted_as_lines_arrive);
         tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
         tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
         tcase_add_test(tc, test_broken_answer_is_transient_then_answered_502);
