@@ -503,7 +503,8 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
         }
         o.tokens_in = pr->answer.tokens_in;
         o.tokens_out = pr->answer.tokens_out;
-        if (pr->answer.n_headers > 0) {
+        /* Without a name that carries figures there are none to read (policy_read_figures). */
+        if (pr->answer.n_headers > 0 && pr->answer.figure_names) {
                 struct answer_header ah[ANSWER_MAX_HEADERS];
                 struct upstream_answer a;
 

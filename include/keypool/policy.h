@@ -78,7 +78,8 @@ extern const char *const policy_default_phrases[];
 int64_t policy_backoff_ms(unsigned retry, int64_t initial_ms, int64_t max_ms, uint32_t random);
 
 /* Reads the rate-limit figures (remaining requests/tokens and their resets) from any provider's
- * headers: x-ratelimit-*, anthropic-ratelimit-*, X-RateLimit-Remaining/Reset. Unknown ones -1. */
+ * headers: x-ratelimit-*, anthropic-ratelimit-*, X-RateLimit-Remaining/Reset. Unknown ones -1,
+ * all of them when no name passes policy_names_rate_figure. */
 void policy_read_figures(const struct upstream_answer *a, int64_t now_ms, struct rate_figures *ret);
 
 /* Token usage in a JSON answer or stream chunk: OpenAI/OpenRouter usage.prompt_tokens /
