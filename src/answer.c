@@ -80,11 +80,14 @@ static bool is_dropped_answer_header(const char *name, size_t len) {
 #undef IS
 }
 
-/* Does the NUL-terminated s hold needle (lower case, no NUL), ASCII case folded? What strcasestr
- * answers in the C locale, with a look at only the bytes that can begin a match. */
+/* Does the NUL-terminated s hold needle[0..n) (lower case, no NUL), ASCII case folded? What
+ * strcasestr answers in the C locale, with a look at only the bytes that can begin a match, and
+ * none at all in a text shorter than the needle ("application/json" is). */
 static bool contains_ci(const char *s, const char *needle, size_t n) {
-        for (; *s; s++)
-                if (((unsigned char) *s | 0x20) == (unsigned char) needle[0] && strncasecmp(s, needle, n) == 0)
+        size_t len = strlen(s);
+
+        for (size_t i = 0; i + n <= len; i++)
+                if (((unsigned char) s[i] | 0x20) == (unsigned char) needle[0] && strncasecmp(s + i, needle, n) == 0)
                         return true;
         return false;
 }
@@ -152,6 +155,9 @@ static int status_of(const char *line, size_t len) {
 int answer_add_header_line(struct answer *a, const char *data, size_t len) {
         size_t trimmed = len, off;
 
+        /* Nearly every line ends in CRLF: that pair goes at once, whatever else is left. */
+        if (trimmed >= 2 && data[trimmed - 1] == '\n' && data[trimmed - 2] == '\r')
+                trimmed -= 2;
         while (trimmed > 0 && (data[trimmed - 1] == '\n' || data[trimmed - 1] == '\r'))
                 trimmed--;
 

@@ -763,6 +763,27 @@ START_TEST(test_rate_figure_names_are_noted_as_lines_arrive) {
 }
 END_TEST
 
+/* Whatever run of CR and LF ends a line goes, and only that. */
+START_TEST(test_header_lines_lose_every_line_end_and_nothing_else) {
+        static const struct {
+                const char *line;
+                const char *kept;
+        } cases[] = {
+                { "A: 1\r\n", "A: 1" }, { "B: 2\n", "B: 2" }, { "C: 3\r\r\n", "C: 3" }, { "D: 4\n\r\n", "D: 4" },
+                { "E: 5\r", "E: 5" }, { "F: 6 \r\n", "F: 6 " }, { "G: \n7\r\n", "G: \n7" }, { "H: 8", "H: 8" },
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        ck_assert_int_eq(answer_add_header_line(&a, "HTTP/1.1 200 OK\r\n", 17), 0);
+        for (size_t i = 0; i < N(cases); i++)
+                ck_assert_int_eq(answer_add_header_line(&a, cases[i].line, strlen(cases[i].line)), 0);
+        ck_assert_uint_eq(a.n_headers, N(cases));
+        for (size_t i = 0; i < N(cases); i++)
+                ck_assert_str_eq(answer_line(&a, i), cases[i].kept);
+        answer_free(&a);
+}
+END_TEST
+
 /* Every hop-by-hop name is dropped in any case; names of the same lengths that are not one of
  * them reach the client. */
 START_TEST(test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept) {
@@ -1003,6 +1024,7 @@ static Suite *proxy_suite(void) {
         tcase_add_test(tc, test_event_stream_content_type_is_found_in_any_case_and_place);
         tcase_add_test(tc, test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept);
         tcase_add_test(tc, test_rate_figure_names_are_noted_as_lines_arrive);
+        tcase_add_test(tc, test_header_lines_lose_every_line_end_and_nothing_else);
         tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
         tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
         tcase_add_test(tc, test_broken_answer_is_transient_then_answered_502);
