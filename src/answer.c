@@ -46,27 +46,64 @@ static void buffer_clear(char **buf, size_t *len, size_t *cap) {
 }
 
 bool answer_header_is(const char *line, const char *name) {
-        size_t n = strlen(name);
+        size_t n;
 
+        /* Equal names have equal first bytes once ASCII case is folded (|0x20 folds more, which
+         * only leaves strncasecmp to decide): most lines are passed over at once. */
+        if (name[0] && ((unsigned char) line[0] | 0x20) != ((unsigned char) name[0] | 0x20))
+                return false;
+        n = strlen(name);
         return strncasecmp(line, name, n) == 0 && line[n] == ':';
 }
 
 static bool is_dropped_answer_header(const char *name, size_t len) {
-        static const char *const dropped[] = {
-                "Connection", "Keep-Alive", "Proxy-Connection", "Transfer-Encoding", "Upgrade",
-                "Content-Length", "Trailer", "TE",
-        };
-
-        if (len >= 10 && strncasecmp(name, "X-Keypool-", 10) == 0)
+#define IS(s) (strncasecmp(name, s, len) == 0)
+        if (len >= 10 && (name[0] | 0x20) == 'x' && strncasecmp(name, "X-Keypool-", 10) == 0)
                 return true;
-        for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
-                if (strlen(dropped[i]) == len && strncasecmp(name, dropped[i], len) == 0)
+        /* Its length picks the few names it could be. */
+        switch (len) {
+        case 2:
+                return IS("TE");
+        case 7:
+                return IS("Upgrade") || IS("Trailer");
+        case 10:
+                return IS("Connection") || IS("Keep-Alive");
+        case 14:
+                return IS("Content-Length");
+        case 16:
+                return IS("Proxy-Connection");
+        case 17:
+                return IS("Transfer-Encoding");
+        default:
+                return false;
+        }
+#undef IS
+}
+
+/* Does the NUL-terminated s hold needle[0..n) (lower case, no NUL), ASCII case folded? What
+ * strcasestr answers in the C locale, with a look at only the bytes that can begin a match, and
+ * none at all in a text shorter than the needle ("application/json" is). */
+static bool contains_ci(const char *s, const char *needle, size_t n) {
+        size_t len = strlen(s);
+
+        for (size_t i = 0; i + n <= len; i++)
+                if (((unsigned char) s[i] | 0x20) == (unsigned char) needle[0] && strncasecmp(s + i, needle, n) == 0)
                         return true;
         return false;
 }
 
+/* The value of a header line after its colon, without the blanks before it. */
+static const char *value_after(const char *colon) {
+        const char *v = colon + 1;
+
+        while (*v == ' ' || *v == '\t')
+                v++;
+        return v;
+}
+
 void answer_reset(struct answer *a) {
         a->n_headers = 0;
+        a->figure_names = false;
         buffer_clear(&a->text, &a->text_len, &a->text_cap);
         buffer_clear(&a->body, &a->body_len, &a->body_cap);
         free(a->event);
@@ -118,10 +155,13 @@ static int status_of(const char *line, size_t len) {
 int answer_add_header_line(struct answer *a, const char *data, size_t len) {
         size_t trimmed = len, off;
 
+        /* Nearly every line ends in CRLF: that pair goes at once, whatever else is left. */
+        if (trimmed >= 2 && data[trimmed - 1] == '\n' && data[trimmed - 2] == '\r')
+                trimmed -= 2;
         while (trimmed > 0 && (data[trimmed - 1] == '\n' || data[trimmed - 1] == '\r'))
                 trimmed--;
 
-        if (trimmed >= 5 && strncmp(data, "HTTP/", 5) == 0) {
+        if (trimmed >= 5 && memcmp(data, "HTTP/", 5) == 0) {
                 /* A status line starts a new answer (after 100 Continue, say). */
                 answer_reset(a);
                 a->status = status_of(data, trimmed);
@@ -138,7 +178,8 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
                 a->mode = a->status >= 200 && a->status < 300 ? ANSWER_STREAM : ANSWER_BUFFER;
                 for (size_t i = 0; i < a->n_headers; i++)
                         if (answer_header_is(answer_line(a, i), "Content-Type") &&
-                            strcasestr(answer_line(a, i), "text/event-stream"))
+                            contains_ci(answer_line(a, i) + strlen("Content-Type:"), "text/event-stream",
+                                        strlen("text/event-stream")))
                                 a->sse = true;
                 a->holding = a->mode == ANSWER_STREAM && a->sse;
                 return 0;
@@ -153,6 +194,12 @@ int answer_add_header_line(struct answer *a, const char *data, size_t len) {
                 return -ENOMEM;
         a->text_len++;
         a->header_off[a->n_headers++] = (uint32_t) off;
+        /* Looked at once here, not at every judgement: the name as answer_view reads it. */
+        if (!a->figure_names) {
+                const char *line = a->text + off, *colon = strchr(line, ':');
+
+                a->figure_names = colon && policy_names_rate_figure(line, (size_t) (colon - line));
+        }
         return 0;
 }
 
@@ -235,14 +282,18 @@ void answer_release_relayed(struct answer *a) {
 }
 
 void answer_view(const struct answer *a, struct answer_header *ah, struct upstream_answer *ret) {
-        *ret = (struct upstream_answer) { .status = a->status, .headers = ah };
+        *ret = (struct upstream_answer) {
+                .status = a->status,
+                .headers = ah,
+                .figure_names = a->figure_names ? POLICY_FIGURE_NAMES_SOME : POLICY_FIGURE_NAMES_NONE,
+        };
         for (size_t i = 0; i < a->n_headers; i++) {
                 const char *line = answer_line(a, i), *colon = strchr(line, ':');
                 const char *value;
 
                 if (!colon)
                         continue;
-                value = colon + 1 + strspn(colon + 1, " \t");
+                value = value_after(colon);
                 ah[ret->n_headers++] = (struct answer_header) {
                         .name = line, .name_len = (size_t) (colon - line),
                         .value = value, .value_len = strlen(value),
@@ -315,7 +366,7 @@ size_t answer_client_headers(const struct answer *a, struct http_header *h, size
                 names[used + len] = 0;
                 h[n].name = names + used;
                 used += len + 1;
-                h[n].value = colon + 1 + strspn(colon + 1, " \t");
+                h[n].value = value_after(colon);
                 n++;
         }
         return n;

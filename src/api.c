@@ -683,10 +683,9 @@ static size_t path_len(const char *url) {
         return q ? (size_t) (q - url) : strlen(url);
 }
 
-static bool path_is(const char *url, const char *path) {
-        size_t n = path_len(url);
-
-        return n == strlen(path) && strncmp(url, path, n) == 0;
+/* Is url's path (its first n bytes, as path_len says) exactly path[0..len)? */
+static bool path_is(const char *url, size_t n, const char *path, size_t len) {
+        return n == len && memcmp(url, path, n) == 0;
 }
 
 static char *query_param(const char *url, const char *name) {
@@ -720,9 +719,9 @@ static bool forbidden(struct http_conn *c, bool admin) {
 }
 
 /* POST /api/keys/{id}/{disable|enable|probe} */
-static bool key_route(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
+static bool key_route(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin,
+                      size_t n) {
         static const char prefix[] = "/api/keys/";
-        size_t n = path_len(req->url);
         const char *rest, *slash;
         char id[32], action[16];
 
@@ -887,30 +886,36 @@ static void serve_check(const struct api_context *a, struct http_conn *c, const 
         respond_json(c, 200, api_check_json(a));
 }
 
+#define ROUTE_PATH(s) s, sizeof(s) - 1
+
 static const struct api_route {
         const char *path;
+        size_t path_len;
         bool post;                      /* POST only; else GET (and HEAD) */
         bool admin;                     /* root or the socket's owner, or an admin token */
         void (*serve)(const struct api_context *a, struct http_conn *c, const struct http_request *req,
                       int64_t now);
 } routes[] = {
-        { "/health", false, false, serve_health },
-        { "/status", false, false, serve_status },
-        { "/api/key-status", false, false, serve_key_status },
-        { "/api/history", false, false, serve_history },
-        { "/api/cluster", false, false, serve_cluster },
-        { "/metrics", false, false, serve_metrics },
-        { "/api/state/export", true, true, serve_export },
-        { "/api/state/import", true, true, serve_import },
-        { "/api/check", false, true, serve_check },
+        { ROUTE_PATH("/health"), false, false, serve_health },
+        { ROUTE_PATH("/status"), false, false, serve_status },
+        { ROUTE_PATH("/api/key-status"), false, false, serve_key_status },
+        { ROUTE_PATH("/api/history"), false, false, serve_history },
+        { ROUTE_PATH("/api/cluster"), false, false, serve_cluster },
+        { ROUTE_PATH("/metrics"), false, false, serve_metrics },
+        { ROUTE_PATH("/api/state/export"), true, true, serve_export },
+        { ROUTE_PATH("/api/state/import"), true, true, serve_import },
+        { ROUTE_PATH("/api/check"), false, true, serve_check },
 };
 
 bool api_handle(const struct api_context *a, struct http_conn *c, const struct http_request *req, bool admin) {
+        /* Every proxied request passes here first: its path is measured once. */
+        size_t n = path_len(req->url);
+
         for (size_t i = 0; i < sizeof routes / sizeof routes[0]; i++) {
                 const struct api_route *r = &routes[i];
                 bool method_ok;
 
-                if (!path_is(req->url, r->path))
+                if (!path_is(req->url, n, r->path, r->path_len))
                         continue;
                 method_ok = r->post ? strcmp(req->method, "POST") == 0 :
                             strcmp(req->method, "GET") == 0 || strcmp(req->method, "HEAD") == 0;
@@ -920,5 +925,5 @@ bool api_handle(const struct api_context *a, struct http_conn *c, const struct h
                         r->serve(a, c, req, clock_mono_ms());
                 return true;
         }
-        return key_route(a, c, req, admin);
+        return key_route(a, c, req, admin, n);
 }

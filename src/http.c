@@ -131,7 +131,7 @@ static void conn_read(struct http_conn *c);
 
 /* --- buffers ----------------------------------------------------------------------------- */
 
-static int buf_reserve(struct buf *b, size_t extra) {
+static int buf_grow(struct buf *b, size_t extra) {
         size_t need, cap;
         char *p;
 
@@ -158,6 +158,14 @@ static int buf_reserve(struct buf *b, size_t extra) {
         b->data = p;
         b->cap = cap;
         return 0;
+}
+
+/* Room for extra more bytes and a NUL. Nearly every call finds it there already: that test is
+ * made where the call is, and only growing costs a call. */
+static inline int buf_reserve(struct buf *b, size_t extra) {
+        if (extra < b->cap - b->len)
+                return 0;
+        return buf_grow(b, extra);
 }
 
 static int buf_append(struct buf *b, const void *data, size_t len) {
@@ -232,6 +240,11 @@ static bool dot_segment(const char *seg, size_t len) {
         return dots > 0;
 }
 
+/* The bytes of a request target target_problem must look at; every other byte passes. */
+static const bool target_special[256] = {
+        [0x00 ... 0x20] = true, [0x7f] = true, ['#'] = true, ['?'] = true, ['\\'] = true, ['%'] = true,
+};
+
 static const char *target_problem(const char *target, size_t len) {
         size_t path_end = len;
 
@@ -241,6 +254,8 @@ static const char *target_problem(const char *target, size_t len) {
                 unsigned char ch = (unsigned char) target[i];
                 bool in_path = i < path_end;
 
+                if (!target_special[ch])
+                        continue;
                 if (ch <= 0x20 || ch == 0x7f)
                         return "the request target contains a space or a control character";
                 if (ch == '#')
@@ -262,13 +277,15 @@ static const char *target_problem(const char *target, size_t len) {
                                 return "the request path contains an encoded control character";
                 }
         }
-        for (size_t seg = 1, i = 1; i <= path_end; i++)
-                if (i == path_end || target[i] == '/') {
-                        if (dot_segment(target + seg, i - seg))
-                                return "the request path contains a '.' or '..' segment";
-                        seg = i + 1;
-                }
-        return NULL;
+        for (const char *seg = target + 1, *stop = target + path_end;;) {
+                const char *slash = memchr(seg, '/', (size_t) (stop - seg));
+
+                if (dot_segment(seg, (size_t) ((slash ? slash : stop) - seg)))
+                        return "the request path contains a '.' or '..' segment";
+                if (!slash)
+                        return NULL;
+                seg = slash + 1;
+        }
 }
 
 int http_target_check(const char *target, size_t len, const char **ret_problem) {
@@ -335,11 +352,17 @@ static int count_header_bytes(struct http_conn *c, size_t len) {
 }
 
 /* Appends s[0..len) and a NUL to the fields' text; its offset in ret_off. */
+/* s[0..len) and its NUL kept in fields_text, the buffer's own NUL after them. */
 static int fields_add(struct http_conn *c, const char *s, size_t len, size_t *ret_off) {
-        size_t off = c->fields_text.len;
+        struct buf *b = &c->fields_text;
+        size_t off = b->len;
 
-        if (buf_append(&c->fields_text, s, len) < 0 || buf_append(&c->fields_text, "", 1) < 0)
+        if (len == SIZE_MAX || buf_reserve(b, len + 1) < 0)
                 return -1;
+        memcpy(b->data + off, s, len);
+        b->data[off + len] = 0;
+        b->data[off + len + 1] = 0;
+        b->len += len + 1;
         *ret_off = off;
         return 0;
 }
@@ -354,9 +377,15 @@ static void fields_point(struct http_conn *c) {
 }
 
 /* RFC 9110 tchar: what a field name is made of. */
+static const bool tchar[256] = {
+        ['a' ... 'z'] = true, ['A' ... 'Z'] = true, ['0' ... '9'] = true,
+        ['!'] = true, ['#'] = true, ['$'] = true, ['%'] = true, ['&'] = true, ['\''] = true, ['*'] = true,
+        ['+'] = true, ['-'] = true, ['.'] = true, ['^'] = true, ['_'] = true, ['`'] = true, ['|'] = true,
+        ['~'] = true,
+};
+
 static bool is_tchar(char ch) {
-        return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
-                (ch && strchr("!#$%&'*+-.^_`|~", ch));
+        return tchar[(unsigned char) ch];
 }
 
 static int bad_request(struct http_conn *c, const char *why) {
@@ -461,7 +490,7 @@ static int on_headers_complete(http_parser *p) {
         if (http_target_check(c->url.data ? c->url.data : "", c->url.len, &problem) < 0)
                 return bad_request(c, problem);
         for (size_t i = 0; i < c->req.n_fields; i++)
-                hosts += strcasecmp(c->req.fields[i].name, "Host") == 0;
+                hosts += (c->req.fields[i].name[0] | 0x20) == 'h' && strcasecmp(c->req.fields[i].name, "Host") == 0;
         if (p->http_major == 1 && p->http_minor >= 1 && hosts != 1)
                 return bad_request(c, hosts ? "more than one Host header field"
                                             : "an HTTP/1.1 request without a Host header field");
@@ -553,8 +582,13 @@ static const http_parser_settings parser_settings = {
 };
 
 const char *http_request_header(const struct http_request *r, const char *name) {
+        /* Equal names have equal first bytes once ASCII case is folded (|0x20 folds more, which
+         * only lets strcasecmp decide): most fields are passed over without a call. */
+        unsigned char first = (unsigned char) name[0] | 0x20;
+
         for (size_t i = 0; i < r->n_fields; i++)
-                if (strcasecmp(r->fields[i].name, name) == 0)
+                if (((unsigned char) r->fields[i].name[0] | 0x20) == first &&
+                    strcasecmp(r->fields[i].name, name) == 0)
                         return r->fields[i].value;
         return NULL;
 }

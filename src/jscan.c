@@ -6,8 +6,9 @@
  * not forward what it could not read, nor refuse what it used to serve. Two differences are
  * intended: numbers are checked for syntax only (jansson also refuses integers beyond int64 and
  * reals beyond a double), and every raw NUL byte is refused (jansson's lexer loses one that comes
- * right after a number or true/false/null, and accepts the text). Nothing here allocates or
- * recurses; nesting is a bit stack of JSCAN_MAX_DEPTH bits on the C stack.
+ * right after a number or true/false/null, and accepts the text). Nothing here allocates, and
+ * nothing recurses but the one pass jscan_document_sub makes of its member's object; nesting is a
+ * bit stack of JSCAN_MAX_DEPTH bits on the C stack.
  */
 #include <errno.h>
 #include <math.h>
@@ -17,6 +18,10 @@
 #include <sys/types.h>
 
 #include "keypool/jscan.h"
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 /* What a byte inside a string's quotes asks the scanner to do. Lead bytes of UTF-8 sequences say
  * how long the sequence is; everything RFC 3629 forbids outright (continuation bytes out of place,
@@ -150,14 +155,37 @@ static int32_t read_escape(const unsigned char **pp, const unsigned char *end) {
         return cp;
 }
 
-/* Validates a string body from *pp (just past the opening quote) to its closing quote and moves
- * *pp past that quote. Sets *escaped when the body holds a backslash, so names without one can be
- * compared with memcmp. */
-static int scan_string(const unsigned char **pp, const unsigned char *end, bool *escaped) {
+#ifdef __SSE2__
+/* word_needs_look for the 16 bytes at p, one bit a byte: a signed compare below 0x20 takes in
+ * the control characters and every non-ASCII byte at once. */
+static inline unsigned block_needs_look(const unsigned char *p) {
+        __m128i v = _mm_loadu_si128((const __m128i *) (const void *) p);
+        __m128i m = _mm_or_si128(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('"')),
+                                              _mm_cmpeq_epi8(v, _mm_set1_epi8('\\'))),
+                                 _mm_cmplt_epi8(v, _mm_set1_epi8(0x20)));
+
+        return (unsigned) _mm_movemask_epi8(m);
+}
+#endif
+
+/* scan_string past its first look: everything but a plain string that ends soon. */
+static __attribute__((noinline)) int scan_string_rest(const unsigned char **pp, const unsigned char *end,
+                                                      bool *escaped) {
         const unsigned char *p = *pp;
 
         for (;;) {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#ifdef __SSE2__
+                while (end - p >= 16) {
+                        unsigned look = block_needs_look(p);
+
+                        if (look) {
+                                p += __builtin_ctz(look);
+                                goto special;
+                        }
+                        p += 16;
+                }
+#endif
                 while (end - p >= 8) {
                         uint64_t w, look;
 
@@ -210,6 +238,33 @@ static int scan_string(const unsigned char **pp, const unsigned char *end, bool 
                         return -EINVAL;
                 }
         }
+}
+
+/* Validates a string body from *pp (just past the opening quote) to its closing quote and moves
+ * *pp past that quote. Sets *escaped when the body holds a backslash, so names without one can be
+ * compared with memcmp. Most strings of a request or an answer are short and plain: one look at
+ * 16 bytes finds their closing quote, here, without a call. */
+static inline int scan_string(const unsigned char **pp, const unsigned char *end, bool *escaped) {
+#ifdef __SSE2__
+        const unsigned char *p = *pp;
+
+        while (end - p >= 16) {
+                unsigned look = block_needs_look(p);
+
+                if (look) {
+                        p += __builtin_ctz(look);
+                        if (*p == '"') {
+                                *pp = p + 1;
+                                return 0;
+                        }
+                        break;
+                }
+                p += 16;
+        }
+        /* Every byte before p is plain: the rest goes on from there. */
+        *pp = p;
+#endif
+        return scan_string_rest(pp, end, escaped);
 }
 
 static int scan_number(const unsigned char **pp, const unsigned char *end) {
@@ -320,6 +375,10 @@ struct wanted {
         size_t lens[JSCAN_MAX_NAMES];
         size_t n;
         bool in_order;          /* names distinct, and members likely in their order */
+        /* Members wanted one level down, in the object that is member sub_of: found[n + j] is
+         * sub's name j. NULL for none. */
+        const struct wanted *sub;
+        size_t sub_of;
 };
 
 static inline bool name_is(const struct wanted *w, size_t i, const unsigned char *name, size_t len,
@@ -374,7 +433,8 @@ static bool number_fits_jansson(const unsigned char *p, const unsigned char *end
 }
 
 /* A string, number or literal at *pp, moving *pp past it. */
-static inline int scan_scalar(const unsigned char **pp, const unsigned char *end, unsigned flags) {
+static inline __attribute__((always_inline)) int scan_scalar(const unsigned char **pp,
+                                                             const unsigned char *end, unsigned flags) {
         const unsigned char *p = *pp, *start = p;
         bool escaped;
 
@@ -455,14 +515,14 @@ static int skim_value(const unsigned char **pp, const unsigned char *end) {
  * past it, and when it is an object notes the last member of each wanted name in found[]. A
  * state machine over "expect a member name", "expect a value" and "a value ended" with the open
  * containers' kinds in a bit stack; `level` counts open containers, so the value being read sits
- * at depth level + 1 counting the value itself as depth 1. */
+ * at depth level + 1 counting the value itself as depth 1, which may be at most max_depth. */
 static int scan_container(const unsigned char **pp, const unsigned char *end, unsigned flags,
-                          const struct wanted *w, struct jscan_value *found) {
+                          const struct wanted *w, struct jscan_value *found, unsigned max_depth) {
         const unsigned char *p = *pp, *name, *value = NULL;
         uint64_t objects[JSCAN_MAX_DEPTH / 64];         /* PUSH starts each word afresh */
         unsigned level = 0;
         size_t hint = 0;
-        int member = -1;
+        int member = -1, sub_member = w->sub ? (int) w->sub_of : -2;   /* -2: matches no member */
         bool escaped;
 
         goto expect_value;
@@ -487,10 +547,24 @@ expect_name:
         }
 
 expect_value:
-        if (p == end || level >= JSCAN_MAX_DEPTH)
+        if (p == end || level >= max_depth)
                 return -EINVAL;
-        if (level == 1)
+        if (level == 1) {
                 value = p;
+                if (member == sub_member) {
+                        /* Only the last member of that name counts, whatever came before. Its
+                         * object is read by a pass of its own, as a document of one level less
+                         * depth, and fully checked, whatever flags say of the others. */
+                        for (size_t j = 0; j < w->sub->n; j++)
+                                found[w->n + j] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+                        if (*p == '{') {
+                                if (scan_container(&p, end, flags & ~JSCAN_SKIM_OTHERS, w->sub, found + w->n,
+                                                   max_depth - 1) < 0)
+                                        return -EINVAL;
+                                goto after_value;
+                        }
+                }
+        }
         if (*p == '{' || *p == '[') {
                 bool obj = *p == '{';
 
@@ -546,7 +620,7 @@ static int scan_value(const unsigned char **pp, const unsigned char *end) {
         if (*pp == end)
                 return -EINVAL;
         if (**pp == '{' || **pp == '[')
-                return scan_container(pp, end, 0, &no_names, NULL);
+                return scan_container(pp, end, 0, &no_names, NULL, JSCAN_MAX_DEPTH);
         return scan_scalar(pp, end, 0);
 }
 
@@ -558,46 +632,77 @@ static int scan_object(const char *s, size_t len, unsigned flags, const struct w
         p = skip_ws(p, end);
         if (p == end || *p != '{')
                 return -EINVAL;
-        if (scan_container(&p, end, flags, w, found) < 0)
+        if (scan_container(&p, end, flags, w, found, JSCAN_MAX_DEPTH) < 0)
                 return -EINVAL;
         return skip_ws(p, end) == end ? 0 : -EINVAL;
 }
 
+/* Notes names[0..n) in w, with nothing wanted one level down. -EINVAL for a NULL name. */
+static int wanted_init(struct wanted *w, const char *const *names, size_t n, bool in_order) {
+        /* lens[] is not zeroed: it is read only as far as n. */
+        w->names = names;
+        w->n = n;
+        w->in_order = in_order;
+        w->sub = NULL;
+        w->sub_of = 0;
+        for (size_t i = 0; i < n; i++) {
+                if (!names[i])
+                        return -EINVAL;
+                w->lens[i] = strlen(names[i]);
+        }
+        return 0;
+}
+
+/* ret[i] is names[i]; with n_sub > 0, sub_ret[j] is sub_names[j] inside member names[sub]. */
 static int find_members(const char *s, size_t len, unsigned flags, const char *const *names,
-                        size_t n_names, struct jscan_value *ret) {
-        struct jscan_value found[JSCAN_MAX_NAMES];
-        struct wanted w = { .names = names, .n = n_names };
+                        size_t n_names, struct jscan_value *ret, size_t sub, const char *const *sub_names,
+                        size_t n_sub, struct jscan_value *sub_ret) {
+        struct jscan_value found[2 * JSCAN_MAX_NAMES];
+        struct wanted w, sw;
         int r;
 
         if (!s || n_names > JSCAN_MAX_NAMES || (n_names > 0 && (!names || !ret)) ||
-            (flags & ~(JSCAN_JANSSON_NUMBERS | JSCAN_SKIM_OTHERS)))
+            (flags & ~(JSCAN_JANSSON_NUMBERS | JSCAN_SKIM_OTHERS)) || n_sub > JSCAN_MAX_NAMES ||
+            (n_sub > 0 && (sub >= n_names || !sub_names || !sub_ret)))
                 return -EINVAL;
-        for (size_t i = 0; i < n_names; i++) {
-                if (!names[i])
+        if (wanted_init(&w, names, n_names, false) < 0)
+                return -EINVAL;
+        if (n_sub > 0) {
+                if (wanted_init(&sw, sub_names, n_sub, false) < 0)
                         return -EINVAL;
-                w.lens[i] = strlen(names[i]);
-                found[i] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+                w.sub = &sw;
+                w.sub_of = sub;
         }
+        for (size_t i = 0; i < n_names + n_sub; i++)
+                found[i] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
         r = scan_object(s, len, flags, &w, found);
         if (r < 0)
                 return r;
         if (n_names > 0)
                 memcpy(ret, found, n_names * sizeof(*ret));
+        if (n_sub > 0)
+                memcpy(sub_ret, found + n_names, n_sub * sizeof(*sub_ret));
         return 0;
 }
 
 int jscan_object_members(const char *s, size_t len, const char *const *names, size_t n_names,
                          struct jscan_value *ret) {
-        return find_members(s, len, 0, names, n_names, ret);
+        return find_members(s, len, 0, names, n_names, ret, 0, NULL, 0, NULL);
 }
 
 int jscan_object_member(const char *s, size_t len, const char *name, struct jscan_value *ret) {
-        return find_members(s, len, 0, &name, 1, ret);
+        return find_members(s, len, 0, &name, 1, ret, 0, NULL, 0, NULL);
 }
 
 int jscan_document(const char *s, size_t len, unsigned flags, const char *const *names,
                    size_t n_names, struct jscan_value *ret) {
-        return find_members(s, len, flags, names, n_names, ret);
+        return find_members(s, len, flags, names, n_names, ret, 0, NULL, 0, NULL);
+}
+
+int jscan_document_sub(const char *s, size_t len, unsigned flags, const char *const *names,
+                       size_t n_names, struct jscan_value *ret, size_t sub,
+                       const char *const *sub_names, size_t n_sub, struct jscan_value *sub_ret) {
+        return find_members(s, len, flags, names, n_names, ret, sub, sub_names, n_sub, sub_ret);
 }
 
 /* An object jscan returned is valid already; scanning it again costs little next to the document
@@ -606,7 +711,7 @@ int jscan_members(const struct jscan_value *obj, const char *const *names, size_
                   struct jscan_value *ret) {
         if (!obj || obj->type != JSCAN_OBJECT)
                 return -EINVAL;
-        return find_members(obj->text, obj->len, 0, names, n_names, ret);
+        return find_members(obj->text, obj->len, 0, names, n_names, ret, 0, NULL, 0, NULL);
 }
 
 int jscan_member(const struct jscan_value *obj, const char *name, struct jscan_value *ret) {
@@ -676,7 +781,7 @@ static int next(struct jscan_iter *it, const struct wanted *w, struct jscan_valu
         }
         value = p;
         if (w->n > 0 && p < end && *p == '{') {
-                if (scan_container(&p, end, 0, w, found) < 0)
+                if (scan_container(&p, end, 0, w, found, JSCAN_MAX_DEPTH) < 0)
                         goto broken;
         } else if (scan_value(&p, end) < 0)
                 goto broken;
@@ -708,18 +813,16 @@ int jscan_next(struct jscan_iter *it, struct jscan_value *ret_name, struct jscan
 int jscan_next_members(struct jscan_iter *it, const char *const *names, size_t n_names,
                        struct jscan_value *ret_members, struct jscan_value *ret_value) {
         struct jscan_value found[JSCAN_MAX_NAMES];
-        struct wanted w = { .names = names, .n = n_names, .in_order = true };
+        struct wanted w;
         int r;
 
         if (!it || it->state == ITER_BROKEN || !it->pos || !it->end || n_names > JSCAN_MAX_NAMES ||
             (n_names > 0 && (!names || !ret_members)))
                 return -EINVAL;
-        for (size_t i = 0; i < n_names; i++) {
-                if (!names[i])
-                        return -EINVAL;
-                w.lens[i] = strlen(names[i]);
+        if (wanted_init(&w, names, n_names, true) < 0)
+                return -EINVAL;
+        for (size_t i = 0; i < n_names; i++)
                 found[i] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
-        }
         r = next(it, &w, found, NULL, ret_value);
         if (r > 0 && n_names > 0)
                 memcpy(ret_members, found, n_names * sizeof(*ret_members));

@@ -117,21 +117,31 @@ static bool eq_ci(const char *a, size_t a_len, const char *b) {
         return true;
 }
 
-/* Bounded by hay_len, never by a NUL: bodies are arbitrary bytes. */
-static const char *find_ci(const char *hay, size_t hay_len, const char *needle) {
-        size_t n = strlen(needle);
+/* needle[0..n) in hay[0..hay_len), ASCII case folded. Bounded by hay_len, never by a NUL:
+ * bodies are arbitrary bytes. */
+static inline const char *find_ci_n(const char *hay, size_t hay_len, const char *needle, size_t n) {
+        char lo, up;
 
         if (!hay || n == 0 || n > hay_len)
                 return NULL;
-        for (size_t i = 0; i + n <= hay_len; i++) {
-                size_t j = 0;
+        /* Most places cannot begin a match: their byte is neither case of the needle's first. */
+        lo = ascii_lower(needle[0]);
+        up = lo >= 'a' && lo <= 'z' ? (char) (lo - 'a' + 'A') : lo;
+        for (size_t i = 0, last = hay_len - n; i <= last; i++) {
+                size_t j = 1;
 
+                if (hay[i] != lo && hay[i] != up)
+                        continue;
                 while (j < n && ascii_lower(hay[i + j]) == ascii_lower(needle[j]))
                         j++;
                 if (j == n)
                         return hay + i;
         }
         return NULL;
+}
+
+static const char *find_ci(const char *hay, size_t hay_len, const char *needle) {
+        return find_ci_n(hay, hay_len, needle, strlen(needle));
 }
 
 /* A configured list may hold NULL or empty entries (a config typo): they match nothing, since an
@@ -512,11 +522,18 @@ static bool header_value(const struct upstream_answer *a, const char *name,
         return true;
 }
 
+bool policy_names_rate_figure(const char *name, size_t len) {
+        return find_ci_n(name, len, "ratelimit", strlen("ratelimit")) != NULL;
+}
+
 /* Every rate-limit figure and reset header read on a successful answer has "ratelimit" in its
- * name. Most answers carry none, and then one look at each name is all reading them costs. */
+ * name. Most answers carry none, and then one look at each name is all reading them costs, or
+ * none when the caller looked as they arrived. */
 static bool any_ratelimit_header(const struct upstream_answer *a) {
+        if (a->figure_names == POLICY_FIGURE_NAMES_NONE || a->figure_names == POLICY_FIGURE_NAMES_SOME)
+                return a->figure_names == POLICY_FIGURE_NAMES_SOME;
         for (size_t i = 0; i < a->n_headers; i++)
-                if (a->headers[i].name && find_ci(a->headers[i].name, a->headers[i].name_len, "ratelimit"))
+                if (a->headers[i].name && policy_names_rate_figure(a->headers[i].name, a->headers[i].name_len))
                         return true;
         return false;
 }
@@ -1145,20 +1162,24 @@ int policy_usage(const char *json, size_t len, uint64_t *ret_in, uint64_t *ret_o
                 return -EINVAL;
         if (!json || len == 0)
                 return -ENOENT;
-        /* One pass finds all three places usage can be. The answer is relayed as it came: the
+        /* One pass finds all three places usage can be, and the counts of a top-level usage
+         * (where OpenAI puts it, the common case). The answer is relayed as it came: the
          * members around them (the choices, most of it) are skipped, not checked. */
-        if (jscan_document(json, len, JSCAN_SKIM_OTHERS, top_names, 3, top) < 0)
+        if (jscan_document_sub(json, len, JSCAN_SKIM_OTHERS, top_names, 3, top, 0, usage_names, 4, counts) < 0)
                 return -ENOENT;
 
         /* OpenAI and OpenRouter say prompt/completion, Anthropic (and OpenAI's Responses API)
          * input/output; Anthropic's message_start carries it inside "message". A chunk's
          * "usage": null (OpenAI streams before the last chunk) is no usage. */
         u = top[0];
-        if (u.type != JSCAN_OBJECT && (top[1].type != JSCAN_OBJECT || jscan_member(&top[1], "usage", &u) < 0))
-                u.type = JSCAN_NONE;
+        if (u.type != JSCAN_OBJECT) {
+                if (top[1].type != JSCAN_OBJECT || jscan_member(&top[1], "usage", &u) < 0)
+                        u.type = JSCAN_NONE;
+                else if (u.type == JSCAN_OBJECT && jscan_members(&u, usage_names, 4, counts) < 0)
+                        return -ENOENT;
+        }
         if (u.type == JSCAN_OBJECT) {
-                if (jscan_members(&u, usage_names, 4, counts) < 0 ||
-                    json_first_count(counts, 2, &in) < 0 || json_first_count(counts + 2, 2, &out) < 0)
+                if (json_first_count(counts, 2, &in) < 0 || json_first_count(counts + 2, 2, &out) < 0)
                         return -ENOENT;
         } else if (top[2].type == JSCAN_OBJECT) {
                 if (jscan_members(&top[2], gemini_names, 2, counts) < 0 ||

@@ -165,19 +165,32 @@ static void release(struct proxy_request *pr, const struct verdict *v);
 /* Headers that belong to one connection, that keypool sets itself, or that would carry the
  * client's own credentials upstream. */
 static bool is_dropped_request_header(const char *name) {
-        static const char *const dropped[] = {
-                "Connection", "Keep-Alive", "Proxy-Authorization", "Proxy-Connection", "TE",
-                "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length", "Expect",
-                "Authorization", "Accept-Encoding", "x-api-key", "x-goog-api-key",
-        };
-
-        if (strncasecmp(name, "X-Keypool-", 10) == 0)
-                return true;
-        /* Every client header passes here twice per request: a first letter settles most. */
-        for (size_t i = 0; i < sizeof dropped / sizeof dropped[0]; i++)
-                if ((name[0] | 0x20) == (dropped[i][0] | 0x20) && strcasecmp(name, dropped[i]) == 0)
-                        return true;
-        return false;
+#define IS(s) (strcasecmp(name, s) == 0)
+        /* Every client header passes here twice per request: its first letter picks the few
+         * names it could be. */
+        switch (name[0] | 0x20) {
+        case 'a':
+                return IS("Authorization") || IS("Accept-Encoding");
+        case 'c':
+                return IS("Connection") || IS("Content-Length");
+        case 'e':
+                return IS("Expect");
+        case 'h':
+                return IS("Host");
+        case 'k':
+                return IS("Keep-Alive");
+        case 'p':
+                return IS("Proxy-Authorization") || IS("Proxy-Connection");
+        case 't':
+                return IS("TE") || IS("Trailer") || IS("Transfer-Encoding");
+        case 'u':
+                return IS("Upgrade");
+        case 'x':
+                return strncasecmp(name, "X-Keypool-", 10) == 0 || IS("x-api-key") || IS("x-goog-api-key");
+        default:
+                return false;
+        }
+#undef IS
 }
 
 static const char *key_id(const struct proxy_request *pr, unsigned key) {
@@ -490,7 +503,8 @@ static void release(struct proxy_request *pr, const struct verdict *v) {
         }
         o.tokens_in = pr->answer.tokens_in;
         o.tokens_out = pr->answer.tokens_out;
-        if (pr->answer.n_headers > 0) {
+        /* Without a name that carries figures there are none to read (policy_read_figures). */
+        if (pr->answer.n_headers > 0 && pr->answer.figure_names) {
                 struct answer_header ah[ANSWER_MAX_HEADERS];
                 struct upstream_answer a;
 
@@ -1744,15 +1758,15 @@ int proxy_rewrite_model(const char *body, size_t body_len, const struct jscan_va
         return 0;
 }
 
-/* The pool the request names: X-Keypool-Pool wins over the body's model. On success the body
- * may have been rewritten (a pool name given as model becomes the pool's model id). Returns 0,
- * or answers the client and returns -1.
+/* The pool the request names: its X-Keypool-Pool field (header, NULL when it has none) wins over
+ * the body's model. On success the body may have been rewritten (a pool name given as model
+ * becomes the pool's model id). Returns 0, or answers the client and returns -1.
  *
  * The body is read once, by jscan: validated as a JSON object and its "model" found, with no
  * tree built and nothing allocated unless the model must be rewritten. */
-static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req) {
+static int route(struct proxy_request *pr, struct http_conn *c, const struct http_request *req,
+                 const char *header) {
         const struct config *cfg = pr->ctx->w.config;
-        const char *header = http_request_header(req, "X-Keypool-Pool");
         static const char *const members[] = { "model", "stream" };
         struct keytable_pool_view info;
         struct jscan_value found[2], model;
@@ -1922,8 +1936,31 @@ static int build_request_headers(struct proxy_request *pr, const struct http_req
 
 /* A timeout of the pool's (s) as the caller's header may shorten it (decimal seconds above 0;
  * anything else, or a longer value, leaves the pool's): in ms. */
-static unsigned shortened_ms(const struct http_request *req, const char *header, unsigned pool_s) {
-        const char *h = http_request_header(req, header);
+/* keypool's own request fields, NULL when absent. */
+struct own_fields {
+        const char *pool, *connect_timeout, *first_byte_timeout, *idle_timeout, *timeout, *max_wait;
+};
+
+/* Each is looked up only when some field could be one: most requests carry none, and one look
+ * at their fields' first letters says so. */
+static void own_fields_read(const struct http_request *req, struct own_fields *ret) {
+        *ret = (struct own_fields) {};
+        for (size_t i = 0; i < req->n_fields; i++)
+                if ((req->fields[i].name[0] | 0x20) == 'x') {
+                        *ret = (struct own_fields) {
+                                .pool = http_request_header(req, "X-Keypool-Pool"),
+                                .connect_timeout = http_request_header(req, "X-Keypool-Connect-Timeout"),
+                                .first_byte_timeout = http_request_header(req, "X-Keypool-First-Byte-Timeout"),
+                                .idle_timeout = http_request_header(req, "X-Keypool-Idle-Timeout"),
+                                .timeout = http_request_header(req, "X-Keypool-Timeout"),
+                                .max_wait = http_request_header(req, "X-Keypool-Max-Wait"),
+                        };
+                        return;
+                }
+}
+
+/* The pool's timeout, or the shorter one the request's field h asks for. */
+static unsigned shortened_ms(const char *h, unsigned pool_s) {
         char *end;
         double s;
 
@@ -1936,8 +1973,7 @@ static unsigned shortened_ms(const struct http_request *req, const char *header,
 }
 
 /* How long this request may wait for a key: X-Keypool-Max-Wait, else max_wait. */
-static int64_t max_wait_ms(const struct proxy_context *p, const struct http_request *req) {
-        const char *h = http_request_header(req, "X-Keypool-Max-Wait");
+static int64_t max_wait_ms(const struct proxy_context *p, const char *h) {
         char *end;
         double s;
 
@@ -1950,6 +1986,7 @@ static int64_t max_wait_ms(const struct proxy_context *p, const struct http_requ
 }
 
 void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct http_request *req) {
+        struct own_fields own;
         struct proxy_request *pr;
 
         if (strcmp(req->method, "POST") != 0) {
@@ -1980,7 +2017,8 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
         }
 
         /* Until the request is attached to c, failures answer c themselves. */
-        if (route(pr, c, req) < 0) {
+        own_fields_read(req, &own);
+        if (route(pr, c, req, own.pool) < 0) {
                 drop(pr);
                 return;
         }
@@ -1989,11 +2027,11 @@ void proxy_handle(struct proxy_context *p, struct http_conn *c, const struct htt
                 drop(pr);
                 return;
         }
-        pr->connect_ms = shortened_ms(req, "X-Keypool-Connect-Timeout", pr->cpool->connect_timeout);
-        pr->first_byte_ms = shortened_ms(req, "X-Keypool-First-Byte-Timeout", pr->cpool->first_byte_timeout);
-        pr->idle_ms = shortened_ms(req, "X-Keypool-Idle-Timeout", pr->cpool->idle_timeout);
-        pr->end_ms = clock_mono_ms() + shortened_ms(req, "X-Keypool-Timeout", pr->cpool->request_timeout);
-        pr->deadline_ms = clock_mono_ms() + max_wait_ms(p, req);
+        pr->connect_ms = shortened_ms(own.connect_timeout, pr->cpool->connect_timeout);
+        pr->first_byte_ms = shortened_ms(own.first_byte_timeout, pr->cpool->first_byte_timeout);
+        pr->idle_ms = shortened_ms(own.idle_timeout, pr->cpool->idle_timeout);
+        pr->end_ms = clock_mono_ms() + shortened_ms(own.timeout, pr->cpool->request_timeout);
+        pr->deadline_ms = clock_mono_ms() + max_wait_ms(p, own.max_wait);
         /* Waiting for a key is part of the request's time. */
         if (pr->deadline_ms > pr->end_ms)
                 pr->deadline_ms = pr->end_ms;

@@ -39,6 +39,7 @@ struct answer {
         size_t n_headers;
         char *text;                     /* the header lines, each NUL-terminated, one buffer */
         size_t text_len, text_cap;
+        bool figure_names;              /* a line's name says it carries a rate-limit figure */
         char *body;                     /* ANSWER_BUFFER: the body; ANSWER_STREAM: a copy for usage */
         size_t body_len, body_cap;
         bool sse;                       /* text/event-stream */

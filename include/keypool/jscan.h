@@ -64,6 +64,15 @@ int jscan_object_members(const char *s, size_t len, const char *const *names, si
 int jscan_document(const char *s, size_t len, unsigned flags, const char *const *names,
                    size_t n_names, struct jscan_value *ret);
 
+/* jscan_document, and in the same pass the members sub_names[j] of the object that is member
+ * names[sub] (its last one, as in ret[sub]): sub_ret[j], JSCAN_NONE when absent, and all
+ * JSCAN_NONE when ret[sub] is not an object. What jscan_members on ret[sub] would find, without
+ * the second scan: for a figure one level down, an answer's usage counts. Up to JSCAN_MAX_NAMES
+ * sub_names; -EINVAL when sub is not below n_names. */
+int jscan_document_sub(const char *s, size_t len, unsigned flags, const char *const *names,
+                       size_t n_names, struct jscan_value *ret, size_t sub,
+                       const char *const *sub_names, size_t n_sub, struct jscan_value *sub_ret);
+
 /* Members of an object value jscan returned (so already valid). -EINVAL when obj is not an
  * object; ret->type JSCAN_NONE when the member is absent. */
 int jscan_member(const struct jscan_value *obj, const char *name, struct jscan_value *ret);

@@ -5,6 +5,7 @@
  */
 #pragma once
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -18,6 +19,15 @@ struct answer_header {
         size_t value_len;
 };
 
+/* Whether an answer's header names say it carries rate-limit figures (policy_names_rate_figure),
+ * when the caller already knows. */
+enum policy_figure_names {
+        POLICY_FIGURE_NAMES_UNKNOWN = 0,        /* policy looks at the names itself */
+        POLICY_FIGURE_NAMES_NONE,
+        POLICY_FIGURE_NAMES_SOME,
+        _POLICY_FIGURE_NAMES_MAX,
+};
+
 struct upstream_answer {
         int status;                             /* HTTP status, 0 when none arrived */
         int transport_error;                    /* nonzero: no usable answer (connect, timeout) */
@@ -25,7 +35,13 @@ struct upstream_answer {
         size_t n_headers;
         const char *body;                       /* may be NULL when body_len is 0 */
         size_t body_len;
+        enum policy_figure_names figure_names;  /* what the names in headers say, if known */
 };
+
+/* Does a header name say it carries a rate-limit figure or reset time? Every one policy reads
+ * has "ratelimit" in its name, in any case. For a caller that sees the names as they arrive and
+ * can fill upstream_answer.figure_names once for every judgement of the answer. */
+bool policy_names_rate_figure(const char *name, size_t len);
 
 struct policy_config {
         int64_t recovery_ms;    /* rest when a rate limit carries no hint */
@@ -62,7 +78,8 @@ extern const char *const policy_default_phrases[];
 int64_t policy_backoff_ms(unsigned retry, int64_t initial_ms, int64_t max_ms, uint32_t random);
 
 /* Reads the rate-limit figures (remaining requests/tokens and their resets) from any provider's
- * headers: x-ratelimit-*, anthropic-ratelimit-*, X-RateLimit-Remaining/Reset. Unknown ones -1. */
+ * headers: x-ratelimit-*, anthropic-ratelimit-*, X-RateLimit-Remaining/Reset. Unknown ones -1,
+ * all of them when no name passes policy_names_rate_figure. */
 void policy_read_figures(const struct upstream_answer *a, int64_t now_ms, struct rate_figures *ret);
 
 /* Token usage in a JSON answer or stream chunk: OpenAI/OpenRouter usage.prompt_tokens /

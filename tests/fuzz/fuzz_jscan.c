@@ -116,6 +116,26 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                               skimmed[i].len == loose[i].len);
         }
 
+        /* Members one level down, found in the same pass, are what a second look at the
+         * member finds; the document is refused exactly when it is without them. */
+        for (size_t sub = 0; sub < 2; sub++) {
+                static const char *const sub_names[] = { "prompt_tokens", "a", "", "usage" };
+                struct jscan_value top[N_NAMES], in[4], again[4];
+                unsigned flags = sub ? JSCAN_SKIM_OTHERS : 0;
+                bool ok = jscan_document_sub(s, size, flags, names, N_NAMES, top, sub, sub_names, 4, in) == 0;
+
+                CHECK(ok == (sub ? skim_ok : loose_ok));
+                if (!ok)
+                        continue;
+                if (top[sub].type == JSCAN_OBJECT)
+                        CHECK(jscan_members(&top[sub], sub_names, 4, again) == 0);
+                else
+                        for (size_t j = 0; j < 4; j++)
+                                again[j] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+                for (size_t j = 0; j < 4; j++)
+                        CHECK(in[j].type == again[j].type && in[j].text == again[j].text && in[j].len == again[j].len);
+        }
+
         if (has_nul) {
                 /* jansson lets a raw NUL through after a number or literal; jscan never does. */
                 CHECK(!s_ok && !loose_ok);

@@ -291,6 +291,71 @@ static char *nested(unsigned opens, bool objects, const char *inner) {
         return s;
 }
 
+/* jscan_document_sub says what jscan_document and then jscan_members on the member say. */
+static void assert_sub_agrees(const char *s, size_t len, unsigned flags, size_t sub, const char *what) {
+        static const char *const names[] = { "model", "usage", "messages" };
+        static const char *const sub_names[] = { "prompt_tokens", "completion_tokens", "x", "cost" };
+        struct jscan_value top[3], top2[3], in[4], in2[4];
+        int r = jscan_document(s, len, flags, names, 3, top);
+
+        ck_assert_int_eq(jscan_document_sub(s, len, flags, names, 3, top2, sub, sub_names, 4, in2), r);
+        if (r < 0)
+                return;
+        if (top[sub].type == JSCAN_OBJECT)
+                ck_assert_int_eq(jscan_members(&top[sub], sub_names, 4, in), 0);
+        else
+                for (size_t j = 0; j < 4; j++)
+                        in[j] = (struct jscan_value) { JSCAN_NONE, NULL, 0 };
+        for (size_t i = 0; i < 3; i++)
+                ck_assert_msg(top[i].type == top2[i].type && top[i].text == top2[i].text && top[i].len == top2[i].len,
+                              "%s: member %zu differs", what, i);
+        for (size_t j = 0; j < 4; j++)
+                ck_assert_msg(in[j].type == in2[j].type && in[j].text == in2[j].text && in[j].len == in2[j].len,
+                              "%s: member %zu of member %zu differs in '%.*s'", what, j, sub, (int) len, s);
+}
+
+START_TEST(test_document_sub_finds_what_members_of_the_member_would) {
+        static const char *const cases[] = {
+                "{\"usage\":{\"prompt_tokens\":24,\"completion_tokens\":8,\"total_tokens\":32}}",
+                "{\"usage\":{\"prompt_tokens\":1},\"usage\":{\"completion_tokens\":2}}",
+                "{\"usage\":{\"prompt_tokens\":1},\"usage\":null}",
+                "{\"usage\":null,\"usage\":{\"x\":[1,{\"x\":2}],\"x\":{\"prompt_tokens\":3}}}",
+                "{\"us\\u0061ge\":{\"pr\\u006fmpt_tokens\":5,\"cost\":\"\\u00e9\"}}",
+                "{\"model\":{\"x\":\"y\",\"cost\":1.5e-05},\"usage\":[{\"prompt_tokens\":1}]}",
+                "{\"usage\":{}}",
+                "{\"usage\":{\"prompt_tokens\":1,\"x\":\"\\u0000\"}}",
+                "{\"choices\":[1,2,{\"a\":[]}],\"usage\":{\"prompt_tokens\":1,\"bad\":[}}",
+                "{\"usage\":{\"prompt_tokens\":1,\"total_tokens\":\"\xff\"}}",
+                "{\"usage\":{\"prompt_tokens\":1 ,\"completion_tokens\" : 2 } , \"id\":\"z\"}",
+        };
+
+        for (size_t i = 0; i < N(cases); i++)
+                for (size_t sub = 0; sub < 2; sub++) {
+                        assert_sub_agrees(cases[i], strlen(cases[i]), 0, sub, cases[i]);
+                        assert_sub_agrees(cases[i], strlen(cases[i]), JSCAN_SKIM_OTHERS, sub, cases[i]);
+                        assert_sub_agrees(cases[i], strlen(cases[i]), JSCAN_JANSSON_NUMBERS, sub, cases[i]);
+                }
+}
+END_TEST
+
+START_TEST(test_document_sub_refuses_bad_arguments) {
+        static const char s[] = "{\"usage\":{\"a\":1}}";
+        const char *names[] = { "usage" }, *sub_names[] = { "a" }, *null_name[] = { NULL };
+        struct jscan_value top, in;
+
+        ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, names, 1, &top, 1, sub_names, 1, &in), -EINVAL);
+        ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, names, 1, &top, 0, null_name, 1, &in), -EINVAL);
+        ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, names, 1, &top, 0, sub_names, 1, NULL), -EINVAL);
+        ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, names, 1, &top, 0, sub_names,
+                                            JSCAN_MAX_NAMES + 1, &in), -EINVAL);
+        ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, names, 1, &top, 0, sub_names, 1, &in), 0);
+        ck_assert_int_eq(in.type, JSCAN_NUMBER);
+        /* No names one level down: jscan_document itself. */
+        ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, names, 1, &top, 5, NULL, 0, NULL), 0);
+        ck_assert_int_eq(top.type, JSCAN_OBJECT);
+}
+END_TEST
+
 START_TEST(test_depth_limit_is_janssons_2048) {
         static const struct {
                 unsigned opens;
@@ -314,11 +379,15 @@ START_TEST(test_depth_limit_is_janssons_2048) {
         compared = skipped_overflow = skipped_nul = 0;
         for (size_t i = 0; i < N(cases); i++) {
                 char *s = nested(cases[i].opens, cases[i].objects, cases[i].inner);
-                struct jscan_value v;
+                struct jscan_value v, sub;
                 json_t *root = json_loadb(s, strlen(s), 0, NULL);
 
                 ck_assert_msg((root != NULL) == cases[i].ok, "jansson disagrees with the test on case %zu", i);
                 ck_assert_int_eq(jscan_object_member(s, strlen(s), "a", &v), cases[i].ok ? 0 : -EINVAL);
+                /* The object one level down, read by a pass of its own, counts depth the same. */
+                ck_assert_int_eq(jscan_document_sub(s, strlen(s), 0, (const char *const[]) { "a" }, 1, &v, 0,
+                                                    (const char *const[]) { "b" }, 1, &sub),
+                                 cases[i].ok ? 0 : -EINVAL);
                 compare_with_jansson(s, strlen(s), "depth");
                 json_decref(root);
                 free(s);
@@ -344,6 +413,35 @@ START_TEST(test_long_strings_with_escapes_and_utf8_at_every_offset_match_jansson
 
                         compare_with_jansson(s, (size_t) n, specials[k]);
                 }
+}
+END_TEST
+
+START_TEST(test_strings_ending_at_every_distance_from_the_text_end_match_jansson) {
+        /* The 16-byte look at a string runs only where 16 bytes remain, the 8-byte one where 8 do:
+         * a special byte or the closing quote on either side of those edges, with the text in a
+         * buffer of exactly its size (so a look past its end is an ASan error), reads the same. */
+        static const char *const specials[] = {
+                "", "\\\"", "\\n", "\xc3\xa9", "\xe2\x82\xac", "\xf0\x9f\x98\x80", "\x01", "\x7f", "\x80",
+                "\xc3", "\\u00", "\"",
+        };
+
+        for (size_t k = 0; k < N(specials); k++)
+                for (int before = 0; before < 40; before++)
+                        for (int after = 0; after < 20; after++) {
+                                char tmp[128], *s;
+                                int n = snprintf(tmp, sizeof(tmp), "{\"model\":\"%.*s%s%.*s\"}", before,
+                                                 "abcdefghijklmnopqrstuvwxyzabcdefghijklmnopqrstuvwxyz",
+                                                 specials[k], after, "ABCDEFGHIJKLMNOPQRSTUVWXYZ");
+
+                                s = malloc((size_t) n);
+                                ck_assert_ptr_nonnull(s);
+                                memcpy(s, tmp, (size_t) n);
+                                compare_with_jansson(s, (size_t) n, specials[k]);
+                                /* Cut short: the closing quote or the brace never comes. */
+                                for (int cut = 1; cut <= 3 && cut < n; cut++)
+                                        compare_with_jansson(s, (size_t) (n - cut), specials[k]);
+                                free(s);
+                        }
 }
 END_TEST
 
@@ -438,6 +536,7 @@ START_TEST(test_mutated_bodies_agree_with_jansson) {
                 struct jscan_value v;
 
                 snprintf(what, sizeof(what), "mutation %u of seed %zu", i, (size_t) (i % N(seeds)));
+                assert_sub_agrees(buf, len, i % 2 ? JSCAN_SKIM_OTHERS : 0, i / 2 % 2, what);
                 if (compare_with_jansson(buf, len, what)) {
                         total++;
                         accepted += jscan_object_member(buf, len, "model", &v) == 0;
@@ -992,6 +1091,9 @@ static Suite *jscan_suite(void) {
         tcase_add_test(tc, test_corpus_accepts_and_refuses_like_jansson_and_finds_the_same_member);
         tcase_add_test(tc, test_depth_limit_is_janssons_2048);
         tcase_add_test(tc, test_long_strings_with_escapes_and_utf8_at_every_offset_match_jansson);
+        tcase_add_test(tc, test_strings_ending_at_every_distance_from_the_text_end_match_jansson);
+        tcase_add_test(tc, test_document_sub_finds_what_members_of_the_member_would);
+        tcase_add_test(tc, test_document_sub_refuses_bad_arguments);
         tcase_add_test(tc, test_mutated_bodies_agree_with_jansson);
         tcase_add_test(tc, test_overflowing_numbers_are_the_one_intended_difference);
         tcase_add_test(tc, test_raw_nul_after_a_number_or_literal_is_refused_though_jansson_loses_it);

@@ -556,6 +556,35 @@ START_TEST(test_a_stream_holds_no_event_buffer_between_events) {
 }
 END_TEST
 
+/* An answer is a stream when its Content-Type names text/event-stream anywhere in its value, in
+ * any ASCII case; nothing else (another header, a near miss) makes it one. */
+START_TEST(test_event_stream_content_type_is_found_in_any_case_and_place) {
+        static const struct {
+                const char *line;
+                bool sse;
+        } cases[] = {
+                { "Content-Type: text/event-stream\r\n", true },
+                { "content-type:TEXT/Event-Stream; charset=utf-8\r\n", true },
+                { "Content-Type: application/x-ttext/event-stream\r\n", true },
+                { "Content-Type: application/json\r\n", false },
+                { "Content-Type: text/event-strea\r\n", false },
+                { "Content-Type: text/event_stream\r\n", false },
+                { "X-Content-Type: text/event-stream\r\n", false },
+                { "Content-Typo: text/event-stream\r\n", false },
+        };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                const char *lines[] = { "HTTP/1.1 200 OK\r\n", cases[i].line, "\r\n" };
+                struct answer a = { .mode = ANSWER_HEADERS };
+
+                feed_headers(&a, lines, N(lines));
+                ck_assert_msg(a.sse == cases[i].sse, "'%s' should %sbe a stream", cases[i].line,
+                              cases[i].sse ? "" : "not ");
+                answer_free(&a);
+        }
+}
+END_TEST
+
 /* Once a stream's held first event is relayed, nothing reads its body again: it goes. Held bytes,
  * and the body of a buffered (error) answer, stay. */
 START_TEST(test_a_relayed_streams_body_is_released_and_a_held_one_kept) {
@@ -666,6 +695,13 @@ START_TEST(test_non_sse_success_counts_tokens_from_its_body) {
 }
 END_TEST
 
+/* The headers a client gets of an answer of these lines (a stays alive: the values are in it). */
+static size_t client_headers_of(struct answer *a, const char *const *lines, size_t n_lines, struct http_header *h,
+                                size_t max, char *names, size_t names_size) {
+        feed_headers(a, lines, n_lines);
+        return answer_client_headers(a, h, max, names, names_size);
+}
+
 START_TEST(test_client_gets_end_to_end_headers_only) {
         static const char *const lines[] = {
                 "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n", "Connection: keep-alive\r\n",
@@ -675,15 +711,99 @@ START_TEST(test_client_gets_end_to_end_headers_only) {
         struct answer a = { .mode = ANSWER_HEADERS };
         struct http_header h[8];
         char names[256];
-        size_t n;
 
-        feed_headers(&a, lines, N(lines));
-        n = answer_client_headers(&a, h, N(h), names, sizeof names);
-        ck_assert_uint_eq(n, 2);
+        ck_assert_uint_eq(client_headers_of(&a, lines, N(lines), h, N(h), names, sizeof names), 2);
         ck_assert_str_eq(h[0].name, "Content-Type");
         ck_assert_str_eq(h[0].value, "application/json");
         ck_assert_str_eq(h[1].name, "x-request-id");
         ck_assert_str_eq(h[1].value, "abc");
+        answer_free(&a);
+}
+END_TEST
+
+/* The answer notes as its lines arrive whether a name carries rate-limit figures, and policy
+ * reads the same figures from that note as from its own look at the names. A new status line
+ * (after 100 Continue) forgets what the last answer's names said. */
+START_TEST(test_rate_figure_names_are_noted_as_lines_arrive) {
+        static const char *const with[] = {
+                "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n",
+                "x-RateLimit-Remaining-Requests: 0\r\n", "X-RATELIMIT-RESET-REQUESTS: 7s\r\n", "\r\n",
+        };
+        static const char *const without[] = {
+                "HTTP/1.1 100 Continue\r\n", "x-ratelimit-remaining-tokens: 0\r\n", "\r\n",
+                "HTTP/1.1 200 OK\r\n", "Content-Type: application/json\r\n", "X-Rate: limit\r\n",
+                "ratelimit no colon\r\n", "\r\n",
+        };
+        static const struct {
+                const char *const *lines;
+                size_t n;
+                enum policy_figure_names want;
+        } cases[] = {
+                { with, N(with), POLICY_FIGURE_NAMES_SOME },
+                { without, N(without), POLICY_FIGURE_NAMES_NONE },
+        };
+
+        for (size_t i = 0; i < N(cases); i++) {
+                struct answer a = { .mode = ANSWER_HEADERS };
+                struct answer_header ah[ANSWER_MAX_HEADERS];
+                struct upstream_answer u, looked;
+                struct rate_figures noted, own;
+
+                feed_headers(&a, cases[i].lines, cases[i].n);
+                answer_view(&a, ah, &u);
+                ck_assert_int_eq(u.figure_names, cases[i].want);
+                looked = u;
+                looked.figure_names = POLICY_FIGURE_NAMES_UNKNOWN;
+                policy_read_figures(&u, 1700000000000, &noted);
+                policy_read_figures(&looked, 1700000000000, &own);
+                ck_assert(memcmp(&noted, &own, sizeof noted) == 0);
+                ck_assert_int_eq(noted.remaining_requests, cases[i].want == POLICY_FIGURE_NAMES_SOME ? 0 : -1);
+                answer_free(&a);
+        }
+}
+END_TEST
+
+/* Whatever run of CR and LF ends a line goes, and only that. */
+START_TEST(test_header_lines_lose_every_line_end_and_nothing_else) {
+        static const struct {
+                const char *line;
+                const char *kept;
+        } cases[] = {
+                { "A: 1\r\n", "A: 1" }, { "B: 2\n", "B: 2" }, { "C: 3\r\r\n", "C: 3" }, { "D: 4\n\r\n", "D: 4" },
+                { "E: 5\r", "E: 5" }, { "F: 6 \r\n", "F: 6 " }, { "G: \n7\r\n", "G: \n7" }, { "H: 8", "H: 8" },
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+
+        ck_assert_int_eq(answer_add_header_line(&a, "HTTP/1.1 200 OK\r\n", 17), 0);
+        for (size_t i = 0; i < N(cases); i++)
+                ck_assert_int_eq(answer_add_header_line(&a, cases[i].line, strlen(cases[i].line)), 0);
+        ck_assert_uint_eq(a.n_headers, N(cases));
+        for (size_t i = 0; i < N(cases); i++)
+                ck_assert_str_eq(answer_line(&a, i), cases[i].kept);
+        answer_free(&a);
+}
+END_TEST
+
+/* Every hop-by-hop name is dropped in any case; names of the same lengths that are not one of
+ * them reach the client. */
+START_TEST(test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept) {
+        static const char *const lines[] = {
+                "HTTP/1.1 200 OK\r\n", "te: trailers\r\n", "UPGRADE: h2c\r\n", "trailer: x\r\n",
+                "Keep-Alive: timeout=5\r\n", "connection: close\r\n", "Content-Length: 2\r\n",
+                "PROXY-CONNECTION: close\r\n", "transfer-encoding: chunked\r\n", "x-keypool-pool: forged\r\n",
+                "Tf: 1\r\n", "Upgradz: 2\r\n", "Keep-Alivf: 3\r\n", "Content-Lengtf: 4\r\n",
+                "Proxy-Connectiof: 5\r\n", "Transfer-Encodinf: 6\r\n", "X-Keypool: 7\r\n", "\r\n",
+        };
+        static const char *const kept[] = {
+                "Tf", "Upgradz", "Keep-Alivf", "Content-Lengtf", "Proxy-Connectiof", "Transfer-Encodinf", "X-Keypool",
+        };
+        struct answer a = { .mode = ANSWER_HEADERS };
+        struct http_header h[16];
+        char names[512];
+
+        ck_assert_uint_eq(client_headers_of(&a, lines, N(lines), h, N(h), names, sizeof names), N(kept));
+        for (size_t i = 0; i < N(kept); i++)
+                ck_assert_str_eq(h[i].name, kept[i]);
         answer_free(&a);
 }
 END_TEST
@@ -901,6 +1021,10 @@ static Suite *proxy_suite(void) {
         tc = tcase_create("decide");
         tcase_add_test(tc, test_a_whole_answer_stands_despite_a_later_http2_stream_error);
         tcase_add_test(tc, test_rate_limited_attempt_rotates_to_next_key);
+        tcase_add_test(tc, test_event_stream_content_type_is_found_in_any_case_and_place);
+        tcase_add_test(tc, test_every_hop_by_hop_answer_header_is_dropped_and_its_near_misses_kept);
+        tcase_add_test(tc, test_rate_figure_names_are_noted_as_lines_arrive);
+        tcase_add_test(tc, test_header_lines_lose_every_line_end_and_nothing_else);
         tcase_add_test(tc, test_each_timeout_is_retried_then_answered_504_naming_it);
         tcase_add_test(tc, test_request_timeout_ends_the_request_whatever_is_left);
         tcase_add_test(tc, test_broken_answer_is_transient_then_answered_502);
