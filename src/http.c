@@ -351,14 +351,15 @@ static int count_header_bytes(struct http_conn *c, size_t len) {
         return 0;
 }
 
-/* Appends s[0..len) and a NUL to the fields' text; its offset in ret_off. */
-/* s[0..len) and its NUL kept in fields_text, the buffer's own NUL after them. */
+/* Appends s[0..len) and its NUL to the fields' text, the buffer's own NUL after them; the
+ * offset in ret_off, taken after the reserve (which may move what the buffer holds). */
 static int fields_add(struct http_conn *c, const char *s, size_t len, size_t *ret_off) {
         struct buf *b = &c->fields_text;
-        size_t off = b->len;
+        size_t off;
 
         if (len == SIZE_MAX || buf_reserve(b, len + 1) < 0)
                 return -1;
+        off = b->len;
         memcpy(b->data + off, s, len);
         b->data[off + len] = 0;
         b->data[off + len + 1] = 0;
