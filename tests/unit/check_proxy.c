@@ -952,7 +952,8 @@ START_TEST(test_client_credentials_and_hop_headers_never_go_upstream) {
         static const char *const dropped[] = {
                 "Authorization", "authorization", "x-api-key", "X-Goog-Api-Key", "Proxy-Authorization",
                 "Host", "Connection", "transfer-encoding", "TE", "Content-Length", "Expect",
-                "Accept-Encoding", "X-Keypool-Pool", "x-keypool-max-wait",
+                "Accept-Encoding", "X-Keypool-Pool", "x-keypool-max-wait", "keep-alive", "UPGRADE",
+                "Trailer", "proxy-connection",
         };
         struct config_provider prov = { .name = "p" };
 
@@ -962,7 +963,8 @@ START_TEST(test_client_credentials_and_hop_headers_never_go_upstream) {
 END_TEST
 
 START_TEST(test_other_client_headers_go_upstream_unless_the_provider_sets_them) {
-        static const char *const kept[] = { "Content-Type", "anthropic-version", "OpenAI-Beta", "Tea", "X-Title" };
+        static const char *const kept[] = { "Content-Type", "anthropic-version", "OpenAI-Beta", "Tea", "Keep",
+                                            "Upgrade-Insecure-Requests", "Trailers", "Proxy", "X-Title" };
         char *headers[] = { "HTTP-Referer: https://example.invalid", "X-Title: keypool" };
         struct config_provider prov = { .name = "p", .headers = headers, .n_headers = 2 };
 
