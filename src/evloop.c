@@ -14,8 +14,10 @@
  * is, to a later step. And the batch follows what the steps cost: a step over the budget sets the
  * next one's batch to the events that would have fit at its cost per event, follow-up work
  * included (curl starts new transfers in one call after the batch, which the first cut cannot
- * see); a step under half of it doubles the batch again, up to EVENT_BATCH. Cheap steps thus keep
- * their full batch, and so the epoll_wait calls it saves.
+ * see); a step under half of it grows the batch again by a quarter, up to EVENT_BATCH (slowly:
+ * during a ramp of new streams the costly steps come between cheap ones, and doubling after each
+ * cheap one undid every cut). Cheap steps thus keep their full batch, and so the epoll_wait calls
+ * it saves.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -162,7 +164,9 @@ static void adapt_batch(struct evloop *l, unsigned n, uint64_t cost) {
 
                 l->batch_max = fit > 0 ? (unsigned) fit : 1;
         } else if (cost * 2 < STEP_BUDGET_USEC && l->batch_max < EVENT_BATCH) {
-                l->batch_max = l->batch_max * 2 < EVENT_BATCH ? l->batch_max * 2 : EVENT_BATCH;
+                unsigned grown = l->batch_max + l->batch_max / 4 + 1;
+
+                l->batch_max = grown < EVENT_BATCH ? grown : EVENT_BATCH;
         }
 }
 
