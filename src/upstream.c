@@ -99,6 +99,7 @@ enum {
         FD_CONN         = 1 << 0,       /* opened by curl for a connection (ours to track) */
         FD_REGISTERED   = 1 << 1,       /* in the epoll set */
         FD_WATCHED      = 1 << 2,       /* curl wants events from it now */
+        FD_IDLE         = 1 << 3,       /* a connection curl stopped watching: idle (or paused) */
 };
 
 /* One per descriptor number curl has used, kept (and reused for the number) until
@@ -118,6 +119,7 @@ struct upstream {
         struct ev_defer kick;           /* curl's "call me now": no timer needed */
         unsigned running;
         unsigned max_connections;       /* CURLMOPT_MAXCONNECTS: see upstream_start */
+        unsigned n_idle;                /* connections' sockets marked FD_IDLE: see upstream_start */
         struct fd_state **fds;
         size_t n_fds;
         struct transfer *free_transfers; /* ended transfers' records, for the next ones */
@@ -333,6 +335,8 @@ static struct fd_state *fd_state(struct upstream *u, int fd) {
 
 /* Forgets what was known of the number: the socket it named is gone. */
 static void fd_forget(struct fd_state *st) {
+        if (st->flags & FD_IDLE)
+                st->u->n_idle--;
         st->flags = 0;
         st->events = 0;
 }
@@ -426,7 +430,15 @@ static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *
                 /* A connection's socket stays registered while idle (see the top). */
                 if (!(st->flags & FD_CONN))
                         fd_register(u, fd, st, 0, true);
+                else if (!(st->flags & FD_IDLE)) {
+                        st->flags |= FD_IDLE;
+                        u->n_idle++;
+                }
                 return 0;
+        }
+        if (st->flags & FD_IDLE) {
+                st->flags &= (uint8_t) ~FD_IDLE;
+                u->n_idle--;
         }
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
                 events |= EPOLLIN;
@@ -651,6 +663,13 @@ int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *
         curl_easy_setopt(easy, CURLOPT_OPENSOCKETDATA, u);
         curl_easy_setopt(easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
         curl_easy_setopt(easy, CURLOPT_CLOSESOCKETDATA, u);
+        /* curl 7.88 looks for a connection to reuse by walking every connection it holds to the
+         * host, in use or not, several cache misses each: with 5,000 streams open, ~150 µs of
+         * each new transfer, most of a ramp's time. With no connection idle there is nothing to
+         * find, and a transfer that cannot share one (HTTP/1.1, or no HTTP/2 asked for) opens a
+         * connection of its own either way. The count errs towards "some idle" (a paused
+         * transfer's socket, a number reused behind our back), which only costs the walk. */
+        curl_easy_setopt(easy, CURLOPT_FRESH_CONNECT, !t->may_multiplex && u->n_idle == 0 ? 1L : 0L);
         mc = curl_multi_add_handle(u->multi, easy);
         if (mc != CURLM_OK) {
                 handle_detach(easy);
