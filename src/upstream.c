@@ -55,6 +55,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "keypool/clock.h"
 #include "keypool/evloop.h"
 #include "keypool/upstream.h"
 
@@ -65,11 +66,18 @@
  * rather than queued requests. */
 #define STREAMS_PER_CONNECTION  64
 #define SPARE_CONNECTIONS       4
+/* Time one kick may spend connecting queued transfers (see upstream_start), and what a new
+ * transfer's connection is assumed to cost before one was measured. */
+#define KICK_BUDGET_USEC        1000
+#define START_COST_USEC         20
 
 struct transfer {
         upstream_done_fn done;
         void *userdata;
         struct transfer *next_free;
+        CURL *easy;
+        struct transfer *next_queued;   /* while queued, not yet handed to curl */
+        bool queued;
         struct upstream *upstream;
         int provider;                   /* its place in config->providers, or -1 */
         bool may_multiplex;             /* asked for HTTP/2 over TLS: may share a connection */
@@ -99,6 +107,7 @@ enum {
         FD_CONN         = 1 << 0,       /* opened by curl for a connection (ours to track) */
         FD_REGISTERED   = 1 << 1,       /* in the epoll set */
         FD_WATCHED      = 1 << 2,       /* curl wants events from it now */
+        FD_IDLE         = 1 << 3,       /* a connection curl stopped watching: idle (or paused) */
 };
 
 /* One per descriptor number curl has used, kept (and reused for the number) until
@@ -118,6 +127,9 @@ struct upstream {
         struct ev_defer kick;           /* curl's "call me now": no timer needed */
         unsigned running;
         unsigned max_connections;       /* CURLMOPT_MAXCONNECTS: see upstream_start */
+        unsigned n_idle;                /* connections' sockets marked FD_IDLE: see upstream_start */
+        struct transfer *queue, **queue_tail;   /* started, not yet handed to curl */
+        uint64_t start_cost_usec;       /* a kick's time per transfer it handed to curl, smoothed */
         struct fd_state **fds;
         size_t n_fds;
         struct transfer *free_transfers; /* ended transfers' records, for the next ones */
@@ -333,6 +345,8 @@ static struct fd_state *fd_state(struct upstream *u, int fd) {
 
 /* Forgets what was known of the number: the socket it named is gone. */
 static void fd_forget(struct fd_state *st) {
+        if (st->flags & FD_IDLE)
+                st->u->n_idle--;
         st->flags = 0;
         st->events = 0;
 }
@@ -405,10 +419,49 @@ static int on_timer(sd_event_source *s, uint64_t usec, void *userdata) {
         return 0;
 }
 
+static void fail_queued(struct upstream *u, struct transfer *t, CURLcode res) {
+        upstream_done_fn done = t->done;
+        void *userdata = t->userdata;
+        CURL *easy = t->easy;
+
+        transfer_end(u, easy, t);
+        done(easy, res, userdata);
+}
+
+/* Hands curl as many queued transfers as its last kicks say fit in KICK_BUDGET_USEC, connects
+ * them (and whatever else is due), and kicks again for the rest: the evloop runs that in a later
+ * round, or a later step once this one is out of time. */
 static void on_kick(struct ev_defer *d) {
         struct upstream *u = (struct upstream *) ((char *) d - offsetof(struct upstream, kick));
+        uint64_t fit = KICK_BUDGET_USEC / (u->start_cost_usec ? u->start_cost_usec : 1), start;
+        unsigned n = 0;
 
+        /* However dear a connection has become, each kick hands curl one. */
+        if (fit == 0)
+                fit = 1;
+
+        while (u->queue && n < fit) {
+                struct transfer *t = u->queue;
+
+                u->queue = t->next_queued;
+                if (!u->queue)
+                        u->queue_tail = &u->queue;
+                t->queued = false;
+                t->next_queued = NULL;
+                /* See upstream_start: whether a connection is idle is known only now. */
+                curl_easy_setopt(t->easy, CURLOPT_FRESH_CONNECT, u->n_idle == 0 ? 1L : 0L);
+                if (curl_multi_add_handle(u->multi, t->easy) != CURLM_OK) {
+                        fail_queued(u, t, CURLE_OUT_OF_MEMORY);
+                        continue;
+                }
+                n++;
+        }
+        start = clock_mono_us();
         act_on_timeout(u);
+        if (n > 0)
+                u->start_cost_usec = (u->start_cost_usec * 3 + (clock_mono_us() - start) / n) / 4;
+        if (u->queue)
+                evloop_defer(u->loop, &u->kick);
 }
 
 /* CURLMOPT_SOCKETFUNCTION: keep each socket curl uses in our epoll set with the events it wants.
@@ -426,7 +479,15 @@ static int socket_cb(CURL *easy, curl_socket_t fd, int what, void *userp, void *
                 /* A connection's socket stays registered while idle (see the top). */
                 if (!(st->flags & FD_CONN))
                         fd_register(u, fd, st, 0, true);
+                else if (!(st->flags & FD_IDLE)) {
+                        st->flags |= FD_IDLE;
+                        u->n_idle++;
+                }
                 return 0;
+        }
+        if (st->flags & FD_IDLE) {
+                st->flags &= (uint8_t) ~FD_IDLE;
+                u->n_idle--;
         }
         if (what == CURL_POLL_IN || what == CURL_POLL_INOUT)
                 events |= EPOLLIN;
@@ -479,7 +540,8 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
         uint64_t accuracy_usec;
 
         if (timeout_ms < 0) {
-                evloop_cancel(u->loop, &u->kick);
+                if (!u->queue)
+                        evloop_cancel(u->loop, &u->kick);
                 return sd_event_source_set_enabled(u->timer, SD_EVENT_OFF) < 0 ? -1 : 0;
         }
         if (timeout_ms == 0) {
@@ -487,7 +549,8 @@ static int timer_cb(CURLM *multi, long timeout_ms, void *userp) {
                 evloop_defer(u->loop, &u->kick);
                 return 0;
         }
-        evloop_cancel(u->loop, &u->kick);
+        if (!u->queue)
+                evloop_cancel(u->loop, &u->kick);
         accuracy_usec = (uint64_t) timeout_ms * 1000 / 16;
         if (accuracy_usec > 250000)
                 accuracy_usec = 250000;
@@ -565,6 +628,8 @@ int upstream_new(struct evloop *loop, const struct config *cfg, struct upstream 
         u->config = cfg;
         u->loop = loop;
         u->kick.run = on_kick;
+        u->queue_tail = &u->queue;
+        u->start_cost_usec = START_COST_USEC;
         u->reported_ms = calloc(cfg->n_providers ? cfg->n_providers : 1, sizeof *u->reported_ms);
         r = u->reported_ms ? load_new(u) : -ENOMEM;
         if (r >= 0)
@@ -609,6 +674,13 @@ void upstream_free(struct upstream *u) {
                 curl_easy_cleanup(u->nudge);
         evloop_cancel(u->loop, &u->kick);
         sd_event_source_disable_unref(u->timer);
+        while (u->queue) {
+                struct transfer *t = u->queue;
+
+                u->queue = t->next_queued;
+                handle_detach(t->easy);
+                free(t);
+        }
         for (size_t i = 0; i < u->n_fds; i++)
                 free(u->fds[i]);
         free(u->fds);
@@ -642,6 +714,9 @@ int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *
         t->may_multiplex = route && route->multiplex;
         t->port = -1;
         t->error[0] = 0;
+        t->easy = easy;
+        t->queued = false;
+        t->next_queued = NULL;
         curl_easy_setopt(easy, CURLOPT_PRIVATE, t);
         curl_easy_setopt(easy, CURLOPT_PREREQFUNCTION, prereq_cb);
         curl_easy_setopt(easy, CURLOPT_PREREQDATA, t);
@@ -651,11 +726,33 @@ int upstream_start(struct upstream *u, CURL *easy, const struct upstream_route *
         curl_easy_setopt(easy, CURLOPT_OPENSOCKETDATA, u);
         curl_easy_setopt(easy, CURLOPT_CLOSESOCKETFUNCTION, close_socket_cb);
         curl_easy_setopt(easy, CURLOPT_CLOSESOCKETDATA, u);
-        mc = curl_multi_add_handle(u->multi, easy);
-        if (mc != CURLM_OK) {
-                handle_detach(easy);
-                transfer_put(u, t);
-                return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
+        curl_easy_setopt(easy, CURLOPT_FRESH_CONNECT, 0L);
+        /* A transfer that cannot share a connection is queued and handed to curl by the kick, as
+         * many per kick as fit in KICK_BUDGET_USEC. curl connects every transfer added since its
+         * last call in its next one, and a new connection costs from 50 µs to a millisecond
+         * (curl's walks below, the kernel's search for a free local port among thousands used):
+         * the hundreds of new streams a worker gets in a second held its loop for 10–100 ms.
+         *
+         * curl 7.88 also looks for a connection to reuse by walking every connection it holds to
+         * the host, in use or not, several cache misses each: with 5,000 streams open, ~150 µs
+         * of each new transfer. With no connection idle there is nothing to find, and such a
+         * transfer opens a connection of its own either way: the kick sets
+         * CURLOPT_FRESH_CONNECT then. The count errs towards "some idle" (a paused transfer's
+         * socket, a number reused behind our back), which only costs the walk. Transfers that
+         * may share an HTTP/2 connection go to curl at once, for the count of the limit below
+         * (see the top). */
+        if (!t->may_multiplex) {
+                t->queued = true;
+                *u->queue_tail = t;
+                u->queue_tail = &t->next_queued;
+                evloop_defer(u->loop, &u->kick);
+        } else {
+                mc = curl_multi_add_handle(u->multi, easy);
+                if (mc != CURLM_OK) {
+                        handle_detach(easy);
+                        transfer_put(u, t);
+                        return mc == CURLM_OUT_OF_MEMORY ? -ENOMEM : -EINVAL;
+                }
         }
         u->running++;
         load_add(u, t);
@@ -680,7 +777,18 @@ void upstream_cancel(struct upstream *u, CURL *easy) {
         curl_easy_getinfo(easy, CURLINFO_PRIVATE, (char **) &t);
         if (!t)
                 return;
-        curl_multi_remove_handle(u->multi, easy);
+        if (t->queued) {
+                struct transfer **p = &u->queue;
+
+                while (*p != t)
+                        p = &(*p)->next_queued;
+                *p = t->next_queued;
+                if (u->queue_tail == &t->next_queued)
+                        u->queue_tail = p;
+                t->queued = false;
+        } else {
+                curl_multi_remove_handle(u->multi, easy);
+        }
         transfer_end(u, easy, t);
 }
 

@@ -338,13 +338,6 @@ static int on_wake(sd_event_source *s, int fd, uint32_t revents, void *userdata)
 /* sd_event_loop, with the time each dispatch takes recorded: while one step runs, every other
  * ready event waits, so the step time is the loop's lag (a histogram in /metrics). Waiting for
  * events is not counted. */
-static uint64_t mono_usec(void) {
-        struct timespec ts;
-
-        clock_gettime(CLOCK_MONOTONIC, &ts);
-        return (uint64_t) ts.tv_sec * 1000000 + (uint64_t) ts.tv_nsec / 1000;
-}
-
 static int run_loop(struct worker *w) {
         sd_event *e = w->event;
 
@@ -354,10 +347,10 @@ static int run_loop(struct worker *w) {
                 if (r == 0)
                         r = sd_event_wait(e, UINT64_MAX);
                 if (r > 0) {
-                        uint64_t start = mono_usec();
+                        uint64_t start = clock_mono_us();
 
                         r = sd_event_dispatch(e);
-                        keytable_slot_observe_lag(w->params->table, w->params->slot, mono_usec() - start);
+                        keytable_slot_observe_lag(w->params->table, w->params->slot, clock_mono_us() - start);
                 }
                 if (r < 0)
                         return r;

@@ -9,6 +9,10 @@
  * work they caused, round after round (bounded) until none is left, all in one iteration.
  * Work deferred from outside a batch (a timer, a signal) runs from one deferred source.
  *
+ * A batch is also bounded in time, so that ready work never waits long behind one (evloop.c):
+ * events a batch had no time for are reported again later, which is why every watch must be
+ * level-triggered.
+ *
  * It knows nothing of HTTP or curl: a watch is a callback, a deferral a callback.
  */
 #pragma once
@@ -36,7 +40,8 @@ int evloop_new(sd_event *e, struct evloop **ret);
 void evloop_free(struct evloop *l);
 sd_event *evloop_event(const struct evloop *l);
 
-/* epoll_ctl on the set: add, change or remove fd (0 or a negative errno). Removing is not needed
+/* epoll_ctl on the set: add, change or remove fd (0 or a negative errno; -EINVAL for EPOLLET,
+ * EPOLLONESHOT or EPOLLEXCLUSIVE: a watch must be level-triggered). Removing is not needed
  * before close. Events of a watch whose fd left the set earlier in a batch may still arrive in
  * that batch: owners free what a watch points into only from deferred work (see http.c). */
 int evloop_add(struct evloop *l, int fd, uint32_t events, struct ev_watch *w);
@@ -47,3 +52,7 @@ int evloop_del(struct evloop *l, int fd);
 void evloop_defer(struct evloop *l, struct ev_defer *d);
 /* Takes d out of the queue, if it is in it (before its owner frees it). */
 void evloop_cancel(struct evloop *l, struct ev_defer *d);
+
+/* The clock (monotonic µs) a batch's time is measured on: CLOCK_MONOTONIC unless a test sets
+ * its own. */
+void evloop_set_clock(struct evloop *l, uint64_t (*now_usec)(void *userdata), void *userdata);

@@ -472,6 +472,25 @@ START_TEST(test_idle_connection_is_reused_by_the_next_transfer)
 }
 END_TEST
 
+/* With no connection idle a transfer skips curl's search for one (CURLOPT_FRESH_CONNECT); that
+ * must not stop the next from reusing the connection it leaves idle. */
+START_TEST(test_a_connection_opened_while_every_other_was_busy_is_reused_once_idle)
+{
+        struct xfer *busy = xfer_new("/silent"), *b = xfer_new("/ok/b"), *c = xfer_new("/ok/c");
+
+        xfer_start(busy);
+        RUN_UNTIL(H.event, H.requests == 1);
+        xfer_run(b);
+        run_idle(H.event);
+        xfer_run(c);
+        assert_ok_with_body(b, "/ok/b");
+        assert_ok_with_body(c, "/ok/c");
+        ck_assert_int_eq(connects_made(b), 1);
+        ck_assert_int_eq(connects_made(c), 0);
+        ck_assert_uint_eq(H.accepted, 2);
+}
+END_TEST
+
 START_TEST(test_easy_handle_started_again_from_its_done_callback_runs_again)
 {
         struct xfer *x = xfer_new("/ok/again");
@@ -601,6 +620,26 @@ START_TEST(test_cancelled_transfer_never_calls_done_and_its_connection_is_droppe
 }
 END_TEST
 
+/* Transfers reach curl from a queue (upstream_start): one cancelled while still in it is taken
+ * out, never reaches the upstream, and does not hold up the one queued behind it. */
+START_TEST(test_transfer_cancelled_before_curl_had_it_never_runs_and_the_next_does)
+{
+        struct xfer *a = xfer_new("/ok/a"), *b = xfer_new("/ok/b"), *c = xfer_new("/ok/c");
+
+        xfer_start(a);
+        xfer_start(b);
+        xfer_start(c);
+        upstream_cancel(H.up, b->easy);
+        b->running = false;
+        ck_assert_uint_eq(upstream_running(H.up), 2);
+        RUN_UNTIL(H.event, a->n_done == 1 && c->n_done == 1);
+        assert_ok_with_body(a, "/ok/a");
+        assert_ok_with_body(c, "/ok/c");
+        ck_assert_uint_eq(b->n_done, 0);
+        ck_assert_uint_eq(H.requests, 2);
+}
+END_TEST
+
 START_TEST(test_cancelled_easy_handle_can_be_started_again)
 {
         struct xfer *x = xfer_new("/silent");
@@ -703,6 +742,8 @@ static Suite *upstream_suite(void) {
         tcase_add_test(ok, test_a_provider_assumed_to_share_connections_that_does_not_gets_one_per_transfer);
         tcase_add_test(ok, test_transfers_held_by_the_limit_are_woken_behind_one_waiting_for_another_host);
         tcase_add_test(ok, test_idle_connection_is_reused_by_the_next_transfer);
+        tcase_add_test(ok, test_a_connection_opened_while_every_other_was_busy_is_reused_once_idle);
+        tcase_add_test(ok, test_transfer_cancelled_before_curl_had_it_never_runs_and_the_next_does);
         tcase_add_test(ok, test_easy_handle_started_again_from_its_done_callback_runs_again);
         tcase_add_test(ok, test_idle_connection_closed_by_the_upstream_is_replaced_not_reported);
         suite_add_tcase(s, ok);
